@@ -1,0 +1,227 @@
+package h3x
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/h3x-io/h3x/proto/h3xpb"
+)
+
+// FrameType is a frame's one-byte discriminant (PROTOCOL.md §3).
+//
+// Types 0x01-0x7f are reserved for the protocol; 0x80-0xff are free for
+// application frames served through Server.Handle.
+type FrameType uint8
+
+// The protocol's frame types.
+const (
+	FrameAuth            FrameType = 0x01 // client → server, control stream: Auth
+	FrameAuthResult      FrameType = 0x02 // server → client, control stream: AuthResult
+	FramePing            FrameType = 0x03 // either way, control stream: Ping
+	FramePong            FrameType = 0x04 // either way, control stream: Pong
+	FrameGoAway          FrameType = 0x05 // server → client, control stream: GoAway
+	FrameRateLimitNotice FrameType = 0x06 // server → client, control stream: RateLimitNotice
+	FrameError           FrameType = 0x07 // server → client, any stream: Error
+	FrameSendEvent       FrameType = 0x10 // client → server: SendEvent
+	FrameSendResult      FrameType = 0x11 // server → client: SendResult
+	FrameFetchEvents     FrameType = 0x20 // client → server: FetchEvents
+	FrameEventsBatch     FrameType = 0x21 // server → client: EventsBatch
+	FrameAckEvent        FrameType = 0x22 // client → server: AckEvent
+	FrameAckResult       FrameType = 0x23 // server → client: AckResult (answers ack, nack and extend)
+	FrameNackEvent       FrameType = 0x24 // client → server: NackEvent
+	FrameExtendLease     FrameType = 0x25 // client → server: ExtendLease
+
+	// FirstApplicationFrameType is the lowest type an application may serve
+	// with Server.Handle.
+	FirstApplicationFrameType FrameType = 0x80
+)
+
+// DefaultMaxFrameSize is the default maximum payload_length a receiver accepts: 1 MiB.
+const DefaultMaxFrameSize = 1 << 20
+
+// frameHeaderLen is the size of a frame header: type (1) and length (4).
+const frameHeaderLen = 5
+
+var frameNames = map[FrameType]string{
+	FrameAuth:            "Auth",
+	FrameAuthResult:      "AuthResult",
+	FramePing:            "Ping",
+	FramePong:            "Pong",
+	FrameGoAway:          "GoAway",
+	FrameRateLimitNotice: "RateLimitNotice",
+	FrameError:           "Error",
+	FrameSendEvent:       "SendEvent",
+	FrameSendResult:      "SendResult",
+	FrameFetchEvents:     "FetchEvents",
+	FrameEventsBatch:     "EventsBatch",
+	FrameAckEvent:        "AckEvent",
+	FrameAckResult:       "AckResult",
+	FrameNackEvent:       "NackEvent",
+	FrameExtendLease:     "ExtendLease",
+}
+
+// String returns the frame type's name, or "0xNN" for a type the protocol
+// does not define.
+func (t FrameType) String() string {
+	if n, ok := frameNames[t]; ok {
+		return n
+	}
+	return fmt.Sprintf("0x%02x", uint8(t))
+}
+
+// newMessage returns an empty message of the type carried by frames of type
+// t, or nil if t is not a protocol frame type.
+func newMessage(t FrameType) proto.Message {
+	switch t {
+	case FrameAuth:
+		return new(h3xpb.Auth)
+	case FrameAuthResult:
+		return new(h3xpb.AuthResult)
+	case FramePing:
+		return new(h3xpb.Ping)
+	case FramePong:
+		return new(h3xpb.Pong)
+	case FrameGoAway:
+		return new(h3xpb.GoAway)
+	case FrameRateLimitNotice:
+		return new(h3xpb.RateLimitNotice)
+	case FrameError:
+		return new(h3xpb.Error)
+	case FrameSendEvent:
+		return new(h3xpb.SendEvent)
+	case FrameSendResult:
+		return new(h3xpb.SendResult)
+	case FrameFetchEvents:
+		return new(h3xpb.FetchEvents)
+	case FrameEventsBatch:
+		return new(h3xpb.EventsBatch)
+	case FrameAckEvent:
+		return new(h3xpb.AckEvent)
+	case FrameAckResult:
+		return new(h3xpb.AckResult)
+	case FrameNackEvent:
+		return new(h3xpb.NackEvent)
+	case FrameExtendLease:
+		return new(h3xpb.ExtendLease)
+	}
+	return nil
+}
+
+// frameReader reads frames from a stream. It allocates a payload buffer
+// only after checking payload_length against its maximum, and reuses that
+// buffer: a payload is valid until the next call to next.
+type frameReader struct {
+	r   io.Reader
+	max uint32
+	hdr [frameHeaderLen]byte
+	buf []byte
+}
+
+func newFrameReader(r io.Reader, maxFrameSize uint32) *frameReader {
+	if maxFrameSize == 0 {
+		maxFrameSize = DefaultMaxFrameSize
+	}
+	return &frameReader{r: r, max: maxFrameSize}
+}
+
+// next reads one frame. It returns io.EOF if the stream ends cleanly between
+// frames, ErrTruncatedHeader or ErrTruncatedPayload if it ends inside one,
+// and an error matching ErrFrameTooLarge if payload_length is above the
+// maximum (nothing of the payload is read or allocated then).
+func (fr *frameReader) next() (FrameType, []byte, error) {
+	n, err := io.ReadFull(fr.r, fr.hdr[:])
+	if err != nil {
+		if n == 0 && errors.Is(err, io.EOF) {
+			return 0, nil, io.EOF
+		}
+		if errors.Is(err, io.ErrUnexpectedEOF) {
+			return 0, nil, ErrTruncatedHeader
+		}
+		return 0, nil, err
+	}
+	t := FrameType(fr.hdr[0])
+	size := binary.LittleEndian.Uint32(fr.hdr[1:])
+	if size > fr.max {
+		return t, nil, &Error{Code: CodeFrameTooLarge, Message: fmt.Sprintf("%v frame of %d bytes exceeds the maximum of %d", t, size, fr.max)}
+	}
+	if cap(fr.buf) < int(size) {
+		fr.buf = make([]byte, size, max(size, 512))
+	}
+	fr.buf = fr.buf[:size]
+	if _, err := io.ReadFull(fr.r, fr.buf); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return t, nil, ErrTruncatedPayload
+		}
+		return t, nil, err
+	}
+	return t, fr.buf, nil
+}
+
+// readMessage reads one frame that must be of type want and decodes it into m.
+func (fr *frameReader) readMessage(want FrameType, m proto.Message) error {
+	t, payload, err := fr.next()
+	if err != nil {
+		return err
+	}
+	if t != want {
+		if t == FrameError {
+			var e h3xpb.Error
+			if proto.Unmarshal(payload, &e) == nil {
+				return errorFromWire(&e)
+			}
+		}
+		return newError(CodeProtocolViolation, "expected a %v frame, got %v", want, t)
+	}
+	return unmarshalPayload(t, payload, m)
+}
+
+// unmarshalPayload decodes a frame's payload into m, mapping failures to an
+// error matching ErrMalformedPayload.
+func unmarshalPayload(t FrameType, payload []byte, m proto.Message) error {
+	if err := proto.Unmarshal(payload, m); err != nil {
+		return &Error{Code: CodeProtocolViolation, Message: fmt.Sprintf("malformed %v payload", t), cause: ErrMalformedPayload}
+	}
+	return nil
+}
+
+// decodeFrame decodes a protocol frame's payload into a new message of its
+// type. A type the protocol does not define gives an error matching
+// ErrUnknownFrameType.
+func decodeFrame(t FrameType, payload []byte) (proto.Message, error) {
+	m := newMessage(t)
+	if m == nil {
+		return nil, newError(CodeUnknownFrameType, "unknown frame type %v", t)
+	}
+	if err := unmarshalPayload(t, payload, m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// appendFrame appends the frame carrying m to dst. Many frames can be
+// appended to one buffer and written with a single Write.
+func appendFrame(dst []byte, t FrameType, m proto.Message) ([]byte, error) {
+	start := len(dst)
+	dst = append(dst, byte(t), 0, 0, 0, 0)
+	out, err := proto.MarshalOptions{Deterministic: true}.MarshalAppend(dst, m)
+	if err != nil {
+		return dst[:start], fmt.Errorf("h3x: encoding %v frame: %w", t, err)
+	}
+	size := len(out) - start - frameHeaderLen
+	if uint64(size) > 1<<32-1 {
+		return out[:start], &Error{Code: CodeFrameTooLarge, Message: fmt.Sprintf("%v frame of %d bytes", t, size)}
+	}
+	binary.LittleEndian.PutUint32(out[start+1:], uint32(size))
+	return out, nil
+}
+
+// appendRawFrame appends a frame with an already-encoded payload to dst.
+func appendRawFrame(dst []byte, t FrameType, payload []byte) []byte {
+	dst = append(dst, byte(t), 0, 0, 0, 0)
+	binary.LittleEndian.PutUint32(dst[len(dst)-4:], uint32(len(payload)))
+	return append(dst, payload...)
+}

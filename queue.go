@@ -1,0 +1,193 @@
+package h3x
+
+import (
+	"context"
+	"time"
+)
+
+// Queue stores events durably and owns all delivery state: leases, attempt
+// counts, delays and dead letters. Because the queue (not the server) holds
+// that state, several servers can share one queue backend.
+//
+// Implementations must be safe for concurrent use. The conformance suite
+// h3xtest.TestQueue checks every contract below.
+//
+// Terms: a holder is an opaque string naming who holds leases (the server
+// uses one per connection). A delivery is one lease of an event; its attempt
+// number is 1 for the first delivery and grows by one with every lease.
+type Queue interface {
+	// Enqueue stores events durably and returns one result per event, in
+	// order. It returns only after every stored event is durable (as the
+	// queue's durability mode defines it).
+	//
+	// An event without an ID gets a UUIDv4; one without a Time gets the
+	// current time. An ID already stored within the dedup window is reported
+	// as PublishDuplicate and not stored again. A namespace at its event or
+	// byte limit refuses the event with an *Error of CodeQueueFull and a
+	// RetryAfter. A non-nil error means the whole batch failed and nothing in
+	// it was acknowledged (some events may still have been stored; a retry
+	// with the same IDs is deduplicated).
+	Enqueue(ctx context.Context, events []Event) ([]PublishResult, error)
+
+	// Lease leases up to req.Limit ready events from req.Namespaces to
+	// req.Holder, with lease deadlines of now + req.AckDeadline, and returns
+	// them at once (possibly none; it does not wait). Events come in publish
+	// order within a namespace, and namespaces are served fairly. A leased
+	// event goes to no other holder until its lease ends by Ack, Nack (after
+	// the nack's delay), expiry of the deadline or Release of the holder.
+	Lease(ctx context.Context, req LeaseRequest) ([]Lease, error)
+
+	// Wait blocks until an event may be ready in one of namespaces (a new
+	// event, a nack delay or a lease deadline passing), or ctx ends, and
+	// returns ctx's error in the latter case. Wakeups may be spurious; Wait
+	// does not poll.
+	Wait(ctx context.Context, namespaces []string) error
+
+	// Ack removes the referenced deliveries' events for good (durably, before
+	// Ack returns). See LeaseRef for which acks are applied; refused ones are
+	// reported as SettleStale or SettleUnknown and change nothing.
+	Ack(ctx context.Context, holder string, refs []LeaseRef) ([]SettleResult, error)
+
+	// Nack ends the referenced leases; the events become ready again after
+	// delay. An event whose attempts have reached the maximum moves to its
+	// namespace's dead-letter namespace instead, with reason recorded.
+	Nack(ctx context.Context, holder string, refs []LeaseRef, delay time.Duration, reason string) ([]SettleResult, error)
+
+	// Extend sets the referenced leases' deadlines to now + d.
+	Extend(ctx context.Context, holder string, refs []LeaseRef, d time.Duration) ([]SettleResult, error)
+
+	// Release ends every lease held by holder, as if each were nacked without
+	// delay: the events are ready again at once.
+	Release(ctx context.Context, holder string) error
+
+	// Stats reports per-namespace counts for the given namespaces, or for
+	// every namespace the queue knows when none are given.
+	Stats(ctx context.Context, namespaces ...string) ([]NamespaceStats, error)
+
+	// Close releases the queue's resources; later calls return
+	// ErrQueueClosed. Close is safe to call more than once.
+	Close() error
+}
+
+// PublishStatus is the outcome of publishing one event.
+type PublishStatus uint8
+
+// Publish outcomes.
+const (
+	PublishStored    PublishStatus = 1 // stored durably
+	PublishDuplicate PublishStatus = 2 // its ID was stored before, within the dedup window
+	PublishRefused   PublishStatus = 3 // not stored; Err says why
+)
+
+func (s PublishStatus) String() string {
+	switch s {
+	case PublishStored:
+		return "stored"
+	case PublishDuplicate:
+		return "duplicate"
+	case PublishRefused:
+		return "refused"
+	}
+	return "unknown"
+}
+
+// PublishResult is the outcome of publishing one event.
+type PublishResult struct {
+	ID     string        // the event's ID (assigned if it had none)
+	Status PublishStatus // stored, duplicate or refused
+	Err    error         // for PublishRefused: an *Error with the code and RetryAfter
+}
+
+// LeaseRequest asks a Queue for deliveries.
+type LeaseRequest struct {
+	Holder      string        // who will hold the leases
+	Namespaces  []string      // where to take events from
+	Limit       int           // at most this many events (at least 1)
+	MaxBytes    int           // stop before exceeding this many event bytes; 0 = no limit (at least one event is returned if any is ready)
+	AckDeadline time.Duration // lease duration
+}
+
+// Lease is one delivery of an event.
+type Lease struct {
+	Event    Event
+	Attempt  int       // 1 for the first delivery
+	Deadline time.Time // when the lease expires unless acked, nacked or extended
+}
+
+// LeaseRef names one delivery to settle: the event's ID and the attempt
+// number it was delivered with.
+//
+// A settlement with Attempt > 0 is applied when no newer delivery of the
+// event exists (the event has not been leased again since that attempt),
+// whoever holds the lease now: this is how a client that reconnected settles
+// deliveries received on its previous connection. With Attempt == 0 it is
+// applied only if holder holds the event's current lease. Otherwise it is
+// refused as SettleStale; an ID the queue does not hold is SettleUnknown.
+type LeaseRef struct {
+	ID      string
+	Attempt int
+}
+
+// SettleStatus is the outcome of an ack, nack or lease extension.
+type SettleStatus uint8
+
+// Settle outcomes.
+const (
+	SettleOK      SettleStatus = 1 // applied
+	SettleUnknown SettleStatus = 2 // no such event (never stored, or already acked)
+	SettleStale   SettleStatus = 3 // the lease ended and the event was leased again, or another holder holds it
+	SettleDenied  SettleStatus = 4 // not permitted (set by the server, never by a Queue)
+)
+
+func (s SettleStatus) String() string {
+	switch s {
+	case SettleOK:
+		return "ok"
+	case SettleUnknown:
+		return "unknown"
+	case SettleStale:
+		return "stale"
+	case SettleDenied:
+		return "denied"
+	}
+	return "unspecified"
+}
+
+// SettleResult is the outcome of settling one delivery.
+type SettleResult struct {
+	ID     string
+	Status SettleStatus
+}
+
+// NamespaceStats are a namespace's counts at one moment.
+type NamespaceStats struct {
+	Namespace    string
+	Ready        int           // deliverable now
+	Leased       int           // leased and not yet settled
+	Delayed      int           // nacked with a delay that has not passed
+	DeadLettered int           // events moved to DeadLetterNamespace(Namespace) so far (cumulative since open)
+	OldestReady  time.Duration // age of the oldest ready event (0 if none)
+	Bytes        int64         // stored event bytes (ready, leased and delayed)
+}
+
+// DeadLetterSuffix is appended to a namespace's name to form its dead-letter
+// namespace.
+const DeadLetterSuffix = ".dlq"
+
+// DeadLetterNamespace returns the namespace where events of ns go after the
+// maximum number of attempts: ns + ".dlq". Events already in a dead-letter
+// namespace are never dead-lettered again.
+func DeadLetterNamespace(ns string) string { return ns + DeadLetterSuffix }
+
+// Metadata keys set on a dead-lettered event.
+const (
+	MetaDeadLetterAttempts  = "h3x-attempts"         // attempt count when it was dead-lettered
+	MetaDeadLetterReason    = "h3x-last-nack-reason" // the last nack's reason ("lease expired" for an expiry)
+	MetaDeadLetterNamespace = "h3x-original-namespace"
+)
+
+// Queue defaults, used by both built-in queues.
+const (
+	DefaultDedupWindow = 2 * time.Minute
+	DefaultMaxAttempts = 10
+)
