@@ -1,0 +1,59 @@
+package h3x
+
+import (
+	"log/slog"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+)
+
+// Durability says when a Badger queue acknowledges a write.
+type Durability uint8
+
+const (
+	// DurabilityFsync (the default) acknowledges a write after its group
+	// commit has been fsynced: it survives a process kill, a kernel crash and
+	// power loss.
+	DurabilityFsync Durability = iota
+	// DurabilityNoSync acknowledges a write once it is in the operating
+	// system's page cache: it survives a process kill (kill -9), not a kernel
+	// crash or power loss.
+	DurabilityNoSync
+)
+
+func (d Durability) String() string {
+	switch d {
+	case DurabilityFsync:
+		return "fsync"
+	case DurabilityNoSync:
+		return "nosync"
+	}
+	return "unknown"
+}
+
+// QueueOptions configure the built-in queues (NewMemoryQueue,
+// OpenBadgerQueue). The zero value gives the documented defaults.
+type QueueOptions struct {
+	// DedupWindow is how long a published ID is remembered for
+	// deduplication. Default DefaultDedupWindow (2 minutes); negative
+	// disables deduplication.
+	DedupWindow time.Duration
+	// MaxAttempts is the number of deliveries after which an unacked event
+	// moves to its dead-letter namespace. Default DefaultMaxAttempts (10);
+	// negative means never.
+	MaxAttempts int
+	// MaxEventsPerNamespace refuses enqueues (CodeQueueFull) into a
+	// namespace holding this many events. Default 0: no limit.
+	MaxEventsPerNamespace int
+	// MaxBytesPerNamespace refuses enqueues (CodeQueueFull) into a namespace
+	// holding this many event bytes. Default 0: no limit.
+	MaxBytesPerNamespace int64
+	// Durability is when a Badger queue acknowledges writes. Default
+	// DurabilityFsync. The memory queue ignores it.
+	Durability Durability
+	// Logger receives the queue's logs (Badger's included). Default: discard.
+	Logger *slog.Logger
+	// Badger, if set, adjusts the Badger options after H3X's defaults are
+	// applied (an escape hatch). The memory queue ignores it.
+	Badger func(*badger.Options)
+}
