@@ -123,9 +123,15 @@ type Lease struct {
 // deliveries received on its previous connection. With Attempt == 0 it is
 // applied only if holder holds the event's current lease. Otherwise it is
 // refused as SettleStale; an ID the queue does not hold is SettleUnknown.
+//
+// When Namespace is set, the settlement applies only to an event in that
+// namespace; an event elsewhere is reported as SettleUnknown (so a server
+// that checked the caller's permission on Namespace cannot be tricked into
+// settling events of another namespace).
 type LeaseRef struct {
-	ID      string
-	Attempt int
+	ID        string
+	Attempt   int
+	Namespace string
 }
 
 // SettleStatus is the outcome of an ack, nack or lease extension.
