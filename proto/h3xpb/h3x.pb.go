@@ -1038,6 +1038,7 @@ type AckEvent struct {
 	EventIds      []string               `protobuf:"bytes,1,rep,name=event_ids,json=eventIds,proto3" json:"event_ids,omitempty"`
 	RequestId     uint64                 `protobuf:"varint,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	Attempts      []uint32               `protobuf:"varint,3,rep,packed,name=attempts,proto3" json:"attempts,omitempty"` // optional; parallel to event_ids
+	Namespaces    []string               `protobuf:"bytes,4,rep,name=namespaces,proto3" json:"namespaces,omitempty"`     // optional; parallel to event_ids
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1089,6 +1090,13 @@ func (x *AckEvent) GetRequestId() uint64 {
 func (x *AckEvent) GetAttempts() []uint32 {
 	if x != nil {
 		return x.Attempts
+	}
+	return nil
+}
+
+func (x *AckEvent) GetNamespaces() []string {
+	if x != nil {
+		return x.Namespaces
 	}
 	return nil
 }
@@ -1206,6 +1214,7 @@ type NackEvent struct {
 	Attempts      []uint32               `protobuf:"varint,3,rep,packed,name=attempts,proto3" json:"attempts,omitempty"`
 	DelayMs       uint32                 `protobuf:"varint,4,opt,name=delay_ms,json=delayMs,proto3" json:"delay_ms,omitempty"`
 	Reason        string                 `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
+	Namespaces    []string               `protobuf:"bytes,6,rep,name=namespaces,proto3" json:"namespaces,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1275,6 +1284,13 @@ func (x *NackEvent) GetReason() string {
 	return ""
 }
 
+func (x *NackEvent) GetNamespaces() []string {
+	if x != nil {
+		return x.Namespaces
+	}
+	return nil
+}
+
 // ExtendLease pushes the lease deadline of deliveries to now + extend_ms.
 type ExtendLease struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1282,6 +1298,7 @@ type ExtendLease struct {
 	RequestId     uint64                 `protobuf:"varint,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	Attempts      []uint32               `protobuf:"varint,3,rep,packed,name=attempts,proto3" json:"attempts,omitempty"`
 	ExtendMs      uint32                 `protobuf:"varint,4,opt,name=extend_ms,json=extendMs,proto3" json:"extend_ms,omitempty"` // 0 = the server's ack deadline
+	Namespaces    []string               `protobuf:"bytes,5,rep,name=namespaces,proto3" json:"namespaces,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1342,6 +1359,13 @@ func (x *ExtendLease) GetExtendMs() uint32 {
 		return x.ExtendMs
 	}
 	return 0
+}
+
+func (x *ExtendLease) GetNamespaces() []string {
+	if x != nil {
+		return x.Namespaces
+	}
+	return nil
 }
 
 type RateLimitNotice struct {
@@ -1724,32 +1748,41 @@ const file_h3x_proto_rawDesc = "" +
 	"\vEventsBatch\x12(\n" +
 	"\x06events\x18\x01 \x03(\v2\x10.h3x.v1.DeliveryR\x06events\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x02 \x01(\x04R\trequestId\"b\n" +
+	"request_id\x18\x02 \x01(\x04R\trequestId\"\x82\x01\n" +
 	"\bAckEvent\x12\x1b\n" +
 	"\tevent_ids\x18\x01 \x03(\tR\beventIds\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x02 \x01(\x04R\trequestId\x12\x1a\n" +
-	"\battempts\x18\x03 \x03(\rR\battempts\"M\n" +
+	"\battempts\x18\x03 \x03(\rR\battempts\x12\x1e\n" +
+	"\n" +
+	"namespaces\x18\x04 \x03(\tR\n" +
+	"namespaces\"M\n" +
 	"\rSettleOutcome\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12,\n" +
 	"\x06status\x18\x02 \x01(\x0e2\x14.h3x.v1.SettleStatusR\x06status\"]\n" +
 	"\tAckResult\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x121\n" +
-	"\boutcomes\x18\x02 \x03(\v2\x15.h3x.v1.SettleOutcomeR\boutcomes\"\x96\x01\n" +
+	"\boutcomes\x18\x02 \x03(\v2\x15.h3x.v1.SettleOutcomeR\boutcomes\"\xb6\x01\n" +
 	"\tNackEvent\x12\x1b\n" +
 	"\tevent_ids\x18\x01 \x03(\tR\beventIds\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x02 \x01(\x04R\trequestId\x12\x1a\n" +
 	"\battempts\x18\x03 \x03(\rR\battempts\x12\x19\n" +
 	"\bdelay_ms\x18\x04 \x01(\rR\adelayMs\x12\x16\n" +
-	"\x06reason\x18\x05 \x01(\tR\x06reason\"\x82\x01\n" +
+	"\x06reason\x18\x05 \x01(\tR\x06reason\x12\x1e\n" +
+	"\n" +
+	"namespaces\x18\x06 \x03(\tR\n" +
+	"namespaces\"\xa2\x01\n" +
 	"\vExtendLease\x12\x1b\n" +
 	"\tevent_ids\x18\x01 \x03(\tR\beventIds\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x02 \x01(\x04R\trequestId\x12\x1a\n" +
 	"\battempts\x18\x03 \x03(\rR\battempts\x12\x1b\n" +
-	"\textend_ms\x18\x04 \x01(\rR\bextendMs\"\x81\x01\n" +
+	"\textend_ms\x18\x04 \x01(\rR\bextendMs\x12\x1e\n" +
+	"\n" +
+	"namespaces\x18\x05 \x03(\tR\n" +
+	"namespaces\"\x81\x01\n" +
 	"\x0fRateLimitNotice\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12$\n" +
 	"\x0eretry_after_ms\x18\x02 \x01(\rR\fretryAfterMs\x12\x14\n" +
