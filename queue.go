@@ -117,17 +117,15 @@ type Lease struct {
 // LeaseRef names one delivery to settle: the event's ID and the attempt
 // number it was delivered with.
 //
-// A settlement with Attempt > 0 is applied when no newer delivery of the
-// event exists (the event has not been leased again since that attempt),
-// whoever holds the lease now: this is how a client that reconnected settles
-// deliveries received on its previous connection. With Attempt == 0 it is
-// applied only if holder holds the event's current lease. Otherwise it is
-// refused as SettleStale; an ID the queue does not hold is SettleUnknown.
-//
-// When Namespace is set, the settlement applies only to an event in that
-// namespace; an event elsewhere is reported as SettleUnknown (so a server
-// that checked the caller's permission on Namespace cannot be tricked into
-// settling events of another namespace).
+// A settlement with Attempt > 0 is applied when that attempt is the event's
+// latest delivery (it has not been leased again since) and either holder
+// holds its lease or nobody does (the lease ended by expiry or Release): this
+// is how a client that reconnected settles deliveries received on its
+// previous connection. Extend is the exception: it needs a live lease held by
+// holder. With Attempt == 0 the settlement applies only if holder holds the
+// event's current lease. Otherwise it is refused as SettleStale (an older
+// attempt, or a lease held by another holder) and changes nothing; an ID the
+// queue does not hold is SettleUnknown.
 type LeaseRef struct {
 	ID        string
 	Attempt   int
