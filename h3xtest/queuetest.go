@@ -699,7 +699,7 @@ func (s *queueSuite) testDedup(t *testing.T) {
 	}{
 		{"DefaultWindow", h3x.QueueOptions{}, h3x.DefaultDedupWindow},
 		{"ShortWindow", h3x.QueueOptions{DedupWindow: 10 * time.Second}, 10 * time.Second},
-		{"LongWindow", h3x.QueueOptions{DedupWindow: time.Hour}, time.Hour},
+		{"LongWindow", h3x.QueueOptions{DedupWindow: 10 * time.Minute}, 10 * time.Minute},
 	} {
 		inBubble(t, tc.name, func(t *testing.T) {
 			h := s.open(t, tc.opts)
@@ -1679,16 +1679,16 @@ func (s *queueSuite) testWait(t *testing.T) {
 
 	inBubble(t, "Idle", func(t *testing.T) {
 		// With nothing pending, Wait is durably blocked (it does not poll)
-		// and returns at most a few times an hour.
+		// and returns at most a few times in ten minutes.
 		h := s.open(t, h3x.QueueOptions{})
 		c := h.startConsumer(t, "c", nsA, nsB)
 		synctest.Wait()
 		if c.finished() {
 			t.Fatalf("idle consumer returned: %v", c.err)
 		}
-		time.Sleep(time.Hour)
+		time.Sleep(10 * time.Minute)
 		if n := c.waits.Load(); n > 5 || c.finished() {
-			t.Errorf("Wait returned %d times in an idle hour (consumer finished: %v, err %v), want at most 5: Wait must not poll", n, c.finished(), c.err)
+			t.Errorf("Wait returned %d times in 10 idle minutes (consumer finished: %v, err %v), want at most 5: Wait must not poll", n, c.finished(), c.err)
 		}
 	})
 
