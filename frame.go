@@ -149,7 +149,8 @@ func (fr *frameReader) next() (FrameType, []byte, error) {
 		return t, nil, &Error{Code: CodeFrameTooLarge, Message: fmt.Sprintf("%v frame of %d bytes exceeds the maximum of %d", t, size, fr.max)}
 	}
 	if cap(fr.buf) < int(size) {
-		fr.buf = make([]byte, size, max(size, 512))
+		// Round small buffers up to 512 bytes, never past the maximum.
+		fr.buf = make([]byte, size, max(size, min(512, fr.max)))
 	}
 	fr.buf = fr.buf[:size]
 	if _, err := io.ReadFull(fr.r, fr.buf); err != nil {
