@@ -1,0 +1,1154 @@
+package h3x
+
+import (
+	"context"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/uuid"
+)
+
+// This file holds the delivery state machine shared by the built-in queues
+// (NewMemoryQueue and OpenBadgerQueue): leases, attempt counts, nack delays,
+// lease expiry, dead-lettering, per-namespace limits, deduplication, Wait and
+// Stats. Both queues run exactly this code, so their semantics cannot
+// diverge; they differ only in the queueStore behind it, which keeps the
+// events (a map in memory, or Badger on disk).
+//
+// Every event the core knows is a qentry in one state:
+//
+//	fresh    never leased since the queue was opened; in its namespace's
+//	         fresh FIFO (or, for Badger, possibly still only on disk)
+//	ready    leased before and deliverable again; in its namespace's ready
+//	         heap, ordered by sequence number, so redeliveries go out in
+//	         publish order and ahead of fresh events
+//	leased   held by a holder until its deadline; in the timer heap
+//	delayed  nacked with a delay; in the timer heap until it passes
+//	gone     acked or dead-lettered
+//
+// One time.Timer (armed for the earliest deadline in the timer heap) drives
+// expiry and delays; every call also catches up with the clock first, so a
+// late timer never makes a call see stale state.
+
+type entryState uint8
+
+const (
+	stFresh entryState = iota
+	stReady
+	stLeased
+	stDelayed
+	stGone
+)
+
+// qentry is one stored event as the state machine sees it.
+type qentry struct {
+	id      string
+	ns      *qns
+	seq     uint64 // storage sequence number: publish order within ns
+	size    int    // Event.size(), for byte limits and MaxBytes
+	enq     int64  // enqueue time, Unix nanoseconds (OldestReady)
+	attempt int    // deliveries so far (since the last open, or persisted)
+	state   entryState
+	idx     int   // index in the heap holding the entry (timers or ns.ready)
+	when    int64 // leased: deadline; delayed: ready time (Unix nanoseconds)
+	reason  string
+
+	holder       *qholder
+	hprev, hnext *qentry // the holder's list of leases
+	idNext       *qentry // other entries with the same ID (only when dedup is off)
+
+	// ev is the event itself. The memory queue keeps it for the entry's
+	// lifetime; the Badger queue only while a fresh entry waits in the
+	// read-ahead buffer, and drops it when it hands the event out.
+	ev *Event
+
+	// attemptsStored: the store holds an attempt record for the entry
+	// (Badger), to delete along with it.
+	attemptsStored bool
+}
+
+// qholder is a lease holder and its leases, as an intrusive list.
+type qholder struct {
+	name string
+	head *qentry
+	n    int
+}
+
+// qns is one namespace.
+type qns struct {
+	name string
+	dlq  bool // a dead-letter namespace: its events are never dead-lettered again
+
+	fresh     entryFIFO // fresh entries in sequence order (for Badger, the read-ahead buffer)
+	freshDisk int       // Badger: fresh events not yet read into fresh
+	diskNext  uint64    // Badger: where the next read-ahead starts
+	ready     entryHeap // leased before and ready again, by sequence number
+
+	leased, delayed int
+	count           int   // stored events (fresh, ready, leased, delayed)
+	bytes           int64 // their sizes
+	deadLettered    int   // moved to the dead-letter namespace since open
+	known           bool  // has held events: listed by Stats()
+
+	waiters map[*qwaiter]struct{}
+}
+
+func (ns *qns) hasReady() bool {
+	return ns.ready.len() > 0 || ns.fresh.len() > 0 || ns.freshDisk > 0
+}
+
+type qwaiter struct {
+	ch    chan struct{}
+	fired bool
+}
+
+// newEntry is an event accepted for storage, before it is durable.
+type newEntry struct {
+	e   *qentry
+	ev  *Event // the event to keep in memory (memory queue, Badger read-ahead)
+	val []byte // Badger: the encoded value
+}
+
+// qmove is a dead-letter move for the store to carry out.
+type qmove struct {
+	e        *qentry // the entry leaving its namespace (state gone)
+	dst      *qns
+	attempts int
+	reason   string
+	seq      uint64 // Badger: the sequence number in dst, assigned by the writer
+}
+
+// qattempt is an attempt record for the store to persist (Badger).
+type qattempt struct {
+	e       *qentry
+	attempt int
+	reason  string
+}
+
+// effects are the storage writes a state change needs.
+type effects struct {
+	deletes  []*qentry // acked entries
+	moves    []*qmove
+	attempts []qattempt
+}
+
+func (fx *effects) empty() bool {
+	return len(fx.deletes) == 0 && len(fx.moves) == 0 && len(fx.attempts) == 0
+}
+
+// queueStore keeps the events behind a queueCore. Its methods are called with
+// the core's mutex held and must not block on anything that needs it.
+type queueStore interface {
+	// refill reads up to n more fresh events of ns from storage into
+	// ns.fresh (Badger's read-ahead). Stores that keep everything in memory
+	// do nothing.
+	refill(ns *qns, n int) error
+	// take returns the event of e for a delivery; the caller owns the copy.
+	take(e *qentry) (Event, error)
+	// submit hands the storage writes of a state change to the store. It
+	// returns nil if they are applied already, or a wait for their
+	// durability.
+	submit(fx *effects) *writeWait
+}
+
+// writeWait waits for a batch of writes to become durable.
+type writeWait struct {
+	done chan struct{}
+	err  error
+}
+
+func (w *writeWait) wait(ctx context.Context) error {
+	if w == nil {
+		return nil
+	}
+	select {
+	case <-w.done:
+		return w.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// queueCore is the state machine. All fields are guarded by mu.
+type queueCore struct {
+	mu    sync.Mutex
+	store queueStore
+	log   *slog.Logger
+
+	maxAttempts int // <= 0: never dead-letter
+	maxEvents   int
+	maxBytes    int64
+	indexAll    bool // byID holds every entry (memory), not only those leased since open (Badger)
+
+	nss      map[string]*qns
+	byID     map[string]*qentry
+	holders  map[string]*qholder
+	timers   entryHeap // leased and delayed entries, by when
+	dedup    *dedupIndex
+	nextSeq  uint64 // the next sequence number to assign
+	applied  uint64 // the highest sequence number applied to the state (Badger read-ahead bound)
+	rr       int    // round-robin start for Lease
+	closed   bool
+	timer    *time.Timer
+	timerAt  int64
+	waiterCt int
+}
+
+// readAheadMax bounds how many fresh events a Badger namespace keeps in
+// memory; readAheadBytes bounds their bytes.
+const (
+	readAheadMax   = 1024
+	readAheadBytes = 1 << 20
+)
+
+func newQueueCore(opts QueueOptions, store queueStore, indexAll bool) *queueCore {
+	c := &queueCore{
+		store:       store,
+		log:         opts.Logger,
+		maxAttempts: opts.MaxAttempts,
+		maxEvents:   opts.MaxEventsPerNamespace,
+		maxBytes:    opts.MaxBytesPerNamespace,
+		indexAll:    indexAll,
+		nss:         make(map[string]*qns),
+		byID:        make(map[string]*qentry),
+		holders:     make(map[string]*qholder),
+		nextSeq:     1,
+	}
+	c.timers.byWhen = true
+	if c.maxAttempts == 0 {
+		c.maxAttempts = DefaultMaxAttempts
+	}
+	if opts.DedupWindow >= 0 {
+		w := opts.DedupWindow
+		if w == 0 {
+			w = DefaultDedupWindow
+		}
+		c.dedup = newDedupIndex(w, dedupMaxIDs, opts.Logger)
+	}
+	return c
+}
+
+// normalizeQueueOptions fills in defaults.
+func normalizeQueueOptions(opts QueueOptions) QueueOptions {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.DedupWindow == 0 {
+		opts.DedupWindow = DefaultDedupWindow
+	}
+	if opts.MaxAttempts == 0 {
+		opts.MaxAttempts = DefaultMaxAttempts
+	}
+	return opts
+}
+
+// ns returns the namespace called name, creating it.
+func (c *queueCore) ns(name string) *qns {
+	ns := c.nss[name]
+	if ns == nil {
+		ns = &qns{name: name, dlq: strings.HasSuffix(name, DeadLetterSuffix)}
+		c.nss[name] = ns
+	}
+	return ns
+}
+
+// --- IDs ---------------------------------------------------------------------
+
+func (c *queueCore) indexID(e *qentry) {
+	if old := c.byID[e.id]; old != nil {
+		e.idNext = old
+	}
+	c.byID[e.id] = e
+}
+
+func (c *queueCore) unindexID(e *qentry) {
+	p := c.byID[e.id]
+	if p == e {
+		if e.idNext != nil {
+			c.byID[e.id] = e.idNext
+		} else {
+			delete(c.byID, e.id)
+		}
+		e.idNext = nil
+		return
+	}
+	for ; p != nil; p = p.idNext {
+		if p.idNext == e {
+			p.idNext = e.idNext
+			e.idNext = nil
+			return
+		}
+	}
+}
+
+// --- holders -----------------------------------------------------------------
+
+func (c *queueCore) holder(name string) *qholder {
+	h := c.holders[name]
+	if h == nil {
+		h = &qholder{name: name}
+		c.holders[name] = h
+	}
+	return h
+}
+
+func (c *queueCore) holdAdd(h *qholder, e *qentry) {
+	e.holder = h
+	e.hprev = nil
+	e.hnext = h.head
+	if h.head != nil {
+		h.head.hprev = e
+	}
+	h.head = e
+	h.n++
+}
+
+func (c *queueCore) holdRemove(e *qentry) {
+	h := e.holder
+	if h == nil {
+		return
+	}
+	if e.hprev != nil {
+		e.hprev.hnext = e.hnext
+	} else {
+		h.head = e.hnext
+	}
+	if e.hnext != nil {
+		e.hnext.hprev = e.hprev
+	}
+	e.holder, e.hprev, e.hnext = nil, nil, nil
+	h.n--
+	if h.n == 0 {
+		delete(c.holders, h.name)
+	}
+}
+
+// --- waiting -----------------------------------------------------------------
+
+// wake wakes the waiters of ns.
+func (c *queueCore) wake(ns *qns) {
+	for w := range ns.waiters {
+		if !w.fired {
+			w.fired = true
+			close(w.ch)
+		}
+	}
+	clear(ns.waiters)
+}
+
+// Wait blocks until an event may be ready in one of names.
+func (c *queueCore) Wait(ctx context.Context, names []string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return ErrQueueClosed
+	}
+	var fx effects
+	c.advance(time.Now().UnixNano(), &fx)
+	c.finish(&fx)
+	for _, name := range names {
+		if ns := c.nss[name]; ns != nil && ns.hasReady() {
+			c.mu.Unlock()
+			return nil
+		}
+	}
+	w := &qwaiter{ch: make(chan struct{})}
+	for _, name := range names {
+		ns := c.ns(name)
+		if ns.waiters == nil {
+			ns.waiters = make(map[*qwaiter]struct{})
+		}
+		ns.waiters[w] = struct{}{}
+	}
+	c.waiterCt++
+	c.mu.Unlock()
+
+	var err error
+	select {
+	case <-w.ch:
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+
+	c.mu.Lock()
+	c.waiterCt--
+	for _, name := range names {
+		if ns := c.nss[name]; ns != nil {
+			delete(ns.waiters, w)
+		}
+	}
+	closed := c.closed
+	fired := w.fired
+	c.mu.Unlock()
+	if closed {
+		return ErrQueueClosed
+	}
+	if fired {
+		return nil
+	}
+	return err
+}
+
+// --- time --------------------------------------------------------------------
+
+// advance applies every deadline and delay that has passed by now.
+func (c *queueCore) advance(now int64, fx *effects) {
+	for c.timers.len() > 0 {
+		e := c.timers.min()
+		if e.when > now {
+			return
+		}
+		c.timers.remove(e)
+		switch e.state {
+		case stLeased:
+			e.ns.leased--
+			c.holdRemove(e)
+			c.afterLease(e, now, 0, "lease expired", fx)
+		case stDelayed:
+			e.ns.delayed--
+			c.makeReady(e)
+		}
+	}
+}
+
+// finish submits the storage writes of a state change and re-arms the timer.
+// It returns what to wait on for durability.
+func (c *queueCore) finish(fx *effects) *writeWait {
+	c.rearm()
+	if fx.empty() {
+		return nil
+	}
+	return c.store.submit(fx)
+}
+
+// rearm points the timer at the earliest deadline.
+func (c *queueCore) rearm() {
+	if c.closed || c.timers.len() == 0 {
+		if c.timer != nil && c.timerAt != 0 {
+			c.timer.Stop()
+			c.timerAt = 0
+		}
+		return
+	}
+	at := c.timers.min().when
+	if at == c.timerAt {
+		return
+	}
+	c.timerAt = at
+	d := time.Duration(at - time.Now().UnixNano())
+	if d < 0 {
+		d = 0
+	}
+	if c.timer == nil {
+		c.timer = time.AfterFunc(d, c.onTimer)
+	} else {
+		c.timer.Reset(d)
+	}
+}
+
+func (c *queueCore) onTimer() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	c.timerAt = 0
+	var fx effects
+	c.advance(time.Now().UnixNano(), &fx)
+	c.finish(&fx) // nobody waits for expiry's writes
+}
+
+// --- transitions ---------------------------------------------------------------
+
+// makeReady makes e deliverable again.
+func (c *queueCore) makeReady(e *qentry) {
+	e.state = stReady
+	e.ns.ready.push(e)
+	c.wake(e.ns)
+}
+
+// afterLease decides what happens to e when its lease ended without an ack
+// (nack, expiry, release): dead-letter it if it has used its attempts,
+// otherwise make it ready now or after delay.
+func (c *queueCore) afterLease(e *qentry, now int64, delay time.Duration, reason string, fx *effects) {
+	e.reason = reason
+	if c.maxAttempts > 0 && e.attempt >= c.maxAttempts && !e.ns.dlq {
+		c.deadLetter(e, reason, fx)
+		return
+	}
+	fx.attempts = append(fx.attempts, qattempt{e: e, attempt: e.attempt, reason: reason})
+	c.schedule(e, now, delay)
+}
+
+// schedule makes e ready at once, or delayed until now+delay.
+func (c *queueCore) schedule(e *qentry, now int64, delay time.Duration) {
+	if delay > 0 {
+		e.state = stDelayed
+		e.when = now + int64(delay)
+		e.ns.delayed++
+		c.timers.push(e)
+		return
+	}
+	c.makeReady(e)
+}
+
+// detach takes e out of whatever holds it (heaps, holder, counters), leaving
+// its state to the caller.
+func (c *queueCore) detach(e *qentry) {
+	switch e.state {
+	case stFresh:
+		// Only the head of the FIFO is ever detached from it.
+		if e.ns.fresh.len() > 0 && e.ns.fresh.peek() == e {
+			e.ns.fresh.pop()
+		} else {
+			e.ns.fresh.removeEntry(e)
+		}
+	case stReady:
+		e.ns.ready.remove(e)
+	case stLeased:
+		c.timers.remove(e)
+		c.holdRemove(e)
+		e.ns.leased--
+	case stDelayed:
+		c.timers.remove(e)
+		e.ns.delayed--
+	}
+}
+
+// remove deletes e for good (acked).
+func (c *queueCore) remove(e *qentry, fx *effects) {
+	c.detach(e)
+	e.state = stGone
+	c.unindexID(e)
+	e.ns.count--
+	e.ns.bytes -= int64(e.size)
+	if c.dedup != nil && !c.indexAll {
+		c.dedup.markGone(e.id)
+	}
+	fx.deletes = append(fx.deletes, e)
+}
+
+// deadLetter moves e (already detached) to its dead-letter namespace.
+func (c *queueCore) deadLetter(e *qentry, reason string, fx *effects) {
+	e.state = stGone
+	c.unindexID(e)
+	e.ns.count--
+	e.ns.bytes -= int64(e.size)
+	e.ns.deadLettered++
+	fx.moves = append(fx.moves, &qmove{e: e, dst: c.ns(DeadLetterNamespace(e.ns.name)), attempts: e.attempt, reason: reason})
+}
+
+// deadLetterEvent returns ev as it is stored in its dead-letter namespace.
+func deadLetterEvent(ev Event, from string, attempts int, reason string) Event {
+	md := make(map[string]string, len(ev.Metadata)+3)
+	for k, v := range ev.Metadata {
+		md[k] = v
+	}
+	md[MetaDeadLetterAttempts] = itoa(attempts)
+	md[MetaDeadLetterReason] = reason
+	md[MetaDeadLetterNamespace] = from
+	ev.Metadata = md
+	ev.Namespace = DeadLetterNamespace(from)
+	return ev
+}
+
+func itoa(n int) string {
+	if n == 0 {
+		return "0"
+	}
+	var b [20]byte
+	i := len(b)
+	neg := n < 0
+	if neg {
+		n = -n
+	}
+	for n > 0 {
+		i--
+		b[i] = byte('0' + n%10)
+		n /= 10
+	}
+	if neg {
+		i--
+		b[i] = '-'
+	}
+	return string(b[i:])
+}
+
+// land adds an event that has become durable to the state: an enqueued event
+// (counted when it was accepted) or a dead letter (counted here). ev may be
+// nil for Badger, which then reads it from disk when its turn comes.
+func (c *queueCore) land(e *qentry, ev *Event, counted bool) {
+	ns := e.ns
+	ns.known = true
+	if !counted {
+		ns.count++
+		ns.bytes += int64(e.size)
+	}
+	if e.seq > c.applied {
+		c.applied = e.seq
+	}
+	e.state = stFresh
+	if c.indexAll {
+		e.ev = ev
+		c.indexID(e)
+		ns.fresh.push(e)
+	} else if ns.freshDisk == 0 && ev != nil && ns.fresh.len() < readAheadMax && ns.fresh.bytes+e.size <= readAheadBytes {
+		e.ev = ev
+		ns.fresh.push(e)
+		ns.diskNext = e.seq + 1
+	} else {
+		ns.freshDisk++
+	}
+	c.wake(ns)
+}
+
+// unaccept reverts accept for an event that did not become durable.
+func (c *queueCore) unaccept(e *qentry) {
+	e.ns.count--
+	e.ns.bytes -= int64(e.size)
+	if c.dedup != nil {
+		c.dedup.forget(e.id)
+	}
+}
+
+// restore puts back an entry whose removal (ack or dead-letter move) failed
+// to become durable: it is ready again.
+func (c *queueCore) restore(e *qentry, moved bool) {
+	if c.closed {
+		return
+	}
+	e.ns.count++
+	e.ns.bytes += int64(e.size)
+	if moved {
+		e.ns.deadLettered--
+	}
+	if c.dedup != nil && !c.indexAll && !moved {
+		c.dedup.unmarkGone(e.id)
+	}
+	c.indexID(e)
+	c.makeReady(e)
+}
+
+// --- Enqueue -----------------------------------------------------------------
+
+// accept decides the fate of each prepared event: duplicate, refused, or
+// accepted (dedup-recorded, counted against its namespace's limits, and given
+// a sequence number). Accepted events are returned as entries to store.
+// Caller holds mu.
+func (c *queueCore) accept(evs []Event, sizes []int, enq int64, res []PublishResult, out []*qentry) []*qentry {
+	for i := range evs {
+		ev := &evs[i]
+		res[i].ID = ev.ID
+		if c.dedup != nil && c.dedup.seen(ev.ID, enq) {
+			res[i].Status = PublishDuplicate
+			continue
+		}
+		ns := c.ns(ev.Namespace)
+		size := sizes[i]
+		if c.maxEvents > 0 && ns.count >= c.maxEvents {
+			res[i].Status = PublishRefused
+			res[i].Err = queueFull(ns.name, "%d events", c.maxEvents)
+			continue
+		}
+		if c.maxBytes > 0 && ns.bytes+int64(size) > c.maxBytes {
+			res[i].Status = PublishRefused
+			res[i].Err = queueFull(ns.name, "%d bytes", c.maxBytes)
+			continue
+		}
+		if c.dedup != nil {
+			c.dedup.add(ev.ID, enq)
+		}
+		ns.count++
+		ns.bytes += int64(size)
+		ns.known = true
+		e := &qentry{id: ev.ID, ns: ns, seq: c.nextSeq, size: size, enq: enq}
+		c.nextSeq++
+		res[i].Status = PublishStored
+		out = append(out, e)
+	}
+	return out
+}
+
+// queueFullRetryAfter is the RetryAfter of a refusal for a full namespace.
+const queueFullRetryAfter = time.Second
+
+func queueFull(ns, format string, limit any) *Error {
+	e := newError(CodeQueueFull, "namespace %q is at its limit of "+format, ns, limit)
+	e.RetryAfter = queueFullRetryAfter
+	return e
+}
+
+// --- Lease -------------------------------------------------------------------
+
+// defaultAckDeadline is the lease duration of a LeaseRequest without one.
+const defaultAckDeadline = 30 * time.Second
+
+func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	limit := max(req.Limit, 1)
+	deadline := req.AckDeadline
+	if deadline <= 0 {
+		deadline = defaultAckDeadline
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, ErrQueueClosed
+	}
+	now := time.Now().UnixNano()
+	var fx effects
+	c.advance(now, &fx)
+
+	// The namespaces that may have something, in round-robin order from a
+	// start that moves with every call.
+	var active []*qns
+	for _, name := range req.Namespaces {
+		if ns := c.nss[name]; ns != nil && ns.hasReady() && !containsNS(active, ns) {
+			active = append(active, ns)
+		}
+	}
+	var out []Lease
+	var err error
+	if len(active) > 0 {
+		start := c.rr % len(active)
+		c.rr++
+		if start > 0 {
+			active = append(active[start:], active[:start]...)
+		}
+		h := c.holder(req.Holder)
+		until := now + int64(deadline)
+		bytes := 0
+	loop:
+		for len(active) > 0 && len(out) < limit {
+			for i := 0; i < len(active) && len(out) < limit; {
+				ns := active[i]
+				e, nerr := c.nextReady(ns, limit-len(out))
+				if nerr != nil {
+					err = nerr
+					break loop
+				}
+				if e == nil {
+					active = append(active[:i], active[i+1:]...)
+					continue
+				}
+				if req.MaxBytes > 0 && len(out) > 0 && bytes+e.size > req.MaxBytes {
+					break loop
+				}
+				ev, terr := c.store.take(e)
+				if terr != nil {
+					err = terr
+					break loop
+				}
+				c.detach(e)
+				if e.state == stFresh && !c.indexAll {
+					c.indexID(e)
+				}
+				e.attempt++
+				e.state = stLeased
+				e.when = until
+				ns.leased++
+				c.timers.push(e)
+				c.holdAdd(h, e)
+				ev.Namespace = ns.name
+				out = append(out, Lease{Event: ev, Attempt: e.attempt, Deadline: time.Unix(0, until)})
+				bytes += e.size
+				i++
+			}
+		}
+		if h.n == 0 {
+			delete(c.holders, h.name)
+		}
+	}
+	c.finish(&fx)
+	if err != nil && len(out) == 0 {
+		return nil, err
+	}
+	if err != nil {
+		c.log.Warn("h3x: queue read failed during a lease; returning the events read so far", "err", err)
+	}
+	return out, nil
+}
+
+func containsNS(list []*qns, ns *qns) bool {
+	for _, x := range list {
+		if x == ns {
+			return true
+		}
+	}
+	return false
+}
+
+// nextReady returns the next deliverable entry of ns without taking it:
+// redeliveries first (lowest sequence number), then fresh events, read
+// ahead from storage when the buffer is empty. want hints how many are
+// wanted.
+func (c *queueCore) nextReady(ns *qns, want int) (*qentry, error) {
+	if ns.ready.len() > 0 {
+		return ns.ready.min(), nil
+	}
+	if ns.fresh.len() == 0 && ns.freshDisk > 0 {
+		if err := c.store.refill(ns, max(want, 256)); err != nil {
+			return nil, err
+		}
+	}
+	if ns.fresh.len() > 0 {
+		return ns.fresh.peek(), nil
+	}
+	return nil, nil
+}
+
+// --- settling ------------------------------------------------------------------
+
+// resolve finds the entry a settlement by holder of ref applies to. See
+// LeaseRef.
+func (c *queueCore) resolve(holder string, ref LeaseRef) (*qentry, SettleStatus) {
+	first := c.byID[ref.ID]
+	for e := first; e != nil; e = e.idNext {
+		if ref.Attempt > 0 {
+			if e.attempt == ref.Attempt {
+				return e, SettleOK
+			}
+		} else if e.state == stLeased && e.holder != nil && e.holder.name == holder {
+			return e, SettleOK
+		}
+	}
+	if first != nil {
+		return nil, SettleStale
+	}
+	if !c.indexAll && c.dedup != nil && c.dedup.stored(ref.ID, time.Now().UnixNano()) {
+		// Stored, but not delivered since the queue was opened.
+		return nil, SettleStale
+	}
+	return nil, SettleUnknown
+}
+
+type settleKind uint8
+
+const (
+	settleAck settleKind = iota
+	settleNack
+	settleExtend
+)
+
+func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, refs []LeaseRef, d time.Duration, reason string) ([]SettleResult, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	res := make([]SettleResult, len(refs))
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil, ErrQueueClosed
+	}
+	now := time.Now().UnixNano()
+	var fx effects
+	c.advance(now, &fx)
+	for i, ref := range refs {
+		res[i].ID = ref.ID
+		e, st := c.resolve(holder, ref)
+		if e != nil {
+			switch kind {
+			case settleAck:
+				c.remove(e, &fx)
+			case settleNack:
+				switch e.state {
+				case stLeased:
+					c.detach(e)
+					c.afterLease(e, now, d, reason, &fx)
+				case stReady, stDelayed:
+					// The lease ended already and the event was not
+					// delivered again: reschedule it.
+					c.detach(e)
+					e.reason = reason
+					c.schedule(e, now, d)
+				}
+			case settleExtend:
+				if e.state != stLeased {
+					st = SettleStale
+					break
+				}
+				e.when = now + int64(d)
+				c.timers.fix(e)
+				if e.holder.name != holder {
+					c.holdRemove(e)
+					c.holdAdd(c.holder(holder), e)
+				}
+			}
+		}
+		res[i].Status = st
+	}
+	w := c.finish(&fx)
+	c.mu.Unlock()
+	if err := w.wait(ctx); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// Release ends every lease of holder as if nacked without delay.
+func (c *queueCore) Release(ctx context.Context, holder string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return ErrQueueClosed
+	}
+	now := time.Now().UnixNano()
+	var fx effects
+	c.advance(now, &fx)
+	if h := c.holders[holder]; h != nil {
+		for h.head != nil {
+			e := h.head
+			c.detach(e)
+			c.afterLease(e, now, 0, "released", &fx)
+		}
+	}
+	w := c.finish(&fx)
+	c.mu.Unlock()
+	return w.wait(ctx)
+}
+
+// --- Stats -------------------------------------------------------------------
+
+func (c *queueCore) Stats(ctx context.Context, names ...string) ([]NamespaceStats, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, ErrQueueClosed
+	}
+	now := time.Now().UnixNano()
+	var fx effects
+	c.advance(now, &fx)
+	c.finish(&fx)
+	if len(names) == 0 {
+		for name, ns := range c.nss {
+			if ns.known {
+				names = append(names, name)
+			}
+		}
+		sortStrings(names)
+	}
+	out := make([]NamespaceStats, 0, len(names))
+	for _, name := range names {
+		st := NamespaceStats{Namespace: name}
+		if ns := c.nss[name]; ns != nil {
+			if ns.fresh.len() == 0 && ns.freshDisk > 0 {
+				if err := c.store.refill(ns, 1); err != nil {
+					return nil, err
+				}
+			}
+			st.Ready = ns.ready.len() + ns.fresh.len() + ns.freshDisk
+			st.Leased = ns.leased
+			st.Delayed = ns.delayed
+			st.DeadLettered = ns.deadLettered
+			st.Bytes = ns.bytes
+			oldest := int64(0)
+			if ns.ready.len() > 0 {
+				oldest = ns.ready.min().enq
+			}
+			if ns.fresh.len() > 0 {
+				if t := ns.fresh.peek().enq; oldest == 0 || t < oldest {
+					oldest = t
+				}
+			}
+			if oldest != 0 && now > oldest {
+				st.OldestReady = time.Duration(now - oldest)
+			}
+		}
+		out = append(out, st)
+	}
+	return out, nil
+}
+
+func sortStrings(s []string) {
+	// insertion sort is fine for the namespace counts Stats sees; avoids
+	// pulling sort into the hot files.
+	for i := 1; i < len(s); i++ {
+		for j := i; j > 0 && s[j] < s[j-1]; j-- {
+			s[j], s[j-1] = s[j-1], s[j]
+		}
+	}
+}
+
+// close marks the core closed, wakes every waiter and stops the timer.
+func (c *queueCore) close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	c.closed = true
+	for _, ns := range c.nss {
+		c.wake(ns)
+	}
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+}
+
+// --- containers ------------------------------------------------------------------
+
+// entryHeap is a binary min-heap of entries by sequence number, or by when
+// (then sequence number) if byWhen. Each entry records its index.
+type entryHeap struct {
+	byWhen bool
+	s      []*qentry
+}
+
+func (h *entryHeap) len() int        { return len(h.s) }
+func (h *entryHeap) min() *qentry    { return h.s[0] }
+func (h *entryHeap) less(i, j int) bool {
+	a, b := h.s[i], h.s[j]
+	if h.byWhen && a.when != b.when {
+		return a.when < b.when
+	}
+	return a.seq < b.seq
+}
+
+func (h *entryHeap) swap(i, j int) {
+	h.s[i], h.s[j] = h.s[j], h.s[i]
+	h.s[i].idx = i
+	h.s[j].idx = j
+}
+
+func (h *entryHeap) push(e *qentry) {
+	e.idx = len(h.s)
+	h.s = append(h.s, e)
+	h.up(e.idx)
+}
+
+func (h *entryHeap) remove(e *qentry) {
+	i := e.idx
+	n := len(h.s) - 1
+	if i != n {
+		h.swap(i, n)
+	}
+	h.s[n] = nil
+	h.s = h.s[:n]
+	if i != n {
+		if !h.down(i) {
+			h.up(i)
+		}
+	}
+	e.idx = -1
+	if cap(h.s) > 1024 && len(h.s) < cap(h.s)/4 {
+		h.s = append([]*qentry(nil), h.s...)
+	}
+}
+
+func (h *entryHeap) fix(e *qentry) {
+	if !h.down(e.idx) {
+		h.up(e.idx)
+	}
+}
+
+func (h *entryHeap) up(j int) {
+	for j > 0 {
+		i := (j - 1) / 2
+		if !h.less(j, i) {
+			break
+		}
+		h.swap(i, j)
+		j = i
+	}
+}
+
+func (h *entryHeap) down(i0 int) bool {
+	i, n := i0, len(h.s)
+	for {
+		j := 2*i + 1
+		if j >= n {
+			break
+		}
+		if r := j + 1; r < n && h.less(r, j) {
+			j = r
+		}
+		if !h.less(j, i) {
+			break
+		}
+		h.swap(i, j)
+		i = j
+	}
+	return i > i0
+}
+
+// entryFIFO is a ring buffer of entries in sequence order.
+type entryFIFO struct {
+	buf   []*qentry
+	head  int
+	n     int
+	bytes int // sizes of the entries
+}
+
+func (f *entryFIFO) len() int { return f.n }
+
+func (f *entryFIFO) peek() *qentry { return f.buf[f.head] }
+
+func (f *entryFIFO) push(e *qentry) {
+	if f.n == len(f.buf) {
+		nb := make([]*qentry, max(16, 2*len(f.buf)))
+		for i := 0; i < f.n; i++ {
+			nb[i] = f.buf[(f.head+i)%len(f.buf)]
+		}
+		f.buf, f.head = nb, 0
+	}
+	f.buf[(f.head+f.n)%len(f.buf)] = e
+	f.n++
+	f.bytes += e.size
+}
+
+func (f *entryFIFO) pop() *qentry {
+	e := f.buf[f.head]
+	f.buf[f.head] = nil
+	f.head = (f.head + 1) % len(f.buf)
+	f.n--
+	f.bytes -= e.size
+	if f.n == 0 {
+		f.head = 0
+		if len(f.buf) > 1024 {
+			f.buf = nil
+		}
+	}
+	return e
+}
+
+// removeEntry removes e from anywhere in the FIFO (O(n); only for settling a
+// fresh entry, which the LeaseRef rules never apply, so this is a safety net).
+func (f *entryFIFO) removeEntry(e *qentry) {
+	for i := 0; i < f.n; i++ {
+		k := (f.head + i) % len(f.buf)
+		if f.buf[k] == e {
+			for j := i; j < f.n-1; j++ {
+				f.buf[(f.head+j)%len(f.buf)] = f.buf[(f.head+j+1)%len(f.buf)]
+			}
+			f.buf[(f.head+f.n-1)%len(f.buf)] = nil
+			f.n--
+			f.bytes -= e.size
+			return
+		}
+	}
+}
+
+// prepare fills in what Enqueue assigns (an ID, the time) and returns the
+// event's size.
+func prepareEvent(ev *Event, now time.Time) int {
+	if ev.ID == "" {
+		ev.ID = uuid.NewString()
+	}
+	if ev.Time.IsZero() {
+		ev.Time = now
+	}
+	return ev.size()
+}

@@ -1,0 +1,219 @@
+package h3x
+
+import (
+	"encoding/binary"
+	"hash/maphash"
+	"log/slog"
+	"time"
+)
+
+// dedupMaxIDs bounds the IDs the dedup index remembers (about 30 bytes
+// each, so about 60 MB at most). A queue publishing faster than
+// dedupMaxIDs per DedupWindow (17,000 events/s for the default 2 minutes)
+// forgets the oldest IDs early: its effective window shrinks to
+// dedupMaxIDs / rate. A retry that arrives after that is stored again,
+// which at-least-once delivery tolerates (a duplicate, never a loss); an ID
+// is never reported as a duplicate wrongly.
+var dedupMaxIDs = 1 << 21
+
+// dedupIndex remembers the IDs published within the dedup window.
+//
+// It keeps 96-bit fingerprints, not the IDs: a canonical lowercase UUID
+// contributes 96 of its own bits, any other ID two keyed 64-bit hashes.
+// A false duplicate (two IDs with one fingerprint) has a chance of about
+// n/2^90 per publish, for n remembered IDs: never, in practice. Each entry
+// costs one map slot of 16 bytes (plus the map's overhead): the first 64
+// bits are the key; the value packs the other 32, a "gone" bit (the event
+// was acked or dead-lettered) and the publish time in tenths of a second.
+//
+// Entries live in generations of a quarter window each; a generation is
+// dropped whole once its newest entry is older than the window, so expiry
+// costs nothing per entry. Not safe for concurrent use (the core's mutex
+// guards it).
+type dedupIndex struct {
+	window int64 // in ticks
+	span   int64 // generation span, in ticks
+	base   int64 // Unix nanoseconds of tick 0
+	max    int
+	n      int
+	gens   []*dedupGen // oldest first
+	seed1  maphash.Seed
+	seed2  maphash.Seed
+	log    *slog.Logger
+	warned bool
+}
+
+type dedupGen struct {
+	start, last int64 // ticks
+	m           map[uint64]uint64
+}
+
+const (
+	dedupTick    = int64(100 * time.Millisecond)
+	dedupGoneBit = 1 << 31
+	dedupTimeMax = dedupGoneBit - 1
+)
+
+func newDedupIndex(window time.Duration, maxIDs int, log *slog.Logger) *dedupIndex {
+	w := max(int64(window)/dedupTick, 1)
+	return &dedupIndex{
+		window: w,
+		span:   max(w/4, 1),
+		// Leave room below now for IDs loaded from storage at open.
+		base:  time.Now().UnixNano() - int64(window) - int64(time.Minute),
+		max:   maxIDs,
+		seed1: maphash.MakeSeed(),
+		seed2: maphash.MakeSeed(),
+		log:   log,
+	}
+}
+
+func (d *dedupIndex) tick(unixNano int64) int64 {
+	t := (unixNano - d.base) / dedupTick
+	return min(max(t, 0), dedupTimeMax)
+}
+
+// key returns id's fingerprint: the map key and the 32 bits kept in the value.
+func (d *dedupIndex) key(id string) (uint64, uint64) {
+	if u, ok := parseCanonicalUUID(id); ok {
+		return binary.BigEndian.Uint64(u[:8]), uint64(binary.BigEndian.Uint32(u[8:12]))
+	}
+	return maphash.String(d.seed1, id), maphash.String(d.seed2, id) >> 32
+}
+
+// parseCanonicalUUID parses a UUID in canonical lowercase text form.
+func parseCanonicalUUID(s string) (u [16]byte, ok bool) {
+	if len(s) != 36 || s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-' {
+		return u, false
+	}
+	j := 0
+	for i := 0; i < 36; {
+		if i == 8 || i == 13 || i == 18 || i == 23 {
+			i++
+			continue
+		}
+		hi, ok1 := lowerHex(s[i])
+		lo, ok2 := lowerHex(s[i+1])
+		if !ok1 || !ok2 {
+			return u, false
+		}
+		u[j] = hi<<4 | lo
+		j++
+		i += 2
+	}
+	return u, true
+}
+
+func lowerHex(c byte) (byte, bool) {
+	switch {
+	case c >= '0' && c <= '9':
+		return c - '0', true
+	case c >= 'a' && c <= 'f':
+		return c - 'a' + 10, true
+	}
+	return 0, false
+}
+
+// expire drops the generations that ended a window ago.
+func (d *dedupIndex) expire(now int64) {
+	k := 0
+	for k < len(d.gens) && now-d.gens[k].last >= d.window {
+		d.n -= len(d.gens[k].m)
+		d.gens[k] = nil
+		k++
+	}
+	if k > 0 {
+		d.gens = append(d.gens[:0], d.gens[k:]...)
+	}
+}
+
+// find returns the generation and value holding id's live entry.
+func (d *dedupIndex) find(id string, now int64) (*dedupGen, uint64, uint64, bool) {
+	k, fp := d.key(id)
+	for i := len(d.gens) - 1; i >= 0; i-- {
+		g := d.gens[i]
+		v, ok := g.m[k]
+		if !ok || v>>32 != fp {
+			continue
+		}
+		if now-int64(v&dedupTimeMax) < d.window {
+			return g, k, v, true
+		}
+		return nil, 0, 0, false // the newest entry has expired
+	}
+	return nil, 0, 0, false
+}
+
+// seen reports whether id was published within the window before unixNano.
+func (d *dedupIndex) seen(id string, unixNano int64) bool {
+	now := d.tick(unixNano)
+	d.expire(now)
+	_, _, _, ok := d.find(id, now)
+	return ok
+}
+
+// stored reports whether id was published within the window and has not
+// been acked or dead-lettered since (as far as this process knows).
+func (d *dedupIndex) stored(id string, unixNano int64) bool {
+	now := d.tick(unixNano)
+	_, _, v, ok := d.find(id, now)
+	return ok && v&dedupGoneBit == 0
+}
+
+// add records id as published at unixNano.
+func (d *dedupIndex) add(id string, unixNano int64) {
+	t := d.tick(unixNano)
+	d.expire(t)
+	var g *dedupGen
+	if n := len(d.gens); n > 0 && t-d.gens[n-1].start < d.span {
+		g = d.gens[n-1] // also for an older time (loading from storage)
+	} else {
+		g = &dedupGen{start: t, m: make(map[uint64]uint64)}
+		d.gens = append(d.gens, g)
+	}
+	k, fp := d.key(id)
+	if _, ok := g.m[k]; !ok {
+		d.n++
+	}
+	g.m[k] = fp<<32 | uint64(t)
+	g.last = max(g.last, t)
+	for d.n > d.max && len(d.gens) > 1 {
+		old := d.gens[0]
+		d.n -= len(old.m)
+		d.gens = d.gens[1:]
+		if !d.warned {
+			d.warned = true
+			d.log.Warn("h3x: the dedup index is full; the dedup window is shorter than configured at this publish rate",
+				"max_ids", d.max, "window_kept", time.Duration((t-d.gens[0].start)*dedupTick))
+		}
+	}
+}
+
+// markGone notes that id's event left the queue (acked or dead-lettered).
+func (d *dedupIndex) markGone(id string) { d.setGone(id, true) }
+
+// unmarkGone reverts markGone.
+func (d *dedupIndex) unmarkGone(id string) { d.setGone(id, false) }
+
+func (d *dedupIndex) setGone(id string, gone bool) {
+	now := d.tick(time.Now().UnixNano())
+	g, k, v, ok := d.find(id, now)
+	if !ok {
+		return
+	}
+	if gone {
+		v |= dedupGoneBit
+	} else {
+		v &^= dedupGoneBit
+	}
+	g.m[k] = v
+}
+
+// forget removes id (its publish did not become durable).
+func (d *dedupIndex) forget(id string) {
+	now := d.tick(time.Now().UnixNano())
+	if g, k, _, ok := d.find(id, now); ok {
+		delete(g.m, k)
+		d.n--
+	}
+}
