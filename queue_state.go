@@ -1007,8 +1007,8 @@ type entryHeap struct {
 	s      []*qentry
 }
 
-func (h *entryHeap) len() int        { return len(h.s) }
-func (h *entryHeap) min() *qentry    { return h.s[0] }
+func (h *entryHeap) len() int     { return len(h.s) }
+func (h *entryHeap) min() *qentry { return h.s[0] }
 func (h *entryHeap) less(i, j int) bool {
 	a, b := h.s[i], h.s[j]
 	if h.byWhen && a.when != b.when {
