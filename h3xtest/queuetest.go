@@ -793,6 +793,50 @@ func (s *queueSuite) testOrder(t *testing.T) {
 		}
 	})
 
+	t.Run("LargeBacklog", func(t *testing.T) {
+		// Thousands of events (megabytes) per namespace, more published
+		// while draining: order holds across whatever paging the backend does.
+		h := s.open(t, h3x.QueueOptions{})
+		want := map[string][]string{}
+		publish := func(n int) {
+			for range n / 200 {
+				for _, ns := range []string{nsA, nsB} {
+					batch := make([]h3x.Event, 200)
+					for i := range batch {
+						batch[i] = h.bigEvent(ns, 1000)
+					}
+					want[ns] = append(want[ns], h.publish(batch...)...)
+				}
+			}
+		}
+		publish(1400)
+		var got []h3x.Lease
+		for range 1000 {
+			if len(got) >= 1400 {
+				break
+			}
+			ls := h.lease("c", 97, nsA, nsB)
+			if len(ls) == 0 {
+				t.Fatalf("Lease returned nothing after %d of 2800 events", len(got))
+			}
+			wantAllOK(t, "Ack", h.ack("c", refsOf(ls)...))
+			got = append(got, ls...)
+		}
+		publish(400)
+		got = append(got, h.drain("c", 97, nsA, nsB)...)
+		for _, ns := range []string{nsA, nsB} {
+			var ids []string
+			for _, l := range got {
+				if l.Event.Namespace == ns {
+					ids = append(ids, l.Event.ID)
+				}
+			}
+			if !slices.Equal(ids, want[ns]) {
+				t.Errorf("%s: delivered %d events, want %d in publish order (first difference at %d)", ns, len(ids), len(want[ns]), firstDiff(ids, want[ns]))
+			}
+		}
+	})
+
 	t.Run("Limit", func(t *testing.T) {
 		h := s.open(t, h3x.QueueOptions{})
 		ids := h.publish(h.events(nsA, 10)...)
@@ -888,6 +932,16 @@ func (s *queueSuite) testOrder(t *testing.T) {
 		h.publish(h.event(nsB))
 		h.leaseNone("c", "another namespace has events", nsA)
 	})
+}
+
+// firstDiff returns the first index where a and b differ.
+func firstDiff(a, b []string) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
 }
 
 // checkPrefixes checks that the leases of each namespace are, in order, the
@@ -1879,6 +1933,41 @@ func (s *queueSuite) testReopen(t *testing.T) {
 		h.reopen()
 		id := publishN(1)
 		wantIDs(t, "delivered after a second reopen", idsOf(h.drain("b", 2, nsA)), id)
+	})
+
+	t.Run("Backlog", func(t *testing.T) {
+		// A backlog of megabytes, partly leased and acked, comes back
+		// whole and in order.
+		s.needReopen(t)
+		h := s.open(t, h3x.QueueOptions{})
+		var ids []string
+		for range 6 {
+			batch := make([]h3x.Event, 250)
+			for i := range batch {
+				batch[i] = h.bigEvent(nsA, 1000)
+			}
+			ids = append(ids, h.publish(batch...)...)
+		}
+		ls := h.lease("a", 100, nsA)
+		var acked []h3x.LeaseRef
+		for i, l := range ls {
+			if i%2 == 0 {
+				acked = append(acked, refOf(l))
+			}
+		}
+		wantAllOK(t, "Ack", h.ack("a", acked...))
+		h.reopen()
+		var want []string
+		for i, id := range ids {
+			if i >= 100 || i%2 == 1 {
+				want = append(want, id)
+			}
+		}
+		h.wantCounts("after reopen", nsA, counts{Ready: len(want)})
+		got := idsOf(h.drain("b", 100, nsA))
+		if !slices.Equal(got, want) {
+			t.Errorf("after reopen delivered %d events, want %d in publish order (first difference at %d)", len(got), len(want), firstDiff(got, want))
+		}
 	})
 
 	t.Run("AckedStayGone", func(t *testing.T) {
