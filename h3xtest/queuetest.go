@@ -1970,6 +1970,37 @@ func (s *queueSuite) testReopen(t *testing.T) {
 		}
 	})
 
+	t.Run("AttemptsContinue", func(t *testing.T) {
+		// A delivery before the restart counts: the next one is attempt 2,
+		// so the old attempt's settlement is stale.
+		s.needReopen(t)
+		h := s.open(t, h3x.QueueOptions{})
+		h.publish(h.event(nsA))
+		l1 := h.leaseOne("a", nsA)
+		h.reopen()
+		l2 := h.leaseOne("b", nsA)
+		if l2.Attempt != 2 {
+			t.Errorf("first delivery after reopen has attempt %d, want 2 (attempt 1 was delivered before)", l2.Attempt)
+		}
+		wantStatus(t, "ack of the pre-restart attempt after a newer delivery", h.ack("a", refOf(l1)), h3x.SettleStale)
+		h.leaseNone("c", "after a stale ack (b holds it)", nsA)
+		wantStatus(t, "ack of the new delivery", h.ack("b", refOf(l2)), h3x.SettleOK)
+	})
+
+	t.Run("SettleAcrossReopen", func(t *testing.T) {
+		// A client that received a delivery before the restart settles it
+		// after, from a new connection: no newer delivery exists, so it
+		// applies.
+		s.needReopen(t)
+		h := s.open(t, h3x.QueueOptions{})
+		h.publish(h.events(nsA, 2)...)
+		ls := h.lease("a", 2, nsA)
+		h.reopen()
+		wantStatus(t, "ack of a pre-restart delivery", h.ack("a-reconnected", refOf(ls[0])), h3x.SettleOK)
+		wantStatus(t, "nack of a pre-restart delivery", h.nack("a-reconnected", 0, "r", refOf(ls[1])), h3x.SettleOK)
+		wantIDs(t, "after reopen", idsOf(h.drain("c", 10, nsA)), []string{ls[1].Event.ID})
+	})
+
 	t.Run("AckedStayGone", func(t *testing.T) {
 		s.needReopen(t)
 		h := s.open(t, h3x.QueueOptions{})
