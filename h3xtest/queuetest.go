@@ -1520,6 +1520,42 @@ func (s *queueSuite) testLimits(t *testing.T) {
 		})
 	}
 
+	t.Run("AcrossReopen", func(t *testing.T) {
+		s.needReopen(t)
+		h := s.open(t, h3x.QueueOptions{MaxEventsPerNamespace: 3})
+		h.publish(h.events(nsA, 3)...)
+		h.reopen()
+		wantRefusedFull(t, h.enqueue(h.event(nsA))[0])
+		wantAllOK(t, "Ack", h.ack("a", refOf(h.leaseOne("a", nsA))))
+		h.reopen()
+		h.publish(h.event(nsA))
+		wantRefusedFull(t, h.enqueue(h.event(nsA))[0])
+	})
+
+	t.Run("DeadLetterNotDropped", func(t *testing.T) {
+		// Limits apply to dead-letter namespaces too, but a dead-letter
+		// move is never a silent drop: the event stays somewhere.
+		h := s.open(t, h3x.QueueOptions{MaxEventsPerNamespace: 1, MaxAttempts: 1})
+		dlq := h3x.DeadLetterNamespace(nsA)
+		for i := range 3 {
+			id := h.publish(h.event(nsA))[0]
+			wantAllOK(t, "Nack", h.nack("a", 0, "r", refOf(h.leaseOne("a", nsA))))
+			h.release("a")
+			var found bool
+			for _, ns := range []string{nsA, dlq} {
+				st := h.stats(ns)
+				found = found || st.Ready+st.Delayed > 0 && slices.Contains(idsOf(h.lease("probe", 10, ns)), id)
+			}
+			h.release("probe")
+			if !found {
+				t.Fatalf("event %d (%s) is in neither %q nor %q after its last attempt was nacked", i+1, id, nsA, dlq)
+			}
+			if h.stats(nsA).Ready > 0 {
+				break // kept in place; the namespace is full now
+			}
+		}
+	})
+
 	t.Run("BatchAcrossNamespaces", func(t *testing.T) {
 		h := s.open(t, h3x.QueueOptions{MaxEventsPerNamespace: 2})
 		var batch []h3x.Event
@@ -1866,6 +1902,20 @@ func (s *queueSuite) testStats(t *testing.T) {
 		wantAge("both leased", 0)
 	})
 
+	t.Run("OldestReadyAcrossReopen", func(t *testing.T) {
+		s.needReopen(t)
+		synctest.Test(t, func(t *testing.T) {
+			h := s.open(t, h3x.QueueOptions{})
+			h.publish(h.event(nsA))
+			time.Sleep(10 * time.Second)
+			h.reopen()
+			time.Sleep(5 * time.Second)
+			if got := h.stats(nsA).OldestReady; got < 15*time.Second-slack || got > 15*time.Second+slack {
+				t.Errorf("OldestReady of an event published 15s ago, reopened at 10s: %v", got)
+			}
+		})
+	})
+
 	t.Run("AllNamespaces", func(t *testing.T) {
 		h := s.open(t, h3x.QueueOptions{})
 		h.publish(h.event(nsA), h.event(nsB), h.event(nsB))
@@ -1901,8 +1951,12 @@ func (s *queueSuite) testReopen(t *testing.T) {
 		ls := h.lease("a", 2, nsA)
 		wantAllOK(t, "Ack", h.ack("a", refOf(ls[0])))
 		h.lease("a", 1, nsB)
+		bytesA, bytesB := h.stats(nsA).Bytes, h.stats(nsB).Bytes
 		h.reopen()
 		h.wantCounts("after reopen", nsA, counts{Ready: 4})
+		if a, b := h.stats(nsA).Bytes, h.stats(nsB).Bytes; a != bytesA || b != bytesB {
+			t.Errorf("Bytes after reopen %d, %d; want %d, %d as before", a, b, bytesA, bytesB)
+		}
 		wantIDs(t, "delivered from "+nsA+" after reopen", idsOf(h.drain("b", 3, nsA)), ids[1:])
 		wantIDs(t, "delivered from "+nsB+" after reopen", idsOf(h.drain("b", 3, nsB)), idsB)
 	})
