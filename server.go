@@ -1,0 +1,422 @@
+package h3x
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+)
+
+// Server is an H3X broker. Create one with NewServer, start it with Start,
+// ListenAndServe or Serve, and stop it with Shutdown or Close.
+type Server struct {
+	cfg      serverConfig
+	logger   *slog.Logger
+	queue    Queue
+	registry Registry
+	tlsConf  *tls.Config
+	quicConf *quic.Config
+	fp       string // SHA-256 fingerprint of the leaf certificate
+	holderID string // random prefix of this server's lease holders
+
+	handlersMu sync.RWMutex
+	handlers   map[FrameType]Handler
+
+	mu        sync.Mutex
+	started   bool
+	closing   bool          // Shutdown or Close has begun
+	transport *quic.Transport
+	listener  *quic.Listener
+	ownConn   net.PacketConn // the socket the server opened itself, if any
+	addr      net.Addr
+	conns     map[*serverConn]struct{}
+	connSeq   uint64
+
+	shutdownCh  chan struct{}   // closed when Shutdown or Close begins
+	shutdownCtx context.Context // cancelled when Shutdown or Close begins
+	cancelShut  context.CancelFunc
+	doneCh     chan struct{} // closed when everything is stopped
+	closeOnce  sync.Once
+	closeErr   error
+	wg         sync.WaitGroup // the accept loop and every connection
+
+	connCount atomic.Int64
+}
+
+// NewServer returns a server configured by opts. It validates the
+// configuration (reporting every problem at once), opens the queue (a Badger
+// queue in the data directory unless WithQueue is given) and prepares TLS.
+// It does not listen yet.
+func NewServer(opts ...ServerOption) (*Server, error) {
+	cfg := defaultServerConfig()
+	for _, o := range opts {
+		o.applyServer(&cfg)
+	}
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	s := &Server{
+		cfg:        cfg,
+		logger:     cfg.logger,
+		handlers:   make(map[FrameType]Handler),
+		conns:      make(map[*serverConn]struct{}),
+		shutdownCh: make(chan struct{}),
+		doneCh:     make(chan struct{}),
+	}
+	if s.logger == nil {
+		s.logger = slog.New(slog.DiscardHandler)
+	}
+	s.shutdownCtx, s.cancelShut = context.WithCancel(context.Background())
+	var id [8]byte
+	rand.Read(id[:])
+	s.holderID = hex.EncodeToString(id[:])
+
+	s.registry = cfg.registry
+	if s.registry == nil {
+		r, err := RegistryFromEnv()
+		if err != nil {
+			return nil, fmt.Errorf("h3x: no registry: pass WithRegistry or set H3X_REGISTRY: %w", err)
+		}
+		s.registry = r
+	}
+	if err := s.setupTLS(); err != nil {
+		return nil, err
+	}
+	s.quicConf = &quic.Config{
+		HandshakeIdleTimeout:           cfg.authTimeout,
+		MaxIdleTimeout:                 cfg.idleTimeout,
+		KeepAlivePeriod:                cfg.idleTimeout / 3,
+		MaxIncomingStreams:             int64(cfg.maxStreams),
+		MaxIncomingUniStreams:          -1,
+		InitialStreamReceiveWindow:     512 << 10,
+		MaxStreamReceiveWindow:         2 << 20,
+		InitialConnectionReceiveWindow: 1 << 20,
+		MaxConnectionReceiveWindow:     4 << 20,
+	}
+	s.queue = cfg.queue
+	if s.queue == nil {
+		qo := cfg.queueOpts
+		if cfg.maxAttempts != 0 {
+			qo.MaxAttempts = cfg.maxAttempts
+		}
+		if qo.Logger == nil {
+			qo.Logger = s.logger
+		}
+		q, err := OpenBadgerQueue(cfg.dataDir, qo)
+		if err != nil {
+			return nil, err
+		}
+		s.queue = q
+	}
+	return s, nil
+}
+
+func (s *Server) setupTLS() error {
+	var conf *tls.Config
+	switch {
+	case s.cfg.tlsConfig != nil:
+		conf = s.cfg.tlsConfig.Clone()
+	case s.cfg.certFile != "":
+		c, err := loadCertFiles(s.cfg.certFile, s.cfg.keyFile)
+		if err != nil {
+			return err
+		}
+		conf = c
+	default:
+		cert, err := selfSignedCert()
+		if err != nil {
+			return fmt.Errorf("h3x: making a self-signed certificate: %w", err)
+		}
+		conf = &tls.Config{Certificates: []tls.Certificate{cert}}
+		s.fp = Fingerprint(cert.Certificate[0])
+		s.logger.Warn("h3x: no TLS configured; using a self-signed development certificate",
+			"sha256", s.fp)
+	}
+	if s.fp == "" && len(conf.Certificates) > 0 && len(conf.Certificates[0].Certificate) > 0 {
+		s.fp = Fingerprint(conf.Certificates[0].Certificate[0])
+	}
+	if len(conf.Certificates) == 0 && conf.GetCertificate == nil && conf.GetConfigForClient == nil {
+		return errors.New("h3x: WithTLSConfig: the configuration holds no certificate")
+	}
+	conf.NextProtos = []string{ALPN}
+	conf.MinVersion = tls.VersionTLS13
+	s.tlsConf = conf
+	return nil
+}
+
+// Fingerprint returns the lower-case hex SHA-256 of the server's
+// certificate, for clients to pin with WithTrustedFingerprint.
+func (s *Server) Fingerprint() string { return s.fp }
+
+// Handle registers h for streams whose first frame has type t, which must be
+// at least FirstApplicationFrameType (0x80). It panics on a protocol frame
+// type or a duplicate registration, like http.ServeMux.
+func (s *Server) Handle(t FrameType, h Handler) {
+	if t < FirstApplicationFrameType {
+		panic(fmt.Sprintf("h3x: Handle(%v): frame types below 0x80 are reserved for the protocol", t))
+	}
+	if h == nil {
+		panic("h3x: Handle: nil handler")
+	}
+	s.handlersMu.Lock()
+	defer s.handlersMu.Unlock()
+	if _, dup := s.handlers[t]; dup {
+		panic(fmt.Sprintf("h3x: Handle(%v): already registered", t))
+	}
+	s.handlers[t] = h
+}
+
+func (s *Server) handler(t FrameType) Handler {
+	s.handlersMu.RLock()
+	defer s.handlersMu.RUnlock()
+	return s.handlers[t]
+}
+
+// Addr returns the address the server listens on, or nil before it started.
+func (s *Server) Addr() net.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.addr
+}
+
+// Start listens on the configured address (or WithPacketConn's connection)
+// and serves in the background; it returns once the server is listening, so
+// Addr is set. Stop the server with Shutdown or Close. If ctx ends, the
+// server shuts down (as Shutdown with a 5 s bound).
+func (s *Server) Start(ctx context.Context) error {
+	pc := s.cfg.packetConn
+	var own net.PacketConn
+	if pc == nil {
+		udpAddr, err := net.ResolveUDPAddr("udp", s.cfg.addr)
+		if err != nil {
+			return fmt.Errorf("h3x: resolving %q: %w", s.cfg.addr, err)
+		}
+		c, err := net.ListenUDP("udp", udpAddr)
+		if err != nil {
+			return fmt.Errorf("h3x: listening on %s: %w", s.cfg.addr, err)
+		}
+		pc, own = c, c
+	}
+	if err := s.start(ctx, pc, own); err != nil {
+		if own != nil {
+			own.Close()
+		}
+		return err
+	}
+	return nil
+}
+
+// ListenAndServe is Start followed by waiting until the server stops. It
+// returns ErrServerClosed once the server has been shut down or closed (by
+// Shutdown, Close or the end of ctx).
+func (s *Server) ListenAndServe(ctx context.Context) error {
+	if err := s.Start(ctx); err != nil {
+		return err
+	}
+	<-s.doneCh
+	return ErrServerClosed
+}
+
+// Serve serves on conn, which the caller owns (the server does not close
+// it), until the server stops, and returns ErrServerClosed.
+func (s *Server) Serve(ctx context.Context, conn net.PacketConn) error {
+	if err := s.start(ctx, conn, nil); err != nil {
+		return err
+	}
+	<-s.doneCh
+	return ErrServerClosed
+}
+
+func (s *Server) start(ctx context.Context, pc net.PacketConn, own net.PacketConn) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return ErrServerClosed
+	}
+	if s.started {
+		return errors.New("h3x: server already started")
+	}
+	var key quic.StatelessResetKey
+	rand.Read(key[:])
+	tr := &quic.Transport{Conn: pc, StatelessResetKey: &key}
+	ln, err := tr.Listen(s.tlsConf, s.quicConf)
+	if err != nil {
+		tr.Close()
+		return fmt.Errorf("h3x: listening: %w", err)
+	}
+	s.started = true
+	s.transport, s.listener, s.ownConn, s.addr = tr, ln, own, ln.Addr()
+	s.logger.Info("h3x: serving", "addr", s.addr.String())
+	s.wg.Add(1)
+	go s.acceptLoop(ln)
+	if ctx.Done() != nil {
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			select {
+			case <-ctx.Done():
+				sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				go s.Shutdown(sctx)
+			case <-s.shutdownCh:
+			}
+		}()
+	}
+	return nil
+}
+
+// acceptLoop accepts connections and hands each to its own goroutine; it
+// never waits on per-connection work.
+func (s *Server) acceptLoop(ln *quic.Listener) {
+	defer s.wg.Done()
+	for {
+		qc, err := ln.Accept(context.Background())
+		if err != nil {
+			return
+		}
+		if s.connCount.Load() >= int64(s.cfg.maxConnections) {
+			qc.CloseWithError(quic.ApplicationErrorCode(CodeTooManyConnections), "too many connections")
+			continue
+		}
+		s.mu.Lock()
+		if s.closing {
+			s.mu.Unlock()
+			qc.CloseWithError(quic.ApplicationErrorCode(CodeShuttingDown), "shutting down")
+			continue
+		}
+		s.connSeq++
+		c := newServerConn(s, qc, s.connSeq)
+		s.conns[c] = struct{}{}
+		s.connCount.Add(1)
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.wg.Done()
+			c.serve()
+			s.mu.Lock()
+			delete(s.conns, c)
+			s.mu.Unlock()
+			s.connCount.Add(-1)
+		}()
+	}
+}
+
+// beginClose marks the server closing and stops accepting. It reports
+// whether this call began it.
+func (s *Server) beginClose() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return false
+	}
+	s.closing = true
+	close(s.shutdownCh)
+	s.cancelShut()
+	if s.listener != nil {
+		s.listener.Close()
+	}
+	return true
+}
+
+func (s *Server) connList() []*serverConn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	list := make([]*serverConn, 0, len(s.conns))
+	for c := range s.conns {
+		list = append(list, c)
+	}
+	return list
+}
+
+// Shutdown stops the server gracefully: it stops accepting connections,
+// sends GoAway on every control stream, ends long polls, lets in-flight
+// publishes and acks finish, then closes the connections (releasing their
+// leases) and the queue. If ctx ends first, it closes what is left at once
+// and returns ctx's error. Later calls, and Serve, return ErrServerClosed.
+func (s *Server) Shutdown(ctx context.Context) error {
+	if !s.beginClose() {
+		return s.waitDone(ctx)
+	}
+	for _, c := range s.connList() {
+		c.goAway("server shutting down")
+	}
+	// Wait until every connection is idle (no request in flight) or gone.
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	var ctxErr error
+wait:
+	for {
+		busy := false
+		for _, c := range s.connList() {
+			if c.inflight.Load() > 0 {
+				busy = true
+				break
+			}
+		}
+		if !busy {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			ctxErr = ctx.Err()
+			break wait
+		case <-tick.C:
+		}
+	}
+	s.finishClose()
+	if ctxErr != nil {
+		return ctxErr
+	}
+	return nil
+}
+
+// Close stops the server at once: connections are closed with
+// CodeShuttingDown (their leases are released), then the queue is closed.
+// It waits for every goroutine the server started, and is safe to call more
+// than once; it returns the queue's close error, if any.
+func (s *Server) Close() error {
+	s.beginClose()
+	s.finishClose()
+	return s.closeErr
+}
+
+func (s *Server) finishClose() {
+	s.closeOnce.Do(func() {
+		for _, c := range s.connList() {
+			c.close(CodeShuttingDown, "server shutting down")
+		}
+		s.wg.Wait()
+		if err := s.queue.Close(); err != nil {
+			s.closeErr = err
+		}
+		s.mu.Lock()
+		tr, own := s.transport, s.ownConn
+		s.mu.Unlock()
+		if tr != nil {
+			tr.Close()
+		}
+		if own != nil {
+			own.Close()
+		}
+		close(s.doneCh)
+	})
+	<-s.doneCh
+}
+
+func (s *Server) waitDone(ctx context.Context) error {
+	select {
+	case <-s.doneCh:
+		return ErrServerClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

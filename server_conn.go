@@ -1,0 +1,409 @@
+package h3x
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"slices"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/h3x-io/h3x/proto/h3xpb"
+)
+
+// Session is an authenticated connection, as application handlers see it.
+type Session struct {
+	// ID identifies the session in logs; it is also its lease holder name.
+	ID string
+	// ClientID is the authenticated client.
+	ClientID string
+	// Grants are what the client may do.
+	Grants Grants
+	// Namespaces are the namespaces the client asked for in Auth (empty:
+	// every namespace its grants allow).
+	Namespaces []string
+	// RemoteAddr is the client's address.
+	RemoteAddr net.Addr
+}
+
+// allows reports whether the session may use namespace ns with permission p.
+func (s *Session) allows(ns string, p Permission) bool {
+	if len(s.Namespaces) > 0 && !slices.Contains(s.Namespaces, ns) {
+		return false
+	}
+	return s.Grants.Allows(ns, p)
+}
+
+// consumeNamespaces lists the namespaces a fetch without names reads: the
+// session's requested namespaces, or its explicit consume grants.
+func (s *Session) consumeNamespaces() []string {
+	var out []string
+	if len(s.Namespaces) > 0 {
+		for _, ns := range s.Namespaces {
+			if s.Grants.Allows(ns, PermConsume) {
+				out = append(out, ns)
+			}
+		}
+		return out
+	}
+	for _, g := range s.Grants {
+		if g.Namespace != "*" && g.Permission&PermConsume != 0 && !slices.Contains(out, g.Namespace) {
+			out = append(out, g.Namespace)
+		}
+	}
+	return out
+}
+
+// serverConn serves one QUIC connection.
+type serverConn struct {
+	srv    *Server
+	qc     *quic.Conn
+	id     string
+	logger *slog.Logger
+
+	authed   chan struct{} // closed once Auth succeeded
+	session  *Session
+	ctrlMu   sync.Mutex // serializes writes on the control stream
+	ctrl     *quic.Stream
+	inflight atomic.Int64   // requests being served
+	streams  sync.WaitGroup // stream handlers
+	goingAway atomic.Bool
+}
+
+func newServerConn(s *Server, qc *quic.Conn, seq uint64) *serverConn {
+	id := s.holderID + "-" + strconv.FormatUint(seq, 10)
+	return &serverConn{
+		srv:    s,
+		qc:     qc,
+		id:     id,
+		logger: s.logger.With("conn", id, "remote", qc.RemoteAddr().String()),
+		authed: make(chan struct{}),
+	}
+}
+
+func (c *serverConn) close(code ErrorCode, msg string) {
+	c.qc.CloseWithError(quic.ApplicationErrorCode(code), msg)
+}
+
+// serve runs the connection: authentication on the control stream, then the
+// control loop and one goroutine per stream. It returns once the connection
+// is gone and every handler has ended, after releasing the connection's
+// leases.
+func (c *serverConn) serve() {
+	ctx := c.qc.Context()
+	defer func() {
+		c.streams.Wait()
+		rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := c.srv.queue.Release(rctx, c.id); err != nil && !errors.Is(err, ErrQueueClosed) {
+			c.logger.Error("h3x: releasing leases", "err", err)
+		}
+	}()
+	if err := c.authenticate(ctx); err != nil {
+		var e *Error
+		code := CodeUnauthenticated
+		if errors.As(err, &e) {
+			code = e.Code
+		}
+		c.logger.Info("h3x: authentication failed", "err", err)
+		c.close(code, code.String())
+		return
+	}
+	c.streams.Add(1)
+	go func() {
+		defer c.streams.Done()
+		c.controlLoop(ctx)
+	}()
+	for {
+		st, err := c.qc.AcceptStream(ctx)
+		if err != nil {
+			return
+		}
+		c.streams.Add(1)
+		go func() {
+			defer c.streams.Done()
+			c.serveStream(ctx, st)
+		}()
+	}
+}
+
+// authenticate accepts the control stream and handles Auth within the auth
+// timeout. Streams the client opens meanwhile stay unaccepted; if auth fails
+// the connection is closed, which resets them.
+func (c *serverConn) authenticate(ctx context.Context) error {
+	deadline := time.Now().Add(c.srv.cfg.authTimeout)
+	actx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	st, err := c.qc.AcceptStream(actx)
+	if err != nil {
+		if ctx.Err() == nil {
+			return ErrAuthTimeout
+		}
+		return err
+	}
+	c.ctrl = st
+	st.SetReadDeadline(deadline)
+	fr := newFrameReader(st, uint32(c.srv.cfg.maxFrameSize))
+	t, payload, err := fr.next()
+	if err != nil {
+		if errors.Is(err, context.DeadlineExceeded) || isTimeout(err) {
+			c.writeControl(FrameError, errorToWire(ErrAuthTimeout, 0))
+			return ErrAuthTimeout
+		}
+		return newError(CodeUnauthenticated, "reading Auth: %v", err)
+	}
+	if t != FrameAuth {
+		e := newError(CodeUnauthenticated, "the first frame on the control stream must be Auth, got %v", t)
+		c.writeControl(FrameError, errorToWire(e, 0))
+		return e
+	}
+	var auth h3xpb.Auth
+	if err := unmarshalPayload(t, payload, &auth); err != nil {
+		c.writeControl(FrameError, errorToWire(err, 0))
+		return err
+	}
+	grants, err := c.srv.registry.Authenticate(actx, auth.GetClientId(), auth.GetToken())
+	if err != nil {
+		e := newError(CodeUnauthenticated, "invalid client id or token")
+		if !errors.Is(err, ErrUnauthenticated) {
+			c.logger.Error("h3x: registry failure", "err", err)
+			e = newError(CodeInternal, "registry unavailable")
+		}
+		c.writeControl(FrameError, errorToWire(e, 0))
+		return e
+	}
+	sess := &Session{ID: c.id, ClientID: auth.GetClientId(), Grants: grants, RemoteAddr: c.qc.RemoteAddr()}
+	for _, ns := range auth.GetNamespaces() {
+		if err := ValidateNamespace(ns); err != nil {
+			e := newError(CodeInvalidArgument, "namespace %q: %v", ns, err)
+			c.writeControl(FrameError, errorToWire(e, 0))
+			return e
+		}
+		if !grants.Allows(ns, PermPublish) && !grants.Allows(ns, PermConsume) {
+			e := newError(CodePermissionDenied, "namespace %q is not granted to %q", ns, sess.ClientID)
+			c.writeControl(FrameError, errorToWire(e, 0))
+			return e
+		}
+		if !slices.Contains(sess.Namespaces, ns) {
+			sess.Namespaces = append(sess.Namespaces, ns)
+		}
+	}
+	c.session = sess
+	st.SetReadDeadline(time.Time{})
+	res := &h3xpb.AuthResult{
+		ProtocolVersion: ProtocolVersion,
+		SessionId:       c.id,
+		Limits:          c.srv.limits(),
+	}
+	for _, g := range grants {
+		res.Grants = append(res.Grants, &h3xpb.Grant{Namespace: g.Namespace, Permission: h3xpb.Permission(g.Permission)})
+	}
+	if err := c.writeControl(FrameAuthResult, res); err != nil {
+		return err
+	}
+	c.logger.Debug("h3x: authenticated", "client", sess.ClientID)
+	close(c.authed)
+	return nil
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func (s *Server) limits() *h3xpb.ServerLimits {
+	return &h3xpb.ServerLimits{
+		MaxFrameSize:     uint32(s.cfg.maxFrameSize),
+		MaxFetchLimit:    uint32(s.cfg.maxFetchLimit),
+		MaxFetchWaitMs:   durationMs(s.cfg.maxFetchWait),
+		AckDeadlineMs:    durationMs(s.cfg.ackDeadline),
+		MaxEventsPerSend: uint32(s.cfg.maxEventsPerSend),
+	}
+}
+
+// writeControl writes one frame on the control stream.
+func (c *serverConn) writeControl(t FrameType, m proto.Message) error {
+	buf, err := appendFrame(nil, t, m)
+	if err != nil {
+		return err
+	}
+	c.ctrlMu.Lock()
+	defer c.ctrlMu.Unlock()
+	c.ctrl.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	_, err = c.ctrl.Write(buf)
+	return err
+}
+
+// goAway tells the client the server is going away.
+func (c *serverConn) goAway(reason string) {
+	if !c.goingAway.CompareAndSwap(false, true) {
+		return
+	}
+	select {
+	case <-c.authed:
+		c.writeControl(FrameGoAway, &h3xpb.GoAway{Reason: reason})
+	default:
+		c.close(CodeShuttingDown, reason)
+	}
+}
+
+// controlLoop serves the control stream after Auth: Ping is answered with
+// Pong, unknown frame types are ignored, anything else closes the
+// connection with CodeProtocolViolation. The end of the control stream ends
+// the session.
+func (c *serverConn) controlLoop(ctx context.Context) {
+	fr := newFrameReader(c.ctrl, uint32(c.srv.cfg.maxFrameSize))
+	for {
+		t, payload, err := fr.next()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				c.close(CodeNone, "control stream closed")
+				return
+			}
+			var e *Error
+			if errors.As(err, &e) {
+				c.writeControl(FrameError, errorToWire(e, 0))
+				c.close(e.Code, e.Message)
+			} else {
+				c.close(CodeNone, "")
+			}
+			return
+		}
+		switch {
+		case t == FramePing:
+			var p h3xpb.Ping
+			if err := unmarshalPayload(t, payload, &p); err != nil {
+				c.close(CodeProtocolViolation, err.Error())
+				return
+			}
+			c.writeControl(FramePong, &h3xpb.Pong{Sequence: p.GetSequence(), PingSentUnixNano: p.GetSentUnixNano(), SentUnixNano: time.Now().UnixNano()})
+		case t == FramePong:
+		case newMessage(t) == nil:
+			// Unknown frame types on the control stream are ignored.
+		default:
+			msg := fmt.Sprintf("%v frame is not allowed on the control stream", t)
+			c.writeControl(FrameError, errorToWire(newError(CodeProtocolViolation, "%s", msg), 0))
+			c.close(CodeProtocolViolation, msg)
+			return
+		}
+	}
+}
+
+// serveStream routes a data stream by its first frame's type.
+func (c *serverConn) serveStream(ctx context.Context, st *quic.Stream) {
+	fr := newFrameReader(st, uint32(c.srv.cfg.maxFrameSize))
+	t, payload, err := fr.next()
+	if err != nil {
+		c.failStream(st, err)
+		return
+	}
+	switch t {
+	case FrameSendEvent, FrameFetchEvents, FrameAckEvent, FrameNackEvent, FrameExtendLease:
+		ss := newSessionStream(c, st, fr)
+		ss.run(ctx, t, payload)
+		return
+	}
+	if h := c.srv.handler(t); h != nil {
+		as := &Stream{st: st, fr: fr, sess: c.session, first: true, firstType: t, firstPayload: payload}
+		err := h.ServeStream(ctx, as)
+		if err != nil {
+			code := CodeInternal
+			var e *Error
+			if errors.As(err, &e) {
+				code = e.Code
+			}
+			st.CancelRead(quic.StreamErrorCode(code))
+			st.CancelWrite(quic.StreamErrorCode(code))
+			return
+		}
+		st.CancelRead(quic.StreamErrorCode(CodeNone))
+		st.Close()
+		return
+	}
+	st.CancelRead(quic.StreamErrorCode(CodeUnknownFrameType))
+	st.CancelWrite(quic.StreamErrorCode(CodeUnknownFrameType))
+}
+
+// failStream answers a stream-level error: an Error frame, the end of the
+// send side, and STOP_SENDING with the error's code.
+func (c *serverConn) failStream(st *quic.Stream, err error) {
+	var e *Error
+	if !errors.As(err, &e) {
+		// The stream or connection broke; nothing to answer.
+		st.CancelRead(quic.StreamErrorCode(CodeNone))
+		st.CancelWrite(quic.StreamErrorCode(CodeNone))
+		return
+	}
+	if buf, merr := appendFrame(nil, FrameError, errorToWire(e, 0)); merr == nil {
+		st.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		st.Write(buf)
+	}
+	st.CancelRead(quic.StreamErrorCode(e.Code))
+	st.Close()
+}
+
+// Handler serves application streams registered with Server.Handle.
+type Handler interface {
+	// ServeStream serves one stream. The first ReadFrame returns the frame
+	// that routed the stream here. Returning nil ends the stream cleanly;
+	// returning an error resets it with the error's code (CodeInternal for
+	// errors without one). ctx ends with the connection.
+	ServeStream(ctx context.Context, s *Stream) error
+}
+
+// HandlerFunc adapts a function to Handler.
+type HandlerFunc func(ctx context.Context, s *Stream) error
+
+// ServeStream calls f(ctx, s).
+func (f HandlerFunc) ServeStream(ctx context.Context, s *Stream) error { return f(ctx, s) }
+
+// Stream is an application stream handed to a Handler.
+type Stream struct {
+	st           *quic.Stream
+	fr           *frameReader
+	sess         *Session
+	first        bool
+	firstType    FrameType
+	firstPayload []byte
+	wbuf         []byte
+}
+
+// Session returns the authenticated session the stream belongs to (nil on
+// a client's stream).
+func (s *Stream) Session() *Session { return s.sess }
+
+// CloseWrite finishes the stream's send side: the peer reads io.EOF after
+// the frames written so far.
+func (s *Stream) CloseWrite() error { return s.st.Close() }
+
+// Close ends the stream in both directions.
+func (s *Stream) Close() error {
+	s.st.CancelRead(quic.StreamErrorCode(CodeNone))
+	return s.st.Close()
+}
+
+// ReadFrame reads the next frame. The payload is valid until the next call.
+// It returns io.EOF when the client has finished its side.
+func (s *Stream) ReadFrame() (FrameType, []byte, error) {
+	if s.first {
+		s.first = false
+		return s.firstType, s.firstPayload, nil
+	}
+	t, payload, err := s.fr.next()
+	return t, payload, connError(err)
+}
+
+// WriteFrame writes one frame.
+func (s *Stream) WriteFrame(t FrameType, payload []byte) error {
+	s.wbuf = appendRawFrame(s.wbuf[:0], t, payload)
+	_, err := s.st.Write(s.wbuf)
+	return err
+}

@@ -1,0 +1,272 @@
+package h3x
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/h3x-io/h3x/proto/h3xpb"
+)
+
+// publish stores a SendEvent's events and builds its SendResult.
+func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (FrameType, proto.Message) {
+	c := ss.c
+	if n := len(m.GetEvents()); n > c.srv.cfg.maxEventsPerSend {
+		return FrameError, errorToWire(newError(CodeInvalidArgument, "%d events in one SendEvent; the maximum is %d", n, c.srv.cfg.maxEventsPerSend), m.GetRequestId())
+	}
+	res := &h3xpb.SendResult{RequestId: m.GetRequestId(), Outcomes: make([]*h3xpb.PublishOutcome, len(m.GetEvents()))}
+	events := make([]Event, 0, len(m.GetEvents()))
+	index := make([]int, 0, len(m.GetEvents()))
+	for i, p := range m.GetEvents() {
+		ev := eventFromWire(p)
+		var refuse *Error
+		switch {
+		case ValidateNamespace(ev.Namespace) != nil:
+			refuse = newError(CodeInvalidArgument, "invalid namespace %q: %v", ev.Namespace, ValidateNamespace(ev.Namespace))
+		case len(ev.ID) > 128:
+			refuse = newError(CodeInvalidArgument, "event id longer than 128 bytes")
+		case !c.session.allows(ev.Namespace, PermPublish):
+			refuse = newError(CodePermissionDenied, "namespace %q is not granted for publishing", ev.Namespace)
+		}
+		if refuse != nil {
+			res.Outcomes[i] = refusedOutcome(ev.ID, refuse)
+			continue
+		}
+		events = append(events, ev)
+		index = append(index, i)
+	}
+	if len(events) > 0 {
+		results, err := c.srv.queue.Enqueue(context.WithoutCancel(ctx), events)
+		if err == nil && len(results) != len(events) {
+			err = newError(CodeInternal, "queue returned %d results for %d events", len(results), len(events))
+		}
+		for j, i := range index {
+			if err != nil {
+				c.logger.Error("h3x: enqueue failed", "err", err)
+				res.Outcomes[i] = refusedOutcome(events[j].ID, asRetryable(err))
+				continue
+			}
+			r := results[j]
+			o := &h3xpb.PublishOutcome{Id: r.ID, Status: h3xpb.PublishStatus(r.Status)}
+			if r.Status == PublishRefused {
+				o = refusedOutcome(r.ID, r.Err)
+			}
+			res.Outcomes[i] = o
+		}
+	}
+	return FrameSendResult, res
+}
+
+func refusedOutcome(id string, err error) *h3xpb.PublishOutcome {
+	w := errorToWire(err, 0)
+	return &h3xpb.PublishOutcome{Id: id, Status: h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED, Code: w.Code, Message: w.Message, RetryAfterMs: w.RetryAfterMs}
+}
+
+// asRetryable keeps an *Error as it is and turns any other error into a
+// retryable internal error (storage details stay in the server's log).
+func asRetryable(err error) error {
+	var e *Error
+	if errors.As(err, &e) {
+		return e
+	}
+	return &Error{Code: CodeInternal, Message: "storage failure", RetryAfter: time.Second}
+}
+
+// fetch leases events for a FetchEvents, long-polling up to its wait.
+func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (FrameType, proto.Message) {
+	c := ss.c
+	cfg := &c.srv.cfg
+	rid := m.GetRequestId()
+	namespaces := m.GetNamespaces()
+	if len(namespaces) == 0 {
+		namespaces = c.session.consumeNamespaces()
+		if len(namespaces) == 0 {
+			return FrameError, errorToWire(newError(CodeInvalidArgument, "FetchEvents names no namespace and the session has no explicit consume grant"), rid)
+		}
+	}
+	for _, ns := range namespaces {
+		if err := ValidateNamespace(ns); err != nil {
+			return FrameError, errorToWire(newError(CodeInvalidArgument, "invalid namespace %q: %v", ns, err), rid)
+		}
+		if !c.session.allows(ns, PermConsume) {
+			return FrameError, errorToWire(newError(CodePermissionDenied, "namespace %q is not granted for consuming", ns), rid)
+		}
+	}
+	limit := int(m.GetLimit())
+	limit = max(1, min(limit, cfg.maxFetchLimit))
+	maxBytes := int(m.GetMaxBytes())
+	if maxBytes <= 0 {
+		maxBytes = DefaultFetchMaxBytes
+	}
+	maxBytes = min(maxBytes, cfg.maxFrameSize/2)
+	wait := min(time.Duration(m.GetMaxWaitMs())*time.Millisecond, cfg.maxFetchWait)
+	deadline := time.Now().Add(wait)
+	req := LeaseRequest{Holder: c.id, Namespaces: namespaces, Limit: limit, MaxBytes: maxBytes, AckDeadline: cfg.ackDeadline}
+	for {
+		leases, err := c.srv.queue.Lease(ctx, req)
+		if err != nil {
+			if ctx.Err() != nil {
+				return FrameError, errorToWire(ErrShuttingDown, rid)
+			}
+			c.logger.Error("h3x: lease failed", "err", err)
+			return FrameError, errorToWire(asRetryable(err), rid)
+		}
+		if len(leases) > 0 {
+			return FrameEventsBatch, batchFromLeases(rid, leases)
+		}
+		if !time.Now().Before(deadline) || c.srv.shutdownCtx.Err() != nil || c.goingAway.Load() {
+			return FrameEventsBatch, &h3xpb.EventsBatch{RequestId: rid}
+		}
+		wctx, cancel := context.WithDeadline(ctx, deadline)
+		stop := context.AfterFunc(c.srv.shutdownCtx, cancel)
+		c.inflight.Add(-1) // a parked long poll does not hold up Shutdown
+		c.srv.queue.Wait(wctx, namespaces)
+		c.inflight.Add(1)
+		stop()
+		cancel()
+		if ctx.Err() != nil {
+			return FrameEventsBatch, &h3xpb.EventsBatch{RequestId: rid}
+		}
+	}
+}
+
+func batchFromLeases(rid uint64, leases []Lease) *h3xpb.EventsBatch {
+	b := &h3xpb.EventsBatch{RequestId: rid, Events: make([]*h3xpb.Delivery, len(leases))}
+	for i := range leases {
+		l := &leases[i]
+		b.Events[i] = &h3xpb.Delivery{Event: eventToWire(&l.Event), Attempt: uint32(l.Attempt), LeaseDeadlineMs: unixMs(l.Deadline)}
+	}
+	return b
+}
+
+// settle applies an ack, nack or extension and builds its AckResult.
+func (ss *sessionStream) settle(ctx context.Context, rid uint64, ids []string, attempts []uint32, namespaces []string,
+	apply func([]LeaseRef) ([]SettleResult, error)) (FrameType, proto.Message) {
+	sess := ss.c.session
+	if (len(attempts) > 0 && len(attempts) != len(ids)) || (len(namespaces) > 0 && len(namespaces) != len(ids)) {
+		return FrameError, errorToWire(newError(CodeInvalidArgument, "attempts and namespaces must be empty or as long as event_ids"), rid)
+	}
+	// Without a namespace, a settlement applies only to this connection's own
+	// leases (attempt 0), unless the session may consume everywhere.
+	unrestricted := len(sess.Namespaces) == 0 && sess.Grants.Allows("*", PermConsume)
+	res := &h3xpb.AckResult{RequestId: rid, Outcomes: make([]*h3xpb.SettleOutcome, len(ids))}
+	refs := make([]LeaseRef, 0, len(ids))
+	index := make([]int, 0, len(ids))
+	for i, id := range ids {
+		ref := LeaseRef{ID: id}
+		if len(namespaces) > 0 && namespaces[i] != "" {
+			ref.Namespace = namespaces[i]
+			if !sess.allows(ref.Namespace, PermConsume) {
+				res.Outcomes[i] = &h3xpb.SettleOutcome{Id: id, Status: h3xpb.SettleStatus_SETTLE_STATUS_DENIED}
+				continue
+			}
+		}
+		if len(attempts) > 0 && (ref.Namespace != "" || unrestricted) {
+			ref.Attempt = int(attempts[i])
+		}
+		refs = append(refs, ref)
+		index = append(index, i)
+	}
+	if len(refs) > 0 {
+		results, err := apply(refs)
+		if err == nil && len(results) != len(refs) {
+			err = newError(CodeInternal, "queue returned %d results for %d refs", len(results), len(refs))
+		}
+		if err != nil {
+			ss.c.logger.Error("h3x: settling failed", "err", err)
+			return FrameError, errorToWire(asRetryable(err), rid)
+		}
+		for j, i := range index {
+			res.Outcomes[i] = &h3xpb.SettleOutcome{Id: results[j].ID, Status: h3xpb.SettleStatus(results[j].Status)}
+		}
+	}
+	return FrameAckResult, res
+}
+
+// frameWriter coalesces frames from several goroutines into few stream
+// writes: frames are appended to a buffer, and one goroutine (run) writes
+// whatever has accumulated. Writers wait while more than maxPending bytes
+// are unwritten, so a peer that stops reading bounds the buffer.
+type frameWriter struct {
+	w          io.Writer
+	mu         sync.Mutex
+	cond       *sync.Cond
+	buf, spare []byte
+	err        error
+	closed     bool
+	flushing   bool
+}
+
+const maxPendingWrite = 1 << 20
+
+func newFrameWriter(w io.Writer) *frameWriter {
+	fw := &frameWriter{w: w}
+	fw.cond = sync.NewCond(&fw.mu)
+	return fw
+}
+
+// write appends one frame; it reports an earlier write error.
+func (fw *frameWriter) write(t FrameType, m proto.Message) error {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	for len(fw.buf) > maxPendingWrite && fw.err == nil && !fw.closed {
+		fw.cond.Wait()
+	}
+	if fw.err != nil {
+		return fw.err
+	}
+	if fw.closed {
+		return io.ErrClosedPipe
+	}
+	var err error
+	fw.buf, err = appendFrame(fw.buf, t, m)
+	if err != nil {
+		return err
+	}
+	fw.cond.Broadcast()
+	return nil
+}
+
+// run writes accumulated frames until close is called and all is written.
+func (fw *frameWriter) run() {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	for {
+		for len(fw.buf) == 0 && !fw.closed {
+			fw.cond.Wait()
+		}
+		if len(fw.buf) == 0 && fw.closed {
+			return
+		}
+		fw.buf, fw.spare = fw.spare[:0], fw.buf
+		out := fw.spare
+		fw.flushing = true
+		failed := fw.err != nil
+		fw.mu.Unlock()
+		var err error
+		if !failed {
+			_, err = fw.w.Write(out)
+		}
+		fw.mu.Lock()
+		fw.flushing = false
+		if err != nil && fw.err == nil {
+			fw.err = err
+		}
+		if fw.err != nil {
+			fw.buf = fw.buf[:0]
+		}
+		fw.cond.Broadcast()
+	}
+}
+
+// close makes run return once everything written so far is flushed.
+func (fw *frameWriter) close() {
+	fw.mu.Lock()
+	fw.closed = true
+	fw.cond.Broadcast()
+	fw.mu.Unlock()
+}

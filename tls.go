@@ -1,0 +1,77 @@
+package h3x
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"time"
+)
+
+// selfSignedCert makes an in-memory ECDSA P-256 certificate for localhost
+// and the loopback addresses, valid for a year.
+func selfSignedCert() (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "h3x development certificate"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(365 * 24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		DNSNames:              []string{"localhost"},
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+}
+
+// Fingerprint returns the lower-case hex SHA-256 of a DER certificate: the
+// form WithTrustedFingerprint takes.
+func Fingerprint(der []byte) string {
+	sum := sha256.Sum256(der)
+	return hex.EncodeToString(sum[:])
+}
+
+// errUntrustedCert is returned when the server's certificate matches no
+// pinned fingerprint.
+var errUntrustedCert = errors.New("h3x: server certificate does not match the pinned fingerprint")
+
+// pinnedVerifier accepts a server certificate only if its SHA-256 is fp.
+func pinnedVerifier(fp string) func(rawCerts [][]byte, _ [][]*x509.Certificate) error {
+	want, err := hex.DecodeString(normalizeFingerprint(fp))
+	return func(rawCerts [][]byte, _ [][]*x509.Certificate) error {
+		if err != nil || len(want) != sha256.Size {
+			return fmt.Errorf("h3x: pinned fingerprint %q is not a hex SHA-256", fp)
+		}
+		if len(rawCerts) == 0 {
+			return errUntrustedCert
+		}
+		sum := sha256.Sum256(rawCerts[0])
+		if subtle.ConstantTimeCompare(sum[:], want) != 1 {
+			return errUntrustedCert
+		}
+		return nil
+	}
+}
