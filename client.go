@@ -6,7 +6,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -14,7 +13,6 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-	"github.com/quic-go/quic-go"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
@@ -32,12 +30,24 @@ type clientConfig struct {
 	maxFrameSize int
 	packetConn   net.PacketConn
 	idleTimeout  time.Duration
+	backoff      Backoff
+	maxReconnect int
+	pubBuffer    int
+	ackFlushSize int
+	ackInterval  time.Duration
+	onState      func(StateChange)
+	dialTimeout  time.Duration
 }
 
 func defaultClientConfig() clientConfig {
 	return clientConfig{
 		maxFrameSize: DefaultMaxFrameSize,
 		idleTimeout:  DefaultIdleTimeout,
+		backoff:      DefaultBackoff(),
+		pubBuffer:    DefaultPublishBuffer,
+		ackFlushSize: DefaultAckFlushSize,
+		ackInterval:  DefaultAckFlushInterval,
+		dialTimeout:  10 * time.Second,
 	}
 }
 
@@ -66,6 +76,21 @@ func (c *clientConfig) validate() error {
 	}
 	if c.maxFrameSize < 1024 || c.maxFrameSize > 64<<20 {
 		bad("max frame size must be between 1 KiB and 64 MiB, got %d", c.maxFrameSize)
+	}
+	if c.backoff == nil {
+		bad("WithBackoff: nil policy")
+	}
+	if c.maxReconnect < 0 {
+		bad("WithMaxReconnects must not be negative, got %d", c.maxReconnect)
+	}
+	if c.pubBuffer <= 0 {
+		bad("WithPublishBuffer must be positive, got %d", c.pubBuffer)
+	}
+	if c.ackFlushSize <= 0 || c.ackFlushSize > DefaultMaxEventsPerSend {
+		bad("WithAckFlush size must be between 1 and %d, got %d", DefaultMaxEventsPerSend, c.ackFlushSize)
+	}
+	if c.ackInterval <= 0 {
+		bad("WithAckFlush interval must be positive, got %v", c.ackInterval)
 	}
 	for _, ns := range c.namespaces {
 		if err := ValidateNamespace(ns); err != nil {
@@ -132,23 +157,128 @@ func (c *clientConfig) tlsFor(addr string) *tls.Config {
 	return conf
 }
 
-// Client is a connection to an H3X server. Its methods are safe for
+
+// Client defaults.
+const (
+	DefaultPublishBuffer    = 1024
+	DefaultAckFlushSize     = 256
+	DefaultAckFlushInterval = 5 * time.Millisecond
+	DefaultMaxUnacked       = 1024
+)
+
+// WithBackoff sets the reconnect delay policy. Default DefaultBackoff():
+// full jitter over an exponential from 100 ms to 10 s, doubling.
+func WithBackoff(b Backoff) ClientOption {
+	return clientOptionFunc(func(c *clientConfig) { c.backoff = b })
+}
+
+// WithMaxReconnects makes the client give up after n failed reconnect
+// attempts in a row; its calls then fail with ErrReconnectFailed. Default 0:
+// unlimited.
+func WithMaxReconnects(n int) ClientOption {
+	return clientOptionFunc(func(c *clientConfig) { c.maxReconnect = n })
+}
+
+// WithPublishBuffer bounds the Publish calls in flight or waiting for a
+// connection; further calls wait until one finishes or their ctx ends.
+// Default DefaultPublishBuffer (1,024).
+func WithPublishBuffer(n int) ClientOption {
+	return clientOptionFunc(func(c *clientConfig) { c.pubBuffer = n })
+}
+
+// WithAckFlush sets how Delivery.Ack, Nack and Extend are batched: a batch
+// goes out when it holds size settlements or interval after its first one,
+// and on Close. Default DefaultAckFlushSize (256) and
+// DefaultAckFlushInterval (5 ms).
+func WithAckFlush(size int, interval time.Duration) ClientOption {
+	return clientOptionFunc(func(c *clientConfig) { c.ackFlushSize, c.ackInterval = size, interval })
+}
+
+// WithStateHandler calls f on every connection state change, from one
+// goroutine, in order; f must not block. Default: none.
+func WithStateHandler(f func(StateChange)) ClientOption {
+	return clientOptionFunc(func(c *clientConfig) { c.onState = f })
+}
+
+// WithDialTimeout bounds each connection attempt when reconnecting.
+// Default 10 s.
+func WithDialTimeout(d time.Duration) ClientOption {
+	return clientOptionFunc(func(c *clientConfig) { c.dialTimeout = d })
+}
+
+// ConnState is a client's connection state.
+type ConnState uint8
+
+// Connection states.
+const (
+	StateConnected    ConnState = iota + 1 // authenticated and serving calls
+	StateDisconnected                      // the connection ended; Err says why
+	StateReconnecting                      // about to dial again after Delay
+	StateClosed                            // Close was called, or a terminal error (Err)
+)
+
+func (s ConnState) String() string {
+	switch s {
+	case StateConnected:
+		return "connected"
+	case StateDisconnected:
+		return "disconnected"
+	case StateReconnecting:
+		return "reconnecting"
+	case StateClosed:
+		return "closed"
+	}
+	return "unknown"
+}
+
+// StateChange reports a connection state change.
+type StateChange struct {
+	State   ConnState
+	Err     error         // the cause, for StateDisconnected and a terminal StateClosed
+	Attempt int           // the reconnect attempt, for StateReconnecting
+	Delay   time.Duration // the wait before that attempt, for StateReconnecting
+}
+
+// ErrReconnectFailed is returned by a client's calls after WithMaxReconnects
+// attempts in a row have failed; it wraps the last attempt's error.
+var ErrReconnectFailed = errors.New("h3x: reconnecting failed")
+
+// Client is a connection to an H3X server that survives restarts and
+// network loss: it reconnects by itself with backoff and jitter,
+// re-authenticates, resumes its subscriptions, and resends what was in
+// flight (publishes are deduplicated by ID). Its methods are safe for
 // concurrent use.
 type Client struct {
 	cfg    clientConfig
 	addr   string
 	logger *slog.Logger
-	cc     *clientConn
 	reqID  atomic.Uint64
 
-	closeOnce sync.Once
+	mu     sync.Mutex
+	cc     *clientConn   // nil while disconnected
+	ready  chan struct{} // closed when cc is set or the client failed
+	failed error         // terminal error
+
+	rateMu  sync.Mutex
+	blocked map[string]time.Time // namespace → rate limited until
+
+	pubSlots chan struct{}
+	acker    *acker
+
+	ctx       context.Context // ends with Close
+	cancel    context.CancelFunc
 	closed    chan struct{}
+	closeOnce sync.Once
+	closing   atomic.Bool
+	wg        sync.WaitGroup // the supervisor, the acker, subscriptions, async publishes
+	stateMu   sync.Mutex     // serializes state callbacks
 }
 
 // Dial connects to the server at addr, authenticates and returns the
-// client. It fails with an error matching ErrUnauthenticated or
-// ErrPermissionDenied when the server refuses the credentials or a
-// namespace.
+// client. The first connection must succeed: Dial fails with an error
+// matching ErrUnauthenticated or ErrPermissionDenied when the server refuses
+// the credentials or a namespace, and with the network error when the server
+// cannot be reached. Later connection losses are repaired in the background.
 func Dial(ctx context.Context, addr string, opts ...ClientOption) (*Client, error) {
 	cfg := defaultClientConfig()
 	for _, o := range opts {
@@ -157,7 +287,15 @@ func Dial(ctx context.Context, addr string, opts ...ClientOption) (*Client, erro
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	c := &Client{cfg: cfg, addr: addr, logger: cfg.logger, closed: make(chan struct{})}
+	c := &Client{
+		cfg:      cfg,
+		addr:     addr,
+		logger:   cfg.logger,
+		ready:    make(chan struct{}),
+		blocked:  make(map[string]time.Time),
+		pubSlots: make(chan struct{}, cfg.pubBuffer),
+		closed:   make(chan struct{}),
+	}
 	if c.logger == nil {
 		c.logger = slog.New(slog.DiscardHandler)
 	}
@@ -165,412 +303,463 @@ func Dial(ctx context.Context, addr string, opts ...ClientOption) (*Client, erro
 	if err != nil {
 		return nil, err
 	}
-	c.cc = cc
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.setConn(cc)
+	c.emit(StateChange{State: StateConnected})
+	c.acker = newAcker(c)
+	c.wg.Add(2)
+	go func() {
+		defer c.wg.Done()
+		c.supervise(cc)
+	}()
+	go func() {
+		defer c.wg.Done()
+		c.acker.run()
+	}()
 	return c, nil
 }
 
-// clientConn is one authenticated QUIC connection of a Client.
-type clientConn struct {
-	client    *Client
-	qc        *quic.Conn
-	tr        *quic.Transport
-	udp       net.PacketConn // owned, if the client opened it
-	ctrl      *quic.Stream
-	ctrlMu    sync.Mutex
-	auth      *h3xpb.AuthResult
-	wg        sync.WaitGroup
-	goAway    atomic.Bool
-	pingMu    sync.Mutex
-	pings     map[uint64]chan time.Time
-	pingSeq   uint64
-	streamsMu sync.Mutex
-	streams   [3]*rpcStream // publish, fetch, settle
+func (c *Client) emit(sc StateChange) {
+	if c.cfg.onState == nil {
+		return
+	}
+	c.stateMu.Lock()
+	defer c.stateMu.Unlock()
+	c.cfg.onState(sc)
 }
 
-const (
-	streamPublish = iota
-	streamFetch
-	streamSettle
-)
-
-func (c *Client) connect(ctx context.Context) (*clientConn, error) {
-	udpAddr, err := net.ResolveUDPAddr("udp", c.addr)
-	if err != nil {
-		return nil, fmt.Errorf("h3x: resolving %q: %w", c.addr, err)
+func (c *Client) setConn(cc *clientConn) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cc != nil {
+		c.cc = cc
+		close(c.ready)
+		return
 	}
-	cc := &clientConn{client: c, pings: make(map[uint64]chan time.Time)}
-	pc := c.cfg.packetConn
-	if pc == nil {
-		u, err := net.ListenUDP("udp", nil)
-		if err != nil {
-			return nil, fmt.Errorf("h3x: opening a UDP socket: %w", err)
-		}
-		pc, cc.udp = u, u
-	}
-	cc.tr = &quic.Transport{Conn: pc}
-	qconf := &quic.Config{
-		HandshakeIdleTimeout:  10 * time.Second,
-		MaxIdleTimeout:        c.cfg.idleTimeout,
-		KeepAlivePeriod:       c.cfg.idleTimeout / 3,
-		MaxIncomingStreams:    -1,
-		MaxIncomingUniStreams: -1,
-	}
-	qc, err := cc.tr.Dial(ctx, udpAddr, c.cfg.tlsFor(c.addr), qconf)
-	if err != nil {
-		cc.closeTransport()
-		return nil, fmt.Errorf("h3x: connecting to %s: %w", c.addr, err)
-	}
-	cc.qc = qc
-	if err := cc.authenticate(ctx); err != nil {
-		qc.CloseWithError(0, "")
-		cc.closeTransport()
-		return nil, err
-	}
-	cc.wg.Add(1)
-	go func() {
-		defer cc.wg.Done()
-		cc.controlLoop()
-	}()
-	return cc, nil
-}
-
-func (cc *clientConn) closeTransport() {
-	if cc.tr != nil {
-		cc.tr.Close()
-	}
-	if cc.udp != nil {
-		cc.udp.Close()
+	if c.cc != nil {
+		c.cc = nil
+		c.ready = make(chan struct{})
 	}
 }
 
-// connError turns the end of a QUIC connection into an H3X error.
-func connError(err error) error {
-	var ae *quic.ApplicationError
-	if errors.As(err, &ae) && ae.ErrorCode != 0 {
-		return &Error{Code: ErrorCode(ae.ErrorCode), Message: ae.ErrorMessage, Remote: ae.Remote, cause: err}
+func (c *Client) fail(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.failed = err
+	if c.cc == nil {
+		close(c.ready)
 	}
-	var se *quic.StreamError
-	if errors.As(err, &se) && se.ErrorCode != 0 {
-		return &Error{Code: ErrorCode(se.ErrorCode), Message: "stream reset", Remote: se.Remote, cause: err}
-	}
-	return err
 }
 
-func (cc *clientConn) authenticate(ctx context.Context) error {
-	st, err := cc.qc.OpenStreamSync(ctx)
-	if err != nil {
-		return fmt.Errorf("h3x: opening the control stream: %w", connError(err))
-	}
-	cc.ctrl = st
-	cfg := &cc.client.cfg
-	buf, err := appendFrame(nil, FrameAuth, &h3xpb.Auth{ClientId: cfg.clientID, Token: cfg.token, Namespaces: cfg.namespaces, ClientName: "h3x-go"})
-	if err != nil {
-		return err
-	}
-	if _, err := st.Write(buf); err != nil {
-		return fmt.Errorf("h3x: sending Auth: %w", connError(err))
-	}
-	stop := context.AfterFunc(ctx, func() { st.SetReadDeadline(time.Now()) })
-	defer stop()
-	var res h3xpb.AuthResult
-	fr := newFrameReader(st, uint32(cfg.maxFrameSize))
-	if err := fr.readMessage(FrameAuthResult, &res); err != nil {
-		var e *Error
-		if errors.As(err, &e) {
-			return e
-		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		// The server may have closed the connection with a code.
-		<-cc.qc.Context().Done()
-		if cause := context.Cause(cc.qc.Context()); cause != nil {
-			return fmt.Errorf("h3x: authenticating: %w", connError(cause))
-		}
-		return fmt.Errorf("h3x: authenticating: %w", err)
-	}
-	cc.auth = &res
-	return nil
+// isTerminal reports whether a connection error must not be retried.
+func isTerminal(err error) bool {
+	return errors.Is(err, ErrUnauthenticated) || errors.Is(err, ErrPermissionDenied) || errors.Is(err, ErrInvalidArgument)
 }
 
-// controlLoop reads the control stream: Pong, GoAway, RateLimitNotice, Error.
-func (cc *clientConn) controlLoop() {
-	fr := newFrameReader(cc.ctrl, uint32(cc.client.cfg.maxFrameSize))
+// supervise watches the current connection and replaces it when it ends
+// or the server sends GoAway.
+func (c *Client) supervise(cc *clientConn) {
 	for {
-		t, payload, err := fr.next()
+		var cause error
+		goAway := false
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-cc.qc.Context().Done():
+			cause = connError(context.Cause(cc.qc.Context()))
+		case <-cc.goAwayCh:
+			goAway = true
+			cause = ErrShuttingDown
+		}
+		c.setConn(nil)
+		c.emit(StateChange{State: StateDisconnected, Err: cause})
+		c.logger.Info("h3x: disconnected", "err", cause, "goaway", goAway)
+		old := cc
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			old.drainAndClose(c.ctx)
+		}()
+		next, err := c.reconnect(goAway)
 		if err != nil {
+			c.fail(err)
+			c.emit(StateChange{State: StateClosed, Err: err})
 			return
 		}
-		switch t {
-		case FramePong:
-			var p h3xpb.Pong
-			if unmarshalPayload(t, payload, &p) == nil {
-				cc.pingMu.Lock()
-				ch := cc.pings[p.GetSequence()]
-				delete(cc.pings, p.GetSequence())
-				cc.pingMu.Unlock()
-				if ch != nil {
-					ch <- time.Now()
-				}
+		cc = next
+		c.setConn(cc)
+		c.emit(StateChange{State: StateConnected})
+		c.logger.Info("h3x: reconnected")
+	}
+}
+
+// reconnect dials until it succeeds, a terminal error occurs, the attempts
+// run out or the client closes.
+func (c *Client) reconnect(now bool) (*clientConn, error) {
+	var last error
+	for attempt := 1; ; attempt++ {
+		if c.cfg.maxReconnect > 0 && attempt > c.cfg.maxReconnect {
+			return nil, fmt.Errorf("%w after %d attempts: %w", ErrReconnectFailed, attempt-1, last)
+		}
+		delay := c.cfg.backoff.Delay(attempt)
+		if now && attempt == 1 {
+			delay = 0
+		}
+		c.emit(StateChange{State: StateReconnecting, Attempt: attempt, Delay: delay})
+		if delay > 0 {
+			t := time.NewTimer(delay)
+			select {
+			case <-t.C:
+			case <-c.ctx.Done():
+				t.Stop()
+				return nil, ErrClosed
 			}
-		case FramePing:
-			var p h3xpb.Ping
-			if unmarshalPayload(t, payload, &p) == nil {
-				cc.writeControl(FramePong, &h3xpb.Pong{Sequence: p.GetSequence(), PingSentUnixNano: p.GetSentUnixNano(), SentUnixNano: time.Now().UnixNano()})
-			}
-		case FrameGoAway:
-			cc.goAway.Store(true)
-			cc.client.logger.Info("h3x: server is going away")
-		case FrameRateLimitNotice:
-			var n h3xpb.RateLimitNotice
-			if unmarshalPayload(t, payload, &n) == nil {
-				cc.client.logger.Debug("h3x: rate limited", "namespace", n.GetNamespace(), "retry_after_ms", n.GetRetryAfterMs())
-			}
-		case FrameError:
-			var e h3xpb.Error
-			if unmarshalPayload(t, payload, &e) == nil {
-				cc.client.logger.Warn("h3x: server error", "err", errorFromWire(&e))
-			}
+		}
+		ctx, cancel := context.WithTimeout(c.ctx, c.cfg.dialTimeout)
+		cc, err := c.connect(ctx)
+		cancel()
+		if err == nil {
+			return cc, nil
+		}
+		if c.ctx.Err() != nil {
+			return nil, ErrClosed
+		}
+		last = err
+		c.logger.Debug("h3x: reconnect failed", "attempt", attempt, "err", err)
+		if isTerminal(err) {
+			return nil, err
 		}
 	}
 }
 
-func (cc *clientConn) writeControl(t FrameType, m proto.Message) error {
-	buf, err := appendFrame(nil, t, m)
-	if err != nil {
-		return err
-	}
-	cc.ctrlMu.Lock()
-	defer cc.ctrlMu.Unlock()
-	_, err = cc.ctrl.Write(buf)
-	return connError(err)
-}
-
-// stream returns the connection's rpc stream of the given kind, opening it
-// on first use.
-func (cc *clientConn) stream(ctx context.Context, kind int) (*rpcStream, error) {
-	cc.streamsMu.Lock()
-	defer cc.streamsMu.Unlock()
-	if s := cc.streams[kind]; s != nil && s.alive() {
-		return s, nil
-	}
-	st, err := cc.qc.OpenStreamSync(ctx)
-	if err != nil {
-		return nil, connError(err)
-	}
-	s := newRPCStream(st, uint32(cc.client.cfg.maxFrameSize))
-	cc.wg.Add(2)
-	go func() {
-		defer cc.wg.Done()
-		s.fw.run()
-	}()
-	go func() {
-		defer cc.wg.Done()
-		s.readLoop()
-	}()
-	cc.streams[kind] = s
-	return s, nil
-}
-
-// close ends the connection: it finishes the streams' send sides, closes
-// the connection and waits for the connection's goroutines.
-func (cc *clientConn) close() {
-	cc.streamsMu.Lock()
-	for _, s := range cc.streams {
-		if s != nil {
-			s.fw.close()
-		}
-	}
-	cc.streamsMu.Unlock()
-	cc.qc.CloseWithError(0, "client closed")
-	cc.wg.Wait()
-	cc.closeTransport()
-}
-
-// rpcStream carries requests and their answers, matched by request_id.
-// Writes from concurrent callers are coalesced by a frameWriter.
-type rpcStream struct {
-	st      *quic.Stream
-	fr      *frameReader
-	fw      *frameWriter
-	mu      sync.Mutex
-	pending map[uint64]chan rpcAnswer
-	err     error // set when the stream has failed
-}
-
-type rpcAnswer struct {
-	t   FrameType
-	msg proto.Message
-	err error
-}
-
-func newRPCStream(st *quic.Stream, maxFrame uint32) *rpcStream {
-	return &rpcStream{st: st, fr: newFrameReader(st, maxFrame), fw: newFrameWriter(st), pending: make(map[uint64]chan rpcAnswer)}
-}
-
-func (s *rpcStream) alive() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.err == nil
-}
-
-// call sends a request and waits for its answer or the end of ctx.
-func (s *rpcStream) call(ctx context.Context, id uint64, t FrameType, m proto.Message) (rpcAnswer, error) {
-	ch := make(chan rpcAnswer, 1)
-	s.mu.Lock()
-	if s.err != nil {
-		s.mu.Unlock()
-		return rpcAnswer{}, s.err
-	}
-	s.pending[id] = ch
-	s.mu.Unlock()
-	if err := s.fw.write(t, m); err != nil {
-		s.forget(id)
-		return rpcAnswer{}, connError(err)
-	}
-	select {
-	case a := <-ch:
-		return a, a.err
-	case <-ctx.Done():
-		s.forget(id)
-		return rpcAnswer{}, ctx.Err()
-	}
-}
-
-func (s *rpcStream) forget(id uint64) {
-	s.mu.Lock()
-	delete(s.pending, id)
-	s.mu.Unlock()
-}
-
-// readLoop delivers answers to their callers until the stream ends; then it
-// fails every pending call.
-func (s *rpcStream) readLoop() {
-	var failure error
+// awaitConn returns the current connection, waiting for one while the
+// client reconnects.
+func (c *Client) awaitConn(ctx context.Context) (*clientConn, error) {
 	for {
-		t, payload, err := s.fr.next()
-		if err != nil {
-			if errors.Is(err, io.EOF) {
-				err = errors.New("h3x: stream closed by the server")
-			}
-			failure = connError(err)
-			break
-		}
-		msg, err := decodeFrame(t, payload)
-		if err != nil {
-			failure = err
-			break
-		}
-		var id uint64
-		var ans rpcAnswer
-		switch m := msg.(type) {
-		case *h3xpb.SendResult:
-			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m}
-		case *h3xpb.EventsBatch:
-			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m}
-		case *h3xpb.AckResult:
-			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m}
-		case *h3xpb.Error:
-			id, ans = m.GetRequestId(), rpcAnswer{t: t, err: errorFromWire(m)}
-			if id == 0 {
-				failure = ans.err
-			}
+		select {
+		case <-c.closed:
+			return nil, ErrClosed
 		default:
-			failure = newError(CodeProtocolViolation, "unexpected %v frame", t)
 		}
-		if failure != nil {
-			break
+		c.mu.Lock()
+		cc, ready, failed := c.cc, c.ready, c.failed
+		c.mu.Unlock()
+		if failed != nil {
+			return nil, failed
 		}
-		s.mu.Lock()
-		ch := s.pending[id]
-		delete(s.pending, id)
-		s.mu.Unlock()
-		if ch != nil {
-			ch <- ans
+		if cc != nil {
+			return cc, nil
+		}
+		select {
+		case <-ready:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-c.closed:
+			return nil, ErrClosed
 		}
 	}
-	s.mu.Lock()
-	s.err = failure
-	pending := s.pending
-	s.pending = nil
-	s.mu.Unlock()
-	for _, ch := range pending {
-		ch <- rpcAnswer{err: failure}
-	}
-	s.fw.close()
-	s.st.CancelRead(quic.StreamErrorCode(CodeNone))
 }
 
-// conn returns the current connection, or ErrClosed.
-func (c *Client) conn() (*clientConn, error) {
+// retryable reports whether a call that failed with err on connection cc
+// should be tried again on the next connection.
+func (c *Client) retryable(ctx context.Context, cc *clientConn, err error) bool {
+	if ctx.Err() != nil || errors.Is(err, ErrClosed) {
+		return false
+	}
+	var e *Error
+	if errors.As(err, &e) && e.Remote && e.Code != CodeShuttingDown {
+		// A request-level answer from the server (permission, bad argument);
+		// a connection-level close (a reset stream or closed connection)
+		// carries the cause instead.
+		if cc.qc.Context().Err() == nil && !errors.Is(err, errStreamFailed) {
+			return false
+		}
+	}
+	// Wait until the supervisor notices the loss (bounded), so the retry
+	// does not spin on the dead connection.
 	select {
-	case <-c.closed:
-		return nil, ErrClosed
-	default:
+	case <-cc.qc.Context().Done():
+	case <-cc.goAwayCh:
+	case <-time.After(100 * time.Millisecond):
+	case <-ctx.Done():
+		return false
 	}
-	return c.cc, nil
+	return true
 }
 
-func (c *Client) call(ctx context.Context, kind int, t FrameType, id uint64, m proto.Message) (rpcAnswer, error) {
-	cc, err := c.conn()
-	if err != nil {
-		return rpcAnswer{}, err
+// call sends one request and waits for its answer, on whatever connection
+// is current, retrying on the next connection if this one fails.
+func (c *Client) call(ctx context.Context, kind int, t FrameType, build func(id uint64) proto.Message) (rpcAnswer, error) {
+	for {
+		cc, err := c.awaitConn(ctx)
+		if err != nil {
+			return rpcAnswer{}, err
+		}
+		ans, err := cc.call(ctx, kind, t, build)
+		if err == nil {
+			return ans, nil
+		}
+		if !c.retryable(ctx, cc, err) {
+			if ctx.Err() != nil {
+				return rpcAnswer{}, ctx.Err()
+			}
+			return rpcAnswer{}, err
+		}
+		c.logger.Debug("h3x: retrying on the next connection", "frame", t, "err", err)
 	}
-	s, err := cc.stream(ctx, kind)
-	if err != nil {
-		return rpcAnswer{}, err
+}
+
+// rateLimited records a RateLimitNotice.
+func (c *Client) rateLimited(ns string, d time.Duration) {
+	if d <= 0 {
+		return
 	}
-	return s.call(ctx, id, t, m)
+	c.rateMu.Lock()
+	defer c.rateMu.Unlock()
+	until := time.Now().Add(d)
+	if until.After(c.blocked[ns]) {
+		c.blocked[ns] = until
+	}
+}
+
+// rateWait returns how long publishing to any of events' namespaces must wait.
+func (c *Client) rateWait(events []Event, todo []int) time.Duration {
+	c.rateMu.Lock()
+	defer c.rateMu.Unlock()
+	if len(c.blocked) == 0 {
+		return 0
+	}
+	now := time.Now()
+	var wait time.Duration
+	for _, i := range todo {
+		if until, ok := c.blocked[events[i].Namespace]; ok {
+			if d := until.Sub(now); d > wait {
+				wait = d
+			} else if d <= 0 {
+				delete(c.blocked, events[i].Namespace)
+			}
+		}
+	}
+	return wait
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // Publish stores events and returns one result per event, in order, once
 // every stored event is durable. Events without an ID get a UUIDv4 here,
-// before the first send, so a retry is deduplicated by the server. Events
-// refused by the server (permission, rate limit, full queue) have status
-// PublishRefused and an *Error in Err; the returned error is for failures
-// of the whole call.
+// before the first send, so a publish resent after a reconnect is stored
+// once. While the client is disconnected, Publish waits (within
+// WithPublishBuffer's bound) and sends after reconnecting. Events refused as
+// rate limited or queue full are retried after the server's retry-after, so
+// Publish fails for them only if ctx ends first; events refused for good
+// (permission, invalid) have status PublishRefused and an *Error in Err. The
+// returned error is for the whole call (ctx, ErrClosed, a terminal error).
 func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult, error) {
-	id := c.reqID.Add(1)
-	m := &h3xpb.SendEvent{RequestId: id, Events: make([]*h3xpb.EventPayload, len(events))}
 	for i := range events {
 		if events[i].ID == "" {
 			events[i].ID = uuid.NewString()
 		}
-		m.Events[i] = eventToWire(&events[i])
 	}
-	ans, err := c.call(ctx, streamPublish, FrameSendEvent, id, m)
-	if err != nil {
-		return nil, err
+	select {
+	case c.pubSlots <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-c.closed:
+		return nil, ErrClosed
 	}
-	res := ans.msg.(*h3xpb.SendResult)
-	if len(res.GetOutcomes()) != len(events) {
-		return nil, newError(CodeProtocolViolation, "SendResult has %d outcomes for %d events", len(res.GetOutcomes()), len(events))
+	defer func() { <-c.pubSlots }()
+
+	results := make([]PublishResult, len(events))
+	todo := make([]int, len(events))
+	for i := range todo {
+		todo[i] = i
 	}
-	out := make([]PublishResult, len(events))
-	for i, o := range res.GetOutcomes() {
-		out[i] = PublishResult{ID: o.GetId(), Status: PublishStatus(o.GetStatus())}
-		if o.GetStatus() == h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED {
-			out[i].Err = &Error{Code: ErrorCode(o.GetCode()), Message: o.GetMessage(), RetryAfter: time.Duration(o.GetRetryAfterMs()) * time.Millisecond, Remote: true}
+	for len(todo) > 0 {
+		if err := sleepCtx(ctx, c.rateWait(events, todo)); err != nil {
+			return nil, err
+		}
+		ans, err := c.call(ctx, streamPublish, FrameSendEvent, func(id uint64) proto.Message {
+			m := &h3xpb.SendEvent{RequestId: id, Events: make([]*h3xpb.EventPayload, len(todo))}
+			for j, i := range todo {
+				m.Events[j] = eventToWire(&events[i])
+			}
+			return m
+		})
+		if err != nil {
+			return nil, err
+		}
+		res := ans.msg.(*h3xpb.SendResult)
+		if len(res.GetOutcomes()) != len(todo) {
+			return nil, newError(CodeProtocolViolation, "SendResult has %d outcomes for %d events", len(res.GetOutcomes()), len(todo))
+		}
+		var again []int
+		var wait time.Duration
+		for j, o := range res.GetOutcomes() {
+			i := todo[j]
+			r := PublishResult{ID: o.GetId(), Status: PublishStatus(o.GetStatus())}
+			if o.GetStatus() == h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED {
+				e := &Error{Code: ErrorCode(o.GetCode()), Message: o.GetMessage(), RetryAfter: time.Duration(o.GetRetryAfterMs()) * time.Millisecond, Remote: true}
+				switch e.Code {
+				case CodeRateLimited, CodeQueueFull, CodeShuttingDown:
+					again = append(again, i)
+					wait = max(wait, e.RetryAfter, 10*time.Millisecond)
+					if e.Code == CodeRateLimited {
+						c.rateLimited(events[i].Namespace, e.RetryAfter)
+					}
+					continue
+				}
+				r.Err = e
+			}
+			results[i] = r
+		}
+		todo = again
+		if len(todo) > 0 {
+			if err := sleepCtx(ctx, wait); err != nil {
+				return nil, err
+			}
 		}
 	}
-	return out, nil
+	return results, nil
+}
+
+// PublishCall is a Publish running in the background (see PublishAsync).
+type PublishCall struct {
+	done    chan struct{}
+	results []PublishResult
+	err     error
+}
+
+// Done is closed when the publish has finished.
+func (p *PublishCall) Done() <-chan struct{} { return p.done }
+
+// Result waits for the publish to finish and returns what Publish would.
+func (p *PublishCall) Result() ([]PublishResult, error) {
+	<-p.done
+	return p.results, p.err
+}
+
+// PublishAsync starts Publish(ctx, events...) in the background and returns
+// at once, so one goroutine can keep many batches in flight (bounded by
+// WithPublishBuffer). The client owns the background work: Close cancels and
+// waits for it.
+func (c *Client) PublishAsync(ctx context.Context, events ...Event) *PublishCall {
+	p := &PublishCall{done: make(chan struct{})}
+	select {
+	case <-c.closed:
+		p.err = ErrClosed
+		close(p.done)
+		return p
+	default:
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(c.ctx, cancel)
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer cancel()
+		defer stop()
+		p.results, p.err = c.Publish(ctx, events...)
+		if p.err != nil && c.ctx.Err() != nil {
+			p.err = ErrClosed
+		}
+		close(p.done)
+	}()
+	return p
 }
 
 // Delivery is one delivery of an event to this client: the event, its
-// attempt number and its lease deadline. Settle it with Client.Ack,
-// Client.Nack or Client.Extend.
+// attempt number and its lease deadline. Settle it with Ack, Nack or
+// Extend (batched on the wire), or with Client.Ack, Client.Nack or
+// Client.Extend (synchronous).
 type Delivery struct {
 	Event    Event
-	Attempt  int       // 1 for the first delivery
-	Deadline time.Time // the lease ends then unless acked, nacked or extended
+	attempt  int
+	deadline time.Time
+	client   *Client
+	sub      *Subscription
+	settled  atomic.Bool
+}
+
+// Attempt returns the delivery's attempt number: 1 for the first delivery.
+func (d *Delivery) Attempt() int { return d.attempt }
+
+// Deadline returns when the lease ends unless acked, nacked or extended.
+func (d *Delivery) Deadline() time.Time { return d.deadline }
+
+// errAlreadySettled is returned when a delivery is acked or nacked twice.
+var errAlreadySettled = errors.New("h3x: delivery already acked or nacked")
+
+func (d *Delivery) settleOnce() error {
+	if d.client == nil {
+		return errors.New("h3x: delivery not obtained from a client")
+	}
+	if !d.settled.CompareAndSwap(false, true) {
+		return errAlreadySettled
+	}
+	if d.sub != nil {
+		d.sub.release()
+	}
+	return nil
+}
+
+// Ack acknowledges the delivery: the event is removed for good. The ack is
+// batched with others (see WithAckFlush) and resent after a reconnect; if
+// the lease has meanwhile passed to another consumer, the server reports it
+// stale and the event is delivered again: never lost, never acked for
+// someone else. It returns an error only if the delivery was already settled
+// or the client is closed.
+func (d *Delivery) Ack() error {
+	if err := d.settleOnce(); err != nil {
+		return err
+	}
+	return d.client.acker.add(settleOp{kind: FrameAckEvent, d: d})
+}
+
+// Nack hands the delivery back for redelivery after delay (to any
+// consumer), or to the dead-letter namespace after the maximum number of
+// attempts. Batched like Ack.
+func (d *Delivery) Nack(delay time.Duration) error {
+	if err := d.settleOnce(); err != nil {
+		return err
+	}
+	return d.client.acker.add(settleOp{kind: FrameNackEvent, d: d, delay: delay})
+}
+
+// Extend pushes the lease deadline to now + dur, for slow work. Batched
+// like Ack.
+func (d *Delivery) Extend(dur time.Duration) error {
+	if d.client == nil {
+		return errors.New("h3x: delivery not obtained from a client")
+	}
+	if d.settled.Load() {
+		return errAlreadySettled
+	}
+	d.deadline = time.Now().Add(dur)
+	return d.client.acker.add(settleOp{kind: FrameExtendLease, d: d, delay: dur})
 }
 
 // Fetch waits until at least one event is ready in namespaces (default: the
 // namespaces of WithNamespaces, or the client's explicit consume grants) and
-// returns up to max of them, leased to this connection until their
-// deadline. It returns ctx's error if ctx ends first.
+// returns up to max of them, leased to this client until their deadline. It
+// returns ctx's error if ctx ends first, and keeps waiting across reconnects.
 func (c *Client) Fetch(ctx context.Context, max int, namespaces ...string) ([]*Delivery, error) {
-	if max <= 0 {
+	return c.fetch(ctx, max, 0, namespaces, nil)
+}
+
+func (c *Client) fetch(ctx context.Context, limit, maxBytes int, namespaces []string, sub *Subscription) ([]*Delivery, error) {
+	if limit <= 0 {
 		return nil, newError(CodeInvalidArgument, "Fetch: max must be positive")
 	}
 	if len(namespaces) == 0 {
@@ -581,12 +770,10 @@ func (c *Client) Fetch(ctx context.Context, max int, namespaces ...string) ([]*D
 		if dl, ok := ctx.Deadline(); ok {
 			wait = min(wait, time.Until(dl)-10*time.Millisecond)
 		}
-		if wait < 0 {
-			wait = 0
-		}
-		id := c.reqID.Add(1)
-		m := &h3xpb.FetchEvents{RequestId: id, Namespaces: namespaces, Limit: uint32(max), MaxWaitMs: durationMs(wait)}
-		ans, err := c.call(ctx, streamFetch, FrameFetchEvents, id, m)
+		wait = max(wait, 0)
+		ans, err := c.call(ctx, streamFetch, FrameFetchEvents, func(id uint64) proto.Message {
+			return &h3xpb.FetchEvents{RequestId: id, Namespaces: namespaces, Limit: uint32(limit), MaxWaitMs: durationMs(wait), MaxBytes: uint32(maxBytes)}
+		})
 		if err != nil {
 			return nil, err
 		}
@@ -594,7 +781,7 @@ func (c *Client) Fetch(ctx context.Context, max int, namespaces ...string) ([]*D
 		if len(batch.GetEvents()) > 0 {
 			out := make([]*Delivery, len(batch.GetEvents()))
 			for i, d := range batch.GetEvents() {
-				out[i] = &Delivery{Event: eventFromWire(d.GetEvent()), Attempt: int(d.GetAttempt()), Deadline: time.UnixMilli(d.GetLeaseDeadlineMs())}
+				out[i] = &Delivery{Event: eventFromWire(d.GetEvent()), attempt: int(d.GetAttempt()), deadline: time.UnixMilli(d.GetLeaseDeadlineMs()), client: c, sub: sub}
 			}
 			return out, nil
 		}
@@ -607,19 +794,35 @@ func (c *Client) Fetch(ctx context.Context, max int, namespaces ...string) ([]*D
 	}
 }
 
+type settleKind struct {
+	t      FrameType
+	delay  time.Duration
+	reason string
+}
+
 func refsOf(ds []*Delivery) (ids []string, attempts []uint32, namespaces []string) {
 	ids = make([]string, len(ds))
 	attempts = make([]uint32, len(ds))
 	namespaces = make([]string, len(ds))
 	for i, d := range ds {
-		ids[i], attempts[i], namespaces[i] = d.Event.ID, uint32(d.Attempt), d.Event.Namespace
+		ids[i], attempts[i], namespaces[i] = d.Event.ID, uint32(d.attempt), d.Event.Namespace
 	}
 	return
 }
 
-func (c *Client) settle(ctx context.Context, t FrameType, build func(id uint64) proto.Message) ([]SettleResult, error) {
-	id := c.reqID.Add(1)
-	ans, err := c.call(ctx, streamSettle, t, id, build(id))
+// settle sends one ack, nack or extension for deliveries and returns their
+// results, retrying on the next connection if this one fails.
+func (c *Client) settle(ctx context.Context, k settleKind, ds []*Delivery) ([]SettleResult, error) {
+	ids, attempts, namespaces := refsOf(ds)
+	ans, err := c.call(ctx, streamSettle, k.t, func(id uint64) proto.Message {
+		switch k.t {
+		case FrameNackEvent:
+			return &h3xpb.NackEvent{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces, DelayMs: durationMs(k.delay), Reason: k.reason}
+		case FrameExtendLease:
+			return &h3xpb.ExtendLease{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces, ExtendMs: durationMs(k.delay)}
+		}
+		return &h3xpb.AckEvent{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces}
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -632,36 +835,27 @@ func (c *Client) settle(ctx context.Context, t FrameType, build func(id uint64) 
 }
 
 // Ack settles deliveries for good and returns one result per delivery:
-// SettleOK, or SettleStale if the lease ended and the event was delivered
-// again (it will come again), or SettleUnknown if it was already acked.
+// SettleOK; SettleStale if the lease passed to another consumer (the event
+// will come again); SettleUnknown if it was already acked.
 func (c *Client) Ack(ctx context.Context, deliveries ...*Delivery) ([]SettleResult, error) {
-	ids, attempts, namespaces := refsOf(deliveries)
-	return c.settle(ctx, FrameAckEvent, func(id uint64) proto.Message {
-		return &h3xpb.AckEvent{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces}
-	})
+	return c.settle(ctx, settleKind{t: FrameAckEvent}, deliveries)
 }
 
 // Nack hands deliveries back: they are delivered again after delay (to any
-// consumer), or dead-lettered after the maximum number of attempts. reason
-// is recorded on dead-lettered events.
+// consumer), or dead-lettered after the maximum number of attempts, with
+// reason recorded.
 func (c *Client) Nack(ctx context.Context, delay time.Duration, reason string, deliveries ...*Delivery) ([]SettleResult, error) {
-	ids, attempts, namespaces := refsOf(deliveries)
-	return c.settle(ctx, FrameNackEvent, func(id uint64) proto.Message {
-		return &h3xpb.NackEvent{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces, DelayMs: durationMs(delay), Reason: reason}
-	})
+	return c.settle(ctx, settleKind{t: FrameNackEvent, delay: delay, reason: reason}, deliveries)
 }
 
 // Extend pushes the deliveries' lease deadlines to now + d (d <= 0: the
 // server's ack deadline), for slow work.
 func (c *Client) Extend(ctx context.Context, d time.Duration, deliveries ...*Delivery) ([]SettleResult, error) {
-	ids, attempts, namespaces := refsOf(deliveries)
-	res, err := c.settle(ctx, FrameExtendLease, func(id uint64) proto.Message {
-		return &h3xpb.ExtendLease{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces, ExtendMs: durationMs(d)}
-	})
+	res, err := c.settle(ctx, settleKind{t: FrameExtendLease, delay: d}, deliveries)
 	if err == nil {
 		for i, r := range res {
-			if r.Status == SettleOK && i < len(deliveries) {
-				deliveries[i].Deadline = time.Now().Add(d)
+			if r.Status == SettleOK && i < len(deliveries) && d > 0 {
+				deliveries[i].deadline = time.Now().Add(d)
 			}
 		}
 	}
@@ -670,38 +864,19 @@ func (c *Client) Extend(ctx context.Context, d time.Duration, deliveries ...*Del
 
 // Ping measures the round-trip time to the server over the control stream.
 func (c *Client) Ping(ctx context.Context) (time.Duration, error) {
-	cc, err := c.conn()
+	cc, err := c.awaitConn(ctx)
 	if err != nil {
 		return 0, err
 	}
-	ch := make(chan time.Time, 1)
-	cc.pingMu.Lock()
-	cc.pingSeq++
-	seq := cc.pingSeq
-	cc.pings[seq] = ch
-	cc.pingMu.Unlock()
-	start := time.Now()
-	if err := cc.writeControl(FramePing, &h3xpb.Ping{Sequence: seq, SentUnixNano: start.UnixNano()}); err != nil {
-		return 0, err
-	}
-	select {
-	case at := <-ch:
-		return at.Sub(start), nil
-	case <-ctx.Done():
-		cc.pingMu.Lock()
-		delete(cc.pings, seq)
-		cc.pingMu.Unlock()
-		return 0, ctx.Err()
-	case <-cc.qc.Context().Done():
-		return 0, connError(context.Cause(cc.qc.Context()))
-	}
+	return cc.ping(ctx)
 }
 
 // OpenStream opens a stream for an application protocol served by
 // Server.Handle: its first frame, of a type at least
 // FirstApplicationFrameType, routes it to the handler. Close it when done.
+// Application streams are not moved to a new connection after a reconnect.
 func (c *Client) OpenStream(ctx context.Context) (*Stream, error) {
-	cc, err := c.conn()
+	cc, err := c.awaitConn(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -712,22 +887,42 @@ func (c *Client) OpenStream(ctx context.Context) (*Stream, error) {
 	return &Stream{st: st, fr: newFrameReader(st, uint32(c.cfg.maxFrameSize))}, nil
 }
 
-// Granted returns the grants the server reported at authentication.
+// Granted returns the grants the server reported at the last
+// authentication.
 func (c *Client) Granted() Grants {
+	c.mu.Lock()
+	cc := c.cc
+	c.mu.Unlock()
+	if cc == nil {
+		return nil
+	}
 	var g Grants
-	for _, pg := range c.cc.auth.GetGrants() {
+	for _, pg := range cc.auth.GetGrants() {
 		g = append(g, Grant{Namespace: pg.GetNamespace(), Permission: Permission(pg.GetPermission())})
 	}
 	return g
 }
 
-// Close closes the connection; leases still held are released by the
-// server. Calls made afterwards return ErrClosed. Close is safe to call more
-// than once and waits for the client's goroutines.
+// Close ends the client's subscriptions (closing their channels), flushes
+// pending acks and nacks (for up to 5 s), and closes the connection; the
+// server releases leases still held. Calls made afterwards return
+// ErrClosed. Close is safe to call more than once and waits for the
+// client's goroutines.
 func (c *Client) Close() error {
 	c.closeOnce.Do(func() {
+		c.closing.Store(true)
+		c.acker.stopSubscriptions()
+		c.acker.flushAndStop(5 * time.Second)
 		close(c.closed)
-		c.cc.close()
+		c.cancel()
+		c.mu.Lock()
+		cc := c.cc
+		c.mu.Unlock()
+		c.wg.Wait()
+		if cc != nil {
+			cc.close()
+		}
+		c.emit(StateChange{State: StateClosed})
 	})
 	return nil
 }

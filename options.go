@@ -237,9 +237,13 @@ func WithMaxEventsPerSend(n int) ServerOption {
 }
 
 // WithIdleTimeout closes connections that have been silent this long; the
-// server sends keep-alives at a third of it. Default DefaultIdleTimeout (30s).
-func WithIdleTimeout(d time.Duration) ServerOption {
-	return serverOptionFunc(func(c *serverConfig) { c.idleTimeout = d })
+// server and the client send keep-alives at a third of it. Default
+// DefaultIdleTimeout (30s).
+func WithIdleTimeout(d time.Duration) Option {
+	return sharedOption{
+		server: func(c *serverConfig) { c.idleTimeout = d },
+		client: func(c *clientConfig) { c.idleTimeout = d },
+	}
 }
 
 // WithLogger sends logs to l. Default: discarded. Tokens are never logged.

@@ -297,8 +297,8 @@ func TestServerVanishedClientLeasesReturn(t *testing.T) {
 	if err != nil || len(got) != 2 {
 		t.Fatalf("after the client vanished: %v, %d events", err, len(got))
 	}
-	if got[0].Attempt != 2 {
-		t.Fatalf("attempt %d, want 2", got[0].Attempt)
+	if got[0].Attempt() != 2 {
+		t.Fatalf("attempt %d, want 2", got[0].Attempt())
 	}
 }
 

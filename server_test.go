@@ -63,8 +63,8 @@ func TestPublishFetchAckNack(t *testing.T) {
 	if ds[0].Event.Metadata["env"] != "test" || string(ds[0].Event.Data) != `{"n":1}` || ds[0].Event.Time.IsZero() {
 		t.Fatalf("event fields lost: %+v", ds[0].Event)
 	}
-	if ds[0].Attempt != 1 || time.Until(ds[0].Deadline) <= 0 {
-		t.Fatalf("attempt %d deadline %v", ds[0].Attempt, ds[0].Deadline)
+	if ds[0].Attempt() != 1 || time.Until(ds[0].Deadline()) <= 0 {
+		t.Fatalf("attempt %d deadline %v", ds[0].Attempt(), ds[0].Deadline())
 	}
 
 	acked, err := c.Ack(ctx, ds[0], ds[1])
@@ -84,7 +84,7 @@ func TestPublishFetchAckNack(t *testing.T) {
 		t.Fatalf("nack: %v %+v", err, nacked)
 	}
 	re, err := c.Fetch(ctx, 10, "orders")
-	if err != nil || len(re) != 1 || re[0].Event.ID != "fixed-id" || re[0].Attempt != 2 {
+	if err != nil || len(re) != 1 || re[0].Event.ID != "fixed-id" || re[0].Attempt() != 2 {
 		t.Fatalf("redelivery: %v %+v", err, re)
 	}
 	if _, err := c.Ack(ctx, re...); err != nil {
@@ -240,7 +240,7 @@ func TestAckOfAnotherConnectionsLease(t *testing.T) {
 	if err != nil || res[0].Status != h3x.SettleStale {
 		t.Fatalf("ack of a lease held by another connection: %v %+v", err, res)
 	}
-	unknown, err := bob.Ack(ctx, &h3x.Delivery{Event: h3x.Event{ID: "no-such-id", Namespace: "orders"}, Attempt: 1})
+	unknown, err := bob.Ack(ctx, &h3x.Delivery{Event: h3x.Event{ID: "no-such-id", Namespace: "orders"}})
 	if err != nil || unknown[0].Status != h3x.SettleUnknown {
 		t.Fatalf("ack of an unknown id: %v %+v", err, unknown)
 	}
@@ -283,26 +283,33 @@ func TestClosedClient(t *testing.T) {
 
 func TestShutdownSendsGoAwayAndDrains(t *testing.T) {
 	srv := newServer(t)
-	c := srv.Dial(t, as("alice"))
+	states := make(chan h3x.StateChange, 16)
+	c := srv.Dial(t, as("alice"), h3x.WithStateHandler(func(sc h3x.StateChange) {
+		select {
+		case states <- sc:
+		default:
+		}
+	}))
 	ctx := ctxT(t)
 	if _, err := c.Publish(ctx, h3x.Event{Namespace: "orders"}); err != nil {
 		t.Fatal(err)
 	}
-	parked := make(chan error, 1)
-	go func() {
-		_, err := c.Fetch(ctx, 1, "orders.dlq")
-		parked <- err
-	}()
-	time.Sleep(50 * time.Millisecond)
-	sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	go c.Fetch(pctx, 1, "orders.dlq") // a parked long poll must not hold up Shutdown
+	time.Sleep(50 * time.Millisecond)
+	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+	defer scancel()
 	if err := srv.Shutdown(sctx); err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
-	select {
-	case <-parked:
-	case <-time.After(5 * time.Second):
-		t.Fatal("long poll outlived Shutdown")
+	for sc := range states {
+		if sc.State == h3x.StateDisconnected {
+			if !errors.Is(sc.Err, h3x.ErrShuttingDown) {
+				t.Fatalf("disconnected by %v, want a GoAway (shutting down)", sc.Err)
+			}
+			break
+		}
 	}
 	if err := srv.Shutdown(ctx); !errors.Is(err, h3x.ErrServerClosed) {
 		t.Fatalf("second Shutdown: %v", err)

@@ -1,0 +1,415 @@
+package h3x
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/h3x-io/h3x/proto/h3xpb"
+)
+
+// clientConn is one authenticated QUIC connection of a Client.
+type clientConn struct {
+	client    *Client
+	qc        *quic.Conn
+	tr        *quic.Transport
+	udp       net.PacketConn // owned, if the client opened it
+	ctrl      *quic.Stream
+	ctrlMu    sync.Mutex
+	auth      *h3xpb.AuthResult
+	wg        sync.WaitGroup
+	goAway    atomic.Bool
+	goAwayCh  chan struct{} // closed on GoAway
+	inflight  atomic.Int64  // calls in progress on this connection
+	closeOnce sync.Once
+	pingMu    sync.Mutex
+	pings     map[uint64]chan time.Time
+	pingSeq   uint64
+	streamsMu sync.Mutex
+	streams   [3]*rpcStream // publish, fetch, settle
+}
+
+const (
+	streamPublish = iota
+	streamFetch
+	streamSettle
+)
+
+func (c *Client) connect(ctx context.Context) (*clientConn, error) {
+	udpAddr, err := net.ResolveUDPAddr("udp", c.addr)
+	if err != nil {
+		return nil, fmt.Errorf("h3x: resolving %q: %w", c.addr, err)
+	}
+	cc := &clientConn{client: c, pings: make(map[uint64]chan time.Time), goAwayCh: make(chan struct{})}
+	pc := c.cfg.packetConn
+	if pc == nil {
+		u, err := net.ListenUDP("udp", nil)
+		if err != nil {
+			return nil, fmt.Errorf("h3x: opening a UDP socket: %w", err)
+		}
+		pc, cc.udp = u, u
+	}
+	cc.tr = &quic.Transport{Conn: pc}
+	qconf := &quic.Config{
+		HandshakeIdleTimeout:  10 * time.Second,
+		MaxIdleTimeout:        c.cfg.idleTimeout,
+		KeepAlivePeriod:       c.cfg.idleTimeout / 3,
+		MaxIncomingStreams:    -1,
+		MaxIncomingUniStreams: -1,
+	}
+	qc, err := cc.tr.Dial(ctx, udpAddr, c.cfg.tlsFor(c.addr), qconf)
+	if err != nil {
+		cc.closeTransport()
+		return nil, fmt.Errorf("h3x: connecting to %s: %w", c.addr, err)
+	}
+	cc.qc = qc
+	if err := cc.authenticate(ctx); err != nil {
+		qc.CloseWithError(0, "")
+		cc.closeTransport()
+		return nil, err
+	}
+	cc.wg.Add(1)
+	go func() {
+		defer cc.wg.Done()
+		cc.controlLoop()
+	}()
+	return cc, nil
+}
+
+func (cc *clientConn) closeTransport() {
+	if cc.tr != nil {
+		cc.tr.Close()
+	}
+	if cc.udp != nil {
+		cc.udp.Close()
+	}
+}
+
+// connError turns the end of a QUIC connection into an H3X error.
+func connError(err error) error {
+	var ae *quic.ApplicationError
+	if errors.As(err, &ae) && ae.ErrorCode != 0 {
+		return &Error{Code: ErrorCode(ae.ErrorCode), Message: ae.ErrorMessage, Remote: ae.Remote, cause: err}
+	}
+	var se *quic.StreamError
+	if errors.As(err, &se) && se.ErrorCode != 0 {
+		return &Error{Code: ErrorCode(se.ErrorCode), Message: "stream reset", Remote: se.Remote, cause: err}
+	}
+	return err
+}
+
+func (cc *clientConn) authenticate(ctx context.Context) error {
+	st, err := cc.qc.OpenStreamSync(ctx)
+	if err != nil {
+		return fmt.Errorf("h3x: opening the control stream: %w", connError(err))
+	}
+	cc.ctrl = st
+	cfg := &cc.client.cfg
+	buf, err := appendFrame(nil, FrameAuth, &h3xpb.Auth{ClientId: cfg.clientID, Token: cfg.token, Namespaces: cfg.namespaces, ClientName: "h3x-go"})
+	if err != nil {
+		return err
+	}
+	if _, err := st.Write(buf); err != nil {
+		return fmt.Errorf("h3x: sending Auth: %w", connError(err))
+	}
+	stop := context.AfterFunc(ctx, func() { st.SetReadDeadline(time.Now()) })
+	defer stop()
+	var res h3xpb.AuthResult
+	fr := newFrameReader(st, uint32(cfg.maxFrameSize))
+	if err := fr.readMessage(FrameAuthResult, &res); err != nil {
+		var e *Error
+		if errors.As(err, &e) {
+			return e
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		// The server may have closed the connection with a code.
+		<-cc.qc.Context().Done()
+		if cause := context.Cause(cc.qc.Context()); cause != nil {
+			return fmt.Errorf("h3x: authenticating: %w", connError(cause))
+		}
+		return fmt.Errorf("h3x: authenticating: %w", err)
+	}
+	cc.auth = &res
+	return nil
+}
+
+// controlLoop reads the control stream: Pong, GoAway, RateLimitNotice, Error.
+func (cc *clientConn) controlLoop() {
+	fr := newFrameReader(cc.ctrl, uint32(cc.client.cfg.maxFrameSize))
+	for {
+		t, payload, err := fr.next()
+		if err != nil {
+			return
+		}
+		switch t {
+		case FramePong:
+			var p h3xpb.Pong
+			if unmarshalPayload(t, payload, &p) == nil {
+				cc.pingMu.Lock()
+				ch := cc.pings[p.GetSequence()]
+				delete(cc.pings, p.GetSequence())
+				cc.pingMu.Unlock()
+				if ch != nil {
+					ch <- time.Now()
+				}
+			}
+		case FramePing:
+			var p h3xpb.Ping
+			if unmarshalPayload(t, payload, &p) == nil {
+				cc.writeControl(FramePong, &h3xpb.Pong{Sequence: p.GetSequence(), PingSentUnixNano: p.GetSentUnixNano(), SentUnixNano: time.Now().UnixNano()})
+			}
+		case FrameGoAway:
+			if cc.goAway.CompareAndSwap(false, true) {
+				close(cc.goAwayCh)
+			}
+			cc.client.logger.Info("h3x: server is going away")
+		case FrameRateLimitNotice:
+			var n h3xpb.RateLimitNotice
+			if unmarshalPayload(t, payload, &n) == nil {
+				cc.client.logger.Debug("h3x: rate limited", "namespace", n.GetNamespace(), "retry_after_ms", n.GetRetryAfterMs())
+				cc.client.rateLimited(n.GetNamespace(), time.Duration(n.GetRetryAfterMs())*time.Millisecond)
+			}
+		case FrameError:
+			var e h3xpb.Error
+			if unmarshalPayload(t, payload, &e) == nil {
+				cc.client.logger.Warn("h3x: server error", "err", errorFromWire(&e))
+			}
+		}
+	}
+}
+
+func (cc *clientConn) writeControl(t FrameType, m proto.Message) error {
+	buf, err := appendFrame(nil, t, m)
+	if err != nil {
+		return err
+	}
+	cc.ctrlMu.Lock()
+	defer cc.ctrlMu.Unlock()
+	_, err = cc.ctrl.Write(buf)
+	return connError(err)
+}
+
+// stream returns the connection's rpc stream of the given kind, opening it
+// on first use.
+func (cc *clientConn) stream(ctx context.Context, kind int) (*rpcStream, error) {
+	cc.streamsMu.Lock()
+	defer cc.streamsMu.Unlock()
+	if s := cc.streams[kind]; s != nil && s.alive() {
+		return s, nil
+	}
+	st, err := cc.qc.OpenStreamSync(ctx)
+	if err != nil {
+		return nil, connError(err)
+	}
+	s := newRPCStream(st, uint32(cc.client.cfg.maxFrameSize))
+	cc.wg.Add(2)
+	go func() {
+		defer cc.wg.Done()
+		s.fw.run()
+	}()
+	go func() {
+		defer cc.wg.Done()
+		s.readLoop()
+	}()
+	cc.streams[kind] = s
+	return s, nil
+}
+
+// close ends the connection: it finishes the streams' send sides, closes
+// the connection and waits for the connection's goroutines.
+func (cc *clientConn) close() {
+	cc.closeOnce.Do(cc.doClose)
+}
+
+func (cc *clientConn) doClose() {
+	cc.streamsMu.Lock()
+	for _, s := range cc.streams {
+		if s != nil {
+			s.fw.close()
+		}
+	}
+	cc.streamsMu.Unlock()
+	cc.qc.CloseWithError(0, "client closed")
+	cc.wg.Wait()
+	cc.closeTransport()
+}
+
+// rpcStream carries requests and their answers, matched by request_id.
+// Writes from concurrent callers are coalesced by a frameWriter.
+type rpcStream struct {
+	st      *quic.Stream
+	fr      *frameReader
+	fw      *frameWriter
+	mu      sync.Mutex
+	pending map[uint64]chan rpcAnswer
+	err     error // set when the stream has failed
+}
+
+type rpcAnswer struct {
+	t   FrameType
+	msg proto.Message
+	err error
+}
+
+func newRPCStream(st *quic.Stream, maxFrame uint32) *rpcStream {
+	return &rpcStream{st: st, fr: newFrameReader(st, maxFrame), fw: newFrameWriter(st), pending: make(map[uint64]chan rpcAnswer)}
+}
+
+func (s *rpcStream) alive() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err == nil
+}
+
+// call sends a request and waits for its answer or the end of ctx.
+func (s *rpcStream) call(ctx context.Context, id uint64, t FrameType, m proto.Message) (rpcAnswer, error) {
+	ch := make(chan rpcAnswer, 1)
+	s.mu.Lock()
+	if s.err != nil {
+		s.mu.Unlock()
+		return rpcAnswer{}, s.err
+	}
+	s.pending[id] = ch
+	s.mu.Unlock()
+	if err := s.fw.write(t, m); err != nil {
+		s.forget(id)
+		return rpcAnswer{}, fmt.Errorf("%w: %w", errStreamFailed, connError(err))
+	}
+	select {
+	case a := <-ch:
+		return a, a.err
+	case <-ctx.Done():
+		s.forget(id)
+		return rpcAnswer{}, ctx.Err()
+	}
+}
+
+func (s *rpcStream) forget(id uint64) {
+	s.mu.Lock()
+	delete(s.pending, id)
+	s.mu.Unlock()
+}
+
+// readLoop delivers answers to their callers until the stream ends; then it
+// fails every pending call.
+func (s *rpcStream) readLoop() {
+	var failure error
+	for {
+		t, payload, err := s.fr.next()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = errors.New("h3x: stream closed by the server")
+			}
+			failure = fmt.Errorf("%w: %w", errStreamFailed, connError(err))
+			break
+		}
+		msg, err := decodeFrame(t, payload)
+		if err != nil {
+			failure = err
+			break
+		}
+		var id uint64
+		var ans rpcAnswer
+		switch m := msg.(type) {
+		case *h3xpb.SendResult:
+			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m}
+		case *h3xpb.EventsBatch:
+			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m}
+		case *h3xpb.AckResult:
+			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m}
+		case *h3xpb.Error:
+			id, ans = m.GetRequestId(), rpcAnswer{t: t, err: errorFromWire(m)}
+			if id == 0 {
+				failure = fmt.Errorf("%w: %w", errStreamFailed, ans.err)
+			}
+		default:
+			failure = newError(CodeProtocolViolation, "unexpected %v frame", t)
+		}
+		if failure != nil {
+			break
+		}
+		s.mu.Lock()
+		ch := s.pending[id]
+		delete(s.pending, id)
+		s.mu.Unlock()
+		if ch != nil {
+			ch <- ans
+		}
+	}
+	s.mu.Lock()
+	s.err = failure
+	pending := s.pending
+	s.pending = nil
+	s.mu.Unlock()
+	for _, ch := range pending {
+		ch <- rpcAnswer{err: failure}
+	}
+	s.fw.close()
+	s.st.CancelRead(quic.StreamErrorCode(CodeNone))
+}
+
+
+// errStreamFailed marks a call that failed because its stream or
+// connection did, not because the server refused it.
+var errStreamFailed = errors.New("h3x: stream failed")
+
+// call sends one request on the connection's stream of kind and waits for
+// its answer.
+func (cc *clientConn) call(ctx context.Context, kind int, t FrameType, build func(id uint64) proto.Message) (rpcAnswer, error) {
+	cc.inflight.Add(1)
+	defer cc.inflight.Add(-1)
+	s, err := cc.stream(ctx, kind)
+	if err != nil {
+		return rpcAnswer{}, fmt.Errorf("%w: %w", errStreamFailed, err)
+	}
+	id := cc.client.reqID.Add(1)
+	return s.call(ctx, id, t, build(id))
+}
+
+// ping measures the round trip of a Ping on the control stream.
+func (cc *clientConn) ping(ctx context.Context) (time.Duration, error) {
+	ch := make(chan time.Time, 1)
+	cc.pingMu.Lock()
+	cc.pingSeq++
+	seq := cc.pingSeq
+	cc.pings[seq] = ch
+	cc.pingMu.Unlock()
+	defer func() {
+		cc.pingMu.Lock()
+		delete(cc.pings, seq)
+		cc.pingMu.Unlock()
+	}()
+	start := time.Now()
+	if err := cc.writeControl(FramePing, &h3xpb.Ping{Sequence: seq, SentUnixNano: start.UnixNano()}); err != nil {
+		return 0, err
+	}
+	select {
+	case at := <-ch:
+		return at.Sub(start), nil
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	case <-cc.qc.Context().Done():
+		return 0, connError(context.Cause(cc.qc.Context()))
+	}
+}
+
+// drainAndClose closes a replaced connection once its calls in flight have
+// finished (after a GoAway) or at once if it is already gone, waiting at
+// most 10 s.
+func (cc *clientConn) drainAndClose(ctx context.Context) {
+	deadline := time.Now().Add(10 * time.Second)
+	for cc.inflight.Load() > 0 && cc.qc.Context().Err() == nil && time.Now().Before(deadline) && ctx.Err() == nil {
+		time.Sleep(5 * time.Millisecond)
+	}
+	cc.close()
+}

@@ -1,0 +1,321 @@
+package h3x
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+)
+
+// SubscribeOptions configure a subscription. The zero value gives the
+// documented defaults.
+type SubscribeOptions struct {
+	// MaxUnacked is the most deliveries handed out and not yet acked or
+	// nacked; the subscription fetches no more until some are settled.
+	// Default DefaultMaxUnacked (1,024).
+	MaxUnacked int
+	// BatchSize is the most events asked for in one fetch. Default 256.
+	BatchSize int
+}
+
+// Subscription hands out deliveries from namespaces on a channel that the
+// library owns and closes. It fetches with long polls and prefetches up to
+// MaxUnacked, and resumes by itself after a reconnect.
+type Subscription struct {
+	client     *Client
+	namespaces []string
+	opts       SubscribeOptions
+	ch         chan *Delivery
+	cancel     context.CancelFunc
+	credits    chan struct{} // one token per delivery that may be handed out
+	done       chan struct{}
+	mu         sync.Mutex
+	err        error
+}
+
+// Subscribe starts a subscription to namespaces (default: those of
+// WithNamespaces, or the client's explicit consume grants). Its Events
+// channel is closed when Close is called, when ctx ends, when the client
+// closes, or on a terminal error, which Err reports afterwards. Settle each
+// delivery with Ack or Nack: at most MaxUnacked are outstanding at once.
+func (c *Client) Subscribe(ctx context.Context, namespaces []string, opts SubscribeOptions) (*Subscription, error) {
+	select {
+	case <-c.closed:
+		return nil, ErrClosed
+	default:
+	}
+	if opts.MaxUnacked == 0 {
+		opts.MaxUnacked = DefaultMaxUnacked
+	}
+	if opts.BatchSize == 0 {
+		opts.BatchSize = 256
+	}
+	if opts.MaxUnacked < 0 || opts.BatchSize < 0 {
+		return nil, newError(CodeInvalidArgument, "Subscribe: MaxUnacked and BatchSize must not be negative")
+	}
+	opts.BatchSize = min(opts.BatchSize, opts.MaxUnacked)
+	if len(namespaces) == 0 {
+		namespaces = c.cfg.namespaces
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(c.ctx, cancel)
+	s := &Subscription{
+		client:     c,
+		namespaces: append([]string(nil), namespaces...),
+		opts:       opts,
+		ch:         make(chan *Delivery),
+		cancel:     cancel,
+		credits:    make(chan struct{}, opts.MaxUnacked),
+		done:       make(chan struct{}),
+	}
+	for range opts.MaxUnacked {
+		s.credits <- struct{}{}
+	}
+	c.acker.addSub(s)
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer stop()
+		s.run(ctx)
+	}()
+	return s, nil
+}
+
+// Events returns the channel of deliveries. It is closed when the
+// subscription ends; Err then says why.
+func (s *Subscription) Events() <-chan *Delivery { return s.ch }
+
+// Err returns the error that ended the subscription: nil after Close or the
+// end of its ctx, ErrClosed after the client closed, or a terminal error
+// (authentication, permission).
+func (s *Subscription) Err() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.err
+}
+
+// Close ends the subscription and waits until its channel is closed.
+// Deliveries already received stay valid and can still be acked. Close is
+// safe to call more than once.
+func (s *Subscription) Close() error {
+	s.cancel()
+	<-s.done
+	return nil
+}
+
+// release returns one credit when a delivery is settled.
+func (s *Subscription) release() {
+	select {
+	case s.credits <- struct{}{}:
+	default:
+	}
+}
+
+func (s *Subscription) run(ctx context.Context) {
+	defer close(s.done)
+	defer close(s.ch)
+	defer s.client.acker.removeSub(s)
+	for {
+		// Wait for one credit, then take what else is free, up to a batch.
+		select {
+		case <-s.credits:
+		case <-ctx.Done():
+			s.end(nil)
+			return
+		}
+		n := 1
+	take:
+		for n < s.opts.BatchSize {
+			select {
+			case <-s.credits:
+				n++
+			default:
+				break take
+			}
+		}
+		ds, err := s.client.fetch(ctx, n, 0, s.namespaces, s)
+		for range n - len(ds) {
+			s.release()
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				s.end(nil)
+				return
+			}
+			if errors.Is(err, ErrClosed) || isTerminal(err) || errors.Is(err, ErrReconnectFailed) {
+				s.end(err)
+				return
+			}
+			// A transient failure: the client is reconnecting; try again.
+			s.client.logger.Debug("h3x: subscription fetch failed", "err", err)
+			if sleepCtx(ctx, 50*time.Millisecond) != nil {
+				s.end(nil)
+				return
+			}
+			continue
+		}
+		for i, d := range ds {
+			select {
+			case s.ch <- d:
+			case <-ctx.Done():
+				// Deliveries not handed out are released when the lease
+				// holder's connection ends or by nack now.
+				rest := ds[i:]
+				for _, r := range rest {
+					r.settled.Store(true)
+				}
+				nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+				s.client.Nack(nctx, 0, "subscription closed", rest...)
+				cancel()
+				s.end(nil)
+				return
+			}
+		}
+	}
+}
+
+func (s *Subscription) end(err error) {
+	if err == nil && (s.client.closing.Load() || s.client.ctx.Err() != nil) {
+		err = ErrClosed
+	}
+	s.mu.Lock()
+	s.err = err
+	s.mu.Unlock()
+}
+
+// settleOp is one batched ack, nack or extension.
+type settleOp struct {
+	kind  FrameType
+	d     *Delivery
+	delay time.Duration
+}
+
+// acker batches Delivery.Ack, Nack and Extend into few AckEvent, NackEvent
+// and ExtendLease frames: a batch goes out when full, after the flush
+// interval, or on Close.
+type acker struct {
+	c       *Client
+	ch      chan settleOp
+	stopped chan struct{}
+	mu      sync.Mutex
+	closed  bool
+	subs    map[*Subscription]struct{}
+	timeout time.Duration // bound on the final flush
+}
+
+func newAcker(c *Client) *acker {
+	return &acker{c: c, ch: make(chan settleOp, 4*c.cfg.ackFlushSize), stopped: make(chan struct{}), subs: make(map[*Subscription]struct{})}
+}
+
+func (a *acker) add(op settleOp) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed {
+		return ErrClosed
+	}
+	a.ch <- op
+	return nil
+}
+
+func (a *acker) addSub(s *Subscription) {
+	a.mu.Lock()
+	a.subs[s] = struct{}{}
+	a.mu.Unlock()
+}
+
+func (a *acker) removeSub(s *Subscription) {
+	a.mu.Lock()
+	delete(a.subs, s)
+	a.mu.Unlock()
+}
+
+// stopSubscriptions closes every subscription of the client.
+func (a *acker) stopSubscriptions() {
+	a.mu.Lock()
+	subs := make([]*Subscription, 0, len(a.subs))
+	for s := range a.subs {
+		subs = append(subs, s)
+	}
+	a.mu.Unlock()
+	for _, s := range subs {
+		s.Close()
+	}
+}
+
+// flushAndStop sends what is pending (waiting at most timeout) and stops.
+func (a *acker) flushAndStop(timeout time.Duration) {
+	a.mu.Lock()
+	if !a.closed {
+		a.closed = true
+		a.timeout = timeout
+		close(a.ch)
+	}
+	a.mu.Unlock()
+	<-a.stopped
+}
+
+func (a *acker) run() {
+	defer close(a.stopped)
+	var pending []settleOp
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	flush := func(final bool) {
+		if len(pending) == 0 {
+			return
+		}
+		timeout := time.Minute
+		if final {
+			timeout = a.timeout
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		a.send(ctx, pending)
+		cancel()
+		pending = pending[:0]
+	}
+	for {
+		select {
+		case op, ok := <-a.ch:
+			if !ok {
+				flush(true)
+				return
+			}
+			if len(pending) == 0 {
+				timer.Reset(a.c.cfg.ackInterval)
+			}
+			pending = append(pending, op)
+			if len(pending) >= a.c.cfg.ackFlushSize {
+				timer.Stop()
+				flush(false)
+			}
+		case <-timer.C:
+			flush(false)
+		}
+	}
+}
+
+// send groups ops by kind and delay and sends each group, retrying across
+// reconnects until ctx ends.
+func (a *acker) send(ctx context.Context, ops []settleOp) {
+	groups := make(map[settleKind][]*Delivery)
+	var order []settleKind
+	for _, op := range ops {
+		k := settleKind{t: op.kind, delay: op.delay}
+		if _, ok := groups[k]; !ok {
+			order = append(order, k)
+		}
+		groups[k] = append(groups[k], op.d)
+	}
+	for _, k := range order {
+		ds := groups[k]
+		res, err := a.c.settle(ctx, k, ds)
+		if err != nil {
+			a.c.logger.Warn("h3x: settling deliveries failed; they will be delivered again", "frame", k.t, "count", len(ds), "err", err)
+			continue
+		}
+		for _, r := range res {
+			if r.Status != SettleOK {
+				a.c.logger.Debug("h3x: settlement not applied", "frame", k.t, "id", r.ID, "status", r.Status)
+			}
+		}
+	}
+}
