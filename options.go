@@ -76,6 +76,7 @@ type serverConfig struct {
 	maxEventsPerSend int
 	idleTimeout      time.Duration
 	packetConn       net.PacketConn
+	hooks            Hooks
 }
 
 func defaultServerConfig() serverConfig {
@@ -95,6 +96,7 @@ func defaultServerConfig() serverConfig {
 		maxFetchWait:     DefaultMaxFetchWait,
 		maxEventsPerSend: DefaultMaxEventsPerSend,
 		idleTimeout:      DefaultIdleTimeout,
+		hooks:            NopHooks{},
 	}
 }
 
@@ -139,6 +141,9 @@ func (c *serverConfig) validate() error {
 	}
 	if c.maxEventsPerSend <= 0 {
 		bad("max events per send must be positive, got %d", c.maxEventsPerSend)
+	}
+	if c.hooks == nil {
+		bad("WithHooks: nil hooks")
 	}
 	if c.idleTimeout < time.Second {
 		bad("idle timeout must be at least 1s, got %v", c.idleTimeout)

@@ -299,6 +299,7 @@ func (s *Server) acceptLoop(ln *quic.Listener) {
 		s.connCount.Add(1)
 		s.wg.Add(1)
 		s.mu.Unlock()
+		s.cfg.hooks.ConnectionOpened()
 		go func() {
 			defer s.wg.Done()
 			c.serve()
@@ -306,6 +307,7 @@ func (s *Server) acceptLoop(ln *quic.Listener) {
 			delete(s.conns, c)
 			s.mu.Unlock()
 			s.connCount.Add(-1)
+			s.cfg.hooks.ConnectionClosed()
 		}()
 	}
 }

@@ -114,6 +114,7 @@ func (c *serverConn) serve() {
 			code = e.Code
 		}
 		c.logger.Info("h3x: authentication failed", "err", err)
+		c.srv.cfg.hooks.AuthFailed(code)
 		c.close(code, code.String())
 		return
 	}

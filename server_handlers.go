@@ -34,13 +34,16 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 		}
 		if refuse != nil {
 			res.Outcomes[i] = refusedOutcome(ev.ID, refuse)
+			c.srv.cfg.hooks.Refused(ev.Namespace, refuse.Code, 1)
 			continue
 		}
 		events = append(events, ev)
 		index = append(index, i)
 	}
 	if len(events) > 0 {
+		start := time.Now()
 		results, err := c.srv.queue.Enqueue(context.WithoutCancel(ctx), events)
+		reportPublish(c.srv.cfg.hooks, events, results, err, time.Since(start))
 		if err == nil && len(results) != len(events) {
 			err = newError(CodeInternal, "queue returned %d results for %d events", len(results), len(events))
 		}
@@ -116,6 +119,7 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 			return FrameError, errorToWire(asRetryable(err), rid)
 		}
 		if len(leases) > 0 {
+			reportDelivered(c.srv.cfg.hooks, leases, time.Since(deadline.Add(-wait)))
 			return FrameEventsBatch, batchFromLeases(rid, leases)
 		}
 		if !time.Now().Before(deadline) || c.srv.shutdownCtx.Err() != nil || c.goingAway.Load() {
@@ -144,7 +148,7 @@ func batchFromLeases(rid uint64, leases []Lease) *h3xpb.EventsBatch {
 }
 
 // settle applies an ack, nack or extension and builds its AckResult.
-func (ss *sessionStream) settle(ctx context.Context, rid uint64, ids []string, attempts []uint32, namespaces []string,
+func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64, ids []string, attempts []uint32, namespaces []string,
 	apply func([]LeaseRef) ([]SettleResult, error)) (FrameType, proto.Message) {
 	sess := ss.c.session
 	if (len(attempts) > 0 && len(attempts) != len(ids)) || (len(namespaces) > 0 && len(namespaces) != len(ids)) {
@@ -180,9 +184,14 @@ func (ss *sessionStream) settle(ctx context.Context, rid uint64, ids []string, a
 			ss.c.logger.Error("h3x: settling failed", "err", err)
 			return FrameError, errorToWire(asRetryable(err), rid)
 		}
+		ok := 0
 		for j, i := range index {
 			res.Outcomes[i] = &h3xpb.SettleOutcome{Id: results[j].ID, Status: h3xpb.SettleStatus(results[j].Status)}
+			if results[j].Status == SettleOK {
+				ok++
+			}
 		}
+		ss.c.srv.cfg.hooks.Settled(kind, ok, len(ids)-ok)
 	}
 	return FrameAckResult, res
 }
@@ -269,4 +278,68 @@ func (fw *frameWriter) close() {
 	fw.closed = true
 	fw.cond.Broadcast()
 	fw.mu.Unlock()
+}
+
+// reportPublish tells the hooks about one Enqueue, per namespace.
+func reportPublish(h Hooks, events []Event, results []PublishResult, err error, took time.Duration) {
+	if _, nop := h.(NopHooks); nop {
+		return
+	}
+	type counts struct{ stored, dups int }
+	per := make(map[string]*counts, 1)
+	for i := range events {
+		ns := events[i].Namespace
+		if err != nil || i >= len(results) {
+			h.Refused(ns, CodeInternal, 1)
+			continue
+		}
+		switch results[i].Status {
+		case PublishRefused:
+			code := CodeInternal
+			var e *Error
+			if errors.As(results[i].Err, &e) {
+				code = e.Code
+			}
+			h.Refused(ns, code, 1)
+			continue
+		}
+		k := per[ns]
+		if k == nil {
+			k = &counts{}
+			per[ns] = k
+		}
+		if results[i].Status == PublishDuplicate {
+			k.dups++
+		} else {
+			k.stored++
+		}
+	}
+	for ns, k := range per {
+		h.Published(ns, k.stored, k.dups, took)
+	}
+}
+
+// reportDelivered tells the hooks about one fetch's deliveries, per namespace.
+func reportDelivered(h Hooks, leases []Lease, waited time.Duration) {
+	if _, nop := h.(NopHooks); nop {
+		return
+	}
+	now := time.Now()
+	start := 0
+	for i := 1; i <= len(leases); i++ {
+		if i < len(leases) && leases[i].Event.Namespace == leases[start].Event.Namespace {
+			continue
+		}
+		group := leases[start:i]
+		ages := make([]time.Duration, len(group))
+		redelivered := 0
+		for j := range group {
+			ages[j] = now.Sub(group[j].Event.Time)
+			if group[j].Attempt > 1 {
+				redelivered++
+			}
+		}
+		h.Delivered(group[0].Event.Namespace, len(group), redelivered, waited, ages)
+		start = i
+	}
 }

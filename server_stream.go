@@ -123,7 +123,7 @@ func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []by
 			return err
 		}
 		ss.submit(&ss.settles, func() (FrameType, proto.Message) {
-			return ss.settle(ctx, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
+			return ss.settle(ctx, t, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
 				return ss.c.srv.queue.Ack(context.WithoutCancel(ctx), ss.c.id, refs)
 			})
 		})
@@ -134,7 +134,7 @@ func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []by
 		}
 		delay := time.Duration(m.GetDelayMs()) * time.Millisecond
 		ss.submit(&ss.settles, func() (FrameType, proto.Message) {
-			return ss.settle(ctx, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
+			return ss.settle(ctx, t, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
 				return ss.c.srv.queue.Nack(context.WithoutCancel(ctx), ss.c.id, refs, delay, m.GetReason())
 			})
 		})
@@ -148,7 +148,7 @@ func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []by
 			d = ss.c.srv.cfg.ackDeadline
 		}
 		ss.submit(&ss.settles, func() (FrameType, proto.Message) {
-			return ss.settle(ctx, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
+			return ss.settle(ctx, t, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
 				return ss.c.srv.queue.Extend(context.WithoutCancel(ctx), ss.c.id, refs, d)
 			})
 		})

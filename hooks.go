@@ -1,0 +1,55 @@
+package h3x
+
+import (
+	"context"
+	"time"
+)
+
+// Hooks receives a server's metrics events, so metrics need no dependency
+// in this package (the h3xprom package adapts them to Prometheus). Methods
+// are called synchronously on hot paths: they must be fast, must not block,
+// and must be safe for concurrent use. Embed NopHooks to implement only some.
+type Hooks interface {
+	// Published reports a SendEvent's outcome in one namespace: events
+	// stored, duplicates, and the time until they were durable.
+	Published(namespace string, stored, duplicates int, durable time.Duration)
+	// Refused reports events refused with code (rate limited, queue full,
+	// permission denied, invalid).
+	Refused(namespace string, code ErrorCode, n int)
+	// Delivered reports deliveries handed out by one fetch: how many, how
+	// many of them were redeliveries (attempt > 1), how long the fetch
+	// waited, and each event's age (now minus its timestamp).
+	Delivered(namespace string, n, redelivered int, fetchWait time.Duration, ages []time.Duration)
+	// Settled reports acks, nacks or extensions (t is FrameAckEvent,
+	// FrameNackEvent or FrameExtendLease) applied (ok) or refused (stale
+	// or unknown).
+	Settled(t FrameType, ok, refused int)
+	// AuthFailed reports a refused authentication.
+	AuthFailed(code ErrorCode)
+	// ConnectionOpened and ConnectionClosed track live connections.
+	ConnectionOpened()
+	ConnectionClosed()
+}
+
+// NopHooks implements Hooks with methods that do nothing.
+type NopHooks struct{}
+
+func (NopHooks) Published(string, int, int, time.Duration)                  {}
+func (NopHooks) Refused(string, ErrorCode, int)                             {}
+func (NopHooks) Delivered(string, int, int, time.Duration, []time.Duration) {}
+func (NopHooks) Settled(FrameType, int, int)                                {}
+func (NopHooks) AuthFailed(ErrorCode)                                       {}
+func (NopHooks) ConnectionOpened()                                          {}
+func (NopHooks) ConnectionClosed()                                          {}
+
+var _ Hooks = NopHooks{}
+
+// WithHooks sends the server's metrics events to h. Default: NopHooks.
+func WithHooks(h Hooks) ServerOption {
+	return serverOptionFunc(func(c *serverConfig) { c.hooks = h })
+}
+
+// Stats returns the queue's per-namespace statistics (see Queue.Stats).
+func (s *Server) Stats(ctx context.Context, namespaces ...string) ([]NamespaceStats, error) {
+	return s.queue.Stats(ctx, namespaces...)
+}
