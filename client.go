@@ -157,7 +157,6 @@ func (c *clientConfig) tlsFor(addr string) *tls.Config {
 	return conf
 }
 
-
 // Client defaults.
 const (
 	DefaultPublishBuffer    = 1024
@@ -467,13 +466,10 @@ func (c *Client) retryable(ctx context.Context, cc *clientConn, err error) bool 
 		return false
 	}
 	var e *Error
-	if errors.As(err, &e) && e.Remote && e.Code != CodeShuttingDown {
-		// A request-level answer from the server (permission, bad argument);
-		// a connection-level close (a reset stream or closed connection)
-		// carries the cause instead.
-		if cc.qc.Context().Err() == nil && !errors.Is(err, errStreamFailed) {
-			return false
-		}
+	if errors.As(err, &e) && e.Remote && !e.Code.Retryable() && e.Code != CodeNone {
+		// The server refused the request (permission, bad argument, a frame
+		// too large): sending it again would fail the same way.
+		return false
 	}
 	// Wait until the supervisor notices the loss (bounded), so the retry
 	// does not spin on the dead connection.
@@ -581,48 +577,70 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 	}
 	defer func() { <-c.pubSlots }()
 
+	wire := make([]*h3xpb.EventPayload, len(events))
+	sizes := make([]int, len(events))
+	for i := range events {
+		wire[i] = eventToWire(&events[i])
+		sizes[i] = proto.Size(wire[i]) + 8
+	}
+	maxEvents, maxBytes := c.sendLimits()
 	results := make([]PublishResult, len(events))
-	todo := make([]int, len(events))
-	for i := range todo {
-		todo[i] = i
+	todo := make([]int, 0, len(events))
+	for i := range events {
+		if sizes[i]+64 > maxBytes {
+			results[i] = PublishResult{ID: events[i].ID, Status: PublishRefused,
+				Err: &Error{Code: CodeFrameTooLarge, Message: fmt.Sprintf("event of %d bytes exceeds the server's frame size of %d", sizes[i], maxBytes)}}
+			continue
+		}
+		todo = append(todo, i)
 	}
 	for len(todo) > 0 {
 		if err := sleepCtx(ctx, c.rateWait(events, todo)); err != nil {
 			return nil, err
 		}
-		ans, err := c.call(ctx, streamPublish, FrameSendEvent, func(id uint64) proto.Message {
-			m := &h3xpb.SendEvent{RequestId: id, Events: make([]*h3xpb.EventPayload, len(todo))}
-			for j, i := range todo {
-				m.Events[j] = eventToWire(&events[i])
-			}
-			return m
-		})
-		if err != nil {
-			return nil, err
-		}
-		res := ans.msg.(*h3xpb.SendResult)
-		if len(res.GetOutcomes()) != len(todo) {
-			return nil, newError(CodeProtocolViolation, "SendResult has %d outcomes for %d events", len(res.GetOutcomes()), len(todo))
-		}
 		var again []int
 		var wait time.Duration
-		for j, o := range res.GetOutcomes() {
-			i := todo[j]
-			r := PublishResult{ID: o.GetId(), Status: PublishStatus(o.GetStatus())}
-			if o.GetStatus() == h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED {
-				e := &Error{Code: ErrorCode(o.GetCode()), Message: o.GetMessage(), RetryAfter: time.Duration(o.GetRetryAfterMs()) * time.Millisecond, Remote: true}
-				switch e.Code {
-				case CodeRateLimited, CodeQueueFull, CodeShuttingDown:
-					again = append(again, i)
-					wait = max(wait, e.RetryAfter, 10*time.Millisecond)
-					if e.Code == CodeRateLimited {
-						c.rateLimited(events[i].Namespace, e.RetryAfter)
-					}
-					continue
-				}
-				r.Err = e
+		// Send in chunks that respect the server's limits.
+		for start := 0; start < len(todo); {
+			end, bytes := start, 64
+			for end < len(todo) && end-start < maxEvents && bytes+sizes[todo[end]] <= maxBytes {
+				bytes += sizes[todo[end]]
+				end++
 			}
-			results[i] = r
+			chunk := todo[start:end]
+			start = end
+			ans, err := c.call(ctx, streamPublish, FrameSendEvent, func(id uint64) proto.Message {
+				m := &h3xpb.SendEvent{RequestId: id, Events: make([]*h3xpb.EventPayload, len(chunk))}
+				for j, i := range chunk {
+					m.Events[j] = wire[i]
+				}
+				return m
+			})
+			if err != nil {
+				return nil, err
+			}
+			res := ans.msg.(*h3xpb.SendResult)
+			if len(res.GetOutcomes()) != len(chunk) {
+				return nil, newError(CodeProtocolViolation, "SendResult has %d outcomes for %d events", len(res.GetOutcomes()), len(chunk))
+			}
+			for j, o := range res.GetOutcomes() {
+				i := chunk[j]
+				r := PublishResult{ID: o.GetId(), Status: PublishStatus(o.GetStatus())}
+				if o.GetStatus() == h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED {
+					e := &Error{Code: ErrorCode(o.GetCode()), Message: o.GetMessage(), RetryAfter: time.Duration(o.GetRetryAfterMs()) * time.Millisecond, Remote: true}
+					switch e.Code {
+					case CodeRateLimited, CodeQueueFull, CodeShuttingDown:
+						again = append(again, i)
+						wait = max(wait, e.RetryAfter, 10*time.Millisecond)
+						if e.Code == CodeRateLimited {
+							c.rateLimited(events[i].Namespace, e.RetryAfter)
+						}
+						continue
+					}
+					r.Err = e
+				}
+				results[i] = r
+			}
 		}
 		todo = again
 		if len(todo) > 0 {
@@ -632,6 +650,24 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 		}
 	}
 	return results, nil
+}
+
+// sendLimits returns the most events and bytes one SendEvent may carry, as
+// the server announced them.
+func (c *Client) sendLimits() (int, int) {
+	maxEvents, maxBytes := DefaultMaxEventsPerSend, DefaultMaxFrameSize
+	c.mu.Lock()
+	cc := c.cc
+	c.mu.Unlock()
+	if cc != nil && cc.auth.GetLimits() != nil {
+		if n := cc.auth.GetLimits().GetMaxEventsPerSend(); n > 0 {
+			maxEvents = int(n)
+		}
+		if n := cc.auth.GetLimits().GetMaxFrameSize(); n > 0 {
+			maxBytes = int(n)
+		}
+	}
+	return maxEvents, maxBytes
 }
 
 // PublishCall is a Publish running in the background (see PublishAsync).

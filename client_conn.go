@@ -358,7 +358,6 @@ func (s *rpcStream) readLoop() {
 	s.st.CancelRead(quic.StreamErrorCode(CodeNone))
 }
 
-
 // errStreamFailed marks a call that failed because its stream or
 // connection did, not because the server refused it.
 var errStreamFailed = errors.New("h3x: stream failed")

@@ -42,17 +42,18 @@ func (o sharedOption) applyClient(c *clientConfig) { o.client(c) }
 
 // Server defaults, in one place.
 const (
-	DefaultAddr             = "127.0.0.1:4433"
-	DefaultDataDir          = "h3x-data"
-	DefaultAckDeadline      = 30 * time.Second
-	DefaultAuthTimeout      = 5 * time.Second
-	DefaultMaxConnections   = 10000
-	DefaultMaxStreams       = 100
-	DefaultMaxFetchLimit    = 1000
-	DefaultMaxFetchWait     = 30 * time.Second
-	DefaultMaxEventsPerSend = 1000
-	DefaultIdleTimeout      = 30 * time.Second
-	DefaultFetchMaxBytes    = 512 << 10
+	DefaultAddr                 = "127.0.0.1:4433"
+	DefaultDataDir              = "h3x-data"
+	DefaultAckDeadline          = 30 * time.Second
+	DefaultAuthTimeout          = 5 * time.Second
+	DefaultMaxConnections       = 10000
+	DefaultMaxStreams           = 100
+	DefaultMaxFetchLimit        = 1000
+	DefaultMaxFetchWait         = 30 * time.Second
+	DefaultMaxEventsPerSend     = 1000
+	DefaultIdleTimeout          = 30 * time.Second
+	DefaultFetchMaxBytes        = 512 << 10
+	DefaultMaxUnackedPerSession = 10000
 )
 
 type serverConfig struct {
@@ -77,6 +78,9 @@ type serverConfig struct {
 	idleTimeout      time.Duration
 	packetConn       net.PacketConn
 	hooks            Hooks
+	rateLimits       map[string]RateLimit
+	maxUnacked       int
+	fetchLinger      time.Duration
 }
 
 func defaultServerConfig() serverConfig {
@@ -97,6 +101,7 @@ func defaultServerConfig() serverConfig {
 		maxEventsPerSend: DefaultMaxEventsPerSend,
 		idleTimeout:      DefaultIdleTimeout,
 		hooks:            NopHooks{},
+		maxUnacked:       DefaultMaxUnackedPerSession,
 	}
 }
 
@@ -141,6 +146,20 @@ func (c *serverConfig) validate() error {
 	}
 	if c.maxEventsPerSend <= 0 {
 		bad("max events per send must be positive, got %d", c.maxEventsPerSend)
+	}
+	for ns, l := range c.rateLimits {
+		if ns != "*" && ValidateNamespace(ns) != nil {
+			bad("WithRateLimit(%q): %v", ns, ValidateNamespace(ns))
+		}
+		if !(l.Rate > 0) || l.Burst < 0 {
+			bad("WithRateLimit(%q): rate must be positive and burst not negative", ns)
+		}
+	}
+	if c.maxUnacked < 0 {
+		bad("WithMaxUnacked must not be negative, got %d", c.maxUnacked)
+	}
+	if c.fetchLinger < 0 {
+		bad("WithFetchLinger must not be negative, got %v", c.fetchLinger)
 	}
 	if c.hooks == nil {
 		bad("WithHooks: nil hooks")
@@ -315,4 +334,18 @@ func certPoolFromPEM(pemFile string) (*x509.CertPool, error) {
 		return nil, fmt.Errorf("h3x: CA file %s holds no PEM certificate", pemFile)
 	}
 	return pool, nil
+}
+
+// WithMaxUnacked caps the deliveries one connection holds unsettled (leased,
+// not yet acked or nacked, lease not expired); fetches beyond it wait for
+// acks. 0 means no cap. Default DefaultMaxUnackedPerSession (10,000).
+func WithMaxUnacked(n int) ServerOption {
+	return serverOptionFunc(func(c *serverConfig) { c.maxUnacked = n })
+}
+
+// WithFetchLinger makes a fetch that found fewer events than it may return
+// wait up to d for more before answering, trading latency for larger
+// batches. Default 0: answer at once (latency first).
+func WithFetchLinger(d time.Duration) ServerOption {
+	return serverOptionFunc(func(c *serverConfig) { c.fetchLinger = d })
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"strconv"
 	"strings"
@@ -70,11 +71,25 @@ func (p Permission) String() string {
 type Grant struct {
 	Namespace  string // a namespace, or "*" for all
 	Permission Permission
+	// Rate limits this client's publishing to the namespace, in events per
+	// second (registry suffix @rate or @rate:burst); 0 means no limit of
+	// its own (server-wide limits still apply). With "*", every namespace
+	// gets its own bucket of this rate.
+	Rate float64
+	// Burst is the bucket size: how many events may be published at once.
+	// Default: Rate rounded up (one second's worth), at least 1.
+	Burst int
 }
 
 // String returns the grant as the namespace part of a registry entry, such as
 // "orders/pub" or "*/all".
-func (g Grant) String() string { return g.Namespace + "/" + g.Permission.String() }
+func (g Grant) String() string {
+	s := g.Namespace + "/" + g.Permission.String()
+	if g.Rate > 0 {
+		s += "@" + strconv.FormatFloat(g.Rate, 'g', -1, 64) + ":" + strconv.Itoa(g.Burst)
+	}
+	return s
+}
 
 // Grants are what an authenticated client may do.
 type Grants []Grant
@@ -227,7 +242,9 @@ func (r StaticRegistry) GoString() string { return r.String() }
 //   - The namespace part runs from there to the first '='. It is a namespace
 //     name (see ValidateNamespace) or "*" for every namespace, optionally
 //     followed by a permission suffix: "/pub" (publish only), "/sub" (consume
-//     only) or "/all" (both; the default).
+//     only) or "/all" (both; the default), and optionally by a publish rate
+//     limit "@rate" or "@rate:burst" in events per second, such as
+//     "orders/pub@500:1000" (see Grant.Rate).
 //   - The token is the rest of the entry. It may contain '=' and ':'.
 //
 // Client ids and tokens are percent-decoded: %XX, with two hex digits of
@@ -363,6 +380,14 @@ func parseRegistryEntry(raw string) (clientID string, e registryEntry, problems 
 		clientID = id
 	}
 
+	if nsPart, rate, hasRate := strings.Cut(rawNS, "@"); hasRate {
+		rawNS = nsPart
+		r, b, problem := parseRate(rate)
+		if problem != "" {
+			problems = append(problems, problem)
+		}
+		e.grant.Rate, e.grant.Burst = r, b
+	}
 	ns, suffix, hasSuffix := strings.Cut(rawNS, "/")
 	e.grant.Namespace = ns
 	e.grant.Permission = PermAll
@@ -439,4 +464,21 @@ func unhex(c byte) byte {
 	default:
 		return c - 'A' + 10
 	}
+}
+
+// parseRate parses a grant's "rate[:burst]" suffix.
+func parseRate(s string) (rate float64, burst int, problem string) {
+	r, b, hasBurst := strings.Cut(s, ":")
+	rate, err := strconv.ParseFloat(r, 64)
+	if err != nil || rate <= 0 || math.IsInf(rate, 0) || math.IsNaN(rate) {
+		return 0, 0, "rate limit must be a positive number of events per second (@rate or @rate:burst)"
+	}
+	burst = int(math.Ceil(rate))
+	if hasBurst {
+		burst, err = strconv.Atoi(b)
+		if err != nil || burst <= 0 {
+			return 0, 0, "rate limit burst must be a positive integer (@rate:burst)"
+		}
+	}
+	return rate, burst, ""
 }

@@ -73,15 +73,15 @@ func TestParseRegistry(t *testing.T) {
 		}},
 		{"permission suffixes", "a:n/pub=t, a:n/sub=t, a:n/all=t, a:n=t", map[string][]wantEntry{
 			"a": {
-				{"t", Grant{"n", PermPublish}},
-				{"t", Grant{"n", PermConsume}},
-				{"t", Grant{"n", PermAll}},
-				{"t", Grant{"n", PermAll}},
+				{"t", Grant{Namespace: "n", Permission: PermPublish}},
+				{"t", Grant{Namespace: "n", Permission: PermConsume}},
+				{"t", Grant{Namespace: "n", Permission: PermAll}},
+				{"t", Grant{Namespace: "n", Permission: PermAll}},
 			},
 		}},
 		{"wildcard", "ops:*=t1, ro:*/sub=t2", map[string][]wantEntry{
 			"ops": {{"t1", all("*")}},
-			"ro":  {{"t2", Grant{"*", PermConsume}}},
+			"ro":  {{"t2", Grant{Namespace: "*", Permission: PermConsume}}},
 		}},
 		{"namespace charset", "a:A-Z_a.z-0.9=t, a:x.dlq=t, a:" + strings.Repeat("n", 128) + "=t", map[string][]wantEntry{
 			"a": {{"t", all("A-Z_a.z-0.9")}, {"t", all("x.dlq")}, {"t", all(strings.Repeat("n", 128))}},
@@ -103,18 +103,18 @@ func TestParseRegistry(t *testing.T) {
 		}},
 		{"sha256 tokens", "a:n=sha256:" + sha256Hex("hunter2") + ", b:m/pub=sha256:" + strings.ToUpper(sha256Hex("x")), map[string][]wantEntry{
 			"a": {{"hunter2", all("n")}},
-			"b": {{"x", Grant{"m", PermPublish}}},
+			"b": {{"x", Grant{Namespace: "m", Permission: PermPublish}}},
 		}},
 		{"escaped sha256 prefix is a plain token", "a:n=sha256%3A" + sha256Hex("hunter2"), map[string][]wantEntry{
 			"a": {{"sha256:" + sha256Hex("hunter2"), all("n")}},
 		}},
 		{"several entries per client", "a:n1=t1\na:n2/sub=t2\na:n1=t1\nb:n1=t1", map[string][]wantEntry{
-			"a": {{"t1", all("n1")}, {"t2", Grant{"n2", PermConsume}}, {"t1", all("n1")}},
+			"a": {{"t1", all("n1")}, {"t2", Grant{Namespace: "n2", Permission: PermConsume}}, {"t1", all("n1")}},
 			"b": {{"t1", all("n1")}},
 		}},
 		{"file layout", "# H3X registry\n\n  # orders\norders-svc:orders/pub=tok1, orders-svc:audit/sub=tok1\r\n\r\nops:*/sub=tok2\n", map[string][]wantEntry{
-			"orders-svc": {{"tok1", Grant{"orders", PermPublish}}, {"tok1", Grant{"audit", PermConsume}}},
-			"ops":        {{"tok2", Grant{"*", PermConsume}}},
+			"orders-svc": {{"tok1", Grant{Namespace: "orders", Permission: PermPublish}}, {"tok1", Grant{Namespace: "audit", Permission: PermConsume}}},
+			"ops":        {{"tok2", Grant{Namespace: "*", Permission: PermConsume}}},
 		}},
 	}
 	for _, tt := range tests {
@@ -291,19 +291,19 @@ func TestPermissionString(t *testing.T) {
 			t.Errorf("Permission(%d).String() = %q, want %q", uint8(p), got, want)
 		}
 	}
-	if got := (Grant{"orders", PermPublish}).String(); got != "orders/pub" {
+	if got := (Grant{Namespace: "orders", Permission: PermPublish}).String(); got != "orders/pub" {
 		t.Errorf("Grant.String() = %q, want orders/pub", got)
 	}
 }
 
 func TestGrantsAllows(t *testing.T) {
 	g := Grants{
-		{"orders", PermPublish},
-		{"orders", PermConsume},
-		{"audit", PermConsume},
-		{"billing", PermPublish},
+		{Namespace: "orders", Permission: PermPublish},
+		{Namespace: "orders", Permission: PermConsume},
+		{Namespace: "audit", Permission: PermConsume},
+		{Namespace: "billing", Permission: PermPublish},
 	}
-	wild := Grants{{"*", PermConsume}, {"billing", PermPublish}}
+	wild := Grants{{Namespace: "*", Permission: PermConsume}, {Namespace: "billing", Permission: PermPublish}}
 	tests := []struct {
 		g    Grants
 		ns   string
@@ -328,7 +328,7 @@ func TestGrantsAllows(t *testing.T) {
 		{wild, "billing", PermAll, true}, // wildcard consume + billing publish
 		{wild, "anything", 0, false},
 		{nil, "orders", PermPublish, false},
-		{Grants{{"*", PermAll}}, "x", PermAll, true},
+		{Grants{{Namespace: "*", Permission: PermAll}}, "x", PermAll, true},
 	}
 	for _, tt := range tests {
 		if got := tt.g.Allows(tt.ns, tt.p); got != tt.want {
@@ -366,11 +366,11 @@ func TestStaticRegistryAuthenticate(t *testing.T) {
 	}
 	ctx := context.Background()
 	g, err := r.Authenticate(ctx, "alice", "tok-1")
-	if want := (Grants{{"orders", PermAll}, {"audit", PermConsume}}); err != nil || !slices.Equal(g, want) {
+	if want := (Grants{{Namespace: "orders", Permission: PermAll}, {Namespace: "audit", Permission: PermConsume}}); err != nil || !slices.Equal(g, want) {
 		t.Errorf("Authenticate(alice, tok-1) = %v, %v; want %v", g, err, want)
 	}
 	g, err = r.Authenticate(ctx, "bob", "tok-3")
-	if want := (Grants{{"*", PermAll}}); err != nil || !slices.Equal(g, want) {
+	if want := (Grants{{Namespace: "*", Permission: PermAll}}); err != nil || !slices.Equal(g, want) {
 		t.Errorf("Authenticate(bob, tok-3) = %v, %v; want %v", g, err, want)
 	}
 	_, wrong := r.Authenticate(ctx, "alice", "tok-3")
@@ -469,8 +469,8 @@ func TestLoadRegistryFile(t *testing.T) {
 		t.Fatalf("LoadRegistryFile: %v", err)
 	}
 	checkEntries(t, r, map[string][]wantEntry{
-		"orders-svc": {{"file-token-1", Grant{"orders", PermPublish}}, {"file-token-1", Grant{"audit", PermConsume}}},
-		"ops":        {{"file-token-2", Grant{"*", PermConsume}}},
+		"orders-svc": {{"file-token-1", Grant{Namespace: "orders", Permission: PermPublish}}, {"file-token-1", Grant{Namespace: "audit", Permission: PermConsume}}},
+		"ops":        {{"file-token-2", Grant{Namespace: "*", Permission: PermConsume}}},
 	})
 
 	bad := filepath.Join(dir, "bad")
@@ -520,8 +520,8 @@ func TestRegistryFromEnv(t *testing.T) {
 			t.Fatalf("RegistryFromEnv: %v", err)
 		}
 		checkEntries(t, r, map[string][]wantEntry{
-			"alice": {{"env-token-1", Grant{"orders", PermAll}}},
-			"bob":   {{"env-token-2", Grant{"*", PermConsume}}},
+			"alice": {{"env-token-1", Grant{Namespace: "orders", Permission: PermAll}}},
+			"bob":   {{"env-token-2", Grant{Namespace: "*", Permission: PermConsume}}},
 		})
 	})
 	t.Run("malformed", func(t *testing.T) {
@@ -573,7 +573,7 @@ func FuzzRegistryRoundTrip(f *testing.F) {
 			t.Fatalf("ParseRegistry(%q): %v", text, err)
 		}
 		g, err := r.Authenticate(context.Background(), clientID, token)
-		if want := (Grants{{ns, PermConsume}}); err != nil || !slices.Equal(g, want) {
+		if want := (Grants{{Namespace: ns, Permission: PermConsume}}); err != nil || !slices.Equal(g, want) {
 			t.Fatalf("Authenticate after ParseRegistry(%q) = %v, %v; want %v", text, g, err, want)
 		}
 	})

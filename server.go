@@ -28,12 +28,14 @@ type Server struct {
 	fp       string // SHA-256 fingerprint of the leaf certificate
 	holderID string // random prefix of this server's lease holders
 
+	limiters limiters
+
 	handlersMu sync.RWMutex
 	handlers   map[FrameType]Handler
 
 	mu        sync.Mutex
 	started   bool
-	closing   bool          // Shutdown or Close has begun
+	closing   bool // Shutdown or Close has begun
 	transport *quic.Transport
 	listener  *quic.Listener
 	ownConn   net.PacketConn // the socket the server opened itself, if any
@@ -44,10 +46,10 @@ type Server struct {
 	shutdownCh  chan struct{}   // closed when Shutdown or Close begins
 	shutdownCtx context.Context // cancelled when Shutdown or Close begins
 	cancelShut  context.CancelFunc
-	doneCh     chan struct{} // closed when everything is stopped
-	closeOnce  sync.Once
-	closeErr   error
-	wg         sync.WaitGroup // the accept loop and every connection
+	doneCh      chan struct{} // closed when everything is stopped
+	closeOnce   sync.Once
+	closeErr    error
+	wg          sync.WaitGroup // the accept loop and every connection
 
 	connCount atomic.Int64
 }
@@ -76,6 +78,7 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 		s.logger = slog.New(slog.DiscardHandler)
 	}
 	s.shutdownCtx, s.cancelShut = context.WithCancel(context.Background())
+	s.limiters.cfg = cfg.rateLimits
 	var id [8]byte
 	rand.Read(id[:])
 	s.holderID = hex.EncodeToString(id[:])

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"slices"
 	"strconv"
@@ -62,6 +63,9 @@ func (s *Session) consumeNamespaces() []string {
 	return out
 }
 
+// maxAuthFrameSize is the frame size limit before authentication.
+const maxAuthFrameSize = 64 << 10
+
 // serverConn serves one QUIC connection.
 type serverConn struct {
 	srv    *Server
@@ -69,24 +73,99 @@ type serverConn struct {
 	id     string
 	logger *slog.Logger
 
-	authed   chan struct{} // closed once Auth succeeded
-	session  *Session
-	ctrlMu   sync.Mutex // serializes writes on the control stream
-	ctrl     *quic.Stream
-	inflight atomic.Int64   // requests being served
-	streams  sync.WaitGroup // stream handlers
+	authed    chan struct{} // closed once Auth succeeded
+	session   *Session
+	ctrlMu    sync.Mutex // serializes writes on the control stream
+	ctrl      *quic.Stream
+	inflight  atomic.Int64   // requests being served
+	streams   sync.WaitGroup // stream handlers
 	goingAway atomic.Bool
+
+	rateLimited bool // rate limits apply to this session
+
+	noticeMu   sync.Mutex
+	lastNotice map[string]time.Time // namespace → last RateLimitNotice
+
+	unackedMu sync.Mutex
+	unacked   map[string]time.Time // delivered, unsettled event id → lease deadline
+	unackedCh chan struct{}        // closed and replaced when deliveries are settled
 }
 
 func newServerConn(s *Server, qc *quic.Conn, seq uint64) *serverConn {
 	id := s.holderID + "-" + strconv.FormatUint(seq, 10)
 	return &serverConn{
-		srv:    s,
-		qc:     qc,
-		id:     id,
-		logger: s.logger.With("conn", id, "remote", qc.RemoteAddr().String()),
-		authed: make(chan struct{}),
+		srv:       s,
+		qc:        qc,
+		id:        id,
+		logger:    s.logger.With("conn", id, "remote", qc.RemoteAddr().String()),
+		authed:    make(chan struct{}),
+		unacked:   make(map[string]time.Time),
+		unackedCh: make(chan struct{}),
 	}
+}
+
+// notifyRateLimit sends a RateLimitNotice, at most one per namespace per
+// 100 ms.
+func (c *serverConn) notifyRateLimit(ns string, retryAfter time.Duration, l RateLimit) {
+	now := time.Now()
+	c.noticeMu.Lock()
+	if c.lastNotice == nil {
+		c.lastNotice = make(map[string]time.Time)
+	}
+	if now.Sub(c.lastNotice[ns]) < 100*time.Millisecond {
+		c.noticeMu.Unlock()
+		return
+	}
+	c.lastNotice[ns] = now
+	c.noticeMu.Unlock()
+	c.writeControl(FrameRateLimitNotice, &h3xpb.RateLimitNotice{Namespace: ns, RetryAfterMs: durationMs(retryAfter), Limit: l.Rate, Burst: uint32(l.Burst)})
+}
+
+// capacity returns how many more deliveries the session may hold, and a
+// channel closed when that may grow.
+func (c *serverConn) capacity() (int, <-chan struct{}) {
+	max := c.srv.cfg.maxUnacked
+	if max == 0 {
+		return math.MaxInt32, nil
+	}
+	c.unackedMu.Lock()
+	defer c.unackedMu.Unlock()
+	if len(c.unacked) >= max {
+		now := time.Now()
+		for id, dl := range c.unacked {
+			if !now.Before(dl) {
+				delete(c.unacked, id)
+			}
+		}
+	}
+	return max - len(c.unacked), c.unackedCh
+}
+
+// delivered records deliveries handed to the session.
+func (c *serverConn) delivered(leases []Lease) {
+	if c.srv.cfg.maxUnacked == 0 {
+		return
+	}
+	c.unackedMu.Lock()
+	for i := range leases {
+		c.unacked[leases[i].Event.ID] = leases[i].Deadline
+	}
+	c.unackedMu.Unlock()
+}
+
+// settled forgets settled deliveries (acked or nacked) and wakes fetches
+// waiting for capacity.
+func (c *serverConn) settled(ids []string) {
+	if c.srv.cfg.maxUnacked == 0 || len(ids) == 0 {
+		return
+	}
+	c.unackedMu.Lock()
+	for _, id := range ids {
+		delete(c.unacked, id)
+	}
+	close(c.unackedCh)
+	c.unackedCh = make(chan struct{})
+	c.unackedMu.Unlock()
 }
 
 func (c *serverConn) close(code ErrorCode, msg string) {
@@ -152,7 +231,9 @@ func (c *serverConn) authenticate(ctx context.Context) error {
 	}
 	c.ctrl = st
 	st.SetReadDeadline(deadline)
-	fr := newFrameReader(st, uint32(c.srv.cfg.maxFrameSize))
+	// Auth is small: an unauthenticated peer gets a 64 KiB frame limit, so
+	// it cannot make the server allocate a full-size frame buffer.
+	fr := newFrameReader(st, uint32(min(c.srv.cfg.maxFrameSize, maxAuthFrameSize)))
 	t, payload, err := fr.next()
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) || isTimeout(err) {
@@ -198,6 +279,12 @@ func (c *serverConn) authenticate(ctx context.Context) error {
 		}
 	}
 	c.session = sess
+	c.rateLimited = len(c.srv.cfg.rateLimits) > 0
+	for _, g := range grants {
+		if g.Rate > 0 {
+			c.rateLimited = true
+		}
+	}
 	st.SetReadDeadline(time.Time{})
 	res := &h3xpb.AuthResult{
 		ProtocolVersion: ProtocolVersion,
@@ -227,6 +314,7 @@ func (s *Server) limits() *h3xpb.ServerLimits {
 		MaxFetchWaitMs:   durationMs(s.cfg.maxFetchWait),
 		AckDeadlineMs:    durationMs(s.cfg.ackDeadline),
 		MaxEventsPerSend: uint32(s.cfg.maxEventsPerSend),
+		MaxUnacked:       uint32(s.cfg.maxUnacked),
 	}
 }
 

@@ -3,6 +3,7 @@ package h3x
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"sync"
 	"time"
@@ -40,6 +41,9 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 		events = append(events, ev)
 		index = append(index, i)
 	}
+	if c.rateLimited && len(events) > 0 {
+		events, index = ss.applyRateLimits(events, index, res)
+	}
 	if len(events) > 0 {
 		start := time.Now()
 		results, err := c.srv.queue.Enqueue(context.WithoutCancel(ctx), events)
@@ -62,6 +66,44 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 		}
 	}
 	return FrameSendResult, res
+}
+
+// applyRateLimits refuses the events over their namespaces' rate limits
+// (the latest ones of each namespace) and returns the rest.
+func (ss *sessionStream) applyRateLimits(events []Event, index []int, res *h3xpb.SendResult) ([]Event, []int) {
+	c := ss.c
+	now := time.Now()
+	counts := make(map[string]int, 1)
+	for i := range events {
+		counts[events[i].Namespace]++
+	}
+	type verdict struct {
+		left  int
+		wait  time.Duration
+		limit RateLimit
+	}
+	verdicts := make(map[string]*verdict, len(counts))
+	for ns, n := range counts {
+		got, wait, lim := c.srv.limiters.allow(c.session, ns, n, now)
+		verdicts[ns] = &verdict{left: got, wait: wait, limit: lim}
+		if got < n {
+			c.notifyRateLimit(ns, wait, lim)
+		}
+	}
+	keptEvents, keptIndex := events[:0], index[:0]
+	for j := range events {
+		v := verdicts[events[j].Namespace]
+		if v.left > 0 {
+			v.left--
+			keptEvents = append(keptEvents, events[j])
+			keptIndex = append(keptIndex, index[j])
+			continue
+		}
+		e := &Error{Code: CodeRateLimited, Message: fmt.Sprintf("namespace %q is over its publish rate of %g events/s", events[j].Namespace, v.limit.Rate), RetryAfter: v.wait}
+		res.Outcomes[index[j]] = refusedOutcome(events[j].ID, e)
+		c.srv.cfg.hooks.Refused(events[j].Namespace, CodeRateLimited, 1)
+	}
+	return keptEvents, keptIndex
 }
 
 func refusedOutcome(id string, err error) *h3xpb.PublishOutcome {
@@ -110,6 +152,25 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 	deadline := time.Now().Add(wait)
 	req := LeaseRequest{Holder: c.id, Namespaces: namespaces, Limit: limit, MaxBytes: maxBytes, AckDeadline: cfg.ackDeadline}
 	for {
+		room, more := c.capacity()
+		if room <= 0 {
+			// At the unacked cap: wait for settlements (or the deadline).
+			if !time.Now().Before(deadline) || c.srv.shutdownCtx.Err() != nil {
+				return FrameEventsBatch, &h3xpb.EventsBatch{RequestId: rid}
+			}
+			t := time.NewTimer(min(time.Until(deadline), 100*time.Millisecond))
+			select {
+			case <-more:
+			case <-t.C:
+			case <-ctx.Done():
+			}
+			t.Stop()
+			if ctx.Err() != nil {
+				return FrameEventsBatch, &h3xpb.EventsBatch{RequestId: rid}
+			}
+			continue
+		}
+		req.Limit = min(limit, room)
 		leases, err := c.srv.queue.Lease(ctx, req)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -118,7 +179,11 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 			c.logger.Error("h3x: lease failed", "err", err)
 			return FrameError, errorToWire(asRetryable(err), rid)
 		}
+		if len(leases) > 0 && len(leases) < req.Limit && cfg.fetchLinger > 0 {
+			leases = ss.linger(ctx, req, leases)
+		}
 		if len(leases) > 0 {
+			c.delivered(leases)
 			reportDelivered(c.srv.cfg.hooks, leases, time.Since(deadline.Add(-wait)))
 			return FrameEventsBatch, batchFromLeases(rid, leases)
 		}
@@ -136,6 +201,28 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 			return FrameEventsBatch, &h3xpb.EventsBatch{RequestId: rid}
 		}
 	}
+}
+
+// linger waits up to the fetch linger for more events to fill a batch.
+func (ss *sessionStream) linger(ctx context.Context, req LeaseRequest, leases []Lease) []Lease {
+	c := ss.c
+	until := time.Now().Add(c.srv.cfg.fetchLinger)
+	for len(leases) < req.Limit && time.Now().Before(until) {
+		wctx, cancel := context.WithDeadline(ctx, until)
+		err := c.srv.queue.Wait(wctx, req.Namespaces)
+		cancel()
+		if err != nil {
+			break
+		}
+		more := req
+		more.Limit = req.Limit - len(leases)
+		got, err := c.srv.queue.Lease(ctx, more)
+		if err != nil {
+			break
+		}
+		leases = append(leases, got...)
+	}
+	return leases
 }
 
 func batchFromLeases(rid uint64, leases []Lease) *h3xpb.EventsBatch {
@@ -185,12 +272,17 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64,
 			return FrameError, errorToWire(asRetryable(err), rid)
 		}
 		ok := 0
+		var done []string
 		for j, i := range index {
 			res.Outcomes[i] = &h3xpb.SettleOutcome{Id: results[j].ID, Status: h3xpb.SettleStatus(results[j].Status)}
 			if results[j].Status == SettleOK {
 				ok++
 			}
+			if kind != FrameExtendLease && results[j].Status != SettleStale {
+				done = append(done, refs[j].ID)
+			}
 		}
+		ss.c.settled(done)
 		ss.c.srv.cfg.hooks.Settled(kind, ok, len(ids)-ok)
 	}
 	return FrameAckResult, res

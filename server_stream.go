@@ -18,6 +18,11 @@ import (
 // beyond it.
 const laneDepth = 256
 
+// fetchLaneDepth bounds fetches in flight on one stream: each may hold a
+// batch of up to the fetch byte budget, so a client that stops reading can
+// pin at most this many batches.
+const fetchLaneDepth = 4
+
 // reply is one answer being prepared; replies of a lane are written in the
 // order their requests arrived.
 type reply struct {
@@ -28,7 +33,8 @@ type reply struct {
 
 // lane answers one kind of request in arrival order.
 type lane struct {
-	ch chan *reply
+	ch    chan *reply
+	depth int
 }
 
 // sessionStream serves a stream of built-in requests: SendEvent, FetchEvents,
@@ -36,17 +42,18 @@ type lane struct {
 // so acks never wait behind a long poll and publishes never wait behind
 // fetches; within a lane, answers keep request order.
 type sessionStream struct {
-	c   *serverConn
-	st  *quic.Stream
-	fr  *frameReader
-	fw  *frameWriter
-	wg      sync.WaitGroup // the writer and the request workers
-	respWG  sync.WaitGroup // the lanes' responders
+	c                       *serverConn
+	st                      *quic.Stream
+	fr                      *frameReader
+	fw                      *frameWriter
+	wg                      sync.WaitGroup // the writer and the request workers
+	respWG                  sync.WaitGroup // the lanes' responders
 	sends, fetches, settles lane
 }
 
 func newSessionStream(c *serverConn, st *quic.Stream, fr *frameReader) *sessionStream {
-	return &sessionStream{c: c, st: st, fr: fr, fw: newFrameWriter(st)}
+	return &sessionStream{c: c, st: st, fr: fr, fw: newFrameWriter(st),
+		sends: lane{depth: laneDepth}, fetches: lane{depth: fetchLaneDepth}, settles: lane{depth: laneDepth}}
 }
 
 // run serves the stream until the client finishes its side or an error.
@@ -162,7 +169,7 @@ func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []by
 // goroutine; the lane's responder writes answers in order.
 func (ss *sessionStream) submit(l *lane, work func() (FrameType, proto.Message)) {
 	if l.ch == nil {
-		l.ch = make(chan *reply, laneDepth)
+		l.ch = make(chan *reply, l.depth)
 		ss.respWG.Add(1)
 		go ss.respond(l.ch)
 	}

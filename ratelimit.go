@@ -1,0 +1,150 @@
+package h3x
+
+import (
+	"math"
+	"sync"
+	"time"
+)
+
+// tokenBucket is a token bucket: it holds up to burst tokens and gains rate
+// tokens per second; publishing an event takes one token.
+type tokenBucket struct {
+	mu     sync.Mutex
+	rate   float64 // tokens per second
+	burst  float64
+	tokens float64
+	last   time.Time
+}
+
+func newTokenBucket(rate float64, burst int, now time.Time) *tokenBucket {
+	b := float64(max(burst, 1))
+	return &tokenBucket{rate: rate, burst: b, tokens: b, last: now}
+}
+
+func (b *tokenBucket) refill(now time.Time) {
+	if dt := now.Sub(b.last); dt > 0 {
+		b.tokens = math.Min(b.burst, b.tokens+dt.Seconds()*b.rate)
+		b.last = now
+	}
+}
+
+// take takes up to n whole tokens and returns how many it took; when it
+// took fewer than n it also returns how long until the next token.
+func (b *tokenBucket) take(now time.Time, n int) (int, time.Duration) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.refill(now)
+	got := min(n, int(b.tokens))
+	b.tokens -= float64(got)
+	if got == n {
+		return got, 0
+	}
+	wait := time.Duration((1 - (b.tokens - math.Floor(b.tokens))) / b.rate * float64(time.Second))
+	if b.tokens >= 1 {
+		wait = 0
+	}
+	return got, max(wait, time.Millisecond)
+}
+
+// giveBack returns n tokens taken but not used.
+func (b *tokenBucket) giveBack(n int) {
+	b.mu.Lock()
+	b.tokens = math.Min(b.burst, b.tokens+float64(n))
+	b.mu.Unlock()
+}
+
+// RateLimit is a publish limit: Rate events per second with bursts of up
+// to Burst events (default: Rate rounded up, at least 1).
+type RateLimit struct {
+	Rate  float64
+	Burst int
+}
+
+// WithRateLimit limits publishing to namespace, over all clients of this
+// server, to l (events over it are refused with CodeRateLimited and a
+// RateLimitNotice). Namespace "*" sets the limit of every namespace
+// without one of its own, each with its own bucket. Registry grants can
+// add per-client limits (Grant.Rate). Default: no limits.
+func WithRateLimit(namespace string, l RateLimit) ServerOption {
+	return serverOptionFunc(func(c *serverConfig) {
+		if c.rateLimits == nil {
+			c.rateLimits = make(map[string]RateLimit)
+		}
+		c.rateLimits[namespace] = l
+	})
+}
+
+// limiters holds the server's token buckets, made on first use.
+type limiters struct {
+	cfg     map[string]RateLimit
+	mu      sync.Mutex
+	buckets map[string]*tokenBucket
+}
+
+func (l *limiters) bucket(key string, rate float64, burst int, now time.Time) *tokenBucket {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b := l.buckets[key]
+	if b == nil {
+		if burst <= 0 {
+			burst = int(math.Ceil(rate))
+		}
+		b = newTokenBucket(rate, burst, now)
+		if l.buckets == nil {
+			l.buckets = make(map[string]*tokenBucket)
+		}
+		l.buckets[key] = b
+	}
+	return b
+}
+
+// allow decides how many of n events client may publish to ns now; when
+// fewer than n, it also says when to retry and which limit applied.
+func (l *limiters) allow(sess *Session, ns string, n int, now time.Time) (int, time.Duration, RateLimit) {
+	var buckets []*tokenBucket
+	var limits []RateLimit
+	if lim, ok := l.cfg[ns]; ok {
+		buckets = append(buckets, l.bucket("ns\x00"+ns, lim.Rate, lim.Burst, now))
+		limits = append(limits, lim)
+	} else if lim, ok := l.cfg["*"]; ok {
+		buckets = append(buckets, l.bucket("ns\x00"+ns, lim.Rate, lim.Burst, now))
+		limits = append(limits, lim)
+	}
+	if g, ok := grantRate(sess.Grants, ns); ok {
+		buckets = append(buckets, l.bucket("client\x00"+sess.ClientID+"\x00"+ns, g.Rate, g.Burst, now))
+		limits = append(limits, RateLimit{Rate: g.Rate, Burst: g.Burst})
+	}
+	granted, wait := n, time.Duration(0)
+	var applied RateLimit
+	for i, b := range buckets {
+		got, w := b.take(now, granted)
+		for _, prev := range buckets[:i] {
+			prev.giveBack(granted - got)
+		}
+		if got < granted {
+			applied = limits[i]
+			wait = max(wait, w)
+		}
+		granted = got
+	}
+	return granted, wait, applied
+}
+
+// grantRate finds the rate limit of the grant for ns: an exact grant first,
+// then "*".
+func grantRate(g Grants, ns string) (Grant, bool) {
+	var wild Grant
+	found := false
+	for _, gr := range g {
+		if gr.Rate <= 0 || gr.Permission&PermPublish == 0 {
+			continue
+		}
+		if gr.Namespace == ns {
+			return gr, true
+		}
+		if gr.Namespace == "*" {
+			wild, found = gr, true
+		}
+	}
+	return wild, found
+}
