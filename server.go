@@ -384,6 +384,15 @@ wait:
 	return nil
 }
 
+// DropConnections closes every client connection at once, without a
+// GoAway, as a network failure would; their leases are released. The server
+// keeps accepting new connections. For tests and operators.
+func (s *Server) DropConnections() {
+	for _, c := range s.connList() {
+		c.close(CodeNone, "dropped")
+	}
+}
+
 // Close stops the server at once: connections are closed with
 // CodeShuttingDown (their leases are released), then the queue is closed.
 // It waits for every goroutine the server started, and is safe to call more

@@ -24,7 +24,7 @@ func newServer(t *testing.T, opts ...h3x.ServerOption) *h3xtest.Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return h3xtest.NewServer(t, append([]h3x.ServerOption{h3x.WithRegistry(reg)}, opts...)...)
+	return h3xtest.NewServer(t, h3xtest.WithRegistry(reg), h3xtest.WithServerOptions(opts...))
 }
 
 func as(id string) h3x.ClientOption { return h3x.WithCredentials(id, id+"-token") }
@@ -159,7 +159,7 @@ func TestAuthFailures(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := ctxT(t)
-			_, err := h3x.Dial(ctx, srv.URL(), append([]h3x.ClientOption{h3x.WithTrustedFingerprint(srv.Fingerprint())}, tc.opts...)...)
+			_, err := h3x.Dial(ctx, srv.Addr(), append([]h3x.ClientOption{h3x.WithTrustedFingerprint(srv.Fingerprint())}, tc.opts...)...)
 			if !errors.Is(err, tc.want) {
 				t.Fatalf("Dial: %v, want %v", err, tc.want)
 			}
@@ -179,17 +179,17 @@ func TestUntrustedCertificateRefused(t *testing.T) {
 	srv := newServer(t)
 	ctx := ctxT(t)
 	// No pin, no CA: the self-signed certificate is refused.
-	if _, err := h3x.Dial(ctx, srv.URL(), as("alice")); err == nil {
+	if _, err := h3x.Dial(ctx, srv.Addr(), as("alice")); err == nil {
 		t.Fatal("self-signed certificate accepted without trust")
 	}
 	wrongPin := "00" + srv.Fingerprint()[2:]
 	if wrongPin == srv.Fingerprint() {
 		wrongPin = "11" + srv.Fingerprint()[2:]
 	}
-	if _, err := h3x.Dial(ctx, srv.URL(), as("alice"), h3x.WithTrustedFingerprint(wrongPin)); err == nil {
+	if _, err := h3x.Dial(ctx, srv.Addr(), as("alice"), h3x.WithTrustedFingerprint(wrongPin)); err == nil {
 		t.Fatal("wrong pin accepted")
 	}
-	c, err := h3x.Dial(ctx, srv.URL(), as("alice"), h3x.WithInsecureSkipVerify())
+	c, err := h3x.Dial(ctx, srv.Addr(), as("alice"), h3x.WithInsecureSkipVerify())
 	if err != nil {
 		t.Fatalf("insecure: %v", err)
 	}
@@ -254,7 +254,7 @@ func TestTooManyConnections(t *testing.T) {
 	srv := newServer(t, h3x.WithMaxConnections(1))
 	ctx := ctxT(t)
 	first := srv.Dial(t, as("alice"))
-	_, err := h3x.Dial(ctx, srv.URL(), as("bob"), h3x.WithTrustedFingerprint(srv.Fingerprint()))
+	_, err := h3x.Dial(ctx, srv.Addr(), as("bob"), h3x.WithTrustedFingerprint(srv.Fingerprint()))
 	if !errors.Is(err, h3x.ErrTooManyConnections) {
 		t.Fatalf("second connection: %v", err)
 	}
@@ -300,7 +300,7 @@ func TestShutdownSendsGoAwayAndDrains(t *testing.T) {
 	time.Sleep(50 * time.Millisecond)
 	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
 	defer scancel()
-	if err := srv.Shutdown(sctx); err != nil {
+	if err := srv.Server().Shutdown(sctx); err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
 	for sc := range states {
@@ -311,7 +311,7 @@ func TestShutdownSendsGoAwayAndDrains(t *testing.T) {
 			break
 		}
 	}
-	if err := srv.Shutdown(ctx); !errors.Is(err, h3x.ErrServerClosed) {
+	if err := srv.Server().Shutdown(ctx); !errors.Is(err, h3x.ErrServerClosed) {
 		t.Fatalf("second Shutdown: %v", err)
 	}
 }
