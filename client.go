@@ -830,7 +830,7 @@ func (c *Client) fetch(ctx context.Context, limit, maxBytes int, namespaces []st
 	}
 }
 
-type settleKind struct {
+type settleGroup struct {
 	t      FrameType
 	delay  time.Duration
 	reason string
@@ -848,7 +848,7 @@ func refsOf(ds []*Delivery) (ids []string, attempts []uint32, namespaces []strin
 
 // settle sends one ack, nack or extension for deliveries and returns their
 // results, retrying on the next connection if this one fails.
-func (c *Client) settle(ctx context.Context, k settleKind, ds []*Delivery) ([]SettleResult, error) {
+func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]SettleResult, error) {
 	ids, attempts, namespaces := refsOf(ds)
 	ans, err := c.call(ctx, streamSettle, k.t, func(id uint64) proto.Message {
 		switch k.t {
@@ -874,20 +874,20 @@ func (c *Client) settle(ctx context.Context, k settleKind, ds []*Delivery) ([]Se
 // SettleOK; SettleStale if the lease passed to another consumer (the event
 // will come again); SettleUnknown if it was already acked.
 func (c *Client) Ack(ctx context.Context, deliveries ...*Delivery) ([]SettleResult, error) {
-	return c.settle(ctx, settleKind{t: FrameAckEvent}, deliveries)
+	return c.settle(ctx, settleGroup{t: FrameAckEvent}, deliveries)
 }
 
 // Nack hands deliveries back: they are delivered again after delay (to any
 // consumer), or dead-lettered after the maximum number of attempts, with
 // reason recorded.
 func (c *Client) Nack(ctx context.Context, delay time.Duration, reason string, deliveries ...*Delivery) ([]SettleResult, error) {
-	return c.settle(ctx, settleKind{t: FrameNackEvent, delay: delay, reason: reason}, deliveries)
+	return c.settle(ctx, settleGroup{t: FrameNackEvent, delay: delay, reason: reason}, deliveries)
 }
 
 // Extend pushes the deliveries' lease deadlines to now + d (d <= 0: the
 // server's ack deadline), for slow work.
 func (c *Client) Extend(ctx context.Context, d time.Duration, deliveries ...*Delivery) ([]SettleResult, error) {
-	res, err := c.settle(ctx, settleKind{t: FrameExtendLease, delay: d}, deliveries)
+	res, err := c.settle(ctx, settleGroup{t: FrameExtendLease, delay: d}, deliveries)
 	if err == nil {
 		for i, r := range res {
 			if r.Status == SettleOK && i < len(deliveries) && d > 0 {

@@ -296,10 +296,10 @@ func (a *acker) run() {
 // send groups ops by kind and delay and sends each group, retrying across
 // reconnects until ctx ends.
 func (a *acker) send(ctx context.Context, ops []settleOp) {
-	groups := make(map[settleKind][]*Delivery)
-	var order []settleKind
+	groups := make(map[settleGroup][]*Delivery)
+	var order []settleGroup
 	for _, op := range ops {
-		k := settleKind{t: op.kind, delay: op.delay}
+		k := settleGroup{t: op.kind, delay: op.delay}
 		if _, ok := groups[k]; !ok {
 			order = append(order, k)
 		}

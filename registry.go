@@ -34,7 +34,9 @@ var ErrNoRegistry = errors.New("h3x: no registry: H3X_REGISTRY is unset or empty
 // RegistryEnv is the environment variable RegistryFromEnv reads.
 const RegistryEnv = "H3X_REGISTRY"
 
-// MaxNamespaceLength is the longest namespace name, in bytes.
+// MaxNamespaceLength is the longest namespace name, in bytes. A name that
+// does not end in DeadLetterSuffix may be at most 4 bytes shorter, so that
+// its dead-letter namespace fits too.
 const MaxNamespaceLength = 128
 
 // Permission is a set of rights on a namespace.
@@ -113,7 +115,8 @@ func (g Grants) Allows(namespace string, p Permission) bool {
 }
 
 // ValidateNamespace reports whether ns may name a namespace in events and
-// requests: 1 to 128 bytes (MaxNamespaceLength), each an ASCII letter, a
+// requests: 1 to 124 bytes, or up to 128 (MaxNamespaceLength) for a name
+// ending in ".dlq", each an ASCII letter, a
 // digit, '.', '_' or '-', not starting with '.'. The wildcard "*" is valid
 // only in registry grants. The error is an *Error of CodeInvalidArgument.
 func ValidateNamespace(ns string) error {
@@ -137,6 +140,8 @@ func namespaceProblem(ns string) string {
 		return "the wildcard * is valid only in registry grants"
 	case len(ns) > MaxNamespaceLength:
 		return fmt.Sprintf("longer than %d bytes", MaxNamespaceLength)
+	case len(ns) > MaxNamespaceLength-len(DeadLetterSuffix) && !strings.HasSuffix(ns, DeadLetterSuffix):
+		return fmt.Sprintf("longer than %d bytes (room is kept for the %q dead-letter suffix)", MaxNamespaceLength-len(DeadLetterSuffix), DeadLetterSuffix)
 	case ns[0] == '.':
 		return "starts with '.'"
 	}

@@ -83,8 +83,8 @@ func TestParseRegistry(t *testing.T) {
 			"ops": {{"t1", all("*")}},
 			"ro":  {{"t2", Grant{Namespace: "*", Permission: PermConsume}}},
 		}},
-		{"namespace charset", "a:A-Z_a.z-0.9=t, a:x.dlq=t, a:" + strings.Repeat("n", 128) + "=t", map[string][]wantEntry{
-			"a": {{"t", all("A-Z_a.z-0.9")}, {"t", all("x.dlq")}, {"t", all(strings.Repeat("n", 128))}},
+		{"namespace charset", "a:A-Z_a.z-0.9=t, a:x.dlq=t, a:" + strings.Repeat("n", 124) + "=t, a:" + strings.Repeat("n", 124) + ".dlq=t", map[string][]wantEntry{
+			"a": {{"t", all("A-Z_a.z-0.9")}, {"t", all("x.dlq")}, {"t", all(strings.Repeat("n", 124))}, {"t", all(strings.Repeat("n", 124) + ".dlq")}},
 		}},
 		{"token with = and :", "a:n=dG9r:ZW4==", map[string][]wantEntry{
 			"a": {{"dG9r:ZW4==", all("n")}},
@@ -252,6 +252,9 @@ var (
 			"invalid namespace: empty",
 			"invalid namespace: the wildcard * is valid only in registry grants",
 			"invalid namespace: longer than 128 bytes",
+			"invalid namespace: longer than 124 bytes (room is kept for the \".dlq\" dead-letter suffix)",
+			"rate limit must be a positive number of events per second (@rate or @rate:burst)",
+			"rate limit burst must be a positive integer (@rate:burst)",
 			"invalid namespace: starts with '.'",
 			"invalid namespace: the byte at offset 0 is not an ASCII letter, digit, '.', '_' or '-'",
 			"a sha256: token must be followed by exactly 64 hex digits",
@@ -338,7 +341,7 @@ func TestGrantsAllows(t *testing.T) {
 }
 
 func TestValidateNamespace(t *testing.T) {
-	for _, ns := range []string{"a", "orders", "A-Z_a.z-0.9", "orders.dlq", "_x", "-x", "0", strings.Repeat("n", 128)} {
+	for _, ns := range []string{"a", "orders", "A-Z_a.z-0.9", "orders.dlq", "_x", "-x", "0", strings.Repeat("n", 124), strings.Repeat("n", 124) + ".dlq"} {
 		if err := ValidateNamespace(ns); err != nil {
 			t.Errorf("ValidateNamespace(%q) = %v, want nil", ns, err)
 		}
@@ -621,5 +624,32 @@ func BenchmarkRegistryAuthenticate(b *testing.B) {
 				r.Authenticate(ctx, bc.client, bc.token)
 			}
 		})
+	}
+}
+
+func TestRegistryRateSuffix(t *testing.T) {
+	r, err := ParseRegistry("a:orders/pub@100:200=t, a:audit@7.5=t, a:*/sub=t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := r.Authenticate(context.Background(), "a", "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Grants{
+		{Namespace: "orders", Permission: PermPublish, Rate: 100, Burst: 200},
+		{Namespace: "audit", Permission: PermAll, Rate: 7.5, Burst: 8},
+		{Namespace: "*", Permission: PermConsume},
+	}
+	if !slices.Equal(g, want) {
+		t.Fatalf("grants %v, want %v", g, want)
+	}
+	if s := want[0].String(); s != "orders/pub@100:200" {
+		t.Fatalf("String %q", s)
+	}
+	for _, bad := range []string{"a:x@=t", "a:x@0=t", "a:x@-1=t", "a:x@1:0=t", "a:x@abc=t", "a:x@1:2.5=t", "a:" + strings.Repeat("n", 125) + "=t"} {
+		if _, err := ParseRegistry(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
 	}
 }

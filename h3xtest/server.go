@@ -289,6 +289,8 @@ func (c *latencyConn) close() {
 	c.udp.Close()
 }
 
+func (c *latencyConn) SetReadBuffer(n int) error                { return c.udp.SetReadBuffer(n) }
+func (c *latencyConn) SetWriteBuffer(n int) error               { return c.udp.SetWriteBuffer(n) }
 func (c *latencyConn) ReadFrom(b []byte) (int, net.Addr, error) { return c.udp.ReadFrom(b) }
 func (c *latencyConn) Close() error                             { return nil } // closed by the Server after the h3x.Server
 func (c *latencyConn) LocalAddr() net.Addr                      { return c.udp.LocalAddr() }
