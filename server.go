@@ -51,7 +51,9 @@ type Server struct {
 	closeErr    error
 	wg          sync.WaitGroup // the accept loop and every connection
 
-	connCount atomic.Int64
+	connCount   atomic.Int64
+	pendingAuth atomic.Int64 // connections not yet authenticated
+	authGuard   authGuard
 }
 
 // NewServer returns a server configured by opts. It validates the
@@ -286,13 +288,15 @@ func (s *Server) acceptLoop(ln *quic.Listener) {
 		if err != nil {
 			return
 		}
-		if s.connCount.Load() >= int64(s.cfg.maxConnections) {
+		if s.connCount.Load() >= int64(s.cfg.maxConnections) || s.pendingAuth.Load() >= int64(s.maxUnauthenticated()) {
 			qc.CloseWithError(quic.ApplicationErrorCode(CodeTooManyConnections), "too many connections")
 			continue
 		}
+		s.pendingAuth.Add(1)
 		s.mu.Lock()
 		if s.closing {
 			s.mu.Unlock()
+			s.pendingAuth.Add(-1)
 			qc.CloseWithError(quic.ApplicationErrorCode(CodeShuttingDown), "shutting down")
 			continue
 		}
@@ -313,6 +317,13 @@ func (s *Server) acceptLoop(ln *quic.Listener) {
 			s.cfg.hooks.ConnectionClosed()
 		}()
 	}
+}
+
+// maxUnauthenticated is how many connections may be waiting to
+// authenticate at once: a tenth of the connection limit, at least 16 and at
+// most 1,000.
+func (s *Server) maxUnauthenticated() int {
+	return min(max(s.cfg.maxConnections/10, 16), 1000)
 }
 
 // beginClose marks the server closing and stops accepting. It reports

@@ -186,7 +186,9 @@ func (c *serverConn) serve() {
 			c.logger.Error("h3x: releasing leases", "err", err)
 		}
 	}()
-	if err := c.authenticate(ctx); err != nil {
+	err := c.authenticate(ctx)
+	c.srv.pendingAuth.Add(-1)
+	if err != nil {
 		var e *Error
 		code := CodeUnauthenticated
 		if errors.As(err, &e) {
@@ -258,10 +260,20 @@ func (c *serverConn) authenticate(ctx context.Context) error {
 		if !errors.Is(err, ErrUnauthenticated) {
 			c.logger.Error("h3x: registry failure", "err", err)
 			e = newError(CodeInternal, "registry unavailable")
+		} else if d := c.srv.authGuard.failed(c.qc.RemoteAddr(), time.Now()); d > 0 {
+			// Repeated failures from one address are answered slowly.
+			t := time.NewTimer(d)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+			case <-c.srv.shutdownCh:
+			}
+			t.Stop()
 		}
 		c.writeControl(FrameError, errorToWire(e, 0))
 		return e
 	}
+	c.srv.authGuard.succeeded(c.qc.RemoteAddr())
 	sess := &Session{ID: c.id, ClientID: auth.GetClientId(), Grants: grants, RemoteAddr: c.qc.RemoteAddr()}
 	for _, ns := range auth.GetNamespaces() {
 		if err := ValidateNamespace(ns); err != nil {
