@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -36,17 +37,19 @@ import (
 //
 // After a restart every published, unacked event is delivered again, in
 // publish order; leases do not survive (they end as if released). Attempt
-// counts survive: a lease that ends without an ack (nack, expiry, release)
-// records the event's attempt count along with it, so only the deliveries in
-// progress at a crash are not counted. The dedup window survives too (the
-// IDs of each commit are stored with a time to live).
+// counts and settlements survive: each Lease call stores one record of its
+// deliveries (in the next group commit, not waited for), so after a restart
+// the next delivery of an event delivered before continues its attempt
+// count, and a client can still settle a delivery it received before the
+// restart (see LeaseRef). Only deliveries made in the last moments before a
+// crash (whose record was not yet written) are not counted. The dedup window
+// survives too: the IDs of each commit are stored with it, with a time to
+// live.
 //
-// Settling (Ack, Nack, Extend) addresses events by ID. Events delivered
-// since the queue was opened are found in memory; the backlog is not (it is
-// not held in memory), so settling an event that has not been delivered since
-// the queue was opened — a delivery made before a restart — is refused: as
-// SettleStale if its ID was published within the dedup window, SettleUnknown
-// otherwise. The event is simply delivered again.
+// The backlog is not held in memory: only events delivered since the queue
+// was opened (or listed in a lease record) are. Settling, by ID and with
+// attempt 0, an event never delivered is refused as SettleStale if its ID was
+// published within the dedup window, SettleUnknown otherwise.
 //
 // Only one process can open dir at a time; a second gets an error saying
 // so. When the disk is nearly full (less free space than Badger needs for its
@@ -69,17 +72,18 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		return nil, fmt.Errorf("h3x: open badger queue in %s: %w", dir, err)
 	}
 	q := &badgerQueue{
-		db:         db,
-		dir:        dir,
-		log:        opts.Logger,
-		window:     opts.DedupWindow,
-		counters:   make(map[string]*nsCounter),
-		wsignal:    make(chan struct{}, 1),
-		writerDone: make(chan struct{}),
-		gcStop:     make(chan struct{}),
-		gcDone:     make(chan struct{}),
-		reserve:    uint64(2*bo.ValueLogFileSize + 4*bo.MemTableSize + 32<<20),
-		diskFree:   diskFree,
+		db:            db,
+		dir:           dir,
+		log:           opts.Logger,
+		window:        opts.DedupWindow,
+		counters:      make(map[string]*nsCounter),
+		wsignal:       make(chan struct{}, 1),
+		inflight:      make(chan *group, pipelineDepth),
+		completerDone: make(chan struct{}),
+		gcStop:        make(chan struct{}),
+		gcDone:        make(chan struct{}),
+		reserve:       uint64(2*bo.ValueLogFileSize + 4*bo.MemTableSize + 32<<20),
+		diskFree:      diskFree,
 	}
 	q.core = newQueueCore(opts, (*badgerStore)(q), false)
 	if err := q.load(); err != nil {
@@ -87,6 +91,7 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		return nil, err
 	}
 	go q.writer()
+	go q.completer()
 	go q.gcLoop(valueLogGCInterval)
 	return q, nil
 }
@@ -142,9 +147,10 @@ func (b badgerLogger) Debugf(f string, a ...any)   { b.logf(slog.LevelDebug, f, 
 // Keys:
 //
 //	'e' ns seq   an event (value: encodeEvent)
-//	'a' ns seq   its attempt count, once a lease of it ended without an ack
 //	'c' ns       the namespace's event count and bytes (written with every change)
 //	'g' seq      the IDs of one commit, for dedup after a restart (with a TTL)
+//	'l' seq      a lease record: the deliveries of one Lease call (ID, attempt,
+//	             where the event is), deleted once none is the latest of its event
 //	'm' "hwm"    the highest sequence number ever assigned
 //	'm' "format" the storage format version
 //
@@ -170,11 +176,19 @@ type badgerQueue struct {
 	// Writer-owned (and load, before the writer starts).
 	counters map[string]*nsCounter
 
-	wmu        sync.Mutex
-	wops       []*wop
-	wstop      bool
-	wsignal    chan struct{}
-	writerDone chan struct{}
+	wmu     sync.Mutex
+	wops    []*wop
+	wstop   bool
+	wsignal chan struct{}
+
+	inflight      chan *group // writer -> completer
+	completerDone chan struct{}
+
+	// Guarded by core.mu: groups accepted, and the IDs of failed commits
+	// that groups up to failCheckUntil may have answered as duplicates.
+	groups         uint64
+	failedIDs      map[string]error
+	failCheckUntil uint64
 
 	gcStop chan struct{}
 	gcDone chan struct{}
@@ -205,6 +219,9 @@ type wop struct {
 	// settle
 	fx *effects
 
+	// a correction of the writer's counters after a failed commit
+	counterFix map[string]nsCounter
+
 	w      *writeWait
 	failed error
 }
@@ -213,9 +230,9 @@ type wop struct {
 
 const (
 	keyEvent    = 'e'
-	keyAttempts = 'a'
 	keyCounter  = 'c'
 	keyGroup    = 'g'
+	keyLeaseRec = 'l'
 	keyMeta     = 'm'
 
 	storageFormat = 1
@@ -247,6 +264,50 @@ func seqKey(kind byte, ns string, seq uint64) []byte {
 func keySeq(k []byte) uint64 { return binary.BigEndian.Uint64(k[len(k)-8:]) }
 
 func counterKey(ns string) []byte { return append([]byte{keyCounter}, ns...) }
+
+func leaseRecKey(seq uint64) []byte { return binary.BigEndian.AppendUint64([]byte{keyLeaseRec}, seq) }
+
+// encodeLeaseRec encodes a lease record: the deliveries of one Lease call.
+func encodeLeaseRec(entries []recEntry) []byte {
+	n := binary.MaxVarintLen32
+	for _, r := range entries {
+		n += len(r.ns) + len(r.id) + 2*binary.MaxVarintLen32 + 4*binary.MaxVarintLen64
+	}
+	b := make([]byte, 0, n)
+	b = binary.AppendUvarint(b, uint64(len(entries)))
+	for _, r := range entries {
+		b = appendString(b, r.ns)
+		b = binary.AppendUvarint(b, r.seq)
+		b = appendString(b, r.id)
+		b = binary.AppendUvarint(b, uint64(r.size))
+		b = binary.AppendUvarint(b, uint64(r.enq))
+		b = binary.AppendUvarint(b, uint64(r.attempt))
+	}
+	return b
+}
+
+func decodeLeaseRec(b []byte) ([]recEntry, error) {
+	d := decoder{b: b}
+	n := d.uvarint()
+	if d.bad || n > uint64(len(b)) {
+		return nil, errCorrupt
+	}
+	out := make([]recEntry, 0, n)
+	for range n {
+		var r recEntry
+		r.ns = strings.Clone(d.string())
+		r.seq = d.uvarint()
+		r.id = strings.Clone(d.string())
+		r.size = int(d.uvarint())
+		r.enq = int64(d.uvarint())
+		r.attempt = int(d.uvarint())
+		if d.bad {
+			return nil, errCorrupt
+		}
+		out = append(out, r)
+	}
+	return out, nil
+}
 
 // encodeEvent encodes ev (all but its namespace, which is in the key) with
 // its enqueue time.
@@ -449,6 +510,12 @@ func (q *badgerQueue) load() error {
 			it.Close()
 		}
 
+		// Deliveries made before the restart: each event's latest lease
+		// record gives its attempt count and makes it settleable by ID.
+		if err := q.loadLeaseRecs(txn); err != nil {
+			return err
+		}
+
 		// IDs published within the dedup window.
 		if c.dedup != nil {
 			now := time.Now().UnixNano()
@@ -478,6 +545,84 @@ func (q *badgerQueue) load() error {
 	})
 }
 
+// loadLeaseRecs loads the deliveries of the stored lease records whose
+// events are still there, as ready entries, and deletes the records that
+// list none.
+func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
+	c := q.core
+	type nsSeq struct {
+		ns  string
+		seq uint64
+	}
+	type latest struct {
+		r   recEntry
+		rec *leaseRec
+	}
+	recs := make(map[uint64]*leaseRec)
+	deliveries := make(map[nsSeq]latest)
+	it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyLeaseRec}})
+	for it.Rewind(); it.Valid(); it.Next() {
+		k := it.Item().Key()
+		if len(k) != 9 {
+			continue
+		}
+		rec := &leaseRec{seq: binary.BigEndian.Uint64(k[1:])}
+		recs[rec.seq] = rec
+		v, err := it.Item().ValueCopy(nil)
+		if err == nil {
+			var entries []recEntry
+			entries, err = decodeLeaseRec(v)
+			for _, r := range entries {
+				deliveries[nsSeq{r.ns, r.seq}] = latest{r, rec}
+			}
+		}
+		if err != nil {
+			q.log.Warn("h3x: badger queue: unreadable lease record; its attempt counts are lost", "record", rec.seq, "err", err)
+		}
+	}
+	it.Close()
+	for k, d := range deliveries {
+		ns := c.nss[k.ns]
+		if ns == nil || k.seq < ns.diskNext || ns.freshDisk <= 0 {
+			continue // acked or dead-lettered since
+		}
+		switch _, err := txn.Get(seqKey(keyEvent, k.ns, k.seq)); {
+		case errors.Is(err, badger.ErrKeyNotFound):
+			continue
+		case err != nil:
+			return fmt.Errorf("h3x: badger queue: load lease records: %w", err)
+		}
+		e := &qentry{id: d.r.id, ns: ns, seq: k.seq, size: d.r.size, enq: d.r.enq, attempt: d.r.attempt, rec: d.rec, state: stReady}
+		d.rec.n++
+		c.indexID(e)
+		ns.ready.push(e)
+		if ns.preloaded == nil {
+			ns.preloaded = make(map[uint64]bool)
+		}
+		ns.preloaded[k.seq] = true
+		ns.freshDisk--
+	}
+	var dead [][]byte
+	for seq, rec := range recs {
+		if rec.n == 0 {
+			dead = append(dead, leaseRecKey(seq))
+		}
+	}
+	if len(dead) > 0 {
+		wb := q.db.NewWriteBatch()
+		defer wb.Cancel()
+		for _, k := range dead {
+			if err := wb.Delete(k); err != nil {
+				return fmt.Errorf("h3x: badger queue: delete lease records: %w", err)
+			}
+		}
+		if err := wb.Flush(); err != nil {
+			return fmt.Errorf("h3x: badger queue: delete lease records: %w", err)
+		}
+	}
+	return nil
+}
+
 // --- the store -----------------------------------------------------------------
 
 // badgerStore is the queueStore of a badgerQueue.
@@ -494,18 +639,20 @@ func (s *badgerStore) refill(ns *qns, n int) error {
 	defer txn.Discard()
 	it := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(keyEvent, ns.name)})
 	defer it.Close()
-	at := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(keyAttempts, ns.name)})
-	defer at.Close()
 
-	start := seqKey(keyEvent, ns.name, ns.diskNext)
-	at.Seek(seqKey(keyAttempts, ns.name, ns.diskNext))
 	loaded := 0
 	exhausted := true
-	for it.Seek(start); it.Valid(); it.Next() {
+	for it.Seek(seqKey(keyEvent, ns.name, ns.diskNext)); it.Valid(); it.Next() {
 		item := it.Item()
 		seq := keySeq(item.Key())
 		if seq > c.applied {
 			break
+		}
+		if ns.preloaded[seq] {
+			// Delivered before the queue was opened: already in ready.
+			delete(ns.preloaded, seq)
+			ns.diskNext = seq + 1
+			continue
 		}
 		if loaded >= n || (loaded > 0 && ns.fresh.bytes >= readAheadBytes) || ns.fresh.len() >= 4*readAheadMax {
 			exhausted = false
@@ -520,24 +667,7 @@ func (s *badgerStore) refill(ns *qns, n int) error {
 			return fmt.Errorf("h3x: badger queue: event %d of %q: %w", seq, ns.name, err)
 		}
 		ev.Namespace = ns.name
-		e := &qentry{id: ev.ID, ns: ns, seq: seq, size: ev.size(), enq: enq, ev: &ev}
-		for at.Valid() && keySeq(at.Item().Key()) < seq {
-			at.Next()
-		}
-		if at.Valid() && keySeq(at.Item().Key()) == seq {
-			if err := at.Item().Value(func(v []byte) error {
-				a, k := binary.Uvarint(v)
-				if k <= 0 {
-					return errCorrupt
-				}
-				e.attempt = int(a)
-				return nil
-			}); err != nil {
-				return fmt.Errorf("h3x: badger queue: attempts of event %d of %q: %w", seq, ns.name, err)
-			}
-			e.attemptsStored = true
-		}
-		ns.fresh.push(e)
+		ns.fresh.push(&qentry{id: ev.ID, ns: ns, seq: seq, size: ev.size(), enq: enq, ev: &ev})
 		ns.diskNext = seq + 1
 		ns.freshDisk--
 		loaded++
@@ -582,9 +712,6 @@ func (s *badgerStore) take(e *qentry) (Event, error) {
 // submit hands the effects of a state change to the writer.
 func (s *badgerStore) submit(fx *effects) *writeWait {
 	q := (*badgerQueue)(s)
-	for _, a := range fx.attempts {
-		a.e.attemptsStored = true
-	}
 	op := &wop{fx: fx, w: &writeWait{done: make(chan struct{})}}
 	if err := q.push(op); err != nil {
 		// Closed: the core refuses calls once closed, so only expiry
@@ -656,8 +783,41 @@ func (q *badgerQueue) Enqueue(ctx context.Context, events []Event) ([]PublishRes
 
 // --- the writer --------------------------------------------------------------------
 
+// The writer is a two-stage pipeline. Stage one (writer) takes every request
+// waiting, decides them (dedup, limits, sequence numbers) and hands their
+// writes to Badger as one transaction without waiting for it; stage two
+// (completer) waits for each group's commit in order, then makes its events
+// deliverable, reverts what failed, and answers the callers. So the next
+// group is prepared while Badger writes (and, with DurabilityFsync, syncs)
+// the previous one. pipelineDepth bounds the groups in flight.
+const pipelineDepth = 4
+
+// group is one group commit.
+type group struct {
+	n       uint64 // its number, in acceptance order
+	ops     []*wop
+	moved   []*movedEvent
+	diskErr error
+	txns    []*gtxn
+	pending atomic.Int32 // transactions not yet committed, +1 while building
+	done    chan struct{}
+}
+
+// gtxn is one transaction of a group.
+type gtxn struct {
+	ents   []*qentry // the entries whose writes it holds
+	deltas map[string]nsCounter
+	err    error
+}
+
+func (g *group) release() {
+	if g.pending.Add(-1) == 0 {
+		close(g.done)
+	}
+}
+
 func (q *badgerQueue) writer() {
-	defer close(q.writerDone)
+	defer close(q.inflight)
 	var ops []*wop
 	for {
 		q.wmu.Lock()
@@ -670,10 +830,17 @@ func (q *badgerQueue) writer() {
 			q.wmu.Unlock()
 			return
 		}
-		ops, q.wops = q.wops, ops[:0]
+		ops, q.wops = q.wops, nil
 		q.wmu.Unlock()
-		q.process(ops)
-		clear(ops)
+		q.inflight <- q.write(ops)
+	}
+}
+
+func (q *badgerQueue) completer() {
+	defer close(q.completerDone)
+	for g := range q.inflight {
+		<-g.done
+		q.complete(g)
 	}
 }
 
@@ -681,13 +848,17 @@ func (q *badgerQueue) writer() {
 // limit (ErrTxnTooBig, which is handled anyway).
 const maxTxnWrites = 4096
 
-// process commits one group of requests and answers them.
-func (q *badgerQueue) process(ops []*wop) {
+// write is stage one: it decides a group and starts committing it.
+func (q *badgerQueue) write(ops []*wop) *group {
 	c := q.core
+	g := &group{ops: ops, done: make(chan struct{})}
+	g.pending.Store(1)
 
-	// 1. Decide: dedup, limits and sequence numbers of the new events;
+	// Decide: dedup, limits and sequence numbers of the new events;
 	// sequence numbers of the dead-letter moves.
 	c.mu.Lock()
+	q.groups++
+	g.n = q.groups
 	adds := false
 	for _, op := range ops {
 		if op.evs != nil {
@@ -705,86 +876,115 @@ func (q *badgerQueue) process(ops []*wop) {
 	hwm := c.nextSeq - 1
 	c.mu.Unlock()
 
-	// 2. Refuse to write when the disk is (nearly) full.
-	var diskErr error
+	// Refuse to write when the disk is (nearly) full.
 	if free, err := q.diskFree(q.dir); err == nil {
 		if adds && free < q.reserve {
-			diskErr = diskFullError("enqueue", fmt.Errorf("%d bytes free in %s, %d needed in reserve", free, q.dir, q.reserve))
+			g.diskErr = diskFullError("enqueue", fmt.Errorf("%d bytes free in %s, %d kept in reserve", free, q.dir, q.reserve))
 		} else if free < q.reserve/2 {
-			diskErr = diskFullError("write", fmt.Errorf("%d bytes free in %s", free, q.dir))
+			g.diskErr = diskFullError("write", fmt.Errorf("%d bytes free in %s", free, q.dir))
 		}
 	}
+	if g.diskErr != nil {
+		g.release()
+		return g
+	}
 
-	// 3. Write.
-	b := txnBuilder{q: q, hwm: hwm, dedup: c.dedup != nil, window: q.window}
-	var moved []*movedEvent
-	if diskErr == nil {
-		b.start()
-		for _, op := range ops {
-			if op.evs == nil {
-				continue
-			}
-			k := 0
-			for i := range op.evs {
-				if op.res[i].Status != PublishStored {
-					continue
-				}
-				e := op.ents[k]
-				k++
-				b.item(e)
-				b.add(bwrite{key: seqKey(keyEvent, e.ns.name, e.seq), val: op.vals[i], newID: true})
-				b.count(e.ns.name, 1, e.size)
-			}
-		}
-		for _, op := range ops {
-			if op.fx == nil {
-				continue
-			}
-			for _, e := range op.fx.deletes {
-				b.item(e)
-				b.add(bwrite{key: seqKey(keyEvent, e.ns.name, e.seq), del: true})
-				if e.attemptsStored {
-					b.add(bwrite{key: seqKey(keyAttempts, e.ns.name, e.seq), del: true})
-				}
-				b.count(e.ns.name, -1, -e.size)
-			}
-			for _, a := range op.fx.attempts {
+	b := txnBuilder{q: q, g: g, hwm: hwm, dedup: c.dedup != nil, window: q.window}
+	b.start()
+	for _, op := range ops {
+		if op.counterFix != nil {
+			for name, d := range op.counterFix {
 				b.item(nil)
-				b.add(bwrite{key: seqKey(keyAttempts, a.e.ns.name, a.e.seq), val: binary.AppendUvarint(nil, uint64(a.attempt))})
-			}
-			for _, m := range op.fx.moves {
-				mv, err := q.readMove(m)
-				if err != nil {
-					q.log.Error("h3x: badger queue: dead-lettering failed; the event stays", "id", m.e.id, "err", err)
-					continue
-				}
-				moved = append(moved, mv)
-				b.item(m.e)
-				b.add(bwrite{key: seqKey(keyEvent, m.dst.name, m.seq), val: mv.val})
-				b.add(bwrite{key: seqKey(keyEvent, m.e.ns.name, m.e.seq), del: true})
-				if m.e.attemptsStored {
-					b.add(bwrite{key: seqKey(keyAttempts, m.e.ns.name, m.e.seq), del: true})
-				}
-				b.count(m.e.ns.name, -1, -m.e.size)
-				b.count(m.dst.name, 1, mv.size)
+				b.add(bwrite{ns: name, count: d.count, bytes: d.bytes})
 			}
 		}
-		b.commit()
+		if op.evs == nil {
+			continue
+		}
+		k := 0
+		for i := range op.evs {
+			if op.res[i].Status != PublishStored {
+				continue
+			}
+			e := op.ents[k]
+			k++
+			b.item(e)
+			b.add(bwrite{key: b.seqKey(keyEvent, e.ns.name, e.seq), val: op.vals[i], newID: true})
+			b.add(bwrite{ns: e.ns.name, count: 1, bytes: int64(e.size)})
+		}
 	}
-	failed := func(e *qentry) error {
-		if diskErr != nil {
-			return diskErr
+	for _, op := range ops {
+		if op.fx == nil {
+			continue
 		}
-		if b.failed[e] {
-			return b.err
+		for _, e := range op.fx.deletes {
+			b.item(e)
+			b.add(bwrite{key: b.seqKey(keyEvent, e.ns.name, e.seq), del: true})
+			b.add(bwrite{ns: e.ns.name, count: -1, bytes: -int64(e.size)})
 		}
-		return nil
+		for _, r := range op.fx.recPuts {
+			b.item(nil)
+			b.add(bwrite{key: leaseRecKey(r.rec.seq), val: encodeLeaseRec(r.entries)})
+		}
+		for _, seq := range op.fx.recDeletes {
+			b.item(nil)
+			b.add(bwrite{key: leaseRecKey(seq), del: true})
+		}
+		for _, m := range op.fx.moves {
+			mv, err := q.readMove(m)
+			if err != nil {
+				q.log.Error("h3x: badger queue: dead-lettering failed; the event stays", "id", m.e.id, "err", err)
+				continue
+			}
+			g.moved = append(g.moved, mv)
+			b.item(m.e)
+			b.add(bwrite{key: b.seqKey(keyEvent, m.dst.name, m.seq), val: mv.val})
+			b.add(bwrite{key: b.seqKey(keyEvent, m.e.ns.name, m.e.seq), del: true})
+			b.add(bwrite{ns: m.e.ns.name, count: -1, bytes: -int64(m.e.size)})
+			b.add(bwrite{ns: m.dst.name, count: 1, bytes: int64(mv.size)})
+		}
+	}
+	b.commit()
+	g.release()
+	return g
+}
+
+// complete is stage two: the group's transactions are done; apply what
+// became durable, revert what did not, and answer.
+func (q *badgerQueue) complete(g *group) {
+	c := q.core
+	var failed map[*qentry]error
+	var fix map[string]nsCounter
+	for _, t := range g.txns {
+		if t.err == nil {
+			continue
+		}
+		err := storageError("commit", t.err)
+		if failed == nil {
+			failed = make(map[*qentry]error)
+			fix = make(map[string]nsCounter)
+		}
+		for _, e := range t.ents {
+			failed[e] = err
+		}
+		for name, d := range t.deltas {
+			f := fix[name]
+			f.count -= d.count
+			f.bytes -= d.bytes
+			fix[name] = f
+		}
+		q.log.Error("h3x: badger queue: commit failed", "err", t.err)
+	}
+	errOf := func(e *qentry) error {
+		if g.diskErr != nil {
+			return g.diskErr
+		}
+		return failed[e]
 	}
 
-	// 4. Apply what became durable; revert what did not.
 	c.mu.Lock()
 	mi := 0
-	for _, op := range ops {
+	for _, op := range g.ops {
 		var opErr error
 		if op.evs != nil {
 			k := 0
@@ -794,9 +994,10 @@ func (q *badgerQueue) process(ops []*wop) {
 				}
 				e := op.ents[k]
 				k++
-				if err := failed(e); err != nil {
+				if err := errOf(e); err != nil {
 					opErr = err
 					c.unaccept(e)
+					q.noteFailedID(e.id)
 					continue
 				}
 				var ev *Event
@@ -806,44 +1007,80 @@ func (q *badgerQueue) process(ops []*wop) {
 						ev = &dev
 					}
 				}
-				c.land(e, ev, true)
+				c.land(e, ev, e.size)
 			}
 		}
 		if op.fx != nil {
 			for _, e := range op.fx.deletes {
-				if err := failed(e); err != nil {
+				if err := errOf(e); err != nil {
 					opErr = err
 					c.restore(e, false)
 				}
 			}
 			for _, m := range op.fx.moves {
-				if mi < len(moved) && moved[mi].m == m {
-					mv := moved[mi]
+				if mi < len(g.moved) && g.moved[mi].m == m {
+					mv := g.moved[mi]
 					mi++
-					if err := failed(m.e); err == nil {
+					if err := errOf(m.e); err == nil {
 						e := &qentry{id: m.e.id, ns: m.dst, seq: m.seq, size: mv.size, enq: mv.enq}
 						var ev *Event
 						if c.wantsReadAhead(m.dst, mv.size) {
 							ev = &mv.ev
 						}
-						c.land(e, ev, false)
+						c.land(e, ev, m.size)
 						continue
 					} else {
 						opErr = err
 					}
 				}
-				c.restore(m.e, true)
+				c.unmove(m)
 			}
 		}
 		op.failed = opErr
 	}
+	// A duplicate of an event whose commit failed was answered too early:
+	// fail its batch instead (a retry stores it).
+	if len(q.failedIDs) > 0 && g.n <= q.failCheckUntil {
+		for _, op := range g.ops {
+			for i := range op.res {
+				if op.res[i].Status == PublishDuplicate && op.failed == nil {
+					if err, ok := q.failedIDs[op.res[i].ID]; ok {
+						op.failed = err
+					}
+				}
+			}
+		}
+	}
+	if g.n >= q.failCheckUntil {
+		clear(q.failedIDs)
+	}
 	c.mu.Unlock()
 
-	// 5. Answer.
-	for _, op := range ops {
+	if fix != nil {
+		// Correct the counters the failed transactions assumed.
+		_ = q.push(&wop{counterFix: fix, w: &writeWait{done: make(chan struct{})}})
+	}
+	for _, op := range g.ops {
 		op.w.err = op.failed
 		close(op.w.done)
 	}
+}
+
+// noteFailedID remembers the ID of an event whose commit failed, for the
+// groups accepted meanwhile. Caller holds core.mu.
+func (q *badgerQueue) noteFailedID(id string) {
+	if q.failedIDs == nil {
+		q.failedIDs = make(map[string]error)
+	}
+	q.failedIDs[id] = storageError("commit", errors.New("an earlier publish of this ID failed"))
+	q.failCheckUntil = q.groups
+}
+
+func storageError(what string, err error) error {
+	if isDiskFull(err) {
+		return diskFullError(what, err)
+	}
+	return fmt.Errorf("h3x: badger queue: %s: %w", what, err)
 }
 
 // encodeGroup encodes the dedup record of a transaction: a time and IDs.
@@ -904,12 +1141,14 @@ func (c *queueCore) wantsReadAhead(ns *qns, size int) bool {
 }
 
 // txnBuilder writes a group's items into as few transactions as Badger
-// allows. Each transaction also carries the sequence high-water mark, the
-// counters of the namespaces it touches and the dedup record of the events
-// it adds, so whatever commits is self-consistent. An item (one event, one
-// ack, one move: the writes of one entry) never spans two transactions.
+// allows, and starts committing each. Each transaction also carries the
+// sequence high-water mark, the counters of the namespaces it touches and
+// the dedup record of the events it adds, so whatever commits is
+// self-consistent. An item (the writes of one entry: an event, an ack, a
+// move) never spans two transactions.
 type txnBuilder struct {
 	q      *badgerQueue
+	g      *group
 	hwm    uint64
 	dedup  bool
 	window time.Duration
@@ -921,24 +1160,19 @@ type txnBuilder struct {
 	ent     *qentry  // the current item's entry
 	touched map[string]*nsCounter
 	before  map[string]nsCounter
-
-	failed map[*qentry]bool // items not durable
-	err    error
+	keys    []byte // arena for keys
 }
 
+// bwrite is one write: a Set, a Delete, or (ns set) a counter change.
 type bwrite struct {
 	key   []byte
 	val   []byte
 	del   bool
 	newID bool // an enqueued event: its ID goes in the dedup record
 	ent   *qentry
-	cnt   *counterDelta
-}
 
-type counterDelta struct {
-	ns    string
-	count int64
-	bytes int64
+	ns           string
+	count, bytes int64
 }
 
 func (b *txnBuilder) start() {
@@ -950,43 +1184,27 @@ func (b *txnBuilder) start() {
 	b.before = make(map[string]nsCounter)
 }
 
-func (b *txnBuilder) markFailed(e *qentry) {
-	if e == nil {
-		return
+func (b *txnBuilder) seqKey(kind byte, ns string, seq uint64) []byte {
+	n := 1 + binary.MaxVarintLen64 + len(ns) + 8
+	if cap(b.keys)-len(b.keys) < n {
+		b.keys = make([]byte, 0, max(64<<10, n))
 	}
-	if b.failed == nil {
-		b.failed = make(map[*qentry]bool)
-	}
-	b.failed[e] = true
+	start := len(b.keys)
+	b.keys = appendSeqKey(b.keys, kind, ns, seq)
+	return b.keys[start:len(b.keys):len(b.keys)]
 }
 
-// item starts the writes of entry e (nil: writes nothing depends on).
+// item starts the writes of entry e (nil: writes no entry depends on).
 func (b *txnBuilder) item(e *qentry) {
 	b.ent = e
-	if b.err != nil {
-		b.markFailed(e)
-		return
-	}
 	if b.writes >= maxTxnWrites {
 		b.commit()
-		if b.err != nil {
-			b.markFailed(e)
-			return
-		}
 		b.start()
 	}
 	b.curItem = len(b.cur)
 }
 
-func (b *txnBuilder) count(ns string, n, bytes int) {
-	b.add(bwrite{cnt: &counterDelta{ns: ns, count: int64(n), bytes: int64(bytes)}})
-}
-
 func (b *txnBuilder) add(w bwrite) {
-	if b.err != nil {
-		b.markFailed(b.ent)
-		return
-	}
 	w.ent = b.ent
 	b.cur = append(b.cur, w)
 	err := b.apply(w)
@@ -994,7 +1212,7 @@ func (b *txnBuilder) add(w bwrite) {
 		return
 	}
 	if !errors.Is(err, badger.ErrTxnTooBig) || b.curItem == 0 {
-		b.fail(err)
+		b.failNow(err)
 		return
 	}
 	// Too big: commit the items before this one, and start this one
@@ -1003,36 +1221,32 @@ func (b *txnBuilder) add(w bwrite) {
 	b.cur = b.cur[:b.curItem]
 	b.replay()
 	b.commit()
-	if b.err != nil {
-		b.markFailed(b.ent)
-		return
-	}
 	b.start()
 	for _, w := range item {
 		b.cur = append(b.cur, w)
 		if err := b.apply(w); err != nil {
-			b.fail(fmt.Errorf("one event exceeds a Badger transaction: %w", err))
+			b.failNow(fmt.Errorf("one event exceeds a Badger transaction: %w", err))
 			return
 		}
 	}
 }
 
-// apply adds w to the transaction. Counter deltas accumulate in the
+// apply adds w to the transaction. Counter changes accumulate in the
 // writer's counters and are written at commit.
 func (b *txnBuilder) apply(w bwrite) error {
-	if w.cnt != nil {
-		t := b.touched[w.cnt.ns]
+	if w.ns != "" || (w.key == nil && !w.del) {
+		t := b.touched[w.ns]
 		if t == nil {
-			t = b.q.counters[w.cnt.ns]
+			t = b.q.counters[w.ns]
 			if t == nil {
 				t = &nsCounter{}
-				b.q.counters[w.cnt.ns] = t
+				b.q.counters[w.ns] = t
 			}
-			b.before[w.cnt.ns] = *t
-			b.touched[w.cnt.ns] = t
+			b.before[w.ns] = *t
+			b.touched[w.ns] = t
 		}
-		t.count += w.cnt.count
-		t.bytes += w.cnt.bytes
+		t.count += w.count
+		t.bytes += w.bytes
 		return nil
 	}
 	b.writes++
@@ -1059,31 +1273,56 @@ func (b *txnBuilder) replay() {
 	b.cur = cur
 	for _, w := range cur {
 		if err := b.apply(w); err != nil {
-			b.fail(err)
+			b.failNow(err)
 			return
 		}
 	}
 }
 
-// commit adds the high-water mark, counters and dedup record to the
-// current transaction and commits it.
-func (b *txnBuilder) commit() {
-	if b.err != nil || b.txn == nil {
-		return
+// gtxn returns the record of the current transaction.
+func (b *txnBuilder) record() *gtxn {
+	t := &gtxn{deltas: make(map[string]nsCounter, len(b.touched))}
+	for _, w := range b.cur {
+		if w.ent != nil && (len(t.ents) == 0 || t.ents[len(t.ents)-1] != w.ent) {
+			t.ents = append(t.ents, w.ent)
+		}
 	}
+	for name, c := range b.touched {
+		before := b.before[name]
+		t.deltas[name] = nsCounter{count: c.count - before.count, bytes: c.bytes - before.bytes}
+	}
+	return t
+}
+
+// failNow records err for the current transaction's items without
+// committing it, and starts a new transaction.
+func (b *txnBuilder) failNow(err error) {
+	t := b.record()
+	t.err = err
+	b.undoCounters()
+	clear(t.deltas)
+	b.g.txns = append(b.g.txns, t)
+	b.txn.Discard()
+	b.start()
+}
+
+// commit adds the high-water mark, counters and dedup record to the
+// current transaction and starts committing it.
+func (b *txnBuilder) commit() {
 	txn := b.txn
-	b.txn = nil
 	if b.writes == 0 && len(b.touched) == 0 {
 		txn.Discard()
 		return
 	}
+	t := b.record()
+	b.g.txns = append(b.g.txns, t)
 	err := txn.Set(metaHWM, binary.BigEndian.AppendUint64(nil, b.hwm))
-	for name, t := range b.touched {
+	for name, c := range b.touched {
 		if err != nil {
 			break
 		}
-		v := binary.AppendUvarint(nil, uint64(max(t.count, 0)))
-		v = binary.AppendUvarint(v, uint64(max(t.bytes, 0)))
+		v := binary.AppendUvarint(nil, uint64(max(c.count, 0)))
+		v = binary.AppendUvarint(v, uint64(max(c.bytes, 0)))
 		err = txn.Set(counterKey(name), v)
 	}
 	if err == nil && b.dedup {
@@ -1104,34 +1343,17 @@ func (b *txnBuilder) commit() {
 			err = txn.SetEntry(badger.NewEntry(key, encodeGroup(enq, ids)).WithTTL(b.window + time.Minute))
 		}
 	}
-	if err == nil {
-		err = txn.Commit()
-	} else {
-		txn.Discard()
-	}
 	if err != nil {
-		b.undoCounters()
-		b.fail(err)
+		txn.Discard()
+		t.err = err
+		return
 	}
-}
-
-// fail fails the current transaction's items and every later one.
-func (b *txnBuilder) fail(err error) {
-	if b.err == nil {
-		if isDiskFull(err) {
-			b.err = diskFullError("commit", err)
-		} else {
-			b.err = fmt.Errorf("h3x: badger queue: commit: %w", err)
-		}
-	}
-	if b.txn != nil {
-		b.txn.Discard()
-		b.txn = nil
-	}
-	for _, w := range b.cur {
-		b.markFailed(w.ent)
-	}
-	b.markFailed(b.ent)
+	g := b.g
+	g.pending.Add(1)
+	txn.CommitWith(func(err error) {
+		t.err = err
+		g.release()
+	})
 }
 
 // --- the rest of Queue ----------------------------------------------------------
@@ -1177,7 +1399,7 @@ func (q *badgerQueue) Close() error {
 		case q.wsignal <- struct{}{}:
 		default:
 		}
-		<-q.writerDone
+		<-q.completerDone
 		close(q.gcStop)
 		<-q.gcDone
 		if err := q.db.Close(); err != nil {

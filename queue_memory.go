@@ -50,7 +50,7 @@ func (s *memoryStore) submit(fx *effects) *writeWait {
 		m.e.ev = nil
 		e := &qentry{id: ev.ID, ns: m.dst, seq: c.nextSeq, size: ev.size(), enq: now}
 		c.nextSeq++
-		c.land(e, &ev, false)
+		c.land(e, &ev, m.size)
 	}
 	for _, e := range fx.deletes {
 		e.ev = nil
@@ -92,7 +92,7 @@ func (q *memoryQueue) Enqueue(ctx context.Context, events []Event) ([]PublishRes
 	k := 0
 	for i := range evs {
 		if res[i].Status == PublishStored {
-			c.land(accepted[k], &evs[i], true)
+			c.land(accepted[k], &evs[i], accepted[k].size)
 			k++
 		}
 	}

@@ -64,9 +64,17 @@ type qentry struct {
 	// read-ahead buffer, and drops it when it hands the event out.
 	ev *Event
 
-	// attemptsStored: the store holds an attempt record for the entry
-	// (Badger), to delete along with it.
-	attemptsStored bool
+	// rec is the lease record that lists the entry's latest delivery
+	// (Badger), or nil.
+	rec *leaseRec
+}
+
+// leaseRec is a stored record of one Lease call's deliveries (Badger): what
+// makes attempt counts and settlements survive a restart. n counts the
+// entries whose latest delivery it lists; at zero the record is deleted.
+type leaseRec struct {
+	seq uint64
+	n   int
 }
 
 // qholder is a lease holder and its leases, as an intrusive list.
@@ -87,10 +95,12 @@ type qns struct {
 	ready     entryHeap // leased before and ready again, by sequence number
 
 	leased, delayed int
+	preloaded       map[uint64]bool // Badger: sequence numbers of delivered-before-open entries, skipped by the read-ahead
 	count           int   // stored events (fresh, ready, leased, delayed)
 	bytes           int64 // their sizes
 	deadLettered    int   // moved to the dead-letter namespace since open
 	known           bool  // has held events: listed by Stats()
+	warnedFull      bool  // a dead-letter namespace: logged that it is full
 
 	waiters map[*qwaiter]struct{}
 }
@@ -117,25 +127,36 @@ type qmove struct {
 	dst      *qns
 	attempts int
 	reason   string
+	size     int    // the size counted in dst
 	seq      uint64 // Badger: the sequence number in dst, assigned by the writer
 }
 
-// qattempt is an attempt record for the store to persist (Badger).
-type qattempt struct {
-	e       *qentry
+// recEntry is one delivery in a lease record.
+type recEntry struct {
+	ns      string
+	seq     uint64
+	id      string
+	size    int
+	enq     int64
 	attempt int
-	reason  string
+}
+
+// recPut is a lease record to store.
+type recPut struct {
+	rec     *leaseRec
+	entries []recEntry
 }
 
 // effects are the storage writes a state change needs.
 type effects struct {
-	deletes  []*qentry // acked entries
-	moves    []*qmove
-	attempts []qattempt
+	deletes    []*qentry // acked entries
+	moves      []*qmove
+	recPuts    []recPut // lease records to store (Badger)
+	recDeletes []uint64 // lease records to delete (Badger)
 }
 
 func (fx *effects) empty() bool {
-	return len(fx.deletes) == 0 && len(fx.moves) == 0 && len(fx.attempts) == 0
+	return len(fx.deletes) == 0 && len(fx.moves) == 0 && len(fx.recPuts) == 0 && len(fx.recDeletes) == 0
 }
 
 // queueStore keeps the events behind a queueCore. Its methods are called with
@@ -181,6 +202,7 @@ type queueCore struct {
 	maxEvents   int
 	maxBytes    int64
 	indexAll    bool // byID holds every entry (memory), not only those leased since open (Badger)
+	leaseRecs   bool // keep lease records (Badger)
 
 	nss      map[string]*qns
 	byID     map[string]*qentry
@@ -203,14 +225,15 @@ const (
 	readAheadBytes = 1 << 20
 )
 
-func newQueueCore(opts QueueOptions, store queueStore, indexAll bool) *queueCore {
+func newQueueCore(opts QueueOptions, store queueStore, inMemory bool) *queueCore {
 	c := &queueCore{
 		store:       store,
 		log:         opts.Logger,
 		maxAttempts: opts.MaxAttempts,
 		maxEvents:   opts.MaxEventsPerNamespace,
 		maxBytes:    opts.MaxBytesPerNamespace,
-		indexAll:    indexAll,
+		indexAll:    inMemory,
+		leaseRecs:   !inMemory,
 		nss:         make(map[string]*qns),
 		byID:        make(map[string]*qentry),
 		holders:     make(map[string]*qholder),
@@ -248,7 +271,8 @@ func normalizeQueueOptions(opts QueueOptions) QueueOptions {
 func (c *queueCore) ns(name string) *qns {
 	ns := c.nss[name]
 	if ns == nil {
-		ns = &qns{name: name, dlq: strings.HasSuffix(name, DeadLetterSuffix)}
+		// A new namespace's events are all still to come.
+		ns = &qns{name: name, dlq: strings.HasSuffix(name, DeadLetterSuffix), diskNext: c.nextSeq}
 		c.nss[name] = ns
 	}
 	return ns
@@ -478,10 +502,13 @@ func (c *queueCore) makeReady(e *qentry) {
 func (c *queueCore) afterLease(e *qentry, now int64, delay time.Duration, reason string, fx *effects) {
 	e.reason = reason
 	if c.maxAttempts > 0 && e.attempt >= c.maxAttempts && !e.ns.dlq {
-		c.deadLetter(e, reason, fx)
-		return
+		if c.deadLetter(e, reason, fx) {
+			return
+		}
+		// The dead-letter namespace is full: the event stays where it is,
+		// to be dead-lettered after a later attempt.
+		delay = 0
 	}
-	fx.attempts = append(fx.attempts, qattempt{e: e, attempt: e.attempt, reason: reason})
 	c.schedule(e, now, delay)
 }
 
@@ -524,6 +551,7 @@ func (c *queueCore) detach(e *qentry) {
 func (c *queueCore) remove(e *qentry, fx *effects) {
 	c.detach(e)
 	e.state = stGone
+	c.dropRec(e, fx)
 	c.unindexID(e)
 	e.ns.count--
 	e.ns.bytes -= int64(e.size)
@@ -533,14 +561,52 @@ func (c *queueCore) remove(e *qentry, fx *effects) {
 	fx.deletes = append(fx.deletes, e)
 }
 
-// deadLetter moves e (already detached) to its dead-letter namespace.
-func (c *queueCore) deadLetter(e *qentry, reason string, fx *effects) {
+// deadLetter moves e (already detached) to its dead-letter namespace, unless
+// that namespace is at its limits; it reports whether it did.
+func (c *queueCore) deadLetter(e *qentry, reason string, fx *effects) bool {
+	dst := c.ns(DeadLetterNamespace(e.ns.name))
+	size := deadLetterSize(e, reason)
+	if (c.maxEvents > 0 && dst.count >= c.maxEvents) || (c.maxBytes > 0 && dst.bytes+int64(size) > c.maxBytes) {
+		if !dst.warnedFull {
+			dst.warnedFull = true
+			c.log.Warn("h3x: dead-letter namespace full; events stay in their namespace", "namespace", dst.name)
+		}
+		return false
+	}
+	dst.warnedFull = false
 	e.state = stGone
+	c.dropRec(e, fx)
 	c.unindexID(e)
 	e.ns.count--
 	e.ns.bytes -= int64(e.size)
 	e.ns.deadLettered++
-	fx.moves = append(fx.moves, &qmove{e: e, dst: c.ns(DeadLetterNamespace(e.ns.name)), attempts: e.attempt, reason: reason})
+	dst.count++
+	dst.bytes += int64(size)
+	dst.known = true
+	fx.moves = append(fx.moves, &qmove{e: e, dst: dst, attempts: e.attempt, reason: reason, size: size})
+	return true
+}
+
+// deadLetterSize is the size e will have in its dead-letter namespace (if
+// the dead-letter metadata keys are new to it).
+func deadLetterSize(e *qentry, reason string) int {
+	return e.size + len(DeadLetterSuffix) +
+		len(MetaDeadLetterAttempts) + len(itoa(e.attempt)) +
+		len(MetaDeadLetterReason) + len(reason) +
+		len(MetaDeadLetterNamespace) + len(e.ns.name)
+}
+
+// dropRec takes e off its lease record; a record listing nobody any more
+// is deleted.
+func (c *queueCore) dropRec(e *qentry, fx *effects) {
+	if e.rec == nil {
+		return
+	}
+	e.rec.n--
+	if e.rec.n == 0 {
+		fx.recDeletes = append(fx.recDeletes, e.rec.seq)
+	}
+	e.rec = nil
 }
 
 // deadLetterEvent returns ev as it is stored in its dead-letter namespace.
@@ -580,15 +646,13 @@ func itoa(n int) string {
 }
 
 // land adds an event that has become durable to the state: an enqueued event
-// (counted when it was accepted) or a dead letter (counted here). ev may be
-// nil for Badger, which then reads it from disk when its turn comes.
-func (c *queueCore) land(e *qentry, ev *Event, counted bool) {
+// or a dead letter, both already counted in their namespace (a dead letter
+// with the estimated size counted, corrected here). ev may be nil for
+// Badger, which then reads it from disk when its turn comes.
+func (c *queueCore) land(e *qentry, ev *Event, counted int) {
 	ns := e.ns
 	ns.known = true
-	if !counted {
-		ns.count++
-		ns.bytes += int64(e.size)
-	}
+	ns.bytes += int64(e.size - counted)
 	if e.seq > c.applied {
 		c.applied = e.seq
 	}
@@ -605,6 +669,14 @@ func (c *queueCore) land(e *qentry, ev *Event, counted bool) {
 		ns.freshDisk++
 	}
 	c.wake(ns)
+}
+
+// unmove reverts the dead-letter move m that did not become durable: the
+// event is ready again where it was.
+func (c *queueCore) unmove(m *qmove) {
+	m.dst.count--
+	m.dst.bytes -= int64(m.size)
+	c.restore(m.e, true)
 }
 
 // unaccept reverts accept for an event that did not become durable.
@@ -644,9 +716,13 @@ func (c *queueCore) accept(evs []Event, sizes []int, enq int64, res []PublishRes
 	for i := range evs {
 		ev := &evs[i]
 		res[i].ID = ev.ID
-		if c.dedup != nil && c.dedup.seen(ev.ID, enq) {
-			res[i].Status = PublishDuplicate
-			continue
+		var key dedupKey
+		if c.dedup != nil {
+			key = c.dedup.keyOf(ev.ID)
+			if c.dedup.seen(key, enq) {
+				res[i].Status = PublishDuplicate
+				continue
+			}
 		}
 		ns := c.ns(ev.Namespace)
 		size := sizes[i]
@@ -661,7 +737,7 @@ func (c *queueCore) accept(evs []Event, sizes []int, enq int64, res []PublishRes
 			continue
 		}
 		if c.dedup != nil {
-			c.dedup.add(ev.ID, enq)
+			c.dedup.addKey(key, enq)
 		}
 		ns.count++
 		ns.bytes += int64(size)
@@ -715,6 +791,7 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 		}
 	}
 	var out []Lease
+	var leased []*qentry
 	var err error
 	if len(active) > 0 {
 		start := c.rr % len(active)
@@ -750,6 +827,7 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 				if e.state == stFresh && !c.indexAll {
 					c.indexID(e)
 				}
+				c.dropRec(e, &fx)
 				e.attempt++
 				e.state = stLeased
 				e.when = until
@@ -758,6 +836,9 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 				c.holdAdd(h, e)
 				ev.Namespace = ns.name
 				out = append(out, Lease{Event: ev, Attempt: e.attempt, Deadline: time.Unix(0, until)})
+				if c.leaseRecs {
+					leased = append(leased, e)
+				}
 				bytes += e.size
 				i++
 			}
@@ -765,6 +846,16 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 		if h.n == 0 {
 			delete(c.holders, h.name)
 		}
+	}
+	if len(leased) > 0 {
+		rec := &leaseRec{seq: c.nextSeq, n: len(leased)}
+		c.nextSeq++
+		put := recPut{rec: rec, entries: make([]recEntry, len(leased))}
+		for i, e := range leased {
+			e.rec = rec
+			put.entries[i] = recEntry{ns: e.ns.name, seq: e.seq, id: e.id, size: e.size, enq: e.enq, attempt: e.attempt}
+		}
+		fx.recPuts = append(fx.recPuts, put)
 	}
 	c.finish(&fx)
 	if err != nil && len(out) == 0 {
@@ -790,18 +881,25 @@ func containsNS(list []*qns, ns *qns) bool {
 // ahead from storage when the buffer is empty. want hints how many are
 // wanted.
 func (c *queueCore) nextReady(ns *qns, want int) (*qentry, error) {
+	var r *qentry
 	if ns.ready.len() > 0 {
-		return ns.ready.min(), nil
+		r = ns.ready.min()
+		// Redeliveries come before fresh events, which all come later in
+		// publish order, except after a restart, when events delivered
+		// before it wait in ready among the fresh ones.
+		if ns.fresh.len() == 0 && (ns.freshDisk == 0 || r.seq < ns.diskNext) {
+			return r, nil
+		}
 	}
 	if ns.fresh.len() == 0 && ns.freshDisk > 0 {
 		if err := c.store.refill(ns, max(want, 256)); err != nil {
 			return nil, err
 		}
 	}
-	if ns.fresh.len() > 0 {
+	if ns.fresh.len() > 0 && (r == nil || ns.fresh.peek().seq < r.seq) {
 		return ns.fresh.peek(), nil
 	}
-	return nil, nil
+	return r, nil
 }
 
 // --- settling ------------------------------------------------------------------

@@ -105,14 +105,20 @@ func parseCanonicalUUID(s string) (u [16]byte, ok bool) {
 }
 
 func lowerHex(c byte) (byte, bool) {
-	switch {
-	case c >= '0' && c <= '9':
-		return c - '0', true
-	case c >= 'a' && c <= 'f':
-		return c - 'a' + 10, true
-	}
-	return 0, false
+	v := hexTable[c]
+	return v & 0x0f, v != 0
 }
+
+// hexTable maps a lowercase hex digit to its value + 0x10, anything else to 0.
+var hexTable = func() (t [256]byte) {
+	for c := '0'; c <= '9'; c++ {
+		t[c] = byte(c-'0') | 0x10
+	}
+	for c := 'a'; c <= 'f'; c++ {
+		t[c] = byte(c-'a'+10) | 0x10
+	}
+	return t
+}()
 
 // expire drops the generations that ended a window ago.
 func (d *dedupIndex) expire(now int64) {
@@ -130,6 +136,10 @@ func (d *dedupIndex) expire(now int64) {
 // find returns the generation and value holding id's live entry.
 func (d *dedupIndex) find(id string, now int64) (*dedupGen, uint64, uint64, bool) {
 	k, fp := d.key(id)
+	return d.findKey(k, fp, now)
+}
+
+func (d *dedupIndex) findKey(k, fp uint64, now int64) (*dedupGen, uint64, uint64, bool) {
 	for i := len(d.gens) - 1; i >= 0; i-- {
 		g := d.gens[i]
 		v, ok := g.m[k]
@@ -144,11 +154,20 @@ func (d *dedupIndex) find(id string, now int64) (*dedupGen, uint64, uint64, bool
 	return nil, 0, 0, false
 }
 
-// seen reports whether id was published within the window before unixNano.
-func (d *dedupIndex) seen(id string, unixNano int64) bool {
+// dedupKey is an ID's fingerprint, computed once for seen and add.
+type dedupKey struct{ k, fp uint64 }
+
+func (d *dedupIndex) keyOf(id string) dedupKey {
+	k, fp := d.key(id)
+	return dedupKey{k, fp}
+}
+
+// seen reports whether the ID of key was published within the window before
+// unixNano.
+func (d *dedupIndex) seen(key dedupKey, unixNano int64) bool {
 	now := d.tick(unixNano)
 	d.expire(now)
-	_, _, _, ok := d.find(id, now)
+	_, _, _, ok := d.findKey(key.k, key.fp, now)
 	return ok
 }
 
@@ -161,7 +180,10 @@ func (d *dedupIndex) stored(id string, unixNano int64) bool {
 }
 
 // add records id as published at unixNano.
-func (d *dedupIndex) add(id string, unixNano int64) {
+func (d *dedupIndex) add(id string, unixNano int64) { d.addKey(d.keyOf(id), unixNano) }
+
+// addKey records the ID of key as published at unixNano.
+func (d *dedupIndex) addKey(key dedupKey, unixNano int64) {
 	t := d.tick(unixNano)
 	d.expire(t)
 	var g *dedupGen
@@ -171,7 +193,7 @@ func (d *dedupIndex) add(id string, unixNano int64) {
 		g = &dedupGen{start: t, m: make(map[uint64]uint64)}
 		d.gens = append(d.gens, g)
 	}
-	k, fp := d.key(id)
+	k, fp := key.k, key.fp
 	if _, ok := g.m[k]; !ok {
 		d.n++
 	}
