@@ -96,11 +96,11 @@ type qns struct {
 
 	leased, delayed int
 	preloaded       map[uint64]bool // Badger: sequence numbers of delivered-before-open entries, skipped by the read-ahead
-	count           int   // stored events (fresh, ready, leased, delayed)
-	bytes           int64 // their sizes
-	deadLettered    int   // moved to the dead-letter namespace since open
-	known           bool  // has held events: listed by Stats()
-	warnedFull      bool  // a dead-letter namespace: logged that it is full
+	count           int             // stored events (fresh, ready, leased, delayed)
+	bytes           int64           // their sizes
+	deadLettered    int             // moved to the dead-letter namespace since open
+	known           bool            // has held events: listed by Stats()
+	warnedFull      bool            // a dead-letter namespace: logged that it is full
 
 	waiters map[*qwaiter]struct{}
 }
