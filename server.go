@@ -96,6 +96,18 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 	if err := s.setupTLS(); err != nil {
 		return nil, err
 	}
+	// QUIC settings, chosen for many modest clients rather than a few bulk
+	// transfers:
+	//   - handshake timeout = the auth timeout: a peer gets no longer to
+	//     finish TLS than to authenticate;
+	//   - idle timeout (default 30 s) with keep-alives at a third of it, so
+	//     live but quiet connections stay up and dead ones go away;
+	//   - MaxIncomingStreams caps concurrent client streams (stream credit
+	//     is returned only when both directions of a stream are done, which
+	//     every handler ensures); no unidirectional streams;
+	//   - flow-control windows start at 512 KiB per stream / 1 MiB per
+	//     connection and may grow to 2 MiB / 4 MiB (quic-go's defaults grow
+	//     to 6 / 15 MiB), which bounds the memory a connection can pin.
 	s.quicConf = &quic.Config{
 		HandshakeIdleTimeout:           cfg.authTimeout,
 		MaxIdleTimeout:                 cfg.idleTimeout,
