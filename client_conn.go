@@ -212,11 +212,7 @@ func (cc *clientConn) stream(ctx context.Context, kind int) (*rpcStream, error) 
 		return nil, connError(err)
 	}
 	s := newRPCStream(st, uint32(cc.client.cfg.maxFrameSize))
-	cc.wg.Add(2)
-	go func() {
-		defer cc.wg.Done()
-		s.fw.run()
-	}()
+	cc.wg.Add(1)
 	go func() {
 		defer cc.wg.Done()
 		s.readLoop()

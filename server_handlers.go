@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
-	"sync"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -286,90 +284,6 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64,
 		ss.c.srv.cfg.hooks.Settled(kind, ok, len(ids)-ok)
 	}
 	return FrameAckResult, res
-}
-
-// frameWriter coalesces frames from several goroutines into few stream
-// writes: frames are appended to a buffer, and one goroutine (run) writes
-// whatever has accumulated. Writers wait while more than maxPending bytes
-// are unwritten, so a peer that stops reading bounds the buffer.
-type frameWriter struct {
-	w          io.Writer
-	mu         sync.Mutex
-	cond       *sync.Cond
-	buf, spare []byte
-	err        error
-	closed     bool
-	flushing   bool
-}
-
-const maxPendingWrite = 1 << 20
-
-func newFrameWriter(w io.Writer) *frameWriter {
-	fw := &frameWriter{w: w}
-	fw.cond = sync.NewCond(&fw.mu)
-	return fw
-}
-
-// write appends one frame; it reports an earlier write error.
-func (fw *frameWriter) write(t FrameType, m proto.Message) error {
-	fw.mu.Lock()
-	defer fw.mu.Unlock()
-	for len(fw.buf) > maxPendingWrite && fw.err == nil && !fw.closed {
-		fw.cond.Wait()
-	}
-	if fw.err != nil {
-		return fw.err
-	}
-	if fw.closed {
-		return io.ErrClosedPipe
-	}
-	var err error
-	fw.buf, err = appendFrame(fw.buf, t, m)
-	if err != nil {
-		return err
-	}
-	fw.cond.Broadcast()
-	return nil
-}
-
-// run writes accumulated frames until close is called and all is written.
-func (fw *frameWriter) run() {
-	fw.mu.Lock()
-	defer fw.mu.Unlock()
-	for {
-		for len(fw.buf) == 0 && !fw.closed {
-			fw.cond.Wait()
-		}
-		if len(fw.buf) == 0 && fw.closed {
-			return
-		}
-		fw.buf, fw.spare = fw.spare[:0], fw.buf
-		out := fw.spare
-		fw.flushing = true
-		failed := fw.err != nil
-		fw.mu.Unlock()
-		var err error
-		if !failed {
-			_, err = fw.w.Write(out)
-		}
-		fw.mu.Lock()
-		fw.flushing = false
-		if err != nil && fw.err == nil {
-			fw.err = err
-		}
-		if fw.err != nil {
-			fw.buf = fw.buf[:0]
-		}
-		fw.cond.Broadcast()
-	}
-}
-
-// close makes run return once everything written so far is flushed.
-func (fw *frameWriter) close() {
-	fw.mu.Lock()
-	fw.closed = true
-	fw.cond.Broadcast()
-	fw.mu.Unlock()
 }
 
 // reportPublish tells the hooks about one Enqueue, per namespace.

@@ -58,11 +58,6 @@ func newSessionStream(c *serverConn, st *quic.Stream, fr *frameReader) *sessionS
 
 // run serves the stream until the client finishes its side or an error.
 func (ss *sessionStream) run(ctx context.Context, t FrameType, payload []byte) {
-	ss.wg.Add(1)
-	go func() {
-		defer ss.wg.Done()
-		ss.fw.run()
-	}()
 	var failure error
 	for {
 		if err := ss.dispatch(ctx, t, payload); err != nil {
