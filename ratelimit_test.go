@@ -3,6 +3,7 @@ package h3x
 import (
 	"context"
 	"errors"
+	"fmt"
 	"runtime"
 	"strings"
 	"sync"
@@ -223,5 +224,51 @@ func TestStalledConsumerBoundsMemory(t *testing.T) {
 	t.Logf("heap in use grew by %.1f MiB with a stalled consumer (bound %d MiB); the other client did %d round trips", float64(grew)/(1<<20), bound>>20, done.Load())
 	if grew > bound {
 		t.Fatalf("heap grew by %d bytes, more than %d", grew, bound)
+	}
+}
+
+// TestQueueFullIsRetried: a namespace at its event limit refuses with
+// queue-full and a retry-after; the client waits and retries like a rate
+// limit, and its Publish completes once a consumer makes room.
+func TestQueueFullIsRetried(t *testing.T) {
+	srv := testServer(t, WithQueue(NewMemoryQueue(QueueOptions{MaxEventsPerNamespace: 2})))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := mustDial(t, srv, "alice", "alice-token")
+	if _, err := c.Publish(ctx, Event{Namespace: "orders"}, Event{Namespace: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	// The raw answer: refused with queue-full and a retry-after.
+	rc := rawDial(t, srv)
+	rc.auth("alice", "alice-token")
+	st := rc.stream(frameBytes(t, FrameSendEvent, &h3xpb.SendEvent{RequestId: 1, Events: []*h3xpb.EventPayload{{Namespace: "orders"}}}), true)
+	var res h3xpb.SendResult
+	if err := newFrameReader(st, DefaultMaxFrameSize).readMessage(FrameSendResult, &res); err != nil {
+		t.Fatal(err)
+	}
+	if o := res.GetOutcomes()[0]; ErrorCode(o.GetCode()) != CodeQueueFull || o.GetRetryAfterMs() == 0 {
+		t.Fatalf("outcome %v", o)
+	}
+	// The client's Publish waits until a consumer acks.
+	done := make(chan error, 1)
+	go func() {
+		res, err := c.Publish(ctx, Event{Namespace: "orders", Message: "third"})
+		if err == nil && res[0].Status != PublishStored {
+			err = fmt.Errorf("status %v", res[0].Status)
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("Publish returned while the namespace was full: %v", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	ds, err := c.Fetch(ctx, 1, "orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Ack(ctx, ds...)
+	if err := <-done; err != nil {
+		t.Fatalf("Publish after room was made: %v", err)
 	}
 }
