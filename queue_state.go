@@ -908,17 +908,30 @@ func (c *queueCore) nextReady(ns *qns, want int) (*qentry, error) {
 // LeaseRef.
 func (c *queueCore) resolve(holder string, ref LeaseRef) (*qentry, SettleStatus) {
 	first := c.byID[ref.ID]
+	inNamespace := false
 	for e := first; e != nil; e = e.idNext {
+		if ref.Namespace != "" && e.ns.name != ref.Namespace {
+			continue
+		}
+		inNamespace = true
+		heldByHolder := e.state == stLeased && e.holder != nil && e.holder.name == holder
+		heldByOther := e.state == stLeased && e.holder != nil && e.holder.name != holder
 		if ref.Attempt > 0 {
-			if e.attempt == ref.Attempt {
+			// The latest delivery, unless another holder holds its lease
+			// now: a settlement never overrides someone else's live lease.
+			if e.attempt == ref.Attempt && !heldByOther {
 				return e, SettleOK
 			}
-		} else if e.state == stLeased && e.holder != nil && e.holder.name == holder {
+		} else if heldByHolder {
 			return e, SettleOK
 		}
 	}
-	if first != nil {
+	if inNamespace {
 		return nil, SettleStale
+	}
+	if first != nil {
+		// Held, but in another namespace than the caller named.
+		return nil, SettleUnknown
 	}
 	if !c.indexAll && c.dedup != nil && c.dedup.stored(ref.ID, time.Now().UnixNano()) {
 		// Stored, but not delivered since the queue was opened.

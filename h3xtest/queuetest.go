@@ -1117,9 +1117,38 @@ func (s *queueSuite) testSettle(t *testing.T) {
 				op.applied(h, l.Event.ID)
 			})
 			t.Run("OtherHolderSameAttempt", func(t *testing.T) {
-				// A client that reconnected settles with its delivery's attempt.
+				// A settlement never overrides another holder's live lease,
+				// even with the right attempt.
 				h, l := setup(t)
-				wantStatus(t, op.name+" by another holder with the current attempt", op.do(h, "b", refOf(l)), h3x.SettleOK)
+				wantStatus(t, op.name+" by another holder while a's lease lasts", op.do(h, "b", refOf(l)), h3x.SettleStale)
+				h.leaseNone("c", "after a refused "+op.name+" (a still holds it)", nsA)
+				wantStatus(t, "a's ack afterwards", h.ack("a", refOf(l)), h3x.SettleOK)
+			})
+			t.Run("ReconnectedHolderAfterRelease", func(t *testing.T) {
+				// A client that reconnected settles, with its delivery's
+				// attempt, what it received on its previous connection,
+				// whose leases were released.
+				h, l := setup(t)
+				h.release("a")
+				if op.name == "Extend" {
+					wantStatus(t, "Extend of a released lease", op.do(h, "b", refOf(l)), h3x.SettleStale)
+					return
+				}
+				wantStatus(t, op.name+" by the reconnected holder", op.do(h, "b", refOf(l)), h3x.SettleOK)
+				if op.name == "Ack" {
+					h.leaseNone("c", "after the ack", nsA)
+				}
+			})
+			t.Run("Namespace", func(t *testing.T) {
+				// A ref naming a namespace settles only an event in it.
+				h, l := setup(t)
+				wrong := refOf(l)
+				wrong.Namespace = nsB
+				wantStatus(t, op.name+" naming another namespace", op.do(h, "a", wrong), h3x.SettleUnknown)
+				h.leaseNone("c", "after a refused "+op.name+" (a still holds it)", nsA)
+				right := refOf(l)
+				right.Namespace = nsA
+				wantStatus(t, op.name+" naming the event's namespace", op.do(h, "a", right), h3x.SettleOK)
 				op.applied(h, l.Event.ID)
 			})
 			t.Run("AttemptZeroByHolder", func(t *testing.T) {
@@ -1235,11 +1264,18 @@ func (s *queueSuite) testExtend(t *testing.T) {
 		return h, ls[0]
 	}
 	// Extend at 20s to now + 60s = 80s: the lease survives 30s and expires at 80s.
-	for _, holder := range []string{"a", "b"} {
-		name := "PushesDeadline"
-		if holder == "b" {
-			name = "ByReconnectedHolder"
+	inBubble(t, "NotByAnotherHolder", func(t *testing.T) {
+		// Another holder cannot extend a live lease; it ends on time.
+		h, l := leaseA(t)
+		time.Sleep(20 * time.Second)
+		wantStatus(t, "Extend by b", h.extend("b", 60*time.Second, refOf(l)), h3x.SettleStale)
+		time.Sleep(10*time.Second + slack)
+		if l2 := h.leaseOne("c", nsA); l2.Attempt != 2 {
+			t.Errorf("after the original deadline: attempt %d, want 2", l2.Attempt)
 		}
+	})
+	for _, holder := range []string{"a"} {
+		name := "PushesDeadline"
 		inBubble(t, name, func(t *testing.T) {
 			h, l := leaseA(t)
 			time.Sleep(20 * time.Second)
@@ -2249,7 +2285,8 @@ func (s *queueSuite) testConcurrency(t *testing.T) {
 	})
 
 	t.Run("RacingAcks", func(t *testing.T) {
-		// Two holders ack the same 50 deliveries at once: each is applied once.
+		// Two holders ack the same 50 deliveries at once: each is applied
+		// once (by a, the holder).
 		h := s.open(t, h3x.QueueOptions{})
 		h.publish(h.events(nsA, 50)...)
 		ls := h.lease("a", 50, nsA)
@@ -2274,9 +2311,11 @@ func (s *queueSuite) testConcurrency(t *testing.T) {
 						mu.Lock()
 						oks[res[0].ID]++
 						mu.Unlock()
-					case h3x.SettleUnknown:
+					case h3x.SettleUnknown, h3x.SettleStale:
+						// Unknown if the other ack came first; stale for b
+						// while a's lease lasts.
 					default:
-						t.Errorf("%s's ack of %s: %v, want ok or (if the other ack came first) unknown", holder, res[0].ID, res[0].Status)
+						t.Errorf("%s's ack of %s: %v, want ok, unknown or stale", holder, res[0].ID, res[0].Status)
 					}
 				}
 			})
