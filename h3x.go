@@ -1,11 +1,89 @@
-// Package h3x is a broker and client for structured events over QUIC.
+// Package h3x is a broker and client for structured events over QUIC: a
+// server you embed in any Go program (or test), and a client that publishes
+// events, consumes them and acknowledges them, with namespaced token auth,
+// durable queues and at-least-once delivery.
 //
-// A Go program embeds a broker with NewServer and talks to one with Dial.
-// Events are durable in a Queue (Badger by default), carry namespaced token
-// auth, and are delivered at least once: fetched, leased, acked, or
-// delivered again.
+// # Basics
 //
-// PROTOCOL.md in the repository is the normative wire specification.
+// A registry says who may do what, in entries of client:namespace=token
+// (see ParseRegistry). NewServer makes a broker that keeps events in a
+// Badger queue in its data directory; Start serves in the background:
+//
+//	reg, err := h3x.ParseRegistry("app:orders=s3cr3t")
+//	srv, err := h3x.NewServer(h3x.WithRegistry(reg), h3x.WithDataDir("data"))
+//	err = srv.Start(ctx) // on DefaultAddr, 127.0.0.1:4433
+//	defer srv.Shutdown(ctx)
+//
+// Dial connects and authenticates. Publish returns once the events are
+// durable. Subscribe hands deliveries out on a channel; ack each one when it
+// is handled:
+//
+//	c, err := h3x.Dial(ctx, "127.0.0.1:4433", h3x.WithCredentials("app", "s3cr3t"),
+//		h3x.WithTrustedFingerprint(srv.Fingerprint()))
+//	defer c.Close()
+//	_, err = c.Publish(ctx, h3x.Event{Namespace: "orders", Type: "order.created", Data: body})
+//	sub, err := c.Subscribe(ctx, []string{"orders"}, h3x.SubscribeOptions{})
+//	for d := range sub.Events() {
+//		handle(d.Event)
+//		d.Ack()
+//	}
+//
+// Client.Fetch, Client.Ack and Client.Nack are the synchronous calls beneath
+// Subscribe. Both ends take functional options, each documenting its
+// default; every call that blocks takes a context; errors match the code
+// sentinels (ErrPermissionDenied, ErrRateLimited, ...) with errors.Is.
+//
+// # Delivery
+//
+// Delivery is at least once. Fetching leases events to the client: no one
+// else gets them until the lease ends. Ack removes an event for good. A
+// nack, the lease deadline (WithAckDeadline) or the end of the client's
+// connection makes it ready again, delivered with the next Attempt number;
+// after WithMaxAttempts deliveries it moves to its dead-letter namespace
+// (DeadLetterNamespace). After a restart, every event that was published and
+// not acked is delivered again. A handler may therefore see an event twice:
+// make it idempotent, keyed by Event.ID.
+//
+// The client reconnects by itself with jittered backoff (WithBackoff),
+// re-authenticates, resumes its subscriptions and resends unanswered
+// publishes, which the server stores once: an event ID is deduplicated
+// within a window (QueueOptions.DedupWindow). Give events IDs of your own to
+// make your own retries safe too.
+//
+// # Security
+//
+// Connections use TLS 1.3. Without WithCertFiles or WithTLSConfig, a server
+// makes a self-signed certificate for development, a new one in every
+// NewServer (so a restarted server has a new fingerprint); a client accepts
+// it only when told to, by pinning its fingerprint (Server.Fingerprint,
+// WithTrustedFingerprint) or with WithInsecureSkipVerify. Tokens are
+// compared in constant time and never logged, and a registry may hold their
+// SHA-256 instead.
+//
+// # Caveats
+//
+//   - Events of a namespace are handed out in publish order, redeliveries
+//     first; an event that comes back after a nack or an expiry still
+//     arrives after those delivered meanwhile. There is no order across
+//     namespaces.
+//   - Event.Time has second precision on the wire.
+//   - One process at a time may open a Badger data directory.
+//   - quic-go wants larger UDP socket buffers than Linux grants by default
+//     and says so once through package log; raise them with
+//     sysctl -w net.core.rmem_max=7500000 net.core.wmem_max=7500000.
+//
+// # More
+//
+// The library logs nothing unless given WithLogger, and reports metrics to
+// WithHooks. Server.Handle serves application protocols on frame types from
+// 0x80, which clients speak through Client.OpenStream.
+//
+// PROTOCOL.md in the repository is the normative wire specification. Package
+// h3xtest starts a broker inside a test in one line, with fault hooks, and
+// holds the conformance suites that Queue and Registry implementations must
+// pass. The examples directory has runnable programs: a quickstart, a
+// producer and a consumer, a custom stream handler, and a package whose
+// tests embed a broker.
 package h3x
 
 import (
