@@ -939,11 +939,28 @@ func (c *Client) Granted() Grants {
 	return g
 }
 
+// Flush sends the acks, nacks and extensions that Delivery.Ack, Nack and
+// Extend queued so far and waits until the server has answered them. It
+// returns an error if some could not be sent (those deliveries will be
+// delivered again); settlements the server refused as stale are not errors.
+func (c *Client) Flush(ctx context.Context) error {
+	ch := make(chan error, 1)
+	if err := c.acker.add(settleOp{flush: ch}); err != nil {
+		return err
+	}
+	select {
+	case err := <-ch:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // Close ends the client's subscriptions (closing their channels), flushes
 // pending acks and nacks (for up to 5 s), and closes the connection; the
-// server releases leases still held. Calls made afterwards return
-// ErrClosed. Close is safe to call more than once and waits for the
-// client's goroutines.
+// server releases leases still held. It returns the error of that last
+// flush, if any (see Flush). Calls made afterwards return ErrClosed. Close
+// is safe to call more than once and waits for the client's goroutines.
 func (c *Client) Close() error {
 	c.closeOnce.Do(func() {
 		c.closing.Store(true)
@@ -960,5 +977,5 @@ func (c *Client) Close() error {
 		}
 		c.emit(StateChange{State: StateClosed})
 	})
-	return nil
+	return c.acker.lastErr
 }

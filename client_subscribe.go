@@ -1,6 +1,7 @@
 package h3x
 
 import (
+	"fmt"
 	"context"
 	"errors"
 	"sync"
@@ -188,6 +189,7 @@ type settleOp struct {
 	kind  FrameType
 	d     *Delivery
 	delay time.Duration
+	flush chan error // set for a Flush marker: answered once everything before it is sent
 }
 
 // acker batches Delivery.Ack, Nack and Extend into few AckEvent, NackEvent
@@ -201,6 +203,7 @@ type acker struct {
 	closed  bool
 	subs    map[*Subscription]struct{}
 	timeout time.Duration // bound on the final flush
+	lastErr error         // the final flush's error, for Close
 }
 
 func newAcker(c *Client) *acker {
@@ -259,25 +262,31 @@ func (a *acker) run() {
 	var pending []settleOp
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
-	flush := func(final bool) {
+	flush := func(final bool) error {
 		if len(pending) == 0 {
-			return
+			return nil
 		}
 		timeout := time.Minute
 		if final {
 			timeout = a.timeout
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), timeout)
-		a.send(ctx, pending)
+		err := a.send(ctx, pending)
 		cancel()
 		pending = pending[:0]
+		return err
 	}
 	for {
 		select {
 		case op, ok := <-a.ch:
 			if !ok {
-				flush(true)
+				a.lastErr = flush(true)
 				return
+			}
+			if op.flush != nil {
+				timer.Stop()
+				op.flush <- flush(false)
+				continue
 			}
 			if len(pending) == 0 {
 				timer.Reset(a.c.cfg.ackInterval)
@@ -295,7 +304,7 @@ func (a *acker) run() {
 
 // send groups ops by kind and delay and sends each group, retrying across
 // reconnects until ctx ends.
-func (a *acker) send(ctx context.Context, ops []settleOp) {
+func (a *acker) send(ctx context.Context, ops []settleOp) error {
 	groups := make(map[settleGroup][]*Delivery)
 	var order []settleGroup
 	for _, op := range ops {
@@ -305,11 +314,15 @@ func (a *acker) send(ctx context.Context, ops []settleOp) {
 		}
 		groups[k] = append(groups[k], op.d)
 	}
+	var first error
 	for _, k := range order {
 		ds := groups[k]
 		res, err := a.c.settle(ctx, k, ds)
 		if err != nil {
 			a.c.logger.Warn("h3x: settling deliveries failed; they will be delivered again", "frame", k.t, "count", len(ds), "err", err)
+			if first == nil {
+				first = fmt.Errorf("h3x: sending %d %v settlements: %w", len(ds), k.t, err)
+			}
 			continue
 		}
 		for _, r := range res {
@@ -318,4 +331,5 @@ func (a *acker) send(ctx context.Context, ops []settleOp) {
 			}
 		}
 	}
+	return first
 }

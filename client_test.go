@@ -414,3 +414,30 @@ func TestPublishAsync(t *testing.T) {
 		t.Fatalf("fetched %d, %v", len(ds), err)
 	}
 }
+
+func TestFlushWaitsForAcks(t *testing.T) {
+	srv := testServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := testDial(t, srv, "alice", "alice-token", WithAckFlush(100, time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Publish(ctx, Event{Namespace: "orders"})
+	ds, err := c.Fetch(ctx, 1, "orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ds[0].Ack(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Flush(ctx); err != nil {
+		t.Fatalf("Flush: %v", err)
+	}
+	other := mustDial(t, srv, "alice", "alice-token")
+	short, scancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	defer scancel()
+	if _, err := other.Fetch(short, 1, "orders"); err == nil {
+		t.Fatal("the acked event came back after Flush")
+	}
+}

@@ -481,6 +481,14 @@ type Stream struct {
 // a client's stream).
 func (s *Stream) Session() *Session { return s.sess }
 
+// SetReadDeadline makes a blocked or later ReadFrame fail once t passes
+// (zero: no deadline). Use it, or context.AfterFunc with it, to bound reads
+// by a context.
+func (s *Stream) SetReadDeadline(t time.Time) error { return s.st.SetReadDeadline(t) }
+
+// SetWriteDeadline makes a blocked or later WriteFrame fail once t passes.
+func (s *Stream) SetWriteDeadline(t time.Time) error { return s.st.SetWriteDeadline(t) }
+
 // CloseWrite finishes the stream's send side: the peer reads io.EOF after
 // the frames written so far.
 func (s *Stream) CloseWrite() error { return s.st.Close() }
