@@ -834,6 +834,7 @@ type settleGroup struct {
 	t      FrameType
 	delay  time.Duration
 	reason string
+	unseen bool // a nack of deliveries never handed to the application
 }
 
 func refsOf(ds []*Delivery) (ids []string, attempts []uint32, namespaces []string) {
@@ -853,7 +854,7 @@ func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]S
 	ans, err := c.call(ctx, streamSettle, k.t, func(id uint64) proto.Message {
 		switch k.t {
 		case FrameNackEvent:
-			return &h3xpb.NackEvent{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces, DelayMs: durationMs(k.delay), Reason: k.reason}
+			return &h3xpb.NackEvent{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces, DelayMs: durationMs(k.delay), Reason: k.reason, Unseen: k.unseen}
 		case FrameExtendLease:
 			return &h3xpb.ExtendLease{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces, ExtendMs: durationMs(k.delay)}
 		}

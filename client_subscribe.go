@@ -159,14 +159,14 @@ func (s *Subscription) run(ctx context.Context) {
 			select {
 			case s.ch <- d:
 			case <-ctx.Done():
-				// Deliveries not handed out are released when the lease
-				// holder's connection ends or by nack now.
 				rest := ds[i:]
 				for _, r := range rest {
 					r.settled.Store(true)
 				}
+				// Give back the prefetched deliveries the application never
+				// saw, without counting them as attempts.
 				nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-				s.client.Nack(nctx, 0, "subscription closed", rest...)
+				s.client.settle(nctx, settleGroup{t: FrameNackEvent, reason: "subscription closed", unseen: true}, rest)
 				cancel()
 				s.end(nil)
 				return

@@ -441,3 +441,32 @@ func TestFlushWaitsForAcks(t *testing.T) {
 		t.Fatal("the acked event came back after Flush")
 	}
 }
+
+// TestSubscriptionCloseGivesBackUnseen: deliveries prefetched but never
+// handed to the application do not count as attempts.
+func TestSubscriptionCloseGivesBackUnseen(t *testing.T) {
+	srv := testServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := mustDial(t, srv, "alice", "alice-token")
+	for range 5 {
+		c.Publish(ctx, Event{Namespace: "orders"})
+	}
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := <-sub.Events()
+	first.Ack()
+	sub.Close()
+	c.Flush(ctx)
+	ds, err := c.Fetch(ctx, 10, "orders")
+	if err != nil || len(ds) != 4 {
+		t.Fatalf("fetch: %v, %d deliveries", err, len(ds))
+	}
+	for _, d := range ds {
+		if d.Attempt() != 1 {
+			t.Fatalf("a prefetched, never seen delivery came back with attempt %d", d.Attempt())
+		}
+	}
+}

@@ -164,6 +164,7 @@ func goldenMessages() map[FrameType]proto.Message {
 			DelayMs:    5000,
 			Reason:     "downstream unavailable",
 			Namespaces: []string{"orders"},
+			Unseen:     true,
 		},
 		FrameExtendLease: &h3xpb.ExtendLease{
 			EventIds:   []string{exampleID1},

@@ -130,6 +130,11 @@ type LeaseRef struct {
 	ID        string
 	Attempt   int
 	Namespace string
+	// Unseen, for Nack only, says the delivery never reached the
+	// application (a client giving back prefetched deliveries): the attempt
+	// is not counted, so it cannot lead to dead-lettering, and the next
+	// delivery carries the same attempt number again.
+	Unseen bool
 }
 
 // SettleStatus is the outcome of an ack, nack or lease extension.

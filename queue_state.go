@@ -972,6 +972,9 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 				switch e.state {
 				case stLeased:
 					c.detach(e)
+					if ref.Unseen && e.attempt > 0 {
+						e.attempt--
+					}
 					c.afterLease(e, now, d, reason, &fx)
 				case stReady, stDelayed:
 					// The lease ended already and the event was not

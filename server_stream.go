@@ -137,6 +137,9 @@ func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []by
 		delay := time.Duration(m.GetDelayMs()) * time.Millisecond
 		ss.submit(&ss.settles, func() (FrameType, proto.Message) {
 			return ss.settle(ctx, t, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
+				for i := range refs {
+					refs[i].Unseen = m.GetUnseen()
+				}
 				return ss.c.srv.queue.Nack(context.WithoutCancel(ctx), ss.c.id, refs, delay, m.GetReason())
 			})
 		})

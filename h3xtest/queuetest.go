@@ -1346,6 +1346,27 @@ func (s *queueSuite) testAttempts(t *testing.T) {
 		}
 	})
 
+	t.Run("UnseenNackNotCounted", func(t *testing.T) {
+		// A nack of deliveries the application never saw gives the attempt
+		// back, so it cannot lead to dead-lettering.
+		h := s.open(t, h3x.QueueOptions{MaxAttempts: 2})
+		id := h.publish(h.event(nsA))[0]
+		for range 5 {
+			l := h.leaseOne("a", nsA)
+			if l.Event.ID != id || l.Attempt != 1 {
+				t.Fatalf("after unseen nacks: %s attempt %d, want %s attempt 1", l.Event.ID, l.Attempt, id)
+			}
+			ref := refOf(l)
+			ref.Unseen = true
+			wantAllOK(t, "unseen Nack", h.nack("a", 0, "prefetch returned", ref))
+		}
+		l := h.leaseOne("a", nsA)
+		wantAllOK(t, "Nack", h.nack("a", 0, "failed", refOf(l)))
+		if l2 := h.leaseOne("a", nsA); l2.Attempt != 2 {
+			t.Fatalf("after a counted nack: attempt %d, want 2", l2.Attempt)
+		}
+	})
+
 	t.Run("PerEvent", func(t *testing.T) {
 		h := s.open(t, h3x.QueueOptions{})
 		ids := h.publish(h.events(nsA, 2)...)

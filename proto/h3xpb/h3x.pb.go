@@ -1215,6 +1215,7 @@ type NackEvent struct {
 	DelayMs       uint32                 `protobuf:"varint,4,opt,name=delay_ms,json=delayMs,proto3" json:"delay_ms,omitempty"`
 	Reason        string                 `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
 	Namespaces    []string               `protobuf:"bytes,6,rep,name=namespaces,proto3" json:"namespaces,omitempty"`
+	Unseen        bool                   `protobuf:"varint,7,opt,name=unseen,proto3" json:"unseen,omitempty"` // the deliveries never reached the application: do not count the attempts
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1289,6 +1290,13 @@ func (x *NackEvent) GetNamespaces() []string {
 		return x.Namespaces
 	}
 	return nil
+}
+
+func (x *NackEvent) GetUnseen() bool {
+	if x != nil {
+		return x.Unseen
+	}
+	return false
 }
 
 // ExtendLease pushes the lease deadline of deliveries to now + extend_ms.
@@ -1763,7 +1771,7 @@ const file_h3x_proto_rawDesc = "" +
 	"\tAckResult\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x121\n" +
-	"\boutcomes\x18\x02 \x03(\v2\x15.h3x.v1.SettleOutcomeR\boutcomes\"\xb6\x01\n" +
+	"\boutcomes\x18\x02 \x03(\v2\x15.h3x.v1.SettleOutcomeR\boutcomes\"\xce\x01\n" +
 	"\tNackEvent\x12\x1b\n" +
 	"\tevent_ids\x18\x01 \x03(\tR\beventIds\x12\x1d\n" +
 	"\n" +
@@ -1773,7 +1781,8 @@ const file_h3x_proto_rawDesc = "" +
 	"\x06reason\x18\x05 \x01(\tR\x06reason\x12\x1e\n" +
 	"\n" +
 	"namespaces\x18\x06 \x03(\tR\n" +
-	"namespaces\"\xa2\x01\n" +
+	"namespaces\x12\x16\n" +
+	"\x06unseen\x18\a \x01(\bR\x06unseen\"\xa2\x01\n" +
 	"\vExtendLease\x12\x1b\n" +
 	"\tevent_ids\x18\x01 \x03(\tR\beventIds\x12\x1d\n" +
 	"\n" +
