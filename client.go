@@ -216,6 +216,7 @@ const (
 	StateClosed                            // Close was called, or a terminal error (Err)
 )
 
+// String returns the state's name.
 func (s ConnState) String() string {
 	switch s {
 	case StateConnected:

@@ -79,6 +79,7 @@ type Error struct {
 	cause      error
 }
 
+// Error returns "h3x: <code>: <message>", marked when the peer sent it.
 func (e *Error) Error() string {
 	var s string
 	switch {

@@ -34,13 +34,26 @@ type Hooks interface {
 // NopHooks implements Hooks with methods that do nothing.
 type NopHooks struct{}
 
-func (NopHooks) Published(string, int, int, time.Duration)                  {}
-func (NopHooks) Refused(string, ErrorCode, int)                             {}
+// Published does nothing.
+func (NopHooks) Published(string, int, int, time.Duration) {}
+
+// Refused does nothing.
+func (NopHooks) Refused(string, ErrorCode, int) {}
+
+// Delivered does nothing.
 func (NopHooks) Delivered(string, int, int, time.Duration, []time.Duration) {}
-func (NopHooks) Settled(FrameType, int, int)                                {}
-func (NopHooks) AuthFailed(ErrorCode)                                       {}
-func (NopHooks) ConnectionOpened()                                          {}
-func (NopHooks) ConnectionClosed()                                          {}
+
+// Settled does nothing.
+func (NopHooks) Settled(FrameType, int, int) {}
+
+// AuthFailed does nothing.
+func (NopHooks) AuthFailed(ErrorCode) {}
+
+// ConnectionOpened does nothing.
+func (NopHooks) ConnectionOpened() {}
+
+// ConnectionClosed does nothing.
+func (NopHooks) ConnectionClosed() {}
 
 var _ Hooks = NopHooks{}
 

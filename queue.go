@@ -79,6 +79,7 @@ const (
 	PublishRefused   PublishStatus = 3 // not stored; Err says why
 )
 
+// String returns "stored", "duplicate" or "refused".
 func (s PublishStatus) String() string {
 	switch s {
 	case PublishStored:
@@ -148,6 +149,7 @@ const (
 	SettleDenied  SettleStatus = 4 // not permitted (set by the server, never by a Queue)
 )
 
+// String returns "ok", "unknown", "stale" or "denied".
 func (s SettleStatus) String() string {
 	switch s {
 	case SettleOK:

@@ -21,6 +21,7 @@ const (
 	DurabilityNoSync
 )
 
+// String returns "fsync" or "nosync".
 func (d Durability) String() string {
 	switch d {
 	case DurabilityFsync:
