@@ -1,9 +1,9 @@
 package h3x
 
 import (
-	"fmt"
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"time"
 )
