@@ -1,0 +1,62 @@
+package h3x
+
+import (
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"io/fs"
+	"strings"
+	"testing"
+)
+
+// TestExportedNamesDocumented fails when an exported name of the public
+// packages has no doc comment.
+func TestExportedNamesDocumented(t *testing.T) {
+	for _, dir := range []string{".", "h3xtest"} {
+		fset := token.NewFileSet()
+		pkgs, err := parser.ParseDir(fset, dir, func(fi fs.FileInfo) bool { return !strings.HasSuffix(fi.Name(), "_test.go") }, parser.ParseComments)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range pkgs {
+			for name, f := range p.Files {
+				for _, d := range f.Decls {
+					switch d := d.(type) {
+					case *ast.FuncDecl:
+						if !d.Name.IsExported() || d.Doc != nil || !exportedReceiver(d) {
+							continue
+						}
+						t.Errorf("%s: func %s has no doc comment", name, d.Name.Name)
+					case *ast.GenDecl:
+						for _, s := range d.Specs {
+							switch s := s.(type) {
+							case *ast.TypeSpec:
+								if s.Name.IsExported() && s.Doc == nil && d.Doc == nil {
+									t.Errorf("%s: type %s has no doc comment", name, s.Name.Name)
+								}
+							case *ast.ValueSpec:
+								for _, n := range s.Names {
+									if n.IsExported() && s.Doc == nil && d.Doc == nil && s.Comment == nil {
+										t.Errorf("%s: %s has no doc comment", name, n.Name)
+									}
+								}
+							}
+						}
+					}
+				}
+			}
+		}
+	}
+}
+
+func exportedReceiver(d *ast.FuncDecl) bool {
+	if d.Recv == nil {
+		return true
+	}
+	t := d.Recv.List[0].Type
+	if st, ok := t.(*ast.StarExpr); ok {
+		t = st.X
+	}
+	id, ok := t.(*ast.Ident)
+	return !ok || id.IsExported()
+}
