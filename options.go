@@ -279,8 +279,11 @@ func WithLogger(l *slog.Logger) Option {
 }
 
 // WithTLSConfig sets the TLS configuration. For a server it must hold a
-// certificate; default: an in-memory self-signed ECDSA certificate whose
-// SHA-256 fingerprint is logged and returned by Server.Fingerprint. For a
+// certificate; default: a self-signed ECDSA development certificate whose
+// SHA-256 fingerprint is logged and returned by Server.Fingerprint (kept in
+// the data directory as dev-cert.pem/dev-key.pem when the server opens its
+// own Badger queue, so the fingerprint survives restarts; in memory with
+// WithQueue). For a
 // client, default: the system roots; ALPN and TLS 1.3 are set by H3X.
 func WithTLSConfig(cfg *tls.Config) Option {
 	return sharedOption{

@@ -149,7 +149,14 @@ func (s *Server) setupTLS() error {
 		}
 		conf = c
 	default:
-		cert, err := selfSignedCert()
+		var cert tls.Certificate
+		var err error
+		if s.cfg.queue == nil {
+			// Kept in the data directory, so its fingerprint survives restarts.
+			cert, err = devCertificate(s.cfg.dataDir)
+		} else {
+			cert, err = selfSignedCert()
+		}
 		if err != nil {
 			return fmt.Errorf("h3x: making a self-signed certificate: %w", err)
 		}

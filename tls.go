@@ -10,10 +10,14 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"io/fs"
 	"math/big"
 	"net"
+	"os"
+	"path/filepath"
 	"time"
 )
 
@@ -45,6 +49,42 @@ func selfSignedCert() (tls.Certificate, error) {
 		return tls.Certificate{}, err
 	}
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+}
+
+// devCertFile and devKeyFile hold the self-signed development certificate in
+// a server's data directory.
+const (
+	devCertFile = "dev-cert.pem"
+	devKeyFile  = "dev-key.pem"
+)
+
+// devCertificate loads the development certificate kept in dir, or makes
+// one and stores it there (key readable by the owner only).
+func devCertificate(dir string) (tls.Certificate, error) {
+	certPath, keyPath := filepath.Join(dir, devCertFile), filepath.Join(dir, devKeyFile)
+	if cert, err := tls.LoadX509KeyPair(certPath, keyPath); err == nil {
+		return cert, nil
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return tls.Certificate{}, fmt.Errorf("loading %s: %w", certPath, err)
+	}
+	cert, err := selfSignedCert()
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return tls.Certificate{}, err
+	}
+	if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return tls.Certificate{}, err
+	}
+	if err := os.WriteFile(certPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]}), 0o644); err != nil {
+		return tls.Certificate{}, err
+	}
+	return cert, nil
 }
 
 // Fingerprint returns the lower-case hex SHA-256 of a DER certificate: the

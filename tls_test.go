@@ -117,3 +117,23 @@ func TestClientOptionValidation(t *testing.T) {
 func containsFold(s, sub string) bool {
 	return strings.Contains(strings.ToLower(s), strings.ToLower(sub))
 }
+
+func TestDevCertificateKeptInDataDir(t *testing.T) {
+	dir := t.TempDir()
+	open := func() string {
+		s, err := NewServer(WithDataDir(dir), WithRegistry(testRegistry(t)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fp := s.Fingerprint()
+		s.Close()
+		return fp
+	}
+	first := open()
+	if second := open(); second != first {
+		t.Fatalf("fingerprint changed across restarts: %s then %s", first, second)
+	}
+	if fi, err := os.Stat(filepath.Join(dir, devKeyFile)); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("key file: %v %v", fi, err)
+	}
+}
