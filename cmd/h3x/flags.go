@@ -1,0 +1,207 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+)
+
+// errHelp ends a command that printed its help: exit status 0.
+var errHelp = errors.New("help requested")
+
+// flagSet is a flag.FlagSet whose flags may fall back on environment
+// variables: a flag given on the command line wins, then its variable, then
+// its default. Secrets are never shown as defaults, because environment
+// values are applied after parsing.
+type flagSet struct {
+	*flag.FlagSet
+	e        *cmdEnv
+	synopsis string // after "Usage: h3x <cmd> "
+	about    string // paragraphs after the usage line
+	envOf    map[string]string
+	given    map[string]bool // set on the command line or by the environment
+	cli      map[string]bool // set on the command line
+	order    []string        // flag names in definition order, for the help
+}
+
+func newFlagSet(e *cmdEnv, synopsis, about string) *flagSet {
+	fs := &flagSet{
+		FlagSet:  flag.NewFlagSet(e.name, flag.ContinueOnError),
+		e:        e,
+		synopsis: synopsis,
+		about:    about,
+		envOf:    make(map[string]string),
+		given:    make(map[string]bool),
+		cli:      make(map[string]bool),
+	}
+	fs.SetOutput(io.Discard)
+	return fs
+}
+
+func (fs *flagSet) bind(name, envVar string) {
+	fs.order = append(fs.order, name)
+	if envVar != "" {
+		fs.envOf[name] = envVar
+	}
+}
+
+func (fs *flagSet) stringVar(p *string, name, envVar, def, usage string) {
+	fs.StringVar(p, name, def, usage)
+	fs.bind(name, envVar)
+}
+
+func (fs *flagSet) boolVar(p *bool, name, envVar string, def bool, usage string) {
+	fs.BoolVar(p, name, def, usage)
+	fs.bind(name, envVar)
+}
+
+func (fs *flagSet) intVar(p *int, name, envVar string, def int, usage string) {
+	fs.IntVar(p, name, def, usage)
+	fs.bind(name, envVar)
+}
+
+func (fs *flagSet) int64Var(p *int64, name, envVar string, def int64, usage string) {
+	fs.Int64Var(p, name, def, usage)
+	fs.bind(name, envVar)
+}
+
+func (fs *flagSet) floatVar(p *float64, name, envVar string, def float64, usage string) {
+	fs.Float64Var(p, name, def, usage)
+	fs.bind(name, envVar)
+}
+
+func (fs *flagSet) durationVar(p *time.Duration, name, envVar string, def time.Duration, usage string) {
+	fs.DurationVar(p, name, def, usage)
+	fs.bind(name, envVar)
+}
+
+func (fs *flagSet) value(v flag.Value, name, envVar, usage string) {
+	fs.Var(v, name, usage)
+	fs.bind(name, envVar)
+}
+
+// parse parses args, then applies the environment to flags not given. It
+// returns errHelp after printing the help for -h, and a usageError for a
+// bad flag or value.
+func (fs *flagSet) parse(args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.printHelp(fs.e.stdout)
+			return errHelp
+		}
+		return usageError{err}
+	}
+	fs.Visit(func(f *flag.Flag) { fs.given[f.Name], fs.cli[f.Name] = true, true })
+	for _, name := range fs.order {
+		ev, ok := fs.envOf[name]
+		if !ok || fs.given[name] {
+			continue
+		}
+		v := fs.e.getenv(ev)
+		if v == "" {
+			continue
+		}
+		if err := fs.Lookup(name).Value.Set(v); err != nil {
+			// The value is not repeated: it may be a secret.
+			return usagef("invalid value in $%s: %v", ev, err)
+		}
+		fs.given[name] = true
+	}
+	return nil
+}
+
+// noArgs fails with a usage error if positional arguments remain.
+func (fs *flagSet) noArgs() error {
+	if fs.NArg() > 0 {
+		return usagef("unexpected argument %q", fs.Arg(0))
+	}
+	return nil
+}
+
+func (fs *flagSet) printHelp(w io.Writer) {
+	fmt.Fprintf(w, "Usage: h3x %s %s\n", fs.e.name, fs.synopsis)
+	if fs.about != "" {
+		fmt.Fprintf(w, "\n%s\n", strings.TrimSpace(fs.about))
+	}
+	fmt.Fprintf(w, "\nFlags:\n")
+	for _, name := range fs.order {
+		f := fs.Lookup(name)
+		typ, usage := flag.UnquoteUsage(f)
+		line := "  --" + name
+		if typ != "" {
+			line += " " + typ
+		}
+		fmt.Fprintf(w, "%s\n    \t%s", line, strings.ReplaceAll(usage, "\n", "\n    \t"))
+		if f.DefValue != "" && f.DefValue != "0" && f.DefValue != "false" && f.DefValue != "0s" {
+			fmt.Fprintf(w, " (default %s)", f.DefValue)
+		}
+		if ev := fs.envOf[name]; ev != "" {
+			fmt.Fprintf(w, " [$%s]", ev)
+		}
+		fmt.Fprintln(w)
+	}
+}
+
+// listFlag is a repeatable flag whose values may also be comma-separated.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+
+func (l *listFlag) Set(s string) error {
+	for _, v := range strings.Split(s, ",") {
+		if v = strings.TrimSpace(v); v != "" {
+			*l = append(*l, v)
+		}
+	}
+	return nil
+}
+
+// mapFlag is a repeatable key=value flag.
+type mapFlag map[string]string
+
+func (m mapFlag) String() string {
+	var parts []string
+	for k, v := range m {
+		parts = append(parts, k+"="+v)
+	}
+	return strings.Join(parts, ",")
+}
+
+func (m mapFlag) Set(s string) error {
+	k, v, ok := strings.Cut(s, "=")
+	if !ok || k == "" {
+		return fmt.Errorf("want key=value, got %q", s)
+	}
+	m[k] = v
+	return nil
+}
+
+// choiceFlag is a string flag limited to some values.
+type choiceFlag struct {
+	v       string
+	choices []string
+}
+
+func newChoice(def string, choices ...string) *choiceFlag {
+	return &choiceFlag{v: def, choices: choices}
+}
+
+func (c *choiceFlag) String() string {
+	if c == nil {
+		return ""
+	}
+	return c.v
+}
+
+func (c *choiceFlag) Set(s string) error {
+	for _, ch := range c.choices {
+		if s == ch {
+			c.v = s
+			return nil
+		}
+	}
+	return fmt.Errorf("want one of %s", strings.Join(c.choices, ", "))
+}

@@ -1,0 +1,64 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"text/tabwriter"
+	"time"
+)
+
+const statsAbout = `
+Stats prints each namespace's counts: events ready, leased, delayed (nacked
+with a delay) and dead-lettered so far, stored bytes and the age of the
+oldest ready event. It lists the given namespaces, or every namespace the
+client may consume.
+
+It asks over the admin stream of h3x serve (see "go doc ./cmd/h3x"), which
+shows a client only the namespaces it may consume.`
+
+func runStats(ctx context.Context, e *cmdEnv, args []string) error {
+	var cf clientFlags
+	var ns listFlag
+	var asJSON bool
+	fs := newFlagSet(e, "[flags] [namespace ...]", statsAbout)
+	cf.register(fs)
+	fs.value(&ns, "ns", "H3X_NAMESPACE", "`namespaces` to show, comma-separated (or as arguments)")
+	fs.boolVar(&asJSON, "json", "", false, "print JSON instead of a table")
+	if err := fs.parse(args); err != nil {
+		return err
+	}
+	namespaces, err := namespacesFrom(ns, fs.Args())
+	if err != nil {
+		return err
+	}
+	c, err := cf.dial(ctx, e)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	actx, cancel := context.WithTimeout(ctx, cf.timeout)
+	defer cancel()
+	stats, err := adminStats(actx, c, namespaces)
+	if err != nil {
+		if ctx.Err() == nil && actx.Err() != nil {
+			return fmt.Errorf("no answer from %s within %v", cf.addr, cf.timeout)
+		}
+		return err
+	}
+	if asJSON {
+		enc := json.NewEncoder(e.stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(stats)
+	}
+	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAMESPACE\tREADY\tLEASED\tDELAYED\tDEAD-LETTERED\tBYTES\tOLDEST READY\t")
+	for _, s := range stats {
+		oldest := "-"
+		if s.OldestReadyMs > 0 {
+			oldest = (time.Duration(s.OldestReadyMs) * time.Millisecond).String()
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%s\t\n", s.Namespace, s.Ready, s.Leased, s.Delayed, s.DeadLettered, s.Bytes, oldest)
+	}
+	return tw.Flush()
+}
