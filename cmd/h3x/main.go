@@ -21,6 +21,8 @@ type command struct {
 
 var commands = []*command{
 	{"serve", "run a broker", runServe},
+	{"inject", "publish events from flags, JSON lines or a synthetic load", runInject},
+	{"tail", "follow namespaces and print deliveries", runTail},
 	{"stats", "show per-namespace queue counts", runStats},
 	{"version", "print the version", runVersion},
 }

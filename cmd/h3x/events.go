@@ -1,0 +1,169 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/h3x-io/h3x"
+)
+
+// eventJSON is the JSON-lines form of an event that inject reads and tail
+// writes:
+//
+//	{"id":"…","namespace":"orders","type":"order.created","message":"…",
+//	 "data":{"any":"JSON"},"time":"2026-01-02T15:04:05Z","metadata":{"k":"v"}}
+//
+// "data" holds the body: a JSON string stands for its text, any other JSON
+// value for its own bytes; bodies that are not UTF-8 travel as
+// "data_base64". "time" is RFC 3339 or Unix seconds. tail adds "attempt",
+// which inject ignores, so tail's output can be injected again.
+type eventJSON struct {
+	ID         string            `json:"id,omitempty"`
+	Namespace  string            `json:"namespace,omitempty"`
+	Type       string            `json:"type,omitempty"`
+	Message    string            `json:"message,omitempty"`
+	Data       json.RawMessage   `json:"data,omitempty"`
+	DataBase64 []byte            `json:"data_base64,omitempty"`
+	Time       json.RawMessage   `json:"time,omitempty"`
+	Metadata   map[string]string `json:"metadata,omitempty"`
+	Attempt    int               `json:"attempt,omitempty"`
+}
+
+// parseEventLine decodes one JSON line into an event; defaultNS fills a
+// missing namespace.
+func parseEventLine(line []byte, defaultNS string) (h3x.Event, error) {
+	var j eventJSON
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&j); err != nil {
+		return h3x.Event{}, fmt.Errorf("not a JSON event: %v", err)
+	}
+	if dec.More() {
+		return h3x.Event{}, errors.New("more than one JSON value on the line")
+	}
+	ev := h3x.Event{ID: j.ID, Namespace: j.Namespace, Type: j.Type, Message: j.Message, Metadata: j.Metadata}
+	if ev.Namespace == "" {
+		ev.Namespace = defaultNS
+	}
+	if ev.Namespace == "" {
+		return h3x.Event{}, errors.New("no namespace (give \"namespace\" or --ns)")
+	}
+	if err := h3x.ValidateNamespace(ev.Namespace); err != nil {
+		return h3x.Event{}, fmt.Errorf("namespace %q: %v", ev.Namespace, strings.TrimPrefix(err.Error(), "h3x: invalid argument: "))
+	}
+	switch {
+	case len(j.Data) > 0 && len(j.DataBase64) > 0:
+		return h3x.Event{}, errors.New("both \"data\" and \"data_base64\"")
+	case len(j.DataBase64) > 0:
+		ev.Data = j.DataBase64
+	case len(j.Data) > 0 && j.Data[0] == '"':
+		var s string
+		if err := json.Unmarshal(j.Data, &s); err != nil {
+			return h3x.Event{}, fmt.Errorf("data: %v", err)
+		}
+		ev.Data = []byte(s)
+	case len(j.Data) > 0 && !bytes.Equal(j.Data, []byte("null")):
+		var buf bytes.Buffer
+		if err := json.Compact(&buf, j.Data); err != nil {
+			return h3x.Event{}, fmt.Errorf("data: %v", err)
+		}
+		ev.Data = buf.Bytes()
+	}
+	if len(j.Time) > 0 && !bytes.Equal(j.Time, []byte("null")) {
+		t, err := parseTime(j.Time)
+		if err != nil {
+			return h3x.Event{}, err
+		}
+		ev.Time = t
+	}
+	return ev, nil
+}
+
+func parseTime(raw json.RawMessage) (time.Time, error) {
+	var s string
+	if err := json.Unmarshal(raw, &s); err == nil {
+		t, err := time.Parse(time.RFC3339Nano, s)
+		if err != nil {
+			return time.Time{}, fmt.Errorf("time %q is not RFC 3339", s)
+		}
+		return t, nil
+	}
+	sec, err := strconv.ParseFloat(string(raw), 64)
+	if err != nil {
+		return time.Time{}, errors.New("time must be an RFC 3339 string or Unix seconds")
+	}
+	return time.Unix(0, int64(sec*1e9)), nil
+}
+
+// eventToJSON is the inverse of parseEventLine.
+func eventToJSON(ev *h3x.Event, attempt int) eventJSON {
+	j := eventJSON{ID: ev.ID, Namespace: ev.Namespace, Type: ev.Type, Message: ev.Message, Metadata: ev.Metadata, Attempt: attempt}
+	if len(ev.Data) > 0 {
+		switch {
+		case json.Valid(ev.Data) && ev.Data[0] != '"':
+			var buf bytes.Buffer
+			json.Compact(&buf, ev.Data)
+			j.Data = buf.Bytes()
+		case utf8.Valid(ev.Data):
+			j.Data, _ = json.Marshal(string(ev.Data))
+		default:
+			j.DataBase64 = ev.Data
+		}
+	}
+	if !ev.Time.IsZero() {
+		j.Time, _ = json.Marshal(ev.Time.UTC().Format(time.RFC3339Nano))
+	}
+	return j
+}
+
+// formatHuman writes a delivery on one line for people.
+func formatHuman(ev *h3x.Event, attempt int) string {
+	var b strings.Builder
+	ts := "-"
+	if !ev.Time.IsZero() {
+		ts = ev.Time.Local().Format("2006-01-02 15:04:05")
+	}
+	fmt.Fprintf(&b, "%s %s", ts, ev.Namespace)
+	if ev.Type != "" {
+		fmt.Fprintf(&b, " %s", ev.Type)
+	}
+	fmt.Fprintf(&b, " id=%s", ev.ID)
+	if attempt > 1 {
+		fmt.Fprintf(&b, " attempt=%d", attempt)
+	}
+	if ev.Message != "" {
+		fmt.Fprintf(&b, " msg=%s", strconv.Quote(ev.Message))
+	}
+	if len(ev.Data) > 0 {
+		j := eventToJSON(&h3x.Event{Data: ev.Data}, 0)
+		if j.Data != nil {
+			fmt.Fprintf(&b, " data=%s", j.Data)
+		} else {
+			fmt.Fprintf(&b, " data=<%d bytes>", len(ev.Data))
+		}
+	}
+	keys := make([]string, 0, len(ev.Metadata))
+	for k := range ev.Metadata {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		fmt.Fprintf(&b, " %s=%s", k, strconv.Quote(ev.Metadata[k]))
+	}
+	return b.String()
+}
+
+// jsonEncode writes v as one JSON line, without HTML escaping.
+func jsonEncode(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetEscapeHTML(false)
+	return enc.Encode(v)
+}
