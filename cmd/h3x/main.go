@@ -23,6 +23,7 @@ var commands = []*command{
 	{"serve", "run a broker", runServe},
 	{"inject", "publish events from flags, JSON lines or a synthetic load", runInject},
 	{"tail", "follow namespaces and print deliveries", runTail},
+	{"bench", "measure publish and consume throughput and latency", runBench},
 	{"stats", "show per-namespace queue counts", runStats},
 	{"version", "print the version", runVersion},
 }
