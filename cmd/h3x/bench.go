@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -220,7 +219,8 @@ func runBench(ctx context.Context, e *cmdEnv, args []string) error {
 		return err
 	}
 	quietStdLog(stderrLog) // quic-go's UDP buffer warning matters to a benchmark
-	opts = append(opts, h3x.WithPublishBuffer(max(h3x.DefaultPublishBuffer, 2*f.inflight)))
+	opts = append(opts, h3x.WithPublishBuffer(max(h3x.DefaultPublishBuffer, 2*f.inflight)),
+		h3x.WithMaxReconnects(3)) // a benchmark that lost its server should end
 
 	if f.cpuProfile != "" {
 		pf, err := os.Create(f.cpuProfile)
@@ -318,6 +318,8 @@ type bench struct {
 	target                                    atomic.Int64 // consumers are done at this many; 0: not known yet
 	consDone                                  chan struct{}
 	consDoneOnce                              sync.Once
+
+	firstErr atomic.Pointer[error] // the first failed publish
 
 	mu                   sync.Mutex
 	ackHist, deliverHist *hdrhistogram.Histogram
@@ -417,7 +419,7 @@ func (b *bench) run(ctx context.Context, res *benchResult) error {
 				quota++
 			}
 		}
-		pwg.Go(func() { b.publisher(pctx, c, start, end, quota) })
+		pwg.Go(func() { b.publisher(ctx, pctx, c, start, end, quota) })
 	}
 	pwg.Wait()
 	pubEnd := time.Now()
@@ -463,8 +465,11 @@ func (b *bench) run(ctx context.Context, res *benchResult) error {
 	res.Interrupted = ctx.Err() != nil
 	res.PublishToAck = summarize(b.ackHist)
 	res.PublishToDelivery = summarize(b.deliverHist)
-	if res.Published == 0 && res.PublishErrors > 0 {
-		return errors.New("every publish failed")
+	if p := b.firstErr.Load(); p != nil {
+		if res.Published == 0 {
+			return fmt.Errorf("publishing: %w", *p)
+		}
+		fmt.Fprintf(b.e.stderr, "h3x bench: warning: %d publish requests failed; first: %s\n", res.PublishErrors, oneLine(*p))
 	}
 	return nil
 }
@@ -473,8 +478,9 @@ func round1(v float64) float64 { return float64(int64(v*10+0.5)) / 10 }
 func round3(v float64) float64 { return float64(int64(v*1000+0.5)) / 1000 }
 
 // publisher runs one client's publishing workers until pctx ends or its
-// quota (when not negative) is published.
-func (b *bench) publisher(pctx context.Context, c *h3x.Client, start, end time.Time, quota int64) {
+// quota (when not negative) is published. Requests run under ctx, which
+// outlives pctx: those in flight at the deadline finish and are counted.
+func (b *bench) publisher(ctx, pctx context.Context, c *h3x.Client, start, end time.Time, quota int64) {
 	var left atomic.Int64
 	left.Store(quota)
 	// claim takes up to n events of the quota; with no quota, n.
@@ -556,16 +562,15 @@ func (b *bench) publisher(pctx context.Context, c *h3x.Client, start, end time.T
 					binary.LittleEndian.PutUint64(bodies[i][8:], uint64(stamp.UnixNano()))
 					events[i] = h3x.Event{Namespace: b.f.ns, Type: "bench", Data: bodies[i]}
 				}
-				// The last requests may finish after the deadline: they
-				// are counted, so use a context that outlives pctx a little.
-				results, err := c.Publish(context.WithoutCancel(pctx), events[:n]...)
+				results, err := c.Publish(ctx, events[:n]...)
 				took := time.Since(stamp)
 				if err != nil {
-					b.pubErrors.Add(1)
-					if pctx.Err() != nil {
-						return
+					// Publish retries what can be retried: this worker is done.
+					if ctx.Err() == nil {
+						b.pubErrors.Add(1)
+						b.firstErr.CompareAndSwap(nil, &err)
 					}
-					continue
+					return
 				}
 				var stored, dups int64
 				for _, r := range results {

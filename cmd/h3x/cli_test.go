@@ -125,6 +125,8 @@ func TestBadInput(t *testing.T) {
 			"h3x stats: CA file " + badPEM + " holds no PEM certificate"},
 		{"unreachable server", []string{"stats", "--addr", closedUDPPort(t), "--token", "t", "--insecure", "--timeout", "1s"}, nil,
 			"h3x stats: cannot reach 127.0.0.1:"},
+		{"unreachable server (bench)", []string{"bench", "--addr", closedUDPPort(t), "--token", "t", "--insecure", "--timeout", "1s"}, nil,
+			"h3x bench: cannot reach 127.0.0.1:"},
 		{"wrong token", []string{"inject", "--ns", "orders", "--message", "m"}, srv.clientEnv("writer", "wrong"),
 			`h3x inject: authentication refused for client "writer": unknown client or wrong token`},
 		{"unknown client", []string{"tail", "orders"}, srv.clientEnv("nobody", "r-tok"),
