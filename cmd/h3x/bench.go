@@ -152,7 +152,7 @@ func runBench(ctx context.Context, e *cmdEnv, args []string) error {
 	fs.int64Var(&f.count, "count", "", 0, "publish this many events in all instead of for --duration")
 	fs.floatVar(&f.rate, "rate", "", 0, "total publish rate in `events/s` on a fixed schedule (0: as fast as possible)")
 	fs.intVar(&f.batch, "batch", "", 100, "events per publish request (at most 1000)")
-	fs.intVar(&f.inflight, "inflight", "", 4, "publish requests in flight per publisher")
+	fs.intVar(&f.inflight, "inflight", "", 4, "publish requests in flight per publisher (with --rate, default 64: enough that slow answers do not hold back the schedule)")
 	fs.intVar(&f.fetch, "fetch", "", 256, "events per fetch of a consumer")
 	fs.durationVar(&f.drain, "drain", "", 30*time.Second, "after publishing, wait at most this long for consumers to catch up")
 	fs.boolVar(&f.jsonOut, "json", "", false, "print the results as JSON")
@@ -191,6 +191,9 @@ func runBench(ctx context.Context, e *cmdEnv, args []string) error {
 	}
 	if err := h3x.ValidateNamespace(f.ns); err != nil {
 		return usagef("--ns %q: %v", f.ns, strings.TrimPrefix(err.Error(), "h3x: invalid argument: "))
+	}
+	if f.rate > 0 && !fs.cli["inflight"] {
+		f.inflight = 64
 	}
 
 	res := benchResult{
@@ -407,8 +410,10 @@ func (b *bench) run(ctx context.Context, res *benchResult) error {
 	var end time.Time
 	if b.f.count == 0 {
 		end = start.Add(b.f.duration)
-		t := time.AfterFunc(b.f.duration, stopPublishers)
-		defer t.Stop()
+		if b.f.rate == 0 { // a schedule ends by itself, after its last due time
+			t := time.AfterFunc(b.f.duration, stopPublishers)
+			defer t.Stop()
+		}
 	}
 	var pwg sync.WaitGroup
 	for i, c := range b.pubs {
