@@ -71,8 +71,8 @@ func serveMetrics(t *testing.T, cs ...prometheus.Collector) string {
 // follow.
 func TestMetricsMove(t *testing.T) {
 	m := h3xprom.New()
-	srv := h3xtest.NewServer(t, h3x.WithHooks(m))
-	url := serveMetrics(t, m, h3xprom.NewQueueCollector(srv))
+	srv := h3xtest.NewServer(t, h3xtest.WithServerOptions(h3x.WithHooks(m)))
+	url := serveMetrics(t, m, h3xprom.NewQueueCollector(srv.Server()))
 
 	before := scrape(t, url)
 	if got := before["h3x_connections"]; got != 0 {
@@ -130,7 +130,7 @@ func TestMetricsMove(t *testing.T) {
 	}
 
 	dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
-	_, err = h3x.Dial(dctx, srv.URL(), h3x.WithCredentials(h3xtest.ClientID, "wrong"), h3x.WithTrustedFingerprint(srv.Fingerprint()))
+	_, err = h3x.Dial(dctx, srv.Addr(), h3x.WithCredentials(h3xtest.ClientID, "wrong"), h3x.WithTrustedFingerprint(srv.Fingerprint()))
 	dcancel()
 	if !errors.Is(err, h3x.ErrUnauthenticated) {
 		t.Fatalf("dialing with a wrong token: %v, want ErrUnauthenticated", err)

@@ -297,8 +297,8 @@ func scrape(t *testing.T, url string) map[string]float64 {
 // consumes.
 func TestTailInterrupt(t *testing.T) {
 	t.Parallel()
-	srv := h3xtest.NewServer(t, h3x.WithAckDeadline(time.Minute))
-	env := []string{"H3X_ADDR=" + srv.URL(), "H3X_FINGERPRINT=" + srv.Fingerprint(), "H3X_CLIENT_ID=" + h3xtest.ClientID, "H3X_TOKEN=" + h3xtest.Token}
+	srv := h3xtest.NewServer(t, h3xtest.WithServerOptions(h3x.WithAckDeadline(time.Minute)))
+	env := []string{"H3X_ADDR=" + srv.Addr(), "H3X_FINGERPRINT=" + srv.Fingerprint(), "H3X_CLIENT_ID=" + h3xtest.ClientID, "H3X_TOKEN=" + h3xtest.Token}
 	c := srv.Dial(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -375,9 +375,9 @@ func TestBench(t *testing.T) {
 
 	srv := h3xtest.NewServer(t)
 	env := []string{"H3X_FINGERPRINT=" + srv.Fingerprint(), "H3X_CLIENT_ID=" + h3xtest.ClientID, "H3X_TOKEN=" + h3xtest.Token}
-	r = runH3X(t, "", env, "bench", "--json", "--addr", srv.URL(), "--count", "400", "--rate", "2000", "--batch", "1", "--ns", "bench-remote")
+	r = runH3X(t, "", env, "bench", "--json", "--addr", srv.Addr(), "--count", "400", "--rate", "2000", "--batch", "1", "--ns", "bench-remote")
 	res = check(r, 400)
-	if res.Target != srv.URL() || res.Rate != 2000 {
+	if res.Target != srv.Addr() || res.Rate != 2000 {
 		t.Errorf("bench reported %+v", res)
 	}
 	// At 2,000 ev/s, 400 events take about 0.2 s.
@@ -419,10 +419,10 @@ func TestStats(t *testing.T) {
 		{Namespace: "orders", Ready: 3, Leased: 2, Delayed: 1, DeadLettered: 4, OldestReady: 1500 * time.Millisecond, Bytes: 300},
 		{Namespace: "audit", Ready: 9},
 	}}
-	srv := h3xtest.NewServer(t, h3x.WithQueue(q), h3x.WithRegistry(reg))
-	srv.Handle(adminRequestFrame, adminHandler(srv))
+	srv := h3xtest.NewServer(t, h3xtest.WithQueue(q), h3xtest.WithRegistry(reg))
+	srv.Handle(adminRequestFrame, adminHandler(srv.Server()))
 	env := func(client, token string) []string {
-		return []string{"H3X_ADDR=" + srv.URL(), "H3X_FINGERPRINT=" + srv.Fingerprint(), "H3X_CLIENT_ID=" + client, "H3X_TOKEN=" + token}
+		return []string{"H3X_ADDR=" + srv.Addr(), "H3X_FINGERPRINT=" + srv.Fingerprint(), "H3X_CLIENT_ID=" + client, "H3X_TOKEN=" + token}
 	}
 
 	r := runH3X(t, "", env("admin", "admin-tok"), "stats", "--json")
@@ -460,7 +460,7 @@ func TestStats(t *testing.T) {
 
 	// A server without the admin handler.
 	plain := h3xtest.NewServer(t)
-	r = runH3X(t, "", []string{"H3X_ADDR=" + plain.URL(), "H3X_FINGERPRINT=" + plain.Fingerprint(), "H3X_CLIENT_ID=" + h3xtest.ClientID, "H3X_TOKEN=" + h3xtest.Token}, "stats")
+	r = runH3X(t, "", []string{"H3X_ADDR=" + plain.Addr(), "H3X_FINGERPRINT=" + plain.Fingerprint(), "H3X_CLIENT_ID=" + h3xtest.ClientID, "H3X_TOKEN=" + h3xtest.Token}, "stats")
 	if r.code != 1 {
 		t.Errorf("stats against a plain server: exit %d", r.code)
 	}
