@@ -222,6 +222,9 @@ func (r StaticRegistry) String() string {
 	return fmt.Sprintf("h3x.StaticRegistry(%d clients, %d entries)", len(r.clients), r.entries)
 }
 
+// Len returns the number of entries in the registry.
+func (r *StaticRegistry) Len() int { return r.entries }
+
 // GoString is String, so that %#v shows no digests either.
 func (r StaticRegistry) GoString() string { return r.String() }
 

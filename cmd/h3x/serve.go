@@ -226,11 +226,8 @@ func loadRegistry(text, file string, useFile bool) (*h3x.StaticRegistry, error) 
 	return r, nil
 }
 
-// registryEmpty reports whether r holds no entry. StaticRegistry exposes
-// its size only through String (it never shows tokens).
-func registryEmpty(r *h3x.StaticRegistry) bool {
-	return strings.Contains(r.String(), " 0 entries)")
-}
+// registryEmpty reports whether r holds no entry.
+func registryEmpty(r *h3x.StaticRegistry) bool { return r.Len() == 0 }
 
 // promLogger adapts slog to promhttp's error logger.
 type promLogger struct{ l *slog.Logger }
