@@ -5,7 +5,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -76,6 +81,9 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		dir:           dir,
 		log:           opts.Logger,
 		window:        opts.DedupWindow,
+		fsync:         opts.Durability == DurabilityFsync && !bo.SyncWrites,
+		bdir:          bo.Dir,
+		vdir:          bo.ValueDir,
 		counters:      make(map[string]*nsCounter),
 		wsignal:       make(chan struct{}, 1),
 		inflight:      make(chan *group, pipelineDepth),
@@ -86,6 +94,12 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		diskFree:      diskFree,
 	}
 	q.core = newQueueCore(opts, (*badgerStore)(q), false)
+	if mem, err := logFiles(q.bdir, ".mem"); err == nil && len(mem) > 0 {
+		q.memFid = mem[len(mem)-1]
+	}
+	if vlog, err := logFiles(q.vdir, ".vlog"); err == nil && len(vlog) > 0 {
+		q.vlogFid = vlog[len(vlog)-1]
+	}
 	if err := q.load(); err != nil {
 		db.Close()
 		return nil, err
@@ -108,7 +122,7 @@ var _ Queue = (*badgerQueue)(nil)
 func badgerOptions(dir string, opts QueueOptions) badger.Options {
 	bo := badger.DefaultOptions(dir)
 	bo.Logger = badgerLogger{opts.Logger}
-	bo.SyncWrites = opts.Durability == DurabilityFsync
+	bo.SyncWrites = false // DurabilityFsync syncs once per run of commits (see syncFiles)
 	bo.MemTableSize = 8 << 20
 	bo.NumMemtables = 2
 	bo.BlockCacheSize = 16 << 20
@@ -171,6 +185,7 @@ type badgerQueue struct {
 	dir    string
 	log    *slog.Logger
 	window time.Duration
+	fsync  bool
 
 	// counters are the namespaces' counts as the writer has written them.
 	// Writer-owned (and load, before the writer starts).
@@ -196,8 +211,15 @@ type badgerQueue struct {
 	reserve  uint64
 	diskFree func(dir string) (uint64, error)
 
+	// syncMu serializes syncs and value-log GC; the rest is its.
+	syncMu          sync.Mutex
+	bdir, vdir      string // Badger's Dir and ValueDir
+	memFid, vlogFid int    // the newest memtable and value-log files at the last sync
+
 	closeOnce sync.Once
 	closeErr  error
+
+	statGroups, statOps atomic.Int64 // group commits and the requests in them
 }
 
 type nsCounter struct {
@@ -832,15 +854,60 @@ func (q *badgerQueue) writer() {
 		}
 		ops, q.wops = q.wops, nil
 		q.wmu.Unlock()
-		q.inflight <- q.write(ops)
+		g := q.write(ops)
+		q.statGroups.Add(1)
+		q.statOps.Add(int64(len(ops)))
+		q.inflight <- g
 	}
 }
 
+// completer is stage two. With DurabilityFsync it syncs (see syncFiles)
+// once for every run of groups whose commits are done, and answers them
+// after: one sync covers every group committed before it started, however
+// many, while the writer goes on committing the next ones.
 func (q *badgerQueue) completer() {
 	defer close(q.completerDone)
-	for g := range q.inflight {
+	var next *group
+	var batch []*group
+	for {
+		g := next
+		next = nil
+		if g == nil {
+			var ok bool
+			if g, ok = <-q.inflight; !ok {
+				return
+			}
+		}
 		<-g.done
-		q.complete(g)
+		batch = append(batch[:0], g)
+	gather:
+		for next == nil {
+			select {
+			case g2, ok := <-q.inflight:
+				if !ok {
+					break gather
+				}
+				select {
+				case <-g2.done:
+					batch = append(batch, g2)
+				default:
+					next = g2
+				}
+			default:
+				break gather
+			}
+		}
+		var syncErr error
+		if q.fsync {
+			if syncErr = q.syncFiles(); syncErr != nil {
+				syncErr = storageError("sync", syncErr)
+				q.log.Error("h3x: badger queue: sync failed", "err", syncErr)
+			}
+		}
+		for _, g := range batch {
+			q.complete(g, syncErr)
+		}
+		clear(batch)
 	}
 }
 
@@ -951,7 +1018,7 @@ func (q *badgerQueue) write(ops []*wop) *group {
 
 // complete is stage two: the group's transactions are done; apply what
 // became durable, revert what did not, and answer.
-func (q *badgerQueue) complete(g *group) {
+func (q *badgerQueue) complete(g *group, syncErr error) {
 	c := q.core
 	var failed map[*qentry]error
 	var fix map[string]nsCounter
@@ -1061,6 +1128,11 @@ func (q *badgerQueue) complete(g *group) {
 		_ = q.push(&wop{counterFix: fix, w: &writeWait{done: make(chan struct{})}})
 	}
 	for _, op := range g.ops {
+		if op.failed == nil {
+			// Applied, but maybe not durable: the caller retries, and a
+			// retried publish is deduplicated.
+			op.failed = syncErr
+		}
 		op.w.err = op.failed
 		close(op.w.done)
 	}
@@ -1426,7 +1498,7 @@ func (q *badgerQueue) gcLoop(interval time.Duration) {
 				return
 			default:
 			}
-			if err := q.db.RunValueLogGC(0.5); err != nil {
+			if err := q.valueLogGC(); err != nil {
 				if !errors.Is(err, badger.ErrNoRewrite) && !errors.Is(err, badger.ErrRejected) {
 					q.log.Warn("h3x: badger value-log GC", "err", err)
 				}
@@ -1434,6 +1506,127 @@ func (q *badgerQueue) gcLoop(interval time.Duration) {
 			}
 		}
 	}
+}
+
+// valueLogGC runs one value-log GC pass. Badger moves the live values of the
+// file it collects to the head of the log, then deletes the file; with
+// DurabilityFsync the moved values are synced right after (Badger does not
+// sync them itself when SyncWrites is off).
+func (q *badgerQueue) valueLogGC() error {
+	q.syncMu.Lock()
+	defer q.syncMu.Unlock()
+	err := q.db.RunValueLogGC(0.5)
+	if err == nil && q.fsync {
+		if serr := q.syncFilesLocked(); serr != nil {
+			q.log.Error("h3x: badger queue: sync after value-log GC", "err", serr)
+		}
+	}
+	return err
+}
+
+// --- durability ----------------------------------------------------------------------
+
+// With DurabilityFsync, Badger runs with SyncWrites off and the completer
+// syncs once per run of commits (with SyncWrites on, every commit would sync
+// by itself, one after the other). db.Sync syncs the active memtable's
+// write-ahead log and the active value-log file; a file that Badger rotated
+// away from since the last sync (a full memtable waiting to be flushed, a
+// full value-log file) may still hold unsynced commits, so syncFiles syncs
+// those too, and the directory when new files appeared.
+
+func (q *badgerQueue) syncFiles() error {
+	q.syncMu.Lock()
+	defer q.syncMu.Unlock()
+	return q.syncFilesLocked()
+}
+
+func (q *badgerQueue) syncFilesLocked() error {
+	if err := q.db.Sync(); err != nil {
+		return err
+	}
+	if !fileExists(memFilePath(q.bdir, q.memFid+1)) && !fileExists(vlogFilePath(q.vdir, q.vlogFid+1)) {
+		return nil
+	}
+	// Something rotated: sync every file from the last active ones on.
+	mem, err := logFiles(q.bdir, ".mem")
+	if err != nil {
+		return err
+	}
+	vlog, err := logFiles(q.vdir, ".vlog")
+	if err != nil {
+		return err
+	}
+	for _, fid := range mem {
+		if fid >= q.memFid {
+			if err := fsyncPath(memFilePath(q.bdir, fid)); err != nil {
+				return err
+			}
+			q.memFid = fid
+		}
+	}
+	for _, fid := range vlog {
+		if fid >= q.vlogFid {
+			if err := fsyncPath(vlogFilePath(q.vdir, fid)); err != nil {
+				return err
+			}
+			q.vlogFid = fid
+		}
+	}
+	if err := fsyncPath(q.bdir); err != nil {
+		return err
+	}
+	if q.vdir != q.bdir {
+		return fsyncPath(q.vdir)
+	}
+	return nil
+}
+
+// Badger's file names (memtable.go, value.go).
+func memFilePath(dir string, fid int) string { return filepath.Join(dir, fmt.Sprintf("%05d.mem", fid)) }
+func vlogFilePath(dir string, fid int) string {
+	return filepath.Join(dir, fmt.Sprintf("%06d.vlog", fid))
+}
+
+// logFiles returns the ids of dir's files with suffix ext, in order.
+func logFiles(dir, ext string) ([]int, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var fids []int
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasSuffix(name, ext) {
+			continue
+		}
+		if fid, err := strconv.Atoi(strings.TrimSuffix(name, ext)); err == nil {
+			fids = append(fids, fid)
+		}
+	}
+	slices.Sort(fids)
+	return fids, nil
+}
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+// fsyncPath syncs the file or directory at path; one that is gone (a
+// flushed memtable, a collected value-log file) needs no sync.
+func fsyncPath(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	err = f.Sync()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // --- errors ----------------------------------------------------------------------
