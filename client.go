@@ -382,8 +382,10 @@ func (c *Client) supervise(cc *clientConn) {
 		}()
 		next, err := c.reconnect(goAway)
 		if err != nil {
-			c.fail(err)
+			// Report the end first, so that a call failing with err never
+			// precedes the StateClosed it causes.
 			c.emit(StateChange{State: StateClosed, Err: err})
+			c.fail(err)
 			return
 		}
 		cc = next
