@@ -91,9 +91,10 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		gcStop:        make(chan struct{}),
 		gcDone:        make(chan struct{}),
 		reserve:       uint64(2*bo.ValueLogFileSize + 4*bo.MemTableSize + 32<<20),
-		diskFree:      diskFree,
 	}
 	q.core = newQueueCore(opts, (*badgerStore)(q), false)
+	df := diskFree
+	q.diskFree.Store(&df)
 	if mem, err := logFiles(q.bdir, ".mem"); err == nil && len(mem) > 0 {
 		q.memFid = mem[len(mem)-1]
 	}
@@ -209,7 +210,7 @@ type badgerQueue struct {
 	gcDone chan struct{}
 
 	reserve  uint64
-	diskFree func(dir string) (uint64, error)
+	diskFree atomic.Pointer[func(dir string) (uint64, error)] // a test hook
 
 	// syncMu serializes syncs and value-log GC; the rest is its.
 	syncMu          sync.Mutex
@@ -219,7 +220,7 @@ type badgerQueue struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	statGroups, statOps atomic.Int64 // group commits and the requests in them
+	statGroups, statOps, statTxns atomic.Int64 // group commits, the requests and transactions in them
 }
 
 type nsCounter struct {
@@ -944,7 +945,7 @@ func (q *badgerQueue) write(ops []*wop) *group {
 	c.mu.Unlock()
 
 	// Refuse to write when the disk is (nearly) full.
-	if free, err := q.diskFree(q.dir); err == nil {
+	if free, err := (*q.diskFree.Load())(q.dir); err == nil {
 		if adds && free < q.reserve {
 			g.diskErr = diskFullError("enqueue", fmt.Errorf("%d bytes free in %s, %d kept in reserve", free, q.dir, q.reserve))
 		} else if free < q.reserve/2 {
@@ -1415,12 +1416,32 @@ func (b *txnBuilder) commit() {
 			err = txn.SetEntry(badger.NewEntry(key, encodeGroup(enq, ids)).WithTTL(b.window + time.Minute))
 		}
 	}
+	if errors.Is(err, badger.ErrTxnTooBig) && b.curItem > 0 {
+		// The bookkeeping did not fit: move the last item to a
+		// transaction of its own.
+		b.g.txns = b.g.txns[:len(b.g.txns)-1]
+		item := append([]bwrite(nil), b.cur[b.curItem:]...)
+		b.cur = b.cur[:b.curItem]
+		b.replay()
+		b.commit()
+		b.start()
+		for _, w := range item {
+			b.cur = append(b.cur, w)
+			if err := b.apply(w); err != nil {
+				b.failNow(err)
+				return
+			}
+		}
+		b.commit()
+		return
+	}
 	if err != nil {
 		txn.Discard()
 		t.err = err
 		return
 	}
 	g := b.g
+	b.q.statTxns.Add(1)
 	g.pending.Add(1)
 	txn.CommitWith(func(err error) {
 		t.err = err

@@ -1,0 +1,558 @@
+package h3x
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"runtime"
+	"runtime/debug"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+	"github.com/google/uuid"
+)
+
+// Internal tests of the built-in queues, beyond the conformance suite
+// (queue_conformance_test.go): the dedup index, the storage codec, and the
+// Badger queue's failure modes and bookkeeping.
+
+func TestParseCanonicalUUID(t *testing.T) {
+	id := uuid.New()
+	u, ok := parseCanonicalUUID(id.String())
+	if !ok || u != [16]byte(id) {
+		t.Fatalf("parseCanonicalUUID(%s) = %x, %v", id, u, ok)
+	}
+	for _, s := range []string{
+		strings.ToUpper(id.String()),
+		"{" + id.String()[:34] + "}",
+		id.String()[:35] + "g",
+		strings.ReplaceAll(id.String(), "-", ""),
+		"evt-0001",
+		"",
+	} {
+		if _, ok := parseCanonicalUUID(s); ok {
+			t.Errorf("parseCanonicalUUID(%q) accepted it", s)
+		}
+	}
+}
+
+func TestDedupIndex(t *testing.T) {
+	const window = 10 * time.Second
+	d := newDedupIndex(window, 1000, slog.New(slog.DiscardHandler))
+	t0 := time.Now().UnixNano()
+	at := func(d time.Duration) int64 { return t0 + int64(d) }
+	ids := []string{uuid.NewString(), "evt-0001", "EVT-0001", uuid.NewString()}
+	for i, id := range ids {
+		if d.seen(d.keyOf(id), at(time.Duration(i)*time.Second)) {
+			t.Fatalf("%s seen before it was added", id)
+		}
+		d.add(id, at(time.Duration(i)*time.Second))
+	}
+	for i, id := range ids {
+		added := time.Duration(i) * time.Second
+		if !d.seen(d.keyOf(id), at(added+window-time.Second)) {
+			t.Errorf("%s not seen within its window", id)
+		}
+	}
+	// The first ID leaves the window first.
+	if d.seen(d.keyOf(ids[0]), at(window+200*time.Millisecond)) {
+		t.Errorf("%s still seen after its window", ids[0])
+	}
+	if !d.seen(d.keyOf(ids[3]), at(window+200*time.Millisecond)) {
+		t.Errorf("%s forgotten before its window ended", ids[3])
+	}
+
+	// gone / forget
+	d2 := newDedupIndex(window, 1000, slog.New(slog.DiscardHandler))
+	now := time.Now().UnixNano()
+	d2.add("a", now)
+	d2.add("b", now)
+	if !d2.stored("a", now) {
+		t.Error("a not stored")
+	}
+	d2.markGone("a")
+	if d2.stored("a", now) || !d2.seen(d2.keyOf("a"), now) {
+		t.Error("a gone: want seen (for dedup) but not stored")
+	}
+	d2.unmarkGone("a")
+	if !d2.stored("a", now) {
+		t.Error("a not stored after unmarkGone")
+	}
+	d2.forget("b")
+	if d2.seen(d2.keyOf("b"), now) {
+		t.Error("b seen after forget")
+	}
+}
+
+func TestDedupIndexCapacity(t *testing.T) {
+	// Over capacity, the oldest generations go: old IDs may be stored again
+	// (a duplicate, never a loss), new ones are still caught, and nothing is
+	// ever reported seen that was not added.
+	const window = 2 * time.Minute
+	d := newDedupIndex(window, 1000, slog.New(slog.DiscardHandler))
+	t0 := time.Now().UnixNano()
+	for i := range 5000 {
+		d.add(fmt.Sprintf("id-%d", i), t0+int64(i)*int64(10*time.Millisecond))
+	}
+	if d.n > 1000+1000 { // at most one generation over
+		t.Errorf("index holds %d IDs, capacity 1000", d.n)
+	}
+	end := t0 + 5000*int64(10*time.Millisecond)
+	if !d.seen(d.keyOf("id-4999"), end) {
+		t.Error("the newest ID was forgotten")
+	}
+	for i := range 5000 {
+		if d.seen(d.keyOf(fmt.Sprintf("other-%d", i)), end) {
+			t.Fatalf("other-%d seen but never added", i)
+		}
+	}
+}
+
+func TestEventCodec(t *testing.T) {
+	for _, ev := range []Event{
+		{ID: "x", Time: time.Unix(0, 0)},
+		{ID: uuid.NewString(), Type: "t", Message: "héllo", Data: []byte{0, 1, 2, 0xff}, Time: time.Date(2022, 1, 2, 3, 4, 5, 6, time.UTC),
+			Metadata: map[string]string{"a": "1", "": "", "k": "v"}},
+		{ID: "old", Time: time.Date(1900, 1, 1, 0, 0, 0, 999999999, time.UTC)},
+	} {
+		enc := encodeEvent(nil, &ev, 12345)
+		if len(enc) > encodedLen(&ev) {
+			t.Errorf("encoded %d bytes, encodedLen %d", len(enc), encodedLen(&ev))
+		}
+		got, enq, err := decodeEvent(enc)
+		if err != nil {
+			t.Fatalf("decode: %v", err)
+		}
+		if enq != 12345 || got.ID != ev.ID || got.Type != ev.Type || got.Message != ev.Message ||
+			string(got.Data) != string(ev.Data) || !got.Time.Equal(ev.Time) || len(got.Metadata) != len(ev.Metadata) {
+			t.Errorf("round trip of %+v: %+v (enq %d)", ev, got, enq)
+		}
+		for k, v := range ev.Metadata {
+			if got.Metadata[k] != v {
+				t.Errorf("metadata %q: %q, want %q", k, got.Metadata[k], v)
+			}
+		}
+		// Every truncation is an error, never a panic.
+		for i := range len(enc) {
+			if _, _, err := decodeEvent(enc[:i]); err == nil {
+				t.Errorf("decode of %d of %d bytes: no error", i, len(enc))
+			}
+		}
+	}
+}
+
+func TestLeaseRecCodec(t *testing.T) {
+	in := []recEntry{{ns: "orders", seq: 7, id: "a", size: 300, enq: 99, attempt: 2}, {ns: "", seq: 1 << 40, id: uuid.NewString(), attempt: 1}}
+	out, err := decodeLeaseRec(encodeLeaseRec(in))
+	if err != nil || len(out) != 2 || out[0] != in[0] || out[1] != in[1] {
+		t.Fatalf("round trip: %+v, %v", out, err)
+	}
+	if _, err := decodeLeaseRec([]byte{5, 1}); err == nil {
+		t.Error("decode of a truncated record: no error")
+	}
+}
+
+func openTestBadger(t testing.TB, dir string, opts QueueOptions) *badgerQueue {
+	t.Helper()
+	q, err := OpenBadgerQueue(dir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { q.Close() })
+	return q.(*badgerQueue)
+}
+
+func publishTest(t testing.TB, q Queue, evs ...Event) []string {
+	t.Helper()
+	res, err := q.Enqueue(context.Background(), evs)
+	if err != nil {
+		t.Fatalf("Enqueue: %v", err)
+	}
+	ids := make([]string, len(res))
+	for i, r := range res {
+		if r.Status != PublishStored {
+			t.Fatalf("Enqueue result %d: %v %v", i, r.Status, r.Err)
+		}
+		ids[i] = r.ID
+	}
+	return ids
+}
+
+func leaseAll(t testing.TB, q Queue, holder string, limit int, ns ...string) []Lease {
+	t.Helper()
+	ls, err := q.Lease(context.Background(), LeaseRequest{Holder: holder, Namespaces: ns, Limit: limit, AckDeadline: time.Minute})
+	if err != nil {
+		t.Fatalf("Lease: %v", err)
+	}
+	return ls
+}
+
+func ackAll(t testing.TB, q Queue, holder string, ls []Lease) {
+	t.Helper()
+	refs := make([]LeaseRef, len(ls))
+	for i, l := range ls {
+		refs[i] = LeaseRef{ID: l.Event.ID, Attempt: l.Attempt}
+	}
+	res, err := q.Ack(context.Background(), holder, refs)
+	if err != nil {
+		t.Fatalf("Ack: %v", err)
+	}
+	for _, r := range res {
+		if r.Status != SettleOK {
+			t.Fatalf("Ack of %s: %v", r.ID, r.Status)
+		}
+	}
+}
+
+func TestBadgerQueueDirectoryInUse(t *testing.T) {
+	dir := t.TempDir()
+	openTestBadger(t, dir, QueueOptions{})
+	q, err := OpenBadgerQueue(dir, QueueOptions{})
+	if err == nil {
+		q.Close()
+		t.Fatal("a second OpenBadgerQueue of one directory succeeded")
+	}
+	if !strings.Contains(err.Error(), "in use by another process") || !strings.Contains(err.Error(), dir) {
+		t.Errorf("error %q does not say the directory is in use", err)
+	}
+}
+
+func TestBadgerQueueCloseTwice(t *testing.T) {
+	q := openTestBadger(t, t.TempDir(), QueueOptions{})
+	publishTest(t, q, Event{Namespace: "n"})
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	if _, err := q.Enqueue(context.Background(), []Event{{Namespace: "n"}}); !errors.Is(err, ErrQueueClosed) {
+		t.Errorf("Enqueue after Close: %v", err)
+	}
+}
+
+func TestBadgerQueueDiskFull(t *testing.T) {
+	q := openTestBadger(t, t.TempDir(), QueueOptions{})
+	ctx := context.Background()
+	publishTest(t, q, Event{ID: "before", Namespace: "n"})
+	ls := leaseAll(t, q, "h", 1, "n")
+
+	free := uint64(1 << 40)
+	var mu sync.Mutex
+	setFree := func(n uint64) { mu.Lock(); free = n; mu.Unlock() }
+	df := func(string) (uint64, error) { mu.Lock(); defer mu.Unlock(); return free, nil }
+	q.diskFree.Store(&df)
+
+	setFree(q.reserve - 1)
+	_, err := q.Enqueue(ctx, []Event{{ID: "refused", Namespace: "n"}})
+	var e *Error
+	if !errors.As(err, &e) || e.Code != CodeInternal || !e.Temporary() || e.RetryAfter <= 0 || !strings.Contains(e.Message, "disk full") {
+		t.Fatalf("Enqueue on a full disk: %v, want a retryable *Error saying the disk is full", err)
+	}
+	// Nothing half-done: the refused event is neither stored nor a duplicate.
+	if st, _ := q.Stats(ctx, "n"); st[0].Ready+st[0].Leased != 1 {
+		t.Errorf("after the refusal: %+v", st[0])
+	}
+	// Acks still go through above half the reserve.
+	ackAll(t, q, "h", ls)
+
+	setFree(q.reserve/2 - 1)
+	publishTestErr := func() error { _, err := q.Enqueue(ctx, []Event{{ID: "x", Namespace: "n"}}); return err }
+	if err := publishTestErr(); !errors.Is(err, ErrInternal) {
+		t.Errorf("Enqueue on a fuller disk: %v", err)
+	}
+
+	setFree(1 << 40)
+	ids := publishTest(t, q, Event{ID: "refused", Namespace: "n"})
+	if ids[0] != "refused" {
+		t.Fatal(ids)
+	}
+	if got := leaseAll(t, q, "h", 10, "n"); len(got) != 1 || got[0].Event.ID != "refused" {
+		t.Errorf("after space came back: leased %v", got)
+	}
+	if !isDiskFull(fmt.Errorf("write: %w", syscall.ENOSPC)) {
+		t.Error("ENOSPC is not recognized as a full disk")
+	}
+}
+
+// captureHandler records log records.
+type captureHandler struct {
+	mu   sync.Mutex
+	recs []slog.Record
+}
+
+func (h *captureHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h *captureHandler) Handle(_ context.Context, r slog.Record) error {
+	h.mu.Lock()
+	h.recs = append(h.recs, r)
+	h.mu.Unlock()
+	return nil
+}
+func (h *captureHandler) WithAttrs([]slog.Attr) slog.Handler { return h }
+func (h *captureHandler) WithGroup(string) slog.Handler      { return h }
+
+func TestBadgerQueueLogger(t *testing.T) {
+	h := &captureHandler{}
+	q := openTestBadger(t, t.TempDir(), QueueOptions{Logger: slog.New(h)})
+	q.Close()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, r := range h.recs {
+		r.Attrs(func(a slog.Attr) bool {
+			if a.Key == "component" && a.Value.String() == "badger" {
+				n++
+			}
+			return true
+		})
+	}
+	if n == 0 {
+		t.Errorf("no Badger log lines reached the Logger (%d records)", len(h.recs))
+	}
+}
+
+func TestBadgerQueueTxnSplit(t *testing.T) {
+	// Small memtables make Badger's transaction limit small: one Enqueue of
+	// many large events spans several transactions.
+	dir := t.TempDir()
+	opts := QueueOptions{Badger: func(o *badger.Options) {
+		o.MemTableSize = 1 << 20
+		o.ValueThreshold = 100 << 10 // events stay in the LSM tree, so they count fully
+	}}
+	q := openTestBadger(t, dir, opts)
+	var evs []Event
+	for i := range 100 {
+		evs = append(evs, Event{ID: fmt.Sprintf("big-%03d", i), Namespace: "n", Data: make([]byte, 10<<10)})
+	}
+	txns := q.statTxns.Load()
+	ids := publishTest(t, q, evs...)
+	if n := q.statTxns.Load() - txns; n < 5 {
+		t.Errorf("1 MB of events went into %d transactions, want them split", n)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestBadger(t, dir, opts)
+	if st, _ := q.Stats(context.Background(), "n"); st[0].Ready != 100 {
+		t.Fatalf("after reopen: %+v", st[0])
+	}
+	var got []string
+	for {
+		ls := leaseAll(t, q, "h", 7, "n")
+		if len(ls) == 0 {
+			break
+		}
+		for _, l := range ls {
+			got = append(got, l.Event.ID)
+		}
+		ackAll(t, q, "h", ls)
+	}
+	if strings.Join(got, ",") != strings.Join(ids, ",") {
+		t.Errorf("delivered %v, want %v", got, ids)
+	}
+
+	// Events as big as a transaction allows, with the bookkeeping of a
+	// commit on top, still go through, each in a transaction of its own.
+	var huge []Event
+	for i := range 4 {
+		huge = append(huge, Event{ID: fmt.Sprintf("huge-%d", i), Namespace: "n", Data: make([]byte, 99<<10)})
+	}
+	publishTest(t, q, huge...)
+	publishTest(t, q, Event{ID: "after", Namespace: "n"})
+}
+
+func TestBadgerQueueLeaseRecords(t *testing.T) {
+	// Lease records are deleted once settled, and after a reopen the
+	// deliveries they list keep their attempts and stay settleable.
+	dir := t.TempDir()
+	q := openTestBadger(t, dir, QueueOptions{})
+	var evs []Event
+	for i := range 10 {
+		evs = append(evs, Event{ID: fmt.Sprintf("e%d", i), Namespace: "n"})
+	}
+	publishTest(t, q, evs...)
+	ls := leaseAll(t, q, "h", 10, "n")
+	ackAll(t, q, "h", ls[:5])
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestBadger(t, dir, QueueOptions{})
+	ackAll(t, q, "reconnected", ls[5:8]) // attempt 1, delivered before the reopen
+	next := leaseAll(t, q, "h2", 10, "n")
+	if len(next) != 2 || next[0].Event.ID != "e8" || next[0].Attempt != 2 || next[1].Event.ID != "e9" {
+		t.Fatalf("after reopen leased %+v", next)
+	}
+	ackAll(t, q, "h2", next)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db, err := badger.Open(badger.DefaultOptions(dir).WithLogger(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	n := 0
+	db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyLeaseRec}})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			n++
+		}
+		return nil
+	})
+	if n != 0 {
+		t.Errorf("%d lease records left after every delivery was settled", n)
+	}
+}
+
+func TestMemoryQueueManyEvents(t *testing.T) {
+	// No operation is linear in the backlog: 100k events go through in
+	// seconds, even under the race detector.
+	n := 100_000
+	if testing.Short() {
+		n = 10_000
+	}
+	q := NewMemoryQueue(QueueOptions{})
+	defer q.Close()
+	ctx := context.Background()
+	batch := make([]Event, 1000)
+	for i := 0; i < n; i += len(batch) {
+		for j := range batch {
+			batch[j] = Event{Namespace: "n", Data: []byte("x")}
+		}
+		if _, err := q.Enqueue(ctx, batch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	total := 0
+	for total < n {
+		ls := leaseAll(t, q, "h", 500, "n")
+		if len(ls) == 0 {
+			t.Fatalf("nothing to lease after %d", total)
+		}
+		// Nack half once, so the ready heap is exercised too.
+		var nack, ack []LeaseRef
+		for i, l := range ls {
+			ref := LeaseRef{ID: l.Event.ID, Attempt: l.Attempt}
+			if l.Attempt == 1 && i%2 == 0 {
+				nack = append(nack, ref)
+			} else {
+				ack = append(ack, ref)
+			}
+		}
+		if _, err := q.Nack(ctx, "h", nack, 0, "again"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := q.Ack(ctx, "h", ack); err != nil {
+			t.Fatal(err)
+		}
+		total += len(ack)
+	}
+	t.Logf("%d events leased, half nacked once, and acked in %v", n, time.Since(start))
+}
+
+// --- memory of a large backlog ------------------------------------------------
+
+// TestQueueBadgerRSS measures the memory of a process holding a backlog of
+// 1,000,000 256-byte events in a Badger queue (H3X_RSS=1 to run; it takes
+// about a minute). It runs in child processes, so that nothing else of the
+// test binary counts: one publishes the backlog and reports its RSS; a
+// second opens the directory (a restart) and leases from it.
+func TestQueueBadgerRSS(t *testing.T) {
+	if os.Getenv(rssChildEnv) != "" {
+		rssChild(t)
+		return
+	}
+	if os.Getenv("H3X_RSS") == "" {
+		t.Skip("H3X_RSS=1 runs it")
+	}
+	dir := t.TempDir()
+	n := "1000000"
+	if s := os.Getenv("H3X_RSS_N"); s != "" {
+		n = s
+	}
+	for _, phase := range []string{"publish", "reopen"} {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestQueueBadgerRSS$", "-test.v")
+		cmd.Env = append(os.Environ(), rssChildEnv+"="+phase, "H3X_RSS_DIR="+dir, "H3X_RSS_N="+n)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s child: %v\n%s", phase, err, out)
+		}
+		sc := bufio.NewScanner(strings.NewReader(string(out)))
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), "RSS ") {
+				t.Log(strings.TrimSpace(sc.Text()))
+			}
+		}
+	}
+}
+
+const rssChildEnv = "H3X_RSS_CHILD"
+
+func rssChild(t *testing.T) {
+	dir := os.Getenv("H3X_RSS_DIR")
+	var n int
+	fmt.Sscan(os.Getenv("H3X_RSS_N"), &n)
+	ctx := context.Background()
+	q, err := OpenBadgerQueue(dir, QueueOptions{Durability: DurabilityNoSync})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.Close()
+	switch os.Getenv(rssChildEnv) {
+	case "publish":
+		start := time.Now()
+		queueBenchPrefill(t, q, "bench", n)
+		t.Logf("published %d events in %v", n, time.Since(start))
+		report := func(when string) {
+			runtime.GC()
+			t.Logf("RSS %s, %d-event backlog: %s", when, n, procMemory())
+		}
+		report("right after publishing")
+		time.Sleep(5 * time.Second) // let flushes and compactions settle
+		report("5s later")
+		debug.FreeOSMemory()
+		report("after FreeOSMemory")
+	case "reopen":
+		st, err := q.Stats(ctx, "bench")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("RSS after reopening a %d-event backlog: %s", st[0].Ready, procMemory())
+		for range 10 {
+			ls := leaseAll(t, q, "h", 1000, "bench")
+			ackAll(t, q, "h", ls)
+		}
+		runtime.GC()
+		t.Logf("RSS after reopening and leasing+acking 10,000 of it: %s", procMemory())
+	}
+}
+
+// procMemory returns VmRSS and its anonymous and file-backed parts.
+func procMemory() string {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return err.Error()
+	}
+	var parts []string
+	for _, l := range strings.Split(string(b), "\n") {
+		for _, k := range []string{"VmRSS:", "RssAnon:", "RssFile:"} {
+			if strings.HasPrefix(l, k) {
+				parts = append(parts, strings.Join(strings.Fields(l), " "))
+			}
+		}
+	}
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	parts = append(parts, fmt.Sprintf("Go heap in use: %d MB", ms.HeapInuse>>20))
+	return strings.Join(parts, ", ")
+}
