@@ -771,14 +771,30 @@ func (q *badgerQueue) Enqueue(ctx context.Context, events []Event) ([]PublishRes
 	}
 	now := time.Now()
 	enq := now.UnixNano()
-	op := &wop{
-		evs:   make([]Event, len(events)),
-		sizes: make([]int, len(events)),
-		vals:  make([][]byte, len(events)),
-		enq:   enq,
-		res:   make([]PublishResult, len(events)),
-		w:     &writeWait{done: make(chan struct{})},
+	var op *wop
+	if len(events) == 1 {
+		// The common single-event publish, in one allocation.
+		one := &struct {
+			op   wop
+			ev   [1]Event
+			size [1]int
+			val  [1][]byte
+			res  [1]PublishResult
+			w    writeWait
+		}{}
+		op = &one.op
+		op.evs, op.sizes, op.vals, op.res, op.w = one.ev[:], one.size[:], one.val[:], one.res[:], &one.w
+	} else {
+		op = &wop{
+			evs:   make([]Event, len(events)),
+			sizes: make([]int, len(events)),
+			vals:  make([][]byte, len(events)),
+			res:   make([]PublishResult, len(events)),
+			w:     &writeWait{},
+		}
 	}
+	op.enq = enq
+	op.w.done = make(chan struct{})
 	total := 0
 	for i := range events {
 		op.evs[i] = events[i]
@@ -963,7 +979,7 @@ func (q *badgerQueue) write(ops []*wop) *group {
 		if op.counterFix != nil {
 			for name, d := range op.counterFix {
 				b.item(nil)
-				b.add(bwrite{ns: name, count: d.count, bytes: d.bytes})
+				b.add(bwrite{cnt: true, ns: name, count: d.count, bytes: d.bytes})
 			}
 		}
 		if op.evs == nil {
@@ -977,8 +993,8 @@ func (q *badgerQueue) write(ops []*wop) *group {
 			e := op.ents[k]
 			k++
 			b.item(e)
-			b.add(bwrite{key: b.seqKey(keyEvent, e.ns.name, e.seq), val: op.vals[i], newID: true})
-			b.add(bwrite{ns: e.ns.name, count: 1, bytes: int64(e.size)})
+			b.add(bwrite{key: b.seqKey(keyEvent, e.ns.name, e.seq), val: op.vals[i], newID: true,
+				cnt: true, ns: e.ns.name, count: 1, bytes: int64(e.size)})
 		}
 	}
 	for _, op := range ops {
@@ -987,8 +1003,8 @@ func (q *badgerQueue) write(ops []*wop) *group {
 		}
 		for _, e := range op.fx.deletes {
 			b.item(e)
-			b.add(bwrite{key: b.seqKey(keyEvent, e.ns.name, e.seq), del: true})
-			b.add(bwrite{ns: e.ns.name, count: -1, bytes: -int64(e.size)})
+			b.add(bwrite{key: b.seqKey(keyEvent, e.ns.name, e.seq), del: true,
+				cnt: true, ns: e.ns.name, count: -1, bytes: -int64(e.size)})
 		}
 		for _, r := range op.fx.recPuts {
 			b.item(nil)
@@ -1006,10 +1022,10 @@ func (q *badgerQueue) write(ops []*wop) *group {
 			}
 			g.moved = append(g.moved, mv)
 			b.item(m.e)
-			b.add(bwrite{key: b.seqKey(keyEvent, m.dst.name, m.seq), val: mv.val})
-			b.add(bwrite{key: b.seqKey(keyEvent, m.e.ns.name, m.e.seq), del: true})
-			b.add(bwrite{ns: m.e.ns.name, count: -1, bytes: -int64(m.e.size)})
-			b.add(bwrite{ns: m.dst.name, count: 1, bytes: int64(mv.size)})
+			b.add(bwrite{key: b.seqKey(keyEvent, m.dst.name, m.seq), val: mv.val,
+				cnt: true, ns: m.dst.name, count: 1, bytes: int64(mv.size)})
+			b.add(bwrite{key: b.seqKey(keyEvent, m.e.ns.name, m.e.seq), del: true,
+				cnt: true, ns: m.e.ns.name, count: -1, bytes: -int64(m.e.size)})
 		}
 	}
 	b.commit()
@@ -1236,12 +1252,14 @@ type txnBuilder struct {
 	keys    []byte // arena for keys
 }
 
-// bwrite is one write: a Set, a Delete, or (ns set) a counter change.
+// bwrite is one write (a Set or, with del, a Delete of key) and/or (with
+// cnt) a change of ns's counters.
 type bwrite struct {
 	key   []byte
 	val   []byte
 	del   bool
 	newID bool // an enqueued event: its ID goes in the dedup record
+	cnt   bool
 	ent   *qentry
 
 	ns           string
@@ -1307,7 +1325,19 @@ func (b *txnBuilder) add(w bwrite) {
 // apply adds w to the transaction. Counter changes accumulate in the
 // writer's counters and are written at commit.
 func (b *txnBuilder) apply(w bwrite) error {
-	if w.ns != "" || (w.key == nil && !w.del) {
+	if w.key != nil {
+		b.writes++
+		var err error
+		if w.del {
+			err = b.txn.Delete(w.key)
+		} else {
+			err = b.txn.Set(w.key, w.val)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if w.cnt {
 		t := b.touched[w.ns]
 		if t == nil {
 			t = b.q.counters[w.ns]
@@ -1320,13 +1350,8 @@ func (b *txnBuilder) apply(w bwrite) error {
 		}
 		t.count += w.count
 		t.bytes += w.bytes
-		return nil
 	}
-	b.writes++
-	if w.del {
-		return b.txn.Delete(w.key)
-	}
-	return b.txn.Set(w.key, w.val)
+	return nil
 }
 
 // undoCounters puts the writer's counters back as they were before the

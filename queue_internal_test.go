@@ -44,6 +44,21 @@ func TestParseCanonicalUUID(t *testing.T) {
 	}
 }
 
+func TestNewUUIDv4(t *testing.T) {
+	seen := map[string]bool{}
+	for range 1000 {
+		s := newUUIDv4()
+		u, err := uuid.Parse(s)
+		if err != nil || u.Version() != 4 || u.Variant() != uuid.RFC4122 || u.String() != s {
+			t.Fatalf("newUUIDv4() = %q: %v, version %v, variant %v", s, err, u.Version(), u.Variant())
+		}
+		if seen[s] {
+			t.Fatalf("%s twice", s)
+		}
+		seen[s] = true
+	}
+}
+
 func TestDedupIndex(t *testing.T) {
 	const window = 10 * time.Second
 	d := newDedupIndex(window, 1000, slog.New(slog.DiscardHandler))

@@ -2,12 +2,12 @@ package h3x
 
 import (
 	"context"
+	"crypto/rand"
 	"log/slog"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/google/uuid"
 )
 
 // This file holds the delivery state machine shared by the built-in queues
@@ -1259,10 +1259,45 @@ func (f *entryFIFO) removeEntry(e *qentry) {
 // event's size.
 func prepareEvent(ev *Event, now time.Time) int {
 	if ev.ID == "" {
-		ev.ID = uuid.NewString()
+		ev.ID = newUUIDv4()
 	}
 	if ev.Time.IsZero() {
 		ev.Time = now
 	}
 	return ev.size()
 }
+
+// newUUIDv4 returns a random (version 4) UUID in canonical form. It draws its
+// randomness from crypto/rand 16 UUIDs at a time, per P.
+func newUUIDv4() string {
+	r := uuidRandPool.Get().(*uuidRand)
+	if r.n == len(r.buf) {
+		rand.Read(r.buf[:])
+		r.n = 0
+	}
+	var u [16]byte
+	copy(u[:], r.buf[r.n:r.n+16])
+	r.n += 16
+	uuidRandPool.Put(r)
+	u[6] = u[6]&0x0f | 0x40 // version 4
+	u[8] = u[8]&0x3f | 0x80 // RFC 9562 variant
+	const hexd = "0123456789abcdef"
+	var b [36]byte
+	j := 0
+	for i, c := range u {
+		if i == 4 || i == 6 || i == 8 || i == 10 {
+			b[j] = '-'
+			j++
+		}
+		b[j], b[j+1] = hexd[c>>4], hexd[c&0x0f]
+		j += 2
+	}
+	return string(b[:])
+}
+
+type uuidRand struct {
+	buf [256]byte
+	n   int
+}
+
+var uuidRandPool = sync.Pool{New: func() any { return &uuidRand{n: 256} }}
