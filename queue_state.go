@@ -7,7 +7,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-
 )
 
 // This file holds the delivery state machine shared by the built-in queues
@@ -56,8 +55,9 @@ type qentry struct {
 	reason  string
 
 	holder       *qholder
-	hprev, hnext *qentry // the holder's list of leases
-	idNext       *qentry // other entries with the same ID (only when dedup is off)
+	hprev, hnext *qentry  // the holder's list of leases
+	idNext       *qentry  // other entries with the same ID (only when dedup is off)
+	dkey         dedupKey // the ID's dedup fingerprint, if computed
 
 	// ev is the event itself. The memory queue keeps it for the entry's
 	// lifetime; the Badger queue only while a fresh entry waits in the
@@ -556,7 +556,7 @@ func (c *queueCore) remove(e *qentry, fx *effects) {
 	e.ns.count--
 	e.ns.bytes -= int64(e.size)
 	if c.dedup != nil && !c.indexAll {
-		c.dedup.markGone(e.id)
+		c.dedup.setGone(c.dedupKeyOf(e), true)
 	}
 	fx.deletes = append(fx.deletes, e)
 }
@@ -679,12 +679,20 @@ func (c *queueCore) unmove(m *qmove) {
 	c.restore(m.e, true)
 }
 
+// dedupKeyOf returns e's dedup fingerprint.
+func (c *queueCore) dedupKeyOf(e *qentry) dedupKey {
+	if e.dkey == (dedupKey{}) {
+		e.dkey = c.dedup.keyOf(e.id)
+	}
+	return e.dkey
+}
+
 // unaccept reverts accept for an event that did not become durable.
 func (c *queueCore) unaccept(e *qentry) {
 	e.ns.count--
 	e.ns.bytes -= int64(e.size)
 	if c.dedup != nil {
-		c.dedup.forget(e.id)
+		c.dedup.forgetKey(c.dedupKeyOf(e))
 	}
 }
 
@@ -700,7 +708,7 @@ func (c *queueCore) restore(e *qentry, moved bool) {
 		e.ns.deadLettered--
 	}
 	if c.dedup != nil && !c.indexAll && !moved {
-		c.dedup.unmarkGone(e.id)
+		c.dedup.setGone(c.dedupKeyOf(e), false)
 	}
 	c.indexID(e)
 	c.makeReady(e)
@@ -742,7 +750,7 @@ func (c *queueCore) accept(evs []Event, sizes []int, enq int64, res []PublishRes
 		ns.count++
 		ns.bytes += int64(size)
 		ns.known = true
-		e := &qentry{id: ev.ID, ns: ns, seq: c.nextSeq, size: size, enq: enq}
+		e := &qentry{id: ev.ID, ns: ns, seq: c.nextSeq, size: size, enq: enq, dkey: key}
 		c.nextSeq++
 		res[i].Status = PublishStored
 		out = append(out, e)

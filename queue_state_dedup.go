@@ -26,9 +26,11 @@ var dedupMaxIDs = 1 << 21
 // bits are the key; the value packs the other 32, a "gone" bit (the event
 // was acked or dead-lettered) and the publish time in tenths of a second.
 //
-// Entries live in generations of a quarter window each; a generation is
-// dropped whole once its newest entry is older than the window, so expiry
-// costs nothing per entry. Not safe for concurrent use (the core's mutex
+// Entries live in generations of half a window or a quarter of the
+// capacity each, whichever fills first (a lookup probes three at low rates,
+// five or six at the capacity); a generation is dropped whole once its
+// newest entry is older than the window, or when the index is over
+// capacity, so expiry costs nothing per entry. Not safe for concurrent use (the core's mutex
 // guards it).
 type dedupIndex struct {
 	window int64 // in ticks
@@ -58,7 +60,7 @@ func newDedupIndex(window time.Duration, maxIDs int, log *slog.Logger) *dedupInd
 	w := max(int64(window)/dedupTick, 1)
 	return &dedupIndex{
 		window: w,
-		span:   max(w/4, 1),
+		span:   max(w/2, 1),
 		// Leave room below now for IDs loaded from storage at open.
 		base:  time.Now().UnixNano() - int64(window) - int64(time.Minute),
 		max:   maxIDs,
@@ -187,7 +189,7 @@ func (d *dedupIndex) addKey(key dedupKey, unixNano int64) {
 	t := d.tick(unixNano)
 	d.expire(t)
 	var g *dedupGen
-	if n := len(d.gens); n > 0 && t-d.gens[n-1].start < d.span {
+	if n := len(d.gens); n > 0 && t-d.gens[n-1].start < d.span && len(d.gens[n-1].m) < max(d.max/4, 1) {
 		g = d.gens[n-1] // also for an older time (loading from storage)
 	} else {
 		g = &dedupGen{start: t, m: make(map[uint64]uint64)}
@@ -212,14 +214,15 @@ func (d *dedupIndex) addKey(key dedupKey, unixNano int64) {
 }
 
 // markGone notes that id's event left the queue (acked or dead-lettered).
-func (d *dedupIndex) markGone(id string) { d.setGone(id, true) }
+func (d *dedupIndex) markGone(id string) { d.setGone(d.keyOf(id), true) }
 
 // unmarkGone reverts markGone.
-func (d *dedupIndex) unmarkGone(id string) { d.setGone(id, false) }
+func (d *dedupIndex) unmarkGone(id string) { d.setGone(d.keyOf(id), false) }
 
-func (d *dedupIndex) setGone(id string, gone bool) {
+// setGone sets or clears the gone mark of the ID of key.
+func (d *dedupIndex) setGone(key dedupKey, gone bool) {
 	now := d.tick(time.Now().UnixNano())
-	g, k, v, ok := d.find(id, now)
+	g, k, v, ok := d.findKey(key.k, key.fp, now)
 	if !ok {
 		return
 	}
@@ -232,9 +235,11 @@ func (d *dedupIndex) setGone(id string, gone bool) {
 }
 
 // forget removes id (its publish did not become durable).
-func (d *dedupIndex) forget(id string) {
+func (d *dedupIndex) forget(id string) { d.forgetKey(d.keyOf(id)) }
+
+func (d *dedupIndex) forgetKey(key dedupKey) {
 	now := d.tick(time.Now().UnixNano())
-	if g, k, _, ok := d.find(id, now); ok {
+	if g, k, _, ok := d.findKey(key.k, key.fp, now); ok {
 		delete(g.m, k)
 		d.n--
 	}
