@@ -50,10 +50,16 @@ type Queue interface {
 
 	// Nack ends the referenced leases; the events become ready again after
 	// delay. An event whose attempts have reached the maximum moves to its
-	// namespace's dead-letter namespace instead, with reason recorded.
+	// namespace's dead-letter namespace instead, with reason recorded (if
+	// that namespace is at its limits, the event stays and is ready again).
+	// A nack of a delivery whose lease has already ended (expiry, release)
+	// but that was not delivered again reschedules the event with delay.
 	Nack(ctx context.Context, holder string, refs []LeaseRef, delay time.Duration, reason string) ([]SettleResult, error)
 
-	// Extend sets the referenced leases' deadlines to now + d.
+	// Extend sets the referenced leases' deadlines to now + d. A lease that
+	// has already ended cannot be extended (SettleStale). An extension by
+	// another holder (a reconnected client, Attempt > 0) also moves the
+	// lease to that holder, so that the old holder's Release leaves it be.
 	Extend(ctx context.Context, holder string, refs []LeaseRef, d time.Duration) ([]SettleResult, error)
 
 	// Release ends every lease held by holder, as if each were nacked without

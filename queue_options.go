@@ -13,7 +13,8 @@ type Durability uint8
 const (
 	// DurabilityFsync (the default) acknowledges a write after its group
 	// commit has been fsynced: it survives a process kill, a kernel crash and
-	// power loss.
+	// power loss. One fsync covers every group committed before it started,
+	// so concurrent writers share it.
 	DurabilityFsync Durability = iota
 	// DurabilityNoSync acknowledges a write once it is in the operating
 	// system's page cache: it survives a process kill (kill -9), not a kernel
