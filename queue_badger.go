@@ -221,6 +221,7 @@ type badgerQueue struct {
 	closeErr  error
 
 	statGroups, statOps, statTxns atomic.Int64 // group commits, the requests and transactions in them
+	statSyncs                     atomic.Int64 // fsync rounds (DurabilityFsync)
 }
 
 type nsCounter struct {
@@ -916,6 +917,7 @@ func (q *badgerQueue) completer() {
 		}
 		var syncErr error
 		if q.fsync {
+			q.statSyncs.Add(1)
 			if syncErr = q.syncFiles(); syncErr != nil {
 				syncErr = storageError("sync", syncErr)
 				q.log.Error("h3x: badger queue: sync failed", "err", syncErr)
