@@ -40,6 +40,12 @@ import (
 //     returns; it survives a process kill (kill -9), not a kernel crash or
 //     power loss.
 //
+// (One caveat with DurabilityFsync: Badger's value-log GC moves the values
+// still live in an old log file to the current one and deletes the old file
+// without syncing the moved values in between; H3X syncs them right after,
+// so a power loss within that millisecond could lose events the GC moved.
+// The GC runs once a minute and moves only events older than one log file.)
+//
 // After a restart every published, unacked event is delivered again, in
 // publish order; leases do not survive (they end as if released). Attempt
 // counts and settlements survive: each Lease call stores one record of its
