@@ -19,6 +19,7 @@ import (
 	"unsafe"
 
 	"github.com/dgraph-io/badger/v4"
+	"github.com/dgraph-io/badger/v4/skl"
 )
 
 // OpenBadgerQueue opens (creating it if needed) the durable queue stored in
@@ -39,12 +40,6 @@ import (
 //   - DurabilityNoSync: written to the operating system before the call
 //     returns; it survives a process kill (kill -9), not a kernel crash or
 //     power loss.
-//
-// (One caveat with DurabilityFsync: Badger's value-log GC moves the values
-// still live in an old log file to the current one and deletes the old file
-// without syncing the moved values in between; H3X syncs them right after,
-// so a power loss within that millisecond could lose events the GC moved.
-// The GC runs once a minute and moves only events older than one log file.)
 //
 // After a restart every published, unacked event is delivered again, in
 // publish order; leases do not survive (they end as if released). Attempt
@@ -98,6 +93,10 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		gcDone:        make(chan struct{}),
 		reserve:       uint64(2*bo.ValueLogFileSize + 4*bo.MemTableSize + 32<<20),
 	}
+	maxBatchSize := 15 * bo.MemTableSize / 100 // as Badger computes its limits
+	q.txnMaxBytes = maxBatchSize / 3
+	q.txnMaxWrites = min(maxTxnWrites, max(int(maxBatchSize/int64(skl.MaxNodeSize))/3, 1))
+	q.valueThreshold = bo.ValueThreshold
 	q.core = newQueueCore(opts, (*badgerStore)(q), false)
 	df := diskFree
 	q.diskFree.Store(&df)
@@ -217,6 +216,11 @@ type badgerQueue struct {
 
 	reserve  uint64
 	diskFree atomic.Pointer[func(dir string) (uint64, error)] // a test hook
+
+	// Transaction bounds (a third of Badger's) and Badger's ValueThreshold.
+	txnMaxWrites   int
+	txnMaxBytes    int64
+	valueThreshold int64
 
 	// syncMu serializes syncs and value-log GC; the rest is its.
 	syncMu          sync.Mutex
@@ -983,6 +987,11 @@ func (q *badgerQueue) write(ops []*wop) *group {
 
 	b := txnBuilder{q: q, g: g, hwm: hwm, dedup: c.dedup != nil, window: q.window}
 	b.start()
+	defer func() {
+		if b.txn != nil {
+			b.txn.Discard()
+		}
+	}()
 	for _, op := range ops {
 		if op.counterFix != nil {
 			for name, d := range op.counterFix {
@@ -1242,7 +1251,9 @@ func (c *queueCore) wantsReadAhead(ns *qns, size int) bool {
 // sequence high-water mark, the counters of the namespaces it touches and
 // the dedup record of the events it adds, so whatever commits is
 // self-consistent. An item (the writes of one entry: an event, an ack, a
-// move) never spans two transactions.
+// move) never spans two transactions. Transactions are kept to a third of
+// Badger's limits, leaving room for that bookkeeping; should Badger still
+// find one too big (ErrTxnTooBig), its last item moves to the next one.
 type txnBuilder struct {
 	q      *badgerQueue
 	g      *group
@@ -1250,14 +1261,15 @@ type txnBuilder struct {
 	dedup  bool
 	window time.Duration
 
-	txn     *badger.Txn
-	writes  int
-	cur     []bwrite // the current transaction's writes, to replay on ErrTxnTooBig
-	curItem int      // where the current item starts in cur
-	ent     *qentry  // the current item's entry
-	touched map[string]*nsCounter
-	before  map[string]nsCounter
-	keys    []byte // arena for keys
+	txn        *badger.Txn
+	writes     int
+	bytes      int64    // estimated, as Badger counts them
+	cur        []bwrite // the current transaction's writes, to replay
+	itemStarts []int    // where each of its items starts in cur
+	ent        *qentry  // the current item's entry
+	touched    map[string]*nsCounter
+	before     map[string]nsCounter
+	keys       []byte // arena for keys
 }
 
 // bwrite is one write (a Set or, with del, a Delete of key) and/or (with
@@ -1277,8 +1289,9 @@ type bwrite struct {
 func (b *txnBuilder) start() {
 	b.txn = b.q.db.NewTransaction(true)
 	b.writes = 0
+	b.bytes = 0
 	b.cur = b.cur[:0]
-	b.curItem = 0
+	b.itemStarts = b.itemStarts[:0]
 	b.touched = make(map[string]*nsCounter)
 	b.before = make(map[string]nsCounter)
 }
@@ -1296,11 +1309,11 @@ func (b *txnBuilder) seqKey(kind byte, ns string, seq uint64) []byte {
 // item starts the writes of entry e (nil: writes no entry depends on).
 func (b *txnBuilder) item(e *qentry) {
 	b.ent = e
-	if b.writes >= maxTxnWrites {
+	if b.writes >= b.q.txnMaxWrites || b.bytes >= b.q.txnMaxBytes {
 		b.commit()
 		b.start()
 	}
-	b.curItem = len(b.cur)
+	b.itemStarts = append(b.itemStarts, len(b.cur))
 }
 
 func (b *txnBuilder) add(w bwrite) {
@@ -1310,24 +1323,11 @@ func (b *txnBuilder) add(w bwrite) {
 	if err == nil {
 		return
 	}
-	if !errors.Is(err, badger.ErrTxnTooBig) || b.curItem == 0 {
-		b.failNow(err)
+	if errors.Is(err, badger.ErrTxnTooBig) && len(b.itemStarts) > 1 {
+		b.splitLast()
 		return
 	}
-	// Too big: commit the items before this one, and start this one
-	// afresh in a new transaction.
-	item := append([]bwrite(nil), b.cur[b.curItem:]...)
-	b.cur = b.cur[:b.curItem]
-	b.replay()
-	b.commit()
-	b.start()
-	for _, w := range item {
-		b.cur = append(b.cur, w)
-		if err := b.apply(w); err != nil {
-			b.failNow(fmt.Errorf("one event exceeds a Badger transaction: %w", err))
-			return
-		}
-	}
+	b.failNow(fmt.Errorf("one event exceeds a Badger transaction: %w", err))
 }
 
 // apply adds w to the transaction. Counter changes accumulate in the
@@ -1335,6 +1335,14 @@ func (b *txnBuilder) add(w bwrite) {
 func (b *txnBuilder) apply(w bwrite) error {
 	if w.key != nil {
 		b.writes++
+		b.bytes += int64(len(w.key)) + 24
+		if !w.del {
+			if int64(len(w.val)) < b.q.valueThreshold {
+				b.bytes += int64(len(w.val))
+			} else {
+				b.bytes += 12 // a value pointer
+			}
+		}
 		var err error
 		if w.del {
 			err = b.txn.Delete(w.key)
@@ -1371,21 +1379,46 @@ func (b *txnBuilder) undoCounters() {
 }
 
 // replay rebuilds the current transaction from b.cur.
-func (b *txnBuilder) replay() {
+func (b *txnBuilder) replay() error {
 	b.txn.Discard()
 	b.undoCounters()
-	cur := b.cur
+	cur := append([]bwrite(nil), b.cur...)
+	starts := append([]int(nil), b.itemStarts...)
 	b.start()
-	b.cur = cur
+	b.cur = append(b.cur, cur...)
+	b.itemStarts = append(b.itemStarts, starts...)
 	for _, w := range cur {
 		if err := b.apply(w); err != nil {
-			b.failNow(err)
+			return err
+		}
+	}
+	return nil
+}
+
+// splitLast commits the current transaction without its last item, and
+// starts the next one with it.
+func (b *txnBuilder) splitLast() {
+	at := b.itemStarts[len(b.itemStarts)-1]
+	last := append([]bwrite(nil), b.cur[at:]...)
+	b.cur = b.cur[:at]
+	b.itemStarts = b.itemStarts[:len(b.itemStarts)-1]
+	if err := b.replay(); err != nil {
+		b.failNow(err)
+	} else {
+		b.commit()
+	}
+	b.start()
+	b.itemStarts = append(b.itemStarts, 0)
+	for _, w := range last {
+		b.cur = append(b.cur, w)
+		if err := b.apply(w); err != nil {
+			b.failNow(fmt.Errorf("one event exceeds a Badger transaction: %w", err))
 			return
 		}
 	}
 }
 
-// gtxn returns the record of the current transaction.
+// record returns the record of the current transaction.
 func (b *txnBuilder) record() *gtxn {
 	t := &gtxn{deltas: make(map[string]nsCounter, len(b.touched))}
 	for _, w := range b.cur {
@@ -1413,15 +1446,13 @@ func (b *txnBuilder) failNow(err error) {
 }
 
 // commit adds the high-water mark, counters and dedup record to the
-// current transaction and starts committing it.
+// current transaction and starts committing it. Whatever was added is
+// committed (or failed) when it returns, even if it had to be split.
 func (b *txnBuilder) commit() {
 	txn := b.txn
 	if b.writes == 0 && len(b.touched) == 0 {
-		txn.Discard()
 		return
 	}
-	t := b.record()
-	b.g.txns = append(b.g.txns, t)
 	err := txn.Set(metaHWM, binary.BigEndian.AppendUint64(nil, b.hwm))
 	for name, c := range b.touched {
 		if err != nil {
@@ -1449,37 +1480,29 @@ func (b *txnBuilder) commit() {
 			err = txn.SetEntry(badger.NewEntry(key, encodeGroup(enq, ids)).WithTTL(b.window + time.Minute))
 		}
 	}
-	if errors.Is(err, badger.ErrTxnTooBig) && b.curItem > 0 {
-		// The bookkeeping did not fit: move the last item to a
-		// transaction of its own.
-		b.g.txns = b.g.txns[:len(b.g.txns)-1]
-		item := append([]bwrite(nil), b.cur[b.curItem:]...)
-		b.cur = b.cur[:b.curItem]
-		b.replay()
-		b.commit()
-		b.start()
-		for _, w := range item {
-			b.cur = append(b.cur, w)
-			if err := b.apply(w); err != nil {
-				b.failNow(err)
-				return
-			}
-		}
+	if errors.Is(err, badger.ErrTxnTooBig) && len(b.itemStarts) > 1 {
+		// The bookkeeping did not fit: move the last item on.
+		b.splitLast()
 		b.commit()
 		return
 	}
 	if err != nil {
-		txn.Discard()
-		t.err = err
+		b.failNow(err)
 		return
 	}
+	t := b.record()
+	b.g.txns = append(b.g.txns, t)
 	g := b.g
 	b.q.statTxns.Add(1)
 	g.pending.Add(1)
+	b.txn = nil
 	txn.CommitWith(func(err error) {
 		t.err = err
 		g.release()
 	})
+	b.writes, b.bytes = 0, 0
+	b.cur, b.itemStarts = b.cur[:0], b.itemStarts[:0]
+	b.touched, b.before = nil, nil
 }
 
 // --- the rest of Queue ----------------------------------------------------------
@@ -1563,18 +1586,27 @@ func (q *badgerQueue) gcLoop(interval time.Duration) {
 }
 
 // valueLogGC runs one value-log GC pass. Badger moves the live values of the
-// file it collects to the head of the log, then deletes the file; with
-// DurabilityFsync the moved values are synced right after (Badger does not
-// sync them itself when SyncWrites is off).
+// file it collects to the head of the log, then deletes the file, without
+// syncing the moved values when SyncWrites is off. With DurabilityFsync an
+// iterator is held open meanwhile: Badger defers deleting a value-log file
+// until no iterator is open, so the file goes only after the moved values
+// have been synced.
 func (q *badgerQueue) valueLogGC() error {
 	q.syncMu.Lock()
 	defer q.syncMu.Unlock()
+	if !q.fsync {
+		return q.db.RunValueLogGC(0.5)
+	}
+	txn := q.db.NewTransaction(false)
+	defer txn.Discard()
+	pin := txn.NewIterator(badger.IteratorOptions{Prefix: metaHWM})
 	err := q.db.RunValueLogGC(0.5)
-	if err == nil && q.fsync {
+	if err == nil {
 		if serr := q.syncFilesLocked(); serr != nil {
 			q.log.Error("h3x: badger queue: sync after value-log GC", "err", serr)
 		}
 	}
+	pin.Close() // may delete the collected file, now that its values are synced
 	return err
 }
 
