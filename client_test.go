@@ -178,7 +178,7 @@ func TestClientSurvivesNetworkCut(t *testing.T) {
 	proxy := newUDPProxy(t, srv.Addr().(*net.UDPAddr))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, proxy.addr(), WithCredentials("alice", "alice-token"), WithTrustedFingerprint(srv.Fingerprint()),
+	c, err := Dial(ctx, proxy.Addr(), WithCredentials("alice", "alice-token"), WithTrustedFingerprint(srv.Fingerprint()),
 		WithBackoff(fastBackoff), WithIdleTimeout(time.Second), WithDialTimeout(500*time.Millisecond))
 	if err != nil {
 		t.Fatal(err)
@@ -186,9 +186,9 @@ func TestClientSurvivesNetworkCut(t *testing.T) {
 	defer c.Close()
 	tr := startTraffic(t, c, 2)
 	time.Sleep(300 * time.Millisecond)
-	proxy.blackhole.Store(true)
+	proxy.SetBlackhole(true)
 	time.Sleep(2 * time.Second)
-	proxy.blackhole.Store(false)
+	proxy.SetBlackhole(false)
 	restored := time.Now()
 	for !tr.seenSince(restored) {
 		if time.Since(restored) > 5*time.Second {
