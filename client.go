@@ -876,16 +876,36 @@ func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]S
 
 // Ack settles deliveries for good and returns one result per delivery:
 // SettleOK; SettleStale if the lease passed to another consumer (the event
-// will come again); SettleUnknown if it was already acked.
+// will come again); SettleUnknown if it was already acked. Once the call
+// succeeds the deliveries count as settled, as with Delivery.Ack: a
+// subscription may hand out more.
 func (c *Client) Ack(ctx context.Context, deliveries ...*Delivery) ([]SettleResult, error) {
-	return c.settle(ctx, settleGroup{t: FrameAckEvent}, deliveries)
+	res, err := c.settle(ctx, settleGroup{t: FrameAckEvent}, deliveries)
+	if err == nil {
+		markSettled(deliveries)
+	}
+	return res, err
+}
+
+// markSettled marks deliveries settled by a synchronous Ack or Nack, which
+// gives their subscription's credit back (as Delivery.Ack does).
+func markSettled(deliveries []*Delivery) {
+	for _, d := range deliveries {
+		if d != nil && d.settled.CompareAndSwap(false, true) && d.sub != nil {
+			d.sub.release()
+		}
+	}
 }
 
 // Nack hands deliveries back: they are delivered again after delay (to any
 // consumer), or dead-lettered after the maximum number of attempts, with
 // reason recorded.
 func (c *Client) Nack(ctx context.Context, delay time.Duration, reason string, deliveries ...*Delivery) ([]SettleResult, error) {
-	return c.settle(ctx, settleGroup{t: FrameNackEvent, delay: delay, reason: reason}, deliveries)
+	res, err := c.settle(ctx, settleGroup{t: FrameNackEvent, delay: delay, reason: reason}, deliveries)
+	if err == nil {
+		markSettled(deliveries)
+	}
+	return res, err
 }
 
 // Extend pushes the deliveries' lease deadlines to now + d (d <= 0: the
