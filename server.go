@@ -269,8 +269,7 @@ func (s *Server) start(ctx context.Context, pc net.PacketConn, own net.PacketCon
 	if s.started {
 		return errors.New("h3x: server already started")
 	}
-	var key quic.StatelessResetKey
-	rand.Read(key[:])
+	key := statelessResetKey(s.tlsConf)
 	tr := &quic.Transport{Conn: pc, StatelessResetKey: &key}
 	ln, err := tr.Listen(s.tlsConf, s.quicConf)
 	if err != nil {

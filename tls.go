@@ -3,6 +3,7 @@ package h3x
 import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -19,6 +20,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/quic-go/quic-go"
 )
 
 // selfSignedCert makes an in-memory ECDSA P-256 certificate for localhost
@@ -114,4 +117,26 @@ func pinnedVerifier(fp string) func(rawCerts [][]byte, _ [][]*x509.Certificate) 
 		}
 		return nil
 	}
+}
+
+// statelessResetKey returns the QUIC stateless reset key. It is derived
+// from the private key of the server's (first) certificate, so a server
+// restarted with the same certificate — after a crash, on the same address —
+// answers packets of its predecessor's connections with stateless resets
+// those clients recognize, and they reconnect at once instead of waiting for
+// their idle timeout. Servers sharing a certificate share the key, as RFC
+// 9000 §10.3.2 expects of a cluster. Without a static certificate the key is
+// random.
+func statelessResetKey(conf *tls.Config) quic.StatelessResetKey {
+	var key quic.StatelessResetKey
+	if len(conf.Certificates) > 0 && conf.Certificates[0].PrivateKey != nil {
+		if der, err := x509.MarshalPKCS8PrivateKey(conf.Certificates[0].PrivateKey); err == nil {
+			mac := hmac.New(sha256.New, der)
+			mac.Write([]byte("h3x stateless reset key v1"))
+			copy(key[:], mac.Sum(nil))
+			return key
+		}
+	}
+	rand.Read(key[:])
+	return key
 }
