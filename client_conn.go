@@ -34,7 +34,8 @@ type clientConn struct {
 	pings     map[uint64]chan time.Time
 	pingSeq   uint64
 	streamsMu sync.Mutex
-	streams   [3]*rpcStream // publish, fetch, settle
+	streams   [3]*rpcStream // publish and settle (the fetch slot is unused)
+	idleFetch []*rpcStream  // fetch streams with no long poll in flight
 }
 
 const (
@@ -207,6 +208,16 @@ func (cc *clientConn) stream(ctx context.Context, kind int) (*rpcStream, error) 
 	if s := cc.streams[kind]; s != nil && s.alive() {
 		return s, nil
 	}
+	s, err := cc.openRPC(ctx)
+	if err != nil {
+		return nil, err
+	}
+	cc.streams[kind] = s
+	return s, nil
+}
+
+// openRPC opens a stream for requests and starts its reader.
+func (cc *clientConn) openRPC(ctx context.Context) (*rpcStream, error) {
 	st, err := cc.qc.OpenStreamSync(ctx)
 	if err != nil {
 		return nil, connError(err)
@@ -217,8 +228,40 @@ func (cc *clientConn) stream(ctx context.Context, kind int) (*rpcStream, error) 
 		defer cc.wg.Done()
 		s.readLoop()
 	}()
-	cc.streams[kind] = s
 	return s, nil
+}
+
+// fetchStream takes a fetch stream with no long poll in flight, opening one
+// if there is none. Each long poll has a stream to itself, so a poll that
+// its caller abandons can be cancelled (by resetting its stream) without
+// holding up the fetches after it.
+func (cc *clientConn) fetchStream(ctx context.Context) (*rpcStream, error) {
+	cc.streamsMu.Lock()
+	for len(cc.idleFetch) > 0 {
+		s := cc.idleFetch[len(cc.idleFetch)-1]
+		cc.idleFetch = cc.idleFetch[:len(cc.idleFetch)-1]
+		if s.alive() {
+			cc.streamsMu.Unlock()
+			return s, nil
+		}
+	}
+	cc.streamsMu.Unlock()
+	s, err := cc.openRPC(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// putFetchStream returns a fetch stream after its poll was answered.
+func (cc *clientConn) putFetchStream(s *rpcStream) {
+	cc.streamsMu.Lock()
+	defer cc.streamsMu.Unlock()
+	if len(cc.idleFetch) < 4 {
+		cc.idleFetch = append(cc.idleFetch, s)
+		return
+	}
+	s.finish()
 }
 
 // close ends the connection: it finishes the streams' send sides, closes
@@ -233,6 +276,9 @@ func (cc *clientConn) doClose() {
 		if s != nil {
 			s.fw.close()
 		}
+	}
+	for _, s := range cc.idleFetch {
+		s.fw.close()
 	}
 	cc.streamsMu.Unlock()
 	cc.qc.CloseWithError(0, "client closed")
@@ -259,6 +305,21 @@ type rpcAnswer struct {
 
 func newRPCStream(st *quic.Stream, maxFrame uint32) *rpcStream {
 	return &rpcStream{st: st, fr: newFrameReader(st, maxFrame), fw: newFrameWriter(st), pending: make(map[uint64]chan rpcAnswer)}
+}
+
+// abort resets the stream in both directions (the server ends what it was
+// doing for it).
+func (s *rpcStream) abort() {
+	s.fw.close()
+	s.st.CancelWrite(quic.StreamErrorCode(CodeNone))
+	s.st.CancelRead(quic.StreamErrorCode(CodeNone))
+}
+
+// finish ends the stream's send side; the server answers what is pending
+// and ends its side, which ends readLoop.
+func (s *rpcStream) finish() {
+	s.fw.close()
+	s.st.Close()
 }
 
 func (s *rpcStream) alive() bool {
@@ -363,12 +424,34 @@ var errStreamFailed = errors.New("h3x: stream failed")
 func (cc *clientConn) call(ctx context.Context, kind int, t FrameType, build func(id uint64) proto.Message) (rpcAnswer, error) {
 	cc.inflight.Add(1)
 	defer cc.inflight.Add(-1)
+	if kind == streamFetch {
+		return cc.fetchCall(ctx, t, build)
+	}
 	s, err := cc.stream(ctx, kind)
 	if err != nil {
 		return rpcAnswer{}, fmt.Errorf("%w: %w", errStreamFailed, err)
 	}
 	id := cc.client.reqID.Add(1)
 	return s.call(ctx, id, t, build(id))
+}
+
+// fetchCall runs one long poll on a stream of its own. If ctx ends first,
+// the stream is reset: the server ends the poll and gives back any events
+// it leased for it.
+func (cc *clientConn) fetchCall(ctx context.Context, t FrameType, build func(id uint64) proto.Message) (rpcAnswer, error) {
+	s, err := cc.fetchStream(ctx)
+	if err != nil {
+		return rpcAnswer{}, fmt.Errorf("%w: %w", errStreamFailed, err)
+	}
+	id := cc.client.reqID.Add(1)
+	ans, err := s.call(ctx, id, t, build(id))
+	switch {
+	case err == nil:
+		cc.putFetchStream(s)
+	case ctx.Err() != nil:
+		s.abort()
+	}
+	return ans, err
 }
 
 // ping measures the round trip of a Ping on the control stream.

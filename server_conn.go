@@ -121,6 +121,24 @@ func (c *serverConn) notifyRateLimit(ns string, retryAfter time.Duration, l Rate
 	c.writeControl(FrameRateLimitNotice, &h3xpb.RateLimitNotice{Namespace: ns, RetryAfterMs: durationMs(retryAfter), Limit: l.Rate, Burst: uint32(l.Burst)})
 }
 
+// releaseUnsent gives back the leases of a batch that could not be written
+// (its stream was reset), without counting the attempts, so the events are
+// ready again at once instead of after the ack deadline.
+func (c *serverConn) releaseUnsent(b *h3xpb.EventsBatch) {
+	refs := make([]LeaseRef, len(b.GetEvents()))
+	ids := make([]string, len(refs))
+	for i, d := range b.GetEvents() {
+		refs[i] = LeaseRef{ID: d.GetEvent().GetId(), Attempt: int(d.GetAttempt()), Namespace: d.GetEvent().GetNamespace(), Unseen: true}
+		ids[i] = refs[i].ID
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := c.srv.queue.Nack(ctx, c.id, refs, 0, "batch not delivered"); err != nil && !errors.Is(err, ErrQueueClosed) {
+		c.logger.Warn("h3x: releasing an unsent batch", "err", err)
+	}
+	c.settled(ids)
+}
+
 // capacity returns how many more deliveries the session may hold, and a
 // channel closed when that may grow.
 func (c *serverConn) capacity() (int, <-chan struct{}) {

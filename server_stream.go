@@ -57,7 +57,11 @@ func newSessionStream(c *serverConn, st *quic.Stream, fr *frameReader) *sessionS
 }
 
 // run serves the stream until the client finishes its side or an error.
-func (ss *sessionStream) run(ctx context.Context, t FrameType, payload []byte) {
+func (ss *sessionStream) run(connCtx context.Context, t FrameType, payload []byte) {
+	// The stream's requests end with it: a client abandons a long poll by
+	// resetting its stream.
+	ctx, cancel := context.WithCancel(connCtx)
+	defer cancel()
 	var failure error
 	for {
 		if err := ss.dispatch(ctx, t, payload); err != nil {
@@ -72,6 +76,9 @@ func (ss *sessionStream) run(ctx context.Context, t FrameType, payload []byte) {
 			}
 			break
 		}
+	}
+	if failure != nil {
+		cancel() // parked long polls end at once
 	}
 	for _, l := range []*lane{&ss.sends, &ss.fetches, &ss.settles} {
 		if l.ch != nil {
@@ -187,7 +194,11 @@ func (ss *sessionStream) respond(ch chan *reply) {
 	defer ss.respWG.Done()
 	for r := range ch {
 		<-r.done
-		ss.fw.write(r.t, r.msg)
+		if err := ss.fw.write(r.t, r.msg); err != nil {
+			if b, ok := r.msg.(*h3xpb.EventsBatch); ok && len(b.GetEvents()) > 0 {
+				ss.c.releaseUnsent(b)
+			}
+		}
 		ss.c.inflight.Add(-1)
 	}
 }
