@@ -470,3 +470,40 @@ func TestSubscriptionCloseGivesBackUnseen(t *testing.T) {
 		}
 	}
 }
+
+// TestAbandonedLongPollDoesNotBlock: a long poll whose caller gave up must
+// not hold up the fetches after it, nor keep events leased.
+func TestAbandonedLongPollDoesNotBlock(t *testing.T) {
+	srv := testServer(t)
+	c := mustDial(t, srv, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for range 3 {
+		abandoned, stop := context.WithCancel(ctx) // no deadline: a 30 s long poll
+		go c.Fetch(abandoned, 10, "orders")
+		time.Sleep(50 * time.Millisecond)
+		stop()
+	}
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	time.Sleep(50 * time.Millisecond)
+	start := time.Now()
+	if _, err := c.Publish(ctx, Event{Namespace: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case d := <-sub.Events():
+		if d.Attempt() != 1 {
+			t.Fatalf("attempt %d: an abandoned poll took the event first", d.Attempt())
+		}
+		if took := time.Since(start); took > 2*time.Second {
+			t.Fatalf("delivered after %v", took)
+		}
+		d.Ack()
+	case <-time.After(5 * time.Second):
+		t.Fatal("no delivery: the abandoned long polls block the subscription")
+	}
+}
