@@ -1,0 +1,176 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+)
+
+// runResult is one run of one system in one class.
+type runResult struct {
+	published int
+	pubRate   float64 // events/s
+	consumed  int
+	consRate  float64 // events/s
+	p50, p99  time.Duration
+	latN      int
+	hwmKiB    int64 // peak RSS of the server
+}
+
+type key struct {
+	cls class
+	sys string
+}
+
+type results struct {
+	runs map[key][]runResult
+}
+
+var systemNames = map[string]string{"h3x": "H3X", "nats": "JetStream", "redis": "Redis"}
+
+// compare runs every repetition, interleaving the systems.
+func compare(ctx context.Context, cfg *config) (*results, error) {
+	res := &results{runs: map[key][]runResult{}}
+	for rep := range cfg.reps {
+		for _, cls := range cfg.classes {
+			// Rotate the order so that no system always runs first.
+			order := slices.Clone(cfg.systems)
+			for range (rep + int(cls)) % len(order) {
+				order = append(order[1:], order[0])
+			}
+			for _, sys := range order {
+				if err := ctx.Err(); err != nil {
+					return nil, err
+				}
+				dir := filepath.Join(cfg.workDir, fmt.Sprintf("%s-%d-%s", sys, rep, map[class]string{crashSafe: "crash", fsyncAck: "fsync"}[cls]))
+				if err := os.MkdirAll(dir, 0o755); err != nil {
+					return nil, err
+				}
+				profile := ""
+				if cfg.profileDir != "" && rep == 0 && sys == "h3x" {
+					profile = cfg.profileDir
+				}
+				r, err := runOne(ctx, cfg, cls, sys, dir, profile)
+				if err != nil {
+					return nil, fmt.Errorf("rep %d, %s, %s: %w", rep+1, cls, systemNames[sys], err)
+				}
+				os.RemoveAll(dir)
+				res.runs[key{cls, sys}] = append(res.runs[key{cls, sys}], r)
+				log.Printf("rep %d %-18s %-9s publish %8.0f/s  consume+ack %8.0f/s (%d)  p50 %5dµs p99 %5dµs (%d)  peak RSS %4d MiB",
+					rep+1, cls, systemNames[sys], r.pubRate, r.consRate, r.consumed,
+					r.p50.Microseconds(), r.p99.Microseconds(), r.latN, r.hwmKiB>>10)
+			}
+		}
+	}
+	return res, nil
+}
+
+func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir string) (runResult, error) {
+	var (
+		t   target
+		err error
+		h   *h3xTarget
+	)
+	switch sys {
+	case "h3x":
+		h, err = startH3X(ctx, cfg.h3xBin, dir, cls, cfg.h3x, profileDir != "")
+		t = h
+	case "nats":
+		t, err = startNATS(ctx, cfg.natsBin, dir, cls == fsyncAck && cfg.syncAlways, cfg.nats)
+	case "redis":
+		t, err = startRedis(ctx, cfg.redisBin, dir, cls, cfg.redis)
+	}
+	if err != nil {
+		return runResult{}, err
+	}
+	defer t.Close()
+	var r runResult
+	tag := fmt.Sprintf("%s-%s", sys, map[class]string{crashSafe: "crash", fsyncAck: "fsync"}[cls])
+
+	// Publish.
+	var prof func() error
+	if profileDir != "" {
+		prof = captureProfile(h.srv.pprofAddr, cfg.pubDur, filepath.Join(profileDir, tag+"-publish.pprof"))
+	}
+	n, el, err := t.Publish(ctx, cfg.pubDur)
+	if err != nil {
+		return r, fmt.Errorf("publish: %w", err)
+	}
+	if prof != nil {
+		if err := prof(); err != nil {
+			log.Printf("profile: %v", err)
+		}
+	}
+	r.published, r.pubRate = n, float64(n)/el.Seconds()
+
+	// Consume+ack from the backlog.
+	r.consumed = min(n, cfg.consumeMax)
+	if profileDir != "" {
+		prof = captureProfile(h.srv.pprofAddr, 2*time.Second, filepath.Join(profileDir, tag+"-consume.pprof"))
+	}
+	el, err = t.Consume(ctx, r.consumed)
+	if err != nil {
+		return r, fmt.Errorf("consume: %w", err)
+	}
+	if prof != nil {
+		if err := prof(); err != nil {
+			log.Printf("profile: %v", err)
+		}
+	}
+	r.consRate = float64(r.consumed) / el.Seconds()
+
+	// Latency at a fixed rate, on a subject of its own.
+	lat, err := t.Latency(ctx, cfg.latRate, cfg.latWarm, cfg.latDur)
+	if err != nil {
+		return r, fmt.Errorf("latency: %w", err)
+	}
+	if len(lat) == 0 {
+		return r, fmt.Errorf("latency: nothing delivered")
+	}
+	slices.Sort(lat)
+	r.latN = len(lat)
+	r.p50 = lat[len(lat)/2]
+	r.p99 = lat[min(len(lat)-1, len(lat)*99/100)]
+
+	_, hwm, err := memKiB(t.PID())
+	if err != nil {
+		return r, err
+	}
+	r.hwmKiB = hwm
+	return r, nil
+}
+
+// captureProfile starts a CPU profile of d from the server's pprof
+// endpoint; the returned function waits for it and writes it to file.
+func captureProfile(addr string, d time.Duration, file string) func() error {
+	done := make(chan error, 1)
+	go func() {
+		resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", addr, max(1, int(d.Seconds()))))
+		if err != nil {
+			done <- err
+			return
+		}
+		defer resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			done <- fmt.Errorf("pprof: %s", resp.Status)
+			return
+		}
+		f, err := os.Create(file)
+		if err != nil {
+			done <- err
+			return
+		}
+		_, err = io.Copy(f, resp.Body)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		done <- err
+	}()
+	return func() error { return <-done }
+}

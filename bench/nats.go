@@ -1,0 +1,199 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync/atomic"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// natsParams are the client-side knobs of the JetStream runs.
+type natsParams struct {
+	maxPending    int // pipelining publisher: PublishAsync max pending
+	maxAckPending int // consumer: MaxAckPending
+	pullBatch     int // consumer: PullMaxMessages
+}
+
+// natsSyncAlways reports whether the nats-server binary accepts
+// jetstream { sync_interval: always } (2.10 and later; 2.9 rejects the
+// field as unknown).
+func natsSyncAlways(bin, dir string) bool {
+	conf := filepath.Join(dir, "probe.conf")
+	os.WriteFile(conf, []byte("listen: 127.0.0.1:-1\njetstream { store_dir: \""+filepath.Join(dir, "probe")+"\", sync_interval: always }\n"), 0o644)
+	return exec.Command(bin, "-t", "-c", conf).Run() == nil
+}
+
+type natsTarget struct {
+	p         *proc
+	pubNC     *nats.Conn
+	subNC     *nats.Conn
+	pub, sub  jetstream.JetStream
+	pubErrors atomic.Int64
+	prm       natsParams
+}
+
+// startNATS starts nats-server with JetStream on file storage in dir.
+// syncAlways adds sync_interval: always (the fsync class), when the binary
+// supports it.
+func startNATS(ctx context.Context, bin, dir string, syncAlways bool, prm natsParams) (*natsTarget, error) {
+	port, err := freeTCPPort()
+	if err != nil {
+		return nil, err
+	}
+	sync := ""
+	if syncAlways {
+		sync = ", sync_interval: always"
+	}
+	conf := filepath.Join(dir, "nats.conf")
+	text := fmt.Sprintf("listen: 127.0.0.1:%d\njetstream { store_dir: %q%s }\n", port, filepath.Join(dir, "js"), sync)
+	if err := os.WriteFile(conf, []byte(text), 0o644); err != nil {
+		return nil, err
+	}
+	p, _, err := startProc("nats-server", filepath.Join(dir, "nats.log"), false, bin, "-c", conf)
+	if err != nil {
+		return nil, err
+	}
+	t := &natsTarget{p: p, prm: prm}
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := waitTCP(wctx, p, addr); err != nil {
+		p.stop()
+		return nil, err
+	}
+	url := "nats://" + addr
+	if t.pubNC, err = nats.Connect(url); err != nil {
+		t.Close()
+		return nil, err
+	}
+	if t.subNC, err = nats.Connect(url); err != nil {
+		t.Close()
+		return nil, err
+	}
+	t.pub, err = jetstream.New(t.pubNC,
+		jetstream.WithPublishAsyncMaxPending(prm.maxPending),
+		jetstream.WithPublishAsyncErrHandler(func(jetstream.JetStream, *nats.Msg, error) { t.pubErrors.Add(1) }))
+	if err != nil {
+		t.Close()
+		return nil, err
+	}
+	if t.sub, err = jetstream.New(t.subNC); err != nil {
+		t.Close()
+		return nil, err
+	}
+	for _, s := range []string{"bench", "lat"} {
+		_, err := t.sub.CreateStream(ctx, jetstream.StreamConfig{
+			Name: "S_" + s, Subjects: []string{s}, Storage: jetstream.FileStorage, Replicas: 1,
+		})
+		if err != nil {
+			t.Close()
+			return nil, fmt.Errorf("create stream: %w", err)
+		}
+	}
+	return t, nil
+}
+
+func (t *natsTarget) PID() int { return t.p.pid() }
+
+func (t *natsTarget) Close() {
+	if t.pubNC != nil {
+		t.pubNC.Close()
+	}
+	if t.subNC != nil {
+		t.subNC.Close()
+	}
+	t.p.stop()
+}
+
+func (t *natsTarget) Publish(ctx context.Context, d time.Duration) (int, time.Duration, error) {
+	t.pubErrors.Store(0)
+	n := 0
+	start := time.Now()
+	deadline := start.Add(d)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		for range 64 {
+			_, err := t.pub.PublishAsync("bench", payload)
+			if errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
+				continue // the pipeline is full: try again
+			}
+			if err != nil {
+				return n, 0, err
+			}
+			n++
+		}
+	}
+	select {
+	case <-t.pub.PublishAsyncComplete():
+	case <-time.After(2 * time.Minute):
+		return n, 0, errors.New("jetstream: publish acks missing after 2 min")
+	}
+	elapsed := time.Since(start)
+	if e := t.pubErrors.Load(); e > 0 {
+		return n - int(e), elapsed, fmt.Errorf("jetstream: %d publishes failed", e)
+	}
+	return n, elapsed, nil
+}
+
+func (t *natsTarget) Consume(ctx context.Context, n int) (time.Duration, error) {
+	cons, err := t.sub.CreateOrUpdateConsumer(ctx, "S_bench", jetstream.ConsumerConfig{
+		Durable: "bench", AckPolicy: jetstream.AckExplicitPolicy, MaxAckPending: t.prm.maxAckPending,
+	})
+	if err != nil {
+		return 0, err
+	}
+	done := make(chan error, 1)
+	var count atomic.Int64
+	start := time.Now()
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		switch c := count.Add(1); {
+		case c < int64(n):
+			m.Ack()
+		case c == int64(n):
+			// The last ack waits for the server's confirmation.
+			done <- m.DoubleAck(ctx)
+		}
+	}, jetstream.PullMaxMessages(t.prm.pullBatch))
+	if err != nil {
+		return 0, err
+	}
+	defer cc.Stop()
+	select {
+	case err := <-done:
+		return time.Since(start), err
+	case <-time.After(5 * time.Minute):
+		return 0, fmt.Errorf("jetstream: consumed %d of %d in 5 min", count.Load(), n)
+	}
+}
+
+func (t *natsTarget) Latency(ctx context.Context, rate int, warm, d time.Duration) ([]time.Duration, error) {
+	cons, err := t.sub.CreateOrUpdateConsumer(ctx, "S_lat", jetstream.ConsumerConfig{
+		Durable: "lat", AckPolicy: jetstream.AckExplicitPolicy,
+	})
+	if err != nil {
+		return nil, err
+	}
+	col := newLatencyCollector(rate, warm, d)
+	cc, err := cons.Consume(func(m jetstream.Msg) {
+		col.add(m.Data())
+		m.Ack()
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer cc.Stop()
+	_, err = pace(ctx, rate, warm+d, func(i int) error {
+		_, err := t.pub.PublishAsync("lat", latencyPayload(i))
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return col.wait(ctx), nil
+}
