@@ -2,12 +2,17 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log"
+	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,6 +32,23 @@ type scaleResult struct {
 	newDial             time.Duration
 	p50, p99, pmax      time.Duration
 	publishes           int
+	mem                 *runtime.MemStats // the server's, after connecting, if profiled
+	idleCPU             float64           // the server's CPU use while the clients idle, in cores
+	newDialErrs         []string          // failed attempts of the new client
+}
+
+// fetchMemStats reads the server's runtime.MemStats from expvar.
+func fetchMemStats(addr string) (*runtime.MemStats, error) {
+	resp, err := http.Get(fmt.Sprintf("http://%s/debug/vars", addr))
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var v struct{ Memstats runtime.MemStats }
+	if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+		return nil, err
+	}
+	return &v.Memstats, nil
 }
 
 func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
@@ -35,7 +57,7 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
-	srv, err := startH3XServer(ctx, cfg.h3xBin, dir, h3x.DurabilityFsync, false)
+	srv, err := startH3XServer(ctx, cfg.h3xBin, dir, h3x.DurabilityFsync, cfg.profileDir != "")
 	if err != nil {
 		return nil, err
 	}
@@ -122,19 +144,38 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 
 	// Let the server settle (handshake garbage collected, keep-alives
 	// flowing), then measure.
+	cpu0 := procCPU(srv.p.pid())
 	time.Sleep(5 * time.Second)
+	sr.idleCPU = float64(procCPU(srv.p.pid())-cpu0) / float64(5*time.Second)
 	if sr.rssAfter, sr.hwm, err = memKiB(srv.p.pid()); err != nil {
 		return nil, err
 	}
+	if srv.pprofAddr != "" {
+		sr.mem, _ = fetchMemStats(srv.pprofAddr)
+	}
+	if cfg.profileDir != "" {
+		for _, name := range []string{"heap", "goroutine"} {
+			if err := fetchPprof(srv.pprofAddr, name, filepath.Join(cfg.profileDir, "scale-"+name+".pprof")); err != nil {
+				log.Printf("scale: %s profile: %v", name, err)
+			}
+		}
+	}
 
 	// A new client's publishes while the idle ones stay connected.
-	dstart := time.Now()
-	c, err := srv.dial(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("new client: %w", err)
+	var c *h3x.Client
+	for attempt := 1; ; attempt++ {
+		dstart := time.Now()
+		c, err = srv.dial(ctx, h3x.WithMaxReconnects(1))
+		sr.newDial = time.Since(dstart)
+		if err == nil {
+			break
+		}
+		sr.newDialErrs = append(sr.newDialErrs, fmt.Sprintf("%v after %s", err, sr.newDial.Round(time.Millisecond)))
+		if attempt == 3 {
+			return sr, nil
+		}
 	}
 	defer c.Close()
-	sr.newDial = time.Since(dstart)
 	var lat []time.Duration
 	for range 100 {
 		t0 := time.Now()
@@ -147,6 +188,24 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 	sr.publishes = len(lat)
 	sr.p50, sr.p99, sr.pmax = lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1]
 	return sr, nil
+}
+
+// fetchPprof saves one of the server's pprof profiles.
+func fetchPprof(addr, name, file string) error {
+	resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/%s", addr, name))
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	f, err := os.Create(file)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 func writeScale(w io.Writer, sr *scaleResult) {
@@ -162,6 +221,20 @@ func writeScale(w io.Writer, sr *scaleResult) {
 		verdict = fmt.Sprintf("**missed** (%.0f%% over)", 100*(per/64-1))
 	}
 	p("| server memory per idle connection | %.1f KiB | ≤ 64 KiB: %s |\n", per, verdict)
+	if m := sr.mem; m != nil {
+		n := float64(max(1, sr.connected))
+		p("| of which, per connection (Go runtime, server) | heap in use %.1f KiB, goroutine stacks %.1f KiB, heap idle not returned to the OS %.1f KiB, other runtime %.1f KiB | |\n",
+			float64(m.HeapInuse)/1024/n, float64(m.StackInuse)/1024/n, float64(m.HeapIdle-m.HeapReleased)/1024/n,
+			float64(m.Sys-m.HeapSys-m.StackSys)/1024/n)
+	}
+	p("| server CPU while they idle (keep-alives) | %.0f%% of a core | |\n", 100*sr.idleCPU)
+	for i, e := range sr.newDialErrs {
+		p("| new client: attempt %d failed | %s | |\n", i+1, e)
+	}
+	if sr.publishes == 0 {
+		p("\n")
+		return
+	}
 	p("| new client: dial + authenticate | %s | |\n", sr.newDial.Round(10*time.Microsecond))
 	verdict = "met"
 	if sr.p99 > 10*time.Millisecond {
@@ -169,4 +242,19 @@ func writeScale(w io.Writer, sr *scaleResult) {
 	}
 	p("| new client: publish round trip p50 / p99 / max (%d sequential, fsync) | %s / %s / %s | p99 ≤ 10 ms: %s |\n\n",
 		sr.publishes, sr.p50.Round(time.Microsecond), sr.p99.Round(time.Microsecond), sr.pmax.Round(time.Microsecond), verdict)
+}
+
+// procCPU returns the user+system CPU time of pid so far.
+func procCPU(pid int) time.Duration {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b)[strings.LastIndex(string(b), ")")+2:])
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(u+st) * time.Second / 100 // USER_HZ
 }

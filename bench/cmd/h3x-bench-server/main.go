@@ -10,12 +10,14 @@
 //	listening <address>
 //
 // It stops gracefully on SIGINT or SIGTERM, writing the CPU profile if
-// -cpuprofile was given. -pprof serves net/http/pprof on a loopback address
-// (profiles of a chosen window: /debug/pprof/profile?seconds=N).
+// -cpuprofile was given. -pprof serves net/http/pprof and expvar on a
+// loopback address (profiles of a chosen window:
+// /debug/pprof/profile?seconds=N; memory statistics: /debug/vars).
 package main
 
 import (
 	"context"
+	_ "expvar" // /debug/vars: runtime.MemStats, for the scale test
 	"flag"
 	"fmt"
 	"log"
