@@ -33,8 +33,10 @@ type scaleResult struct {
 	p50, p99, pmax      time.Duration
 	publishes           int
 	mem                 *runtime.MemStats // the server's, after connecting, if profiled
-	idleCPU             float64           // the server's CPU use while the clients idle, in cores
-	newDialErrs         []string          // failed attempts of the new client
+	goroutines          int               // added by the connections
+	memBefore           *runtime.MemStats
+	idleCPU             float64  // the server's CPU use while the clients idle, in cores
+	newDialErrs         []string // failed attempts of the new client
 }
 
 // fetchMemStats reads the server's runtime.MemStats from expvar.
@@ -57,7 +59,7 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 		return nil, err
 	}
 	defer os.RemoveAll(dir)
-	srv, err := startH3XServer(ctx, cfg.h3xBin, dir, h3x.DurabilityFsync, cfg.profileDir != "")
+	srv, err := startH3XServer(ctx, cfg.h3xBin, dir, h3x.DurabilityFsync, true)
 	if err != nil {
 		return nil, err
 	}
@@ -81,6 +83,9 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 	if sr.rssBefore, _, err = memKiB(srv.p.pid()); err != nil {
 		return nil, err
 	}
+	fetchPprof(srv.pprofAddr, "heap?gc=1", filepath.Join(dir, "heap-before.pprof"))
+	sr.memBefore, _ = fetchMemStats(srv.pprofAddr)
+	gBefore := countGoroutines(srv.pprofAddr)
 
 	// Connect the idle clients, 32 handshakes at a time (the server's
 	// accept queue holds 32).
@@ -150,16 +155,20 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 	if sr.rssAfter, sr.hwm, err = memKiB(srv.p.pid()); err != nil {
 		return nil, err
 	}
-	if srv.pprofAddr != "" {
-		sr.mem, _ = fetchMemStats(srv.pprofAddr)
+	// The breakdown comes after a forced GC (heap?gc=1), so that the heap
+	// figure is what the connections keep alive.
+	profDir := cfg.profileDir
+	if profDir == "" {
+		profDir = dir
 	}
-	if cfg.profileDir != "" {
-		for _, name := range []string{"heap", "goroutine"} {
-			if err := fetchPprof(srv.pprofAddr, name, filepath.Join(cfg.profileDir, "scale-"+name+".pprof")); err != nil {
-				log.Printf("scale: %s profile: %v", name, err)
-			}
+	for _, name := range []string{"heap?gc=1", "goroutine"} {
+		file := filepath.Join(profDir, "scale-"+strings.TrimSuffix(name, "?gc=1")+".pprof")
+		if err := fetchPprof(srv.pprofAddr, name, file); err != nil {
+			log.Printf("scale: %s profile: %v", name, err)
 		}
 	}
+	sr.mem, _ = fetchMemStats(srv.pprofAddr)
+	sr.goroutines = countGoroutines(srv.pprofAddr) - gBefore
 
 	// A new client's publishes while the idle ones stay connected.
 	var c *h3x.Client
@@ -221,11 +230,12 @@ func writeScale(w io.Writer, sr *scaleResult) {
 		verdict = fmt.Sprintf("**missed** (%.0f%% over)", 100*(per/64-1))
 	}
 	p("| server memory per idle connection | %.1f KiB | ≤ 64 KiB: %s |\n", per, verdict)
-	if m := sr.mem; m != nil {
+	if m, b := sr.mem, sr.memBefore; m != nil && b != nil {
 		n := float64(max(1, sr.connected))
-		p("| of which, per connection (Go runtime, server) | heap in use %.1f KiB, goroutine stacks %.1f KiB, heap idle not returned to the OS %.1f KiB, other runtime %.1f KiB | |\n",
-			float64(m.HeapInuse)/1024/n, float64(m.StackInuse)/1024/n, float64(m.HeapIdle-m.HeapReleased)/1024/n,
-			float64(m.Sys-m.HeapSys-m.StackSys)/1024/n)
+		d := func(after, before uint64) float64 { return (float64(after) - float64(before)) / 1024 / n }
+		p("| the server's Go runtime per connection (growth, each after a forced GC) | live heap %.1f KiB, goroutine stacks %.1f KiB (%.1f goroutines), heap spans in use but free %.1f KiB, heap idle not yet returned to the OS %.1f KiB | |\n",
+			d(m.HeapAlloc, b.HeapAlloc), d(m.StackInuse, b.StackInuse), float64(sr.goroutines)/n,
+			d(m.HeapInuse-m.HeapAlloc, b.HeapInuse-b.HeapAlloc), d(m.HeapIdle-m.HeapReleased, b.HeapIdle-b.HeapReleased))
 	}
 	p("| server CPU while they idle (keep-alives) | %.0f%% of a core | |\n", 100*sr.idleCPU)
 	for i, e := range sr.newDialErrs {
@@ -257,4 +267,16 @@ func procCPU(pid int) time.Duration {
 	u, _ := strconv.ParseInt(f[11], 10, 64)
 	st, _ := strconv.ParseInt(f[12], 10, 64)
 	return time.Duration(u+st) * time.Second / 100 // USER_HZ
+}
+
+// countGoroutines reads the server's goroutine count.
+func countGoroutines(addr string) int {
+	resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/goroutine?debug=1", addr))
+	if err != nil {
+		return 0
+	}
+	defer resp.Body.Close()
+	var n int
+	fmt.Fscanf(resp.Body, "goroutine profile: total %d", &n)
+	return n
 }
