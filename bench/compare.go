@@ -126,9 +126,18 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	r.consRate = float64(r.consumed) / el.Seconds()
 
 	// Latency at a fixed rate, on a subject of its own.
+	prof = nil
+	if profileDir != "" {
+		prof = captureProfile(h.srv.pprofAddr, cfg.latWarm+cfg.latDur, filepath.Join(profileDir, tag+"-latency.pprof"))
+	}
 	lat, err := t.Latency(ctx, cfg.latRate, cfg.latWarm, cfg.latDur)
 	if err != nil {
 		return r, fmt.Errorf("latency: %w", err)
+	}
+	if prof != nil {
+		if err := prof(); err != nil {
+			log.Printf("profile: %v", err)
+		}
 	}
 	if len(lat) == 0 {
 		return r, fmt.Errorf("latency: nothing delivered")

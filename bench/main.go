@@ -80,7 +80,7 @@ func main() {
 	flag.StringVar(&systems, "systems", "h3x,nats,redis", "systems to run")
 	flag.IntVar(&cfg.scale, "scale", 10_000, "idle H3X clients for the scale test (0: skip it)")
 	flag.BoolVar(&cfg.scaleOnly, "scale-only", false, "run only the scale test")
-	flag.StringVar(&cfg.profileDir, "profile", "", "capture CPU profiles of the H3X server's publish and consume phases into this directory (first repetition)")
+	flag.StringVar(&cfg.profileDir, "profile", "", "capture CPU profiles of the H3X server's publish, consume and latency phases into this directory (first repetition), and heap and goroutine profiles in the scale test")
 	flag.StringVar(&cfg.natsBin, "nats-server", "", "nats-server binary (default: from PATH)")
 	flag.StringVar(&cfg.redisBin, "redis-server", "", "redis-server binary (default: from PATH)")
 	flag.StringVar(&cfg.h3xBin, "h3x-server", "", "prebuilt h3x-bench-server binary (default: go build ./cmd/h3x-bench-server)")
