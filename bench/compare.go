@@ -2,12 +2,14 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log"
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"slices"
 	"time"
 )
@@ -96,7 +98,7 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	// Publish.
 	var prof func() error
 	if profileDir != "" {
-		prof = captureProfile(h.srv.pprofAddr, cfg.pubDur, filepath.Join(profileDir, tag+"-publish.pprof"))
+		prof = captureProfiles(h.srv.pprofAddr, cfg.pubDur, filepath.Join(profileDir, tag+"-publish"))
 	}
 	n, el, err := t.Publish(ctx, cfg.pubDur)
 	if err != nil {
@@ -112,7 +114,7 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	// Consume+ack from the backlog.
 	r.consumed = min(n, cfg.consumeMax)
 	if profileDir != "" {
-		prof = captureProfile(h.srv.pprofAddr, 2*time.Second, filepath.Join(profileDir, tag+"-consume.pprof"))
+		prof = captureProfiles(h.srv.pprofAddr, 2*time.Second, filepath.Join(profileDir, tag+"-consume"))
 	}
 	el, err = t.Consume(ctx, r.consumed)
 	if err != nil {
@@ -128,7 +130,7 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	// Latency at a fixed rate, on a subject of its own.
 	prof = nil
 	if profileDir != "" {
-		prof = captureProfile(h.srv.pprofAddr, cfg.latWarm+cfg.latDur, filepath.Join(profileDir, tag+"-latency.pprof"))
+		prof = captureProfiles(h.srv.pprofAddr, cfg.latWarm+cfg.latDur, filepath.Join(profileDir, tag+"-latency"))
 	}
 	lat, err := t.Latency(ctx, cfg.latRate, cfg.latWarm, cfg.latDur)
 	if err != nil {
@@ -153,6 +155,27 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	}
 	r.hwmKiB = hwm
 	return r, nil
+}
+
+// captureProfiles profiles the server (prefix.pprof) and the harness, that
+// is the clients (prefix-client.pprof), for about d; the returned function
+// waits for both and writes them.
+func captureProfiles(addr string, d time.Duration, prefix string) func() error {
+	server := captureProfile(addr, d, prefix+".pprof")
+	f, err := os.Create(prefix + "-client.pprof")
+	if err == nil {
+		if err = pprof.StartCPUProfile(f); err != nil {
+			f.Close()
+		}
+	}
+	return func() error {
+		serr := server()
+		if err == nil {
+			pprof.StopCPUProfile()
+			err = f.Close()
+		}
+		return errors.Join(serr, err)
+	}
 }
 
 // captureProfile starts a CPU profile of d from the server's pprof
