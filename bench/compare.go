@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"runtime/pprof"
 	"slices"
+	"strings"
+	"syscall"
 	"time"
 )
 
@@ -23,6 +25,12 @@ type runResult struct {
 	p50, p99  time.Duration
 	latN      int
 	hwmKiB    int64 // peak RSS of the server
+	// CPU time per event (user+system) of the server process and of the
+	// clients (the harness process), in the publish and consume phases:
+	// a measure that holds even when other work shares the machine.
+	pubSrvCPU, pubCliCPU   time.Duration
+	consSrvCPU, consCliCPU time.Duration
+	latSrvCPU, latCliCPU   time.Duration // at the latency run's fixed rate, one event per publish
 }
 
 type key struct {
@@ -64,9 +72,9 @@ func compare(ctx context.Context, cfg *config) (*results, error) {
 				}
 				os.RemoveAll(dir)
 				res.runs[key{cls, sys}] = append(res.runs[key{cls, sys}], r)
-				log.Printf("rep %d %-18s %-9s publish %8.0f/s  consume+ack %8.0f/s (%d)  p50 %5dµs p99 %5dµs (%d)  peak RSS %4d MiB",
-					rep+1, cls, systemNames[sys], r.pubRate, r.consRate, r.consumed,
-					r.p50.Microseconds(), r.p99.Microseconds(), r.latN, r.hwmKiB>>10)
+				log.Printf("rep %d %-18s %-9s publish %7.0f/s (CPU/event %4.1f+%4.1fµs)  consume+ack %7.0f/s (%d; %4.1f+%4.1fµs)  p50 %5dµs p99 %6dµs (%d)  peak RSS %4d MiB  load %s",
+					rep+1, cls, systemNames[sys], r.pubRate, us(r.pubSrvCPU), us(r.pubCliCPU), r.consRate, r.consumed, us(r.consSrvCPU), us(r.consCliCPU),
+					r.p50.Microseconds(), r.p99.Microseconds(), r.latN, r.hwmKiB>>10, loadAvg())
 			}
 		}
 	}
@@ -100,9 +108,14 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	if profileDir != "" {
 		prof = captureProfiles(h.srv.pprofAddr, cfg.pubDur, filepath.Join(profileDir, tag+"-publish"))
 	}
+	s0, c0 := procCPU(t.PID()), selfCPU()
 	n, el, err := t.Publish(ctx, cfg.pubDur)
 	if err != nil {
 		return r, fmt.Errorf("publish: %w", err)
+	}
+	if n > 0 {
+		r.pubSrvCPU = (procCPU(t.PID()) - s0) / time.Duration(n)
+		r.pubCliCPU = (selfCPU() - c0) / time.Duration(n)
 	}
 	if prof != nil {
 		if err := prof(); err != nil {
@@ -116,9 +129,14 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	if profileDir != "" {
 		prof = captureProfiles(h.srv.pprofAddr, 2*time.Second, filepath.Join(profileDir, tag+"-consume"))
 	}
+	s0, c0 = procCPU(t.PID()), selfCPU()
 	el, err = t.Consume(ctx, r.consumed)
 	if err != nil {
 		return r, fmt.Errorf("consume: %w", err)
+	}
+	if r.consumed > 0 {
+		r.consSrvCPU = (procCPU(t.PID()) - s0) / time.Duration(r.consumed)
+		r.consCliCPU = (selfCPU() - c0) / time.Duration(r.consumed)
 	}
 	if prof != nil {
 		if err := prof(); err != nil {
@@ -132,9 +150,14 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	if profileDir != "" {
 		prof = captureProfiles(h.srv.pprofAddr, cfg.latWarm+cfg.latDur, filepath.Join(profileDir, tag+"-latency"))
 	}
+	s0, c0 = procCPU(t.PID()), selfCPU()
 	lat, err := t.Latency(ctx, cfg.latRate, cfg.latWarm, cfg.latDur)
 	if err != nil {
 		return r, fmt.Errorf("latency: %w", err)
+	}
+	if sent := time.Duration(float64(cfg.latRate) * (cfg.latWarm + cfg.latDur).Seconds()); sent > 0 {
+		r.latSrvCPU = (procCPU(t.PID()) - s0) / sent
+		r.latCliCPU = (selfCPU() - c0) / sent
 	}
 	if prof != nil {
 		if err := prof(); err != nil {
@@ -155,6 +178,27 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	}
 	r.hwmKiB = hwm
 	return r, nil
+}
+
+func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
+
+// loadAvg returns the 1-minute load average.
+func loadAvg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return "?"
+	}
+	return f[0]
+}
+
+// selfCPU returns the harness process's user+system CPU time so far.
+func selfCPU() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // captureProfiles profiles the server (prefix.pprof) and the harness, that

@@ -56,7 +56,15 @@ var metrics = []metric{
 	{"publish→delivery p50", "µs", false, func(r runResult) float64 { return float64(r.p50) / float64(time.Microsecond) }, micros},
 	{"publish→delivery p99", "µs", false, func(r runResult) float64 { return float64(r.p99) / float64(time.Microsecond) }, micros},
 	{"server peak RSS", "MiB", false, func(r runResult) float64 { return float64(r.hwmKiB) / 1024 }, mib},
+	{"server CPU per published event", "µs", false, func(r runResult) float64 { return us(r.pubSrvCPU) }, cpuUS},
+	{"client CPU per published event", "µs", false, func(r runResult) float64 { return us(r.pubCliCPU) }, cpuUS},
+	{"server CPU per consumed+acked event", "µs", false, func(r runResult) float64 { return us(r.consSrvCPU) }, cpuUS},
+	{"client CPU per consumed+acked event", "µs", false, func(r runResult) float64 { return us(r.consCliCPU) }, cpuUS},
+	{"server CPU per event at 5k/s (latency run)", "µs", false, func(r runResult) float64 { return us(r.latSrvCPU) }, cpuUS},
+	{"client CPU per event at 5k/s (latency run)", "µs", false, func(r runResult) float64 { return us(r.latCliCPU) }, cpuUS},
 }
+
+func cpuUS(v float64) string { return fmt.Sprintf("%.1f", v) }
 
 func (res *results) stat(cls class, sys string, m metric) (stat, bool) {
 	runs := res.runs[key{cls, sys}]
