@@ -189,8 +189,18 @@ func (t *natsTarget) Latency(ctx context.Context, rate int, warm, d time.Duratio
 	}
 	defer cc.Stop()
 	_, err = pace(ctx, rate, warm+d, func(i int) error {
-		_, err := t.pub.PublishAsync("lat", latencyPayload(i))
-		return err
+		data := latencyPayload(i)
+		for {
+			_, err := t.pub.PublishAsync("lat", data)
+			if !errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
+				return err
+			}
+			// The pipeline is full (an fsync per message keeps it so):
+			// wait like a blocking publisher would.
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+		}
 	})
 	if err != nil {
 		return nil, err
