@@ -25,6 +25,8 @@ type runResult struct {
 	p50, p99  time.Duration
 	latN      int
 	hwmKiB    int64 // peak RSS of the server
+	// anonKiB and fileKiB split the server's RSS at the end of the run.
+	anonKiB, fileKiB int64
 	// CPU time per event (user+system) of the server process and of the
 	// clients (the harness process), in the publish and consume phases:
 	// a measure that holds even when other work shares the machine.
@@ -177,6 +179,7 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 		return r, err
 	}
 	r.hwmKiB = hwm
+	r.anonKiB, r.fileKiB = rssSplitKiB(t.PID())
 	return r, nil
 }
 

@@ -135,6 +135,30 @@ func memKiB(pid int) (rss, hwm int64, err error) {
 	return rss, hwm, nil
 }
 
+// rssSplitKiB reads the anonymous and file-backed parts of pid's RSS, in
+// KiB: file-backed pages (such as Badger's memory-mapped files) are page
+// cache the kernel can reclaim, anonymous ones are the process's own.
+func rssSplitKiB(pid int) (anon, file int64) {
+	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+	if err != nil {
+		return 0, 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		v, _ := strconv.ParseInt(f[1], 10, 64)
+		switch f[0] {
+		case "RssAnon:":
+			anon = v
+		case "RssFile:", "RssShmem:":
+			file += v
+		}
+	}
+	return anon, file
+}
+
 // freeTCPPort returns a loopback TCP port that was free a moment ago.
 func freeTCPPort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")

@@ -56,6 +56,8 @@ var metrics = []metric{
 	{"publish→delivery p50", "µs", false, func(r runResult) float64 { return float64(r.p50) / float64(time.Microsecond) }, micros},
 	{"publish→delivery p99", "µs", false, func(r runResult) float64 { return float64(r.p99) / float64(time.Microsecond) }, micros},
 	{"server peak RSS", "MiB", false, func(r runResult) float64 { return float64(r.hwmKiB) / 1024 }, mib},
+	{"server RSS at the end: anonymous", "MiB", false, func(r runResult) float64 { return float64(r.anonKiB) / 1024 }, mib},
+	{"server RSS at the end: file-backed (mmap)", "MiB", false, func(r runResult) float64 { return float64(r.fileKiB) / 1024 }, mib},
 	{"server CPU per published event", "µs", false, func(r runResult) float64 { return us(r.pubSrvCPU) }, cpuUS},
 	{"client CPU per published event", "µs", false, func(r runResult) float64 { return us(r.pubCliCPU) }, cpuUS},
 	{"server CPU per consumed+acked event", "µs", false, func(r runResult) float64 { return us(r.consSrvCPU) }, cpuUS},
