@@ -1,0 +1,66 @@
+package main
+
+import (
+	"context"
+	"testing"
+	"time"
+)
+
+func TestStatOf(t *testing.T) {
+	for _, c := range []struct {
+		in          []float64
+		med, lo, hi float64
+	}{
+		{[]float64{3, 1, 2}, 2, 1, 3},
+		{[]float64{4, 1, 3, 2}, 2.5, 1, 4},
+		{[]float64{7}, 7, 7, 7},
+	} {
+		s := statOf(c.in)
+		if s.med != c.med || s.lo != c.lo || s.hi != c.hi || s.n != len(c.in) {
+			t.Errorf("statOf(%v) = %+v, want med %v lo %v hi %v", c.in, s, c.med, c.lo, c.hi)
+		}
+	}
+	if s := statOf(nil); s != (stat{}) {
+		t.Errorf("statOf(nil) = %+v", s)
+	}
+}
+
+func TestLatencyPayload(t *testing.T) {
+	b := latencyPayload(42)
+	if len(b) != eventSize {
+		t.Fatalf("payload is %d bytes, want %d", len(b), eventSize)
+	}
+	lat, seq, ok := latencyOf(b)
+	if !ok || seq != 42 || lat < 0 || lat > time.Second {
+		t.Fatalf("latencyOf = %v, %d, %v", lat, seq, ok)
+	}
+	if _, _, ok := latencyOf(b[:10]); ok {
+		t.Fatal("latencyOf accepted a short payload")
+	}
+}
+
+func TestLatencyCollectorSkipsWarmUp(t *testing.T) {
+	// 1,000/s: 100 ms of warm-up is 100 events, 200 ms measured 200 more.
+	c := newLatencyCollector(1000, 100*time.Millisecond, 200*time.Millisecond)
+	for i := range 300 {
+		c.add(latencyPayload(i))
+	}
+	if got := c.wait(context.Background()); len(got) != 200 {
+		t.Fatalf("kept %d latencies, want 200", len(got))
+	}
+}
+
+func TestPace(t *testing.T) {
+	start := time.Now()
+	var sent []int
+	n, err := pace(context.Background(), 1000, 50*time.Millisecond, func(i int) error {
+		sent = append(sent, i)
+		return nil
+	})
+	if err != nil || n != 50 || len(sent) != 50 || sent[49] != 49 {
+		t.Fatalf("pace sent %d (%d calls), err %v", n, len(sent), err)
+	}
+	if el := time.Since(start); el < 45*time.Millisecond {
+		t.Fatalf("pace took %v, want about 50 ms", el)
+	}
+}
