@@ -64,7 +64,7 @@ func (c *Client) Subscribe(ctx context.Context, namespaces []string, opts Subscr
 		client:     c,
 		namespaces: append([]string(nil), namespaces...),
 		opts:       opts,
-		ch:         make(chan *Delivery),
+		ch:         make(chan *Delivery, min(max(opts.BatchSize/4, 1), 64)),
 		cancel:     cancel,
 		credits:    make(chan struct{}, opts.MaxUnacked),
 		done:       make(chan struct{}),
@@ -116,6 +116,7 @@ func (s *Subscription) run(ctx context.Context) {
 	defer close(s.done)
 	defer close(s.ch)
 	defer s.client.acker.removeSub(s)
+	defer s.giveBackBuffered(ctx)
 	for {
 		// Wait for one credit, then take what else is free, up to a batch.
 		select {
@@ -159,20 +160,45 @@ func (s *Subscription) run(ctx context.Context) {
 			select {
 			case s.ch <- d:
 			case <-ctx.Done():
-				rest := ds[i:]
-				for _, r := range rest {
-					r.settled.Store(true)
-				}
-				// Give back the prefetched deliveries the application never
-				// saw, without counting them as attempts.
-				nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
-				s.client.settle(nctx, settleGroup{t: FrameNackEvent, reason: "subscription closed", unseen: true}, rest)
-				cancel()
+				s.giveBack(ctx, ds[i:])
 				s.end(nil)
 				return
 			}
 		}
 	}
+}
+
+// giveBack nacks prefetched deliveries the application never saw, without
+// counting them as attempts.
+func (s *Subscription) giveBack(ctx context.Context, ds []*Delivery) {
+	var unseen []*Delivery
+	for _, d := range ds {
+		if d.settled.CompareAndSwap(false, true) {
+			unseen = append(unseen, d)
+		}
+	}
+	if len(unseen) == 0 {
+		return
+	}
+	nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+	defer cancel()
+	s.client.settle(nctx, settleGroup{t: FrameNackEvent, reason: "subscription closed", unseen: true}, unseen)
+}
+
+// giveBackBuffered gives back the deliveries still in the channel's buffer
+// when the subscription ends (those a reader takes meanwhile stay its own).
+func (s *Subscription) giveBackBuffered(ctx context.Context) {
+	var left []*Delivery
+	for {
+		select {
+		case d := <-s.ch:
+			left = append(left, d)
+			continue
+		default:
+		}
+		break
+	}
+	s.giveBack(ctx, left)
 }
 
 func (s *Subscription) end(err error) {
