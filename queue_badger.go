@@ -256,6 +256,8 @@ type wop struct {
 	// a correction of the writer's counters after a failed commit
 	counterFix map[string]nsCounter
 
+	durable bool // someone waits for it to be durable: sync before answering
+
 	w      *writeWait
 	failed error
 }
@@ -744,9 +746,9 @@ func (s *badgerStore) take(e *qentry) (Event, error) {
 }
 
 // submit hands the effects of a state change to the writer.
-func (s *badgerStore) submit(fx *effects) *writeWait {
+func (s *badgerStore) submit(fx *effects, wait bool) *writeWait {
 	q := (*badgerQueue)(s)
-	op := &wop{fx: fx, w: &writeWait{done: make(chan struct{})}}
+	op := &wop{fx: fx, w: &writeWait{done: make(chan struct{})}, durable: wait}
 	if err := q.push(op); err != nil {
 		// Closed: the core refuses calls once closed, so only expiry
 		// can get here; nothing is lost (attempt counts, at worst).
@@ -805,6 +807,7 @@ func (q *badgerQueue) Enqueue(ctx context.Context, events []Event) ([]PublishRes
 		}
 	}
 	op.enq = enq
+	op.durable = true
 	op.w.done = make(chan struct{})
 	total := 0
 	for i := range events {
@@ -926,7 +929,7 @@ func (q *badgerQueue) completer() {
 			}
 		}
 		var syncErr error
-		if q.fsync {
+		if q.fsync && durable(batch) {
 			q.statSyncs.Add(1)
 			if syncErr = q.syncFiles(); syncErr != nil {
 				syncErr = storageError("sync", syncErr)
@@ -938,6 +941,20 @@ func (q *badgerQueue) completer() {
 		}
 		clear(batch)
 	}
+}
+
+// durable reports whether someone waits for a group of batch to be durable.
+// (Writes nobody waits for, such as lease records, are synced by the next
+// sync anyone needs.)
+func durable(batch []*group) bool {
+	for _, g := range batch {
+		for _, op := range g.ops {
+			if op.durable {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // maxTxnWrites bounds the writes of one transaction, well below Badger's own

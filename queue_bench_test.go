@@ -135,7 +135,8 @@ func queueBenchEnqueue(b *testing.B, q Queue, batch, pubs int) {
 }
 
 // BenchmarkQueueLeaseAck: b.N events are published (not timed), then
-// consumers lease them 100 at a time and ack each lease batch.
+// consumers lease them 100 at a time and ack each lease batch (pipelined:
+// a consumer's next lease does not wait for its previous ack).
 func BenchmarkQueueLeaseAck(b *testing.B) {
 	for _, bq := range queueBenchQueues() {
 		for _, consumers := range []int{1, 4} {
@@ -178,34 +179,18 @@ func queueBenchPrefill(b testing.TB, q Queue, ns string, n int) {
 
 func queueBenchLeaseAck(b *testing.B, q Queue, consumers, limit int) {
 	ctx := context.Background()
-	var done atomic.Int64
+	var leased, acked atomic.Int64
 	var wg sync.WaitGroup
 	b.ResetTimer()
 	start := time.Now()
 	for c := range consumers {
+		// Each consumer leases while its acker acks what it leased before
+		// (up to two batches behind), as a server's connection does: acks
+		// do not wait behind fetches.
+		holder := fmt.Sprintf("consumer-%d", c)
+		toAck := make(chan []LeaseRef, 2)
 		wg.Go(func() {
-			holder := fmt.Sprintf("consumer-%d", c)
-			req := LeaseRequest{Holder: holder, Namespaces: []string{"bench"}, Limit: limit, AckDeadline: time.Minute}
-			refs := make([]LeaseRef, 0, limit)
-			for done.Load() < int64(b.N) {
-				ls, err := q.Lease(ctx, req)
-				if err != nil {
-					b.Error(err)
-					return
-				}
-				if len(ls) == 0 {
-					if done.Load() >= int64(b.N) {
-						return
-					}
-					wctx, cancel := context.WithTimeout(ctx, 10*time.Millisecond)
-					_ = q.Wait(wctx, req.Namespaces)
-					cancel()
-					continue
-				}
-				refs = refs[:0]
-				for _, l := range ls {
-					refs = append(refs, LeaseRef{ID: l.Event.ID, Attempt: l.Attempt})
-				}
+			for refs := range toAck {
 				res, err := q.Ack(ctx, holder, refs)
 				if err != nil {
 					b.Error(err)
@@ -217,11 +202,37 @@ func queueBenchLeaseAck(b *testing.B, q Queue, consumers, limit int) {
 						return
 					}
 				}
-				done.Add(int64(len(ls)))
+				acked.Add(int64(len(refs)))
+			}
+		})
+		wg.Go(func() {
+			defer close(toAck)
+			req := LeaseRequest{Holder: holder, Namespaces: []string{"bench"}, Limit: limit, AckDeadline: time.Minute}
+			for leased.Load() < int64(b.N) {
+				ls, err := q.Lease(ctx, req)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				if len(ls) == 0 {
+					wctx, cancel := context.WithTimeout(ctx, 10*time.Millisecond)
+					_ = q.Wait(wctx, req.Namespaces)
+					cancel()
+					continue
+				}
+				refs := make([]LeaseRef, len(ls))
+				for i, l := range ls {
+					refs[i] = LeaseRef{ID: l.Event.ID, Attempt: l.Attempt}
+				}
+				leased.Add(int64(len(ls)))
+				toAck <- refs
 			}
 		})
 	}
 	wg.Wait()
+	if n := acked.Load(); n != int64(b.N) {
+		b.Errorf("acked %d events, want %d", n, b.N)
+	}
 	reportQueueRate(b, b.N, time.Since(start))
 }
 

@@ -42,7 +42,7 @@ func (s *memoryStore) take(e *qentry) (Event, error) {
 	return cloneEvent(*e.ev), nil
 }
 
-func (s *memoryStore) submit(fx *effects) *writeWait {
+func (s *memoryStore) submit(fx *effects, _ bool) *writeWait {
 	c := s.core
 	now := time.Now().UnixNano()
 	for _, m := range fx.moves {

@@ -170,8 +170,9 @@ type queueStore interface {
 	take(e *qentry) (Event, error)
 	// submit hands the storage writes of a state change to the store. It
 	// returns nil if they are applied already, or a wait for their
-	// durability.
-	submit(fx *effects) *writeWait
+	// durability. wait says whether the caller will wait for it (the store
+	// need not sync for writes nobody waits for).
+	submit(fx *effects, wait bool) *writeWait
 }
 
 // writeWait waits for a batch of writes to become durable.
@@ -374,7 +375,7 @@ func (c *queueCore) Wait(ctx context.Context, names []string) error {
 	}
 	var fx effects
 	c.advance(time.Now().UnixNano(), &fx)
-	c.finish(&fx)
+	c.finishNoWait(&fx)
 	for _, name := range names {
 		if ns := c.nss[name]; ns != nil && ns.hasReady() {
 			c.mu.Unlock()
@@ -441,13 +442,21 @@ func (c *queueCore) advance(now int64, fx *effects) {
 }
 
 // finish submits the storage writes of a state change and re-arms the timer.
-// It returns what to wait on for durability.
+// It returns what to wait on for durability, for callers that wait (see
+// finishNoWait for the others).
 func (c *queueCore) finish(fx *effects) *writeWait {
+	return c.finishWait(fx, true)
+}
+
+// finishNoWait is finish for callers that do not wait for durability.
+func (c *queueCore) finishNoWait(fx *effects) { c.finishWait(fx, false) }
+
+func (c *queueCore) finishWait(fx *effects, wait bool) *writeWait {
 	c.rearm()
 	if fx.empty() {
 		return nil
 	}
-	return c.store.submit(fx)
+	return c.store.submit(fx, wait)
 }
 
 // rearm points the timer at the earliest deadline.
@@ -484,7 +493,7 @@ func (c *queueCore) onTimer() {
 	c.timerAt = 0
 	var fx effects
 	c.advance(time.Now().UnixNano(), &fx)
-	c.finish(&fx) // nobody waits for expiry's writes
+	c.finishNoWait(&fx) // nobody waits for expiry's writes
 }
 
 // --- transitions ---------------------------------------------------------------
@@ -865,7 +874,7 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 		}
 		fx.recPuts = append(fx.recPuts, put)
 	}
-	c.finish(&fx)
+	c.finishNoWait(&fx)
 	if err != nil && len(out) == 0 {
 		return nil, err
 	}
@@ -1053,7 +1062,7 @@ func (c *queueCore) Stats(ctx context.Context, names ...string) ([]NamespaceStat
 	now := time.Now().UnixNano()
 	var fx effects
 	c.advance(now, &fx)
-	c.finish(&fx)
+	c.finishNoWait(&fx)
 	if len(names) == 0 {
 		for name, ns := range c.nss {
 			if ns.known {
