@@ -19,6 +19,7 @@ import (
 	"unsafe"
 
 	"github.com/dgraph-io/badger/v4"
+	"github.com/dgraph-io/badger/v4/options"
 	"github.com/dgraph-io/badger/v4/skl"
 )
 
@@ -27,9 +28,9 @@ import (
 //
 // Defaults (the zero QueueOptions): DurabilityFsync, a 2-minute dedup
 // window, dead-lettering after 10 attempts, no per-namespace limits, no
-// logging. Badger is tuned for embedding: a process holding a backlog of a
-// million 256-byte events stays around 100 MB of anonymous memory (see
-// badgerOptions); opts.Badger can change any Badger option afterwards.
+// logging. Badger is tuned for embedding: a process that opens a backlog of
+// a million 256-byte events has about 140 MB of RSS (see badgerOptions);
+// opts.Badger can change any Badger option afterwards.
 //
 // What survives what:
 //
@@ -120,11 +121,16 @@ var _ Queue = (*badgerQueue)(nil)
 
 // badgerOptions are H3X's Badger defaults, tuned for a small memory footprint:
 // event values live in the value log (ValueThreshold 64 bytes), so the LSM
-// tree holds only small keys and its compactions stay cheap; small
-// memtables, caches and tables. Measured: about 50 MB of anonymous memory
-// after writing a million 256-byte events, against ~600 MB with Badger's
-// defaults. (The value log is memory-mapped, so the pages the process wrote
-// or read also count in its RSS, as file-backed, reclaimable page cache.)
+// tree holds only small keys and its compactions stay cheap (and
+// uncompressed: keys are mostly incompressible); small memtables, caches
+// and tables. Measured with a backlog of a million 256-byte events
+// (TestQueueBadgerRSS): a process that opens it has 140 MB of RSS, 70 MB of
+// it anonymous; the process that has just published it about 110-190 MB of
+// anonymous memory (Badger's table builders, the dedup index), against
+// ~600 MB with Badger's defaults. Badger memory-maps its files, so the pages
+// a process has written or read also count in its RSS, as file-backed page
+// cache the kernel reclaims under memory pressure: about 350 MB in the
+// publishing process.
 func badgerOptions(dir string, opts QueueOptions) badger.Options {
 	bo := badger.DefaultOptions(dir)
 	bo.Logger = badgerLogger{opts.Logger}
@@ -138,7 +144,8 @@ func badgerOptions(dir string, opts QueueOptions) badger.Options {
 	bo.NumCompactors = 2
 	bo.ValueThreshold = 64
 	bo.MetricsEnabled = false
-	bo.DetectConflicts = false // one writer goroutine does every write
+	bo.DetectConflicts = false    // one writer goroutine does every write
+	bo.Compression = options.None // the LSM tree holds keys, mostly incompressible; saves CPU and builder memory
 	return bo
 }
 
@@ -168,7 +175,7 @@ func (b badgerLogger) Debugf(f string, a ...any)   { b.logf(slog.LevelDebug, f, 
 //
 //	'e' ns seq   an event (value: encodeEvent)
 //	'c' ns       the namespace's event count and bytes (written with every change)
-//	'g' seq      the IDs of one commit, for dedup after a restart (with a TTL)
+//	'g' seq ...  the IDs of one commit, in the key, for dedup after a restart (TTL)
 //	'l' seq      a lease record: the deliveries of one Lease call (ID, attempt,
 //	             where the event is), deleted once none is the latest of its event
 //	'm' "hwm"    the highest sequence number ever assigned
@@ -552,27 +559,22 @@ func (q *badgerQueue) load() error {
 			return err
 		}
 
-		// IDs published within the dedup window.
+		// IDs published within the dedup window: key-only records, read
+		// from the LSM tree alone.
 		if c.dedup != nil {
 			now := time.Now().UnixNano()
 			it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyGroup}})
 			defer it.Close()
 			for it.Rewind(); it.Valid(); it.Next() {
-				v, err := it.Item().ValueCopy(nil)
-				if err != nil {
-					return fmt.Errorf("h3x: badger queue: read dedup records: %w", err)
+				enq, ids, ok := decodeGroupKey(it.Item().Key())
+				if !ok {
+					q.log.Warn("h3x: badger queue: unreadable dedup record skipped")
+					continue
 				}
-				d := decoder{b: v}
-				enq := int64(d.uvarint())
-				n := d.uvarint()
 				if now-enq >= int64(q.window) {
 					continue
 				}
-				for range n {
-					id := d.string()
-					if d.bad {
-						break
-					}
+				for _, id := range ids {
 					c.dedup.add(id, enq)
 				}
 			}
@@ -1206,19 +1208,100 @@ func storageError(what string, err error) error {
 	return fmt.Errorf("h3x: badger queue: %s: %w", what, err)
 }
 
-// encodeGroup encodes the dedup record of a transaction: a time and IDs.
-func encodeGroup(enq int64, ids []string) []byte {
-	n := 2 * binary.MaxVarintLen64
+// Dedup records. The IDs a transaction stores go into the same transaction,
+// as keys with an empty value and a time to live: keys, so that reading them
+// at open touches only the LSM tree, not the value log (which, memory-mapped,
+// would otherwise pull most of a recent backlog into the process's RSS).
+// Each key holds up to groupKeyMax bytes:
+//
+//	'g' seq(8) chunk(4) enq(8) id...
+//
+// where each id is 0x01 and 16 bytes for a canonical lowercase UUID, or 0x02,
+// a uvarint length and the bytes. IDs longer than groupIDMax bytes are not
+// recorded: their dedup window does not survive a restart.
+const (
+	groupKeyMax = 1024
+	groupIDMax  = 512
+)
+
+// groupKeys returns the dedup record keys of the IDs a transaction stores.
+func groupKeys(first uint64, enq int64, ids []string) [][]byte {
+	var keys [][]byte
+	var k []byte
+	chunk := uint32(0)
 	for _, id := range ids {
-		n += len(id) + binary.MaxVarintLen32
+		if len(id) > groupIDMax {
+			continue
+		}
+		if k == nil || len(k)+len(id)+1+binary.MaxVarintLen32 > groupKeyMax {
+			if k != nil {
+				keys = append(keys, k)
+			}
+			k = make([]byte, 0, groupKeyMax)
+			k = append(k, keyGroup)
+			k = binary.BigEndian.AppendUint64(k, first)
+			k = binary.BigEndian.AppendUint32(k, chunk)
+			k = binary.BigEndian.AppendUint64(k, uint64(enq))
+			chunk++
+		}
+		if u, ok := parseCanonicalUUID(id); ok {
+			k = append(k, 1)
+			k = append(k, u[:]...)
+		} else {
+			k = append(k, 2)
+			k = appendString(k, id)
+		}
 	}
-	b := make([]byte, 0, n)
-	b = binary.AppendUvarint(b, uint64(enq))
-	b = binary.AppendUvarint(b, uint64(len(ids)))
-	for _, id := range ids {
-		b = appendString(b, id)
+	if k != nil {
+		keys = append(keys, k)
 	}
-	return b
+	return keys
+}
+
+// decodeGroupKey decodes a dedup record key.
+func decodeGroupKey(k []byte) (enq int64, ids []string, ok bool) {
+	if len(k) < 21 || k[0] != keyGroup {
+		return 0, nil, false
+	}
+	enq = int64(binary.BigEndian.Uint64(k[13:21]))
+	b := k[21:]
+	for len(b) > 0 {
+		switch b[0] {
+		case 1:
+			if len(b) < 17 {
+				return 0, nil, false
+			}
+			ids = append(ids, uuidString(b[1:17]))
+			b = b[17:]
+		case 2:
+			d := decoder{b: b[1:]}
+			s := d.bytes()
+			if d.bad {
+				return 0, nil, false
+			}
+			ids = append(ids, string(s))
+			b = d.b
+		default:
+			return 0, nil, false
+		}
+	}
+	return enq, ids, true
+}
+
+// uuidString formats 16 bytes as a canonical lowercase UUID.
+func uuidString(u []byte) string {
+	const hexd = "0123456789abcdef"
+	var b [36]byte
+	j := 0
+	for i, c := range u {
+		if i == 4 || i == 6 || i == 8 || i == 10 {
+			b[j] = '-'
+			j++
+		}
+		b[j], b[j+1] = hexd[c>>4], hexd[c&0x0f]
+		j += 2
+	}
+	return string(b[:])
 }
 
 // movedEvent is a dead letter, read and rewritten by the writer.
@@ -1492,9 +1575,10 @@ func (b *txnBuilder) commit() {
 				enq = max(enq, w.ent.enq)
 			}
 		}
-		if len(ids) > 0 {
-			key := binary.BigEndian.AppendUint64([]byte{keyGroup}, first)
-			err = txn.SetEntry(badger.NewEntry(key, encodeGroup(enq, ids)).WithTTL(b.window + time.Minute))
+		for _, key := range groupKeys(first, enq, ids) {
+			if err = txn.SetEntry(badger.NewEntry(key, nil).WithTTL(b.window + time.Minute)); err != nil {
+				break
+			}
 		}
 	}
 	if errors.Is(err, badger.ErrTxnTooBig) && len(b.itemStarts) > 1 {

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"runtime"
 	"runtime/debug"
+	"runtime/pprof"
 	"strings"
 	"sync"
 	"syscall"
@@ -160,6 +161,38 @@ func TestEventCodec(t *testing.T) {
 			if _, _, err := decodeEvent(enc[:i]); err == nil {
 				t.Errorf("decode of %d of %d bytes: no error", i, len(enc))
 			}
+		}
+	}
+}
+
+func TestGroupKeys(t *testing.T) {
+	var ids []string
+	for i := range 300 {
+		if i%3 == 0 {
+			ids = append(ids, fmt.Sprintf("evt-%04d", i))
+		} else {
+			ids = append(ids, uuid.NewString())
+		}
+	}
+	ids = append(ids, strings.Repeat("x", groupIDMax+1)) // not recorded
+	keys := groupKeys(42, 1234, ids)
+	var got []string
+	for i, k := range keys {
+		if len(k) > groupKeyMax {
+			t.Errorf("key %d is %d bytes", i, len(k))
+		}
+		enq, part, ok := decodeGroupKey(k)
+		if !ok || enq != 1234 {
+			t.Fatalf("key %d: %v, enq %d", i, ok, enq)
+		}
+		got = append(got, part...)
+	}
+	if strings.Join(got, ",") != strings.Join(ids[:300], ",") {
+		t.Errorf("round trip lost or changed IDs: %d of 300", len(got))
+	}
+	for i := range len(keys[0]) {
+		if _, _, ok := decodeGroupKey(keys[0][:i]); ok && i < 21 {
+			t.Errorf("truncated key of %d bytes decoded", i)
 		}
 	}
 }
@@ -615,6 +648,13 @@ func rssChild(t *testing.T) {
 		report("5s later")
 		debug.FreeOSMemory()
 		report("after FreeOSMemory")
+		if p := os.Getenv("H3X_RSS_HEAPPROFILE"); p != "" {
+			f, err := os.Create(p)
+			if err == nil {
+				pprof.WriteHeapProfile(f)
+				f.Close()
+			}
+		}
 	case "reopen":
 		st, err := q.Stats(ctx, "bench")
 		if err != nil {

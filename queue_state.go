@@ -1298,18 +1298,7 @@ func newUUIDv4() string {
 	uuidRandPool.Put(r)
 	u[6] = u[6]&0x0f | 0x40 // version 4
 	u[8] = u[8]&0x3f | 0x80 // RFC 9562 variant
-	const hexd = "0123456789abcdef"
-	var b [36]byte
-	j := 0
-	for i, c := range u {
-		if i == 4 || i == 6 || i == 8 || i == 10 {
-			b[j] = '-'
-			j++
-		}
-		b[j], b[j+1] = hexd[c>>4], hexd[c&0x0f]
-		j += 2
-	}
-	return string(b[:])
+	return uuidString(u[:])
 }
 
 type uuidRand struct {
