@@ -147,12 +147,17 @@ func BenchmarkEndToEnd(b *testing.B) {
 			}
 			b.ResetTimer()
 			start := time.Now()
-			go publishN(b, c, "bench", b.N, 64, 16, 256)
+			published := make(chan struct{})
+			go func() {
+				defer close(published)
+				publishN(b, c, "bench", b.N, 64, 16, 256)
+			}()
 			for range b.N {
 				d := <-sub.Events()
 				d.Ack()
 			}
 			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "events/s")
+			<-published
 			sub.Close()
 		})
 	}
