@@ -224,6 +224,10 @@ type badgerQueue struct {
 	reserve  uint64
 	diskFree atomic.Pointer[func(dir string) (uint64, error)] // a test hook
 
+	// The transaction builder's reusable slices (writer-owned).
+	bcur    []bwrite
+	bstarts []int
+
 	// Transaction bounds (a third of Badger's) and Badger's ValueThreshold.
 	txnMaxWrites   int
 	txnMaxBytes    int64
@@ -1004,7 +1008,9 @@ func (q *badgerQueue) write(ops []*wop) *group {
 		return g
 	}
 
-	b := txnBuilder{q: q, g: g, hwm: hwm, dedup: c.dedup != nil, window: q.window}
+	// The builder's bookkeeping slices are reused from group to group
+	// (writer-owned), not regrown each time.
+	b := txnBuilder{q: q, g: g, hwm: hwm, dedup: c.dedup != nil, window: q.window, cur: q.bcur, itemStarts: q.bstarts}
 	b.start()
 	defer func() {
 		if b.txn != nil {
@@ -1065,6 +1071,7 @@ func (q *badgerQueue) write(ops []*wop) *group {
 		}
 	}
 	b.commit()
+	q.bcur, q.bstarts = b.cur[:0], b.itemStarts[:0]
 	g.release()
 	return g
 }
@@ -1390,6 +1397,7 @@ func (b *txnBuilder) start() {
 	b.txn = b.q.db.NewTransaction(true)
 	b.writes = 0
 	b.bytes = 0
+	clear(b.cur) // drop references, the slice is reused
 	b.cur = b.cur[:0]
 	b.itemStarts = b.itemStarts[:0]
 	b.touched = make(map[string]*nsCounter)
@@ -1602,6 +1610,7 @@ func (b *txnBuilder) commit() {
 		g.release()
 	})
 	b.writes, b.bytes = 0, 0
+	clear(b.cur)
 	b.cur, b.itemStarts = b.cur[:0], b.itemStarts[:0]
 	b.touched, b.before = nil, nil
 }

@@ -55,9 +55,10 @@ type qentry struct {
 	reason  string
 
 	holder       *qholder
-	hprev, hnext *qentry  // the holder's list of leases
-	idNext       *qentry  // other entries with the same ID (only when dedup is off)
-	dkey         dedupKey // the ID's dedup fingerprint, if computed
+	hprev, hnext *qentry   // the holder's list of leases
+	idNext       *qentry   // other entries with the same ID (only when dedup is off)
+	dkey         dedupKey  // the ID's dedup fingerprint, if computed
+	dgen         *dedupGen // the dedup generation that holds it, if known
 
 	// ev is the event itself. The memory queue keeps it for the entry's
 	// lifetime; the Badger queue only while a fresh entry waits in the
@@ -565,7 +566,7 @@ func (c *queueCore) remove(e *qentry, fx *effects) {
 	e.ns.count--
 	e.ns.bytes -= int64(e.size)
 	if c.dedup != nil && !c.indexAll {
-		c.dedup.setGone(c.dedupKeyOf(e), true)
+		c.dedup.setGoneIn(e.dgen, c.dedupKeyOf(e), true)
 	}
 	fx.deletes = append(fx.deletes, e)
 }
@@ -717,7 +718,7 @@ func (c *queueCore) restore(e *qentry, moved bool) {
 		e.ns.deadLettered--
 	}
 	if c.dedup != nil && !c.indexAll && !moved {
-		c.dedup.setGone(c.dedupKeyOf(e), false)
+		c.dedup.setGoneIn(e.dgen, c.dedupKeyOf(e), false)
 	}
 	c.indexID(e)
 	c.makeReady(e)
@@ -753,13 +754,14 @@ func (c *queueCore) accept(evs []Event, sizes []int, enq int64, res []PublishRes
 			res[i].Err = queueFull(ns.name, "%d bytes", c.maxBytes)
 			continue
 		}
+		var dgen *dedupGen
 		if c.dedup != nil {
-			c.dedup.addKey(key, enq)
+			dgen = c.dedup.addKey(key, enq)
 		}
 		ns.count++
 		ns.bytes += int64(size)
 		ns.known = true
-		e := &qentry{id: ev.ID, ns: ns, seq: c.nextSeq, size: size, enq: enq, dkey: key}
+		e := &qentry{id: ev.ID, ns: ns, seq: c.nextSeq, size: size, enq: enq, dkey: key, dgen: dgen}
 		c.nextSeq++
 		res[i].Status = PublishStored
 		out = append(out, e)

@@ -48,6 +48,7 @@ type dedupIndex struct {
 type dedupGen struct {
 	start, last int64 // ticks
 	m           map[uint64]uint64
+	dropped     bool // expired or evicted: no longer in gens
 }
 
 const (
@@ -127,6 +128,7 @@ func (d *dedupIndex) expire(now int64) {
 	k := 0
 	for k < len(d.gens) && now-d.gens[k].last >= d.window {
 		d.n -= len(d.gens[k].m)
+		d.gens[k].dropped = true
 		d.gens[k] = nil
 		k++
 	}
@@ -184,8 +186,9 @@ func (d *dedupIndex) stored(id string, unixNano int64) bool {
 // add records id as published at unixNano.
 func (d *dedupIndex) add(id string, unixNano int64) { d.addKey(d.keyOf(id), unixNano) }
 
-// addKey records the ID of key as published at unixNano.
-func (d *dedupIndex) addKey(key dedupKey, unixNano int64) {
+// addKey records the ID of key as published at unixNano, and returns the
+// generation that holds it (for setGoneIn).
+func (d *dedupIndex) addKey(key dedupKey, unixNano int64) *dedupGen {
 	t := d.tick(unixNano)
 	d.expire(t)
 	var g *dedupGen
@@ -204,6 +207,7 @@ func (d *dedupIndex) addKey(key dedupKey, unixNano int64) {
 	for d.n > d.max && len(d.gens) > 1 {
 		old := d.gens[0]
 		d.n -= len(old.m)
+		old.dropped = true
 		d.gens = d.gens[1:]
 		if !d.warned {
 			d.warned = true
@@ -211,6 +215,30 @@ func (d *dedupIndex) addKey(key dedupKey, unixNano int64) {
 				"max_ids", d.max, "window_kept", time.Duration((t-d.gens[0].start)*dedupTick))
 		}
 	}
+	return g
+}
+
+// setGoneIn sets or clears the gone mark of the ID of key in g, the
+// generation addKey put it in: no probing. An entry gone with its
+// generation needs no mark.
+func (d *dedupIndex) setGoneIn(g *dedupGen, key dedupKey, gone bool) {
+	if g == nil {
+		d.setGone(key, gone)
+		return
+	}
+	if g.dropped {
+		return
+	}
+	v, ok := g.m[key.k]
+	if !ok || v>>32 != key.fp {
+		return
+	}
+	if gone {
+		v |= dedupGoneBit
+	} else {
+		v &^= dedupGoneBit
+	}
+	g.m[key.k] = v
 }
 
 // markGone notes that id's event left the queue (acked or dead-lettered).
