@@ -56,10 +56,9 @@ type Queue interface {
 	// but that was not delivered again reschedules the event with delay.
 	Nack(ctx context.Context, holder string, refs []LeaseRef, delay time.Duration, reason string) ([]SettleResult, error)
 
-	// Extend sets the referenced leases' deadlines to now + d. A lease that
-	// has already ended cannot be extended (SettleStale). An extension by
-	// another holder (a reconnected client, Attempt > 0) also moves the
-	// lease to that holder, so that the old holder's Release leaves it be.
+	// Extend sets the referenced leases' deadlines to now + d. Only a live
+	// lease held by holder is extended (see LeaseRef); one that has ended
+	// is SettleStale.
 	Extend(ctx context.Context, holder string, refs []LeaseRef, d time.Duration) ([]SettleResult, error)
 
 	// Release ends every lease held by holder, as if each were nacked without

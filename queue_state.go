@@ -1009,10 +1009,6 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 				}
 				e.when = now + int64(d)
 				c.timers.fix(e)
-				if e.holder.name != holder {
-					c.holdRemove(e)
-					c.holdAdd(c.holder(holder), e)
-				}
 			}
 		}
 		res[i].Status = st
