@@ -794,10 +794,10 @@ func (d *Delivery) Extend(dur time.Duration) error {
 // returns up to max of them, leased to this client until their deadline. It
 // returns ctx's error if ctx ends first, and keeps waiting across reconnects.
 func (c *Client) Fetch(ctx context.Context, max int, namespaces ...string) ([]*Delivery, error) {
-	return c.fetch(ctx, max, 0, namespaces, nil)
+	return c.fetch(ctx, max, namespaces, nil)
 }
 
-func (c *Client) fetch(ctx context.Context, limit, maxBytes int, namespaces []string, sub *Subscription) ([]*Delivery, error) {
+func (c *Client) fetch(ctx context.Context, limit int, namespaces []string, sub *Subscription) ([]*Delivery, error) {
 	if limit <= 0 {
 		return nil, newError(CodeInvalidArgument, "Fetch: max must be positive")
 	}
@@ -811,7 +811,7 @@ func (c *Client) fetch(ctx context.Context, limit, maxBytes int, namespaces []st
 		}
 		wait = max(wait, 0)
 		ans, err := c.call(ctx, streamFetch, FrameFetchEvents, func(id uint64) proto.Message {
-			return &h3xpb.FetchEvents{RequestId: id, Namespaces: namespaces, Limit: uint32(limit), MaxWaitMs: durationMs(wait), MaxBytes: uint32(maxBytes)}
+			return &h3xpb.FetchEvents{RequestId: id, Namespaces: namespaces, Limit: uint32(limit), MaxWaitMs: durationMs(wait)}
 		})
 		if err != nil {
 			return nil, err

@@ -135,7 +135,7 @@ func (s *Subscription) run(ctx context.Context) {
 				break take
 			}
 		}
-		ds, err := s.client.fetch(ctx, n, 0, s.namespaces, s)
+		ds, err := s.client.fetch(ctx, n, s.namespaces, s)
 		for range n - len(ds) {
 			s.release()
 		}

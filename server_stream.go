@@ -90,7 +90,7 @@ func (ss *sessionStream) run(connCtx context.Context, t FrameType, payload []byt
 		ss.fw.write(FrameError, errorToWire(e, 0))
 	}
 	// Wait for the responders, then flush and finish the send side.
-	ss.wgWaitResponders()
+	ss.respWG.Wait()
 	ss.fw.close()
 	ss.wg.Wait()
 	switch {
@@ -103,11 +103,6 @@ func (ss *sessionStream) run(connCtx context.Context, t FrameType, payload []byt
 		ss.st.CancelRead(quic.StreamErrorCode(CodeNone))
 		ss.st.CancelWrite(quic.StreamErrorCode(CodeNone))
 	}
-}
-
-// wgWaitResponders waits until every lane's responder has drained.
-func (ss *sessionStream) wgWaitResponders() {
-	ss.respWG.Wait()
 }
 
 // dispatch handles one request frame. It returns an error only for a
