@@ -50,8 +50,9 @@ type Queue interface {
 
 	// Nack ends the referenced leases; the events become ready again after
 	// delay. An event whose attempts have reached the maximum moves to its
-	// namespace's dead-letter namespace instead, with reason recorded (if
-	// that namespace is at its limits, the event stays and is ready again).
+	// namespace's dead-letter namespace instead, with reason (its first
+	// KiB) recorded (if that namespace is at its limits, the event stays
+	// and is ready again).
 	// A nack of a delivery whose lease has already ended (expiry, release)
 	// but that was not delivered again reschedules the event with delay.
 	Nack(ctx context.Context, holder string, refs []LeaseRef, delay time.Duration, reason string) ([]SettleResult, error)

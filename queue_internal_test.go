@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
@@ -16,6 +17,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/dgraph-io/badger/v4"
 	"github.com/google/uuid"
@@ -461,17 +463,20 @@ func TestBadgerQueueLeaseRecords(t *testing.T) {
 	}
 }
 
-func TestBadgerQueueValueLogGC(t *testing.T) {
-	// Small value-log files, most events acked: GC collects files (in
-	// fsync mode, deleting each only after the values it moved are
-	// synced), and what is left is intact after a reopen.
+func TestBadgerQueueAckedStayAcked(t *testing.T) {
+	// Regression: with event values in Badger's value log, its value-log
+	// GC could bring acked events back (about one run in ten of this
+	// workload): kept events went missing behind resurrected ones. Values
+	// now stay in the LSM tree, whatever ValueThreshold the escape hatch
+	// sets: the value log stays empty, and after GC passes, compactions and
+	// a reopen exactly the kept events remain, in order.
 	dir := t.TempDir()
 	opts := QueueOptions{Badger: func(o *badger.Options) {
 		o.ValueLogFileSize = 1 << 20
 		o.MemTableSize = 128 << 10
 		o.BaseTableSize = 64 << 10
-		o.ValueThreshold = 64
-		o.NumLevelZeroTables = 1 // compact (and so find the garbage) early
+		o.ValueThreshold = 64    // overridden: values stay in the LSM tree
+		o.NumLevelZeroTables = 1 // compact early
 	}}
 	q := openTestBadger(t, dir, opts)
 	var keep []string
@@ -502,22 +507,26 @@ func TestBadgerQueueValueLogGC(t *testing.T) {
 		}
 		leaseAll(t, q, "parked", 10000, "n")
 	}
-	before, _ := logFiles(dir, ".vlog")
-	collected := 0
-	for deadline := time.Now().Add(10 * time.Second); collected < 3 && time.Now().Before(deadline); {
-		if err := q.valueLogGC(); err != nil {
-			time.Sleep(50 * time.Millisecond) // compactions find the garbage
-			continue
+	for range 3 {
+		if err := q.valueLogGC(); err != nil && !errors.Is(err, badger.ErrNoRewrite) {
+			t.Fatal(err)
 		}
-		collected++
 	}
-	after, _ := logFiles(dir, ".vlog")
-	t.Logf("value-log GC: %d passes, %d -> %d files", collected, len(before), len(after))
-	if collected == 0 || len(after) >= len(before) {
-		t.Errorf("value-log GC collected nothing (%d passes, %d -> %d files)", collected, len(before), len(after))
+	if err := q.db.Flatten(2); err != nil {
+		t.Fatal(err)
 	}
 	if err := q.Close(); err != nil {
 		t.Fatal(err)
+	}
+	vlogBytes := int64(0)
+	files, _ := filepath.Glob(filepath.Join(dir, "*.vlog"))
+	for _, f := range files {
+		if fi, err := os.Stat(f); err == nil {
+			vlogBytes += fi.Size()
+		}
+	}
+	if vlogBytes > 4<<10 {
+		t.Errorf("the value log holds %d bytes after 5,000 events of 1 KB; want it empty", vlogBytes)
 	}
 	q = openTestBadger(t, dir, opts)
 	var got []string
@@ -528,21 +537,124 @@ func TestBadgerQueueValueLogGC(t *testing.T) {
 		}
 		for _, l := range ls {
 			if len(l.Event.Data) != 1000 {
-				t.Fatalf("%s has %d bytes of data after GC", l.Event.ID, len(l.Event.Data))
+				t.Fatalf("%s has %d bytes of data", l.Event.ID, len(l.Event.Data))
 			}
 			got = append(got, l.Event.ID)
 		}
 		ackAll(t, q, "h", ls)
 	}
-	if strings.Join(got, ",") != strings.Join(keep, ",") && os.Getenv("H3X_KNOWN_BUGS") == "" {
-		// Quarantined known defect (first session's closing note): in about
-		// one run in ten, the events read back after value-log GC and a
-		// reopen are not exactly the kept ones in order. Run with
-		// H3X_KNOWN_BUGS=1 to fail on it while it is being fixed.
-		t.Skipf("known defect: after GC and reopen %d events came back, not exactly the %d kept in order", len(got), len(keep))
-	}
 	if strings.Join(got, ",") != strings.Join(keep, ",") {
-		t.Errorf("after GC and reopen: %d events, want the %d kept", len(got), len(keep))
+		t.Errorf("after GC, compaction and reopen: %d events, want exactly the %d kept, in order", len(got), len(keep))
+	}
+}
+
+func TestBadgerQueueEventTooLarge(t *testing.T) {
+	// An event whose stored value would not fit below Badger's value
+	// threshold is refused, clearly; the rest of its batch is stored.
+	q := openTestBadger(t, t.TempDir(), QueueOptions{Badger: func(o *badger.Options) {
+		o.MemTableSize = 1 << 20 // a value threshold of 150 KiB
+	}})
+	res, err := q.Enqueue(context.Background(), []Event{
+		{ID: "small", Namespace: "n", Data: make([]byte, 100)},
+		{Namespace: "n", Data: make([]byte, 200<<10)},
+		{ID: "fits", Namespace: "n", Data: make([]byte, 140<<10)},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res[0].Status != PublishStored || res[2].Status != PublishStored {
+		t.Fatalf("the events that fit: %+v, %+v", res[0], res[2])
+	}
+	if res[1].Status != PublishRefused || !errors.Is(res[1].Err, ErrInvalidArgument) || res[1].ID == "" {
+		t.Fatalf("the oversized event: %+v", res[1])
+	}
+	t.Log(res[1].Err)
+	ls := leaseAll(t, q, "h", 10, "n")
+	if len(ls) != 2 || ls[0].Event.ID != "small" || ls[1].Event.ID != "fits" {
+		t.Fatalf("leased %d events", len(ls))
+	}
+}
+
+func TestBadgerQueueLargeLeaseRecords(t *testing.T) {
+	// One Lease call of many deliveries is recorded in several lease
+	// records, each below the value threshold: after a reopen every
+	// delivery is still settleable, and the value log stays empty.
+	dir := t.TempDir()
+	opts := QueueOptions{Badger: func(o *badger.Options) {
+		o.MemTableSize = 128 << 10 // a value threshold of 19 KiB
+	}}
+	q := openTestBadger(t, dir, opts)
+	evs := make([]Event, 2000)
+	for i := range evs {
+		evs[i] = Event{ID: fmt.Sprintf("rec-%04d", i), Namespace: "n"}
+	}
+	publishTest(t, q, evs...)
+	ls := leaseAll(t, q, "h", len(evs), "n")
+	if len(ls) != len(evs) {
+		t.Fatalf("leased %d", len(ls))
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestBadger(t, dir, opts)
+	recs := 0
+	q.db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyLeaseRec}})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			recs++
+			if n := it.Item().ValueSize(); n >= 19<<10 {
+				t.Errorf("a lease record of %d bytes", n)
+			}
+		}
+		return nil
+	})
+	if recs < 2 {
+		t.Errorf("%d lease records for one lease of %d deliveries, want it split", recs, len(ls))
+	}
+	ackAll(t, q, "reconnected", ls)
+	if st, _ := q.Stats(context.Background(), "n"); st[0].Ready+st[0].Leased != 0 {
+		t.Errorf("after acking every delivery: %+v", st[0])
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	files, _ := filepath.Glob(filepath.Join(dir, "*.vlog"))
+	for _, f := range files {
+		if fi, err := os.Stat(f); err == nil && fi.Size() > 4<<10 {
+			t.Errorf("%s holds %d bytes; want the value log empty", f, fi.Size())
+		}
+	}
+}
+
+func TestNackReasonTruncated(t *testing.T) {
+	// A dead letter keeps the first KiB of the last nack reason, cut at a
+	// rune boundary.
+	for _, name := range []string{"memory", "badger"} {
+		t.Run(name, func(t *testing.T) {
+			opts := QueueOptions{MaxAttempts: 1}
+			var q Queue
+			if name == "memory" {
+				q = NewMemoryQueue(opts)
+				t.Cleanup(func() { q.Close() })
+			} else {
+				q = openTestBadger(t, t.TempDir(), opts)
+			}
+			publishTest(t, q, Event{ID: "x", Namespace: "n"})
+			ls := leaseAll(t, q, "h", 1, "n")
+			reason := strings.Repeat("é", 3000) // 2 bytes each
+			if _, err := q.Nack(context.Background(), "h", []LeaseRef{{ID: "x", Attempt: ls[0].Attempt}}, 0, reason); err != nil {
+				t.Fatal(err)
+			}
+			dl := leaseAll(t, q, "h", 1, DeadLetterNamespace("n"))
+			if len(dl) != 1 {
+				t.Fatalf("dead letters: %d", len(dl))
+			}
+			got := dl[0].Event.Metadata[MetaDeadLetterReason]
+			if len(got) != maxNackReason || !strings.HasPrefix(reason, got) || !utf8.ValidString(got) {
+				t.Errorf("reason of %d bytes kept as %d bytes (valid UTF-8: %v)", len(reason), len(got), utf8.ValidString(got))
+			}
+		})
 	}
 }
 

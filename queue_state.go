@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 )
 
 // This file holds the delivery state machine shared by the built-in queues
@@ -205,6 +206,7 @@ type queueCore struct {
 	maxBytes    int64
 	indexAll    bool // byID holds every entry (memory), not only those leased since open (Badger)
 	leaseRecs   bool // keep lease records (Badger)
+	recMaxBytes int  // the largest lease record, about (0: no limit)
 
 	nss      map[string]*qns
 	byID     map[string]*qentry
@@ -619,6 +621,21 @@ func (c *queueCore) dropRec(e *qentry, fx *effects) {
 	e.rec = nil
 }
 
+// maxNackReason is the longest nack reason kept, in bytes; longer ones are
+// truncated (at a UTF-8 boundary).
+const maxNackReason = 1 << 10
+
+// truncateUTF8 returns s cut to at most n bytes without splitting a rune.
+func truncateUTF8(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
+}
+
 // deadLetterEvent returns ev as it is stored in its dead-letter namespace.
 func deadLetterEvent(ev Event, from string, attempts int, reason string) Event {
 	md := make(map[string]string, len(ev.Metadata)+3)
@@ -866,14 +883,26 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 			delete(c.holders, h.name)
 		}
 	}
-	if len(leased) > 0 {
-		rec := &leaseRec{seq: c.nextSeq, n: len(leased)}
+	// One lease record per Lease call, split so that none is above
+	// recMaxBytes (the Badger queue keeps every value below its value
+	// threshold).
+	for len(leased) > 0 {
+		rec := &leaseRec{seq: c.nextSeq}
 		c.nextSeq++
-		put := recPut{rec: rec, entries: make([]recEntry, len(leased))}
-		for i, e := range leased {
+		put := recPut{rec: rec}
+		recBytes := 0
+		for len(leased) > 0 {
+			e := leased[0]
+			n := len(e.ns.name) + len(e.id) + 48
+			if len(put.entries) > 0 && c.recMaxBytes > 0 && recBytes+n > c.recMaxBytes {
+				break
+			}
+			recBytes += n
 			e.rec = rec
-			put.entries[i] = recEntry{ns: e.ns.name, seq: e.seq, id: e.id, size: e.size, enq: e.enq, attempt: e.attempt}
+			put.entries = append(put.entries, recEntry{ns: e.ns.name, seq: e.seq, id: e.id, size: e.size, enq: e.enq, attempt: e.attempt})
+			leased = leased[1:]
 		}
+		rec.n = len(put.entries)
 		fx.recPuts = append(fx.recPuts, put)
 	}
 	c.finishNoWait(&fx)
@@ -971,6 +1000,7 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
+	reason = truncateUTF8(reason, maxNackReason)
 	res := make([]SettleResult, len(refs))
 	c.mu.Lock()
 	if c.closed {
