@@ -42,6 +42,12 @@
 //	h3x_queue_bytes{namespace}                    gauge     stored event bytes
 //	h3x_queue_oldest_ready_seconds{namespace}     gauge     age of the oldest ready event
 //	h3x_events_dead_lettered_total{namespace}     counter   events moved to the namespace's dead-letter namespace since the queue opened
+//	h3x_leases_expired_total{namespace}           counter   leases ended by expiry of their ack deadline since the queue opened
+//
+// The two counters come from NamespaceStats' cumulative counts: they restart
+// from zero when the queue is reopened (Prometheus treats that as a counter
+// reset), and h3x_leases_expired_total stays 0 for a Queue that does not
+// count expiries (the built-in queues do).
 //
 // # Caveats
 //
@@ -50,9 +56,8 @@
 // would otherwise let anyone grow the label set without bound. Client ids
 // never appear in labels.
 //
-// Lease expiries have no counter: neither the hooks nor NamespaceStats
-// report them. Redeliveries (h3x_events_redelivered_total) include them,
-// together with nacked and released leases.
+// Redeliveries (h3x_events_redelivered_total) follow nacked, released and
+// expired leases alike; h3x_leases_expired_total counts the expiries alone.
 //
 // The delivery latency is measured from the event's timestamp, which the
 // wire carries in whole seconds: it is precise only for events published

@@ -161,6 +161,42 @@ func TestMetricsMove(t *testing.T) {
 	if after["h3x_connections_opened_total"] < 2 {
 		t.Errorf("h3x_connections_opened_total = %v, want at least 2", after["h3x_connections_opened_total"])
 	}
+	if got, ok := after[`h3x_leases_expired_total{namespace="orders"}`]; !ok || got != 0 {
+		t.Errorf(`h3x_leases_expired_total{namespace="orders"} = %v (present %v), want 0`, got, ok)
+	}
+
+	// A lease that expires: extended to 1ms, it ends by its deadline. The
+	// queue notices on its timer (or at the next scrape's Stats), so poll.
+	if _, err := c.Publish(ctx, h3x.Event{ID: "x1", Namespace: "audit"}); err != nil {
+		t.Fatal(err)
+	}
+	var ds []*h3x.Delivery
+	for range 100 {
+		if ds, err = c.Fetch(ctx, 1, "audit"); err != nil || len(ds) > 0 {
+			break
+		}
+	}
+	if err != nil || len(ds) != 1 {
+		t.Fatalf("fetching from audit: %d deliveries, %v", len(ds), err)
+	}
+	if res, err := c.Extend(ctx, time.Millisecond, ds[0]); err != nil || res[0].Status != h3x.SettleOK {
+		t.Fatalf("extending to 1ms: %+v, %v", res, err)
+	}
+	waitForSample(t, url, `h3x_leases_expired_total{namespace="audit"}`, 1)
+}
+
+// waitForSample scrapes url until the sample key has the value want, for
+// at most 10 seconds.
+func waitForSample(t *testing.T, url, key string, want float64) {
+	t.Helper()
+	var got float64
+	for range 500 {
+		if got = scrape(t, url)[key]; got == want {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("%s = %v after 10s, want %v", key, got, want)
 }
 
 type fakeStats struct {
@@ -176,7 +212,7 @@ func (f *fakeStats) Stats(_ context.Context, namespaces ...string) ([]h3x.Namesp
 
 func TestQueueCollector(t *testing.T) {
 	src := &fakeStats{stats: []h3x.NamespaceStats{
-		{Namespace: "orders", Ready: 5, Leased: 2, Delayed: 1, DeadLettered: 7, OldestReady: 1500 * time.Millisecond, Bytes: 640},
+		{Namespace: "orders", Ready: 5, Leased: 2, Delayed: 1, DeadLettered: 7, Expired: 3, OldestReady: 1500 * time.Millisecond, Bytes: 640},
 		{Namespace: "audit"},
 	}}
 	url := serveMetrics(t, h3xprom.NewQueueCollector(src, h3xprom.WithPrefix("app"), h3xprom.WithNamespaces("orders", "audit")))
@@ -188,8 +224,10 @@ func TestQueueCollector(t *testing.T) {
 		`app_queue_bytes{namespace="orders"}`:                640,
 		`app_queue_oldest_ready_seconds{namespace="orders"}`: 1.5,
 		`app_events_dead_lettered_total{namespace="orders"}`: 7,
+		`app_leases_expired_total{namespace="orders"}`:       3,
 		`app_queue_ready{namespace="audit"}`:                 0,
 		`app_events_dead_lettered_total{namespace="audit"}`:  0,
+		`app_leases_expired_total{namespace="audit"}`:        0,
 	}
 	for k, v := range want {
 		if g, ok := got[k]; !ok || g != v {
