@@ -143,15 +143,15 @@ func TestMetricsMove(t *testing.T) {
 		`h3x_events_refused_total{namespace="",reason="invalid_argument"}`: 1,
 		`h3x_events_delivered_total{namespace="orders"}`:                   4,
 		`h3x_events_redelivered_total{namespace="orders"}`:                 1,
-		`h3x_events_acked_total`:                                           3,
-		`h3x_events_nacked_total`:                                          1,
-		`h3x_lease_extensions_total`:                                       1,
+		`h3x_events_acked_total{namespace="orders"}`:                       3,
+		`h3x_events_nacked_total{namespace="orders"}`:                      1,
+		`h3x_lease_extensions_total{namespace="orders"}`:                   1,
 		`h3x_settlements_refused_total{op="ack"}`:                          1,
 		`h3x_auth_failures_total{reason="unauthenticated"}`:                1,
-		`h3x_connections`:                                                  1,
-		`h3x_publish_durable_seconds_count`:                                2,
-		`h3x_fetch_wait_seconds_count`:                                     2,
-		`h3x_delivery_latency_seconds_count`:                               4,
+		`h3x_connections`:                    1,
+		`h3x_publish_durable_seconds_count`:  2,
+		`h3x_fetch_wait_seconds_count`:       2,
+		`h3x_delivery_latency_seconds_count`: 4,
 	}
 	for k, v := range want {
 		if after[k] != v {
@@ -183,6 +183,16 @@ func TestMetricsMove(t *testing.T) {
 		t.Fatalf("extending to 1ms: %+v, %v", res, err)
 	}
 	waitForSample(t, url, `h3x_leases_expired_total{namespace="audit"}`, 1)
+	final := scrape(t, url)
+	for k, v := range map[string]float64{
+		`h3x_lease_extensions_total{namespace="audit"}`:  1,
+		`h3x_lease_extensions_total{namespace="orders"}`: 1,
+		`h3x_events_acked_total{namespace="audit"}`:      0,
+	} {
+		if final[k] != v {
+			t.Errorf("%s = %v, want %v", k, final[k], v)
+		}
+	}
 }
 
 // waitForSample scrapes url until the sample key has the value want, for
@@ -294,6 +304,7 @@ func BenchmarkHooks(b *testing.B) {
 			m.Published("orders", 1, 0, time.Millisecond)
 			m.Delivered("orders", 1, 0, time.Millisecond, ages)
 			m.Settled(h3x.FrameAckEvent, 1, 0)
+			m.SettledIn("orders", h3x.FrameAckEvent, 1)
 		}
 	})
 }

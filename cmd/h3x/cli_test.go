@@ -245,7 +245,7 @@ func TestServeInjectTail(t *testing.T) {
 	var m map[string]float64
 	waitFor(t, 10*time.Second, "the metrics to count the acks", func() bool {
 		m = scrape(t, srv.metrics)
-		return m["h3x_events_acked_total"] == 5
+		return m[`h3x_events_acked_total{namespace="orders"}`] == 5
 	})
 	for k, v := range map[string]float64{
 		`h3x_events_published_total{namespace="orders"}`: 5,
