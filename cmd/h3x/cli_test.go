@@ -449,7 +449,7 @@ func TestStats(t *testing.T) {
 		t.Fatal(err)
 	}
 	q := statsQueue{Queue: h3x.NewMemoryQueue(h3x.QueueOptions{}), stats: []h3x.NamespaceStats{
-		{Namespace: "orders", Ready: 3, Leased: 2, Delayed: 1, DeadLettered: 4, OldestReady: 1500 * time.Millisecond, Bytes: 300},
+		{Namespace: "orders", Ready: 3, Leased: 2, Delayed: 1, DeadLettered: 4, Expired: 5, OldestReady: 1500 * time.Millisecond, Bytes: 300},
 		{Namespace: "audit", Ready: 9},
 	}}
 	srv := h3xtest.NewServer(t, h3xtest.WithQueue(q), h3xtest.WithRegistry(reg))
@@ -465,7 +465,7 @@ func TestStats(t *testing.T) {
 	}
 	want := []namespaceStats{
 		{Namespace: "audit", Ready: 9},
-		{Namespace: "orders", Ready: 3, Leased: 2, Delayed: 1, DeadLettered: 4, OldestReadyMs: 1500, Bytes: 300},
+		{Namespace: "orders", Ready: 3, Leased: 2, Delayed: 1, DeadLettered: 4, Expired: 5, OldestReadyMs: 1500, Bytes: 300},
 	}
 	if !slices.Equal(all, want) {
 		t.Errorf("admin sees %+v, want %+v", all, want)
@@ -481,7 +481,7 @@ func TestStats(t *testing.T) {
 		t.Errorf("stats as reader printed:\n%s", r.stdout)
 	}
 	fields := strings.Fields(out[1])
-	if !slices.Equal(fields[:6], []string{"orders", "3", "2", "1", "4", "300"}) {
+	if !slices.Equal(fields[:7], []string{"orders", "3", "2", "1", "4", "5", "300"}) {
 		t.Errorf("stats row %q", out[1])
 	}
 
