@@ -136,6 +136,9 @@ func TestMetricsMove(t *testing.T) {
 		t.Fatalf("dialing with a wrong token: %v, want ErrUnauthenticated", err)
 	}
 
+	// The server counts the refused connection closed after the client
+	// saw the refusal: wait for it.
+	waitForSample(t, url, "h3x_connections", 1)
 	after := scrape(t, url)
 	want := map[string]float64{
 		`h3x_events_published_total{namespace="orders"}`:                   3,
