@@ -21,14 +21,32 @@ type Hooks interface {
 	// waited, and each event's age (now minus its timestamp).
 	Delivered(namespace string, n, redelivered int, fetchWait time.Duration, ages []time.Duration)
 	// Settled reports acks, nacks or extensions (t is FrameAckEvent,
-	// FrameNackEvent or FrameExtendLease) applied (ok) or refused (stale
-	// or unknown).
+	// FrameNackEvent or FrameExtendLease) applied (ok) or refused (stale,
+	// unknown or denied) by one request. A Hooks that also implements
+	// SettledInHooks gets the applied ones per namespace as well.
 	Settled(t FrameType, ok, refused int)
 	// AuthFailed reports a refused authentication.
 	AuthFailed(code ErrorCode)
 	// ConnectionOpened and ConnectionClosed track live connections.
 	ConnectionOpened()
 	ConnectionClosed()
+}
+
+// SettledInHooks is an optional extension of Hooks for metrics per
+// namespace of acks, nacks and lease extensions. A server whose Hooks also
+// implements it calls SettledIn after each Settled call. It is a separate
+// interface, found by a type assertion, so that Hooks written before it
+// still compile; a Hooks that wraps another must forward SettledIn too.
+type SettledInHooks interface {
+	Hooks
+	// SettledIn reports the settlements of one request that were applied
+	// (the ok of the Settled call before it), per namespace: it may be
+	// called several times per request, and n is never zero. namespace is
+	// the one the client named for the event (the queue checks it: the
+	// built-in queues apply no settlement that names another namespace
+	// than the event's), or "" when the client named none. t is as in
+	// Settled.
+	SettledIn(namespace string, t FrameType, n int)
 }
 
 // NopHooks implements Hooks with methods that do nothing.
@@ -56,6 +74,32 @@ func (NopHooks) ConnectionOpened() {}
 func (NopHooks) ConnectionClosed() {}
 
 var _ Hooks = NopHooks{}
+
+// reportSettled tells the hooks about one settle request: its totals, then
+// (for a SettledInHooks) its applied settlements per run of refs in one
+// namespace. results are the queue's, one per ref.
+func reportSettled(h Hooks, t FrameType, refs []LeaseRef, results []SettleResult, ok, refused int) {
+	h.Settled(t, ok, refused)
+	sh, per := h.(SettledInHooks)
+	if !per || ok == 0 {
+		return
+	}
+	ns, n := "", 0
+	for j := range results {
+		if results[j].Status != SettleOK {
+			continue
+		}
+		if n > 0 && refs[j].Namespace != ns {
+			sh.SettledIn(ns, t, n)
+			n = 0
+		}
+		ns = refs[j].Namespace
+		n++
+	}
+	if n > 0 {
+		sh.SettledIn(ns, t, n)
+	}
+}
 
 // WithHooks sends the server's metrics events to h. Default: NopHooks.
 func WithHooks(h Hooks) ServerOption {

@@ -67,7 +67,8 @@ type Queue interface {
 	Release(ctx context.Context, holder string) error
 
 	// Stats reports per-namespace counts for the given namespaces, or for
-	// every namespace the queue knows when none are given.
+	// every namespace the queue knows when none are given. Its cumulative
+	// counts (see NamespaceStats) never decrease while the queue is open.
 	Stats(ctx context.Context, namespaces ...string) ([]NamespaceStats, error)
 
 	// Close releases the queue's resources; later calls return
@@ -177,12 +178,19 @@ type SettleResult struct {
 }
 
 // NamespaceStats are a namespace's counts at one moment.
+//
+// DeadLettered and Expired are cumulative since the queue was opened (they
+// restart from zero when it is reopened), so metrics can build counters on
+// them. An expiry that moves its event to the dead-letter namespace counts in
+// both. Expired is optional: a Queue that does not count expiries leaves it
+// zero; the built-in queues count them.
 type NamespaceStats struct {
 	Namespace    string
 	Ready        int           // deliverable now
 	Leased       int           // leased and not yet settled
 	Delayed      int           // nacked with a delay that has not passed
 	DeadLettered int           // events moved to DeadLetterNamespace(Namespace) so far (cumulative since open)
+	Expired      int           // leases that ended by expiry of their ack deadline so far (cumulative since open; 0 if not counted)
 	OldestReady  time.Duration // age of the oldest ready event (0 if none)
 	Bytes        int64         // stored event bytes (ready, leased and delayed)
 }

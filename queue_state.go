@@ -101,6 +101,7 @@ type qns struct {
 	count           int             // stored events (fresh, ready, leased, delayed)
 	bytes           int64           // their sizes
 	deadLettered    int             // moved to the dead-letter namespace since open
+	expired         int             // leases ended by their deadline since open
 	known           bool            // has held events: listed by Stats()
 	warnedFull      bool            // a dead-letter namespace: logged that it is full
 
@@ -435,6 +436,7 @@ func (c *queueCore) advance(now int64, fx *effects) {
 		switch e.state {
 		case stLeased:
 			e.ns.leased--
+			e.ns.expired++
 			c.holdRemove(e)
 			c.afterLease(e, now, 0, "lease expired", fx)
 		case stDelayed:
@@ -1112,6 +1114,7 @@ func (c *queueCore) Stats(ctx context.Context, names ...string) ([]NamespaceStat
 			st.Leased = ns.leased
 			st.Delayed = ns.delayed
 			st.DeadLettered = ns.deadLettered
+			st.Expired = ns.expired
 			st.Bytes = ns.bytes
 			oldest := int64(0)
 			if ns.ready.len() > 0 {

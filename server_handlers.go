@@ -281,7 +281,7 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64,
 			}
 		}
 		ss.c.settled(done)
-		ss.c.srv.cfg.hooks.Settled(kind, ok, len(ids)-ok)
+		reportSettled(ss.c.srv.cfg.hooks, kind, refs, results, ok, len(ids)-ok)
 	}
 	return FrameAckResult, res
 }

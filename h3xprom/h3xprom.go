@@ -23,10 +23,10 @@
 //	h3x_events_rate_limited_total{namespace}      counter   the rate_limited part of the above
 //	h3x_events_delivered_total{namespace}         counter   deliveries handed out
 //	h3x_events_redelivered_total{namespace}       counter   the deliveries of them with attempt > 1
-//	h3x_events_acked_total                        counter   acks applied
-//	h3x_events_nacked_total                       counter   nacks applied
-//	h3x_lease_extensions_total                    counter   lease extensions applied
-//	h3x_settlements_refused_total{op}             counter   acks, nacks, extensions refused as stale or unknown
+//	h3x_events_acked_total{namespace}             counter   acks applied
+//	h3x_events_nacked_total{namespace}            counter   nacks applied
+//	h3x_lease_extensions_total{namespace}         counter   lease extensions applied
+//	h3x_settlements_refused_total{op}             counter   acks, nacks, extensions refused (stale, unknown or denied)
 //	h3x_auth_failures_total{reason}               counter   refused authentications
 //	h3x_connections_opened_total                  counter   connections accepted
 //	h3x_connections                               gauge     live connections
@@ -42,6 +42,12 @@
 //	h3x_queue_bytes{namespace}                    gauge     stored event bytes
 //	h3x_queue_oldest_ready_seconds{namespace}     gauge     age of the oldest ready event
 //	h3x_events_dead_lettered_total{namespace}     counter   events moved to the namespace's dead-letter namespace since the queue opened
+//	h3x_leases_expired_total{namespace}           counter   leases ended by expiry of their ack deadline since the queue opened
+//
+// The two counters come from NamespaceStats' cumulative counts: they restart
+// from zero when the queue is reopened (Prometheus treats that as a counter
+// reset), and h3x_leases_expired_total stays 0 for a Queue that does not
+// count expiries (the built-in queues do).
 //
 // # Caveats
 //
@@ -50,9 +56,17 @@
 // would otherwise let anyone grow the label set without bound. Client ids
 // never appear in labels.
 //
-// Lease expiries have no counter: neither the hooks nor NamespaceStats
-// report them. Redeliveries (h3x_events_redelivered_total) include them,
-// together with nacked and released leases.
+// Acks, nacks and extensions are counted per namespace through
+// h3x.SettledInHooks, by the namespace the client named for each event
+// (the Go client always does); one named by none counts under the empty
+// namespace. Only applied settlements carry a namespace, and the queue
+// applies one only to an event of the namespace named, so these labels stay
+// among the namespaces that hold events. Refused settlements are counted
+// by operation only. A Hooks that wraps Metrics must forward SettledIn, or
+// the three counters stay at zero.
+//
+// Redeliveries (h3x_events_redelivered_total) follow nacked, released and
+// expired leases alike; h3x_leases_expired_total counts the expiries alone.
 //
 // The delivery latency is measured from the event's timestamp, which the
 // wire carries in whole seconds: it is precise only for events published
@@ -126,7 +140,7 @@ type Metrics struct {
 	published, duplicates   *prometheus.CounterVec
 	refused, rateLimited    *prometheus.CounterVec
 	delivered, redelivered  *prometheus.CounterVec
-	acked, nacked, extended prometheus.Counter
+	acked, nacked, extended *prometheus.CounterVec
 	settleRefused           *prometheus.CounterVec
 	authFailures            *prometheus.CounterVec
 	connsOpened             prometheus.Counter
@@ -144,10 +158,12 @@ type Metrics struct {
 
 type nsCounters struct {
 	published, duplicates, delivered, redelivered prometheus.Counter
+	acked, nacked, extended                       prometheus.Counter
 }
 
 var (
 	_ h3x.Hooks            = (*Metrics)(nil)
+	_ h3x.SettledInHooks   = (*Metrics)(nil)
 	_ prometheus.Collector = (*Metrics)(nil)
 )
 
@@ -170,10 +186,10 @@ func New(opts ...Option) *Metrics {
 		rateLimited:   counterVec("events_rate_limited_total", "Published events refused because their namespace was over its rate.", "namespace"),
 		delivered:     counterVec("events_delivered_total", "Deliveries handed out by fetches.", "namespace"),
 		redelivered:   counterVec("events_redelivered_total", "Deliveries with an attempt number above 1 (after a nack, an expired lease or a closed connection).", "namespace"),
-		acked:         counter("events_acked_total", "Acks applied."),
-		nacked:        counter("events_nacked_total", "Nacks applied."),
-		extended:      counter("lease_extensions_total", "Lease extensions applied."),
-		settleRefused: counterVec("settlements_refused_total", "Acks, nacks and lease extensions refused as stale or unknown.", "op"),
+		acked:         counterVec("events_acked_total", "Acks applied.", "namespace"),
+		nacked:        counterVec("events_nacked_total", "Nacks applied.", "namespace"),
+		extended:      counterVec("lease_extensions_total", "Lease extensions applied.", "namespace"),
+		settleRefused: counterVec("settlements_refused_total", "Acks, nacks and lease extensions refused (stale, unknown or denied).", "op"),
 		authFailures:  counterVec("auth_failures_total", "Refused authentications, by reason.", "reason"),
 		connsOpened:   counter("connections_opened_total", "Connections accepted."),
 		conns: prometheus.NewGauge(prometheus.GaugeOpts{Name: c.name("connections"), Help: "Live connections.",
@@ -216,6 +232,9 @@ func (m *Metrics) ns(namespace string) *nsCounters {
 		duplicates:  m.duplicates.WithLabelValues(namespace),
 		delivered:   m.delivered.WithLabelValues(namespace),
 		redelivered: m.redelivered.WithLabelValues(namespace),
+		acked:       m.acked.WithLabelValues(namespace),
+		nacked:      m.nacked.WithLabelValues(namespace),
+		extended:    m.extended.WithLabelValues(namespace),
 	})
 	return v.(*nsCounters)
 }
@@ -256,24 +275,36 @@ func (m *Metrics) Delivered(namespace string, n, redelivered int, fetchWait time
 	}
 }
 
-// Settled implements h3x.Hooks.
-func (m *Metrics) Settled(t h3x.FrameType, ok, refused int) {
+// Settled implements h3x.Hooks. It counts the refused settlements; the
+// applied ones are counted per namespace by SettledIn.
+func (m *Metrics) Settled(t h3x.FrameType, _, refused int) {
 	var op string
 	switch t {
 	case h3x.FrameAckEvent:
-		m.acked.Add(float64(ok))
 		op = "ack"
 	case h3x.FrameNackEvent:
-		m.nacked.Add(float64(ok))
 		op = "nack"
 	case h3x.FrameExtendLease:
-		m.extended.Add(float64(ok))
 		op = "extend"
 	default:
 		return
 	}
 	if refused > 0 {
 		m.settleRefused.WithLabelValues(op).Add(float64(refused))
+	}
+}
+
+// SettledIn implements h3x.SettledInHooks: it counts applied acks, nacks
+// and extensions per namespace.
+func (m *Metrics) SettledIn(namespace string, t h3x.FrameType, n int) {
+	c := m.ns(namespace)
+	switch t {
+	case h3x.FrameAckEvent:
+		c.acked.Add(float64(n))
+	case h3x.FrameNackEvent:
+		c.nacked.Add(float64(n))
+	case h3x.FrameExtendLease:
+		c.extended.Add(float64(n))
 	}
 }
 

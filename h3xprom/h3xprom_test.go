@@ -136,6 +136,9 @@ func TestMetricsMove(t *testing.T) {
 		t.Fatalf("dialing with a wrong token: %v, want ErrUnauthenticated", err)
 	}
 
+	// The server counts the refused connection closed after the client
+	// saw the refusal: wait for it.
+	waitForSample(t, url, "h3x_connections", 1)
 	after := scrape(t, url)
 	want := map[string]float64{
 		`h3x_events_published_total{namespace="orders"}`:                   3,
@@ -143,15 +146,15 @@ func TestMetricsMove(t *testing.T) {
 		`h3x_events_refused_total{namespace="",reason="invalid_argument"}`: 1,
 		`h3x_events_delivered_total{namespace="orders"}`:                   4,
 		`h3x_events_redelivered_total{namespace="orders"}`:                 1,
-		`h3x_events_acked_total`:                                           3,
-		`h3x_events_nacked_total`:                                          1,
-		`h3x_lease_extensions_total`:                                       1,
+		`h3x_events_acked_total{namespace="orders"}`:                       3,
+		`h3x_events_nacked_total{namespace="orders"}`:                      1,
+		`h3x_lease_extensions_total{namespace="orders"}`:                   1,
 		`h3x_settlements_refused_total{op="ack"}`:                          1,
 		`h3x_auth_failures_total{reason="unauthenticated"}`:                1,
-		`h3x_connections`:                                                  1,
-		`h3x_publish_durable_seconds_count`:                                2,
-		`h3x_fetch_wait_seconds_count`:                                     2,
-		`h3x_delivery_latency_seconds_count`:                               4,
+		`h3x_connections`:                    1,
+		`h3x_publish_durable_seconds_count`:  2,
+		`h3x_fetch_wait_seconds_count`:       2,
+		`h3x_delivery_latency_seconds_count`: 4,
 	}
 	for k, v := range want {
 		if after[k] != v {
@@ -161,6 +164,52 @@ func TestMetricsMove(t *testing.T) {
 	if after["h3x_connections_opened_total"] < 2 {
 		t.Errorf("h3x_connections_opened_total = %v, want at least 2", after["h3x_connections_opened_total"])
 	}
+	if got, ok := after[`h3x_leases_expired_total{namespace="orders"}`]; !ok || got != 0 {
+		t.Errorf(`h3x_leases_expired_total{namespace="orders"} = %v (present %v), want 0`, got, ok)
+	}
+
+	// A lease that expires: extended to 1ms, it ends by its deadline. The
+	// queue notices on its timer (or at the next scrape's Stats), so poll.
+	if _, err := c.Publish(ctx, h3x.Event{ID: "x1", Namespace: "audit"}); err != nil {
+		t.Fatal(err)
+	}
+	var ds []*h3x.Delivery
+	for range 100 {
+		if ds, err = c.Fetch(ctx, 1, "audit"); err != nil || len(ds) > 0 {
+			break
+		}
+	}
+	if err != nil || len(ds) != 1 {
+		t.Fatalf("fetching from audit: %d deliveries, %v", len(ds), err)
+	}
+	if res, err := c.Extend(ctx, time.Millisecond, ds[0]); err != nil || res[0].Status != h3x.SettleOK {
+		t.Fatalf("extending to 1ms: %+v, %v", res, err)
+	}
+	waitForSample(t, url, `h3x_leases_expired_total{namespace="audit"}`, 1)
+	final := scrape(t, url)
+	for k, v := range map[string]float64{
+		`h3x_lease_extensions_total{namespace="audit"}`:  1,
+		`h3x_lease_extensions_total{namespace="orders"}`: 1,
+		`h3x_events_acked_total{namespace="audit"}`:      0,
+	} {
+		if final[k] != v {
+			t.Errorf("%s = %v, want %v", k, final[k], v)
+		}
+	}
+}
+
+// waitForSample scrapes url until the sample key has the value want, for
+// at most 10 seconds.
+func waitForSample(t *testing.T, url, key string, want float64) {
+	t.Helper()
+	var got float64
+	for range 500 {
+		if got = scrape(t, url)[key]; got == want {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("%s = %v after 10s, want %v", key, got, want)
 }
 
 type fakeStats struct {
@@ -176,7 +225,7 @@ func (f *fakeStats) Stats(_ context.Context, namespaces ...string) ([]h3x.Namesp
 
 func TestQueueCollector(t *testing.T) {
 	src := &fakeStats{stats: []h3x.NamespaceStats{
-		{Namespace: "orders", Ready: 5, Leased: 2, Delayed: 1, DeadLettered: 7, OldestReady: 1500 * time.Millisecond, Bytes: 640},
+		{Namespace: "orders", Ready: 5, Leased: 2, Delayed: 1, DeadLettered: 7, Expired: 3, OldestReady: 1500 * time.Millisecond, Bytes: 640},
 		{Namespace: "audit"},
 	}}
 	url := serveMetrics(t, h3xprom.NewQueueCollector(src, h3xprom.WithPrefix("app"), h3xprom.WithNamespaces("orders", "audit")))
@@ -188,8 +237,10 @@ func TestQueueCollector(t *testing.T) {
 		`app_queue_bytes{namespace="orders"}`:                640,
 		`app_queue_oldest_ready_seconds{namespace="orders"}`: 1.5,
 		`app_events_dead_lettered_total{namespace="orders"}`: 7,
+		`app_leases_expired_total{namespace="orders"}`:       3,
 		`app_queue_ready{namespace="audit"}`:                 0,
 		`app_events_dead_lettered_total{namespace="audit"}`:  0,
+		`app_leases_expired_total{namespace="audit"}`:        0,
 	}
 	for k, v := range want {
 		if g, ok := got[k]; !ok || g != v {
@@ -256,6 +307,7 @@ func BenchmarkHooks(b *testing.B) {
 			m.Published("orders", 1, 0, time.Millisecond)
 			m.Delivered("orders", 1, 0, time.Millisecond, ages)
 			m.Settled(h3x.FrameAckEvent, 1, 0)
+			m.SettledIn("orders", h3x.FrameAckEvent, 1)
 		}
 	})
 }

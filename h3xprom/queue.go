@@ -23,7 +23,7 @@ type QueueCollector struct {
 	src StatsSource
 	cfg config
 
-	ready, leased, delayed, bytes, oldest, deadLettered *prometheus.Desc
+	ready, leased, delayed, bytes, oldest, deadLettered, expired *prometheus.Desc
 }
 
 var _ prometheus.Collector = (*QueueCollector)(nil)
@@ -44,12 +44,13 @@ func NewQueueCollector(src StatsSource, opts ...Option) *QueueCollector {
 		bytes:        desc("queue_bytes", "Stored event bytes (ready, leased and delayed)."),
 		oldest:       desc("queue_oldest_ready_seconds", "Age of the oldest ready event (0 if none)."),
 		deadLettered: desc("events_dead_lettered_total", "Events moved to the namespace's dead-letter namespace since the queue opened."),
+		expired:      desc("leases_expired_total", "Leases that ended by expiry of their ack deadline since the queue opened (0 if the queue does not count them)."),
 	}
 }
 
 // Describe implements prometheus.Collector.
 func (q *QueueCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{q.ready, q.leased, q.delayed, q.bytes, q.oldest, q.deadLettered} {
+	for _, d := range []*prometheus.Desc{q.ready, q.leased, q.delayed, q.bytes, q.oldest, q.deadLettered, q.expired} {
 		ch <- d
 	}
 }
@@ -73,5 +74,6 @@ func (q *QueueCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(q.bytes, float64(s.Bytes))
 		gauge(q.oldest, s.OldestReady.Seconds())
 		ch <- prometheus.MustNewConstMetric(q.deadLettered, prometheus.CounterValue, float64(s.DeadLettered), s.Namespace)
+		ch <- prometheus.MustNewConstMetric(q.expired, prometheus.CounterValue, float64(s.Expired), s.Namespace)
 	}
 }

@@ -1936,6 +1936,48 @@ func (s *queueSuite) testStats(t *testing.T) {
 		wantBytes("all acked", 0)
 	})
 
+	// Expired is optional: a queue that leaves it zero passes (the subtest
+	// is skipped), one that counts must count exactly the expired leases.
+	inBubble(t, "Expired", func(t *testing.T) {
+		h := s.open(t, h3x.QueueOptions{MaxAttempts: 2})
+		h.publish(h.events(nsA, 4)...)
+		h.publish(h.event(nsB))
+		ls := h.lease("a", 4, nsA)
+		if len(ls) != 4 {
+			t.Fatalf("leased %s, want 4 events", describe(ls))
+		}
+		h.leaseOne("b", nsB)
+		// Of four leases, one is acked, one nacked, one extended, one
+		// expires; nsB's lease is released.
+		wantAllOK(t, "Ack", h.ack("a", refOf(ls[0])))
+		wantAllOK(t, "Nack", h.nack("a", 0, "r", refOf(ls[1])))
+		wantAllOK(t, "Extend", h.extend("a", 10*leaseTime, refOf(ls[2])))
+		h.release("b")
+		time.Sleep(leaseTime + slack)
+		wantExpired := func(step, ns string, want int) {
+			t.Helper()
+			if got := h.stats(ns).Expired; got != want {
+				t.Errorf("%s: Stats(%q).Expired = %d, want %d", step, ns, got, want)
+			}
+		}
+		if h.stats(nsA).Expired == 0 {
+			wantExpired("after a release", nsB, 0)
+			t.Skip("the queue does not count lease expiries (NamespaceStats.Expired is optional)")
+		}
+		wantExpired("one of four leases expired", nsA, 1)
+		wantExpired("a lease released", nsB, 0)
+
+		// The nacked and the expired event, at their last attempt, expire
+		// and are dead-lettered: still expiries, of their namespace.
+		if ls := h.lease("c", 2, nsA); len(ls) != 2 {
+			t.Fatalf("leased %s, want the nacked and the expired event", describe(ls))
+		}
+		time.Sleep(leaseTime + slack)
+		h.wantCounts("expired at the last attempt", nsA, counts{Leased: 1, DeadLettered: 2})
+		wantExpired("expired at the last attempt", nsA, 3)
+		wantExpired("dead-letter namespace", h3x.DeadLetterNamespace(nsA), 0)
+	})
+
 	inBubble(t, "OldestReady", func(t *testing.T) {
 		h := s.open(t, h3x.QueueOptions{})
 		wantAge := func(step string, want time.Duration) {

@@ -34,6 +34,7 @@ type namespaceStats struct {
 	Leased        int    `json:"leased"`
 	Delayed       int    `json:"delayed"`
 	DeadLettered  int    `json:"dead_lettered"`
+	Expired       int    `json:"expired"`
 	OldestReadyMs int64  `json:"oldest_ready_ms"`
 	Bytes         int64  `json:"bytes"`
 }
@@ -103,6 +104,7 @@ func serveAdmin(ctx context.Context, src statsSource, sess *h3x.Session, req adm
 			Leased:        s.Leased,
 			Delayed:       s.Delayed,
 			DeadLettered:  s.DeadLettered,
+			Expired:       s.Expired,
 			OldestReadyMs: s.OldestReady.Milliseconds(),
 			Bytes:         s.Bytes,
 		})

@@ -245,7 +245,7 @@ func TestServeInjectTail(t *testing.T) {
 	var m map[string]float64
 	waitFor(t, 10*time.Second, "the metrics to count the acks", func() bool {
 		m = scrape(t, srv.metrics)
-		return m["h3x_events_acked_total"] == 5
+		return m[`h3x_events_acked_total{namespace="orders"}`] == 5
 	})
 	for k, v := range map[string]float64{
 		`h3x_events_published_total{namespace="orders"}`: 5,
@@ -259,6 +259,39 @@ func TestServeInjectTail(t *testing.T) {
 	if m["h3x_connections_opened_total"] < 5 || m["go_goroutines"] == 0 {
 		t.Errorf("connections opened %v, go_goroutines %v", m["h3x_connections_opened_total"], m["go_goroutines"])
 	}
+	if got, ok := m[`h3x_leases_expired_total{namespace="orders"}`]; !ok || got != 0 {
+		t.Errorf(`h3x_leases_expired_total{namespace="orders"} = %v (present %v), want 0`, got, ok)
+	}
+
+	// A lease that expires: a client fetches an event and extends its lease
+	// to 1ms.
+	if r = runH3X(t, "", writer, "inject", "--ns", "orders", "--message", "expire me"); r.code != 0 {
+		t.Fatalf("inject: exit %d, stderr %q", r.code, r.stderr)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := h3x.Dial(ctx, srv.addr, h3x.WithCredentials("reader", "r-tok"), h3x.WithTrustedFingerprint(srv.fingerprint))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var ds []*h3x.Delivery
+	for range 100 {
+		if ds, err = c.Fetch(ctx, 1, "orders"); err != nil || len(ds) > 0 {
+			break
+		}
+	}
+	if err != nil || len(ds) != 1 {
+		t.Fatalf("fetching the event: %d deliveries, %v", len(ds), err)
+	}
+	if res, err := c.Extend(ctx, time.Millisecond, ds[0]); err != nil || res[0].Status != h3x.SettleOK {
+		t.Fatalf("extending its lease to 1ms: %+v, %v", res, err)
+	}
+	waitFor(t, 10*time.Second, "the metrics to count the expired lease", func() bool {
+		m = scrape(t, srv.metrics)
+		return m[`h3x_leases_expired_total{namespace="orders"}`] == 1
+	})
+	c.Close()
 
 	if code := srv.stop(syscall.SIGINT, 15*time.Second); code != 0 {
 		t.Fatalf("h3x serve exited %d after SIGINT; stderr:\n%s", code, srv.stderr.String())
@@ -416,7 +449,7 @@ func TestStats(t *testing.T) {
 		t.Fatal(err)
 	}
 	q := statsQueue{Queue: h3x.NewMemoryQueue(h3x.QueueOptions{}), stats: []h3x.NamespaceStats{
-		{Namespace: "orders", Ready: 3, Leased: 2, Delayed: 1, DeadLettered: 4, OldestReady: 1500 * time.Millisecond, Bytes: 300},
+		{Namespace: "orders", Ready: 3, Leased: 2, Delayed: 1, DeadLettered: 4, Expired: 5, OldestReady: 1500 * time.Millisecond, Bytes: 300},
 		{Namespace: "audit", Ready: 9},
 	}}
 	srv := h3xtest.NewServer(t, h3xtest.WithQueue(q), h3xtest.WithRegistry(reg))
@@ -432,7 +465,7 @@ func TestStats(t *testing.T) {
 	}
 	want := []namespaceStats{
 		{Namespace: "audit", Ready: 9},
-		{Namespace: "orders", Ready: 3, Leased: 2, Delayed: 1, DeadLettered: 4, OldestReadyMs: 1500, Bytes: 300},
+		{Namespace: "orders", Ready: 3, Leased: 2, Delayed: 1, DeadLettered: 4, Expired: 5, OldestReadyMs: 1500, Bytes: 300},
 	}
 	if !slices.Equal(all, want) {
 		t.Errorf("admin sees %+v, want %+v", all, want)
@@ -448,7 +481,7 @@ func TestStats(t *testing.T) {
 		t.Errorf("stats as reader printed:\n%s", r.stdout)
 	}
 	fields := strings.Fields(out[1])
-	if !slices.Equal(fields[:6], []string{"orders", "3", "2", "1", "4", "300"}) {
+	if !slices.Equal(fields[:7], []string{"orders", "3", "2", "1", "4", "5", "300"}) {
 		t.Errorf("stats row %q", out[1])
 	}
 

@@ -45,7 +45,7 @@
 // server answers with one frame of type 0xF1, then ends the stream:
 //
 //	{"stats":[{"namespace":"orders","ready":3,"leased":2,"delayed":0,
-//	           "dead_lettered":1,"oldest_ready_ms":1500,"bytes":912}]}
+//	           "dead_lettered":1,"expired":4,"oldest_ready_ms":1500,"bytes":912}]}
 //
 // or {"stats":null,"error":"..."}. A session sees only the namespaces it may
 // consume (its consume grants, within the namespaces it asked for at

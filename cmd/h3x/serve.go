@@ -32,8 +32,10 @@ $H3X_REGISTRY_FILE). Without --tls-cert and --tls-key the server makes a
 self-signed development certificate and logs its SHA-256 fingerprint, which
 clients pin with --fingerprint.
 
-With --metrics-addr it serves Prometheus metrics at /metrics. It also serves
-the admin stats frame that "h3x stats" uses (see "go doc ./cmd/h3x").`
+With --metrics-addr it serves Prometheus metrics at /metrics: the h3x_*
+metrics listed in the documentation of github.com/h3x-io/h3x/h3xprom, and
+the Go runtime's and process's. It also serves the admin stats frame that
+"h3x stats" uses (see "go doc ./cmd/h3x").`
 
 type serveFlags struct {
 	addr, registry, registryFile, dataDir string

@@ -10,8 +10,9 @@ import (
 
 const statsAbout = `
 Stats prints each namespace's counts: events ready, leased, delayed (nacked
-with a delay) and dead-lettered so far, stored bytes and the age of the
-oldest ready event. It lists the given namespaces, or every namespace the
+with a delay) and dead-lettered so far, leases expired so far, stored bytes
+and the age of the oldest ready event ("so far": since the server's queue
+was opened). It lists the given namespaces, or every namespace the
 client may consume.
 
 It asks over the admin stream of h3x serve (see "go doc ./cmd/h3x"), which
@@ -52,13 +53,13 @@ func runStats(ctx context.Context, e *cmdEnv, args []string) error {
 		return enc.Encode(stats)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAMESPACE\tREADY\tLEASED\tDELAYED\tDEAD-LETTERED\tBYTES\tOLDEST READY\t")
+	fmt.Fprintln(tw, "NAMESPACE\tREADY\tLEASED\tDELAYED\tDEAD-LETTERED\tEXPIRED\tBYTES\tOLDEST READY\t")
 	for _, s := range stats {
 		oldest := "-"
 		if s.OldestReadyMs > 0 {
 			oldest = (time.Duration(s.OldestReadyMs) * time.Millisecond).String()
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%s\t\n", s.Namespace, s.Ready, s.Leased, s.Delayed, s.DeadLettered, s.Bytes, oldest)
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t\n", s.Namespace, s.Ready, s.Leased, s.Delayed, s.DeadLettered, s.Expired, s.Bytes, oldest)
 	}
 	return tw.Flush()
 }
