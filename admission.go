@@ -44,12 +44,15 @@ var (
 const admissionMaxIPs = 65536
 
 // AdmissionStats counts what the server's admission control did with new
-// connection attempts since the server started.
+// connection attempts since the server started. Retried and the Refused
+// counts are of Initial packets: an attempt's first flight can be two
+// packets (a ClientHello with a post-quantum key share), and a refused
+// client may retransmit.
 type AdmissionStats struct {
 	Admitted       uint64 // attempts handed to the TLS handshake
-	Retried        uint64 // attempts answered with a Retry (address validation) first
-	RefusedRate    uint64 // refused: the server-wide or per-IP new-connection rate
-	RefusedLimit   uint64 // refused: the connection limit or the unauthenticated limit
+	Retried        uint64 // packets answered with a Retry (address validation)
+	RefusedRate    uint64 // packets refused: the server-wide or per-IP new-connection rate, or unvalidated while busy
+	RefusedLimit   uint64 // packets refused: the connection limit or the handshaking/unauthenticated limit
 	Unvalidated    uint64 // admitted without address validation
 	PendingNow     int64  // connections handshaking or waiting to authenticate now
 	PendingMax     int64  // the limit of PendingNow
