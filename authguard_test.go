@@ -6,6 +6,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/quic-go/quic-go"
 )
 
 func TestAuthGuardDelays(t *testing.T) {
@@ -60,7 +62,15 @@ func TestUnauthenticatedConnectionsCapped(t *testing.T) {
 	existing := mustDial(t, srv, "alice", "alice-token")
 	var refused int
 	for range 24 {
-		rc := rawDial(t, srv)
+		rc, err := rawTryDial(t, srv)
+		if err != nil {
+			var te *quic.TransportError
+			if !errors.As(err, &te) || te.ErrorCode != quic.ConnectionRefused {
+				t.Fatalf("dial: %v, want CONNECTION_REFUSED or success", err)
+			}
+			refused++ // before the handshake (admission.go)
+			continue
+		}
 		select {
 		case <-rc.qc.Context().Done():
 			refused++

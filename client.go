@@ -474,6 +474,13 @@ func (c *Client) retryable(ctx context.Context, cc *clientConn, err error) bool 
 		// too large): sending it again would fail the same way.
 		return false
 	}
+	if errors.As(err, &e) && e.Remote && e.Code != CodeNone && e.Code != CodeShuttingDown && e.Code != CodeTooManyConnections {
+		// The server refused the request for now (a full disk or queue, a
+		// rate limit, an internal error): the caller gets the error and its
+		// RetryAfter, rather than the call resending it in a loop until its
+		// context ends.
+		return false
+	}
 	// Wait until the supervisor notices the loss (bounded), so the retry
 	// does not spin on the dead connection.
 	select {

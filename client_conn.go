@@ -69,7 +69,7 @@ func (c *Client) connect(ctx context.Context) (*clientConn, error) {
 	qc, err := cc.tr.Dial(ctx, udpAddr, c.cfg.tlsFor(c.addr), qconf)
 	if err != nil {
 		cc.closeTransport()
-		return nil, fmt.Errorf("h3x: connecting to %s: %w", c.addr, err)
+		return nil, fmt.Errorf("h3x: connecting to %s: %w", c.addr, connError(err))
 	}
 	cc.qc = qc
 	if err := cc.authenticate(ctx); err != nil {
@@ -99,6 +99,12 @@ func connError(err error) error {
 	var ae *quic.ApplicationError
 	if errors.As(err, &ae) && ae.ErrorCode != 0 {
 		return &Error{Code: ErrorCode(ae.ErrorCode), Message: ae.ErrorMessage, Remote: ae.Remote, cause: err}
+	}
+	var te *quic.TransportError
+	if errors.As(err, &te) && te.Remote && te.ErrorCode == quic.ConnectionRefused {
+		// The server's admission control refused the attempt before the
+		// handshake (rate or connection limits): retryable.
+		return &Error{Code: CodeTooManyConnections, Message: "connection refused", Remote: true, cause: err}
 	}
 	var se *quic.StreamError
 	if errors.As(err, &se) && se.ErrorCode != 0 {

@@ -81,6 +81,8 @@ type serverConfig struct {
 	rateLimits       map[string]RateLimit
 	maxUnacked       int
 	fetchLinger      time.Duration
+	connRate         RateLimit
+	connRatePerIP    RateLimit
 }
 
 func defaultServerConfig() serverConfig {
@@ -102,6 +104,8 @@ func defaultServerConfig() serverConfig {
 		idleTimeout:      DefaultIdleTimeout,
 		hooks:            NopHooks{},
 		maxUnacked:       DefaultMaxUnackedPerSession,
+		connRate:         DefaultConnectionRate,
+		connRatePerIP:    DefaultConnectionRatePerIP,
 	}
 }
 
@@ -154,6 +158,12 @@ func (c *serverConfig) validate() error {
 		if !(l.Rate > 0) || l.Burst < 0 {
 			bad("WithRateLimit(%q): rate must be positive and burst not negative", ns)
 		}
+	}
+	if c.connRate.Rate < 0 || c.connRate.Burst < 0 {
+		bad("WithConnectionRate: rate and burst must not be negative, got %+v", c.connRate)
+	}
+	if c.connRatePerIP.Rate < 0 || c.connRatePerIP.Burst < 0 {
+		bad("WithConnectionRatePerIP: rate and burst must not be negative, got %+v", c.connRatePerIP)
 	}
 	if c.maxUnacked < 0 {
 		bad("WithMaxUnacked must not be negative, got %d", c.maxUnacked)

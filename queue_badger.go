@@ -116,6 +116,7 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		db.Close()
 		return nil, err
 	}
+	q.startBallast(bo.ValueLogFileSize)
 	go q.writer()
 	go q.completer()
 	go q.gcLoop(valueLogGCInterval)
@@ -250,6 +251,7 @@ type badgerQueue struct {
 
 	reserve  uint64
 	diskFree atomic.Pointer[func(dir string) (uint64, error)] // a test hook
+	ballast  *ballast                                         // queue_badger_ballast.go; nil without free-space figures
 
 	// The transaction builder's reusable slices (writer-owned).
 	bcur    []bwrite
@@ -1066,6 +1068,9 @@ func (q *badgerQueue) write(ops []*wop) *group {
 			g.diskErr = diskFullError("write", fmt.Errorf("%d bytes free in %s", free, q.dir))
 		}
 	}
+	if g.diskErr == nil {
+		g.diskErr = q.ballastOut()
+	}
 	if g.diskErr != nil {
 		g.release()
 		return g
@@ -1724,6 +1729,7 @@ func (q *badgerQueue) Close() error {
 		<-q.completerDone
 		close(q.gcStop)
 		<-q.gcDone
+		q.stopBallast()
 		if err := q.db.Close(); err != nil {
 			q.closeErr = fmt.Errorf("h3x: close badger queue: %w", err)
 		}

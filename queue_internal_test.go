@@ -808,3 +808,50 @@ func procMemory() string {
 	parts = append(parts, fmt.Sprintf("Go heap in use: %d MB", ms.HeapInuse>>20))
 	return strings.Join(parts, ", ")
 }
+
+func TestBadgerQueueBallast(t *testing.T) {
+	dir := t.TempDir()
+	q := openTestBadger(t, dir, QueueOptions{})
+	path := filepath.Join(dir, ballastName)
+	fi, err := os.Stat(path)
+	if err != nil || fi.Size() != q.ballast.size {
+		t.Fatalf("ballast: %v, %v; want %d bytes", fi, err, q.ballast.size)
+	}
+	publishTest(t, q, Event{ID: "a", Namespace: "n"})
+	ls := leaseAll(t, q, "h", 1, "n")
+	free := uint64(1 << 40)
+	var mu sync.Mutex
+	setFree := func(n uint64) { mu.Lock(); free = n; mu.Unlock() }
+	df := func(string) (uint64, error) { mu.Lock(); defer mu.Unlock(); return free, nil }
+	q.diskFree.Store(&df)
+	// Someone else filled the disk and stopped: the ballast goes, and every
+	// write is refused until there is room to make it again.
+	setFree(1 << 20)
+	waitFor(t, func() bool { _, err := os.Stat(path); return errors.Is(err, os.ErrNotExist) })
+	setFree(q.reserve/2 + 1<<20) // acks alone would be written at this level
+	ack := func() error {
+		_, err := q.Ack(context.Background(), "h", []LeaseRef{{ID: ls[0].Event.ID, Attempt: ls[0].Attempt}})
+		return err
+	}
+	var e *Error
+	if err := ack(); !errors.As(err, &e) || !e.Temporary() || !strings.Contains(e.Message, "disk full") {
+		t.Fatalf("ack with the ballast released: %v, want a retryable disk-full error", err)
+	}
+	setFree(1 << 40)
+	if err := ack(); err != nil {
+		t.Fatalf("ack once the space is back: %v", err)
+	}
+	waitFor(t, func() bool { fi, err := os.Stat(path); return err == nil && fi.Size() == q.ballast.size })
+}
+
+// waitFor polls cond every 10 ms for at most 5 s.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for range 500 {
+		if cond() {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("condition not met within 5 s")
+}

@@ -51,9 +51,9 @@ type Server struct {
 	closeErr    error
 	wg          sync.WaitGroup // the accept loop and every connection
 
-	connCount   atomic.Int64
-	pendingAuth atomic.Int64 // connections not yet authenticated
-	authGuard   authGuard
+	connCount atomic.Int64
+	admission *admission // set by start
+	authGuard authGuard
 }
 
 // NewServer returns a server configured by opts. It validates the
@@ -270,7 +270,9 @@ func (s *Server) start(ctx context.Context, pc net.PacketConn, own net.PacketCon
 		return errors.New("h3x: server already started")
 	}
 	key := statelessResetKey(s.tlsConf)
-	tr := &quic.Transport{Conn: pc, StatelessResetKey: &key}
+	s.admission = newAdmission(s.cfg.connRate, s.cfg.connRatePerIP, s.maxUnauthenticated(), s.cfg.maxConnections, time.Now())
+	tr := &quic.Transport{Conn: pc, StatelessResetKey: &key,
+		VerifySourceAddress: s.admission.verifySourceAddress, ConnContext: s.admission.connContext}
 	ln, err := tr.Listen(s.tlsConf, s.quicConf)
 	if err != nil {
 		tr.Close()
@@ -306,15 +308,15 @@ func (s *Server) acceptLoop(ln *quic.Listener) {
 		if err != nil {
 			return
 		}
-		if s.connCount.Load() >= int64(s.cfg.maxConnections) || s.pendingAuth.Load() >= int64(s.maxUnauthenticated()) {
+		// Admission control (admission.go) refused attempts beyond the
+		// limits before their handshake; this check is a backstop.
+		if s.connCount.Load() >= int64(s.cfg.maxConnections) {
 			qc.CloseWithError(quic.ApplicationErrorCode(CodeTooManyConnections), "too many connections")
 			continue
 		}
-		s.pendingAuth.Add(1)
 		s.mu.Lock()
 		if s.closing {
 			s.mu.Unlock()
-			s.pendingAuth.Add(-1)
 			qc.CloseWithError(quic.ApplicationErrorCode(CodeShuttingDown), "shutting down")
 			continue
 		}
@@ -337,8 +339,8 @@ func (s *Server) acceptLoop(ln *quic.Listener) {
 	}
 }
 
-// maxUnauthenticated is how many connections may be waiting to
-// authenticate at once: a tenth of the connection limit, at least 16 and at
+// maxUnauthenticated is how many connections may be handshaking or waiting
+// to authenticate at once: a tenth of the connection limit, at least 16 and at
 // most 1,000.
 func (s *Server) maxUnauthenticated() int {
 	return min(max(s.cfg.maxConnections/10, 16), 1000)

@@ -205,7 +205,7 @@ func (c *serverConn) serve() {
 		}
 	}()
 	err := c.authenticate(ctx)
-	c.srv.pendingAuth.Add(-1)
+	connAuthenticated(ctx) // frees its admission slot (admission.go)
 	if err != nil {
 		var e *Error
 		code := CodeUnauthenticated

@@ -81,6 +81,17 @@ type rawConn struct {
 
 func rawDial(t *testing.T, s *Server) *rawConn {
 	t.Helper()
+	rc, err := rawTryDial(t, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rc
+}
+
+// rawTryDial is rawDial returning the dial's error (a refusal before the
+// handshake, for example).
+func rawTryDial(t *testing.T, s *Server) (*rawConn, error) {
+	t.Helper()
 	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
@@ -90,11 +101,13 @@ func rawDial(t *testing.T, s *Server) *rawConn {
 	defer cancel()
 	qc, err := tr.Dial(ctx, s.Addr(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{ALPN}}, &quic.Config{MaxIdleTimeout: 5 * time.Second})
 	if err != nil {
-		t.Fatal(err)
+		tr.Close()
+		udp.Close()
+		return nil, err
 	}
 	rc := &rawConn{t: t, tr: tr, udp: udp, qc: qc}
 	t.Cleanup(rc.close)
-	return rc
+	return rc, nil
 }
 
 func (rc *rawConn) close() {

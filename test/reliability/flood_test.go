@@ -1,12 +1,17 @@
 package reliability
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -103,6 +108,13 @@ func (d *dialer) dial(ctx context.Context, addr string) (*quic.Conn, error) {
 	return tr.Dial(ctx, ua, rawTLS(), &quic.Config{HandshakeIdleTimeout: 2 * time.Second, MaxIdleTimeout: 10 * time.Second})
 }
 
+// isRefused reports whether a dial was refused by the server before its
+// handshake (QUIC CONNECTION_REFUSED).
+func isRefused(err error) bool {
+	var te *quic.TransportError
+	return errors.As(err, &te) && te.Remote && te.ErrorCode == quic.ConnectionRefused
+}
+
 // closeCode returns the application error code the server closed c with,
 // or -1 if it did not close it within wait.
 func closeCode(c *quic.Conn, wait time.Duration) int {
@@ -121,8 +133,11 @@ func closeCode(c *quic.Conn, wait time.Duration) int {
 // TestFloods: a burst of connection attempts, unauthenticated connections
 // held open, and wrong tokens in a loop. The server refuses beyond its
 // limits, keeps its heap bounded, keeps serving an existing client, and
-// slows repeated auth failures from one address. H3X_FLOOD_CONNS (default
-// 1,000) sets the burst; RELIABILITY.md's figures use 10,000.
+// slows repeated auth failures from one address. The burst comes from a
+// child process (TestFloodAttacker). H3X_FLOOD_CONNS (default 1,000) sets
+// the burst; RELIABILITY.md's figures use 10,000. H3X_FLOOD_RATE sets the
+// server's new-connection rate (bursts of twice it; 0 turns it off)
+// instead of the default, for comparisons.
 //
 //	H3X_FLOOD_CONNS=10000 go test -run TestFloods ./test/reliability/ -v
 func TestFloods(t *testing.T) {
@@ -138,8 +153,16 @@ func TestFloods(t *testing.T) {
 	}
 	const maxConns = 2000 // so at most 200 may wait to authenticate
 	const maxUnauth = maxConns / 10
+	rate := h3x.DefaultConnectionRate
+	if v := os.Getenv("H3X_FLOOD_RATE"); v != "" {
+		r, err := strconv.ParseFloat(v, 64)
+		if err != nil || r < 0 {
+			t.Fatalf("H3X_FLOOD_RATE=%q", v)
+		}
+		rate = h3x.RateLimit{Rate: r, Burst: int(2 * r)}
+	}
 	srv := startServer(t, h3x.WithQueue(h3x.NewMemoryQueue(h3x.QueueOptions{})),
-		h3x.WithMaxConnections(maxConns), h3x.WithAuthTimeout(2*time.Second))
+		h3x.WithMaxConnections(maxConns), h3x.WithAuthTimeout(2*time.Second), h3x.WithConnectionRate(rate))
 	existing := srv.dial(t, srv.addr)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -149,76 +172,94 @@ func TestFloods(t *testing.T) {
 	p := &probe{}
 	wg.Go(func() { p.run(ctx, existing) })
 	heap0 := heapNow()
-	base := p.rate(time.Second)
+	base := p.rate(3 * time.Second)
 	t.Logf("baseline: %.0f round trips/s, heap %.1f MiB", base, mib(heap0))
 
-	// 1. A burst of connection attempts, 256 at a time; each is closed as
-	// soon as the server has had 50 ms to refuse it.
-	d := newDialer(t, 4)
-	codes := map[int]int{}
-	var codesMu sync.Mutex
-	var failed atomic.Int64
+	// 1. A burst of connection attempts, 256 at a time, from another
+	// process (this test binary, re-executed: see TestFloodAttacker), so
+	// that the attackers' own TLS work is not charged to the server's
+	// process. How many are refused depends on how fast the attacker
+	// runs, so it is reported; the refusal itself is tested
+	// deterministically in the root package (admission_test.go).
 	stop := make(chan struct{})
 	peakCh := make(chan uint64, 1)
 	go func() { peakCh <- heapPeak(stop) }()
 	n0 := p.n.Load()
+	cpu0 := cpuTime()
 	start := time.Now()
-	sem := make(chan struct{}, 256)
-	var bwg sync.WaitGroup
-	for range burst {
-		sem <- struct{}{}
-		bwg.Go(func() {
-			defer func() { <-sem }()
-			dctx, dcancel := context.WithTimeout(ctx, 3*time.Second)
-			defer dcancel()
-			c, err := d.dial(dctx, srv.addr)
-			if err != nil {
-				failed.Add(1)
-				return
-			}
-			code := closeCode(c, 50*time.Millisecond)
-			c.CloseWithError(0, "")
-			codesMu.Lock()
-			codes[code]++
-			codesMu.Unlock()
-		})
-	}
-	bwg.Wait()
+	res, err := runAttacker(ctx, srv.addr, burst, 256)
 	took := time.Since(start)
+	cpu := cpuTime() - cpu0
 	during := float64(p.n.Load()-n0) / took.Seconds()
 	close(stop)
 	peak := <-peakCh
-	t.Logf("burst: %d attempts in %v (%.0f/s): handshakes failed %d, left open by the server %d, closed TOO_MANY_CONNECTIONS %d, other %v",
-		burst, took.Round(time.Millisecond), float64(burst)/took.Seconds(), failed.Load(), codes[-1], codes[int(h3x.CodeTooManyConnections)], codes)
-	t.Logf("burst: existing client %.0f round trips/s during (%.0f before); heap peak %.1f MiB (before %.1f MiB, both ends of every connection in this process)",
-		during, base, mib(peak), mib(heap0))
+	if err != nil {
+		t.Fatalf("attacker: %v", err)
+	}
+	codes := res.Codes
+	refused, failed := res.Refused, res.Failed
+	st := srv.AdmissionStats()
+	t.Logf("burst: %d attempts in %v (%.0f/s): refused before the handshake %d, handshakes failed %d, left open by the server %d, closed TOO_MANY_CONNECTIONS %d, other %v",
+		burst, took.Round(time.Millisecond), float64(burst)/took.Seconds(), refused, failed, codes[-1], codes[int(h3x.CodeTooManyConnections)], codes)
+	t.Logf("burst: server admission %+v", st)
+	t.Logf("burst: existing client %.0f round trips/s during (%.0f before, %.0f%%); server process CPU %.2f cores (%v); heap peak %.1f MiB (before %.1f MiB)",
+		during, base, 100*during/base, cpu.Seconds()/took.Seconds(), cpu.Round(time.Millisecond), mib(peak), mib(heap0))
+	// Every attempt is accounted for: handshaken (then closed), refused
+	// before its handshake, or failed (a lost packet's timeout).
+	handshaken := int64(0)
+	for _, n := range codes {
+		handshaken += int64(n)
+	}
+	if handshaken+refused+failed != int64(burst) {
+		t.Errorf("attempts: %d handshaken + %d refused + %d failed != %d", handshaken, refused, failed, burst)
+	}
+	// The server admits no more than its new-connection bucket allows:
+	// the burst plus the rate over the time the flood took (and some
+	// slack for the time before and after it).
+	if limit := uint64(float64(rate.Burst) + rate.Rate*(took.Seconds()+1)); rate.Rate > 0 && st.Admitted > limit+1 {
+		t.Errorf("the server admitted %d connections in %v; its rate allows %d", st.Admitted, took, limit)
+	}
+	if st.RefusedRate+st.RefusedLimit < uint64(refused) {
+		t.Errorf("the clients saw %d refusals, the server counted %d", refused, st.RefusedRate+st.RefusedLimit)
+	}
 	// The existing client must make progress without errors. (Its rate
-	// during the burst is reported, not asserted: here the attacker's
-	// handshakes run in the same process, on the same two cores; see
-	// RELIABILITY.md.)
-	if during == 0 {
-		t.Errorf("the existing client made no progress during the burst (%.0f round trips/s before)", base)
+	// during the burst is reported, not asserted beyond a loose bound:
+	// here the attacker's handshakes run in the same process, on the same
+	// two cores; see RELIABILITY.md.)
+	if during < base/20 {
+		t.Errorf("the existing client fell to %.0f round trips/s during the burst (%.0f before)", during, base)
 	}
 
 	// 2. Unauthenticated connections held open: the server keeps at most
 	// maxUnauth of them, and closes them at the auth timeout.
+	d := newDialer(t, 4)
+	sem := make(chan struct{}, 256)
 	held := make([]*quic.Conn, 0, 1000)
 	var hmu sync.Mutex
 	var hwg sync.WaitGroup
+	var heldRefused atomic.Int64
 	for range 1000 {
 		sem <- struct{}{}
 		hwg.Go(func() {
 			defer func() { <-sem }()
 			dctx, dcancel := context.WithTimeout(ctx, 3*time.Second)
 			defer dcancel()
-			if c, err := d.dial(dctx, srv.addr); err == nil {
+			c, err := d.dial(dctx, srv.addr)
+			switch {
+			case err == nil:
 				hmu.Lock()
 				held = append(held, c)
 				hmu.Unlock()
+			case isRefused(err):
+				heldRefused.Add(1)
 			}
 		})
 	}
 	hwg.Wait()
+	stHeld := srv.AdmissionStats()
+	if stHeld.PendingNow > stHeld.PendingMax {
+		t.Errorf("%d connections pending, the limit is %d", stHeld.PendingNow, stHeld.PendingMax)
+	}
 	time.Sleep(200 * time.Millisecond)
 	open := 0
 	for _, c := range held {
@@ -228,8 +269,8 @@ func TestFloods(t *testing.T) {
 	}
 	heapHeld := heapNow()
 	rateHeld := p.rate(time.Second)
-	t.Logf("held: %d handshakes, %d still open after 200 ms (limit %d); heap %.1f MiB; existing client %.0f round trips/s",
-		len(held), open, maxUnauth, mib(heapHeld), rateHeld)
+	t.Logf("held: 1000 attempts: %d handshakes, %d refused before the handshake; %d still open after 200 ms (limit %d); heap %.1f MiB; existing client %.0f round trips/s; server admission %+v",
+		len(held), heldRefused.Load(), open, maxUnauth, mib(heapHeld), rateHeld, stHeld)
 	if open > maxUnauth+10 {
 		t.Errorf("%d unauthenticated connections kept open; the limit is %d", open, maxUnauth)
 	}
@@ -254,10 +295,21 @@ func TestFloods(t *testing.T) {
 	// 3. Wrong tokens in a loop from one address: answered slower and slower.
 	var delays []time.Duration
 	for range 8 {
-		dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
-		began := time.Now()
-		c, err := h3x.Dial(dctx, srv.addr, h3x.WithCredentials(clientID, "wrong"), h3x.WithTrustedFingerprint(srv.fp))
-		dcancel()
+		var c *h3x.Client
+		var err error
+		var began time.Time
+		// An attempt refused by the new-connection rate (the floods above
+		// emptied its bucket) is retried: at most 50 times, 100 ms apart.
+		for range 50 {
+			dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
+			began = time.Now()
+			c, err = h3x.Dial(dctx, srv.addr, h3x.WithCredentials(clientID, "wrong"), h3x.WithTrustedFingerprint(srv.fp))
+			dcancel()
+			if !errors.Is(err, h3x.ErrTooManyConnections) {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
 		delays = append(delays, time.Since(began).Round(time.Millisecond))
 		if err == nil {
 			c.Close()
@@ -280,4 +332,95 @@ func TestFloods(t *testing.T) {
 	// under handshake floods, RELIABILITY.md finding 6): reported.
 	t.Logf("existing client: %d round trips, %d calls over 5 s", p.n.Load(), p.errs.Load())
 	t.Logf("after: heap %.1f MiB", mib(heapNow()))
+}
+
+// attackResult is what the attacker process reports.
+type attackResult struct {
+	Codes   map[int]int // handshaken attempts by the server's close code (-1: left open 50 ms, -2: closed otherwise)
+	Refused int64       // refused before the handshake (CONNECTION_REFUSED)
+	Failed  int64       // failed otherwise (timeouts)
+}
+
+const attackerEnv = "H3X_FLOOD_ATTACKER" // "addr count concurrency": run as the attacker
+
+// runAttacker runs count connection attempts against addr, conc at a time,
+// in a child process, and returns their outcomes.
+func runAttacker(ctx context.Context, addr string, count, conc int) (*attackResult, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	args := []string{os.Args[0], "-test.run=^TestFloodAttacker$", "-test.count=1"}
+	// At the lowest CPU priority by default, standing in for an attacker on
+	// another machine: the flood then takes from the server only what the
+	// server itself spends on it. H3X_FLOOD_NICE=0 runs it at normal
+	// priority, sharing this machine's cores.
+	if nice, err := exec.LookPath("nice"); err == nil && os.Getenv("H3X_FLOOD_NICE") != "0" {
+		args = append([]string{nice, "-n", "19"}, args...)
+	}
+	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
+	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s %d %d", attackerEnv, addr, count, conc))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("%v: %s%s", err, out, stderr.Bytes())
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if rest, ok := strings.CutPrefix(line, "RESULT "); ok {
+			var r attackResult
+			if err := json.Unmarshal([]byte(rest), &r); err != nil {
+				return nil, err
+			}
+			return &r, nil
+		}
+	}
+	return nil, fmt.Errorf("no result in the attacker's output: %s", out)
+}
+
+// TestFloodAttacker is TestFloods' attacker process; it is skipped unless
+// H3X_FLOOD_ATTACKER is set.
+func TestFloodAttacker(t *testing.T) {
+	spec := os.Getenv(attackerEnv)
+	if spec == "" {
+		t.Skip("the attacker process of TestFloods")
+	}
+	var addr string
+	var count, conc int
+	if _, err := fmt.Sscanf(spec, "%s %d %d", &addr, &count, &conc); err != nil {
+		t.Fatalf("%s=%q: %v", attackerEnv, spec, err)
+	}
+	d := newDialer(t, 4)
+	res := attackResult{Codes: map[int]int{}}
+	var mu sync.Mutex
+	var refused, failed atomic.Int64
+	sem := make(chan struct{}, conc)
+	var wg sync.WaitGroup
+	for range count {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			dctx, dcancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer dcancel()
+			c, err := d.dial(dctx, addr)
+			if err != nil {
+				if isRefused(err) {
+					refused.Add(1)
+				} else {
+					failed.Add(1)
+				}
+				return
+			}
+			code := closeCode(c, 50*time.Millisecond)
+			c.CloseWithError(0, "")
+			mu.Lock()
+			res.Codes[code]++
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	res.Refused, res.Failed = refused.Load(), failed.Load()
+	b, err := json.Marshal(res)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Printf("RESULT %s\n", b)
 }

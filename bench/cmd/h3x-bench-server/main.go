@@ -80,6 +80,9 @@ func main() {
 		h3x.WithQueueOptions(qo),
 		h3x.WithRegistry(reg),
 		h3x.WithMaxConnections(*maxConns),
+		// The scale benchmark connects thousands of clients from one
+		// address as fast as it can: no new-connection rate limit.
+		h3x.WithConnectionRate(h3x.RateLimit{}),
 	)
 	if err != nil {
 		log.Fatal(err)

@@ -1,0 +1,241 @@
+package h3x
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// A disk filled by another process must not crash the server. Badger
+// writes its memtable WAL (.mem), its value log (.vlog) and the tables it
+// flushes and compacts through memory maps of files it sized with truncate
+// (sparse files). When the filesystem is full, the page fault that would
+// allocate a block of such a file cannot be served and the process gets
+// SIGBUS, which Go cannot recover. The queue's free-space checks (at each
+// write group) protect against its own writes, not against another process
+// filling the disk between two checks. Two measures narrow that window:
+//
+//   - Preallocation: the newest .mem and .vlog files are fallocate'd as soon
+//     as they appear (checked every ballastInterval), so writes into them
+//     need no new blocks.
+//   - A ballast file (ballastName) in the data directory, made at open:
+//     when free space is below half the reserve and has stopped changing
+//     (ballastStable checks: whoever filled the disk has stopped), and at
+//     Close when free space is low, it is deleted, which gives Badger's
+//     in-flight work (memtable flushes, the tables of a compaction, the
+//     flush at Close) room; every write (publishes and acks) is then
+//     refused with the retryable disk-full error until the space returns
+//     and the ballast is made again.
+//
+// What remains: a table file written by a flush or compaction is created
+// and filled in one Badger call, so it cannot be preallocated; a process
+// that keeps filling the disk takes the ballast's space too. The data
+// directory belongs on its own filesystem (or under a quota) for a full
+// guarantee.
+
+const (
+	ballastName     = "h3x-ballast"
+	ballastInterval = 20 * time.Millisecond
+	// ballastStable is how many checks in a row must find the same low
+	// free space before the ballast goes: released while another process
+	// is still writing, its space would only go to that process.
+	ballastStable = 5
+	// ballastVlogSlack is how far past ValueLogFileSize a value-log file
+	// is preallocated: Badger rotates after the entry that crosses it.
+	ballastVlogSlack = 8 << 20
+)
+
+// ballast keeps space in reserve for Badger and preallocates its newest
+// log files.
+type ballast struct {
+	path       string
+	size       int64
+	low        uint64 // below this much free space, the ballast goes
+	bdir, vdir string
+	vlogMax    int64
+	free       func() (uint64, error)
+	log        *slog.Logger
+
+	out  atomic.Bool // released because the disk filled; writes refused
+	stop chan struct{}
+	done chan struct{}
+
+	present  bool // monitor-owned below
+	lastFree uint64
+	stable   int // checks in a row that found lastFree
+	memFid   int // the newest files already preallocated
+	vlogFid  int
+	warned   bool
+	once     sync.Once
+}
+
+// startBallast makes the ballast and starts its monitor; a no-op where free
+// space cannot be measured.
+func (q *badgerQueue) startBallast(vlogFileSize int64) {
+	if _, err := (*q.diskFree.Load())(q.dir); err != nil {
+		return
+	}
+	b := &ballast{
+		path:    filepath.Join(q.dir, ballastName),
+		size:    max(int64(q.reserve/4), 8<<20),
+		low:     q.reserve / 2,
+		bdir:    q.bdir,
+		vdir:    q.vdir,
+		vlogMax: vlogFileSize + ballastVlogSlack,
+		free:    func() (uint64, error) { return (*q.diskFree.Load())(q.dir) },
+		log:     q.log,
+		stop:    make(chan struct{}),
+		done:    make(chan struct{}),
+		memFid:  -1,
+		vlogFid: -1,
+	}
+	if fi, err := os.Stat(b.path); err == nil && fi.Size() >= b.size {
+		b.present = true
+	} else {
+		b.tryMake()
+	}
+	b.preallocate()
+	q.ballast = b
+	go b.monitor()
+}
+
+// stopBallast stops the monitor; before Badger's final flush it releases
+// the ballast if the disk is low.
+func (q *badgerQueue) stopBallast() {
+	b := q.ballast
+	if b == nil {
+		return
+	}
+	b.once.Do(func() { close(b.stop) })
+	<-b.done
+	b.stable = ballastStable
+	b.check()
+}
+
+// ballastOut returns the disk-full error that refuses every write while the
+// ballast is released because the disk filled, until there is room to make
+// it again (the monitor then does).
+func (q *badgerQueue) ballastOut() error {
+	b := q.ballast
+	if b == nil || !b.out.Load() {
+		return nil
+	}
+	if free, err := b.free(); err == nil && free >= b.resume() {
+		return nil
+	}
+	return diskFullError("write", fmt.Errorf("the disk of %s filled up; writes resume once %d bytes are free", q.dir, b.resume()))
+}
+
+// resume is the free space at which the released ballast is made again.
+func (b *ballast) resume() uint64 { return b.low + uint64(b.size) + uint64(b.size)/2 }
+
+func (b *ballast) monitor() {
+	defer close(b.done)
+	t := time.NewTicker(ballastInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-b.stop:
+			return
+		case <-t.C:
+		}
+		b.check()
+		b.preallocate()
+	}
+}
+
+// check releases the ballast when free space is low, and makes it again
+// once there is room for it above the low mark.
+func (b *ballast) check() {
+	free, err := b.free()
+	if err != nil {
+		return
+	}
+	if free == b.lastFree {
+		b.stable = min(b.stable+1, ballastStable)
+	} else {
+		b.lastFree, b.stable = free, 0
+	}
+	switch {
+	case b.present && free < b.low && b.stable >= ballastStable:
+		b.out.Store(true) // writes refused from now on
+		if err := os.Remove(b.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			b.log.Error("h3x: removing the disk ballast", "path", b.path, "err", err)
+			return
+		}
+		b.present = false
+		b.log.Warn("h3x: the disk is full: ballast released, writes refused until space returns",
+			"free", free, "ballast", b.size)
+	case !b.present && free >= b.resume():
+		if b.tryMake() {
+			b.out.Store(false)
+		}
+	}
+}
+
+// tryMake creates the ballast with its blocks allocated.
+func (b *ballast) tryMake() bool {
+	f, err := os.OpenFile(b.path, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		b.warnOnce("h3x: creating the disk ballast", err)
+		return false
+	}
+	err = allocate(f, b.size)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(b.path)
+		b.warnOnce("h3x: creating the disk ballast", err)
+		return false
+	}
+	b.present = true
+	return true
+}
+
+func (b *ballast) warnOnce(msg string, err error) {
+	if !b.warned {
+		b.warned = true
+		b.log.Warn(msg, "path", b.path, "err", err)
+	}
+}
+
+// preallocate allocates the blocks of the newest .mem and .vlog files (up
+// to the size Badger gave them, a value-log file up to vlogMax).
+func (b *ballast) preallocate() {
+	if mem, err := logFiles(b.bdir, ".mem"); err == nil && len(mem) > 0 && mem[len(mem)-1] != b.memFid {
+		fid := mem[len(mem)-1]
+		if preallocateFile(memFilePath(b.bdir, fid), 1<<62) == nil {
+			b.memFid = fid
+		}
+	}
+	if vlog, err := logFiles(b.vdir, ".vlog"); err == nil && len(vlog) > 0 && vlog[len(vlog)-1] != b.vlogFid {
+		fid := vlog[len(vlog)-1]
+		if preallocateFile(vlogFilePath(b.vdir, fid), b.vlogMax) == nil {
+			b.vlogFid = fid
+		}
+	}
+}
+
+// preallocateFile allocates the blocks of path's first min(size, limit)
+// bytes, without changing its size.
+func preallocateFile(path string, limit int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if n := min(fi.Size(), limit); n > 0 {
+		return allocate(f, n)
+	}
+	return nil
+}
