@@ -72,7 +72,8 @@ type Server struct {
 
 // NewServer starts a broker for t on a random loopback port, with an
 // in-memory queue and a registry holding the test client (ClientID, Token)
-// with every permission on every namespace. t.Cleanup stops it.
+// with every permission on every namespace, and no limit on the rate of new
+// connections (h3x.WithConnectionRate). t.Cleanup stops it.
 //
 //	srv := h3xtest.NewServer(t)
 //	c := srv.Dial(t)
@@ -128,6 +129,10 @@ func (s *Server) start(addr *net.UDPAddr) {
 		h3x.WithRegistry(s.registry),
 		h3x.WithTLSConfig(s.tlsConf),
 		h3x.WithPacketConn(pc),
+		// A test may open many clients at once from one address; the flood
+		// protection is for servers on a network (WithServerOptions can
+		// turn it back on).
+		h3x.WithConnectionRate(h3x.RateLimit{}),
 	}, s.cfg.serverOpts...)
 	srv, err := h3x.NewServer(opts...)
 	if err != nil {
