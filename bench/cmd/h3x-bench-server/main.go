@@ -39,9 +39,17 @@ func main() {
 	maxConns := flag.Int("max-conns", 11000, "WithMaxConnections")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	pprofAddr := flag.String("pprof", "", "serve net/http/pprof on this loopback address")
+	bare := flag.Bool("bare-quic", false, "serve bare quic-go instead of H3X (the scale test's quic-go floor; see bare.go)")
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("h3x-bench-server: ")
+	if *bare {
+		if *pprofAddr != "" {
+			go func() { log.Print(http.ListenAndServe(*pprofAddr, nil)) }()
+		}
+		serveBare(*addr)
+		return
+	}
 	if *data == "" {
 		log.Fatal("-data is required")
 	}
