@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -35,6 +36,7 @@ type scaleResult struct {
 	rssBefore, rssAfter int64 // KiB
 	hwm                 int64 // KiB
 	bare                bool  // bare quic-go connections, no H3X
+	gogc                int   // the server's GOGC, if set
 	newDial             time.Duration
 	probe0, probe       latStats          // a new client in its own process, with none and with the idle clients connected
 	inproc              latStats          // a new client in the harness process, with the idle clients
@@ -67,14 +69,17 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 	defer os.RemoveAll(dir)
 	var extra []string
 	if cfg.scaleBare {
-		extra = []string{"-bare-quic"}
+		extra = append(extra, "-bare-quic")
+	}
+	if cfg.scaleGOGC != 0 {
+		extra = append(extra, "-gogc", strconv.Itoa(cfg.scaleGOGC))
 	}
 	srv, err := startH3XServer(ctx, cfg.h3xBin, dir, h3x.DurabilityFsync, true, extra...)
 	if err != nil {
 		return nil, err
 	}
 	defer srv.p.stop()
-	sr := &scaleResult{clients: cfg.scale, bare: cfg.scaleBare}
+	sr := &scaleResult{clients: cfg.scale, bare: cfg.scaleBare, gogc: cfg.scaleGOGC}
 
 	// Warm the server up (queue open, first commits) with one client, so
 	// that the baseline holds everything but the idle connections; then
@@ -209,8 +214,14 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 
 	// A new client's publishes while the idle ones stay connected: first
 	// from a process of its own, then from the harness process (which
-	// holds the idle clients).
-	if sr.probe, err = runProbe(ctx, cfg, srv); err != nil {
+	// holds the idle clients). The harness's garbage collector, whose heap
+	// holds every idle client, is paused while the probe runs: on another
+	// machine, as those clients would be in production, it would not take
+	// the server's CPU.
+	gc := debug.SetGCPercent(-1)
+	sr.probe, err = runProbe(ctx, cfg, srv)
+	debug.SetGCPercent(gc)
+	if err != nil {
 		return nil, fmt.Errorf("probe with %d idle clients: %w", sr.connected, err)
 	}
 	var c *h3x.Client
@@ -363,7 +374,10 @@ func writeScale(w io.Writer, sr *scaleResult) {
 		p("The bench server with `-bare-quic`: quic-go alone, with H3X's quic.Config and certificate type, one stream per connection left open after an 8-byte exchange, no application goroutine per connection; clients in the harness process, one UDP socket each, 32 handshakes at a time.\n\n")
 	} else {
 		p("### Scale: %d idle authenticated clients on one server\n\n", sr.clients)
-		p("H3X server with the default durability (fsync), `WithMaxConnections(11000)`; clients in the harness process, one UDP socket each, 32 handshakes at a time.\n\n")
+		p("H3X server with the default durability (fsync), `WithMaxConnections(11000)`; clients in the harness process, one UDP socket each, 32 handshakes at a time. The new client runs from a process of its own (`h3x-scale-probe`, with the harness's garbage collector paused meanwhile), and again from the harness process.\n\n")
+	}
+	if sr.gogc != 0 {
+		p("The server ran with GOGC=%d (`-scale-gogc`).\n\n", sr.gogc)
 	}
 	p("| measure | value | target |\n|---|---|---|\n")
 	p("| clients connected (and authenticated) | %d of %d, in %s | |\n", sr.connected, sr.clients, sr.connectTook.Round(100*time.Millisecond))

@@ -25,6 +25,7 @@ import (
 	_ "net/http/pprof"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"runtime/pprof"
 	"syscall"
 	"time"
@@ -39,10 +40,14 @@ func main() {
 	maxConns := flag.Int("max-conns", 11000, "WithMaxConnections")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	pprofAddr := flag.String("pprof", "", "serve net/http/pprof on this loopback address")
+	gogc := flag.Int("gogc", 0, "set the garbage collector's GOGC percentage (0: the runtime's default, 100, or $GOGC)")
 	bare := flag.Bool("bare-quic", false, "serve bare quic-go instead of H3X (the scale test's quic-go floor; see bare.go)")
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("h3x-bench-server: ")
+	if *gogc != 0 {
+		debug.SetGCPercent(*gogc)
+	}
 	if *bare {
 		if *pprofAddr != "" {
 			go func() { log.Print(http.ListenAndServe(*pprofAddr, nil)) }()
