@@ -67,11 +67,17 @@ func (s *Session) consumeNamespaces() []string {
 const maxAuthFrameSize = 64 << 10
 
 // serverConn serves one QUIC connection.
+//
+// An idle authenticated connection is kept as small as the QUIC API allows:
+// two goroutines (one waiting in AcceptStream, one reading the control
+// stream; quic-go offers no readiness callback that would let one goroutine
+// wait for both), and no per-connection logger, map or channel until one is
+// needed.
 type serverConn struct {
 	srv    *Server
 	qc     *quic.Conn
 	id     string
-	logger *slog.Logger
+	logger connLogger
 
 	authed    chan struct{} // closed once Auth succeeded
 	session   *Session
@@ -87,22 +93,39 @@ type serverConn struct {
 	lastNotice map[string]time.Time // namespace → last RateLimitNotice
 
 	unackedMu sync.Mutex
-	unacked   map[string]time.Time // delivered, unsettled event id → lease deadline
-	unackedCh chan struct{}        // closed and replaced when deliveries are settled
+	unacked   map[string]time.Time // delivered, unsettled event id → lease deadline; made on first delivery
+	unackedCh chan struct{}        // closed and cleared when deliveries are settled; made when first asked for
 }
 
 func newServerConn(s *Server, qc *quic.Conn, seq uint64) *serverConn {
-	id := s.holderID + "-" + strconv.FormatUint(seq, 10)
-	return &serverConn{
-		srv:       s,
-		qc:        qc,
-		id:        id,
-		logger:    s.logger.With("conn", id, "remote", qc.RemoteAddr().String()),
-		authed:    make(chan struct{}),
-		unacked:   make(map[string]time.Time),
-		unackedCh: make(chan struct{}),
+	c := &serverConn{
+		srv:    s,
+		qc:     qc,
+		id:     s.holderID + "-" + strconv.FormatUint(seq, 10),
+		authed: make(chan struct{}),
 	}
+	c.logger.c = c
+	return c
 }
+
+// connLogger logs through the server's logger with the connection's id
+// and remote address. It builds those attributes only for a record the
+// handler takes, so a connection holds no logger of its own.
+type connLogger struct{ c *serverConn }
+
+func (l connLogger) log(level slog.Level, msg string, args ...any) {
+	s := l.c.srv
+	ctx := context.Background()
+	if !s.logger.Enabled(ctx, level) {
+		return
+	}
+	s.logger.With("conn", l.c.id, "remote", l.c.qc.RemoteAddr().String()).Log(ctx, level, msg, args...)
+}
+
+func (l connLogger) Debug(msg string, args ...any) { l.log(slog.LevelDebug, msg, args...) }
+func (l connLogger) Info(msg string, args ...any)  { l.log(slog.LevelInfo, msg, args...) }
+func (l connLogger) Warn(msg string, args ...any)  { l.log(slog.LevelWarn, msg, args...) }
+func (l connLogger) Error(msg string, args ...any) { l.log(slog.LevelError, msg, args...) }
 
 // notifyRateLimit sends a RateLimitNotice, at most one per namespace per
 // 100 ms.
@@ -139,8 +162,8 @@ func (c *serverConn) releaseUnsent(b *h3xpb.EventsBatch) {
 	c.settled(ids)
 }
 
-// capacity returns how many more deliveries the session may hold, and a
-// channel closed when that may grow.
+// capacity returns how many more deliveries the session may hold and, when
+// that is none, a channel closed when it may grow.
 func (c *serverConn) capacity() (int, <-chan struct{}) {
 	max := c.srv.cfg.maxUnacked
 	if max == 0 {
@@ -156,7 +179,14 @@ func (c *serverConn) capacity() (int, <-chan struct{}) {
 			}
 		}
 	}
-	return max - len(c.unacked), c.unackedCh
+	room := max - len(c.unacked)
+	if room > 0 {
+		return room, nil
+	}
+	if c.unackedCh == nil {
+		c.unackedCh = make(chan struct{})
+	}
+	return room, c.unackedCh
 }
 
 // delivered records deliveries handed to the session.
@@ -165,6 +195,9 @@ func (c *serverConn) delivered(leases []Lease) {
 		return
 	}
 	c.unackedMu.Lock()
+	if c.unacked == nil {
+		c.unacked = make(map[string]time.Time, len(leases))
+	}
 	for i := range leases {
 		c.unacked[leases[i].Event.ID] = leases[i].Deadline
 	}
@@ -181,8 +214,10 @@ func (c *serverConn) settled(ids []string) {
 	for _, id := range ids {
 		delete(c.unacked, id)
 	}
-	close(c.unackedCh)
-	c.unackedCh = make(chan struct{})
+	if c.unackedCh != nil {
+		close(c.unackedCh)
+		c.unackedCh = nil // made again by the next capacity
+	}
 	c.unackedMu.Unlock()
 }
 
