@@ -35,6 +35,8 @@ type scaleResult struct {
 	connectTook         time.Duration
 	rssBefore, rssAfter int64 // KiB
 	hwm                 int64 // KiB
+	rssHeldBefore       int64 // KiB, after debug.FreeOSMemory
+	rssHeld             int64 // KiB, after debug.FreeOSMemory
 	bare                bool  // bare quic-go connections, no H3X
 	gogc                int   // the server's GOGC, if set
 	newDial             time.Duration
@@ -113,6 +115,10 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 	fetchPprof(srv.pprofAddr, "heap?gc=1", filepath.Join(dir, "heap-before.pprof"))
 	sr.memBefore, _ = fetchMemStats(srv.pprofAddr)
 	gBefore := countGoroutines(srv.pprofAddr)
+	if resp, err := http.Get(fmt.Sprintf("http://%s/debug/freeosmemory", srv.pprofAddr)); err == nil {
+		resp.Body.Close()
+		sr.rssHeldBefore, _, _ = memKiB(srv.p.pid())
+	}
 
 	// Connect the idle clients, 32 handshakes at a time (the server's
 	// accept queue holds 32).
@@ -208,6 +214,12 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 	}
 	sr.mem, _ = fetchMemStats(srv.pprofAddr)
 	sr.goroutines = countGoroutines(srv.pprofAddr) - gBefore
+	// The memory the connections hold: RSS once the runtime has returned
+	// its free pages (the baseline was taken the same way).
+	if resp, err := http.Get(fmt.Sprintf("http://%s/debug/freeosmemory", srv.pprofAddr)); err == nil {
+		resp.Body.Close()
+		sr.rssHeld, _, _ = memKiB(srv.p.pid())
+	}
 	if cfg.scaleBare {
 		return sr, nil
 	}
@@ -387,6 +399,10 @@ func writeScale(w io.Writer, sr *scaleResult) {
 		verdict = fmt.Sprintf("**missed** (%.0f%% over)", 100*(per/64-1))
 	}
 	p("| server memory per idle connection (RSS growth / connections) | %.1f KiB | ≤ 64 KiB: %s |\n", per, verdict)
+	if sr.rssHeld > 0 && sr.rssHeldBefore > 0 {
+		held := float64(sr.rssHeld-sr.rssHeldBefore) / float64(max(1, sr.connected))
+		p("| memory the connections hold: RSS growth per connection, each RSS read after `debug.FreeOSMemory` (%.1f → %.1f MiB) | %.1f KiB | |\n", float64(sr.rssHeldBefore)/1024, float64(sr.rssHeld)/1024, held)
+	}
 	if m, b := sr.mem, sr.memBefore; m != nil && b != nil {
 		n := float64(max(1, sr.connected))
 		d := func(after, before uint64) float64 { return (float64(after) - float64(before)) / 1024 / n }

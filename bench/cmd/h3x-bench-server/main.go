@@ -48,6 +48,10 @@ func main() {
 	if *gogc != 0 {
 		debug.SetGCPercent(*gogc)
 	}
+	// /debug/freeosmemory runs a GC and returns every free page to the OS
+	// (debug.FreeOSMemory), for the scale test's "memory the connections
+	// hold" figure.
+	http.HandleFunc("/debug/freeosmemory", func(w http.ResponseWriter, r *http.Request) { debug.FreeOSMemory() })
 	if *bare {
 		if *pprofAddr != "" {
 			go func() { log.Print(http.ListenAndServe(*pprofAddr, nil)) }()
