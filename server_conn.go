@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -114,12 +115,19 @@ func newServerConn(s *Server, qc *quic.Conn, seq uint64) *serverConn {
 type connLogger struct{ c *serverConn }
 
 func (l connLogger) log(level slog.Level, msg string, args ...any) {
-	s := l.c.srv
+	h := l.c.srv.logger.Handler()
 	ctx := context.Background()
-	if !s.logger.Enabled(ctx, level) {
+	if !h.Enabled(ctx, level) {
 		return
 	}
-	s.logger.With("conn", l.c.id, "remote", l.c.qc.RemoteAddr().String()).Log(ctx, level, msg, args...)
+	// The record's source is the caller of Debug/Info/Warn/Error, as if
+	// it had called a *slog.Logger (see log/slog's wrapping example).
+	var pcs [1]uintptr
+	runtime.Callers(3, pcs[:])
+	r := slog.NewRecord(time.Now(), level, msg, pcs[0])
+	r.Add(args...)
+	h = h.WithAttrs([]slog.Attr{slog.String("conn", l.c.id), slog.String("remote", l.c.qc.RemoteAddr().String())})
+	_ = h.Handle(ctx, r)
 }
 
 func (l connLogger) Debug(msg string, args ...any) { l.log(slog.LevelDebug, msg, args...) }
