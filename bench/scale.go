@@ -112,13 +112,13 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 	if sr.rssBefore, _, err = memKiB(srv.p.pid()); err != nil {
 		return nil, err
 	}
-	fetchPprof(srv.pprofAddr, "heap?gc=1", filepath.Join(dir, "heap-before.pprof"))
-	sr.memBefore, _ = fetchMemStats(srv.pprofAddr)
-	gBefore := countGoroutines(srv.pprofAddr)
 	if resp, err := http.Get(fmt.Sprintf("http://%s/debug/freeosmemory", srv.pprofAddr)); err == nil {
 		resp.Body.Close()
 		sr.rssHeldBefore, _, _ = memKiB(srv.p.pid())
 	}
+	fetchPprof(srv.pprofAddr, "heap?gc=1", filepath.Join(dir, "heap-before.pprof"))
+	sr.memBefore, _ = fetchMemStats(srv.pprofAddr)
+	gBefore := countGoroutines(srv.pprofAddr)
 
 	// Connect the idle clients, 32 handshakes at a time (the server's
 	// accept queue holds 32).
@@ -200,11 +200,19 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 	if sr.rssAfter, sr.hwm, err = memKiB(srv.p.pid()); err != nil {
 		return nil, err
 	}
-	// The breakdown comes after a forced GC (heap?gc=1), so that the heap
-	// figure is what the connections keep alive.
+	// The breakdown comes after forced GCs (/debug/freeosmemory, then
+	// heap?gc=1), so that the heap figure is what the connections keep
+	// alive, without sync.Pool caches.
 	profDir := cfg.profileDir
 	if profDir == "" {
 		profDir = dir
+	}
+	// The memory the connections hold: RSS once the runtime has collected
+	// twice (so that sync.Pool caches are gone) and returned its free
+	// pages (the baseline was taken the same way).
+	if resp, err := http.Get(fmt.Sprintf("http://%s/debug/freeosmemory", srv.pprofAddr)); err == nil {
+		resp.Body.Close()
+		sr.rssHeld, _, _ = memKiB(srv.p.pid())
 	}
 	for _, name := range []string{"heap?gc=1", "goroutine"} {
 		file := filepath.Join(profDir, "scale-"+strings.TrimSuffix(name, "?gc=1")+".pprof")
@@ -214,12 +222,6 @@ func scaleTest(ctx context.Context, cfg *config) (*scaleResult, error) {
 	}
 	sr.mem, _ = fetchMemStats(srv.pprofAddr)
 	sr.goroutines = countGoroutines(srv.pprofAddr) - gBefore
-	// The memory the connections hold: RSS once the runtime has returned
-	// its free pages (the baseline was taken the same way).
-	if resp, err := http.Get(fmt.Sprintf("http://%s/debug/freeosmemory", srv.pprofAddr)); err == nil {
-		resp.Body.Close()
-		sr.rssHeld, _, _ = memKiB(srv.p.pid())
-	}
 	if cfg.scaleBare {
 		return sr, nil
 	}
@@ -401,12 +403,12 @@ func writeScale(w io.Writer, sr *scaleResult) {
 	p("| server memory per idle connection (RSS growth / connections) | %.1f KiB | ≤ 64 KiB: %s |\n", per, verdict)
 	if sr.rssHeld > 0 && sr.rssHeldBefore > 0 {
 		held := float64(sr.rssHeld-sr.rssHeldBefore) / float64(max(1, sr.connected))
-		p("| memory the connections hold: RSS growth per connection, each RSS read after `debug.FreeOSMemory` (%.1f → %.1f MiB) | %.1f KiB | |\n", float64(sr.rssHeldBefore)/1024, float64(sr.rssHeld)/1024, held)
+		p("| memory the connections hold: RSS growth per connection, each RSS read after two forced GCs and `debug.FreeOSMemory` (%.1f → %.1f MiB) | %.1f KiB | |\n", float64(sr.rssHeldBefore)/1024, float64(sr.rssHeld)/1024, held)
 	}
 	if m, b := sr.mem, sr.memBefore; m != nil && b != nil {
 		n := float64(max(1, sr.connected))
 		d := func(after, before uint64) float64 { return (float64(after) - float64(before)) / 1024 / n }
-		p("| the server's Go runtime per connection (growth, each after a forced GC) | live heap %.1f KiB, goroutine stacks %.1f KiB (%.1f goroutines), heap spans in use but free %.1f KiB, heap idle not yet returned to the OS %.1f KiB | |\n",
+		p("| the server's Go runtime per connection (growth, each after forced GCs) | live heap %.1f KiB, goroutine stacks %.1f KiB (%.1f goroutines), heap spans in use but free %.1f KiB, heap idle not yet returned to the OS %.1f KiB | |\n",
 			d(m.HeapAlloc, b.HeapAlloc), d(m.StackInuse, b.StackInuse), float64(sr.goroutines)/n,
 			d(m.HeapInuse-m.HeapAlloc, b.HeapInuse-b.HeapAlloc), d(m.HeapIdle-m.HeapReleased, b.HeapIdle-b.HeapReleased))
 	}

@@ -25,6 +25,7 @@ import (
 	_ "net/http/pprof"
 	"os"
 	"os/signal"
+	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
 	"syscall"
@@ -48,10 +49,14 @@ func main() {
 	if *gogc != 0 {
 		debug.SetGCPercent(*gogc)
 	}
-	// /debug/freeosmemory runs a GC and returns every free page to the OS
-	// (debug.FreeOSMemory), for the scale test's "memory the connections
-	// hold" figure.
-	http.HandleFunc("/debug/freeosmemory", func(w http.ResponseWriter, r *http.Request) { debug.FreeOSMemory() })
+	// /debug/freeosmemory runs two collections (the second drops what
+	// sync.Pools kept through the first, such as quic-go's packet buffers)
+	// and returns every free page to the OS, for the scale test's "memory
+	// the connections hold" figure.
+	http.HandleFunc("/debug/freeosmemory", func(w http.ResponseWriter, r *http.Request) {
+		runtime.GC()
+		debug.FreeOSMemory()
+	})
 	if *bare {
 		if *pprofAddr != "" {
 			go func() { log.Print(http.ListenAndServe(*pprofAddr, nil)) }()
