@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -67,11 +68,17 @@ func (s *Session) consumeNamespaces() []string {
 const maxAuthFrameSize = 64 << 10
 
 // serverConn serves one QUIC connection.
+//
+// An idle authenticated connection is kept as small as the QUIC API allows:
+// two goroutines (one waiting in AcceptStream, one reading the control
+// stream; quic-go offers no readiness callback that would let one goroutine
+// wait for both), and no per-connection logger, map or channel until one is
+// needed.
 type serverConn struct {
 	srv    *Server
 	qc     *quic.Conn
 	id     string
-	logger *slog.Logger
+	logger connLogger
 
 	authed    chan struct{} // closed once Auth succeeded
 	session   *Session
@@ -87,22 +94,46 @@ type serverConn struct {
 	lastNotice map[string]time.Time // namespace → last RateLimitNotice
 
 	unackedMu sync.Mutex
-	unacked   map[string]time.Time // delivered, unsettled event id → lease deadline
-	unackedCh chan struct{}        // closed and replaced when deliveries are settled
+	unacked   map[string]time.Time // delivered, unsettled event id → lease deadline; made on first delivery
+	unackedCh chan struct{}        // closed and cleared when deliveries are settled; made when first asked for
 }
 
 func newServerConn(s *Server, qc *quic.Conn, seq uint64) *serverConn {
-	id := s.holderID + "-" + strconv.FormatUint(seq, 10)
-	return &serverConn{
-		srv:       s,
-		qc:        qc,
-		id:        id,
-		logger:    s.logger.With("conn", id, "remote", qc.RemoteAddr().String()),
-		authed:    make(chan struct{}),
-		unacked:   make(map[string]time.Time),
-		unackedCh: make(chan struct{}),
+	c := &serverConn{
+		srv:    s,
+		qc:     qc,
+		id:     s.holderID + "-" + strconv.FormatUint(seq, 10),
+		authed: make(chan struct{}),
 	}
+	c.logger.c = c
+	return c
 }
+
+// connLogger logs through the server's logger with the connection's id
+// and remote address. It builds those attributes only for a record the
+// handler takes, so a connection holds no logger of its own.
+type connLogger struct{ c *serverConn }
+
+func (l connLogger) log(level slog.Level, msg string, args ...any) {
+	h := l.c.srv.logger.Handler()
+	ctx := context.Background()
+	if !h.Enabled(ctx, level) {
+		return
+	}
+	// The record's source is the caller of Debug/Info/Warn/Error, as if
+	// it had called a *slog.Logger (see log/slog's wrapping example).
+	var pcs [1]uintptr
+	runtime.Callers(3, pcs[:])
+	r := slog.NewRecord(time.Now(), level, msg, pcs[0])
+	r.Add(args...)
+	h = h.WithAttrs([]slog.Attr{slog.String("conn", l.c.id), slog.String("remote", l.c.qc.RemoteAddr().String())})
+	_ = h.Handle(ctx, r)
+}
+
+func (l connLogger) Debug(msg string, args ...any) { l.log(slog.LevelDebug, msg, args...) }
+func (l connLogger) Info(msg string, args ...any)  { l.log(slog.LevelInfo, msg, args...) }
+func (l connLogger) Warn(msg string, args ...any)  { l.log(slog.LevelWarn, msg, args...) }
+func (l connLogger) Error(msg string, args ...any) { l.log(slog.LevelError, msg, args...) }
 
 // notifyRateLimit sends a RateLimitNotice, at most one per namespace per
 // 100 ms.
@@ -139,8 +170,8 @@ func (c *serverConn) releaseUnsent(b *h3xpb.EventsBatch) {
 	c.settled(ids)
 }
 
-// capacity returns how many more deliveries the session may hold, and a
-// channel closed when that may grow.
+// capacity returns how many more deliveries the session may hold and, when
+// that is none, a channel closed when it may grow.
 func (c *serverConn) capacity() (int, <-chan struct{}) {
 	max := c.srv.cfg.maxUnacked
 	if max == 0 {
@@ -156,7 +187,14 @@ func (c *serverConn) capacity() (int, <-chan struct{}) {
 			}
 		}
 	}
-	return max - len(c.unacked), c.unackedCh
+	room := max - len(c.unacked)
+	if room > 0 {
+		return room, nil
+	}
+	if c.unackedCh == nil {
+		c.unackedCh = make(chan struct{})
+	}
+	return room, c.unackedCh
 }
 
 // delivered records deliveries handed to the session.
@@ -165,6 +203,9 @@ func (c *serverConn) delivered(leases []Lease) {
 		return
 	}
 	c.unackedMu.Lock()
+	if c.unacked == nil {
+		c.unacked = make(map[string]time.Time, len(leases))
+	}
 	for i := range leases {
 		c.unacked[leases[i].Event.ID] = leases[i].Deadline
 	}
@@ -181,8 +222,10 @@ func (c *serverConn) settled(ids []string) {
 	for _, id := range ids {
 		delete(c.unacked, id)
 	}
-	close(c.unackedCh)
-	c.unackedCh = make(chan struct{})
+	if c.unackedCh != nil {
+		close(c.unackedCh)
+		c.unackedCh = nil // made again by the next capacity
+	}
 	c.unackedMu.Unlock()
 }
 

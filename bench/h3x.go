@@ -19,12 +19,12 @@ type h3xServer struct {
 }
 
 // startH3XServer starts the bench server with a Badger queue in dir.
-func startH3XServer(ctx context.Context, bin, dir string, durability h3x.Durability, pprof bool) (*h3xServer, error) {
+func startH3XServer(ctx context.Context, bin, dir string, durability h3x.Durability, pprof bool, extra ...string) (*h3xServer, error) {
 	d := "fsync"
 	if durability == h3x.DurabilityNoSync {
 		d = "nosync"
 	}
-	args := []string{"-data", filepath.Join(dir, "data"), "-durability", d}
+	args := append([]string{"-data", filepath.Join(dir, "data"), "-durability", d}, extra...)
 	s := &h3xServer{}
 	if pprof {
 		port, err := freeTCPPort()

@@ -53,6 +53,10 @@ type config struct {
 	systems    []string
 	scale      int
 	scaleOnly  bool
+	scalePubs  int  // the new client's sequential publishes
+	scaleBare  bool // measure bare quic-go instead of H3X
+	scaleGOGC  int  // the scale test server's GOGC (0: default)
+	probeBin   string
 	profileDir string
 	natsBin    string
 	redisBin   string
@@ -80,6 +84,9 @@ func main() {
 	flag.StringVar(&systems, "systems", "h3x,nats,redis", "systems to run")
 	flag.IntVar(&cfg.scale, "scale", 10_000, "idle H3X clients for the scale test (0: skip it)")
 	flag.BoolVar(&cfg.scaleOnly, "scale-only", false, "run only the scale test")
+	flag.IntVar(&cfg.scalePubs, "scale-publishes", 1000, "scale test: the new client's sequential publishes")
+	flag.IntVar(&cfg.scaleGOGC, "scale-gogc", 0, "scale test: the server's GOGC percentage (0: the runtime default, 100)")
+	flag.BoolVar(&cfg.scaleBare, "scale-bare", false, "scale test: bare quic-go connections instead of H3X clients (the per-connection floor)")
 	flag.StringVar(&cfg.profileDir, "profile", "", "capture CPU profiles of the H3X server's publish, consume and latency phases into this directory (first repetition), and heap and goroutine profiles in the scale test")
 	flag.StringVar(&cfg.natsBin, "nats-server", "", "nats-server binary (default: from PATH)")
 	flag.StringVar(&cfg.redisBin, "redis-server", "", "redis-server binary (default: from PATH)")
@@ -147,6 +154,14 @@ func run(ctx context.Context, cfg *config) error {
 		build.Stdout, build.Stderr = os.Stderr, os.Stderr
 		if err := build.Run(); err != nil {
 			return fmt.Errorf("building the H3X bench server (run from the bench directory): %w", err)
+		}
+	}
+	if cfg.scale > 0 {
+		cfg.probeBin = filepath.Join(cfg.workDir, "h3x-scale-probe")
+		build := exec.CommandContext(ctx, "go", "build", "-o", cfg.probeBin, "./cmd/h3x-scale-probe")
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			return fmt.Errorf("building the scale probe (run from the bench directory): %w", err)
 		}
 	}
 	raiseFileLimit()

@@ -25,6 +25,8 @@ import (
 	_ "net/http/pprof"
 	"os"
 	"os/signal"
+	"runtime"
+	"runtime/debug"
 	"runtime/pprof"
 	"syscall"
 	"time"
@@ -39,9 +41,29 @@ func main() {
 	maxConns := flag.Int("max-conns", 11000, "WithMaxConnections")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	pprofAddr := flag.String("pprof", "", "serve net/http/pprof on this loopback address")
+	gogc := flag.Int("gogc", 0, "set the garbage collector's GOGC percentage (0: the runtime's default, 100, or $GOGC)")
+	bare := flag.Bool("bare-quic", false, "serve bare quic-go instead of H3X (the scale test's quic-go floor; see bare.go)")
 	flag.Parse()
 	log.SetFlags(0)
 	log.SetPrefix("h3x-bench-server: ")
+	if *gogc != 0 {
+		debug.SetGCPercent(*gogc)
+	}
+	// /debug/freeosmemory runs two collections (the second drops what
+	// sync.Pools kept through the first, such as quic-go's packet buffers)
+	// and returns every free page to the OS, for the scale test's "memory
+	// the connections hold" figure.
+	http.HandleFunc("/debug/freeosmemory", func(w http.ResponseWriter, r *http.Request) {
+		runtime.GC()
+		debug.FreeOSMemory()
+	})
+	if *bare {
+		if *pprofAddr != "" {
+			go func() { log.Print(http.ListenAndServe(*pprofAddr, nil)) }()
+		}
+		serveBare(*addr)
+		return
+	}
 	if *data == "" {
 		log.Fatal("-data is required")
 	}
