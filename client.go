@@ -805,23 +805,14 @@ func (c *Client) fetch(ctx context.Context, limit int, namespaces []string, sub 
 		namespaces = c.cfg.namespaces
 	}
 	for {
-		wait := DefaultMaxFetchWait
-		if dl, ok := ctx.Deadline(); ok {
-			wait = min(wait, time.Until(dl)-10*time.Millisecond)
-		}
-		wait = max(wait, 0)
+		wait := fetchWait(ctx)
 		ans, err := c.call(ctx, streamFetch, FrameFetchEvents, func(id uint64) proto.Message {
 			return &h3xpb.FetchEvents{RequestId: id, Namespaces: namespaces, Limit: uint32(limit), MaxWaitMs: durationMs(wait)}
 		})
 		if err != nil {
 			return nil, err
 		}
-		batch := ans.msg.(*h3xpb.EventsBatch)
-		if len(batch.GetEvents()) > 0 {
-			out := make([]*Delivery, len(batch.GetEvents()))
-			for i, d := range batch.GetEvents() {
-				out[i] = &Delivery{Event: eventFromWire(d.GetEvent()), attempt: int(d.GetAttempt()), deadline: time.UnixMilli(d.GetLeaseDeadlineMs()), client: c, sub: sub}
-			}
+		if out := c.deliveries(ans.msg.(*h3xpb.EventsBatch), sub); len(out) > 0 {
 			return out, nil
 		}
 		if err := ctx.Err(); err != nil {
@@ -831,6 +822,28 @@ func (c *Client) fetch(ctx context.Context, limit int, namespaces []string, sub 
 			return nil, context.DeadlineExceeded
 		}
 	}
+}
+
+// deliveries converts a fetch's answer.
+func (c *Client) deliveries(batch *h3xpb.EventsBatch, sub *Subscription) []*Delivery {
+	if len(batch.GetEvents()) == 0 {
+		return nil
+	}
+	out := make([]*Delivery, len(batch.GetEvents()))
+	for i, d := range batch.GetEvents() {
+		out[i] = &Delivery{Event: eventFromWire(d.GetEvent()), attempt: int(d.GetAttempt()), deadline: time.UnixMilli(d.GetLeaseDeadlineMs()), client: c, sub: sub}
+	}
+	return out
+}
+
+// fetchWait is the long-poll wait to ask for under ctx: DefaultMaxFetchWait,
+// or less to end before ctx's deadline.
+func fetchWait(ctx context.Context) time.Duration {
+	wait := DefaultMaxFetchWait
+	if dl, ok := ctx.Deadline(); ok {
+		wait = min(wait, time.Until(dl)-10*time.Millisecond)
+	}
+	return max(wait, 0)
 }
 
 type settleGroup struct {

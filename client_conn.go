@@ -330,17 +330,9 @@ func (s *rpcStream) alive() bool {
 
 // call sends a request and waits for its answer or the end of ctx.
 func (s *rpcStream) call(ctx context.Context, id uint64, t FrameType, m proto.Message) (rpcAnswer, error) {
-	ch := make(chan rpcAnswer, 1)
-	s.mu.Lock()
-	if s.err != nil {
-		s.mu.Unlock()
-		return rpcAnswer{}, s.err
-	}
-	s.pending[id] = ch
-	s.mu.Unlock()
-	if err := s.fw.write(t, m); err != nil {
-		s.forget(id)
-		return rpcAnswer{}, fmt.Errorf("%w: %w", errStreamFailed, connError(err))
+	ch, err := s.start(id, t, m)
+	if err != nil {
+		return rpcAnswer{}, err
 	}
 	select {
 	case a := <-ch:
@@ -349,6 +341,24 @@ func (s *rpcStream) call(ctx context.Context, id uint64, t FrameType, m proto.Me
 		s.forget(id)
 		return rpcAnswer{}, ctx.Err()
 	}
+}
+
+// start sends a request and returns the channel its answer (or the
+// stream's failure) will arrive on.
+func (s *rpcStream) start(id uint64, t FrameType, m proto.Message) (<-chan rpcAnswer, error) {
+	ch := make(chan rpcAnswer, 1)
+	s.mu.Lock()
+	if s.err != nil {
+		s.mu.Unlock()
+		return nil, s.err
+	}
+	s.pending[id] = ch
+	s.mu.Unlock()
+	if err := s.fw.write(t, m); err != nil {
+		s.forget(id)
+		return nil, fmt.Errorf("%w: %w", errStreamFailed, connError(err))
+	}
+	return ch, nil
 }
 
 func (s *rpcStream) forget(id uint64) {

@@ -8,6 +8,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"net"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -506,4 +507,58 @@ func TestAbandonedLongPollDoesNotBlock(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("no delivery: the abandoned long polls block the subscription")
 	}
+}
+
+// A subscription keeps two polls in flight on its stream; deliveries still
+// come in publish order, with none lost or repeated, while events arrive
+// during and between polls.
+func TestSubscriptionPipelinedPollsKeepOrder(t *testing.T) {
+	srv := testServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	pub := mustDial(t, srv, "alice", "alice-token")
+	c := mustDial(t, srv, "alice", "alice-token")
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: 16, BatchSize: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 400
+	published := make(chan error, 1)
+	go func() {
+		for i := 0; i < n; {
+			burst := make([]Event, 1+i%7)
+			for j := range burst {
+				if i < n {
+					burst[j] = Event{Namespace: "orders", Message: strconv.Itoa(i)}
+					i++
+				} else {
+					burst = burst[:j]
+					break
+				}
+			}
+			if _, err := pub.Publish(ctx, burst...); err != nil {
+				published <- err
+				return
+			}
+		}
+		published <- nil
+	}()
+	for want := range n {
+		select {
+		case d, ok := <-sub.Events():
+			if !ok {
+				t.Fatalf("channel closed after %d deliveries: %v", want, sub.Err())
+			}
+			if d.Event.Message != strconv.Itoa(want) || d.Attempt() != 1 {
+				t.Fatalf("delivery %d: event %q attempt %d", want, d.Event.Message, d.Attempt())
+			}
+			d.Ack()
+		case <-ctx.Done():
+			t.Fatalf("%d of %d delivered", want, n)
+		}
+	}
+	if err := <-published; err != nil {
+		t.Fatal(err)
+	}
+	sub.Close()
 }
