@@ -562,3 +562,39 @@ func TestSubscriptionPipelinedPollsKeepOrder(t *testing.T) {
 	}
 	sub.Close()
 }
+
+// PublishAsync reuses idle workers: sequential calls all complete, at most
+// maxIdleAsyncWorkers stay idle, and Close ends them (TestMain checks for
+// leaked goroutines).
+func TestPublishAsyncWorkers(t *testing.T) {
+	srv := testServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := mustDial(t, srv, "alice", "alice-token")
+	for round := range 3 {
+		var calls []*PublishCall
+		for i := range 20 {
+			calls = append(calls, c.PublishAsync(ctx, Event{Namespace: "orders", Message: fmt.Sprint(round, i)}))
+		}
+		for _, p := range calls {
+			if res, err := p.Result(); err != nil || res[0].Status != PublishStored {
+				t.Fatalf("async publish: %v %+v", err, res)
+			}
+		}
+		if n := c.idle.Load(); n > maxIdleAsyncWorkers {
+			t.Fatalf("%d idle workers, want at most %d", n, maxIdleAsyncWorkers)
+		}
+	}
+	for i := range 10 {
+		if res, err := c.PublishAsync(ctx, Event{Namespace: "orders", Message: fmt.Sprint("seq", i)}).Result(); err != nil || res[0].Status != PublishStored {
+			t.Fatalf("sequential async publish: %v %+v", err, res)
+		}
+	}
+	c.Close()
+	if _, err := c.PublishAsync(ctx, Event{Namespace: "orders"}).Result(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("PublishAsync after Close: %v", err)
+	}
+	if n := c.idle.Load(); n != 0 {
+		t.Fatalf("%d idle workers after Close", n)
+	}
+}
