@@ -7,6 +7,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/quic-go/quic-go"
+
 	"github.com/h3x-io/h3x/proto/h3xpb"
 )
 
@@ -34,6 +36,12 @@ type Subscription struct {
 	done       chan struct{}
 	mu         sync.Mutex
 	err        error
+
+	// Deliveries are handed out by the subscription stream's reader (see
+	// handOut); pushStop and pushClosed stop that before ch is closed.
+	pushMu     sync.Mutex
+	pushStop   chan struct{}
+	pushClosed bool
 }
 
 // Subscribe starts a subscription to namespaces (default: those of
@@ -70,6 +78,7 @@ func (c *Client) Subscribe(ctx context.Context, namespaces []string, opts Subscr
 		cancel:     cancel,
 		credits:    make(chan struct{}, opts.MaxUnacked),
 		done:       make(chan struct{}),
+		pushStop:   make(chan struct{}),
 	}
 	for range opts.MaxUnacked {
 		s.credits <- struct{}{}
@@ -154,7 +163,10 @@ func (s *Subscription) run(ctx context.Context) {
 			select {
 			case a := <-p.ch:
 				if a.err == nil {
-					s.giveBack(ctx, c.deliveries(a.msg.(*h3xpb.EventsBatch), s))
+					// handOut gave back the unused credits.
+					s.giveBack(ctx, a.rest)
+					cc.inflight.Add(-1)
+					continue
 				}
 			default:
 			}
@@ -166,7 +178,13 @@ func (s *Subscription) run(ctx context.Context) {
 		polls = polls[:0]
 		cc, st = nil, nil
 	}
-	defer func() { drop() }()
+	defer func() {
+		s.stopHandOut()
+		if st != nil {
+			s.abandon(ctx, cc, st, polls)
+			st.abort()
+		}
+	}()
 	// failed handles a failed poll: it reports whether the subscription
 	// ends, and otherwise waits before the next try if it should.
 	failed := func(err error, on *clientConn) bool {
@@ -221,7 +239,8 @@ func (s *Subscription) run(ctx context.Context) {
 			cc, st = next, ns
 		}
 		id := c.reqID.Add(1)
-		ch, err := st.start(id, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: id, Namespaces: s.namespaces, Limit: uint32(n), MaxWaitMs: durationMs(fetchWait(ctx))})
+		ch, err := st.start(id, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: id, Namespaces: s.namespaces, Limit: uint32(n), MaxWaitMs: durationMs(fetchWait(ctx))},
+			func(a *rpcAnswer) { s.handOut(a, n) })
 		if err != nil {
 			return err
 		}
@@ -296,18 +315,10 @@ func (s *Subscription) run(ctx context.Context) {
 				}
 				continue
 			}
-			ds := c.deliveries(a.msg.(*h3xpb.EventsBatch), s)
-			for range p.n - len(ds) {
-				s.release()
-			}
-			for i, d := range ds {
-				select {
-				case s.ch <- d:
-				case <-ctx.Done():
-					s.giveBack(ctx, ds[i:])
-					s.end(nil)
-					return
-				}
+			// handOut has handed the deliveries out and given back the
+			// unused credits.
+			if len(a.rest) > 0 {
+				s.giveBack(ctx, a.rest)
 			}
 		case <-credits:
 			if send(1 + s.takeFree(s.opts.BatchSize-1)) {
@@ -318,6 +329,82 @@ func (s *Subscription) run(ctx context.Context) {
 			return
 		}
 	}
+}
+
+// handOut runs in the subscription stream's reader with a poll's answer:
+// it hands the deliveries out in order, waiting for the application to take
+// them (that wait is the subscription's flow control, as QUIC's is the
+// server's), and gives back the poll's unused credits. Handing out here
+// rather than in the subscription's goroutine saves a goroutine hand-off on
+// every delivery. What it cannot hand out once the subscription ends is left
+// in a.rest, to be given back.
+func (s *Subscription) handOut(a *rpcAnswer, n int) {
+	batch, ok := a.msg.(*h3xpb.EventsBatch)
+	if !ok {
+		a.err = newError(CodeProtocolViolation, "unexpected %v frame answering a fetch", a.t)
+		return
+	}
+	ds := s.client.deliveries(batch, s)
+	for range n - len(ds) {
+		s.release()
+	}
+	s.pushMu.Lock()
+	defer s.pushMu.Unlock()
+	for i, d := range ds {
+		if s.pushClosed {
+			a.rest = ds[i:]
+			return
+		}
+		select {
+		case s.ch <- d:
+		case <-s.pushStop:
+			a.rest = ds[i:]
+			return
+		}
+	}
+}
+
+// abandon ends the polls in flight on st when the subscription ends. It
+// resets only the stream's send side: the server then answers the parked
+// polls at once and finishes the stream, so batches it had already sent are
+// read (handOut leaves them in rest) and given back here instead of staying
+// leased until their deadline. It waits at most a second for that; the
+// caller then resets the stream.
+func (s *Subscription) abandon(ctx context.Context, cc *clientConn, st *rpcStream, polls []poll) {
+	if st == nil || len(polls) == 0 {
+		return
+	}
+	st.fw.close()
+	st.st.CancelWrite(quic.StreamErrorCode(CodeNone))
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	expired := false
+	for _, p := range polls {
+		// Credits no longer matter: the subscription is over.
+		var a rpcAnswer
+		answered := false
+		if !expired {
+			select {
+			case a = <-p.ch:
+				answered = true
+			case <-t.C:
+				expired = true
+			}
+		}
+		if answered && a.err == nil {
+			s.giveBack(ctx, a.rest)
+		}
+		cc.inflight.Add(-1)
+	}
+}
+
+// stopHandOut stops handOut before the channel is closed: a handOut in
+// progress returns, later ones hand nothing out.
+func (s *Subscription) stopHandOut() {
+	close(s.pushStop)
+	s.pushMu.Lock()
+	s.pushClosed = true
+	s.pushMu.Unlock()
 }
 
 // takeFree takes up to max free credits without waiting and returns how

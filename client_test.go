@@ -598,3 +598,35 @@ func TestPublishAsyncWorkers(t *testing.T) {
 		t.Fatalf("%d idle workers after Close", n)
 	}
 }
+
+// Closing a subscription whose batches do not fit its channel gives back
+// everything the application did not take, including a batch the pipelined
+// second poll received meanwhile, without counting attempts.
+func TestSubscriptionCloseGivesBackPipelinedBatch(t *testing.T) {
+	srv := testServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := mustDial(t, srv, "alice", "alice-token")
+	for range 20 {
+		if _, err := c.Publish(ctx, Event{Namespace: "orders"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: 8, BatchSize: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := <-sub.Events()
+	first.Ack()
+	sub.Close()
+	c.Flush(ctx)
+	ds, err := c.Fetch(ctx, 100, "orders")
+	if err != nil || len(ds) != 19 {
+		t.Fatalf("fetch: %v, %d deliveries, want 19", err, len(ds))
+	}
+	for _, d := range ds {
+		if d.Attempt() != 1 {
+			t.Fatalf("a delivery never handed out came back with attempt %d", d.Attempt())
+		}
+	}
+}

@@ -112,11 +112,18 @@ func (ss *sessionStream) run(connCtx context.Context, t FrameType, payload []byt
 	// the send side.
 	ss.wg.Wait()
 	ss.fw.close()
+	var se *quic.StreamError
 	switch {
 	case failure == nil:
 		ss.st.Close()
 	case e != nil:
 		ss.st.CancelRead(quic.StreamErrorCode(e.Code))
+		ss.st.Close()
+	case errors.As(failure, &se) && se.Remote:
+		// The client reset its side to abandon its long polls, which were
+		// answered (empty) above: finish ours, so that every answer written,
+		// batches included, reaches a client that still reads (a
+		// subscription gives back what it will not hand out).
 		ss.st.Close()
 	default:
 		ss.st.CancelRead(quic.StreamErrorCode(CodeNone))
