@@ -368,8 +368,8 @@ func (s *Subscription) handOut(a *rpcAnswer, n int) {
 // resets only the stream's send side: the server then answers the parked
 // polls at once and finishes the stream, so batches it had already sent are
 // read (handOut leaves them in rest) and given back here instead of staying
-// leased until their deadline. It waits at most a second for that; the
-// caller then resets the stream.
+// leased until their deadline. It waits at most a second for that (less if
+// the connection ends); the caller then resets the stream.
 func (s *Subscription) abandon(ctx context.Context, cc *clientConn, st *rpcStream, polls []poll) {
 	if st == nil || len(polls) == 0 {
 		return
@@ -389,6 +389,8 @@ func (s *Subscription) abandon(ctx context.Context, cc *clientConn, st *rpcStrea
 				answered = true
 			case <-t.C:
 				expired = true
+			case <-cc.qc.Context().Done():
+				expired = true // the connection is gone: nothing more comes
 			}
 		}
 		if answered && a.err == nil {
