@@ -1,10 +1,14 @@
 package h3x
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
+	"os"
+	"os/exec"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -280,6 +284,91 @@ func BenchmarkFairness(b *testing.B) {
 		b.ReportMetric(float64(busy)/float64(alone), "ratio")
 		b.ReportMetric(rate, "flood-events/s")
 	}
+}
+
+// BenchmarkFairnessSeparateFlood is BenchmarkFairness with the flooding
+// publisher and its consumer in a child process (this test binary again, in
+// TestFloodHelper), as they would be in a deployment. In BenchmarkFairness
+// the server and all four clients share one process that the flood
+// saturates, so the calm namespace's p99 also measures that process's
+// scheduling of its clients.
+func BenchmarkFairnessSeparateFlood(b *testing.B) {
+	s, pub := benchServer(b, NewMemoryQueue(QueueOptions{}))
+	sub := benchClient(b, s)
+	for range b.N {
+		alone := percentile(latencyRun(b, pub, sub, "calm", 1000, 2*time.Second), 0.99)
+		cmd := exec.Command(os.Args[0], "-test.run=^TestFloodHelper$", "-test.count=1", "-test.v")
+		cmd.Env = append(os.Environ(), "H3X_FLOOD_ADDR="+s.Addr().String(), "H3X_FLOOD_FINGERPRINT="+s.Fingerprint(), "H3X_FLOOD_FOR=2700ms")
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		time.Sleep(400 * time.Millisecond)
+		busy := percentile(latencyRun(b, pub, sub, "calm", 1000, 2*time.Second), 0.99)
+		if err := cmd.Wait(); err != nil {
+			b.Fatalf("flood process: %v\n%s", err, out.String())
+		}
+		var rate float64
+		if i := strings.Index(out.String(), "flood-events/s="); i >= 0 {
+			fmt.Sscan(out.String()[i+len("flood-events/s="):], &rate)
+		}
+		b.ReportMetric(float64(alone.Microseconds()), "p99-alone-µs")
+		b.ReportMetric(float64(busy.Microseconds()), "p99-flooded-µs")
+		b.ReportMetric(float64(busy)/float64(alone), "ratio")
+		b.ReportMetric(rate, "flood-events/s")
+	}
+}
+
+// TestFloodHelper is BenchmarkFairnessSeparateFlood's flooding process; it
+// does nothing in a normal test run.
+func TestFloodHelper(t *testing.T) {
+	addr := os.Getenv("H3X_FLOOD_ADDR")
+	if addr == "" {
+		t.Skip("the flooding process of BenchmarkFairnessSeparateFlood")
+	}
+	d, err := time.ParseDuration(os.Getenv("H3X_FLOOD_FOR"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dial := func() *Client {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c, err := Dial(ctx, addr, WithCredentials("bench", "bench-token"), WithTrustedFingerprint(os.Getenv("H3X_FLOOD_FINGERPRINT")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	flooder, floodSub := dial(), dial()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	fs, err := floodSub.Subscribe(ctx, []string{"flood"}, SubscribeOptions{MaxUnacked: 4096, BatchSize: 512})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for d := range fs.Events() {
+			d.Ack()
+		}
+	}()
+	start := time.Now()
+	flooded := 0
+	for ctx.Err() == nil {
+		events := make([]Event, 64)
+		for i := range events {
+			events[i] = benchEvent("flood", 256)
+		}
+		if _, err := flooder.Publish(ctx, events...); err == nil {
+			flooded += 64
+		}
+	}
+	wg.Wait()
+	fmt.Printf("flood-events/s=%.0f\n", float64(flooded)/time.Since(start).Seconds())
 }
 
 // BenchmarkRateLimitAccuracy: a publisher offers twice the limit for 10 s

@@ -299,7 +299,7 @@ type rpcStream struct {
 	fr      *frameReader
 	fw      *frameWriter
 	mu      sync.Mutex
-	pending map[uint64]chan rpcAnswer
+	pending map[uint64]pendingCall
 	err     error // set when the stream has failed
 }
 
@@ -307,10 +307,21 @@ type rpcAnswer struct {
 	t   FrameType
 	msg proto.Message
 	err error
+
+	rest []*Delivery // set by a subscription's hook: deliveries it could not hand out
+}
+
+// pendingCall is a request waiting for its answer.
+type pendingCall struct {
+	ch chan rpcAnswer
+	// before, if set, runs in the stream's reader with a successful answer
+	// before it is sent on ch (a subscription hands out its deliveries there,
+	// one goroutine hand-off sooner).
+	before func(*rpcAnswer)
 }
 
 func newRPCStream(st *quic.Stream, maxFrame uint32) *rpcStream {
-	return &rpcStream{st: st, fr: newFrameReader(st, maxFrame), fw: newFrameWriter(st), pending: make(map[uint64]chan rpcAnswer)}
+	return &rpcStream{st: st, fr: newFrameReader(st, maxFrame), fw: newFrameWriter(st), pending: make(map[uint64]pendingCall)}
 }
 
 // abort resets the stream in both directions (the server ends what it was
@@ -336,17 +347,9 @@ func (s *rpcStream) alive() bool {
 
 // call sends a request and waits for its answer or the end of ctx.
 func (s *rpcStream) call(ctx context.Context, id uint64, t FrameType, m proto.Message) (rpcAnswer, error) {
-	ch := make(chan rpcAnswer, 1)
-	s.mu.Lock()
-	if s.err != nil {
-		s.mu.Unlock()
-		return rpcAnswer{}, s.err
-	}
-	s.pending[id] = ch
-	s.mu.Unlock()
-	if err := s.fw.write(t, m); err != nil {
-		s.forget(id)
-		return rpcAnswer{}, fmt.Errorf("%w: %w", errStreamFailed, connError(err))
+	ch, err := s.start(id, t, m, nil)
+	if err != nil {
+		return rpcAnswer{}, err
 	}
 	select {
 	case a := <-ch:
@@ -355,6 +358,25 @@ func (s *rpcStream) call(ctx context.Context, id uint64, t FrameType, m proto.Me
 		s.forget(id)
 		return rpcAnswer{}, ctx.Err()
 	}
+}
+
+// start sends a request and returns the channel its answer (or the
+// stream's failure) will arrive on; before, if not nil, runs first (see
+// pendingCall).
+func (s *rpcStream) start(id uint64, t FrameType, m proto.Message, before func(*rpcAnswer)) (<-chan rpcAnswer, error) {
+	ch := make(chan rpcAnswer, 1)
+	s.mu.Lock()
+	if s.err != nil {
+		s.mu.Unlock()
+		return nil, s.err
+	}
+	s.pending[id] = pendingCall{ch: ch, before: before}
+	s.mu.Unlock()
+	if err := s.fw.write(t, m); err != nil {
+		s.forget(id)
+		return nil, fmt.Errorf("%w: %w", errStreamFailed, connError(err))
+	}
+	return ch, nil
 }
 
 func (s *rpcStream) forget(id uint64) {
@@ -402,11 +424,14 @@ func (s *rpcStream) readLoop() {
 			break
 		}
 		s.mu.Lock()
-		ch := s.pending[id]
+		p, ok := s.pending[id]
 		delete(s.pending, id)
 		s.mu.Unlock()
-		if ch != nil {
-			ch <- ans
+		if ok {
+			if p.before != nil && ans.err == nil {
+				p.before(&ans)
+			}
+			p.ch <- ans
 		}
 	}
 	s.mu.Lock()
@@ -414,8 +439,8 @@ func (s *rpcStream) readLoop() {
 	pending := s.pending
 	s.pending = nil
 	s.mu.Unlock()
-	for _, ch := range pending {
-		ch <- rpcAnswer{err: failure}
+	for _, p := range pending {
+		p.ch <- rpcAnswer{err: failure}
 	}
 	s.fw.close()
 	s.st.CancelRead(quic.StreamErrorCode(CodeNone))

@@ -6,6 +6,10 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/h3x-io/h3x/proto/h3xpb"
 )
 
 // SubscribeOptions configure a subscription. The zero value gives the
@@ -32,6 +36,12 @@ type Subscription struct {
 	done       chan struct{}
 	mu         sync.Mutex
 	err        error
+
+	// Deliveries are handed out by the subscription stream's reader (see
+	// handOut); pushStop and pushClosed stop that before ch is closed.
+	pushMu     sync.Mutex
+	pushStop   chan struct{}
+	pushClosed bool
 }
 
 // Subscribe starts a subscription to namespaces (default: those of
@@ -68,6 +78,7 @@ func (c *Client) Subscribe(ctx context.Context, namespaces []string, opts Subscr
 		cancel:     cancel,
 		credits:    make(chan struct{}, opts.MaxUnacked),
 		done:       make(chan struct{}),
+		pushStop:   make(chan struct{}),
 	}
 	for range opts.MaxUnacked {
 		s.credits <- struct{}{}
@@ -112,60 +123,305 @@ func (s *Subscription) release() {
 	}
 }
 
+// subscriptionPolls is how many FetchEvents a subscription keeps in flight
+// on its stream: the server serves them one at a time (PROTOCOL.md), so while
+// the client hands out one batch the next poll is already waiting on the
+// server, and an event published meanwhile goes out at once instead of
+// waiting for a new poll to cross the network.
+const subscriptionPolls = 2
+
+// poll is a FetchEvents in flight on a subscription's stream.
+type poll struct {
+	ch <-chan rpcAnswer
+	n  int // the credits it holds
+}
+
 func (s *Subscription) run(ctx context.Context) {
 	defer close(s.done)
 	defer close(s.ch)
 	defer s.client.acker.removeSub(s)
 	defer s.giveBackBuffered(ctx)
-	for {
-		// Wait for one credit, then take what else is free, up to a batch.
-		select {
-		case <-s.credits:
-		case <-ctx.Done():
-			s.end(nil)
+	c := s.client
+	var (
+		cc    *clientConn // the connection of st
+		st    *rpcStream  // the subscription's stream: its polls are answered in order
+		polls []poll      // in flight on st, oldest first
+	)
+	// drop ends st and gives back its polls' credits; the server gives back
+	// what it leased for them, and batches already received are given back
+	// here.
+	drop := func() {
+		if st == nil {
 			return
 		}
-		n := 1
-	take:
-		for n < s.opts.BatchSize {
-			select {
-			case <-s.credits:
-				n++
-			default:
-				break take
-			}
+		if len(polls) == 0 {
+			st.finish()
+		} else {
+			st.abort()
 		}
-		ds, err := s.client.fetch(ctx, n, s.namespaces, s)
-		for range n - len(ds) {
+		for _, p := range polls {
+			select {
+			case a := <-p.ch:
+				if a.err == nil {
+					// handOut gave back the unused credits.
+					s.giveBack(ctx, a.rest)
+					cc.inflight.Add(-1)
+					continue
+				}
+			default:
+			}
+			for range p.n {
+				s.release()
+			}
+			cc.inflight.Add(-1)
+		}
+		polls = polls[:0]
+		cc, st = nil, nil
+	}
+	defer func() {
+		s.stopHandOut()
+		if st != nil {
+			s.abandon(ctx, cc, st, polls)
+			st.abort()
+		}
+	}()
+	// failed handles a failed poll: it reports whether the subscription
+	// ends, and otherwise waits before the next try if it should.
+	failed := func(err error, on *clientConn) bool {
+		switch {
+		case ctx.Err() != nil:
+			s.end(nil)
+			return true
+		case errors.Is(err, ErrClosed) || isTerminal(err) || errors.Is(err, ErrReconnectFailed):
+			s.end(err)
+			return true
+		case on != nil && c.retryable(ctx, on, err):
+			return false // the client is reconnecting; poll on the next connection
+		}
+		if ctx.Err() != nil {
+			s.end(nil)
+			return true
+		}
+		c.logger.Debug("h3x: subscription fetch failed", "err", err)
+		if sleepCtx(ctx, 50*time.Millisecond) != nil {
+			s.end(nil)
+			return true
+		}
+		return false
+	}
+	// usable reports whether st may carry a new poll: it is alive and on the
+	// client's current connection (after a GoAway or a reconnect, the old
+	// stream's polls are finished first, then a new stream is opened).
+	usable := func() bool {
+		if st == nil {
+			return len(polls) == 0
+		}
+		c.mu.Lock()
+		cur := c.cc
+		c.mu.Unlock()
+		return (cur == cc && st.alive()) || len(polls) == 0
+	}
+	// issue sends a poll for n credits (which it holds from then on).
+	issue := func(n int) error {
+		c.mu.Lock()
+		cur := c.cc
+		c.mu.Unlock()
+		if st == nil || cur != cc || !st.alive() {
+			drop()
+			next, err := c.awaitConn(ctx)
+			if err != nil {
+				return err
+			}
+			ns, err := next.openRPC(ctx)
+			if err != nil {
+				return fmt.Errorf("%w: %w", errStreamFailed, err)
+			}
+			cc, st = next, ns
+		}
+		id := c.reqID.Add(1)
+		ch, err := st.start(id, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: id, Namespaces: s.namespaces, Limit: uint32(n), MaxWaitMs: durationMs(fetchWait(ctx))},
+			func(a *rpcAnswer) { s.handOut(a, n) })
+		if err != nil {
+			return err
+		}
+		cc.inflight.Add(1)
+		polls = append(polls, poll{ch: ch, n: n})
+		return nil
+	}
+	// send issues a poll for n credits; it reports whether the subscription
+	// ends.
+	send := func(n int) bool {
+		on := cc
+		err := issue(n)
+		if err == nil {
+			return false
+		}
+		for range n {
 			s.release()
 		}
-		if err != nil {
-			if ctx.Err() != nil {
+		if on == nil {
+			on = cc
+		}
+		drop()
+		return failed(err, on)
+	}
+	for {
+		// Issue a poll: wait for a credit when none is in flight, otherwise
+		// take one if it is free; then take what else is free, up to a batch.
+		canIssue := len(polls) < subscriptionPolls && usable()
+		n := 0
+		switch {
+		case len(polls) == 0:
+			select {
+			case <-s.credits:
+				n = 1
+			case <-ctx.Done():
 				s.end(nil)
 				return
 			}
-			if errors.Is(err, ErrClosed) || isTerminal(err) || errors.Is(err, ErrReconnectFailed) {
-				s.end(err)
-				return
+		case canIssue:
+			select {
+			case <-s.credits:
+				n = 1
+			default:
 			}
-			// A transient failure: the client is reconnecting; try again.
-			s.client.logger.Debug("h3x: subscription fetch failed", "err", err)
-			if sleepCtx(ctx, 50*time.Millisecond) != nil {
-				s.end(nil)
+		}
+		if n > 0 {
+			if send(n + s.takeFree(s.opts.BatchSize-1)) {
 				return
 			}
 			continue
 		}
-		for i, d := range ds {
-			select {
-			case s.ch <- d:
-			case <-ctx.Done():
-				s.giveBack(ctx, ds[i:])
-				s.end(nil)
+
+		// Wait for the oldest poll's answer (a stream's answers come in
+		// order), or for a credit to issue another poll.
+		var credits <-chan struct{}
+		if canIssue {
+			credits = s.credits
+		}
+		select {
+		case a := <-polls[0].ch:
+			p := polls[0]
+			polls = append(polls[:0], polls[1:]...)
+			cc.inflight.Add(-1)
+			if a.err != nil {
+				for range p.n {
+					s.release()
+				}
+				on := cc
+				drop()
+				if failed(a.err, on) {
+					return
+				}
+				continue
+			}
+			// handOut has handed the deliveries out and given back the
+			// unused credits.
+			if len(a.rest) > 0 {
+				s.giveBack(ctx, a.rest)
+			}
+		case <-credits:
+			if send(1 + s.takeFree(s.opts.BatchSize-1)) {
 				return
 			}
+		case <-ctx.Done():
+			s.end(nil)
+			return
 		}
 	}
+}
+
+// handOut runs in the subscription stream's reader with a poll's answer:
+// it hands the deliveries out in order, waiting for the application to take
+// them (that wait is the subscription's flow control, as QUIC's is the
+// server's), and gives back the poll's unused credits. Handing out here
+// rather than in the subscription's goroutine saves a goroutine hand-off on
+// every delivery. What it cannot hand out once the subscription ends is left
+// in a.rest, to be given back.
+func (s *Subscription) handOut(a *rpcAnswer, n int) {
+	batch, ok := a.msg.(*h3xpb.EventsBatch)
+	if !ok {
+		a.err = newError(CodeProtocolViolation, "unexpected %v frame answering a fetch", a.t)
+		return
+	}
+	ds := s.client.deliveries(batch, s)
+	for range n - len(ds) {
+		s.release()
+	}
+	s.pushMu.Lock()
+	defer s.pushMu.Unlock()
+	for i, d := range ds {
+		if s.pushClosed {
+			a.rest = ds[i:]
+			return
+		}
+		select {
+		case s.ch <- d:
+		case <-s.pushStop:
+			a.rest = ds[i:]
+			return
+		}
+	}
+}
+
+// abandon ends the polls in flight on st when the subscription ends. It
+// resets only the stream's send side: the server then answers the parked
+// polls at once and finishes the stream, so batches it had already sent are
+// read (handOut leaves them in rest) and given back here instead of staying
+// leased until their deadline. It waits at most a second for that (less if
+// the connection ends); the caller then resets the stream.
+func (s *Subscription) abandon(ctx context.Context, cc *clientConn, st *rpcStream, polls []poll) {
+	if st == nil || len(polls) == 0 {
+		return
+	}
+	st.fw.close()
+	st.st.CancelWrite(quic.StreamErrorCode(CodeNone))
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	expired := false
+	for _, p := range polls {
+		// Credits no longer matter: the subscription is over.
+		var a rpcAnswer
+		answered := false
+		if !expired {
+			select {
+			case a = <-p.ch:
+				answered = true
+			case <-t.C:
+				expired = true
+			case <-cc.qc.Context().Done():
+				expired = true // the connection is gone: nothing more comes
+			}
+		}
+		if answered && a.err == nil {
+			s.giveBack(ctx, a.rest)
+		}
+		cc.inflight.Add(-1)
+	}
+}
+
+// stopHandOut stops handOut before the channel is closed: a handOut in
+// progress returns, later ones hand nothing out.
+func (s *Subscription) stopHandOut() {
+	close(s.pushStop)
+	s.pushMu.Lock()
+	s.pushClosed = true
+	s.pushMu.Unlock()
+}
+
+// takeFree takes up to max free credits without waiting and returns how
+// many it took.
+func (s *Subscription) takeFree(max int) int {
+	n := 0
+	for n < max {
+		select {
+		case <-s.credits:
+			n++
+		default:
+			return n
+		}
+	}
+	return n
 }
 
 // giveBack nacks prefetched deliveries the application never saw, without

@@ -8,6 +8,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"net"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -505,5 +506,127 @@ func TestAbandonedLongPollDoesNotBlock(t *testing.T) {
 		d.Ack()
 	case <-time.After(5 * time.Second):
 		t.Fatal("no delivery: the abandoned long polls block the subscription")
+	}
+}
+
+// A subscription keeps two polls in flight on its stream; deliveries still
+// come in publish order, with none lost or repeated, while events arrive
+// during and between polls.
+func TestSubscriptionPipelinedPollsKeepOrder(t *testing.T) {
+	srv := testServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	pub := mustDial(t, srv, "alice", "alice-token")
+	c := mustDial(t, srv, "alice", "alice-token")
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: 16, BatchSize: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 400
+	published := make(chan error, 1)
+	go func() {
+		for i := 0; i < n; {
+			burst := make([]Event, 1+i%7)
+			for j := range burst {
+				if i < n {
+					burst[j] = Event{Namespace: "orders", Message: strconv.Itoa(i)}
+					i++
+				} else {
+					burst = burst[:j]
+					break
+				}
+			}
+			if _, err := pub.Publish(ctx, burst...); err != nil {
+				published <- err
+				return
+			}
+		}
+		published <- nil
+	}()
+	for want := range n {
+		select {
+		case d, ok := <-sub.Events():
+			if !ok {
+				t.Fatalf("channel closed after %d deliveries: %v", want, sub.Err())
+			}
+			if d.Event.Message != strconv.Itoa(want) || d.Attempt() != 1 {
+				t.Fatalf("delivery %d: event %q attempt %d", want, d.Event.Message, d.Attempt())
+			}
+			d.Ack()
+		case <-ctx.Done():
+			t.Fatalf("%d of %d delivered", want, n)
+		}
+	}
+	if err := <-published; err != nil {
+		t.Fatal(err)
+	}
+	sub.Close()
+}
+
+// PublishAsync reuses idle workers: sequential calls all complete, at most
+// maxIdleAsyncWorkers stay idle, and Close ends them (TestMain checks for
+// leaked goroutines).
+func TestPublishAsyncWorkers(t *testing.T) {
+	srv := testServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := mustDial(t, srv, "alice", "alice-token")
+	for round := range 3 {
+		var calls []*PublishCall
+		for i := range 20 {
+			calls = append(calls, c.PublishAsync(ctx, Event{Namespace: "orders", Message: fmt.Sprint(round, i)}))
+		}
+		for _, p := range calls {
+			if res, err := p.Result(); err != nil || res[0].Status != PublishStored {
+				t.Fatalf("async publish: %v %+v", err, res)
+			}
+		}
+		if n := c.idle.Load(); n > maxIdleAsyncWorkers {
+			t.Fatalf("%d idle workers, want at most %d", n, maxIdleAsyncWorkers)
+		}
+	}
+	for i := range 10 {
+		if res, err := c.PublishAsync(ctx, Event{Namespace: "orders", Message: fmt.Sprint("seq", i)}).Result(); err != nil || res[0].Status != PublishStored {
+			t.Fatalf("sequential async publish: %v %+v", err, res)
+		}
+	}
+	c.Close()
+	if _, err := c.PublishAsync(ctx, Event{Namespace: "orders"}).Result(); !errors.Is(err, ErrClosed) {
+		t.Fatalf("PublishAsync after Close: %v", err)
+	}
+	if n := c.idle.Load(); n != 0 {
+		t.Fatalf("%d idle workers after Close", n)
+	}
+}
+
+// Closing a subscription whose batches do not fit its channel gives back
+// everything the application did not take, including a batch the pipelined
+// second poll received meanwhile, without counting attempts.
+func TestSubscriptionCloseGivesBackPipelinedBatch(t *testing.T) {
+	srv := testServer(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := mustDial(t, srv, "alice", "alice-token")
+	for range 20 {
+		if _, err := c.Publish(ctx, Event{Namespace: "orders"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: 8, BatchSize: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := <-sub.Events()
+	first.Ack()
+	sub.Close()
+	c.Flush(ctx)
+	ds, err := c.Fetch(ctx, 100, "orders")
+	if err != nil || len(ds) != 19 {
+		t.Fatalf("fetch: %v, %d deliveries, want 19", err, len(ds))
+	}
+	for _, d := range ds {
+		if d.Attempt() != 1 {
+			t.Fatalf("a delivery never handed out came back with attempt %d", d.Attempt())
+		}
 	}
 }

@@ -855,3 +855,32 @@ func waitFor(t *testing.T, cond func() bool) {
 	}
 	t.Fatal("condition not met within 5 s")
 }
+
+// The memory queue copies a leased event's Data and Metadata (outside its
+// lock): a consumer that modifies a delivery does not change the stored
+// event, which a redelivery returns intact.
+func TestMemoryQueueLeaseCopiesEvent(t *testing.T) {
+	q := NewMemoryQueue(QueueOptions{})
+	defer q.Close()
+	ctx := context.Background()
+	if _, err := q.Enqueue(ctx, []Event{{ID: "e1", Namespace: "ns", Data: []byte("data"), Metadata: map[string]string{"k": "v"}}}); err != nil {
+		t.Fatal(err)
+	}
+	req := LeaseRequest{Holder: "h", Namespaces: []string{"ns"}, Limit: 1}
+	got, err := q.Lease(ctx, req)
+	if err != nil || len(got) != 1 {
+		t.Fatalf("lease: %v, %d", err, len(got))
+	}
+	got[0].Event.Data[0] = 'X'
+	got[0].Event.Metadata["k"] = "changed"
+	if _, err := q.Nack(ctx, "h", []LeaseRef{{ID: "e1", Namespace: "ns", Attempt: 1}}, 0, "again"); err != nil {
+		t.Fatal(err)
+	}
+	again, err := q.Lease(ctx, req)
+	if err != nil || len(again) != 1 {
+		t.Fatalf("second lease: %v, %d", err, len(again))
+	}
+	if ev := again[0].Event; string(ev.Data) != "data" || ev.Metadata["k"] != "v" {
+		t.Fatalf("redelivered %q %v, want the stored event", ev.Data, ev.Metadata)
+	}
+}

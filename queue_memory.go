@@ -38,8 +38,12 @@ type memoryStore memoryQueue
 
 func (s *memoryStore) refill(*qns, int) error { return nil }
 
+// take returns the stored event itself, whose Data and Metadata are shared
+// and never modified; memoryQueue.Lease copies them after the core's lock
+// is released, so a large lease holds the lock (and every other namespace's
+// publishes and fetches) only for its bookkeeping.
 func (s *memoryStore) take(e *qentry) (Event, error) {
-	return cloneEvent(*e.ev), nil
+	return *e.ev, nil
 }
 
 func (s *memoryStore) submit(fx *effects, _ bool) *writeWait {
@@ -100,7 +104,11 @@ func (q *memoryQueue) Enqueue(ctx context.Context, events []Event) ([]PublishRes
 }
 
 func (q *memoryQueue) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error) {
-	return q.core.Lease(ctx, req)
+	out, err := q.core.Lease(ctx, req)
+	for i := range out {
+		out[i].Event = cloneEvent(out[i].Event)
+	}
+	return out, err
 }
 
 func (q *memoryQueue) Wait(ctx context.Context, namespaces []string) error {

@@ -351,3 +351,33 @@ func TestServerAddrAndClose(t *testing.T) {
 }
 
 var _ = io.EOF
+
+// Two long polls pipelined on one stream are served one after the other: the
+// second starts only once the first is answered, so it never leases an event
+// that would then wait behind the first, still parked, poll.
+func TestServerPipelinedFetchesOnOneStream(t *testing.T) {
+	s := testServer(t)
+	pub := mustDial(t, s, "alice", "alice-token")
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	fetch := func(id uint64) []byte {
+		return frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: id, Namespaces: []string{"orders"}, Limit: 10, MaxWaitMs: 30000})
+	}
+	st := rc.stream(append(fetch(1), fetch(2)...), false)
+	st.SetReadDeadline(time.Now().Add(10 * time.Second))
+	fr := newFrameReader(st, DefaultMaxFrameSize)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i, msg := range []string{"one", "two"} {
+		if _, err := pub.Publish(ctx, Event{Namespace: "orders", Message: msg}); err != nil {
+			t.Fatal(err)
+		}
+		var batch h3xpb.EventsBatch
+		if err := fr.readMessage(FrameEventsBatch, &batch); err != nil {
+			t.Fatalf("answer %d: %v", i+1, err)
+		}
+		if batch.GetRequestId() != uint64(i+1) || len(batch.GetEvents()) != 1 || batch.GetEvents()[0].GetEvent().GetMessage() != msg {
+			t.Fatalf("answer %d: request %d with %d events (%v), want request %d with %q", i+1, batch.GetRequestId(), len(batch.GetEvents()), batch.GetEvents(), i+1, msg)
+		}
+	}
+}

@@ -26,15 +26,37 @@ const fetchLaneDepth = 4
 // reply is one answer being prepared; replies of a lane are written in the
 // order their requests arrived.
 type reply struct {
-	done chan struct{}
-	t    FrameType
-	msg  proto.Message
+	work  func() (FrameType, proto.Message)
+	ready bool // guarded by the lane's mu
+	t     FrameType
+	msg   proto.Message
 }
 
-// lane answers one kind of request in arrival order.
+// lane answers one kind of request in arrival order, without a goroutine
+// between a finished request and its answer on the wire.
+//
+// A concurrent lane (publishes, settlements) computes each request in a
+// goroutine of its own; whichever finishes and finds its reply at the head
+// of the queue writes it, and every finished reply behind it. A serial lane
+// (fetches) has one worker that serves its requests one after the other and
+// writes each answer itself: a fetch queued behind a long poll starts (and
+// leases) only after that poll is answered, so it never leases events that
+// would then wait behind the poll, and a client can keep a second fetch
+// queued on the server while it handles the first one's batch.
 type lane struct {
-	ch    chan *reply
-	depth int
+	serial bool
+	depth  int
+	slots  chan struct{} // one token per request in flight: bounds them to depth (made on first use)
+
+	mu      sync.Mutex
+	queue   []*reply // concurrent: in arrival order, not yet written
+	writing bool     // concurrent: a goroutine is writing the queue's head
+
+	work chan *reply // serial: the worker's requests
+}
+
+func newLane(depth int, serial bool) lane {
+	return lane{serial: serial, depth: depth}
 }
 
 // sessionStream serves a stream of built-in requests: SendEvent, FetchEvents,
@@ -46,14 +68,13 @@ type sessionStream struct {
 	st                      *quic.Stream
 	fr                      *frameReader
 	fw                      *frameWriter
-	wg                      sync.WaitGroup // the writer and the request workers
-	respWG                  sync.WaitGroup // the lanes' responders
+	wg                      sync.WaitGroup // the request workers
 	sends, fetches, settles lane
 }
 
 func newSessionStream(c *serverConn, st *quic.Stream, fr *frameReader) *sessionStream {
 	return &sessionStream{c: c, st: st, fr: fr, fw: newFrameWriter(st),
-		sends: lane{depth: laneDepth}, fetches: lane{depth: fetchLaneDepth}, settles: lane{depth: laneDepth}}
+		sends: newLane(laneDepth, false), fetches: newLane(fetchLaneDepth, true), settles: newLane(laneDepth, false)}
 }
 
 // run serves the stream until the client finishes its side or an error.
@@ -80,24 +101,29 @@ func (ss *sessionStream) run(connCtx context.Context, t FrameType, payload []byt
 	if failure != nil {
 		cancel() // parked long polls end at once
 	}
-	for _, l := range []*lane{&ss.sends, &ss.fetches, &ss.settles} {
-		if l.ch != nil {
-			close(l.ch)
-		}
+	if ss.fetches.work != nil {
+		close(ss.fetches.work)
 	}
 	var e *Error
 	if failure != nil && errors.As(failure, &e) {
 		ss.fw.write(FrameError, errorToWire(e, 0))
 	}
-	// Wait for the responders, then flush and finish the send side.
-	ss.respWG.Wait()
-	ss.fw.close()
+	// Wait for the requests in flight to be answered, then flush and finish
+	// the send side.
 	ss.wg.Wait()
+	ss.fw.close()
+	var se *quic.StreamError
 	switch {
 	case failure == nil:
 		ss.st.Close()
 	case e != nil:
 		ss.st.CancelRead(quic.StreamErrorCode(e.Code))
+		ss.st.Close()
+	case errors.As(failure, &se) && se.Remote:
+		// The client reset its side to abandon its long polls, which were
+		// answered (empty) above: finish ours, so that every answer written,
+		// batches included, reaches a client that still reads (a
+		// subscription gives back what it will not hand out).
 		ss.st.Close()
 	default:
 		ss.st.CancelRead(quic.StreamErrorCode(CodeNone))
@@ -165,35 +191,78 @@ func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []by
 	return nil
 }
 
-// submit queues a request on its lane and computes its answer in a new
-// goroutine; the lane's responder writes answers in order.
+// submit queues a request on its lane. It waits while the lane has depth
+// requests in flight (and QUIC flow control then pushes back on the client).
 func (ss *sessionStream) submit(l *lane, work func() (FrameType, proto.Message)) {
-	if l.ch == nil {
-		l.ch = make(chan *reply, l.depth)
-		ss.respWG.Add(1)
-		go ss.respond(l.ch)
+	if l.slots == nil {
+		l.slots = make(chan struct{}, l.depth)
 	}
-	r := &reply{done: make(chan struct{})}
-	l.ch <- r
+	l.slots <- struct{}{}
 	ss.c.inflight.Add(1)
+	r := &reply{work: work}
+	if l.serial {
+		if l.work == nil {
+			l.work = make(chan *reply, l.depth)
+			ss.wg.Add(1)
+			go ss.serve(l)
+		}
+		l.work <- r
+		return
+	}
+	l.mu.Lock()
+	l.queue = append(l.queue, r)
+	l.mu.Unlock()
 	ss.wg.Add(1)
 	go func() {
 		defer ss.wg.Done()
-		r.t, r.msg = work()
-		close(r.done)
+		r.t, r.msg = r.work()
+		ss.finished(l, r)
 	}()
 }
 
-// respond writes a lane's answers in request order.
-func (ss *sessionStream) respond(ch chan *reply) {
-	defer ss.respWG.Done()
-	for r := range ch {
-		<-r.done
-		if err := ss.fw.write(r.t, r.msg); err != nil {
-			if b, ok := r.msg.(*h3xpb.EventsBatch); ok && len(b.GetEvents()) > 0 {
-				ss.c.releaseUnsent(b)
-			}
-		}
-		ss.c.inflight.Add(-1)
+// serve is a serial lane's worker: it answers the lane's requests one at a
+// time, in order, until the lane is closed.
+func (ss *sessionStream) serve(l *lane) {
+	defer ss.wg.Done()
+	for r := range l.work {
+		r.t, r.msg = r.work()
+		ss.answer(l, r)
 	}
+}
+
+// finished marks r of a concurrent lane done and, unless another goroutine
+// is writing, writes the finished replies at the head of the lane.
+func (ss *sessionStream) finished(l *lane, r *reply) {
+	l.mu.Lock()
+	r.ready = true
+	if l.writing {
+		// The writer rechecks the head under mu before it stops.
+		l.mu.Unlock()
+		return
+	}
+	l.writing = true
+	for len(l.queue) > 0 && l.queue[0].ready {
+		head := l.queue[0]
+		l.queue[0] = nil
+		l.queue = l.queue[1:]
+		l.mu.Unlock()
+		ss.answer(l, head)
+		l.mu.Lock()
+	}
+	if len(l.queue) == 0 {
+		l.queue = l.queue[:0]
+	}
+	l.writing = false
+	l.mu.Unlock()
+}
+
+// answer writes r's answer and frees its place in the lane.
+func (ss *sessionStream) answer(l *lane, r *reply) {
+	if err := ss.fw.write(r.t, r.msg); err != nil {
+		if b, ok := r.msg.(*h3xpb.EventsBatch); ok && len(b.GetEvents()) > 0 {
+			ss.c.releaseUnsent(b)
+		}
+	}
+	ss.c.inflight.Add(-1)
+	<-l.slots
 }
