@@ -125,28 +125,30 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 
 var _ Queue = (*badgerQueue)(nil)
 
-// badgerOptions are H3X's Badger defaults, tuned for a small memory footprint:
-// small memtables, caches and tables, no compression (event payloads are
-// mostly incompressible or already compressed by their producers). Event
-// values are stored in the LSM tree itself, never in the value log (see
-// inlineThreshold). Measured with a backlog of a million 256-byte events
-// (H3X_RSS=1 go test -run TestQueueBadgerRSS): a process that opens it has
-// 118 MB of RSS (69 MB anonymous), 138 MB after leasing and acking 10,000
-// of it; the process that has just published it about 370 MB of anonymous
-// memory (Badger's table builders and compactions, the dedup index; 180 MB
-// after debug.FreeOSMemory). Badger memory-maps its files, so the pages a
-// process has written or read also count in its RSS, as file-backed page
-// cache the kernel reclaims under memory pressure: about 330 MB in the
-// publishing process.
+// badgerOptions are H3X's Badger defaults: small caches and tables, no
+// compression (event payloads are mostly incompressible or already
+// compressed by their producers). Event values are stored in the LSM tree
+// itself, never in the value log (see inlineThreshold), so the value-log
+// files are the minimum size and the memtables larger (32 MB: with 8 MB,
+// flushes and compactions of the values halved throughput). Measured with a
+// backlog of a million 256-byte events (H3X_RSS=1 go test -run
+// TestQueueBadgerRSS): a process that opens it has 130 MB of RSS (89 MB
+// anonymous), 135 MB after leasing and acking 10,000 of it. The process
+// that has just published it at full speed peaks near 1 GB while Badger
+// compacts (Go heap up to 440 MB plus the collector's headroom; 210 MB
+// anonymous after debug.FreeOSMemory): set GOMEMLIMIT to bound it. Badger
+// memory-maps its files, so the pages a process has written or read also
+// count in its RSS, as file-backed page cache the kernel reclaims under
+// memory pressure: about 330 MB in the publishing process.
 func badgerOptions(dir string, opts QueueOptions) badger.Options {
 	bo := badger.DefaultOptions(dir)
 	bo.Logger = badgerLogger{opts.Logger}
-	bo.SyncWrites = false // DurabilityFsync syncs once per run of commits (see syncFiles)
-	bo.MemTableSize = 8 << 20
+	bo.SyncWrites = false      // DurabilityFsync syncs once per run of commits (see syncFiles)
+	bo.MemTableSize = 32 << 20 // values are in the LSM tree: bigger memtables, fewer flushes and compactions
 	bo.NumMemtables = 2
 	bo.BlockCacheSize = 16 << 20
 	bo.IndexCacheSize = 8 << 20
-	bo.ValueLogFileSize = 64 << 20
+	bo.ValueLogFileSize = 1 << 20 // the value log stays empty (see inlineThreshold); Badger's minimum
 	bo.BaseTableSize = 2 << 20
 	bo.NumCompactors = 2
 	bo.ValueThreshold = inlineThreshold(bo.MemTableSize)
