@@ -100,7 +100,6 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	maxBatchSize := 15 * bo.MemTableSize / 100 // as Badger computes its limits
 	q.txnMaxBytes = maxBatchSize / 3
 	q.txnMaxWrites = min(maxTxnWrites, max(int(maxBatchSize/int64(skl.MaxNodeSize))/3, 1))
-	q.valueThreshold = bo.ValueThreshold
 	q.maxValue = int(bo.ValueThreshold) - deadLetterReserve
 	q.core = newQueueCore(opts, (*badgerStore)(q), false)
 	q.core.recMaxBytes = int(bo.ValueThreshold) / 2
@@ -259,11 +258,11 @@ type badgerQueue struct {
 	bcur    []bwrite
 	bstarts []int
 
-	// Transaction bounds (a third of Badger's) and Badger's ValueThreshold.
-	txnMaxWrites   int
-	txnMaxBytes    int64
-	valueThreshold int64
-	maxValue       int // the largest encoded event Enqueue accepts
+	// Transaction bounds (a third of Badger's), and the largest encoded
+	// event Enqueue accepts (below Badger's ValueThreshold).
+	txnMaxWrites int
+	txnMaxBytes  int64
+	maxValue     int
 
 	// syncMu serializes syncs and value-log GC; the rest is its.
 	syncMu          sync.Mutex
@@ -820,11 +819,6 @@ func (q *badgerQueue) Enqueue(ctx context.Context, events []Event) ([]PublishRes
 	if len(events) == 0 {
 		return []PublishResult{}, nil
 	}
-	for i := range events {
-		if encodedLen(&events[i]) > q.maxValue {
-			return q.enqueueFitting(ctx, events)
-		}
-	}
 	now := time.Now()
 	enq := now.UnixNano()
 	var op *wop
@@ -856,7 +850,11 @@ func (q *badgerQueue) Enqueue(ctx context.Context, events []Event) ([]PublishRes
 	for i := range events {
 		op.evs[i] = events[i]
 		op.sizes[i] = prepareEvent(&op.evs[i], now)
-		total += encodedLen(&op.evs[i])
+		n := encodedLen(&op.evs[i])
+		if n > q.maxValue {
+			return q.enqueueFitting(ctx, events)
+		}
+		total += n
 	}
 	// One buffer for every value of the batch.
 	buf := make([]byte, 0, total)
@@ -1514,13 +1512,7 @@ func (b *txnBuilder) apply(w bwrite) error {
 	if w.key != nil {
 		b.writes++
 		b.bytes += int64(len(w.key)) + 24
-		if !w.del {
-			if int64(len(w.val)) < b.q.valueThreshold {
-				b.bytes += int64(len(w.val))
-			} else {
-				b.bytes += 12 // a value pointer
-			}
-		}
+		b.bytes += int64(len(w.val)) // every value stays in the LSM tree (inlineThreshold)
 		var err error
 		if w.del {
 			err = b.txn.Delete(w.key)
