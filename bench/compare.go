@@ -4,9 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log"
-	"net/http"
 	"os"
 	"path/filepath"
 	"runtime/pprof"
@@ -230,26 +228,7 @@ func captureProfiles(addr string, d time.Duration, prefix string) func() error {
 func captureProfile(addr string, d time.Duration, file string) func() error {
 	done := make(chan error, 1)
 	go func() {
-		resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", addr, max(1, int(d.Seconds()))))
-		if err != nil {
-			done <- err
-			return
-		}
-		defer resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			done <- fmt.Errorf("pprof: %s", resp.Status)
-			return
-		}
-		f, err := os.Create(file)
-		if err != nil {
-			done <- err
-			return
-		}
-		_, err = io.Copy(f, resp.Body)
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		done <- err
+		done <- fetchPprof(addr, fmt.Sprintf("profile?seconds=%d", max(1, int(d.Seconds()))), file)
 	}()
 	return func() error { return <-done }
 }

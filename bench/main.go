@@ -199,7 +199,6 @@ type envInfo struct {
 	mem, kernel  string
 	goVersion    string
 	nats, redis  string
-	h3xFlags     string
 	natsSyncNote string
 }
 

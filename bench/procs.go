@@ -110,53 +110,45 @@ func (p *proc) tail() string {
 	return strings.TrimSpace(string(b))
 }
 
-// memKiB reads VmRSS and VmHWM (peak RSS) of pid from /proc, in KiB.
-func memKiB(pid int) (rss, hwm int64, err error) {
+// statusKiB reads the "Name: value kB" lines of /proc/<pid>/status.
+func statusKiB(pid int) (map[string]int64, error) {
 	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
 	if err != nil {
-		return 0, 0, err
+		return nil, err
 	}
+	m := make(map[string]int64)
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
 		if len(f) < 2 {
 			continue
 		}
 		v, _ := strconv.ParseInt(f[1], 10, 64)
-		switch f[0] {
-		case "VmRSS:":
-			rss = v
-		case "VmHWM:":
-			hwm = v
-		}
+		m[f[0]] = v
 	}
-	if rss == 0 {
+	return m, nil
+}
+
+// memKiB reads VmRSS and VmHWM (peak RSS) of pid from /proc, in KiB.
+func memKiB(pid int) (rss, hwm int64, err error) {
+	m, err := statusKiB(pid)
+	if err != nil {
+		return 0, 0, err
+	}
+	if m["VmRSS:"] == 0 {
 		return 0, 0, fmt.Errorf("no VmRSS for pid %d", pid)
 	}
-	return rss, hwm, nil
+	return m["VmRSS:"], m["VmHWM:"], nil
 }
 
 // rssSplitKiB reads the anonymous and file-backed parts of pid's RSS, in
 // KiB: file-backed pages (such as Badger's memory-mapped files) are page
 // cache the kernel can reclaim, anonymous ones are the process's own.
 func rssSplitKiB(pid int) (anon, file int64) {
-	b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+	m, err := statusKiB(pid)
 	if err != nil {
 		return 0, 0
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		v, _ := strconv.ParseInt(f[1], 10, 64)
-		switch f[0] {
-		case "RssAnon:":
-			anon = v
-		case "RssFile:", "RssShmem:":
-			file += v
-		}
-	}
-	return anon, file
+	return m["RssAnon:"], m["RssFile:"] + m["RssShmem:"]
 }
 
 // freeTCPPort returns a loopback TCP port that was free a moment ago.

@@ -369,6 +369,9 @@ func fetchPprof(addr, name, file string) error {
 		return err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("pprof %s: %s", name, resp.Status)
+	}
 	f, err := os.Create(file)
 	if err != nil {
 		return err
