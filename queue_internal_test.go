@@ -289,17 +289,22 @@ func TestBadgerQueueCloseTwice(t *testing.T) {
 	}
 }
 
+// fakeDiskFree makes q see 1 TiB of free disk, until setFree says otherwise.
+func fakeDiskFree(q *badgerQueue) (setFree func(uint64)) {
+	free := uint64(1 << 40)
+	var mu sync.Mutex
+	df := func(string) (uint64, error) { mu.Lock(); defer mu.Unlock(); return free, nil }
+	q.diskFree.Store(&df)
+	return func(n uint64) { mu.Lock(); free = n; mu.Unlock() }
+}
+
 func TestBadgerQueueDiskFull(t *testing.T) {
 	q := openTestBadger(t, t.TempDir(), QueueOptions{})
 	ctx := context.Background()
 	publishTest(t, q, Event{ID: "before", Namespace: "n"})
 	ls := leaseAll(t, q, "h", 1, "n")
 
-	free := uint64(1 << 40)
-	var mu sync.Mutex
-	setFree := func(n uint64) { mu.Lock(); free = n; mu.Unlock() }
-	df := func(string) (uint64, error) { mu.Lock(); defer mu.Unlock(); return free, nil }
-	q.diskFree.Store(&df)
+	setFree := fakeDiskFree(q)
 
 	setFree(q.reserve - 1)
 	_, err := q.Enqueue(ctx, []Event{{ID: "refused", Namespace: "n"}})
@@ -819,11 +824,7 @@ func TestBadgerQueueBallast(t *testing.T) {
 	}
 	publishTest(t, q, Event{ID: "a", Namespace: "n"})
 	ls := leaseAll(t, q, "h", 1, "n")
-	free := uint64(1 << 40)
-	var mu sync.Mutex
-	setFree := func(n uint64) { mu.Lock(); free = n; mu.Unlock() }
-	df := func(string) (uint64, error) { mu.Lock(); defer mu.Unlock(); return free, nil }
-	q.diskFree.Store(&df)
+	setFree := fakeDiskFree(q)
 	// Someone else filled the disk and stopped: the ballast goes, and every
 	// write is refused until there is room to make it again.
 	setFree(1 << 20)

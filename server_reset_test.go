@@ -21,15 +21,7 @@ func TestClientDetectsCrashedAndRestartedServer(t *testing.T) {
 	}
 	tlsConf := &tls.Config{Certificates: []tls.Certificate{cert}}
 	start := func(addr string) *Server {
-		s, err := NewServer(WithAddr(addr), WithQueue(NewMemoryQueue(QueueOptions{})), WithTLSConfig(tlsConf), WithRegistry(testRegistry(t)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := s.Start(context.Background()); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { s.Close() })
-		return s
+		return testServer(t, WithAddr(addr), WithTLSConfig(tlsConf))
 	}
 	srv := start("127.0.0.1:0")
 	addr := srv.Addr().String()
