@@ -96,15 +96,15 @@ func TestDedupIndex(t *testing.T) {
 	if !d2.stored("a", now) {
 		t.Error("a not stored")
 	}
-	d2.markGone("a")
+	d2.setGone(d2.keyOf("a"), true)
 	if d2.stored("a", now) || !d2.seen(d2.keyOf("a"), now) {
 		t.Error("a gone: want seen (for dedup) but not stored")
 	}
-	d2.unmarkGone("a")
+	d2.setGone(d2.keyOf("a"), false)
 	if !d2.stored("a", now) {
-		t.Error("a not stored after unmarkGone")
+		t.Error("a not stored after clearing its gone mark")
 	}
-	d2.forget("b")
+	d2.forgetKey(d2.keyOf("b"))
 	if d2.seen(d2.keyOf("b"), now) {
 		t.Error("b seen after forget")
 	}

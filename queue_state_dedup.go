@@ -46,9 +46,8 @@ type dedupIndex struct {
 }
 
 type dedupGen struct {
-	start, last int64 // ticks
-	m           map[uint64]uint64
-	dropped     bool // expired or evicted: no longer in gens
+	start, last int64             // ticks
+	m           map[uint64]uint64 // nil once the generation is dropped (expired or evicted)
 }
 
 const (
@@ -128,7 +127,7 @@ func (d *dedupIndex) expire(now int64) {
 	k := 0
 	for k < len(d.gens) && now-d.gens[k].last >= d.window {
 		d.n -= len(d.gens[k].m)
-		d.gens[k].dropped = true
+		d.gens[k].m = nil // entries still pointing at it keep no IDs alive
 		d.gens[k] = nil
 		k++
 	}
@@ -207,7 +206,7 @@ func (d *dedupIndex) addKey(key dedupKey, unixNano int64) *dedupGen {
 	for d.n > d.max && len(d.gens) > 1 {
 		old := d.gens[0]
 		d.n -= len(old.m)
-		old.dropped = true
+		old.m = nil
 		d.gens = d.gens[1:]
 		if !d.warned {
 			d.warned = true
@@ -226,10 +225,7 @@ func (d *dedupIndex) setGoneIn(g *dedupGen, key dedupKey, gone bool) {
 		d.setGone(key, gone)
 		return
 	}
-	if g.dropped {
-		return
-	}
-	v, ok := g.m[key.k]
+	v, ok := g.m[key.k] // not found in a dropped generation (nil map)
 	if !ok || v>>32 != key.fp {
 		return
 	}
@@ -241,13 +237,8 @@ func (d *dedupIndex) setGoneIn(g *dedupGen, key dedupKey, gone bool) {
 	g.m[key.k] = v
 }
 
-// markGone notes that id's event left the queue (acked or dead-lettered).
-func (d *dedupIndex) markGone(id string) { d.setGone(d.keyOf(id), true) }
-
-// unmarkGone reverts markGone.
-func (d *dedupIndex) unmarkGone(id string) { d.setGone(d.keyOf(id), false) }
-
-// setGone sets or clears the gone mark of the ID of key.
+// setGone sets or clears the gone mark of the ID of key (its event left
+// the queue: acked or dead-lettered).
 func (d *dedupIndex) setGone(key dedupKey, gone bool) {
 	now := d.tick(time.Now().UnixNano())
 	g, k, v, ok := d.findKey(key.k, key.fp, now)
@@ -262,9 +253,7 @@ func (d *dedupIndex) setGone(key dedupKey, gone bool) {
 	g.m[k] = v
 }
 
-// forget removes id (its publish did not become durable).
-func (d *dedupIndex) forget(id string) { d.forgetKey(d.keyOf(id)) }
-
+// forgetKey removes the ID of key (its publish did not become durable).
 func (d *dedupIndex) forgetKey(key dedupKey) {
 	now := d.tick(time.Now().UnixNano())
 	if g, k, _, ok := d.findKey(key.k, key.fp, now); ok {
