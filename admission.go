@@ -178,7 +178,6 @@ type admissionSlotKey struct{}
 type admissionSlot struct {
 	a           *admission
 	pendingOnce sync.Once
-	liveOnce    sync.Once
 }
 
 // authenticated gives the pending slot back.
@@ -186,9 +185,10 @@ func (s *admissionSlot) authenticated() {
 	s.pendingOnce.Do(func() { s.a.pending.Add(-1) })
 }
 
+// closed gives both slots back; it runs once, by context.AfterFunc.
 func (s *admissionSlot) closed() {
 	s.authenticated()
-	s.liveOnce.Do(func() { s.a.live.Add(-1) })
+	s.a.live.Add(-1)
 }
 
 // errAdmission makes quic-go refuse the attempt with CONNECTION_REFUSED.

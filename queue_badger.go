@@ -21,6 +21,7 @@ import (
 	"github.com/dgraph-io/badger/v4"
 	"github.com/dgraph-io/badger/v4/options"
 	"github.com/dgraph-io/badger/v4/skl"
+	"github.com/google/uuid"
 )
 
 // OpenBadgerQueue opens (creating it if needed) the durable queue stored in
@@ -1346,7 +1347,7 @@ func decodeGroupKey(k []byte) (enq int64, ids []string, ok bool) {
 			if len(b) < 17 {
 				return 0, nil, false
 			}
-			ids = append(ids, uuidString(b[1:17]))
+			ids = append(ids, uuid.UUID(b[1:17]).String())
 			b = b[17:]
 		case 2:
 			d := decoder{b: b[1:]}
@@ -1361,22 +1362,6 @@ func decodeGroupKey(k []byte) (enq int64, ids []string, ok bool) {
 		}
 	}
 	return enq, ids, true
-}
-
-// uuidString formats 16 bytes as a canonical lowercase UUID.
-func uuidString(u []byte) string {
-	const hexd = "0123456789abcdef"
-	var b [36]byte
-	j := 0
-	for i, c := range u {
-		if i == 4 || i == 6 || i == 8 || i == 10 {
-			b[j] = '-'
-			j++
-		}
-		b[j], b[j+1] = hexd[c>>4], hexd[c&0x0f]
-		j += 2
-	}
-	return string(b[:])
 }
 
 // movedEvent is a dead letter, read and rewritten by the writer.

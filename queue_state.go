@@ -3,6 +3,7 @@ package h3x
 import (
 	"context"
 	"crypto/rand"
+	"github.com/google/uuid"
 	"log/slog"
 	"strings"
 	"sync"
@@ -1329,7 +1330,7 @@ func newUUIDv4() string {
 	uuidRandPool.Put(r)
 	u[6] = u[6]&0x0f | 0x40 // version 4
 	u[8] = u[8]&0x3f | 0x80 // RFC 9562 variant
-	return uuidString(u[:])
+	return uuid.UUID(u).String()
 }
 
 type uuidRand struct {

@@ -249,9 +249,6 @@ func (ss *sessionStream) finished(l *lane, r *reply) {
 		ss.answer(l, head)
 		l.mu.Lock()
 	}
-	if len(l.queue) == 0 {
-		l.queue = l.queue[:0]
-	}
 	l.writing = false
 	l.mu.Unlock()
 }
