@@ -795,13 +795,22 @@ func (d *Delivery) settleOnce() error {
 	if d.client == nil {
 		return errors.New("h3x: delivery not obtained from a client")
 	}
-	if !d.settled.CompareAndSwap(false, true) {
+	if !d.markSettled() {
 		return errAlreadySettled
+	}
+	return nil
+}
+
+// markSettled marks d settled, giving its subscription's credit back; it
+// reports false if d was settled already.
+func (d *Delivery) markSettled() bool {
+	if !d.settled.CompareAndSwap(false, true) {
+		return false
 	}
 	if d.sub != nil {
 		d.sub.release()
 	}
-	return nil
+	return true
 }
 
 // Ack acknowledges the delivery: the event is removed for good. The ack is
@@ -955,8 +964,8 @@ func (c *Client) Ack(ctx context.Context, deliveries ...*Delivery) ([]SettleResu
 // gives their subscription's credit back (as Delivery.Ack does).
 func markSettled(deliveries []*Delivery) {
 	for _, d := range deliveries {
-		if d != nil && d.settled.CompareAndSwap(false, true) && d.sub != nil {
-			d.sub.release()
+		if d != nil {
+			d.markSettled()
 		}
 	}
 }
