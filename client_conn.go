@@ -327,9 +327,15 @@ func newRPCStream(st *quic.Stream, maxFrame uint32) *rpcStream {
 // abort resets the stream in both directions (the server ends what it was
 // doing for it).
 func (s *rpcStream) abort() {
+	s.resetWrite()
+	s.st.CancelRead(quic.StreamErrorCode(CodeNone))
+}
+
+// resetWrite resets the stream's send side only: the server answers what
+// is pending and ends its side.
+func (s *rpcStream) resetWrite() {
 	s.fw.close()
 	s.st.CancelWrite(quic.StreamErrorCode(CodeNone))
-	s.st.CancelRead(quic.StreamErrorCode(CodeNone))
 }
 
 // finish ends the stream's send side; the server answers what is pending

@@ -7,8 +7,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/quic-go/quic-go"
-
 	"github.com/h3x-io/h3x/proto/h3xpb"
 )
 
@@ -374,8 +372,7 @@ func (s *Subscription) abandon(ctx context.Context, cc *clientConn, st *rpcStrea
 	if st == nil || len(polls) == 0 {
 		return
 	}
-	st.fw.close()
-	st.st.CancelWrite(quic.StreamErrorCode(CodeNone))
+	st.resetWrite()
 	t := time.NewTimer(time.Second)
 	defer t.Stop()
 	expired := false
