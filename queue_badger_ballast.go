@@ -208,6 +208,13 @@ func (b *ballast) warnOnce(msg string, err error) {
 // preallocate allocates the blocks of the newest .mem and .vlog files (up
 // to the size Badger gave them, a value-log file up to vlogMax).
 func (b *ballast) preallocate() {
+	// Badger numbers its log files in sequence: the directories are listed
+	// only when the file after the last one preallocated has appeared, not
+	// on every tick.
+	if b.memFid >= 0 && !fileExists(memFilePath(b.bdir, b.memFid+1)) &&
+		b.vlogFid >= 0 && !fileExists(vlogFilePath(b.vdir, b.vlogFid+1)) {
+		return
+	}
 	if mem, err := logFiles(b.bdir, ".mem"); err == nil && len(mem) > 0 && mem[len(mem)-1] != b.memFid {
 		fid := mem[len(mem)-1]
 		if preallocateFile(memFilePath(b.bdir, fid), 1<<62) == nil {
