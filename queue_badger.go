@@ -1,6 +1,7 @@
 package h3x
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -314,7 +315,11 @@ const (
 	keyLeaseRec = 'l'
 	keyMeta     = 'm'
 
-	storageFormat = 1
+	// storageFormat is the version of the layout; 2 stores events in
+	// chunks (queue_badger_chunk.go), 1 stored one key per event.
+	storageFormat = 2
+	// eventFormat is the first byte of an encoded event.
+	eventFormat = 1
 )
 
 var (
@@ -391,7 +396,7 @@ func decodeLeaseRec(b []byte) ([]recEntry, error) {
 // encodeEvent encodes ev (all but its namespace, which is in the key) with
 // its enqueue time.
 func encodeEvent(b []byte, ev *Event, enq int64) []byte {
-	b = append(b, storageFormat)
+	b = append(b, eventFormat)
 	b = binary.AppendUvarint(b, uint64(enq))
 	b = binary.AppendVarint(b, ev.Time.Unix())
 	b = binary.AppendUvarint(b, uint64(ev.Time.Nanosecond()))
@@ -427,7 +432,7 @@ var errCorrupt = errors.New("corrupt event record")
 // Data share b, which the caller must not change or reuse afterwards.
 func decodeEvent(b []byte) (ev Event, enq int64, err error) {
 	d := decoder{b: b}
-	if d.byte() != storageFormat {
+	if d.byte() != eventFormat {
 		return ev, 0, errCorrupt
 	}
 	enq = int64(d.uvarint())
@@ -530,6 +535,9 @@ func (q *badgerQueue) load() error {
 			if err != nil {
 				return fmt.Errorf("h3x: badger queue: read format: %w", err)
 			}
+			if len(v) == 1 && v[0] == 1 {
+				return fmt.Errorf("h3x: badger queue in %s: storage format 1 (one key per event, H3X before chunked storage) cannot be opened by this version, which writes format %d; drain the queue with the older version first", q.dir, storageFormat)
+			}
 			if len(v) != 1 || v[0] != storageFormat {
 				return fmt.Errorf("h3x: badger queue in %s: unknown storage format %v", q.dir, v)
 			}
@@ -571,6 +579,7 @@ func (q *badgerQueue) load() error {
 			ns.bytes = cnt.bytes
 			ns.freshDisk = int(cnt.count)
 			ns.diskNext = hwm + 1
+			ns.diskChunk = hwm + 1
 		}
 		it.Close()
 		for name, ns := range c.nss {
@@ -583,6 +592,7 @@ func (q *badgerQueue) load() error {
 			it.Rewind()
 			if it.Valid() {
 				ns.diskNext = keySeq(it.Item().Key())
+				ns.diskChunk = ns.diskNext
 			} else {
 				ns.freshDisk = 0
 			}
@@ -655,18 +665,70 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 		}
 	}
 	it.Close()
-	for k, d := range deliveries {
+	// Find each delivered event's chunk, in order of sequence number with
+	// one reverse iterator per namespace (the chunk holding seq is the one
+	// with the largest first sequence number up to seq).
+	keys := make([]nsSeq, 0, len(deliveries))
+	for k := range deliveries {
+		keys = append(keys, k)
+	}
+	slices.SortFunc(keys, func(a, b nsSeq) int {
+		if a.ns != b.ns {
+			return strings.Compare(a.ns, b.ns)
+		}
+		return cmp.Compare(a.seq, b.seq)
+	})
+	var (
+		rit     *badger.Iterator
+		ritNS   string
+		cur     *qchunk
+		curSeqs []uint64
+	)
+	defer func() {
+		if rit != nil {
+			rit.Close()
+		}
+	}()
+	for _, k := range keys {
+		d := deliveries[k]
 		ns := c.nss[k.ns]
 		if ns == nil || k.seq < ns.diskNext || ns.freshDisk <= 0 {
 			continue // acked or dead-lettered since
 		}
-		switch _, err := txn.Get(seqKey(keyEvent, k.ns, k.seq)); {
-		case errors.Is(err, badger.ErrKeyNotFound):
-			continue
-		case err != nil:
-			return fmt.Errorf("h3x: badger queue: load lease records: %w", err)
+		if rit == nil || ritNS != k.ns {
+			if rit != nil {
+				rit.Close()
+			}
+			rit = txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(keyEvent, k.ns), Reverse: true})
+			ritNS, cur = k.ns, nil
 		}
-		e := &qentry{id: d.r.id, ns: ns, seq: k.seq, size: d.r.size, enq: d.r.enq, attempt: d.r.attempt, rec: d.rec, state: stReady}
+		if cur == nil || len(curSeqs) == 0 || k.seq > curSeqs[len(curSeqs)-1] {
+			rit.Seek(seqKey(keyEvent, k.ns, k.seq))
+			if !rit.Valid() {
+				continue
+			}
+			first := keySeq(rit.Item().Key())
+			v, err := rit.Item().ValueCopy(nil)
+			if err == nil {
+				curSeqs, err = chunkSeqs(v, first)
+			}
+			var acked []byte
+			if err == nil {
+				acked, err = readChunkAcks(txn, k.ns, first)
+			}
+			if err != nil {
+				return fmt.Errorf("h3x: badger queue: load lease records: %w", err)
+			}
+			cur = ns.chunks[first]
+			if cur == nil {
+				cur = newStoredChunk(first, curSeqs, acked)
+			}
+		}
+		if _, found := slices.BinarySearch(curSeqs, k.seq); !found || cur.isAcked(k.seq) {
+			continue // acked or dead-lettered since
+		}
+		ns.keepChunk(cur)
+		e := &qentry{id: d.r.id, ns: ns, seq: k.seq, size: d.r.size, enq: d.r.enq, attempt: d.r.attempt, rec: d.rec, state: stReady, chunk: cur}
 		d.rec.n++
 		c.indexID(e)
 		ns.ready.push(e)
@@ -703,9 +765,10 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 type badgerStore badgerQueue
 
 // refill reads up to n fresh events of ns from disk into its read-ahead
-// buffer, starting at its cursor. It reads only keys of events already
-// applied to the state (up to core.applied): later ones are still being
-// committed and land by themselves.
+// buffer, starting at its cursor (diskNext, in the chunk starting at
+// diskChunk). It reads only chunks already applied to the state (up to
+// core.applied): later ones are still being committed and land by
+// themselves.
 func (s *badgerStore) refill(ns *qns, n int) error {
 	q := (*badgerQueue)(s)
 	c := q.core
@@ -716,39 +779,82 @@ func (s *badgerStore) refill(ns *qns, n int) error {
 
 	loaded := 0
 	exhausted := true
-	for it.Seek(seqKey(keyEvent, ns.name, ns.diskNext)); it.Valid(); it.Next() {
+chunks:
+	for it.Seek(seqKey(keyEvent, ns.name, ns.diskChunk)); it.Valid(); it.Next() {
 		item := it.Item()
-		seq := keySeq(item.Key())
-		if seq > c.applied {
-			break
-		}
-		if ns.preloaded[seq] {
-			// Delivered before the queue was opened: already in ready.
-			delete(ns.preloaded, seq)
-			ns.diskNext = seq + 1
-			continue
-		}
-		if loaded >= n || (loaded > 0 && ns.fresh.bytes >= readAheadBytes) || ns.fresh.len() >= 4*readAheadMax {
-			exhausted = false
+		first := keySeq(item.Key())
+		if first > c.applied {
 			break
 		}
 		v, err := item.ValueCopy(nil)
 		if err != nil {
 			return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
 		}
-		ev, enq, err := decodeEvent(v)
+		r, err := readChunk(v, first)
 		if err != nil {
-			return fmt.Errorf("h3x: badger queue: event %d of %q: %w", seq, ns.name, err)
+			return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
 		}
-		ev.Namespace = ns.name
-		ns.fresh.push(&qentry{id: ev.ID, ns: ns, seq: seq, size: ev.size(), enq: enq, ev: &ev})
-		ns.diskNext = seq + 1
-		ns.freshDisk--
-		loaded++
+		// The chunk's state: the one entries in memory share, or read.
+		ch := ns.chunks[first]
+		var acked []byte
+		if ch != nil {
+			acked = ch.acked
+		} else if acked, err = readChunkAcks(txn, ns.name, first); err != nil {
+			return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
+		}
+		probe := qchunk{first: first, acked: acked}
+		for {
+			seq, val, ok, err := r.next()
+			if err != nil {
+				return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
+			}
+			if !ok {
+				break
+			}
+			if seq < ns.diskNext {
+				continue
+			}
+			if probe.isAcked(seq) {
+				// Settled before the queue was opened.
+				ns.diskNext = seq + 1
+				continue
+			}
+			if ns.preloaded[seq] {
+				// Delivered before the queue was opened: already in ready.
+				delete(ns.preloaded, seq)
+				ns.diskNext = seq + 1
+				continue
+			}
+			if loaded >= n || (loaded > 0 && ns.fresh.bytes >= readAheadBytes) || ns.fresh.len() >= 4*readAheadMax {
+				ns.diskChunk = first
+				exhausted = false
+				break chunks
+			}
+			ev, enq, err := decodeEvent(val)
+			if err != nil {
+				return fmt.Errorf("h3x: badger queue: event %d of %q: %w", seq, ns.name, err)
+			}
+			if ch == nil {
+				seqs, err := chunkSeqs(v, first)
+				if err != nil {
+					return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
+				}
+				ch = newStoredChunk(first, seqs, acked)
+				ns.keepChunk(ch)
+			}
+			ev.Namespace = ns.name
+			ns.fresh.push(&qentry{id: ev.ID, ns: ns, seq: seq, size: ev.size(), enq: enq, ev: &ev, chunk: ch})
+			ns.diskNext = seq + 1
+			ns.freshDisk--
+			loaded++
+		}
+		// Past this chunk.
+		ns.diskChunk = ns.diskNext
 	}
 	if exhausted {
 		ns.freshDisk = 0
 		ns.diskNext = max(ns.diskNext, c.applied+1)
+		ns.diskChunk = ns.diskNext
 	} else if ns.freshDisk < 0 {
 		ns.freshDisk = 0
 	}
@@ -766,11 +872,7 @@ func (s *badgerStore) take(e *qentry) (Event, error) {
 	q := (*badgerQueue)(s)
 	var ev Event
 	err := q.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get(seqKey(keyEvent, e.ns.name, e.seq))
-		if err != nil {
-			return err
-		}
-		v, err := item.ValueCopy(nil)
+		v, err := q.readStoredEvent(txn, e)
 		if err != nil {
 			return err
 		}
@@ -1089,10 +1191,60 @@ func (q *badgerQueue) write(ops []*wop) *group {
 	for _, op := range ops {
 		if op.counterFix != nil {
 			for name, d := range op.counterFix {
-				b.item(nil)
+				b.item()
 				b.add(bwrite{cnt: true, ns: name, count: d.count, bytes: d.bytes})
 			}
 		}
+	}
+	q.writeChunks(&b, ops)
+
+	// Dead letters are read (and rewritten) before the settlements are
+	// decided: one that cannot be read stays where it is.
+	var moves []*movedEvent
+	for _, op := range ops {
+		if op.fx == nil {
+			continue
+		}
+		for _, m := range op.fx.moves {
+			mv, err := q.readMove(m)
+			if err != nil {
+				q.log.Error("h3x: badger queue: dead-lettering failed; the event stays", "id", m.e.id, "err", err)
+				continue
+			}
+			moves = append(moves, mv)
+		}
+	}
+	g.moved = moves
+	q.writeSettled(&b, ops, moves)
+	for _, op := range ops {
+		if op.fx == nil {
+			continue
+		}
+		for _, r := range op.fx.recPuts {
+			b.item()
+			b.add(bwrite{key: leaseRecKey(r.rec.seq), val: encodeLeaseRec(r.entries)})
+		}
+		for _, seq := range op.fx.recDeletes {
+			b.item()
+			b.add(bwrite{key: leaseRecKey(seq), del: true})
+		}
+	}
+	b.commit()
+	q.bcur, q.bstarts = b.cur[:0], b.itemStarts[:0]
+	g.release()
+	return g
+}
+
+// writeChunks writes the events the group adds: one chunk per namespace,
+// split at maxChunkEvents or the largest value the queue stores.
+func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
+	type pending struct {
+		ents []*qentry
+		vals [][]byte
+	}
+	var order []*pending
+	var byNS map[*qns]*pending
+	for _, op := range ops {
 		if op.evs == nil {
 			continue
 		}
@@ -1103,46 +1255,131 @@ func (q *badgerQueue) write(ops []*wop) *group {
 			}
 			e := op.ents[k]
 			k++
-			b.item(e)
-			b.add(bwrite{key: b.seqKey(keyEvent, e.ns.name, e.seq), val: op.vals[i], newID: true,
-				cnt: true, ns: e.ns.name, count: 1, bytes: int64(e.size)})
+			if byNS == nil {
+				byNS = make(map[*qns]*pending)
+			}
+			p := byNS[e.ns]
+			if p == nil {
+				p = &pending{}
+				byNS[e.ns] = p
+				order = append(order, p)
+			}
+			p.ents = append(p.ents, e)
+			p.vals = append(p.vals, op.vals[i])
 		}
 	}
+	for _, p := range order {
+		ns := p.ents[0].ns
+		for len(p.ents) > 0 {
+			n, size := 0, binary.MaxVarintLen32
+			for n < len(p.ents) && n < maxChunkEvents {
+				sz := chunkEntrySize(p.vals[n])
+				if n > 0 && size+sz > q.maxValue {
+					break
+				}
+				size += sz
+				n++
+			}
+			ents, vals := p.ents[:n:n], p.vals[:n]
+			seqs := make([]uint64, n)
+			var bytes int64
+			for i, e := range ents {
+				seqs[i] = e.seq
+				bytes += int64(e.size)
+			}
+			ch := &qchunk{first: seqs[0], live: n}
+			for _, e := range ents {
+				e.chunk = ch
+			}
+			b.item(ents...)
+			b.add(bwrite{key: b.seqKey(keyEvent, ns.name, ch.first), val: encodeChunk(make([]byte, 0, size), seqs, vals),
+				newID: true, cnt: true, ns: ns.name, count: int64(n), bytes: bytes})
+			p.ents, p.vals = p.ents[n:], p.vals[n:]
+		}
+	}
+}
+
+// writeSettled writes the group's settlements (acknowledged and
+// dead-lettered events): for each chunk they touch, its new ack record, or
+// its deletion once every event of it is settled, in one item with the dead
+// letters moved out of it (so that a move is never half done).
+func (q *badgerQueue) writeSettled(b *txnBuilder, ops []*wop, moves []*movedEvent) {
+	type touch struct {
+		ch           *qchunk
+		ns           *qns
+		ents         []*qentry
+		moves        []*movedEvent
+		count, bytes int64
+		del          bool
+		acked        []byte
+	}
+	var touched []*touch
+	var byChunk map[*qchunk]*touch
+	add := func(e *qentry) *touch {
+		if byChunk == nil {
+			byChunk = make(map[*qchunk]*touch)
+		}
+		t := byChunk[e.chunk]
+		if t == nil || e.chunk == nil {
+			t = &touch{ch: e.chunk, ns: e.ns}
+			byChunk[e.chunk] = t
+			touched = append(touched, t)
+		}
+		t.ents = append(t.ents, e)
+		t.count--
+		t.bytes -= int64(e.size)
+		return t
+	}
+	c := q.core
+	c.mu.Lock()
 	for _, op := range ops {
 		if op.fx == nil {
 			continue
 		}
 		for _, e := range op.fx.deletes {
-			b.item(e)
-			b.add(bwrite{key: b.seqKey(keyEvent, e.ns.name, e.seq), del: true,
-				cnt: true, ns: e.ns.name, count: -1, bytes: -int64(e.size)})
-		}
-		for _, r := range op.fx.recPuts {
-			b.item(nil)
-			b.add(bwrite{key: leaseRecKey(r.rec.seq), val: encodeLeaseRec(r.entries)})
-		}
-		for _, seq := range op.fx.recDeletes {
-			b.item(nil)
-			b.add(bwrite{key: leaseRecKey(seq), del: true})
-		}
-		for _, m := range op.fx.moves {
-			mv, err := q.readMove(m)
-			if err != nil {
-				q.log.Error("h3x: badger queue: dead-lettering failed; the event stays", "id", m.e.id, "err", err)
-				continue
-			}
-			g.moved = append(g.moved, mv)
-			b.item(m.e)
-			b.add(bwrite{key: b.seqKey(keyEvent, m.dst.name, m.seq), val: mv.val,
-				cnt: true, ns: m.dst.name, count: 1, bytes: int64(mv.size)})
-			b.add(bwrite{key: b.seqKey(keyEvent, m.e.ns.name, m.e.seq), del: true,
-				cnt: true, ns: m.e.ns.name, count: -1, bytes: -int64(m.e.size)})
+			add(e)
 		}
 	}
-	b.commit()
-	q.bcur, q.bstarts = b.cur[:0], b.itemStarts[:0]
-	g.release()
-	return g
+	for _, mv := range moves {
+		t := add(mv.m.e)
+		t.moves = append(t.moves, mv)
+	}
+	for _, t := range touched {
+		if t.ch == nil {
+			continue
+		}
+		for _, e := range t.ents {
+			// Settled again after a failed commit: the record is
+			// rewritten all the same.
+			t.ch.settle(e.seq)
+		}
+		if t.ch.live <= 0 {
+			t.ns.dropChunk(t.ch)
+			t.del = true
+		} else {
+			t.acked = append([]byte(nil), t.ch.acked...)
+		}
+	}
+	c.mu.Unlock()
+
+	for _, t := range touched {
+		b.item(t.ents...)
+		switch {
+		case t.ch == nil:
+			q.log.Error("h3x: badger queue: settled an event without a chunk; it stays on disk", "namespace", t.ns.name, "id", t.ents[0].id)
+		case t.del:
+			b.add(bwrite{key: b.seqKey(keyEvent, t.ns.name, t.ch.first), del: true})
+			b.add(bwrite{key: b.seqKey(keyAcks, t.ns.name, t.ch.first), del: true})
+		default:
+			b.add(bwrite{key: b.seqKey(keyAcks, t.ns.name, t.ch.first), val: t.acked})
+		}
+		b.add(bwrite{cnt: true, ns: t.ns.name, count: t.count, bytes: t.bytes})
+		for _, mv := range t.moves {
+			m := mv.m
+			b.add(bwrite{key: b.seqKey(keyEvent, m.dst.name, m.seq), val: encodeChunk(nil, []uint64{m.seq}, [][]byte{mv.val}),
+				cnt: true, ns: m.dst.name, count: 1, bytes: int64(mv.size)})
+		}
+	}
 }
 
 // complete is stage two: the group's transactions are done; apply what
@@ -1218,7 +1455,7 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 					mv := g.moved[mi]
 					mi++
 					if err := errOf(m.e); err == nil {
-						e := &qentry{id: m.e.id, ns: m.dst, seq: m.seq, size: mv.size, enq: mv.enq}
+						e := &qentry{id: m.e.id, ns: m.dst, seq: m.seq, size: mv.size, enq: mv.enq, chunk: mv.chunk}
 						var ev *Event
 						if c.wantsReadAhead(m.dst, mv.size) {
 							ev = &mv.ev
@@ -1366,22 +1603,20 @@ func decodeGroupKey(k []byte) (enq int64, ids []string, ok bool) {
 
 // movedEvent is a dead letter, read and rewritten by the writer.
 type movedEvent struct {
-	m    *qmove
-	ev   Event
-	val  []byte
-	size int
-	enq  int64
+	m     *qmove
+	ev    Event
+	val   []byte
+	size  int
+	enq   int64
+	chunk *qchunk // its chunk in the dead-letter namespace
 }
 
 // readMove reads the event m moves and makes its dead-letter version.
 func (q *badgerQueue) readMove(m *qmove) (*movedEvent, error) {
 	var old []byte
 	err := q.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get(seqKey(keyEvent, m.e.ns.name, m.e.seq))
-		if err != nil {
-			return err
-		}
-		old, err = item.ValueCopy(nil)
+		var err error
+		old, err = q.readStoredEvent(txn, m.e)
 		return err
 	})
 	if err != nil {
@@ -1397,7 +1632,8 @@ func (q *badgerQueue) readMove(m *qmove) (*movedEvent, error) {
 	// The read-ahead copy gets its own buffer.
 	dev, _, _ := decodeEvent(append([]byte(nil), val...))
 	dev.Namespace = m.dst.name
-	return &movedEvent{m: m, ev: dev, val: val, size: dev.size(), enq: enq}, nil
+	return &movedEvent{m: m, ev: dev, val: val, size: dev.size(), enq: enq,
+		chunk: &qchunk{first: m.seq, live: 1}}, nil
 }
 
 // wantsReadAhead reports whether an event of size landing in ns now would
@@ -1423,10 +1659,10 @@ type txnBuilder struct {
 
 	txn        *badger.Txn
 	writes     int
-	bytes      int64    // estimated, as Badger counts them
-	cur        []bwrite // the current transaction's writes, to replay
-	itemStarts []int    // where each of its items starts in cur
-	ent        *qentry  // the current item's entry
+	bytes      int64     // estimated, as Badger counts them
+	cur        []bwrite  // the current transaction's writes, to replay
+	itemStarts []int     // where each of its items starts in cur
+	ents       []*qentry // the current item's entries, until its first write takes them
 	touched    map[string]*nsCounter
 	before     map[string]nsCounter
 	keys       []byte // arena for keys
@@ -1438,9 +1674,9 @@ type bwrite struct {
 	key   []byte
 	val   []byte
 	del   bool
-	newID bool // an enqueued event: its ID goes in the dedup record
+	newID bool // enqueued events (a chunk): their IDs go in the dedup record
 	cnt   bool
-	ent   *qentry
+	ents  []*qentry // the entries of the item the write begins (nil for its other writes)
 
 	ns           string
 	count, bytes int64
@@ -1467,9 +1703,10 @@ func (b *txnBuilder) seqKey(kind byte, ns string, seq uint64) []byte {
 	return b.keys[start:len(b.keys):len(b.keys)]
 }
 
-// item starts the writes of entry e (nil: writes no entry depends on).
-func (b *txnBuilder) item(e *qentry) {
-	b.ent = e
+// item starts the writes of the entries ents (none: writes no entry
+// depends on).
+func (b *txnBuilder) item(ents ...*qentry) {
+	b.ents = ents
 	if b.writes >= b.q.txnMaxWrites || b.bytes >= b.q.txnMaxBytes {
 		b.commit()
 		b.start()
@@ -1478,7 +1715,7 @@ func (b *txnBuilder) item(e *qentry) {
 }
 
 func (b *txnBuilder) add(w bwrite) {
-	w.ent = b.ent
+	w.ents, b.ents = b.ents, nil
 	b.cur = append(b.cur, w)
 	err := b.apply(w)
 	if err == nil {
@@ -1577,9 +1814,7 @@ func (b *txnBuilder) splitLast() {
 func (b *txnBuilder) record() *gtxn {
 	t := &gtxn{deltas: make(map[string]nsCounter, len(b.touched))}
 	for _, w := range b.cur {
-		if w.ent != nil && (len(t.ents) == 0 || t.ents[len(t.ents)-1] != w.ent) {
-			t.ents = append(t.ents, w.ent)
-		}
+		t.ents = append(t.ents, w.ents...)
 	}
 	for name, c := range b.touched {
 		before := b.before[name]
@@ -1622,12 +1857,15 @@ func (b *txnBuilder) commit() {
 		var first uint64
 		var enq int64
 		for _, w := range b.cur {
-			if w.newID {
+			if !w.newID {
+				continue
+			}
+			for _, e := range w.ents {
 				if first == 0 {
-					first = w.ent.seq
+					first = e.seq
 				}
-				ids = append(ids, w.ent.id)
-				enq = max(enq, w.ent.enq)
+				ids = append(ids, e.id)
+				enq = max(enq, e.enq)
 			}
 		}
 		for _, key := range groupKeys(first, enq, ids) {

@@ -885,3 +885,137 @@ func TestMemoryQueueLeaseCopiesEvent(t *testing.T) {
 		t.Fatalf("redelivered %q %v, want the stored event", ev.Data, ev.Metadata)
 	}
 }
+
+// storedKeys counts the keys of kind (keyEvent, keyAcks) of namespace ns in a
+// closed queue's directory.
+func storedKeys(t *testing.T, dir string, kind byte, ns string) int {
+	t.Helper()
+	db, err := badger.Open(badger.DefaultOptions(dir).WithLogger(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	n := 0
+	db.View(func(txn *badger.Txn) error {
+		it := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(kind, ns)})
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			n++
+		}
+		return nil
+	})
+	return n
+}
+
+func TestBadgerQueueChunks(t *testing.T) {
+	// The events one Enqueue adds to a namespace are one stored chunk;
+	// acks are kept per chunk (and survive a reopen); a chunk goes once
+	// all its events are settled, dead letters included.
+	dir := t.TempDir()
+	opts := QueueOptions{MaxAttempts: 1}
+	q := openTestBadger(t, dir, opts)
+	var evs []Event
+	for i := range 10 {
+		evs = append(evs, Event{ID: fmt.Sprintf("n%d", i), Namespace: "n"}, Event{ID: fmt.Sprintf("m%d", i), Namespace: "m"})
+	}
+	publishTest(t, q, evs...)
+	publishTest(t, q, Event{ID: "n10", Namespace: "n"})
+	ls := leaseAll(t, q, "h", 6, "n")
+	ackAll(t, q, "h", []Lease{ls[1], ls[3], ls[5]})
+	// n0 goes to the dead-letter namespace (one attempt allowed).
+	if res, err := q.Nack(context.Background(), "h", []LeaseRef{{ID: "n0", Attempt: 1}}, 0, "bad"); err != nil || res[0].Status != SettleOK {
+		t.Fatalf("Nack: %+v %v", res, err)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := storedKeys(t, dir, keyEvent, "n"); n != 2 {
+		t.Errorf("namespace n: %d chunks stored, want 2 (one per Enqueue)", n)
+	}
+	if n := storedKeys(t, dir, keyEvent, "m"); n != 1 {
+		t.Errorf("namespace m: %d chunks stored, want 1", n)
+	}
+	if n := storedKeys(t, dir, keyAcks, "n"); n != 1 {
+		t.Errorf("namespace n: %d ack records, want 1", n)
+	}
+
+	q = openTestBadger(t, dir, opts)
+	// n2 and n4 were delivered before the reopen and are settleable; the
+	// rest comes in order.
+	ackAll(t, q, "again", []Lease{{Event: Event{ID: "n2"}, Attempt: 1}})
+	got := leaseAll(t, q, "h2", 100, "n")
+	var ids []string
+	for _, l := range got {
+		ids = append(ids, l.Event.ID)
+	}
+	if want := "n4,n6,n7,n8,n9,n10"; strings.Join(ids, ",") != want {
+		t.Fatalf("after reopen leased %v, want %s", ids, want)
+	}
+	ackAll(t, q, "h2", got)
+	dl := leaseAll(t, q, "d", 10, "n"+DeadLetterSuffix)
+	if len(dl) != 1 || dl[0].Event.ID != "n0" {
+		t.Fatalf("dead letters: %+v", dl)
+	}
+	ackAll(t, q, "d", dl)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, ns := range []string{"n", "n" + DeadLetterSuffix} {
+		if n := storedKeys(t, dir, keyEvent, ns) + storedKeys(t, dir, keyAcks, ns); n != 0 {
+			t.Errorf("namespace %s: %d keys left after every event was settled", ns, n)
+		}
+	}
+	if n := storedKeys(t, dir, keyEvent, "m"); n != 1 {
+		t.Errorf("namespace m: %d chunks stored, want 1", n)
+	}
+}
+
+func TestBadgerQueueFormat1Refused(t *testing.T) {
+	dir := t.TempDir()
+	db, err := badger.Open(badger.DefaultOptions(dir).WithLogger(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Update(func(txn *badger.Txn) error { return txn.Set(metaFormat, []byte{1}) }); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	q, err := OpenBadgerQueue(dir, QueueOptions{})
+	if err == nil {
+		q.Close()
+		t.Fatal("a format 1 directory opened")
+	}
+	if !strings.Contains(err.Error(), "storage format 1") {
+		t.Errorf("error %q does not name the format", err)
+	}
+}
+
+func TestChunkCodec(t *testing.T) {
+	ev1 := Event{ID: "a", Type: "t", Data: []byte("x")}
+	ev2 := Event{ID: "b", Metadata: map[string]string{"k": "v"}}
+	v1, v2 := encodeEvent(nil, &ev1, 1), encodeEvent(nil, &ev2, 2)
+	b := encodeChunk(nil, []uint64{7, 9}, [][]byte{v1, v2})
+	seqs, err := chunkSeqs(b, 7)
+	if err != nil || len(seqs) != 2 || seqs[0] != 7 || seqs[1] != 9 {
+		t.Fatalf("chunkSeqs: %v %v", seqs, err)
+	}
+	v, err := chunkEvent(b, 7, 9)
+	if err != nil || string(v) != string(v2) {
+		t.Fatalf("chunkEvent 9: %v", err)
+	}
+	if _, err := chunkEvent(b, 7, 8); !errors.Is(err, badger.ErrKeyNotFound) {
+		t.Errorf("chunkEvent 8: %v, want not found", err)
+	}
+	for i := range len(b) {
+		if _, err := chunkSeqs(b[:i], 7); err == nil {
+			t.Errorf("truncated to %d bytes: no error", i)
+		}
+	}
+	ch := newStoredChunk(7, seqs, nil)
+	if !ch.settle(9) || ch.settle(9) || ch.live != 1 || !ch.isAcked(9) || ch.isAcked(7) {
+		t.Errorf("settle: %+v", ch)
+	}
+	if again := newStoredChunk(7, seqs, ch.acked); again.live != 1 {
+		t.Errorf("chunk with its ack record: live %d, want 1", again.live)
+	}
+}

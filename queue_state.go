@@ -70,6 +70,9 @@ type qentry struct {
 	// rec is the lease record that lists the entry's latest delivery
 	// (Badger), or nil.
 	rec *leaseRec
+
+	// chunk is the stored chunk holding the event (Badger), or nil.
+	chunk *qchunk
 }
 
 // leaseRec is a stored record of one Lease call's deliveries (Badger): what
@@ -92,10 +95,12 @@ type qns struct {
 	name string
 	dlq  bool // a dead-letter namespace: its events are never dead-lettered again
 
-	fresh     entryFIFO // fresh entries in sequence order (for Badger, the read-ahead buffer)
-	freshDisk int       // Badger: fresh events not yet read into fresh
-	diskNext  uint64    // Badger: where the next read-ahead starts
-	ready     entryHeap // leased before and ready again, by sequence number
+	fresh     entryFIFO          // fresh entries in sequence order (for Badger, the read-ahead buffer)
+	freshDisk int                // Badger: fresh events not yet read into fresh
+	diskNext  uint64             // Badger: where the next read-ahead starts
+	diskChunk uint64             // Badger: the first sequence number of the chunk holding diskNext (or diskNext)
+	chunks    map[uint64]*qchunk // Badger: the chunks that entries in memory refer to, by first sequence number
+	ready     entryHeap          // leased before and ready again, by sequence number
 
 	leased, delayed int
 	preloaded       map[uint64]bool // Badger: sequence numbers of delivered-before-open entries, skipped by the read-ahead
@@ -278,7 +283,7 @@ func (c *queueCore) ns(name string) *qns {
 	ns := c.nss[name]
 	if ns == nil {
 		// A new namespace's events are all still to come.
-		ns = &qns{name: name, dlq: strings.HasSuffix(name, DeadLetterSuffix), diskNext: c.nextSeq}
+		ns = &qns{name: name, dlq: strings.HasSuffix(name, DeadLetterSuffix), diskNext: c.nextSeq, diskChunk: c.nextSeq}
 		c.nss[name] = ns
 	}
 	return ns
@@ -695,6 +700,10 @@ func (c *queueCore) land(e *qentry, ev *Event, counted int) {
 		e.ev = ev
 		ns.fresh.push(e)
 		ns.diskNext = e.seq + 1
+		if e.chunk != nil {
+			ns.diskChunk = e.chunk.first
+			ns.keepChunk(e.chunk)
+		}
 	} else {
 		ns.freshDisk++
 	}
@@ -741,6 +750,7 @@ func (c *queueCore) restore(e *qentry, moved bool) {
 		c.dedup.setGoneIn(e.dgen, c.dedupKeyOf(e), false)
 	}
 	c.indexID(e)
+	e.ns.keepChunk(e.chunk)
 	c.makeReady(e)
 }
 

@@ -1,0 +1,237 @@
+package h3x
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/dgraph-io/badger/v4"
+)
+
+// Chunks. The Badger queue stores the events that one group commit adds to a
+// namespace as one value, a chunk, under the key of the chunk's first event
+// ('e' ns first), so Badger's per-entry work (write-ahead log record,
+// skiplist insert, table entry, compaction) is paid once per group and
+// namespace rather than once per event. Events are acknowledged one by one,
+// so a chunk has an ack record ('a' ns first): a bitmap over its sequence
+// numbers, rewritten whole by every group commit that settles events of the
+// chunk. When the last event of a chunk is settled, the chunk and its ack
+// record are deleted: two tombstones for the whole group instead of one per
+// event.
+//
+// A chunk value is:
+//
+//	uvarint n, then n times: uvarint (seq - first), uvarint len, the event (encodeEvent)
+//
+// with the sequence numbers increasing. The ack record's bit i (byte i/8,
+// bit i%8) is set once the event with sequence number first+i has been
+// acknowledged or dead-lettered.
+
+const keyAcks = 'a'
+
+// maxChunkEvents bounds the events of one chunk, so that an ack record stays
+// small: it is rewritten whole by each group commit that settles any event of
+// the chunk.
+const maxChunkEvents = 1024
+
+// qchunk is the state of a stored chunk that an entry in memory refers to.
+// ns.chunks holds the chunks of a namespace that entries in memory refer to
+// (one object per chunk, so that every settlement of its events sees the
+// others); a chunk no entry refers to is read back from disk when needed.
+// Guarded by core.mu.
+type qchunk struct {
+	first uint64
+	live  int    // events neither acknowledged nor dead-lettered
+	acked []byte // the ack record's bitmap (nil: none yet)
+	kept  bool   // in its namespace's chunks
+}
+
+func (ch *qchunk) isAcked(seq uint64) bool {
+	i := seq - ch.first
+	return i/8 < uint64(len(ch.acked)) && ch.acked[i/8]&(1<<(i%8)) != 0
+}
+
+// settle marks seq settled and reports whether it was not already (only then
+// does the chunk's live count go down).
+func (ch *qchunk) settle(seq uint64) bool {
+	if ch.isAcked(seq) {
+		return false
+	}
+	i := seq - ch.first
+	if need := int(i/8) + 1; need > len(ch.acked) {
+		ch.acked = append(ch.acked, make([]byte, need-len(ch.acked))...)
+	}
+	ch.acked[i/8] |= 1 << (i % 8)
+	ch.live--
+	return true
+}
+
+// keepChunk makes ch the namespace's state of its chunk, for as long as
+// entries in memory refer to it.
+func (ns *qns) keepChunk(ch *qchunk) {
+	if ch == nil || ch.kept {
+		return
+	}
+	if ns.chunks == nil {
+		ns.chunks = make(map[uint64]*qchunk)
+	}
+	ns.chunks[ch.first] = ch
+	ch.kept = true
+}
+
+// dropChunk forgets ch (its events are all settled).
+func (ns *qns) dropChunk(ch *qchunk) {
+	if ch.kept {
+		delete(ns.chunks, ch.first)
+		ch.kept = false
+	}
+}
+
+// chunkEntrySize bounds the encoded size of a chunk entry holding val.
+func chunkEntrySize(val []byte) int {
+	return 2*binary.MaxVarintLen32 + len(val)
+}
+
+// encodeChunk appends the chunk of the events with sequence numbers seqs
+// (increasing, seqs[0] first) and encoded values vals.
+func encodeChunk(b []byte, seqs []uint64, vals [][]byte) []byte {
+	b = binary.AppendUvarint(b, uint64(len(seqs)))
+	for i, seq := range seqs {
+		b = binary.AppendUvarint(b, seq-seqs[0])
+		b = binary.AppendUvarint(b, uint64(len(vals[i])))
+		b = append(b, vals[i]...)
+	}
+	return b
+}
+
+// chunkReader iterates over a chunk's events.
+type chunkReader struct {
+	d     decoder
+	first uint64
+	n     uint64 // events left
+	prev  uint64
+	began bool
+}
+
+// readChunk starts reading the chunk stored under first. It checks the
+// header only; next reports what is wrong with the rest.
+func readChunk(b []byte, first uint64) (chunkReader, error) {
+	r := chunkReader{d: decoder{b: b}, first: first}
+	r.n = r.d.uvarint()
+	// Each event takes at least 2 bytes.
+	if r.d.bad || r.n == 0 || r.n > uint64(len(r.d.b))/2 {
+		return r, fmt.Errorf("chunk %d: %w", first, errCorrupt)
+	}
+	return r, nil
+}
+
+// count returns the number of events in the chunk, before any next.
+func (r *chunkReader) count() int { return int(r.n) }
+
+// next returns the next event's sequence number and encoded value; ok is
+// false at the end, err non-nil if the chunk is corrupt.
+func (r *chunkReader) next() (seq uint64, val []byte, ok bool, err error) {
+	if r.n == 0 {
+		if len(r.d.b) != 0 {
+			return 0, nil, false, fmt.Errorf("chunk %d: trailing bytes: %w", r.first, errCorrupt)
+		}
+		return 0, nil, false, nil
+	}
+	off := r.d.uvarint()
+	val = r.d.bytes()
+	if r.d.bad || (r.began && off <= r.prev) || (!r.began && off != 0) || off > ^uint64(0)-r.first {
+		r.n = 0
+		return 0, nil, false, fmt.Errorf("chunk %d: %w", r.first, errCorrupt)
+	}
+	r.began, r.prev = true, off
+	r.n--
+	return r.first + off, val, true, nil
+}
+
+// chunkSeqs decodes the sequence numbers of a chunk.
+func chunkSeqs(b []byte, first uint64) ([]uint64, error) {
+	r, err := readChunk(b, first)
+	if err != nil {
+		return nil, err
+	}
+	seqs := make([]uint64, 0, r.count())
+	for {
+		seq, _, ok, err := r.next()
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			return seqs, nil
+		}
+		seqs = append(seqs, seq)
+	}
+}
+
+// chunkEvent finds the encoded value of the event seq in a chunk.
+func chunkEvent(b []byte, first, seq uint64) ([]byte, error) {
+	r, err := readChunk(b, first)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		s, val, ok, err := r.next()
+		if err != nil {
+			return nil, err
+		}
+		if !ok || s > seq {
+			return nil, fmt.Errorf("event %d not in chunk %d: %w", seq, first, badger.ErrKeyNotFound)
+		}
+		if s == seq {
+			return val, nil
+		}
+	}
+}
+
+// newStoredChunk makes the state of a chunk read from disk: seqs its events,
+// acked its ack record (nil if it has none).
+func newStoredChunk(first uint64, seqs []uint64, acked []byte) *qchunk {
+	ch := &qchunk{first: first, live: len(seqs), acked: acked}
+	if acked != nil {
+		n := 0
+		for _, seq := range seqs {
+			if ch.isAcked(seq) {
+				n++
+			}
+		}
+		ch.live -= n
+	}
+	return ch
+}
+
+// readChunkAcks reads the ack record of chunk first of ns; nil if it has none.
+func readChunkAcks(txn *badger.Txn, ns string, first uint64) ([]byte, error) {
+	item, err := txn.Get(seqKey(keyAcks, ns, first))
+	switch {
+	case errors.Is(err, badger.ErrKeyNotFound):
+		return nil, nil
+	case err != nil:
+		return nil, err
+	}
+	return item.ValueCopy(nil)
+}
+
+// readStoredEvent reads the encoded value of e's event from its chunk, in a
+// buffer of its own.
+func (q *badgerQueue) readStoredEvent(txn *badger.Txn, e *qentry) ([]byte, error) {
+	if e.chunk == nil {
+		return nil, fmt.Errorf("event %d of %q: no chunk: %w", e.seq, e.ns.name, errCorrupt)
+	}
+	item, err := txn.Get(seqKey(keyEvent, e.ns.name, e.chunk.first))
+	if err != nil {
+		return nil, err
+	}
+	var val []byte
+	err = item.Value(func(v []byte) error {
+		ev, err := chunkEvent(v, e.chunk.first, e.seq)
+		if err == nil {
+			val = append([]byte(nil), ev...)
+		}
+		return err
+	})
+	return val, err
+}
