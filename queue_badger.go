@@ -779,77 +779,36 @@ func (s *badgerStore) refill(ns *qns, n int) error {
 
 	loaded := 0
 	exhausted := true
-chunks:
-	for it.Seek(seqKey(keyEvent, ns.name, ns.diskChunk)); it.Valid(); it.Next() {
+	for it.Seek(seqKey(keyEvent, ns.name, ns.diskChunk)); it.Valid() && exhausted; it.Next() {
 		item := it.Item()
 		first := keySeq(item.Key())
 		if first > c.applied {
 			break
 		}
-		v, err := item.ValueCopy(nil)
-		if err != nil {
-			return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
+		if loaded >= n {
+			exhausted = false
+			break
 		}
-		r, err := readChunk(v, first)
-		if err != nil {
-			return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
-		}
-		// The chunk's state: the one entries in memory share, or read.
-		ch := ns.chunks[first]
-		var acked []byte
-		if ch != nil {
-			acked = ch.acked
-		} else if acked, err = readChunkAcks(txn, ns.name, first); err != nil {
-			return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
-		}
-		probe := qchunk{first: first, acked: acked}
-		for {
-			seq, val, ok, err := r.next()
-			if err != nil {
-				return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
-			}
-			if !ok {
-				break
-			}
-			if seq < ns.diskNext {
-				continue
-			}
-			if probe.isAcked(seq) {
-				// Settled before the queue was opened.
-				ns.diskNext = seq + 1
-				continue
-			}
-			if ns.preloaded[seq] {
-				// Delivered before the queue was opened: already in ready.
-				delete(ns.preloaded, seq)
-				ns.diskNext = seq + 1
-				continue
-			}
-			if loaded >= n || (loaded > 0 && ns.fresh.bytes >= readAheadBytes) || ns.fresh.len() >= 4*readAheadMax {
+		// The chunk is read in place; the events taken are copied out.
+		// Once started, a chunk is read to its end (as far as the
+		// read-ahead buffer's bounds allow): Badger copies the whole value
+		// of every item an iterator steps on.
+		err := item.Value(func(v []byte) error {
+			more, err := q.refillFrom(txn, ns, first, v)
+			loaded += more
+			if err == errReadAheadFull {
 				ns.diskChunk = first
 				exhausted = false
-				break chunks
+				return nil
 			}
-			ev, enq, err := decodeEvent(val)
-			if err != nil {
-				return fmt.Errorf("h3x: badger queue: event %d of %q: %w", seq, ns.name, err)
-			}
-			if ch == nil {
-				seqs, err := chunkSeqs(v, first)
-				if err != nil {
-					return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
-				}
-				ch = newStoredChunk(first, seqs, acked)
-				ns.keepChunk(ch)
-			}
-			ev.Namespace = ns.name
-			ns.fresh.push(&qentry{id: ev.ID, ns: ns, seq: seq, size: ev.size(), enq: enq, ev: &ev, chunk: ch})
-			ns.diskNext = seq + 1
-			ns.freshDisk--
-			loaded++
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
 		}
-		// Past this chunk.
-		ns.diskChunk = ns.diskNext
+		if exhausted {
+			ns.diskChunk = ns.diskNext // past this chunk
+		}
 	}
 	if exhausted {
 		ns.freshDisk = 0
@@ -859,6 +818,75 @@ chunks:
 		ns.freshDisk = 0
 	}
 	return nil
+}
+
+var errReadAheadFull = errors.New("read-ahead buffer full")
+
+// refillFrom adds the fresh events of ns in chunk first (v, valid only
+// during the call) from diskNext on to its read-ahead buffer, as far as its
+// bounds allow. It returns how many it added, and errReadAheadFull if it
+// stopped before the end of the chunk.
+func (q *badgerQueue) refillFrom(txn *badger.Txn, ns *qns, first uint64, v []byte) (int, error) {
+	r, err := readChunk(v, first)
+	if err != nil {
+		return 0, err
+	}
+	// The chunk's state: the one entries in memory share, or read.
+	ch := ns.chunks[first]
+	var acked []byte
+	if ch != nil {
+		acked = ch.acked
+	} else if acked, err = readChunkAcks(txn, ns.name, first); err != nil {
+		return 0, err
+	}
+	probe := qchunk{first: first, acked: acked}
+	loaded := 0
+	var arena []byte
+	for {
+		seq, val, ok, err := r.next()
+		if err != nil || !ok {
+			return loaded, err
+		}
+		if seq < ns.diskNext {
+			continue
+		}
+		if probe.isAcked(seq) {
+			// Settled before the queue was opened.
+			ns.diskNext = seq + 1
+			continue
+		}
+		if ns.preloaded[seq] {
+			// Delivered before the queue was opened: already in ready.
+			delete(ns.preloaded, seq)
+			ns.diskNext = seq + 1
+			continue
+		}
+		if (loaded > 0 && ns.fresh.bytes >= readAheadBytes) || ns.fresh.len() >= 4*readAheadMax {
+			return loaded, errReadAheadFull
+		}
+		if cap(arena)-len(arena) < len(val) {
+			arena = make([]byte, 0, max(len(val), 64<<10))
+		}
+		at := len(arena)
+		arena = append(arena, val...)
+		ev, enq, err := decodeEvent(arena[at:len(arena):len(arena)])
+		if err != nil {
+			return loaded, fmt.Errorf("event %d: %w", seq, err)
+		}
+		if ch == nil {
+			seqs, err := chunkSeqs(v, first)
+			if err != nil {
+				return loaded, err
+			}
+			ch = newStoredChunk(first, seqs, acked)
+			ns.keepChunk(ch)
+		}
+		ev.Namespace = ns.name
+		ns.fresh.push(&qentry{id: ev.ID, ns: ns, seq: seq, size: ev.size(), enq: enq, ev: &ev, chunk: ch})
+		ns.diskNext = seq + 1
+		ns.freshDisk--
+		loaded++
+	}
 }
 
 // take returns e's event: the read-ahead copy if it has one, or the event
