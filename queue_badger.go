@@ -268,8 +268,10 @@ type badgerQueue struct {
 
 	// syncMu serializes syncs and value-log GC; the rest is its.
 	syncMu          sync.Mutex
-	bdir, vdir      string // Badger's Dir and ValueDir
-	memFid, vlogFid int    // the newest memtable and value-log files at the last sync
+	bdir, vdir      string   // Badger's Dir and ValueDir
+	memFid, vlogFid int      // the newest memtable and value-log files at the last sync
+	walFile         *os.File // memFid's file, open for syncActiveWAL
+	walFid          int
 
 	closeOnce sync.Once
 	closeErr  error
@@ -1724,7 +1726,10 @@ func (b *txnBuilder) start() {
 func (b *txnBuilder) seqKey(kind byte, ns string, seq uint64) []byte {
 	n := 1 + binary.MaxVarintLen64 + len(ns) + 8
 	if cap(b.keys)-len(b.keys) < n {
-		b.keys = make([]byte, 0, max(64<<10, n))
+		// Grown by doubling from 1 KiB up to 64 KiB blocks: a group of
+		// chunks needs few keys. (Keys stay referenced by their
+		// transaction until it commits, so blocks are not reused.)
+		b.keys = make([]byte, 0, max(min(2*cap(b.keys), 64<<10), 1<<10, n))
 	}
 	start := len(b.keys)
 	b.keys = appendSeqKey(b.keys, kind, ns, seq)
@@ -1975,6 +1980,12 @@ func (q *badgerQueue) Close() error {
 		close(q.gcStop)
 		<-q.gcDone
 		q.stopBallast()
+		q.syncMu.Lock()
+		if q.walFile != nil {
+			q.walFile.Close()
+			q.walFile = nil
+		}
+		q.syncMu.Unlock()
 		if err := q.db.Close(); err != nil {
 			q.closeErr = fmt.Errorf("h3x: close badger queue: %w", err)
 		}
@@ -2051,11 +2062,16 @@ func (q *badgerQueue) syncFiles() error {
 }
 
 func (q *badgerQueue) syncFilesLocked() error {
+	if !fileExists(memFilePath(q.bdir, q.memFid+1)) && !fileExists(vlogFilePath(q.vdir, q.vlogFid+1)) {
+		// Nothing rotated since the last sync: every commit to sync is in
+		// the active memtable's write-ahead log, the one file to sync.
+		// (db.Sync would sync the value log as well, which stays empty:
+		// values are kept below ValueThreshold, see inlineThreshold; an
+		// fsync of a clean file still costs a device cache flush.)
+		return q.syncActiveWAL()
+	}
 	if err := q.db.Sync(); err != nil {
 		return err
-	}
-	if !fileExists(memFilePath(q.bdir, q.memFid+1)) && !fileExists(vlogFilePath(q.vdir, q.vlogFid+1)) {
-		return nil
 	}
 	// Something rotated: sync every file from the last active ones on.
 	mem, err := logFiles(q.bdir, ".mem")
@@ -2089,6 +2105,24 @@ func (q *badgerQueue) syncFilesLocked() error {
 		return fsyncPath(q.vdir)
 	}
 	return nil
+}
+
+// syncActiveWAL fdatasyncs the active memtable's write-ahead log file
+// (memFid), kept open between syncs. Caller holds syncMu.
+func (q *badgerQueue) syncActiveWAL() error {
+	if q.walFile == nil || q.walFid != q.memFid {
+		if q.walFile != nil {
+			q.walFile.Close()
+			q.walFile = nil
+		}
+		f, err := os.OpenFile(memFilePath(q.bdir, q.memFid), os.O_RDWR, 0)
+		if err != nil {
+			// Not there (yet): the full sync.
+			return q.db.Sync()
+		}
+		q.walFile, q.walFid = f, q.memFid
+	}
+	return fdatasync(q.walFile)
 }
 
 // Badger's file names (memtable.go, value.go).
