@@ -254,7 +254,9 @@ type badgerQueue struct {
 
 	reserve  uint64
 	diskFree atomic.Pointer[func(dir string) (uint64, error)] // a test hook
-	ballast  *ballast                                         // queue_badger_ballast.go; nil without free-space figures
+	// failCommit, a test hook, fails the transactions it returns true for.
+	failCommit atomic.Pointer[func(writes []bwrite) bool]
+	ballast    *ballast // queue_badger_ballast.go; nil without free-space figures
 
 	// The transaction builder's reusable slices (writer-owned).
 	bcur    []bwrite
@@ -301,6 +303,8 @@ type wop struct {
 
 	// a correction of the writer's counters after a failed commit
 	counterFix map[string]nsCounter
+	// chunks to delete, or whose ack record to rewrite (writeChunkFixes)
+	chunkFixes []*qchunk
 
 	durable bool // someone waits for it to be durable: sync before answering
 
@@ -601,6 +605,22 @@ func (q *badgerQueue) load() error {
 			it.Close()
 		}
 
+		// Dead-lettered events of the stored chunks (few: markers go with
+		// their chunk).
+		mit := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyMoved}})
+		for mit.Rewind(); mit.Valid(); mit.Next() {
+			name, first, seq, ok := decodeMovedKey(mit.Item().Key())
+			ns := c.nss[name]
+			if !ok || ns == nil {
+				continue
+			}
+			if ns.movedOut == nil {
+				ns.movedOut = make(map[uint64][]uint64)
+			}
+			ns.movedOut[first] = append(ns.movedOut[first], seq)
+		}
+		mit.Close()
+
 		// Deliveries made before the restart: each event's latest lease
 		// record gives its attempt count and makes it settleable by ID.
 		if err := q.loadLeaseRecs(txn); err != nil {
@@ -723,10 +743,10 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 			}
 			cur = ns.chunks[first]
 			if cur == nil {
-				cur = newStoredChunk(first, curSeqs, acked)
+				cur = newStoredChunk(ns, first, curSeqs, acked, ns.movedOut[first])
 			}
 		}
-		if _, found := slices.BinarySearch(curSeqs, k.seq); !found || cur.isAcked(k.seq) {
+		if _, found := slices.BinarySearch(curSeqs, k.seq); !found || cur.isSettled(k.seq) {
 			continue // acked or dead-lettered since
 		}
 		ns.keepChunk(cur)
@@ -835,13 +855,22 @@ func (q *badgerQueue) refillFrom(txn *badger.Txn, ns *qns, first uint64, v []byt
 	}
 	// The chunk's state: the one entries in memory share, or read.
 	ch := ns.chunks[first]
-	var acked []byte
-	if ch != nil {
-		acked = ch.acked
-	} else if acked, err = readChunkAcks(txn, ns.name, first); err != nil {
-		return 0, err
+	if ch == nil {
+		acked, err := readChunkAcks(txn, ns.name, first)
+		if err != nil {
+			return 0, err
+		}
+		seqs, err := chunkSeqs(v, first)
+		if err != nil {
+			return 0, err
+		}
+		ch = newStoredChunk(ns, first, seqs, acked, ns.movedOut[first])
+		if ch.live <= 0 {
+			// Every event settled, and its deletion lost to a close:
+			// delete it now.
+			_ = q.push(&wop{chunkFixes: []*qchunk{ch}, w: &writeWait{done: make(chan struct{})}})
+		}
 	}
-	probe := qchunk{first: first, acked: acked}
 	loaded := 0
 	var arena []byte
 	for {
@@ -852,7 +881,7 @@ func (q *badgerQueue) refillFrom(txn *badger.Txn, ns *qns, first uint64, v []byt
 		if seq < ns.diskNext {
 			continue
 		}
-		if probe.isAcked(seq) {
+		if ch.isSettled(seq) {
 			// Settled before the queue was opened.
 			ns.diskNext = seq + 1
 			continue
@@ -875,14 +904,7 @@ func (q *badgerQueue) refillFrom(txn *badger.Txn, ns *qns, first uint64, v []byt
 		if err != nil {
 			return loaded, fmt.Errorf("event %d: %w", seq, err)
 		}
-		if ch == nil {
-			seqs, err := chunkSeqs(v, first)
-			if err != nil {
-				return loaded, err
-			}
-			ch = newStoredChunk(first, seqs, acked)
-			ns.keepChunk(ch)
-		}
+		ns.keepChunk(ch)
 		ev.Namespace = ns.name
 		ns.fresh.push(&qentry{id: ev.ID, ns: ns, seq: seq, size: ev.size(), enq: enq, ev: &ev, chunk: ch})
 		ns.diskNext = seq + 1
@@ -1056,6 +1078,7 @@ type group struct {
 	moved   []*movedEvent
 	diskErr error
 	txns    []*gtxn
+	chunks  []*qchunk    // chunks whose events it settles (inflight counted)
 	pending atomic.Int32 // transactions not yet committed, +1 while building
 	done    chan struct{}
 }
@@ -1177,11 +1200,16 @@ func (q *badgerQueue) write(ops []*wop) *group {
 	q.groups++
 	g.n = q.groups
 	adds := false
+	// Every enqueued event first, then the dead letters: a namespace's
+	// chunk of enqueued events then holds no dead letter's sequence number,
+	// and complete lands them in this order.
 	for _, op := range ops {
 		if op.evs != nil {
 			op.ents = c.accept(op.evs, op.sizes, op.enq, op.res, nil)
 			adds = adds || len(op.ents) > 0
 		}
+	}
+	for _, op := range ops {
 		if op.fx != nil {
 			for _, m := range op.fx.moves {
 				m.seq = c.nextSeq
@@ -1245,7 +1273,8 @@ func (q *badgerQueue) write(ops []*wop) *group {
 		}
 	}
 	g.moved = moves
-	q.writeSettled(&b, ops, moves)
+	q.writeSettled(&b, g, ops, moves)
+	q.writeChunkFixes(&b, g, ops)
 	for _, op := range ops {
 		if op.fx == nil {
 			continue
@@ -1317,7 +1346,7 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 				seqs[i] = e.seq
 				bytes += int64(e.size)
 			}
-			ch := &qchunk{first: seqs[0], live: n}
+			ch := &qchunk{ns: ns, first: seqs[0], live: n}
 			for _, e := range ents {
 				e.chunk = ch
 			}
@@ -1330,17 +1359,19 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 }
 
 // writeSettled writes the group's settlements (acknowledged and
-// dead-lettered events): for each chunk they touch, its new ack record, or
-// its deletion once every event of it is settled, in one item with the dead
-// letters moved out of it (so that a move is never half done).
-func (q *badgerQueue) writeSettled(b *txnBuilder, ops []*wop, moves []*movedEvent) {
+// dead-lettered events): for each chunk they touch, its new ack record if
+// events of it were acknowledged, and the dead letters moved out of it, each
+// with its marker in one item (so that a move is never half done). Chunks
+// are deleted later (writeChunkFixes), once every commit that settled an
+// event of them has completed.
+func (q *badgerQueue) writeSettled(b *txnBuilder, g *group, ops []*wop, moves []*movedEvent) {
 	type touch struct {
 		ch           *qchunk
 		ns           *qns
 		ents         []*qentry
 		moves        []*movedEvent
 		count, bytes int64
-		del          bool
+		acks         bool
 		acked        []byte
 	}
 	var touched []*touch
@@ -1355,7 +1386,6 @@ func (q *badgerQueue) writeSettled(b *txnBuilder, ops []*wop, moves []*movedEven
 			byChunk[e.chunk] = t
 			touched = append(touched, t)
 		}
-		t.ents = append(t.ents, e)
 		t.count--
 		t.bytes -= int64(e.size)
 		return t
@@ -1367,47 +1397,109 @@ func (q *badgerQueue) writeSettled(b *txnBuilder, ops []*wop, moves []*movedEven
 			continue
 		}
 		for _, e := range op.fx.deletes {
-			add(e)
+			t := add(e)
+			t.ents = append(t.ents, e)
+			t.acks = true
+			if e.chunk != nil {
+				// Settled again after a failed commit: the record is
+				// rewritten all the same.
+				e.chunk.settle(e.seq, false)
+			}
 		}
 	}
 	for _, mv := range moves {
 		t := add(mv.m.e)
 		t.moves = append(t.moves, mv)
+		if mv.m.e.chunk != nil {
+			mv.m.e.chunk.settle(mv.m.e.seq, true)
+		}
 	}
 	for _, t := range touched {
 		if t.ch == nil {
 			continue
 		}
-		for _, e := range t.ents {
-			// Settled again after a failed commit: the record is
-			// rewritten all the same.
-			t.ch.settle(e.seq)
-		}
-		if t.ch.live <= 0 {
-			t.ns.dropChunk(t.ch)
-			t.del = true
-		} else {
+		t.ch.inflight++
+		g.chunks = append(g.chunks, t.ch)
+		if t.acks {
 			t.acked = append([]byte(nil), t.ch.acked...)
 		}
 	}
 	c.mu.Unlock()
 
 	for _, t := range touched {
-		b.item(t.ents...)
-		switch {
-		case t.ch == nil:
-			q.log.Error("h3x: badger queue: settled an event without a chunk; it stays on disk", "namespace", t.ns.name, "id", t.ents[0].id)
-		case t.del:
-			b.add(bwrite{key: b.seqKey(keyEvent, t.ns.name, t.ch.first), del: true})
-			b.add(bwrite{key: b.seqKey(keyAcks, t.ns.name, t.ch.first), del: true})
-		default:
-			b.add(bwrite{key: b.seqKey(keyAcks, t.ns.name, t.ch.first), val: t.acked})
+		if t.ch == nil {
+			q.log.Error("h3x: badger queue: settled an event without a chunk; it stays on disk", "namespace", t.ns.name)
+			continue
 		}
-		b.add(bwrite{cnt: true, ns: t.ns.name, count: t.count, bytes: t.bytes})
+		if t.acks {
+			b.item(t.ents...)
+			b.add(bwrite{key: b.seqKey(keyAcks, t.ns.name, t.ch.first), val: t.acked,
+				cnt: true, ns: t.ns.name, count: -int64(len(t.ents)), bytes: ackedBytes(t.ents)})
+		}
 		for _, mv := range t.moves {
 			m := mv.m
+			b.item(m.e)
+			b.add(bwrite{key: movedKey(nil, t.ns.name, t.ch.first, m.e.seq), val: nil,
+				cnt: true, ns: t.ns.name, count: -1, bytes: -int64(m.e.size)})
 			b.add(bwrite{key: b.seqKey(keyEvent, m.dst.name, m.seq), val: encodeChunk(nil, []uint64{m.seq}, [][]byte{mv.val}),
 				cnt: true, ns: m.dst.name, count: 1, bytes: int64(mv.size)})
+		}
+	}
+}
+
+// ackedBytes is the counter change of acknowledging ents.
+func ackedBytes(ents []*qentry) int64 {
+	var n int64
+	for _, e := range ents {
+		n -= int64(e.size)
+	}
+	return n
+}
+
+// writeChunkFixes writes the chunk fixes of the group's requests: a chunk
+// to delete (all its events settled, every commit settling one completed)
+// or, after a failed commit, whose ack record to rewrite from memory.
+func (q *badgerQueue) writeChunkFixes(b *txnBuilder, g *group, ops []*wop) {
+	type fixWrite struct {
+		ch    *qchunk
+		del   bool
+		acked []byte
+		moved []uint64
+	}
+	var fixes []fixWrite
+	c := q.core
+	c.mu.Lock()
+	for _, op := range ops {
+		for _, ch := range op.chunkFixes {
+			if ch.deleted {
+				continue
+			}
+			f := fixWrite{ch: ch}
+			if ch.live <= 0 && ch.inflight == 0 {
+				ch.deleted = true
+				ch.ns.dropChunk(ch)
+				f.del = true
+				f.moved = ch.movedSeqs()
+			} else {
+				f.acked = append([]byte(nil), ch.acked...)
+			}
+			ch.inflight++
+			g.chunks = append(g.chunks, ch)
+			fixes = append(fixes, f)
+		}
+	}
+	c.mu.Unlock()
+	for _, f := range fixes {
+		name := f.ch.ns.name
+		b.item()
+		if !f.del {
+			b.add(bwrite{key: b.seqKey(keyAcks, name, f.ch.first), val: f.acked})
+			continue
+		}
+		b.add(bwrite{key: b.seqKey(keyEvent, name, f.ch.first), del: true})
+		b.add(bwrite{key: b.seqKey(keyAcks, name, f.ch.first), del: true})
+		for _, seq := range f.moved {
+			b.add(bwrite{key: movedKey(nil, name, f.ch.first, seq), del: true})
 		}
 	}
 }
@@ -1447,8 +1539,8 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 
 	c.mu.Lock()
 	mi := 0
-	for _, op := range g.ops {
-		var opErr error
+	opErrs := make([]error, len(g.ops))
+	for oi, op := range g.ops {
 		if op.evs != nil {
 			k := 0
 			for i := range op.evs {
@@ -1458,7 +1550,7 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 				e := op.ents[k]
 				k++
 				if err := errOf(e); err != nil {
-					opErr = err
+					opErrs[oi] = err
 					c.unaccept(e)
 					q.noteFailedID(e.id)
 					continue
@@ -1473,6 +1565,11 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 				c.land(e, ev, e.size)
 			}
 		}
+	}
+	// Then the settlements (dead letters land after every enqueued event,
+	// in the order of their sequence numbers).
+	for oi, op := range g.ops {
+		opErr := opErrs[oi]
 		if op.fx != nil {
 			for _, e := range op.fx.deletes {
 				if err := errOf(e); err != nil {
@@ -1517,11 +1614,28 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 	if g.n >= q.failCheckUntil {
 		clear(q.failedIDs)
 	}
+	// The chunks whose events the group settled: delete those now fully
+	// settled with no other settling commit in flight; after a failed
+	// commit, rewrite their ack records from memory (a later commit may
+	// have written a bit the failure cleared).
+	var chunkFixes []*qchunk
+	for _, ch := range g.chunks {
+		ch.inflight--
+	}
+	for _, ch := range g.chunks {
+		if ch.deleted || slices.Contains(chunkFixes, ch) {
+			continue
+		}
+		if (ch.live <= 0 && ch.inflight == 0) || failed != nil {
+			chunkFixes = append(chunkFixes, ch)
+		}
+	}
 	c.mu.Unlock()
 
-	if fix != nil {
-		// Correct the counters the failed transactions assumed.
-		_ = q.push(&wop{counterFix: fix, w: &writeWait{done: make(chan struct{})}})
+	if fix != nil || chunkFixes != nil {
+		// Correct the counters the failed transactions assumed; delete or
+		// rewrite the chunks.
+		_ = q.push(&wop{counterFix: fix, chunkFixes: chunkFixes, w: &writeWait{done: make(chan struct{})}})
 	}
 	for _, op := range g.ops {
 		if op.failed == nil {
@@ -1663,7 +1777,7 @@ func (q *badgerQueue) readMove(m *qmove) (*movedEvent, error) {
 	dev, _, _ := decodeEvent(append([]byte(nil), val...))
 	dev.Namespace = m.dst.name
 	return &movedEvent{m: m, ev: dev, val: val, size: dev.size(), enq: enq,
-		chunk: &qchunk{first: m.seq, live: 1}}, nil
+		chunk: &qchunk{ns: m.dst, first: m.seq, live: 1}}, nil
 }
 
 // wantsReadAhead reports whether an event of size landing in ns now would
@@ -1713,6 +1827,9 @@ type bwrite struct {
 }
 
 func (b *txnBuilder) start() {
+	if b.txn != nil {
+		b.txn.Discard() // failNow started one already
+	}
 	b.txn = b.q.db.NewTransaction(true)
 	b.writes = 0
 	b.bytes = 0
@@ -1923,15 +2040,24 @@ func (b *txnBuilder) commit() {
 	b.q.statTxns.Add(1)
 	g.pending.Add(1)
 	b.txn = nil
-	txn.CommitWith(func(err error) {
-		t.err = err
+	if f := b.q.failCommit.Load(); f != nil && (*f)(b.cur) {
+		// A test's injected failure: nothing is written.
+		txn.Discard()
+		t.err = errInjectedCommitFailure
 		g.release()
-	})
+	} else {
+		txn.CommitWith(func(err error) {
+			t.err = err
+			g.release()
+		})
+	}
 	b.writes, b.bytes = 0, 0
 	clear(b.cur)
 	b.cur, b.itemStarts = b.cur[:0], b.itemStarts[:0]
 	b.touched, b.before = nil, nil
 }
+
+var errInjectedCommitFailure = errors.New("injected commit failure")
 
 // --- the rest of Queue ----------------------------------------------------------
 
@@ -2062,9 +2188,12 @@ func (q *badgerQueue) syncFiles() error {
 }
 
 func (q *badgerQueue) syncFilesLocked() error {
-	if !fileExists(memFilePath(q.bdir, q.memFid+1)) && !fileExists(vlogFilePath(q.vdir, q.vlogFid+1)) {
+	if fileExists(memFilePath(q.bdir, q.memFid)) && !fileExists(memFilePath(q.bdir, q.memFid+1)) && !fileExists(vlogFilePath(q.vdir, q.vlogFid+1)) {
 		// Nothing rotated since the last sync: every commit to sync is in
 		// the active memtable's write-ahead log, the one file to sync.
+		// (memFid still there and no memFid+1 means no newer memtable
+		// was started since, even one flushed and deleted since: Badger
+		// flushes memtables in order.)
 		// (db.Sync would sync the value log as well, which stays empty:
 		// values are kept below ValueThreshold, see inlineThreshold; an
 		// fsync of a clean file still costs a device cache flush.)

@@ -14,10 +14,20 @@ import (
 // skiplist insert, table entry, compaction) is paid once per group and
 // namespace rather than once per event. Events are acknowledged one by one,
 // so a chunk has an ack record ('a' ns first): a bitmap over its sequence
-// numbers, rewritten whole by every group commit that settles events of the
-// chunk. When the last event of a chunk is settled, the chunk and its ack
-// record are deleted: two tombstones for the whole group instead of one per
-// event.
+// numbers, rewritten whole by every group commit that acknowledges events of
+// the chunk. An event moved to its dead-letter namespace gets a marker of
+// its own ('x' ns first seq), written in the same transaction as its copy
+// in the dead-letter namespace, so that a move is never half done and no
+// other commit records it. Once every event of a chunk is settled and every
+// commit that settled one has completed, the chunk, its ack record and its
+// markers are deleted: a few tombstones for the whole group instead of one
+// per event.
+//
+// A commit that fails leaves the events it settled unsettled: their bits are
+// cleared in memory and the ack record is rewritten from memory. (An ack
+// record written by a later commit before the failure was known may carry
+// the bit until then: such an ack may or may not take effect, as a failed
+// ack may anyway. A move is recorded by nothing but its own marker.)
 //
 // A chunk value is:
 //
@@ -25,9 +35,12 @@ import (
 //
 // with the sequence numbers increasing. The ack record's bit i (byte i/8,
 // bit i%8) is set once the event with sequence number first+i has been
-// acknowledged or dead-lettered.
+// acknowledged.
 
-const keyAcks = 'a'
+const (
+	keyAcks  = 'a'
+	keyMoved = 'x'
+)
 
 // maxChunkEvents bounds the events of one chunk, so that an ack record stays
 // small: it is rewritten whole by each group commit that settles any event of
@@ -40,30 +53,96 @@ const maxChunkEvents = 1024
 // others); a chunk no entry refers to is read back from disk when needed.
 // Guarded by core.mu.
 type qchunk struct {
+	ns    *qns
 	first uint64
 	live  int    // events neither acknowledged nor dead-lettered
 	acked []byte // the ack record's bitmap (nil: none yet)
-	kept  bool   // in its namespace's chunks
+	moved []byte // the events moved to the dead-letter namespace, as a bitmap
+
+	kept     bool // in its namespace's chunks
+	inflight int  // commits in flight that settle events of the chunk
+	deleted  bool // its deletion has been written
 }
 
-func (ch *qchunk) isAcked(seq uint64) bool {
-	i := seq - ch.first
-	return i/8 < uint64(len(ch.acked)) && ch.acked[i/8]&(1<<(i%8)) != 0
+func bitSet(b []byte, i uint64) bool { return i/8 < uint64(len(b)) && b[i/8]&(1<<(i%8)) != 0 }
+
+func setBit(b []byte, i uint64) []byte {
+	if need := int(i/8) + 1; need > len(b) {
+		b = append(b, make([]byte, need-len(b))...)
+	}
+	b[i/8] |= 1 << (i % 8)
+	return b
 }
 
-// settle marks seq settled and reports whether it was not already (only then
-// does the chunk's live count go down).
-func (ch *qchunk) settle(seq uint64) bool {
-	if ch.isAcked(seq) {
+// isSettled reports whether the event seq of the chunk is acknowledged or
+// dead-lettered.
+func (ch *qchunk) isSettled(seq uint64) bool {
+	return bitSet(ch.acked, seq-ch.first) || bitSet(ch.moved, seq-ch.first)
+}
+
+// settle marks seq acknowledged (moved: dead-lettered) and reports whether
+// it was not settled already (only then does the chunk's live count go
+// down).
+func (ch *qchunk) settle(seq uint64, moved bool) bool {
+	if ch.isSettled(seq) {
 		return false
 	}
-	i := seq - ch.first
-	if need := int(i/8) + 1; need > len(ch.acked) {
-		ch.acked = append(ch.acked, make([]byte, need-len(ch.acked))...)
+	if moved {
+		ch.moved = setBit(ch.moved, seq-ch.first)
+	} else {
+		ch.acked = setBit(ch.acked, seq-ch.first)
 	}
-	ch.acked[i/8] |= 1 << (i % 8)
 	ch.live--
 	return true
+}
+
+// unsettle reverts settle, for a settlement whose commit failed.
+func (ch *qchunk) unsettle(seq uint64) {
+	if !ch.isSettled(seq) {
+		return
+	}
+	i := seq - ch.first
+	if bitSet(ch.acked, i) {
+		ch.acked[i/8] &^= 1 << (i % 8)
+	}
+	if bitSet(ch.moved, i) {
+		ch.moved[i/8] &^= 1 << (i % 8)
+	}
+	ch.live++
+}
+
+// movedSeqs returns the sequence numbers of the chunk's dead-lettered
+// events (whose markers go with the chunk).
+func (ch *qchunk) movedSeqs() []uint64 {
+	var out []uint64
+	for i, b := range ch.moved {
+		for j := range 8 {
+			if b&(1<<j) != 0 {
+				out = append(out, ch.first+uint64(i*8+j))
+			}
+		}
+	}
+	return out
+}
+
+// movedKey appends the marker key of the dead-lettered event seq of chunk
+// first of ns.
+func movedKey(b []byte, ns string, first, seq uint64) []byte {
+	b = appendSeqKey(b, keyMoved, ns, first)
+	return binary.BigEndian.AppendUint64(b, seq)
+}
+
+// decodeMovedKey decodes a movedKey.
+func decodeMovedKey(k []byte) (ns string, first, seq uint64, ok bool) {
+	d := decoder{b: k}
+	if d.byte() != keyMoved {
+		return "", 0, 0, false
+	}
+	name := d.bytes()
+	if d.bad || len(d.b) != 16 {
+		return "", 0, 0, false
+	}
+	return string(name), binary.BigEndian.Uint64(d.b), binary.BigEndian.Uint64(d.b[8:]), true
 }
 
 // keepChunk makes ch the namespace's state of its chunk, for as long as
@@ -77,6 +156,7 @@ func (ns *qns) keepChunk(ch *qchunk) {
 	}
 	ns.chunks[ch.first] = ch
 	ch.kept = true
+	delete(ns.movedOut, ch.first) // now in ch.moved
 }
 
 // dropChunk forgets ch (its events are all settled).
@@ -187,18 +267,20 @@ func chunkEvent(b []byte, first, seq uint64) ([]byte, error) {
 	}
 }
 
-// newStoredChunk makes the state of a chunk read from disk: seqs its events,
-// acked its ack record (nil if it has none).
-func newStoredChunk(first uint64, seqs []uint64, acked []byte) *qchunk {
-	ch := &qchunk{first: first, live: len(seqs), acked: acked}
-	if acked != nil {
-		n := 0
-		for _, seq := range seqs {
-			if ch.isAcked(seq) {
-				n++
-			}
+// newStoredChunk makes the state of a chunk of ns read from disk: seqs its
+// events, acked its ack record (nil if it has none), moved the sequence
+// numbers of its dead-lettered events.
+func newStoredChunk(ns *qns, first uint64, seqs []uint64, acked []byte, moved []uint64) *qchunk {
+	ch := &qchunk{ns: ns, first: first, live: len(seqs), acked: acked}
+	for _, seq := range moved {
+		if seq >= first {
+			ch.moved = setBit(ch.moved, seq-first)
 		}
-		ch.live -= n
+	}
+	for _, seq := range seqs {
+		if ch.isSettled(seq) {
+			ch.live--
+		}
 	}
 	return ch
 }

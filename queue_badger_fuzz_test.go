@@ -6,7 +6,8 @@ import (
 )
 
 // FuzzStorageDecoders feeds arbitrary bytes to every decoder of the Badger
-// queue's stored records (events, chunks, lease records, dedup keys): none
+// queue's stored records (events, chunks, lease records, dedup keys, dead
+// letter markers): none
 // may panic, and what decodes re-encodes to a value that decodes the same.
 //
 //	go test -run '^$' -fuzz FuzzStorageDecoders -fuzztime 1m .
@@ -33,7 +34,7 @@ func FuzzStorageDecoders(f *testing.F) {
 					t.Fatalf("event %d listed but not found: %v", seq, err)
 				}
 			}
-			ch := newStoredChunk(first, seqs, b)
+			ch := newStoredChunk(nil, first, seqs, b, seqs[:len(seqs)/2])
 			if ch.live < 0 || ch.live > len(seqs) {
 				t.Fatalf("live %d of %d", ch.live, len(seqs))
 			}
@@ -44,5 +45,10 @@ func FuzzStorageDecoders(f *testing.F) {
 			}
 		}
 		decodeGroupKey(b)
+		if ns, f, seq, ok := decodeMovedKey(b); ok {
+			if again := movedKey(nil, ns, f, seq); string(again) != string(b) {
+				t.Fatalf("moved key does not round-trip: %q / %q", b, again)
+			}
+		}
 	})
 }

@@ -1011,11 +1011,27 @@ func TestChunkCodec(t *testing.T) {
 			t.Errorf("truncated to %d bytes: no error", i)
 		}
 	}
-	ch := newStoredChunk(7, seqs, nil)
-	if !ch.settle(9) || ch.settle(9) || ch.live != 1 || !ch.isAcked(9) || ch.isAcked(7) {
+	ch := newStoredChunk(nil, 7, seqs, nil, nil)
+	if !ch.settle(9, false) || ch.settle(9, false) || ch.live != 1 || !ch.isSettled(9) || ch.isSettled(7) {
 		t.Errorf("settle: %+v", ch)
 	}
-	if again := newStoredChunk(7, seqs, ch.acked); again.live != 1 {
+	if again := newStoredChunk(nil, 7, seqs, ch.acked, nil); again.live != 1 {
 		t.Errorf("chunk with its ack record: live %d, want 1", again.live)
+	}
+	if again := newStoredChunk(nil, 7, seqs, ch.acked, []uint64{7}); again.live != 0 {
+		t.Errorf("chunk with its ack record and a moved event: live %d, want 0", again.live)
+	}
+	ch.settle(7, true)
+	if got := ch.movedSeqs(); len(got) != 1 || got[0] != 7 || ch.live != 0 {
+		t.Errorf("moved: %v, live %d", got, ch.live)
+	}
+	ch.unsettle(7)
+	ch.unsettle(9)
+	if ch.live != 2 || ch.isSettled(7) || ch.isSettled(9) {
+		t.Errorf("unsettle: %+v", ch)
+	}
+	k := movedKey(nil, "orders", 7, 9)
+	if ns, first, seq, ok := decodeMovedKey(k); !ok || ns != "orders" || first != 7 || seq != 9 {
+		t.Errorf("decodeMovedKey: %q %d %d %v", ns, first, seq, ok)
 	}
 }

@@ -95,12 +95,13 @@ type qns struct {
 	name string
 	dlq  bool // a dead-letter namespace: its events are never dead-lettered again
 
-	fresh     entryFIFO          // fresh entries in sequence order (for Badger, the read-ahead buffer)
-	freshDisk int                // Badger: fresh events not yet read into fresh
-	diskNext  uint64             // Badger: where the next read-ahead starts
-	diskChunk uint64             // Badger: the first sequence number of the chunk holding diskNext (or diskNext)
-	chunks    map[uint64]*qchunk // Badger: the chunks that entries in memory refer to, by first sequence number
-	ready     entryHeap          // leased before and ready again, by sequence number
+	fresh     entryFIFO           // fresh entries in sequence order (for Badger, the read-ahead buffer)
+	freshDisk int                 // Badger: fresh events not yet read into fresh
+	diskNext  uint64              // Badger: where the next read-ahead starts
+	diskChunk uint64              // Badger: the first sequence number of the chunk holding diskNext (or diskNext)
+	chunks    map[uint64]*qchunk  // Badger: the chunks that entries in memory refer to, by first sequence number
+	movedOut  map[uint64][]uint64 // Badger: dead-lettered events of chunks not in chunks, by chunk (read at open)
+	ready     entryHeap           // leased before and ready again, by sequence number
 
 	leased, delayed int
 	preloaded       map[uint64]bool // Badger: sequence numbers of delivered-before-open entries, skipped by the read-ahead
@@ -750,7 +751,10 @@ func (c *queueCore) restore(e *qentry, moved bool) {
 		c.dedup.setGoneIn(e.dgen, c.dedupKeyOf(e), false)
 	}
 	c.indexID(e)
-	e.ns.keepChunk(e.chunk)
+	if e.chunk != nil {
+		e.chunk.unsettle(e.seq)
+		e.ns.keepChunk(e.chunk)
+	}
 	c.makeReady(e)
 }
 

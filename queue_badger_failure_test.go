@@ -1,0 +1,199 @@
+package h3x
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+)
+
+// Regression tests for the chunked layout's failure paths (found in review):
+// a commit that fails must leave the events it settled unsettled, on disk
+// as in memory.
+
+// failCommitsWith makes q's commits fail while a write matches; the returned
+// func stops it.
+func failCommitsWith(q *badgerQueue, match func(w bwrite) bool) func() {
+	f := func(ws []bwrite) bool { return slices.ContainsFunc(ws, match) }
+	q.failCommit.Store(&f)
+	return func() { q.failCommit.Store(nil) }
+}
+
+// isKeyOf matches the writes of a key of kind in namespace ns.
+func isKeyOf(kind byte, ns string) func(w bwrite) bool {
+	p := nsPrefix(kind, ns)
+	return func(w bwrite) bool { return w.key != nil && bytes.HasPrefix(w.key, p) && len(w.key) == len(p)+8 }
+}
+
+func leasedIDs(ls []Lease) []string {
+	var ids []string
+	for _, l := range ls {
+		ids = append(ids, l.Event.Namespace+"/"+l.Event.ID)
+	}
+	return ids
+}
+
+func TestBadgerQueueFailedMoveKeepsEvent(t *testing.T) {
+	// A dead-letter move whose commit fails leaves the event where it was,
+	// also after a neighbour's ack rewrites the chunk's ack record and a
+	// reopen.
+	dir := t.TempDir()
+	ctx := context.Background()
+	q := openTestBadger(t, dir, QueueOptions{MaxAttempts: 1})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"}, Event{ID: "c", Namespace: "n"})
+	ls := leaseAll(t, q, "h", 3, "n")
+	undo := failCommitsWith(q, isKeyOf(keyEvent, "n"+DeadLetterSuffix))
+	if _, err := q.Nack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}, 0, "bad"); err == nil {
+		t.Fatal("Nack whose move failed: no error")
+	}
+	undo()
+	ackAll(t, q, "h", ls[1:2])
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestBadger(t, dir, QueueOptions{MaxAttempts: 1})
+	got := leasedIDs(leaseAll(t, q, "h2", 10, "n", "n"+DeadLetterSuffix))
+	if !slices.Contains(got, "n/a") && !slices.Contains(got, "n.dlq/a") {
+		t.Errorf("event a (never acked, its dead-lettering failed) is gone: leased %v", got)
+	}
+}
+
+func TestBadgerQueueFailedAckKeepsChunk(t *testing.T) {
+	// An ack whose commit fails makes the event ready again; the
+	// neighbour's ack must not delete the chunk under it, and the
+	// namespace stays deliverable and counted right after a reopen.
+	dir := t.TempDir()
+	ctx := context.Background()
+	q := openTestBadger(t, dir, QueueOptions{})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
+	ls := leaseAll(t, q, "h", 2, "n")
+	undo := failCommitsWith(q, isKeyOf(keyAcks, "n"))
+	if _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); err == nil {
+		t.Fatal("Ack whose commit failed: no error")
+	}
+	undo()
+	ackAll(t, q, "h", ls[1:2])
+	publishTest(t, q, Event{ID: "later", Namespace: "n"})
+	got, err := q.Lease(ctx, LeaseRequest{Holder: "h", Namespaces: []string{"n"}, Limit: 10, AckDeadline: time.Minute})
+	if err != nil {
+		t.Fatalf("Lease after a failed ack: %v", err)
+	}
+	if ids := leasedIDs(got); !slices.Equal(ids, []string{"n/a", "n/later"}) {
+		t.Fatalf("leased %v, want a again and later", ids)
+	}
+	if err := q.Release(ctx, "h"); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestBadger(t, dir, QueueOptions{})
+	st, err := q.Stats(ctx, "n")
+	if err != nil || st[0].Ready != 2 {
+		t.Fatalf("after reopen: %+v %v, want 2 ready", st, err)
+	}
+	got = leaseAll(t, q, "h", 10, "n")
+	if ids := leasedIDs(got); !slices.Equal(ids, []string{"n/a", "n/later"}) {
+		t.Fatalf("after reopen leased %v", ids)
+	}
+	ackAll(t, q, "h", got)
+	if st, _ := q.Stats(ctx, "n"); st[0].Ready != 0 || st[0].Bytes != 0 {
+		t.Errorf("after acking everything: %+v", st[0])
+	}
+}
+
+func TestBadgerQueueDeadLettersAmongPublishes(t *testing.T) {
+	// Events published to a dead-letter namespace in the same group commit
+	// as a move into it: no stored chunk may overlap another, or the
+	// read-ahead skips the dead letter.
+	dir := t.TempDir()
+	ctx := context.Background()
+	q := openTestBadger(t, dir, QueueOptions{MaxAttempts: 1})
+	publishTest(t, q, Event{ID: "x", Namespace: "n"})
+	leaseAll(t, q, "h", 1, "n")
+	c := q.core
+	waiting := func(n int) {
+		for range 5000 {
+			q.wmu.Lock()
+			k := len(q.wops)
+			q.wmu.Unlock()
+			if k == n {
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+		t.Fatalf("the writer never had %d requests waiting", n)
+	}
+	// Hold the core so that the three requests below land in one group.
+	c.mu.Lock()
+	blocker := &wop{fx: &effects{}, w: &writeWait{done: make(chan struct{})}}
+	q.push(blocker)
+	waiting(0) // the writer took it and waits for the core
+	done := make(chan error, 2)
+	go func() { _, err := q.Enqueue(ctx, []Event{{ID: "p1", Namespace: "n.dlq"}}); done <- err }()
+	waiting(1)
+	e := c.byID["x"]
+	c.detach(e)
+	var fx effects
+	c.afterLease(e, time.Now().UnixNano(), 0, "bad", &fx)
+	if len(fx.moves) != 1 {
+		c.mu.Unlock()
+		t.Fatal("no dead-letter move")
+	}
+	move := &wop{fx: &fx, w: &writeWait{done: make(chan struct{})}, durable: true}
+	q.push(move)
+	waiting(2)
+	go func() { _, err := q.Enqueue(ctx, []Event{{ID: "p2", Namespace: "n.dlq"}}); done <- err }()
+	waiting(3)
+	c.mu.Unlock()
+	for range 2 {
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	<-move.w.done
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestBadger(t, dir, QueueOptions{MaxAttempts: 1})
+	got := leasedIDs(leaseAll(t, q, "h2", 10, "n.dlq"))
+	if want := []string{"n.dlq/p1", "n.dlq/p2", "n.dlq/x"}; !slices.Equal(got, want) {
+		t.Errorf("after reopen leased %v, want %v (publish order, the dead letter last)", got, want)
+	}
+}
+
+func TestBadgerQueueSyncAfterRotations(t *testing.T) {
+	// Two memtable rotations between syncs (commits nobody waits for, as
+	// lease records): the next sync must sync the active memtable's log,
+	// not the deleted one it synced before.
+	dir := t.TempDir()
+	q := openTestBadger(t, dir, QueueOptions{Badger: func(o *badger.Options) { o.MemTableSize = 1 << 20 }})
+	publishTest(t, q, Event{ID: "first", Namespace: "n"})
+	q.syncMu.Lock()
+	stale := q.memFid
+	q.syncMu.Unlock()
+	for i := 0; ; i++ {
+		q.db.Update(func(txn *badger.Txn) error {
+			return txn.Set([]byte{'z', byte(i >> 8), byte(i)}, make([]byte, 100<<10))
+		})
+		mem, _ := logFiles(dir, ".mem")
+		if len(mem) > 0 && mem[0] > stale+1 {
+			break
+		}
+		if i > 5000 {
+			t.Fatal("no rotation")
+		}
+	}
+	publishTest(t, q, Event{ID: "second", Namespace: "n"}) // the full sync
+	publishTest(t, q, Event{ID: "third", Namespace: "n"})  // the fast one
+	q.syncMu.Lock()
+	defer q.syncMu.Unlock()
+	mem, _ := logFiles(dir, ".mem")
+	if _, err := os.Stat(memFilePath(dir, q.walFid)); err != nil || q.walFid != mem[len(mem)-1] {
+		t.Errorf("the last sync fdatasynced %05d.mem (%v), not the active %05d.mem", q.walFid, err, mem[len(mem)-1])
+	}
+}
