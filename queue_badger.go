@@ -239,6 +239,11 @@ type badgerQueue struct {
 	wops    []*wop
 	wstop   bool
 	wsignal chan struct{}
+	// Corrections left by failed commits (and by groups refused for disk
+	// space), guarded by wmu: they ride on the next group the writer
+	// builds, rather than waking it (a failing disk would make them spin).
+	pendingCounters map[string]nsCounter
+	pendingChunks   []*qchunk
 
 	inflight      chan *group // writer -> completer
 	completerDone chan struct{}
@@ -953,6 +958,10 @@ func (s *badgerStore) submit(fx *effects, wait bool) *writeWait {
 func (q *badgerQueue) push(op *wop) error {
 	q.wmu.Lock()
 	if q.wstop {
+		if op.evs == nil && op.fx == nil {
+			// A correction: Close writes it last.
+			q.deferFixLocked(op.counterFix, op.chunkFixes)
+		}
 		q.wmu.Unlock()
 		return ErrQueueClosed
 	}
@@ -963,6 +972,56 @@ func (q *badgerQueue) push(op *wop) error {
 	default:
 	}
 	return nil
+}
+
+// deferFix keeps corrections for the next group the writer builds.
+func (q *badgerQueue) deferFix(counters map[string]nsCounter, chunks []*qchunk) {
+	q.wmu.Lock()
+	q.deferFixLocked(counters, chunks)
+	q.wmu.Unlock()
+}
+
+func (q *badgerQueue) deferFixLocked(counters map[string]nsCounter, chunks []*qchunk) {
+	for name, d := range counters {
+		if q.pendingCounters == nil {
+			q.pendingCounters = make(map[string]nsCounter)
+		}
+		p := q.pendingCounters[name]
+		p.count += d.count
+		p.bytes += d.bytes
+		q.pendingCounters[name] = p
+	}
+	for _, ch := range chunks {
+		if !slices.Contains(q.pendingChunks, ch) {
+			q.pendingChunks = append(q.pendingChunks, ch)
+		}
+	}
+}
+
+// takeFixes returns the corrections of ops and those pending, and clears
+// the pending ones.
+func (q *badgerQueue) takeFixes(ops []*wop) (map[string]nsCounter, []*qchunk) {
+	q.wmu.Lock()
+	counters, chunks := q.pendingCounters, q.pendingChunks
+	q.pendingCounters, q.pendingChunks = nil, nil
+	q.wmu.Unlock()
+	for _, op := range ops {
+		for name, d := range op.counterFix {
+			if counters == nil {
+				counters = make(map[string]nsCounter)
+			}
+			p := counters[name]
+			p.count += d.count
+			p.bytes += d.bytes
+			counters[name] = p
+		}
+		for _, ch := range op.chunkFixes {
+			if !slices.Contains(chunks, ch) {
+				chunks = append(chunks, ch)
+			}
+		}
+	}
+	return counters, chunks
 }
 
 // --- Enqueue ---------------------------------------------------------------------
@@ -1232,7 +1291,9 @@ func (q *badgerQueue) write(ops []*wop) *group {
 	if g.diskErr == nil {
 		g.diskErr = q.ballastOut()
 	}
+	fixCounters, fixChunks := q.takeFixes(ops)
 	if g.diskErr != nil {
+		q.deferFix(fixCounters, fixChunks) // for a later group
 		g.release()
 		return g
 	}
@@ -1246,13 +1307,9 @@ func (q *badgerQueue) write(ops []*wop) *group {
 			b.txn.Discard()
 		}
 	}()
-	for _, op := range ops {
-		if op.counterFix != nil {
-			for name, d := range op.counterFix {
-				b.item()
-				b.add(bwrite{cnt: true, ns: name, count: d.count, bytes: d.bytes})
-			}
-		}
+	for name, d := range fixCounters {
+		b.item()
+		b.add(bwrite{cnt: true, fix: true, ns: name, count: d.count, bytes: d.bytes})
 	}
 	q.writeChunks(&b, ops)
 
@@ -1274,7 +1331,7 @@ func (q *badgerQueue) write(ops []*wop) *group {
 	}
 	g.moved = moves
 	q.writeSettled(&b, g, ops, moves)
-	q.writeChunkFixes(&b, g, ops)
+	q.writeChunkFixes(&b, g, fixChunks)
 	for _, op := range ops {
 		if op.fx == nil {
 			continue
@@ -1459,7 +1516,7 @@ func ackedBytes(ents []*qentry) int64 {
 // writeChunkFixes writes the chunk fixes of the group's requests: a chunk
 // to delete (all its events settled, every commit settling one completed)
 // or, after a failed commit, whose ack record to rewrite from memory.
-func (q *badgerQueue) writeChunkFixes(b *txnBuilder, g *group, ops []*wop) {
+func (q *badgerQueue) writeChunkFixes(b *txnBuilder, g *group, chunks []*qchunk) {
 	type fixWrite struct {
 		ch    *qchunk
 		del   bool
@@ -1469,24 +1526,22 @@ func (q *badgerQueue) writeChunkFixes(b *txnBuilder, g *group, ops []*wop) {
 	var fixes []fixWrite
 	c := q.core
 	c.mu.Lock()
-	for _, op := range ops {
-		for _, ch := range op.chunkFixes {
-			if ch.deleted {
-				continue
-			}
-			f := fixWrite{ch: ch}
-			if ch.live <= 0 && ch.inflight == 0 {
-				ch.deleted = true
-				ch.ns.dropChunk(ch)
-				f.del = true
-				f.moved = ch.movedSeqs()
-			} else {
-				f.acked = append([]byte(nil), ch.acked...)
-			}
-			ch.inflight++
-			g.chunks = append(g.chunks, ch)
-			fixes = append(fixes, f)
+	for _, ch := range chunks {
+		if ch.deleted {
+			continue
 		}
+		f := fixWrite{ch: ch}
+		if ch.live <= 0 && ch.inflight == 0 {
+			ch.deleted = true
+			ch.ns.dropChunk(ch)
+			f.del = true
+			f.moved = ch.movedSeqs()
+		} else {
+			f.acked = append([]byte(nil), ch.acked...)
+		}
+		ch.inflight++
+		g.chunks = append(g.chunks, ch)
+		fixes = append(fixes, f)
 	}
 	c.mu.Unlock()
 	for _, f := range fixes {
@@ -1618,24 +1673,28 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 	// settled with no other settling commit in flight; after a failed
 	// commit, rewrite their ack records from memory (a later commit may
 	// have written a bit the failure cleared).
-	var chunkFixes []*qchunk
+	var deletions, rewrites []*qchunk
 	for _, ch := range g.chunks {
 		ch.inflight--
 	}
 	for _, ch := range g.chunks {
-		if ch.deleted || slices.Contains(chunkFixes, ch) {
-			continue
-		}
-		if (ch.live <= 0 && ch.inflight == 0) || failed != nil {
-			chunkFixes = append(chunkFixes, ch)
+		switch {
+		case ch.deleted || slices.Contains(deletions, ch) || slices.Contains(rewrites, ch):
+		case ch.live <= 0 && ch.inflight == 0:
+			deletions = append(deletions, ch)
+		case failed != nil:
+			rewrites = append(rewrites, ch)
 		}
 	}
 	c.mu.Unlock()
 
-	if fix != nil || chunkFixes != nil {
-		// Correct the counters the failed transactions assumed; delete or
-		// rewrite the chunks.
-		_ = q.push(&wop{counterFix: fix, chunkFixes: chunkFixes, w: &writeWait{done: make(chan struct{})}})
+	if fix != nil || rewrites != nil {
+		// Correct the counters the failed transactions assumed and rewrite
+		// the ack records they touched, with the next group.
+		q.deferFix(fix, rewrites)
+	}
+	if deletions != nil {
+		_ = q.push(&wop{chunkFixes: deletions, w: &writeWait{done: make(chan struct{})}})
 	}
 	for _, op := range g.ops {
 		if op.failed == nil {
@@ -1809,7 +1868,8 @@ type txnBuilder struct {
 	ents       []*qentry // the current item's entries, until its first write takes them
 	touched    map[string]*nsCounter
 	before     map[string]nsCounter
-	keys       []byte // arena for keys
+	fixDelta   map[string]nsCounter // the corrections among the counter changes
+	keys       []byte               // arena for keys
 }
 
 // bwrite is one write (a Set or, with del, a Delete of key) and/or (with
@@ -1820,6 +1880,7 @@ type bwrite struct {
 	del   bool
 	newID bool // enqueued events (a chunk): their IDs go in the dedup record
 	cnt   bool
+	fix   bool      // a correction of the counters: kept if its commit fails (see record)
 	ents  []*qentry // the entries of the item the write begins (nil for its other writes)
 
 	ns           string
@@ -1838,6 +1899,7 @@ func (b *txnBuilder) start() {
 	b.itemStarts = b.itemStarts[:0]
 	b.touched = make(map[string]*nsCounter)
 	b.before = make(map[string]nsCounter)
+	b.fixDelta = nil
 }
 
 func (b *txnBuilder) seqKey(kind byte, ns string, seq uint64) []byte {
@@ -1908,6 +1970,15 @@ func (b *txnBuilder) apply(w bwrite) error {
 		}
 		t.count += w.count
 		t.bytes += w.bytes
+		if w.fix {
+			if b.fixDelta == nil {
+				b.fixDelta = make(map[string]nsCounter)
+			}
+			f := b.fixDelta[w.ns]
+			f.count += w.count
+			f.bytes += w.bytes
+			b.fixDelta[w.ns] = f
+		}
 	}
 	return nil
 }
@@ -1967,8 +2038,12 @@ func (b *txnBuilder) record() *gtxn {
 		t.ents = append(t.ents, w.ents...)
 	}
 	for name, c := range b.touched {
-		before := b.before[name]
-		t.deltas[name] = nsCounter{count: c.count - before.count, bytes: c.bytes - before.bytes}
+		// A failed commit's changes are taken back from the writer's
+		// counters (complete), except the corrections: those are right in
+		// memory whatever the disk holds, and the next commit touching the
+		// namespace writes the counters whole.
+		before, fix := b.before[name], b.fixDelta[name]
+		t.deltas[name] = nsCounter{count: c.count - before.count - fix.count, bytes: c.bytes - before.bytes - fix.bytes}
 	}
 	return t
 }
@@ -1980,6 +2055,9 @@ func (b *txnBuilder) failNow(err error) {
 	t.err = err
 	b.undoCounters()
 	clear(t.deltas)
+	if b.fixDelta != nil {
+		b.q.deferFix(b.fixDelta, nil) // the corrections undone: again later
+	}
 	b.g.txns = append(b.g.txns, t)
 	b.txn.Discard()
 	b.start()
@@ -2059,6 +2137,20 @@ func (b *txnBuilder) commit() {
 
 var errInjectedCommitFailure = errors.New("injected commit failure")
 
+// writeLastFixes writes, at Close, the corrections left after the writer
+// stopped (chunk deletions, counter corrections), in one last group.
+func (q *badgerQueue) writeLastFixes() {
+	q.wmu.Lock()
+	left := q.pendingCounters != nil || q.pendingChunks != nil
+	q.wmu.Unlock()
+	if !left {
+		return
+	}
+	g := q.write(nil)
+	<-g.done
+	q.complete(g, nil)
+}
+
 // --- the rest of Queue ----------------------------------------------------------
 
 func (q *badgerQueue) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error) {
@@ -2103,6 +2195,7 @@ func (q *badgerQueue) Close() error {
 		default:
 		}
 		<-q.completerDone
+		q.writeLastFixes()
 		close(q.gcStop)
 		<-q.gcDone
 		q.stopBallast()

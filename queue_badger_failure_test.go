@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"slices"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,10 +16,13 @@ import (
 // a commit that fails must leave the events it settled unsettled, on disk
 // as in memory.
 
-// failCommitsWith makes q's commits fail while a write matches; the returned
-// func stops it.
-func failCommitsWith(q *badgerQueue, match func(w bwrite) bool) func() {
-	f := func(ws []bwrite) bool { return slices.ContainsFunc(ws, match) }
+// failCommitsWith makes q's commits with a matching write fail (the first
+// times ones, or all of them with times < 0); the returned func stops it.
+func failCommitsWith(q *badgerQueue, times int, match func(w bwrite) bool) func() {
+	var n atomic.Int32
+	f := func(ws []bwrite) bool {
+		return slices.ContainsFunc(ws, match) && (times < 0 || int(n.Add(1)) <= times)
+	}
 	q.failCommit.Store(&f)
 	return func() { q.failCommit.Store(nil) }
 }
@@ -46,12 +50,12 @@ func TestBadgerQueueFailedMoveKeepsEvent(t *testing.T) {
 	q := openTestBadger(t, dir, QueueOptions{MaxAttempts: 1})
 	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"}, Event{ID: "c", Namespace: "n"})
 	ls := leaseAll(t, q, "h", 3, "n")
-	undo := failCommitsWith(q, isKeyOf(keyEvent, "n"+DeadLetterSuffix))
+	undo := failCommitsWith(q, 1, isKeyOf(keyEvent, "n"+DeadLetterSuffix))
 	if _, err := q.Nack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}, 0, "bad"); err == nil {
 		t.Fatal("Nack whose move failed: no error")
 	}
 	undo()
-	ackAll(t, q, "h", ls[1:2])
+	ackAll(t, q, "h", ls[1:3]) // b and c: a keeps the chunk alive
 	if err := q.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -71,7 +75,7 @@ func TestBadgerQueueFailedAckKeepsChunk(t *testing.T) {
 	q := openTestBadger(t, dir, QueueOptions{})
 	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
 	ls := leaseAll(t, q, "h", 2, "n")
-	undo := failCommitsWith(q, isKeyOf(keyAcks, "n"))
+	undo := failCommitsWith(q, 1, isKeyOf(keyAcks, "n"))
 	if _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); err == nil {
 		t.Fatal("Ack whose commit failed: no error")
 	}
@@ -195,5 +199,212 @@ func TestBadgerQueueSyncAfterRotations(t *testing.T) {
 	mem, _ := logFiles(dir, ".mem")
 	if _, err := os.Stat(memFilePath(dir, q.walFid)); err != nil || q.walFid != mem[len(mem)-1] {
 		t.Errorf("the last sync fdatasynced %05d.mem (%v), not the active %05d.mem", q.walFid, err, mem[len(mem)-1])
+	}
+}
+
+func TestBadgerQueueFailedMoveWhileClosing(t *testing.T) {
+	// A dead-letter move whose commit fails while Close is under way (core
+	// closed, writer not yet stopped): the event stays where it was.
+	dir := t.TempDir()
+	ctx := context.Background()
+	q := openTestBadger(t, dir, QueueOptions{MaxAttempts: 1})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"})
+	leaseAll(t, q, "h", 1, "n")
+	release := make(chan struct{})
+	var n atomic.Int32
+	match := isKeyOf(keyEvent, "n"+DeadLetterSuffix)
+	f := func(ws []bwrite) bool {
+		if slices.ContainsFunc(ws, match) && n.Add(1) == 1 {
+			<-release // the move's commit, held
+			return true
+		}
+		return false
+	}
+	q.failCommit.Store(&f)
+	done := make(chan error, 1)
+	go func() { _, err := q.Nack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}, 0, "bad"); done <- err }()
+	waitFor(t, func() bool { return n.Load() > 0 })
+	q.core.close() // Close's first step; the writer stops after
+	close(release)
+	if err := <-done; err == nil {
+		t.Fatal("Nack whose move failed: no error")
+	}
+	q.failCommit.Store(nil)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestBadger(t, dir, QueueOptions{MaxAttempts: 1})
+	if got := leasedIDs(leaseAll(t, q, "h2", 10, "n", "n"+DeadLetterSuffix)); len(got) != 1 {
+		t.Fatalf("after reopen leased %v, want a (its dead-lettering failed) once", got)
+	}
+}
+
+func TestBadgerQueueFailedCorrection(t *testing.T) {
+	// The ack fails, then the correction that follows it fails too: the
+	// stored count must still end up right.
+	dir := t.TempDir()
+	ctx := context.Background()
+	q := openTestBadger(t, dir, QueueOptions{})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
+	leaseAll(t, q, "h", 2, "n")
+	undo := failCommitsWith(q, 2, isKeyOf(keyAcks, "n"))
+	if _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); err == nil {
+		t.Fatal("Ack whose commit failed: no error")
+	}
+	// The next group carries the correction, and fails with it.
+	if _, err := q.Enqueue(ctx, []Event{{ID: "c", Namespace: "n"}}); err == nil {
+		t.Fatal("the second injected failure did not happen")
+	}
+	undo()
+	publishTest(t, q, Event{ID: "d", Namespace: "n"}) // carries it again
+	if err := q.Release(ctx, "h"); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestBadger(t, dir, QueueOptions{})
+	if c := q.counters["n"]; c.count != 3 {
+		t.Errorf("stored count %d, want 3 (a, b, d)", c.count)
+	}
+	if got := leasedIDs(leaseAll(t, q, "h", 10, "n")); !slices.Equal(got, []string{"n/a", "n/b", "n/d"}) {
+		t.Errorf("after reopen leased %v", got)
+	}
+}
+
+func TestBadgerQueueCorrectionAfterDiskFull(t *testing.T) {
+	// A correction that meets a group refused for disk space is kept for a
+	// later group, not dropped.
+	dir := t.TempDir()
+	ctx := context.Background()
+	q := openTestBadger(t, dir, QueueOptions{})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
+	leaseAll(t, q, "h", 2, "n")
+	real := *q.diskFree.Load()
+	full := func(string) (uint64, error) { return 0, nil }
+	undo := failCommitsWith(q, 1, isKeyOf(keyAcks, "n"))
+	if _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); err == nil {
+		t.Fatal("Ack whose commit failed: no error")
+	}
+	undo()
+	q.diskFree.Store(&full)
+	if _, err := q.Enqueue(ctx, []Event{{ID: "refused", Namespace: "n"}}); err == nil {
+		t.Fatal("publish on a full disk: no error")
+	}
+	q.diskFree.Store(&real)
+	publishTest(t, q, Event{ID: "later", Namespace: "n"})
+	if err := q.Release(ctx, "h"); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestBadger(t, dir, QueueOptions{})
+	if st, _ := q.Stats(ctx, "n"); st[0].Ready != 3 {
+		t.Errorf("after reopen %d ready, want 3 (a, b, later)", st[0].Ready)
+	}
+}
+
+func TestBadgerQueueFailingDiskDoesNotSpin(t *testing.T) {
+	// With every commit failing and nothing asked of the queue, the
+	// corrections wait for the next request instead of retrying at once.
+	q := openTestBadger(t, t.TempDir(), QueueOptions{})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
+	leaseAll(t, q, "h", 2, "n")
+	undo := failCommitsWith(q, -1, isKeyOf(keyAcks, "n"))
+	defer undo()
+	q.Ack(context.Background(), "h", []LeaseRef{{ID: "a", Attempt: 1}})
+	g0 := q.statGroups.Load()
+	time.Sleep(200 * time.Millisecond)
+	if n := q.statGroups.Load() - g0; n > 2 {
+		t.Errorf("%d group commits in 200 ms with nothing asked", n)
+	}
+}
+
+func TestBadgerQueuePipelinedFailedAck(t *testing.T) {
+	// A later group, built before an earlier one's failure is known,
+	// writes the chunk's ack record with the failed ack's bit: the record
+	// is rewritten from memory after the failure.
+	dir := t.TempDir()
+	ctx := context.Background()
+	q := openTestBadger(t, dir, QueueOptions{})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"}, Event{ID: "c", Namespace: "n"})
+	leaseAll(t, q, "h", 3, "n")
+	var n atomic.Int32
+	match := isKeyOf(keyAcks, "n")
+	f := func(ws []bwrite) bool { return slices.ContainsFunc(ws, match) && n.Add(1) == 1 }
+	q.failCommit.Store(&f)
+	q.syncMu.Lock() // holds the completer before it completes the failed group
+	errA := make(chan error, 1)
+	go func() { _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); errA <- err }()
+	waitFor(t, func() bool { return n.Load() >= 1 })
+	g := q.statGroups.Load()
+	errB := make(chan error, 1)
+	go func() { _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "b", Attempt: 1}}); errB <- err }()
+	waitFor(t, func() bool { return q.statGroups.Load() > g })
+	q.syncMu.Unlock()
+	if err := <-errA; err == nil {
+		t.Fatal("ack of a: no error")
+	}
+	if err := <-errB; err != nil {
+		t.Fatal(err)
+	}
+	q.failCommit.Store(nil)
+	publishTest(t, q, Event{ID: "d", Namespace: "n"}) // carries the rewrite
+	if err := q.Release(ctx, "h"); err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = openTestBadger(t, dir, QueueOptions{})
+	if got := leasedIDs(leaseAll(t, q, "h", 10, "n")); !slices.Equal(got, []string{"n/a", "n/c", "n/d"}) {
+		t.Errorf("after reopen leased %v, want a (its ack failed), c, d", got)
+	}
+}
+
+func TestBadgerQueueNoDeletionWhileSettling(t *testing.T) {
+	// A chunk's deletion must wait for every commit settling its events:
+	// here the ack of b (the chunk's last live event but a) completes while
+	// the ack of a, which will fail, is still in flight.
+	ctx := context.Background()
+	q := openTestBadger(t, t.TempDir(), QueueOptions{})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
+	leaseAll(t, q, "h", 2, "n")
+	release := make(chan struct{})
+	var entered atomic.Bool
+	isA := func(w bwrite) bool { return len(w.ents) == 1 && w.ents[0].id == "a" }
+	f := func(ws []bwrite) bool {
+		if slices.ContainsFunc(ws, isA) && !entered.Swap(true) {
+			<-release
+			return true
+		}
+		return false
+	}
+	q.failCommit.Store(&f)
+	g0 := q.statGroups.Load()
+	q.syncMu.Lock()
+	errB := make(chan error, 1)
+	go func() { _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "b", Attempt: 1}}); errB <- err }()
+	waitFor(t, func() bool { return q.statGroups.Load() >= g0+1 })
+	errA := make(chan error, 1)
+	go func() { _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); errA <- err }()
+	waitFor(t, entered.Load)
+	q.syncMu.Unlock()
+	if err := <-errB; err != nil {
+		t.Fatal(err)
+	}
+	q.syncMu.Lock()
+	close(release)
+	waitFor(t, func() bool { return q.statGroups.Load() >= g0+2 })
+	time.Sleep(50 * time.Millisecond) // a deletion request, if any, is built now
+	q.syncMu.Unlock()
+	if err := <-errA; err == nil {
+		t.Fatal("ack of a: no error")
+	}
+	q.failCommit.Store(nil)
+	ls, err := q.Lease(ctx, LeaseRequest{Holder: "h2", Namespaces: []string{"n"}, Limit: 10, AckDeadline: time.Minute})
+	if got := leasedIDs(ls); err != nil || !slices.Equal(got, []string{"n/a"}) {
+		t.Fatalf("leased %v %v, want a again", got, err)
 	}
 }

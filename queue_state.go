@@ -739,6 +739,10 @@ func (c *queueCore) unaccept(e *qentry) {
 // restore puts back an entry whose removal (ack or dead-letter move) failed
 // to become durable: it is ready again.
 func (c *queueCore) restore(e *qentry, moved bool) {
+	if e.chunk != nil {
+		// Even while closing: the chunk must not count it settled.
+		e.chunk.unsettle(e.seq)
+	}
 	if c.closed {
 		return
 	}
@@ -752,7 +756,6 @@ func (c *queueCore) restore(e *qentry, moved bool) {
 	}
 	c.indexID(e)
 	if e.chunk != nil {
-		e.chunk.unsettle(e.seq)
 		e.ns.keepChunk(e.chunk)
 	}
 	c.makeReady(e)
