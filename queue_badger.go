@@ -1688,13 +1688,12 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 	}
 	c.mu.Unlock()
 
-	if fix != nil || rewrites != nil {
-		// Correct the counters the failed transactions assumed and rewrite
-		// the ack records they touched, with the next group.
-		q.deferFix(fix, rewrites)
-	}
-	if deletions != nil {
-		_ = q.push(&wop{chunkFixes: deletions, w: &writeWait{done: make(chan struct{})}})
+	if fix != nil || rewrites != nil || deletions != nil {
+		// Correct the counters the failed transactions assumed, rewrite
+		// the ack records they touched and delete the chunks now settled,
+		// with the next group (or at Close): a group of its own for each
+		// would add a commit per settling group.
+		q.deferFix(fix, append(rewrites, deletions...))
 	}
 	for _, op := range g.ops {
 		if op.failed == nil {
