@@ -204,7 +204,10 @@ func (b badgerLogger) Debugf(f string, a ...any)   { b.logf(slog.LevelDebug, f, 
 //
 // Keys:
 //
-//	'e' ns seq   an event (value: encodeEvent)
+//	'e' ns seq   a chunk: the events of ns that one commit adds, from seq on
+//	             (queue_badger_chunk.go; each event encoded by encodeEvent)
+//	'a' ns seq   the chunk's ack record: a bitmap of its acknowledged events
+//	'x' ns seq s the marker of the chunk's event s, moved to the dead-letter namespace
 //	'c' ns       the namespace's event count and bytes (written with every change)
 //	'g' seq ...  the IDs of one commit, in the key, for dedup after a restart (TTL)
 //	'l' seq      a lease record: the deliveries of one Lease call (ID, attempt,
@@ -221,8 +224,9 @@ func (b badgerLogger) Debugf(f string, a ...any)   { b.logf(slog.LevelDebug, f, 
 // answers the callers and makes the events deliverable.
 //
 // Delivery never scans: each namespace remembers where its fresh (never
-// delivered) events start on disk (diskNext) and reads ahead from there, so
-// the tombstones of acked events, all below that cursor, are never walked.
+// delivered) events start on disk (diskNext, in the chunk at diskChunk) and
+// reads ahead from there, so the tombstones of settled chunks, all below
+// that cursor, are never walked.
 type badgerQueue struct {
 	core   *queueCore
 	db     *badger.DB
