@@ -630,6 +630,17 @@ func (q *badgerQueue) load() error {
 		}
 		mit.Close()
 
+		// A namespace counted empty holds no live event: a chunk still
+		// stored there lost its deletion (a failed commit, or a Close
+		// before it was written).
+		for _, ns := range c.nss {
+			if ns.count == 0 {
+				if err := q.sweepSettled(txn, ns); err != nil {
+					return err
+				}
+			}
+		}
+
 		// Deliveries made before the restart: each event's latest lease
 		// record gives its attempt count and makes it settleable by ID.
 		if err := q.loadLeaseRecs(txn); err != nil {
@@ -658,6 +669,86 @@ func (q *badgerQueue) load() error {
 		}
 		return nil
 	})
+}
+
+// sweepSettled deletes, at open, the chunks left in ns, which is counted
+// empty: every event of them is settled. A chunk that still holds an
+// unsettled event (the count drifted after a failed commit) is made
+// deliverable again, and the count repaired.
+func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) error {
+	var dead []*qchunk
+	it := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(keyEvent, ns.name)})
+	for it.Rewind(); it.Valid(); it.Next() {
+		first := keySeq(it.Item().Key())
+		v, err := it.Item().ValueCopy(nil)
+		var seqs []uint64
+		if err == nil {
+			seqs, err = chunkSeqs(v, first)
+		}
+		var acked []byte
+		if err == nil {
+			acked, err = readChunkAcks(txn, ns.name, first)
+		}
+		if err != nil {
+			it.Close()
+			return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
+		}
+		st := newStoredChunk(ns, first, seqs, acked, ns.movedOut[first])
+		if st.live <= 0 {
+			dead = append(dead, st)
+			continue
+		}
+		q.log.Warn("h3x: badger queue: events found in a namespace counted empty; delivering them", "namespace", ns.name, "events", st.live)
+		if ns.freshDisk == 0 {
+			ns.diskNext, ns.diskChunk = first, first
+		}
+		for _, seq := range seqs {
+			if st.isSettled(seq) {
+				continue
+			}
+			val, err := chunkEvent(v, first, seq)
+			if err != nil {
+				it.Close()
+				return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
+			}
+			ev, _, err := decodeEvent(val)
+			if err != nil {
+				it.Close()
+				return fmt.Errorf("h3x: badger queue: event %d of %q: %w", seq, ns.name, err)
+			}
+			ev.Namespace = ns.name
+			ns.count++
+			ns.bytes += int64(ev.size())
+			ns.freshDisk++
+		}
+	}
+	it.Close()
+	if ns.count > 0 {
+		ns.known = true
+		cnt := q.counters[ns.name]
+		if cnt == nil {
+			cnt = &nsCounter{}
+			q.counters[ns.name] = cnt
+		}
+		cnt.count, cnt.bytes = int64(ns.count), ns.bytes
+		v := binary.AppendUvarint(nil, uint64(cnt.count))
+		if err := txn.Set(counterKey(ns.name), binary.AppendUvarint(v, uint64(cnt.bytes))); err != nil {
+			return fmt.Errorf("h3x: badger queue: repair counters of %q: %w", ns.name, err)
+		}
+	}
+	for _, st := range dead {
+		keys := [][]byte{seqKey(keyEvent, ns.name, st.first), seqKey(keyAcks, ns.name, st.first)}
+		for _, seq := range st.movedSeqs() {
+			keys = append(keys, movedKey(nil, ns.name, st.first, seq))
+		}
+		for _, k := range keys {
+			if err := txn.Delete(k); err != nil {
+				return fmt.Errorf("h3x: badger queue: delete settled chunks of %q: %w", ns.name, err)
+			}
+		}
+		delete(ns.movedOut, st.first)
+	}
+	return nil
 }
 
 // loadLeaseRecs loads the deliveries of the stored lease records whose
