@@ -736,17 +736,26 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) error {
 			return fmt.Errorf("h3x: badger queue: repair counters of %q: %w", ns.name, err)
 		}
 	}
+	if len(dead) == 0 {
+		return nil
+	}
+	// A write batch: there may be more than one transaction holds.
+	wb := q.db.NewWriteBatch()
+	defer wb.Cancel()
 	for _, st := range dead {
 		keys := [][]byte{seqKey(keyEvent, ns.name, st.first), seqKey(keyAcks, ns.name, st.first)}
 		for _, seq := range st.movedSeqs() {
 			keys = append(keys, movedKey(nil, ns.name, st.first, seq))
 		}
 		for _, k := range keys {
-			if err := txn.Delete(k); err != nil {
+			if err := wb.Delete(k); err != nil {
 				return fmt.Errorf("h3x: badger queue: delete settled chunks of %q: %w", ns.name, err)
 			}
 		}
 		delete(ns.movedOut, st.first)
+	}
+	if err := wb.Flush(); err != nil {
+		return fmt.Errorf("h3x: badger queue: delete settled chunks of %q: %w", ns.name, err)
 	}
 	return nil
 }
