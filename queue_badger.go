@@ -537,7 +537,8 @@ func (d *decoder) string() string {
 // counts and where their events start, and the recent IDs for dedup.
 func (q *badgerQueue) load() error {
 	c := q.core
-	return q.db.Update(func(txn *badger.Txn) error {
+	var swept []*qchunk
+	err := q.db.Update(func(txn *badger.Txn) error {
 		switch item, err := txn.Get(metaFormat); {
 		case errors.Is(err, badger.ErrKeyNotFound):
 			if err := txn.Set(metaFormat, []byte{storageFormat}); err != nil {
@@ -632,12 +633,16 @@ func (q *badgerQueue) load() error {
 
 		// A namespace counted empty holds no live event: a chunk still
 		// stored there lost its deletion (a failed commit, or a Close
-		// before it was written).
+		// before it was written). Deleted after the lease records are read
+		// (they read this transaction's snapshot, the chunks and markers
+		// included).
 		for _, ns := range c.nss {
 			if ns.count == 0 {
-				if err := q.sweepSettled(txn, ns); err != nil {
+				dead, err := q.sweepSettled(txn, ns)
+				if err != nil {
 					return err
 				}
+				swept = append(swept, dead...)
 			}
 		}
 
@@ -669,13 +674,19 @@ func (q *badgerQueue) load() error {
 		}
 		return nil
 	})
+	if err != nil {
+		return err
+	}
+	// After the lease records were read (from the load transaction's
+	// snapshot, with these chunks and their markers still in it).
+	return q.deleteSwept(swept)
 }
 
-// sweepSettled deletes, at open, the chunks left in ns, which is counted
-// empty: every event of them is settled. A chunk that still holds an
-// unsettled event (the count drifted after a failed commit) is made
-// deliverable again, and the count repaired.
-func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) error {
+// sweepSettled finds, at open, the chunks left in ns, which is counted
+// empty, and returns those whose events are all settled (for deleteSwept).
+// A chunk that still holds an unsettled event (the count drifted after a
+// failed commit) is made deliverable again, and the count repaired.
+func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) ([]*qchunk, error) {
 	var dead []*qchunk
 	it := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(keyEvent, ns.name)})
 	for it.Rewind(); it.Valid(); it.Next() {
@@ -691,7 +702,7 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) error {
 		}
 		if err != nil {
 			it.Close()
-			return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
+			return nil, fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
 		}
 		st := newStoredChunk(ns, first, seqs, acked, ns.movedOut[first])
 		if st.live <= 0 {
@@ -709,12 +720,12 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) error {
 			val, err := chunkEvent(v, first, seq)
 			if err != nil {
 				it.Close()
-				return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
+				return nil, fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
 			}
 			ev, _, err := decodeEvent(val)
 			if err != nil {
 				it.Close()
-				return fmt.Errorf("h3x: badger queue: event %d of %q: %w", seq, ns.name, err)
+				return nil, fmt.Errorf("h3x: badger queue: event %d of %q: %w", seq, ns.name, err)
 			}
 			ev.Namespace = ns.name
 			ns.count++
@@ -733,16 +744,22 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) error {
 		cnt.count, cnt.bytes = int64(ns.count), ns.bytes
 		v := binary.AppendUvarint(nil, uint64(cnt.count))
 		if err := txn.Set(counterKey(ns.name), binary.AppendUvarint(v, uint64(cnt.bytes))); err != nil {
-			return fmt.Errorf("h3x: badger queue: repair counters of %q: %w", ns.name, err)
+			return nil, fmt.Errorf("h3x: badger queue: repair counters of %q: %w", ns.name, err)
 		}
 	}
+	return dead, nil
+}
+
+// deleteSwept deletes the settled chunks sweepSettled found, with their ack
+// records and markers, through a write batch (any number fits).
+func (q *badgerQueue) deleteSwept(dead []*qchunk) error {
 	if len(dead) == 0 {
 		return nil
 	}
-	// A write batch: there may be more than one transaction holds.
 	wb := q.db.NewWriteBatch()
 	defer wb.Cancel()
 	for _, st := range dead {
+		ns := st.ns
 		keys := [][]byte{seqKey(keyEvent, ns.name, st.first), seqKey(keyAcks, ns.name, st.first)}
 		for _, seq := range st.movedSeqs() {
 			keys = append(keys, movedKey(nil, ns.name, st.first, seq))
@@ -755,7 +772,7 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) error {
 		delete(ns.movedOut, st.first)
 	}
 	if err := wb.Flush(); err != nil {
-		return fmt.Errorf("h3x: badger queue: delete settled chunks of %q: %w", ns.name, err)
+		return fmt.Errorf("h3x: badger queue: delete settled chunks: %w", err)
 	}
 	return nil
 }
