@@ -31,7 +31,7 @@ import (
 // Defaults (the zero QueueOptions): DurabilityFsync, a 2-minute dedup
 // window, dead-lettering after 10 attempts, no per-namespace limits, no
 // logging. Badger is tuned for embedding: a process that opens a backlog of
-// a million 256-byte events has about 140 MB of RSS (see badgerOptions);
+// a million 256-byte events has about 135 MB of RSS (see badgerOptions);
 // opts.Badger can change any Badger option afterwards.
 //
 // What survives what:
@@ -59,6 +59,12 @@ import (
 // was opened (or listed in a lease record) are. Settling, by ID and with
 // attempt 0, an event never delivered is refused as SettleStale if its ID was
 // published within the dedup window, SettleUnknown otherwise.
+//
+// Storage: the events one group commit adds to a namespace are stored
+// together, as one Badger value, and acks as a bitmap per such value
+// (queue_badger_chunk.go). This is storage format 2: a directory written
+// in format 1 (by H3X before 2026-11-26) is refused with an error saying
+// so; drain it with the version that wrote it.
 //
 // Only one process can open dir at a time; a second gets an error saying
 // so. When the disk is nearly full (less free space than Badger needs for its
