@@ -61,8 +61,8 @@ import (
 // published within the dedup window, SettleUnknown otherwise.
 //
 // Storage: the events one group commit adds to a namespace are stored
-// together, as one Badger value, and acks as a bitmap per such value
-// (queue_badger_chunk.go). This is storage format 2: a directory written
+// together, as one Badger value of up to 1,024 events, and acks as a bitmap
+// per such value. This is storage format 2: a directory written
 // in format 1 (by H3X before 2026-11-26) is refused with an error saying
 // so; drain it with the version that wrote it.
 //
