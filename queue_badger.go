@@ -316,11 +316,6 @@ type wop struct {
 	// settle
 	fx *effects
 
-	// a correction of the writer's counters after a failed commit
-	counterFix map[string]nsCounter
-	// chunks to delete, or whose ack record to rewrite (writeChunkFixes)
-	chunkFixes []*qchunk
-
 	durable bool // someone waits for it to be durable: sync before answering
 
 	w      *writeWait
@@ -369,6 +364,12 @@ func seqKey(kind byte, ns string, seq uint64) []byte {
 func keySeq(k []byte) uint64 { return binary.BigEndian.Uint64(k[len(k)-8:]) }
 
 func counterKey(ns string) []byte { return append([]byte{keyCounter}, ns...) }
+
+// encodeCounter encodes a namespace's counters (negative ones as zero).
+func encodeCounter(c nsCounter) []byte {
+	v := binary.AppendUvarint(nil, uint64(max(c.count, 0)))
+	return binary.AppendUvarint(v, uint64(max(c.bytes, 0)))
+}
 
 func leaseRecKey(seq uint64) []byte { return binary.BigEndian.AppendUint64([]byte{keyLeaseRec}, seq) }
 
@@ -697,46 +698,41 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) ([]*qchunk, error) 
 	it := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(keyEvent, ns.name)})
 	for it.Rewind(); it.Valid(); it.Next() {
 		first := keySeq(it.Item().Key())
-		v, err := it.Item().ValueCopy(nil)
-		var seqs []uint64
-		if err == nil {
-			seqs, err = chunkSeqs(v, first)
-		}
-		var acked []byte
-		if err == nil {
-			acked, err = readChunkAcks(txn, ns.name, first)
-		}
+		err := it.Item().Value(func(v []byte) error {
+			st, _, err := loadChunk(txn, ns, first, v)
+			if err != nil {
+				return err
+			}
+			if st.live <= 0 {
+				dead = append(dead, st)
+				return nil
+			}
+			q.log.Warn("h3x: badger queue: events found in a namespace counted empty; delivering them", "namespace", ns.name, "events", st.live)
+			if ns.freshDisk == 0 {
+				ns.diskNext, ns.diskChunk = first, first
+			}
+			r, err := readChunk(v, first)
+			for err == nil {
+				seq, val, ok, rerr := r.next()
+				if rerr != nil || !ok {
+					return rerr
+				}
+				if st.isSettled(seq) {
+					continue
+				}
+				var ev Event
+				if ev, _, err = decodeEvent(val); err == nil {
+					ev.Namespace = ns.name
+					ns.count++
+					ns.bytes += int64(ev.size())
+					ns.freshDisk++
+				}
+			}
+			return err
+		})
 		if err != nil {
 			it.Close()
 			return nil, fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
-		}
-		st := newStoredChunk(ns, first, seqs, acked, ns.movedOut[first])
-		if st.live <= 0 {
-			dead = append(dead, st)
-			continue
-		}
-		q.log.Warn("h3x: badger queue: events found in a namespace counted empty; delivering them", "namespace", ns.name, "events", st.live)
-		if ns.freshDisk == 0 {
-			ns.diskNext, ns.diskChunk = first, first
-		}
-		for _, seq := range seqs {
-			if st.isSettled(seq) {
-				continue
-			}
-			val, err := chunkEvent(v, first, seq)
-			if err != nil {
-				it.Close()
-				return nil, fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
-			}
-			ev, _, err := decodeEvent(val)
-			if err != nil {
-				it.Close()
-				return nil, fmt.Errorf("h3x: badger queue: event %d of %q: %w", seq, ns.name, err)
-			}
-			ev.Namespace = ns.name
-			ns.count++
-			ns.bytes += int64(ev.size())
-			ns.freshDisk++
 		}
 	}
 	it.Close()
@@ -748,8 +744,7 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) ([]*qchunk, error) 
 			q.counters[ns.name] = cnt
 		}
 		cnt.count, cnt.bytes = int64(ns.count), ns.bytes
-		v := binary.AppendUvarint(nil, uint64(cnt.count))
-		if err := txn.Set(counterKey(ns.name), binary.AppendUvarint(v, uint64(cnt.bytes))); err != nil {
+		if err := txn.Set(counterKey(ns.name), encodeCounter(*cnt)); err != nil {
 			return nil, fmt.Errorf("h3x: badger queue: repair counters of %q: %w", ns.name, err)
 		}
 	}
@@ -862,20 +857,16 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 				continue
 			}
 			first := keySeq(rit.Item().Key())
-			v, err := rit.Item().ValueCopy(nil)
-			if err == nil {
-				curSeqs, err = chunkSeqs(v, first)
-			}
-			var acked []byte
-			if err == nil {
-				acked, err = readChunkAcks(txn, k.ns, first)
-			}
+			err := rit.Item().Value(func(v []byte) error {
+				var err error
+				cur, curSeqs, err = loadChunk(txn, ns, first, v)
+				return err
+			})
 			if err != nil {
 				return fmt.Errorf("h3x: badger queue: load lease records: %w", err)
 			}
-			cur = ns.chunks[first]
-			if cur == nil {
-				cur = newStoredChunk(ns, first, curSeqs, acked, ns.movedOut[first])
+			if kept := ns.chunks[first]; kept != nil {
+				cur = kept
 			}
 		}
 		if _, found := slices.BinarySearch(curSeqs, k.seq); !found || cur.isSettled(k.seq) {
@@ -988,19 +979,13 @@ func (q *badgerQueue) refillFrom(txn *badger.Txn, ns *qns, first uint64, v []byt
 	// The chunk's state: the one entries in memory share, or read.
 	ch := ns.chunks[first]
 	if ch == nil {
-		acked, err := readChunkAcks(txn, ns.name, first)
-		if err != nil {
+		if ch, _, err = loadChunk(txn, ns, first, v); err != nil {
 			return 0, err
 		}
-		seqs, err := chunkSeqs(v, first)
-		if err != nil {
-			return 0, err
-		}
-		ch = newStoredChunk(ns, first, seqs, acked, ns.movedOut[first])
 		if ch.live <= 0 {
-			// Every event settled, and its deletion lost to a close:
-			// delete it now.
-			_ = q.push(&wop{chunkFixes: []*qchunk{ch}, w: &writeWait{done: make(chan struct{})}})
+			// Every event settled, and its deletion lost (a failed
+			// commit, a crash): delete it with the next group.
+			q.deferFix(nil, []*qchunk{ch})
 		}
 	}
 	loaded := 0
@@ -1085,10 +1070,6 @@ func (s *badgerStore) submit(fx *effects, wait bool) *writeWait {
 func (q *badgerQueue) push(op *wop) error {
 	q.wmu.Lock()
 	if q.wstop {
-		if op.evs == nil && op.fx == nil {
-			// A correction: Close writes it last.
-			q.deferFixLocked(op.counterFix, op.chunkFixes)
-		}
 		q.wmu.Unlock()
 		return ErrQueueClosed
 	}
@@ -1104,11 +1085,7 @@ func (q *badgerQueue) push(op *wop) error {
 // deferFix keeps corrections for the next group the writer builds.
 func (q *badgerQueue) deferFix(counters map[string]nsCounter, chunks []*qchunk) {
 	q.wmu.Lock()
-	q.deferFixLocked(counters, chunks)
-	q.wmu.Unlock()
-}
-
-func (q *badgerQueue) deferFixLocked(counters map[string]nsCounter, chunks []*qchunk) {
+	defer q.wmu.Unlock()
 	for name, d := range counters {
 		if q.pendingCounters == nil {
 			q.pendingCounters = make(map[string]nsCounter)
@@ -1125,29 +1102,12 @@ func (q *badgerQueue) deferFixLocked(counters map[string]nsCounter, chunks []*qc
 	}
 }
 
-// takeFixes returns the corrections of ops and those pending, and clears
-// the pending ones.
-func (q *badgerQueue) takeFixes(ops []*wop) (map[string]nsCounter, []*qchunk) {
+// takeFixes returns the pending corrections and clears them.
+func (q *badgerQueue) takeFixes() (map[string]nsCounter, []*qchunk) {
 	q.wmu.Lock()
+	defer q.wmu.Unlock()
 	counters, chunks := q.pendingCounters, q.pendingChunks
 	q.pendingCounters, q.pendingChunks = nil, nil
-	q.wmu.Unlock()
-	for _, op := range ops {
-		for name, d := range op.counterFix {
-			if counters == nil {
-				counters = make(map[string]nsCounter)
-			}
-			p := counters[name]
-			p.count += d.count
-			p.bytes += d.bytes
-			counters[name] = p
-		}
-		for _, ch := range op.chunkFixes {
-			if !slices.Contains(chunks, ch) {
-				chunks = append(chunks, ch)
-			}
-		}
-	}
 	return counters, chunks
 }
 
@@ -1418,7 +1378,7 @@ func (q *badgerQueue) write(ops []*wop) *group {
 	if g.diskErr == nil {
 		g.diskErr = q.ballastOut()
 	}
-	fixCounters, fixChunks := q.takeFixes(ops)
+	fixCounters, fixChunks := q.takeFixes()
 	if g.diskErr != nil {
 		q.deferFix(fixCounters, fixChunks) // for a later group
 		g.release()
@@ -1549,18 +1509,18 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 // are deleted later (writeChunkFixes), once every commit that settled an
 // event of them has completed.
 func (q *badgerQueue) writeSettled(b *txnBuilder, g *group, ops []*wop, moves []*movedEvent) {
+	// What the group settles, by chunk.
 	type touch struct {
-		ch           *qchunk
-		ns           *qns
-		ents         []*qentry
-		moves        []*movedEvent
-		count, bytes int64
-		acks         bool
-		acked        []byte
+		ch       *qchunk
+		ns       *qns
+		acked    []*qentry // acknowledged
+		ackBytes int64
+		moves    []*movedEvent
+		record   []byte // the ack record to write, if any acked
 	}
 	var touched []*touch
-	var byChunk map[*qchunk]*touch
-	add := func(e *qentry) *touch {
+	var byChunk map[*qchunk]*touch // made on the first settlement
+	of := func(e *qentry) *touch {
 		if byChunk == nil {
 			byChunk = make(map[*qchunk]*touch)
 		}
@@ -1570,8 +1530,6 @@ func (q *badgerQueue) writeSettled(b *txnBuilder, g *group, ops []*wop, moves []
 			byChunk[e.chunk] = t
 			touched = append(touched, t)
 		}
-		t.count--
-		t.bytes -= int64(e.size)
 		return t
 	}
 	c := q.core
@@ -1581,9 +1539,9 @@ func (q *badgerQueue) writeSettled(b *txnBuilder, g *group, ops []*wop, moves []
 			continue
 		}
 		for _, e := range op.fx.deletes {
-			t := add(e)
-			t.ents = append(t.ents, e)
-			t.acks = true
+			t := of(e)
+			t.acked = append(t.acked, e)
+			t.ackBytes += int64(e.size)
 			if e.chunk != nil {
 				// Settled again after a failed commit: the record is
 				// rewritten all the same.
@@ -1592,7 +1550,7 @@ func (q *badgerQueue) writeSettled(b *txnBuilder, g *group, ops []*wop, moves []
 		}
 	}
 	for _, mv := range moves {
-		t := add(mv.m.e)
+		t := of(mv.m.e)
 		t.moves = append(t.moves, mv)
 		if mv.m.e.chunk != nil {
 			mv.m.e.chunk.settle(mv.m.e.seq, true)
@@ -1604,8 +1562,8 @@ func (q *badgerQueue) writeSettled(b *txnBuilder, g *group, ops []*wop, moves []
 		}
 		t.ch.inflight++
 		g.chunks = append(g.chunks, t.ch)
-		if t.acks {
-			t.acked = append([]byte(nil), t.ch.acked...)
+		if len(t.acked) > 0 {
+			t.record = append([]byte(nil), t.ch.acked...)
 		}
 	}
 	c.mu.Unlock()
@@ -1615,10 +1573,10 @@ func (q *badgerQueue) writeSettled(b *txnBuilder, g *group, ops []*wop, moves []
 			q.log.Error("h3x: badger queue: settled an event without a chunk; it stays on disk", "namespace", t.ns.name)
 			continue
 		}
-		if t.acks {
-			b.item(t.ents...)
-			b.add(bwrite{key: b.seqKey(keyAcks, t.ns.name, t.ch.first), val: t.acked,
-				cnt: true, ns: t.ns.name, count: -int64(len(t.ents)), bytes: ackedBytes(t.ents)})
+		if len(t.acked) > 0 {
+			b.item(t.acked...)
+			b.add(bwrite{key: b.seqKey(keyAcks, t.ns.name, t.ch.first), val: t.record,
+				cnt: true, ns: t.ns.name, count: -int64(len(t.acked)), bytes: -t.ackBytes})
 		}
 		for _, mv := range t.moves {
 			m := mv.m
@@ -1631,16 +1589,7 @@ func (q *badgerQueue) writeSettled(b *txnBuilder, g *group, ops []*wop, moves []
 	}
 }
 
-// ackedBytes is the counter change of acknowledging ents.
-func ackedBytes(ents []*qentry) int64 {
-	var n int64
-	for _, e := range ents {
-		n -= int64(e.size)
-	}
-	return n
-}
-
-// writeChunkFixes writes the chunk fixes of the group's requests: a chunk
+// writeChunkFixes writes the pending chunk fixes: a chunk
 // to delete (all its events settled, every commit settling one completed)
 // or, after a failed commit, whose ack record to rewrite from memory.
 func (q *badgerQueue) writeChunkFixes(b *txnBuilder, g *group, chunks []*qchunk) {
@@ -2202,9 +2151,7 @@ func (b *txnBuilder) commit() {
 		if err != nil {
 			break
 		}
-		v := binary.AppendUvarint(nil, uint64(max(c.count, 0)))
-		v = binary.AppendUvarint(v, uint64(max(c.bytes, 0)))
-		err = txn.Set(counterKey(name), v)
+		err = txn.Set(counterKey(name), encodeCounter(*c))
 	}
 	if err == nil && b.dedup {
 		var ids []string

@@ -285,6 +285,21 @@ func newStoredChunk(ns *qns, first uint64, seqs []uint64, acked []byte, moved []
 	return ch
 }
 
+// loadChunk makes the state of ns's stored chunk first, whose value is v:
+// its events (returned), its ack record (read in txn) and the dead-letter
+// markers read at open (ns.movedOut).
+func loadChunk(txn *badger.Txn, ns *qns, first uint64, v []byte) (*qchunk, []uint64, error) {
+	seqs, err := chunkSeqs(v, first)
+	if err != nil {
+		return nil, nil, err
+	}
+	acked, err := readChunkAcks(txn, ns.name, first)
+	if err != nil {
+		return nil, nil, err
+	}
+	return newStoredChunk(ns, first, seqs, acked, ns.movedOut[first]), seqs, nil
+}
+
 // readChunkAcks reads the ack record of chunk first of ns; nil if it has none.
 func readChunkAcks(txn *badger.Txn, ns string, first uint64) ([]byte, error) {
 	item, err := txn.Get(seqKey(keyAcks, ns, first))
