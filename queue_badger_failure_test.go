@@ -27,6 +27,19 @@ func failCommitsWith(q *badgerQueue, times int, match func(w bwrite) bool) func(
 	return func() { q.failCommit.Store(nil) }
 }
 
+// openLeased opens a queue in dir, publishes ids to namespace "n" in one
+// Enqueue (one chunk) and leases them all to holder "h".
+func openLeased(t *testing.T, dir string, opts QueueOptions, ids ...string) (*badgerQueue, []Lease) {
+	t.Helper()
+	q := openTestBadger(t, dir, opts)
+	evs := make([]Event, len(ids))
+	for i, id := range ids {
+		evs[i] = Event{ID: id, Namespace: "n"}
+	}
+	publishTest(t, q, evs...)
+	return q, leaseAll(t, q, "h", len(ids), "n")
+}
+
 // isKeyOf matches the writes of a key of kind in namespace ns.
 func isKeyOf(kind byte, ns string) func(w bwrite) bool {
 	p := nsPrefix(kind, ns)
@@ -47,19 +60,14 @@ func TestBadgerQueueFailedMoveKeepsEvent(t *testing.T) {
 	// reopen.
 	dir := t.TempDir()
 	ctx := context.Background()
-	q := openTestBadger(t, dir, QueueOptions{MaxAttempts: 1})
-	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"}, Event{ID: "c", Namespace: "n"})
-	ls := leaseAll(t, q, "h", 3, "n")
+	q, ls := openLeased(t, dir, QueueOptions{MaxAttempts: 1}, "a", "b", "c")
 	undo := failCommitsWith(q, 1, isKeyOf(keyEvent, "n"+DeadLetterSuffix))
 	if _, err := q.Nack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}, 0, "bad"); err == nil {
 		t.Fatal("Nack whose move failed: no error")
 	}
 	undo()
 	ackAll(t, q, "h", ls[1:3]) // b and c: a keeps the chunk alive
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = openTestBadger(t, dir, QueueOptions{MaxAttempts: 1})
+	q = reopenTestBadger(t, q, dir, QueueOptions{MaxAttempts: 1})
 	got := leasedIDs(leaseAll(t, q, "h2", 10, "n", "n"+DeadLetterSuffix))
 	if !slices.Contains(got, "n/a") && !slices.Contains(got, "n.dlq/a") {
 		t.Errorf("event a (never acked, its dead-lettering failed) is gone: leased %v", got)
@@ -72,9 +80,7 @@ func TestBadgerQueueFailedAckKeepsChunk(t *testing.T) {
 	// namespace stays deliverable and counted right after a reopen.
 	dir := t.TempDir()
 	ctx := context.Background()
-	q := openTestBadger(t, dir, QueueOptions{})
-	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
-	ls := leaseAll(t, q, "h", 2, "n")
+	q, ls := openLeased(t, dir, QueueOptions{}, "a", "b")
 	undo := failCommitsWith(q, 1, isKeyOf(keyAcks, "n"))
 	if _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); err == nil {
 		t.Fatal("Ack whose commit failed: no error")
@@ -92,10 +98,7 @@ func TestBadgerQueueFailedAckKeepsChunk(t *testing.T) {
 	if err := q.Release(ctx, "h"); err != nil {
 		t.Fatal(err)
 	}
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = openTestBadger(t, dir, QueueOptions{})
+	q = reopenTestBadger(t, q, dir, QueueOptions{})
 	st, err := q.Stats(ctx, "n")
 	if err != nil || st[0].Ready != 2 {
 		t.Fatalf("after reopen: %+v %v, want 2 ready", st, err)
@@ -160,10 +163,7 @@ func TestBadgerQueueDeadLettersAmongPublishes(t *testing.T) {
 		}
 	}
 	<-move.w.done
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = openTestBadger(t, dir, QueueOptions{MaxAttempts: 1})
+	q = reopenTestBadger(t, q, dir, QueueOptions{MaxAttempts: 1})
 	got := leasedIDs(leaseAll(t, q, "h2", 10, "n.dlq"))
 	if want := []string{"n.dlq/p1", "n.dlq/p2", "n.dlq/x"}; !slices.Equal(got, want) {
 		t.Errorf("after reopen leased %v, want %v (publish order, the dead letter last)", got, want)
@@ -230,10 +230,7 @@ func TestBadgerQueueFailedMoveWhileClosing(t *testing.T) {
 		t.Fatal("Nack whose move failed: no error")
 	}
 	q.failCommit.Store(nil)
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = openTestBadger(t, dir, QueueOptions{MaxAttempts: 1})
+	q = reopenTestBadger(t, q, dir, QueueOptions{MaxAttempts: 1})
 	if got := leasedIDs(leaseAll(t, q, "h2", 10, "n", "n"+DeadLetterSuffix)); len(got) != 1 {
 		t.Fatalf("after reopen leased %v, want a (its dead-lettering failed) once", got)
 	}
@@ -244,9 +241,7 @@ func TestBadgerQueueFailedCorrection(t *testing.T) {
 	// stored count must still end up right.
 	dir := t.TempDir()
 	ctx := context.Background()
-	q := openTestBadger(t, dir, QueueOptions{})
-	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
-	leaseAll(t, q, "h", 2, "n")
+	q, _ := openLeased(t, dir, QueueOptions{}, "a", "b")
 	undo := failCommitsWith(q, 2, isKeyOf(keyAcks, "n"))
 	if _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); err == nil {
 		t.Fatal("Ack whose commit failed: no error")
@@ -260,10 +255,7 @@ func TestBadgerQueueFailedCorrection(t *testing.T) {
 	if err := q.Release(ctx, "h"); err != nil {
 		t.Fatal(err)
 	}
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = openTestBadger(t, dir, QueueOptions{})
+	q = reopenTestBadger(t, q, dir, QueueOptions{})
 	if c := q.counters["n"]; c.count != 3 {
 		t.Errorf("stored count %d, want 3 (a, b, d)", c.count)
 	}
@@ -277,9 +269,7 @@ func TestBadgerQueueCorrectionAfterDiskFull(t *testing.T) {
 	// later group, not dropped.
 	dir := t.TempDir()
 	ctx := context.Background()
-	q := openTestBadger(t, dir, QueueOptions{})
-	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
-	leaseAll(t, q, "h", 2, "n")
+	q, _ := openLeased(t, dir, QueueOptions{}, "a", "b")
 	real := *q.diskFree.Load()
 	full := func(string) (uint64, error) { return 0, nil }
 	undo := failCommitsWith(q, 1, isKeyOf(keyAcks, "n"))
@@ -296,10 +286,7 @@ func TestBadgerQueueCorrectionAfterDiskFull(t *testing.T) {
 	if err := q.Release(ctx, "h"); err != nil {
 		t.Fatal(err)
 	}
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = openTestBadger(t, dir, QueueOptions{})
+	q = reopenTestBadger(t, q, dir, QueueOptions{})
 	if st, _ := q.Stats(ctx, "n"); st[0].Ready != 3 {
 		t.Errorf("after reopen %d ready, want 3 (a, b, later)", st[0].Ready)
 	}
@@ -308,9 +295,7 @@ func TestBadgerQueueCorrectionAfterDiskFull(t *testing.T) {
 func TestBadgerQueueFailingDiskDoesNotSpin(t *testing.T) {
 	// With every commit failing and nothing asked of the queue, the
 	// corrections wait for the next request instead of retrying at once.
-	q := openTestBadger(t, t.TempDir(), QueueOptions{})
-	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
-	leaseAll(t, q, "h", 2, "n")
+	q, _ := openLeased(t, t.TempDir(), QueueOptions{}, "a", "b")
 	undo := failCommitsWith(q, -1, isKeyOf(keyAcks, "n"))
 	defer undo()
 	q.Ack(context.Background(), "h", []LeaseRef{{ID: "a", Attempt: 1}})
@@ -327,9 +312,7 @@ func TestBadgerQueuePipelinedFailedAck(t *testing.T) {
 	// is rewritten from memory after the failure.
 	dir := t.TempDir()
 	ctx := context.Background()
-	q := openTestBadger(t, dir, QueueOptions{})
-	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"}, Event{ID: "c", Namespace: "n"})
-	leaseAll(t, q, "h", 3, "n")
+	q, _ := openLeased(t, dir, QueueOptions{}, "a", "b", "c")
 	var n atomic.Int32
 	match := isKeyOf(keyAcks, "n")
 	f := func(ws []bwrite) bool { return slices.ContainsFunc(ws, match) && n.Add(1) == 1 }
@@ -354,10 +337,7 @@ func TestBadgerQueuePipelinedFailedAck(t *testing.T) {
 	if err := q.Release(ctx, "h"); err != nil {
 		t.Fatal(err)
 	}
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = openTestBadger(t, dir, QueueOptions{})
+	q = reopenTestBadger(t, q, dir, QueueOptions{})
 	if got := leasedIDs(leaseAll(t, q, "h", 10, "n")); !slices.Equal(got, []string{"n/a", "n/c", "n/d"}) {
 		t.Errorf("after reopen leased %v, want a (its ack failed), c, d", got)
 	}
@@ -368,9 +348,7 @@ func TestBadgerQueueNoDeletionWhileSettling(t *testing.T) {
 	// here the ack of b (the chunk's last live event but a) completes while
 	// the ack of a, which will fail, is still in flight.
 	ctx := context.Background()
-	q := openTestBadger(t, t.TempDir(), QueueOptions{})
-	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
-	leaseAll(t, q, "h", 2, "n")
+	q, _ := openLeased(t, t.TempDir(), QueueOptions{}, "a", "b")
 	release := make(chan struct{})
 	var entered atomic.Bool
 	isA := func(w bwrite) bool { return len(w.ents) == 1 && w.ents[0].id == "a" }
@@ -450,14 +428,7 @@ func TestBadgerQueueCountRepairedAtOpen(t *testing.T) {
 	if err := q.Close(); err != nil {
 		t.Fatal(err)
 	}
-	db, err := badger.Open(badger.DefaultOptions(dir).WithLogger(nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Update(func(txn *badger.Txn) error { return txn.Set(counterKey("n"), []byte{0, 0}) }); err != nil {
-		t.Fatal(err)
-	}
-	db.Close()
+	setStored(t, dir, counterKey("n"), encodeCounter(nsCounter{}))
 	q = openTestBadger(t, dir, QueueOptions{})
 	st, err := q.Stats(context.Background(), "n")
 	if err != nil || st[0].Ready != 1 || st[0].Bytes == 0 {
@@ -490,14 +461,7 @@ func TestBadgerQueueSweepKeepsMovesForLeaseRecords(t *testing.T) {
 	}
 	undo()
 	// The count drifts to zero (as after a failed commit and a crash).
-	db, err := badger.Open(badger.DefaultOptions(dir).WithLogger(nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Update(func(txn *badger.Txn) error { return txn.Set(counterKey("n"), []byte{0, 0}) }); err != nil {
-		t.Fatal(err)
-	}
-	db.Close()
+	setStored(t, dir, counterKey("n"), encodeCounter(nsCounter{}))
 	q = openTestBadger(t, dir, opts)
 	if st, _ := q.Stats(ctx, "n"); st[0].Ready != 2 {
 		t.Errorf("after reopen %d ready, want 2 (a, c)", st[0].Ready)

@@ -392,10 +392,7 @@ func TestBadgerQueueTxnSplit(t *testing.T) {
 	if n := q.statTxns.Load() - txns; n < 5 {
 		t.Errorf("1 MB of events went into %d transactions, want them split", n)
 	}
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = openTestBadger(t, dir, opts)
+	q = reopenTestBadger(t, q, dir, opts)
 	if st, _ := q.Stats(context.Background(), "n"); st[0].Ready != 100 {
 		t.Fatalf("after reopen: %+v", st[0])
 	}
@@ -436,10 +433,7 @@ func TestBadgerQueueLeaseRecords(t *testing.T) {
 	publishTest(t, q, evs...)
 	ls := leaseAll(t, q, "h", 10, "n")
 	ackAll(t, q, "h", ls[:5])
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = openTestBadger(t, dir, QueueOptions{})
+	q = reopenTestBadger(t, q, dir, QueueOptions{})
 	ackAll(t, q, "reconnected", ls[5:8]) // attempt 1, delivered before the reopen
 	next := leaseAll(t, q, "h2", 10, "n")
 	if len(next) != 2 || next[0].Event.ID != "e8" || next[0].Attempt != 2 || next[1].Event.ID != "e9" {
@@ -449,21 +443,7 @@ func TestBadgerQueueLeaseRecords(t *testing.T) {
 	if err := q.Close(); err != nil {
 		t.Fatal(err)
 	}
-	db, err := badger.Open(badger.DefaultOptions(dir).WithLogger(nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer db.Close()
-	n := 0
-	db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyLeaseRec}})
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			n++
-		}
-		return nil
-	})
-	if n != 0 {
+	if n := storedPrefix(t, dir, []byte{keyLeaseRec}); n != 0 {
 		t.Errorf("%d lease records left after every delivery was settled", n)
 	}
 }
@@ -598,10 +578,7 @@ func TestBadgerQueueLargeLeaseRecords(t *testing.T) {
 	if len(ls) != len(evs) {
 		t.Fatalf("leased %d", len(ls))
 	}
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = openTestBadger(t, dir, opts)
+	q = reopenTestBadger(t, q, dir, opts)
 	recs := 0
 	q.db.View(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyLeaseRec}})
@@ -889,22 +866,54 @@ func TestMemoryQueueLeaseCopiesEvent(t *testing.T) {
 // storedKeys counts the keys of kind (keyEvent, keyAcks) of namespace ns in a
 // closed queue's directory.
 func storedKeys(t *testing.T, dir string, kind byte, ns string) int {
+	return storedPrefix(t, dir, nsPrefix(kind, ns))
+}
+
+// storedPrefix counts the keys with prefix in a closed queue's directory.
+func storedPrefix(t *testing.T, dir string, prefix []byte) int {
+	t.Helper()
+	n := 0
+	withStoredDB(t, dir, func(db *badger.DB) error {
+		return db.View(func(txn *badger.Txn) error {
+			it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
+			defer it.Close()
+			for it.Rewind(); it.Valid(); it.Next() {
+				n++
+			}
+			return nil
+		})
+	})
+	return n
+}
+
+// withStoredDB opens a closed queue's directory with Badger for f.
+func withStoredDB(t *testing.T, dir string, f func(db *badger.DB) error) {
 	t.Helper()
 	db, err := badger.Open(badger.DefaultOptions(dir).WithLogger(nil))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	n := 0
-	db.View(func(txn *badger.Txn) error {
-		it := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(kind, ns)})
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			n++
-		}
-		return nil
+	if err := f(db); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// setStored sets key to val in a closed queue's directory.
+func setStored(t *testing.T, dir string, key, val []byte) {
+	t.Helper()
+	withStoredDB(t, dir, func(db *badger.DB) error {
+		return db.Update(func(txn *badger.Txn) error { return txn.Set(key, val) })
 	})
-	return n
+}
+
+// reopenTestBadger closes q and opens dir again.
+func reopenTestBadger(t *testing.T, q *badgerQueue, dir string, opts QueueOptions) *badgerQueue {
+	t.Helper()
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return openTestBadger(t, dir, opts)
 }
 
 func TestBadgerQueueChunks(t *testing.T) {
@@ -972,14 +981,7 @@ func TestBadgerQueueChunks(t *testing.T) {
 
 func TestBadgerQueueFormat1Refused(t *testing.T) {
 	dir := t.TempDir()
-	db, err := badger.Open(badger.DefaultOptions(dir).WithLogger(nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := db.Update(func(txn *badger.Txn) error { return txn.Set(metaFormat, []byte{1}) }); err != nil {
-		t.Fatal(err)
-	}
-	db.Close()
+	setStored(t, dir, metaFormat, []byte{1})
 	q, err := OpenBadgerQueue(dir, QueueOptions{})
 	if err == nil {
 		q.Close()
