@@ -360,11 +360,7 @@ func TestSubscriptionFlowControl(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c := mustDial(t, srv, "alice", "alice-token")
-	for range 10 {
-		if _, err := c.Publish(ctx, Event{Namespace: "orders"}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	publishOrders(ctx, t, c, 10)
 	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: 3})
 	if err != nil {
 		t.Fatal(err)
@@ -450,9 +446,7 @@ func TestSubscriptionCloseGivesBackUnseen(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c := mustDial(t, srv, "alice", "alice-token")
-	for range 5 {
-		c.Publish(ctx, Event{Namespace: "orders"})
-	}
+	publishOrders(ctx, t, c, 5)
 	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -607,11 +601,7 @@ func TestSubscriptionCloseGivesBackPipelinedBatch(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c := mustDial(t, srv, "alice", "alice-token")
-	for range 20 {
-		if _, err := c.Publish(ctx, Event{Namespace: "orders"}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	publishOrders(ctx, t, c, 20)
 	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: 8, BatchSize: 4})
 	if err != nil {
 		t.Fatal(err)
@@ -627,6 +617,16 @@ func TestSubscriptionCloseGivesBackPipelinedBatch(t *testing.T) {
 	for _, d := range ds {
 		if d.Attempt() != 1 {
 			t.Fatalf("a delivery never handed out came back with attempt %d", d.Attempt())
+		}
+	}
+}
+
+// publishOrders publishes n events to "orders", one call each.
+func publishOrders(ctx context.Context, t *testing.T, c *Client, n int) {
+	t.Helper()
+	for range n {
+		if _, err := c.Publish(ctx, Event{Namespace: "orders"}); err != nil {
+			t.Fatal(err)
 		}
 	}
 }
