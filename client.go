@@ -808,7 +808,7 @@ func (d *Delivery) markSettled() bool {
 		return false
 	}
 	if d.sub != nil {
-		d.sub.release()
+		d.sub.release(1)
 	}
 	return true
 }
@@ -854,10 +854,7 @@ func (d *Delivery) Extend(dur time.Duration) error {
 // returns up to max of them, leased to this client until their deadline. It
 // returns ctx's error if ctx ends first, and keeps waiting across reconnects.
 func (c *Client) Fetch(ctx context.Context, max int, namespaces ...string) ([]*Delivery, error) {
-	return c.fetch(ctx, max, namespaces, nil)
-}
-
-func (c *Client) fetch(ctx context.Context, limit int, namespaces []string, sub *Subscription) ([]*Delivery, error) {
+	limit := max
 	if limit <= 0 {
 		return nil, newError(CodeInvalidArgument, "Fetch: max must be positive")
 	}
@@ -872,7 +869,7 @@ func (c *Client) fetch(ctx context.Context, limit int, namespaces []string, sub 
 		if err != nil {
 			return nil, err
 		}
-		if out := c.deliveries(ans.msg.(*h3xpb.EventsBatch), sub); len(out) > 0 {
+		if out := c.deliveries(ans.msg.(*h3xpb.EventsBatch), nil); len(out) > 0 {
 			return out, nil
 		}
 		if err := ctx.Err(); err != nil {

@@ -36,10 +36,9 @@ type Subscription struct {
 	err        error
 
 	// Deliveries are handed out by the subscription stream's reader (see
-	// handOut); pushStop and pushClosed stop that before ch is closed.
-	pushMu     sync.Mutex
-	pushStop   chan struct{}
-	pushClosed bool
+	// handOut); pushStop stops that before ch is closed.
+	pushMu   sync.Mutex
+	pushStop chan struct{}
 }
 
 // Subscribe starts a subscription to namespaces (default: those of
@@ -113,11 +112,13 @@ func (s *Subscription) Close() error {
 	return nil
 }
 
-// release returns one credit when a delivery is settled.
-func (s *Subscription) release() {
-	select {
-	case s.credits <- struct{}{}:
-	default:
+// release returns n credits: deliveries settled, or never handed out.
+func (s *Subscription) release(n int) {
+	for range n {
+		select {
+		case s.credits <- struct{}{}:
+		default: // full: the credit is not needed
+		}
 	}
 }
 
@@ -163,16 +164,13 @@ func (s *Subscription) run(ctx context.Context) {
 				if a.err == nil {
 					// handOut gave back the unused credits.
 					s.giveBack(ctx, a.rest)
-					cc.inflight.Add(-1)
 					continue
 				}
 			default:
 			}
-			for range p.n {
-				s.release()
-			}
-			cc.inflight.Add(-1)
+			s.release(p.n)
 		}
+		cc.inflight.Add(-int64(len(polls)))
 		polls = polls[:0]
 		cc, st = nil, nil
 	}
@@ -254,9 +252,7 @@ func (s *Subscription) run(ctx context.Context) {
 		if err == nil {
 			return false
 		}
-		for range n {
-			s.release()
-		}
+		s.release(n)
 		if on == nil {
 			on = cc
 		}
@@ -303,9 +299,7 @@ func (s *Subscription) run(ctx context.Context) {
 			polls = append(polls[:0], polls[1:]...)
 			cc.inflight.Add(-1)
 			if a.err != nil {
-				for range p.n {
-					s.release()
-				}
+				s.release(p.n)
 				on := cc
 				drop()
 				if failed(a.err, on) {
@@ -343,16 +337,16 @@ func (s *Subscription) handOut(a *rpcAnswer, n int) {
 		return
 	}
 	ds := s.client.deliveries(batch, s)
-	for range n - len(ds) {
-		s.release()
-	}
+	s.release(n - len(ds))
 	s.pushMu.Lock()
 	defer s.pushMu.Unlock()
+	select {
+	case <-s.pushStop:
+		a.rest = ds // stopped before this batch
+		return
+	default:
+	}
 	for i, d := range ds {
-		if s.pushClosed {
-			a.rest = ds[i:]
-			return
-		}
 		select {
 		case s.ch <- d:
 		case <-s.pushStop:
@@ -369,31 +363,26 @@ func (s *Subscription) handOut(a *rpcAnswer, n int) {
 // leased until their deadline. It waits at most a second for that (less if
 // the connection ends); the caller then resets the stream.
 func (s *Subscription) abandon(ctx context.Context, cc *clientConn, st *rpcStream, polls []poll) {
-	if st == nil || len(polls) == 0 {
+	if len(polls) == 0 {
 		return
 	}
 	st.resetWrite()
 	t := time.NewTimer(time.Second)
 	defer t.Stop()
-	expired := false
+	defer cc.inflight.Add(-int64(len(polls)))
+wait:
 	for _, p := range polls {
 		// Credits no longer matter: the subscription is over.
-		var a rpcAnswer
-		answered := false
-		if !expired {
-			select {
-			case a = <-p.ch:
-				answered = true
-			case <-t.C:
-				expired = true
-			case <-cc.qc.Context().Done():
-				expired = true // the connection is gone: nothing more comes
+		select {
+		case a := <-p.ch:
+			if a.err == nil {
+				s.giveBack(ctx, a.rest)
 			}
+		case <-t.C:
+			break wait
+		case <-cc.qc.Context().Done():
+			break wait // the connection is gone: nothing more comes
 		}
-		if answered && a.err == nil {
-			s.giveBack(ctx, a.rest)
-		}
-		cc.inflight.Add(-1)
 	}
 }
 
@@ -401,8 +390,7 @@ func (s *Subscription) abandon(ctx context.Context, cc *clientConn, st *rpcStrea
 // progress returns, later ones hand nothing out.
 func (s *Subscription) stopHandOut() {
 	close(s.pushStop)
-	s.pushMu.Lock()
-	s.pushClosed = true
+	s.pushMu.Lock() // wait for a handOut in progress
 	s.pushMu.Unlock()
 }
 
