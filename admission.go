@@ -100,22 +100,12 @@ func (b *tokenBucket) level(now time.Time) (tokens, burst float64) {
 	return b.tokens, b.burst
 }
 
-func ipKey(a net.Addr) string {
-	if u, ok := a.(*net.UDPAddr); ok {
-		if ip4 := u.IP.To4(); ip4 != nil {
-			return string(ip4)
-		}
-		return string(u.IP)
-	}
-	return addrKey(a)
-}
-
 // ipBucket returns addr's bucket, made on first use when create is set.
 func (a *admission) ipBucket(addr net.Addr, now time.Time, create bool) *tokenBucket {
 	if a.ips == nil {
 		return nil
 	}
-	key := ipKey(addr)
+	key := addrKey(addr)
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	b := a.ips[key]

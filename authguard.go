@@ -28,9 +28,14 @@ type authFailures struct {
 	last time.Time
 }
 
+// addrKey is the map key of a's IP address (the raw bytes for UDP, with an
+// IPv4 address in its 4-byte form, so that it costs no formatting).
 func addrKey(a net.Addr) string {
 	if u, ok := a.(*net.UDPAddr); ok {
-		return u.IP.String()
+		if ip4 := u.IP.To4(); ip4 != nil {
+			return string(ip4)
+		}
+		return string(u.IP)
 	}
 	host, _, err := net.SplitHostPort(a.String())
 	if err != nil {
