@@ -2,7 +2,6 @@ package h3x
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -334,19 +333,6 @@ func loadCertFiles(certFile, keyFile string) (*tls.Config, error) {
 // separators.
 func normalizeFingerprint(fp string) string {
 	return strings.ToLower(strings.ReplaceAll(strings.TrimPrefix(fp, "sha256:"), ":", ""))
-}
-
-// certPoolFromPEM reads a PEM bundle of CA certificates.
-func certPoolFromPEM(pemFile string) (*x509.CertPool, error) {
-	data, err := os.ReadFile(pemFile)
-	if err != nil {
-		return nil, fmt.Errorf("h3x: reading CA file: %w", err)
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(data) {
-		return nil, fmt.Errorf("h3x: CA file %s holds no PEM certificate", pemFile)
-	}
-	return pool, nil
 }
 
 // WithMaxUnacked caps the deliveries one connection holds unsettled (leased,

@@ -124,13 +124,6 @@ type qwaiter struct {
 	fired bool
 }
 
-// newEntry is an event accepted for storage, before it is durable.
-type newEntry struct {
-	e   *qentry
-	ev  *Event // the event to keep in memory (memory queue, Badger read-ahead)
-	val []byte // Badger: the encoded value
-}
-
 // qmove is a dead-letter move for the store to carry out.
 type qmove struct {
 	e        *qentry // the entry leaving its namespace (state gone)
