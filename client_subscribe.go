@@ -390,8 +390,9 @@ wait:
 // progress returns, later ones hand nothing out.
 func (s *Subscription) stopHandOut() {
 	close(s.pushStop)
-	s.pushMu.Lock() // wait for a handOut in progress
-	s.pushMu.Unlock()
+	// Wait for a handOut in progress (later ones see pushStop closed).
+	s.pushMu.Lock()
+	defer s.pushMu.Unlock()
 }
 
 // takeFree takes up to max free credits without waiting and returns how
