@@ -110,6 +110,32 @@ func TestDedupIndex(t *testing.T) {
 	}
 }
 
+// An ID the queue assigned is remembered for dedup like a client's:
+// publishing it again is a duplicate.
+func TestAssignedIDDeduplicated(t *testing.T) {
+	for _, q := range []struct {
+		name string
+		open func(t *testing.T) Queue
+	}{
+		{"memory", func(*testing.T) Queue { return NewMemoryQueue(QueueOptions{}) }},
+		{"badger", func(t *testing.T) Queue { return openTestBadger(t, t.TempDir(), QueueOptions{}) }},
+	} {
+		t.Run(q.name, func(t *testing.T) {
+			queue := q.open(t)
+			defer queue.Close()
+			ctx := context.Background()
+			res, err := queue.Enqueue(ctx, []Event{{Namespace: "n", Type: "t"}, {Namespace: "n", Type: "t"}})
+			if err != nil || len(res) != 2 || res[0].Status != PublishStored || res[1].Status != PublishStored || res[0].ID == res[1].ID {
+				t.Fatalf("first publish: %+v, %v", res, err)
+			}
+			again, err := queue.Enqueue(ctx, []Event{{ID: res[1].ID, Namespace: "n", Type: "t"}, {ID: res[0].ID, Namespace: "n", Type: "t"}})
+			if err != nil || again[0].Status != PublishDuplicate || again[1].Status != PublishDuplicate {
+				t.Fatalf("publishing the assigned IDs again: %+v, %v; want duplicates", again, err)
+			}
+		})
+	}
+}
+
 func TestDedupIndexCapacity(t *testing.T) {
 	// Over capacity, the oldest generations go: old IDs may be stored again
 	// (a duplicate, never a loss), new ones are still caught, and nothing is
