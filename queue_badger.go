@@ -341,6 +341,11 @@ const (
 var (
 	metaHWM    = []byte{keyMeta, 'h', 'w', 'm'}
 	metaFormat = []byte{keyMeta, 'f', 'o', 'r', 'm', 'a', 't'}
+	// metaClean, written by Close as its last write once every correction
+	// of the counters is written, says the stored counters are exact; open
+	// deletes it, and recounts every namespace from its chunks when it is
+	// missing (see load).
+	metaClean = []byte{keyMeta, 'c', 'l', 'e', 'a', 'n'}
 )
 
 func nsPrefix(kind byte, ns string) []byte {
@@ -580,6 +585,17 @@ func (q *badgerQueue) load() error {
 		c.nextSeq = hwm + 1
 		c.applied = hwm
 
+		clean := false
+		switch _, err := txn.Get(metaClean); {
+		case err == nil:
+			clean = true
+			if err := txn.Delete(metaClean); err != nil {
+				return fmt.Errorf("h3x: badger queue: open: %w", err)
+			}
+		case !errors.Is(err, badger.ErrKeyNotFound):
+			return fmt.Errorf("h3x: badger queue: open: %w", err)
+		}
+
 		// Namespaces and their counts; where each one's events start.
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyCounter}})
 		for it.Rewind(); it.Valid(); it.Next() {
@@ -638,19 +654,45 @@ func (q *badgerQueue) load() error {
 		}
 		mit.Close()
 
-		// A namespace counted empty holds no live event: a chunk still
-		// stored there lost its deletion (a failed commit, or a Close
-		// before it was written). Deleted after the lease records are read
-		// (they read this transaction's snapshot, the chunks and markers
-		// included).
+		// After a crash, or a Close whose corrections of the counters
+		// failed, a stored count may be off by the changes of commits that
+		// failed (Enqueue counts its events before they are written):
+		// every namespace is recounted from its chunks. Otherwise only a
+		// namespace counted empty is swept: a chunk still stored there
+		// lost its deletion (a failed commit, or a Close before it was
+		// written). Settled chunks are deleted after the lease records are
+		// read (they read this transaction's snapshot, the chunks and
+		// markers included).
+		if !clean && len(c.nss) > 0 {
+			q.log.Info("h3x: badger queue: recounting the stored events (the last run did not close cleanly)", "namespaces", len(c.nss))
+		}
 		for _, ns := range c.nss {
-			if ns.count == 0 {
-				dead, err := q.sweepSettled(txn, ns)
-				if err != nil {
-					return err
-				}
-				swept = append(swept, dead...)
+			if clean && ns.count != 0 {
+				continue
 			}
+			cnt := q.counters[ns.name]
+			if cnt == nil {
+				cnt = &nsCounter{}
+				q.counters[ns.name] = cnt
+			}
+			stored := *cnt
+			ns.count, ns.bytes, ns.freshDisk = 0, 0, 0
+			ns.diskNext, ns.diskChunk = hwm+1, hwm+1
+			dead, err := q.sweepSettled(txn, ns, !clean)
+			if err != nil {
+				return err
+			}
+			swept = append(swept, dead...)
+			if now := (nsCounter{int64(ns.count), ns.bytes}); now != stored {
+				if !clean {
+					q.log.Warn("h3x: badger queue: stored count repaired", "namespace", ns.name, "stored", stored.count, "stored_bytes", stored.bytes, "counted", now.count, "counted_bytes", now.bytes)
+				}
+				*cnt = now
+				if err := txn.Set(counterKey(ns.name), encodeCounter(now)); err != nil {
+					return fmt.Errorf("h3x: badger queue: repair counters of %q: %w", ns.name, err)
+				}
+			}
+			ns.known = ns.count > 0
 		}
 
 		// Deliveries made before the restart: each event's latest lease
@@ -689,11 +731,13 @@ func (q *badgerQueue) load() error {
 	return q.deleteSwept(swept)
 }
 
-// sweepSettled finds, at open, the chunks left in ns, which is counted
-// empty, and returns those whose events are all settled (for deleteSwept).
-// A chunk that still holds an unsettled event (the count drifted after a
-// failed commit) is made deliverable again, and the count repaired.
-func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) ([]*qchunk, error) {
+// sweepSettled counts, at open, the unsettled events in ns's chunks (its
+// count starts at zero), makes them deliverable, and returns the chunks
+// whose events are all settled (for deleteSwept). recount says every
+// namespace is being recounted; otherwise ns was counted empty, and an
+// unsettled event found there (the count drifted after a failed commit) is
+// logged.
+func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns, recount bool) ([]*qchunk, error) {
 	var dead []*qchunk
 	it := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(keyEvent, ns.name)})
 	for it.Rewind(); it.Valid(); it.Next() {
@@ -707,7 +751,9 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) ([]*qchunk, error) 
 				dead = append(dead, st)
 				return nil
 			}
-			q.log.Warn("h3x: badger queue: events found in a namespace counted empty; delivering them", "namespace", ns.name, "events", st.live)
+			if !recount {
+				q.log.Warn("h3x: badger queue: events found in a namespace counted empty; delivering them", "namespace", ns.name, "events", st.live)
+			}
 			if ns.freshDisk == 0 {
 				ns.diskNext, ns.diskChunk = first, first
 			}
@@ -736,18 +782,6 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns) ([]*qchunk, error) 
 		}
 	}
 	it.Close()
-	if ns.count > 0 {
-		ns.known = true
-		cnt := q.counters[ns.name]
-		if cnt == nil {
-			cnt = &nsCounter{}
-			q.counters[ns.name] = cnt
-		}
-		cnt.count, cnt.bytes = int64(ns.count), ns.bytes
-		if err := txn.Set(counterKey(ns.name), encodeCounter(*cnt)); err != nil {
-			return nil, fmt.Errorf("h3x: badger queue: repair counters of %q: %w", ns.name, err)
-		}
-	}
 	return dead, nil
 }
 
@@ -2224,6 +2258,21 @@ func (q *badgerQueue) writeLastFixes() {
 	q.complete(g, nil)
 }
 
+// markClean writes metaClean, at Close, if every correction of the
+// counters has been written (writeLastFixes can fail too).
+func (q *badgerQueue) markClean() {
+	q.wmu.Lock()
+	left := q.pendingCounters != nil || q.pendingChunks != nil
+	q.wmu.Unlock()
+	if left {
+		q.log.Warn("h3x: badger queue: closing with corrections not written; the next open recounts the stored events")
+		return
+	}
+	if err := q.db.Update(func(txn *badger.Txn) error { return txn.Set(metaClean, nil) }); err != nil {
+		q.log.Warn("h3x: badger queue: close: the next open recounts the stored events", "err", err)
+	}
+}
+
 // --- the rest of Queue ----------------------------------------------------------
 
 func (q *badgerQueue) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error) {
@@ -2269,6 +2318,7 @@ func (q *badgerQueue) Close() error {
 		}
 		<-q.completerDone
 		q.writeLastFixes()
+		q.markClean()
 		close(q.gcStop)
 		<-q.gcDone
 		q.stopBallast()
