@@ -1,0 +1,586 @@
+package h3x
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+)
+
+// TestQueueModel drives the built-in queues through random sequences of
+// operations and checks the delivery contract against a model of what the
+// queue answered. Operations: publishes (fresh IDs, and IDs published
+// before), leases by three holders from any mix of namespaces and their
+// dead-letter namespaces, acks (also by the wrong holder, and of settled
+// events), nacks (with MaxAttempts 3, so events move to dead-letter
+// namespaces), releases, and for the Badger queue reopens and injected
+// commit failures. Checked:
+//
+//   - a lease never hands out an event another holder holds, one never
+//     published, or one whose ack was confirmed (SettleOK);
+//   - a fresh ID is stored, an ID stored before is a duplicate;
+//   - an ack or nack by the holder of a live lease is applied, one by
+//     another holder is stale;
+//   - at the end, with failures off, every stored event is delivered and
+//     acked (draining every namespace), and the stats show nothing left.
+//
+// H3X_MODEL_SEEDS sets how many seeds run per queue (default 6);
+// H3X_MODEL_STEPS the operations per seed (default 400).
+func TestQueueModel(t *testing.T) {
+	seeds, steps := envInt("H3X_MODEL_SEEDS", 6), envInt("H3X_MODEL_STEPS", 400)
+	opts := QueueOptions{MaxAttempts: 3, Durability: DurabilityNoSync}
+	var total modelCounts
+	t.Run("memory", func(t *testing.T) {
+		for seed := range seeds {
+			m := newQueueModel(t, uint64(seed), NewMemoryQueue(opts))
+			m.run(steps)
+			total.add(m.counts)
+		}
+		t.Logf("%+v", total)
+	})
+	t.Run("badger", func(t *testing.T) {
+		total = modelCounts{}
+		// Small memtables: flushes and chunk boundaries come often.
+		bopts := opts
+		bopts.Badger = func(o *badger.Options) { o.MemTableSize = 1 << 20 }
+		for seed := range seeds {
+			dir := t.TempDir()
+			q, err := OpenBadgerQueue(dir, bopts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := newQueueModel(t, uint64(seed), q)
+			m.reopen = func(q Queue) Queue {
+				if err := q.Close(); err != nil {
+					t.Fatalf("seed %d: close: %v", seed, err)
+				}
+				q, err := OpenBadgerQueue(dir, bopts)
+				if err != nil {
+					t.Fatalf("seed %d: reopen: %v", seed, err)
+				}
+				return q
+			}
+			m.failures = func(q Queue, p float64) {
+				bq := q.(*badgerQueue)
+				if p == 0 {
+					bq.failCommit.Store(nil)
+					return
+				}
+				var mu sync.Mutex
+				r := rand.New(rand.NewPCG(uint64(seed), 7))
+				f := func([]bwrite) bool {
+					mu.Lock()
+					defer mu.Unlock()
+					return r.Float64() < p
+				}
+				bq.failCommit.Store(&f)
+			}
+			m.run(steps)
+			total.add(m.counts)
+		}
+		t.Logf("%+v", total)
+	})
+}
+
+func (c *modelCounts) add(o modelCounts) {
+	c.stored += o.stored
+	c.duplicates += o.duplicates
+	c.leased += o.leased
+	c.deadLettered += o.deadLettered
+	c.acked += o.acked
+	c.nacked += o.nacked
+	c.failedCalls += o.failedCalls
+	c.reopens += o.reopens
+}
+
+func envInt(name string, def int) int {
+	if n, err := strconv.Atoi(os.Getenv(name)); err == nil && n > 0 {
+		return n
+	}
+	return def
+}
+
+// modelEvent is what the model knows of one published ID.
+type modelEvent struct {
+	ns      string // where it was published
+	stored  bool   // the queue said PublishStored (or delivered it): it must come out
+	acked   bool   // an ack of it returned SettleOK: it must never be leased again
+	holder  string // who holds its lease, as far as the model knows ("": nobody, or unknown after a failed call)
+	attempt int
+	leaseNS string // the namespace of that lease (ns or its dead-letter namespace)
+}
+
+type queueModel struct {
+	t        *testing.T
+	seed     uint64
+	r        *rand.Rand
+	q        Queue
+	reopen   func(Queue) Queue        // nil: not supported
+	failures func(q Queue, p float64) // nil: not supported
+	failing  bool
+	events   map[string]*modelEvent
+	ids      []string // every ID, in publish order
+	next     int
+	trail    []string // the last operations, for failure messages
+	counts   modelCounts
+}
+
+// modelCounts say what a run exercised.
+type modelCounts struct {
+	stored, duplicates, leased, deadLettered, acked, nacked, failedCalls, reopens int
+}
+
+var (
+	modelNamespaces = []string{"a", "b", "c"}
+	modelAll        = []string{"a", "b", "c", "a" + DeadLetterSuffix, "b" + DeadLetterSuffix, "c" + DeadLetterSuffix}
+	modelHolders    = []string{"h1", "h2", "h3"}
+)
+
+func newQueueModel(t *testing.T, seed uint64, q Queue) *queueModel {
+	return &queueModel{t: t, seed: seed, r: rand.New(rand.NewPCG(seed, 1)), q: q, events: make(map[string]*modelEvent)}
+}
+
+func (m *queueModel) fatalf(format string, args ...any) {
+	m.t.Helper()
+	m.t.Fatalf("seed %d: %s\nlast operations:\n  %s", m.seed, fmt.Sprintf(format, args...), stringsJoinLast(m.trail, 12))
+}
+
+func stringsJoinLast(s []string, n int) string {
+	if len(s) > n {
+		s = s[len(s)-n:]
+	}
+	out := ""
+	for i, x := range s {
+		if i > 0 {
+			out += "\n  "
+		}
+		out += x
+	}
+	return out
+}
+
+func (m *queueModel) note(format string, args ...any) {
+	m.trail = append(m.trail, fmt.Sprintf(format, args...))
+}
+
+// op is one operation: call runs it against the queue (concurrently with
+// the other operations of its step), then apply checks its outcome and
+// records it in the model.
+type op struct {
+	call  func()
+	apply func()
+}
+
+func (m *queueModel) run(steps int) {
+	defer func() { m.q.Close() }()
+	for range steps {
+		if m.r.IntN(3) == 0 {
+			m.parallel()
+			continue
+		}
+		holder := modelHolders[m.r.IntN(len(modelHolders))]
+		var o op
+		switch k := m.r.IntN(100); {
+		case k < 30:
+			o = m.publish()
+		case k < 55:
+			o = m.lease(holder)
+		case k < 70:
+			o = m.ack(holder, false)
+		case k < 74:
+			o = m.ack(holder, true)
+		case k < 84:
+			o = m.nack(holder)
+		case k < 89:
+			o = m.release(holder)
+		case k < 94 && m.failures != nil:
+			m.toggleFailures()
+			continue
+		case k < 97 && m.reopen != nil:
+			m.doReopen()
+			continue
+		default:
+			o = m.ackSettled()
+		}
+		o.call()
+		o.apply()
+	}
+	m.drain()
+}
+
+// parallel runs a publish and operations of distinct holders at once, so
+// that they meet in the same group commits (and the Badger queue's
+// pipeline), then applies them: publishes first, then settlements and
+// releases, then leases (a lease may hand out what they made ready).
+func (m *queueModel) parallel() {
+	holders := slices.Clone(modelHolders)
+	m.r.Shuffle(len(holders), func(i, j int) { holders[i], holders[j] = holders[j], holders[i] })
+	var first, second, last []op
+	if m.r.IntN(2) == 0 {
+		first = append(first, m.publish())
+	}
+	for _, h := range holders[:1+m.r.IntN(len(holders))] {
+		switch m.r.IntN(4) {
+		case 0:
+			second = append(second, m.ack(h, false))
+		case 1:
+			second = append(second, m.nack(h))
+		case 2:
+			second = append(second, m.release(h))
+		default:
+			last = append(last, m.lease(h))
+		}
+	}
+	all := slices.Concat(first, second, last)
+	m.note("parallel: %d operations", len(all))
+	var wg sync.WaitGroup
+	for _, o := range all {
+		wg.Go(o.call)
+	}
+	wg.Wait()
+	for _, o := range all {
+		o.apply()
+	}
+}
+
+func (m *queueModel) toggleFailures() {
+	m.failing = !m.failing && m.r.IntN(3) == 0
+	p := 0.0
+	if m.failing {
+		p = 0.3
+	}
+	m.note("failures %v", p)
+	m.failures(m.q, p)
+}
+
+func (m *queueModel) publish() op {
+	n := 1 + m.r.IntN(8)
+	evs := make([]Event, 0, n)
+	fresh := make([]bool, 0, n)
+	inBatch := map[string]bool{}
+	for range n {
+		if len(m.ids) > 0 && m.r.IntN(8) == 0 {
+			id := m.ids[m.r.IntN(len(m.ids))]
+			if !inBatch[id] {
+				inBatch[id] = true
+				evs = append(evs, Event{ID: id, Namespace: m.events[id].ns, Type: "t"})
+				fresh = append(fresh, false)
+			}
+			continue
+		}
+		m.next++
+		id := fmt.Sprintf("s%d-%d", m.seed, m.next)
+		inBatch[id] = true
+		ns := modelNamespaces[m.r.IntN(len(modelNamespaces))]
+		evs = append(evs, Event{ID: id, Namespace: ns, Type: "t", Data: make([]byte, m.r.IntN(300))})
+		fresh = append(fresh, true)
+		// Known from now on: a concurrent lease may hand it out.
+		m.events[id] = &modelEvent{ns: ns}
+		m.ids = append(m.ids, id)
+	}
+	var res []PublishResult
+	var err error
+	return op{
+		call: func() { res, err = m.q.Enqueue(context.Background(), evs) },
+		apply: func() {
+			m.note("publish %d events: err %v", len(evs), err)
+			if err != nil {
+				if !m.failing {
+					m.fatalf("Enqueue without injected failures: %v", err)
+				}
+				m.counts.failedCalls++
+				return // stored or not: the drain tells
+			}
+			for i, ev := range evs {
+				e := m.events[ev.ID]
+				switch st := res[i].Status; {
+				case fresh[i] && st != PublishStored:
+					m.fatalf("fresh ID %s: %v %v, want stored", ev.ID, st, res[i].Err)
+				case !fresh[i] && e.stored && st != PublishDuplicate:
+					m.fatalf("ID %s published again: %v, want duplicate", ev.ID, st)
+				case st == PublishStored:
+					e.stored = true
+					m.counts.stored++
+				case st == PublishDuplicate:
+					m.counts.duplicates++
+				case st == PublishRefused:
+					m.fatalf("ID %s refused: %v", ev.ID, res[i].Err)
+				}
+			}
+		},
+	}
+}
+
+func (m *queueModel) lease(holder string) op {
+	var nss []string
+	for _, ns := range modelAll {
+		if m.r.IntN(2) == 0 {
+			nss = append(nss, ns)
+		}
+	}
+	if len(nss) == 0 {
+		nss = modelAll
+	}
+	limit := 1 + m.r.IntN(30)
+	var ls []Lease
+	var err error
+	return op{
+		call: func() {
+			ls, err = m.q.Lease(context.Background(), LeaseRequest{Holder: holder, Namespaces: nss, Limit: limit, AckDeadline: time.Hour})
+		},
+		apply: func() {
+			m.note("lease %s %v: %d, err %v", holder, nss, len(ls), err)
+			if err != nil {
+				m.fatalf("Lease: %v", err)
+			}
+			m.took(holder, ls)
+		},
+	}
+}
+
+// took records the leases ls of holder, checking each.
+func (m *queueModel) took(holder string, ls []Lease) {
+	for _, l := range ls {
+		id := l.Event.ID
+		e := m.events[id]
+		switch {
+		case e == nil:
+			m.fatalf("leased %s, never published", id)
+		case e.acked:
+			m.fatalf("leased %s (attempt %d, from %s) after its ack was confirmed", id, l.Attempt, l.Event.Namespace)
+		case e.holder != "":
+			m.fatalf("leased %s to %s while %s holds it (attempt %d)", id, holder, e.holder, e.attempt)
+		case l.Event.Namespace != e.ns && l.Event.Namespace != DeadLetterNamespace(e.ns):
+			m.fatalf("leased %s from %s, published to %s", id, l.Event.Namespace, e.ns)
+		}
+		e.stored = true
+		e.holder, e.attempt, e.leaseNS = holder, l.Attempt, l.Event.Namespace
+		m.counts.leased++
+		if l.Event.Namespace != e.ns {
+			m.counts.deadLettered++
+		}
+	}
+}
+
+// held picks up to n of the events holder holds.
+func (m *queueModel) held(holder string, n int) []string {
+	var ids []string
+	for _, id := range m.ids {
+		if m.events[id].holder == holder {
+			ids = append(ids, id)
+		}
+	}
+	m.r.Shuffle(len(ids), func(i, j int) { ids[i], ids[j] = ids[j], ids[i] })
+	return ids[:min(n, len(ids))]
+}
+
+func (m *queueModel) refs(ids []string) []LeaseRef {
+	refs := make([]LeaseRef, len(ids))
+	for i, id := range ids {
+		e := m.events[id]
+		refs[i] = LeaseRef{ID: id, Attempt: e.attempt, Namespace: e.leaseNS}
+	}
+	return refs
+}
+
+var noop = op{call: func() {}, apply: func() {}}
+
+// ack acks some of holder's events; byOther has another holder send the
+// ack, which is stale and changes nothing.
+func (m *queueModel) ack(holder string, byOther bool) op {
+	ids := m.held(holder, 1+m.r.IntN(10))
+	if len(ids) == 0 {
+		return noop
+	}
+	refs := m.refs(ids)
+	sender := holder
+	if byOther {
+		sender = modelHolders[(slices.Index(modelHolders, holder)+1)%len(modelHolders)]
+	}
+	var res []SettleResult
+	var err error
+	return op{
+		call: func() { res, err = m.q.Ack(context.Background(), sender, refs) },
+		apply: func() {
+			m.note("ack by %s of %v held by %s: err %v", sender, ids, holder, err)
+			if !byOther {
+				m.settled(ids, res, err, func(e *modelEvent) { e.acked = true; m.counts.acked++ })
+				return
+			}
+			if err != nil {
+				return // changes nothing either way
+			}
+			for _, r := range res {
+				if r.Status != SettleStale {
+					m.fatalf("ack by %s of %s held by %s: %v, want stale", sender, r.ID, holder, r.Status)
+				}
+			}
+		},
+	}
+}
+
+func (m *queueModel) nack(holder string) op {
+	ids := m.held(holder, 1+m.r.IntN(10))
+	if len(ids) == 0 {
+		return noop
+	}
+	refs := m.refs(ids)
+	var res []SettleResult
+	var err error
+	return op{
+		call: func() { res, err = m.q.Nack(context.Background(), holder, refs, 0, "model nack") },
+		apply: func() {
+			m.note("nack by %s of %v: err %v", holder, ids, err)
+			m.settled(ids, res, err, func(*modelEvent) { m.counts.nacked++ })
+		},
+	}
+}
+
+// settled records the outcome of an ack or nack of ids by their holder.
+func (m *queueModel) settled(ids []string, res []SettleResult, err error, ok func(*modelEvent)) {
+	if err != nil {
+		if !m.failing {
+			m.fatalf("settle without injected failures: %v", err)
+		}
+		for _, id := range ids {
+			m.events[id].holder = "" // held or not: unknown
+		}
+		m.counts.failedCalls++
+		return
+	}
+	for i, r := range res {
+		e := m.events[ids[i]]
+		if r.ID != ids[i] || r.Status != SettleOK {
+			m.fatalf("settle of %s (attempt %d) by its holder %s: %s %v, want ok", ids[i], e.attempt, e.holder, r.ID, r.Status)
+		}
+		e.holder = ""
+		ok(e)
+	}
+}
+
+// ackSettled acks events already acked: never applied again.
+func (m *queueModel) ackSettled() op {
+	var refs []LeaseRef
+	for _, id := range m.ids {
+		if e := m.events[id]; e.acked && len(refs) < 3 && m.r.IntN(4) == 0 {
+			refs = append(refs, LeaseRef{ID: id, Attempt: 1, Namespace: e.ns})
+		}
+	}
+	if len(refs) == 0 {
+		return noop
+	}
+	var res []SettleResult
+	var err error
+	return op{
+		call: func() { res, err = m.q.Ack(context.Background(), modelHolders[0], refs) },
+		apply: func() {
+			m.note("ack of %d settled events: err %v", len(refs), err)
+			if err != nil {
+				return
+			}
+			for _, r := range res {
+				if r.Status == SettleOK {
+					m.fatalf("ack of %s, acked before: ok", r.ID)
+				}
+			}
+		},
+	}
+}
+
+func (m *queueModel) release(holder string) op {
+	var err error
+	return op{
+		call: func() { err = m.q.Release(context.Background(), holder) },
+		apply: func() {
+			m.note("release %s: err %v", holder, err)
+			if err != nil && !m.failing {
+				m.fatalf("Release: %v", err)
+			}
+			for _, e := range m.events {
+				if e.holder == holder {
+					e.holder = ""
+				}
+			}
+		},
+	}
+}
+
+func (m *queueModel) doReopen() {
+	m.note("reopen")
+	m.counts.reopens++
+	// The stored state survives a reopen: the same events (leased ones
+	// ready again), the same bytes, whatever failed before.
+	before := m.stats()
+	m.q = m.reopen(m.q)
+	after := m.stats()
+	for i, b := range before {
+		if a := after[i]; b.Ready+b.Leased+b.Delayed != a.Ready+a.Leased+a.Delayed || b.Bytes != a.Bytes {
+			m.fatalf("reopen changed %s: before %+v, after %+v (injected failures: %v)", b.Namespace, b, a, m.failing)
+		}
+	}
+	m.failing = false
+	for _, e := range m.events {
+		e.holder = "" // leases end with the process
+	}
+}
+
+// drain turns failures off, reopens, and leases and acks everything left.
+func (m *queueModel) drain() {
+	if m.failures != nil {
+		m.failures(m.q, 0)
+		m.failing = false
+	}
+	for _, h := range modelHolders {
+		o := m.release(h)
+		o.call()
+		o.apply()
+	}
+	if m.reopen != nil {
+		m.doReopen()
+	}
+	for round := 0; ; round++ {
+		if round > 10000 {
+			m.fatalf("drain did not end")
+		}
+		ls, err := m.q.Lease(context.Background(), LeaseRequest{Holder: "drain", Namespaces: modelAll, Limit: 100, AckDeadline: time.Hour})
+		if err != nil {
+			m.fatalf("drain: Lease: %v", err)
+		}
+		if len(ls) == 0 {
+			break
+		}
+		m.took("drain", ls)
+		ids := make([]string, len(ls))
+		for i, l := range ls {
+			ids[i] = l.Event.ID
+		}
+		res, err := m.q.Ack(context.Background(), "drain", m.refs(ids))
+		m.note("drain: ack %d: err %v", len(ids), err)
+		m.settled(ids, res, err, func(e *modelEvent) { e.acked = true })
+	}
+	for _, id := range m.ids {
+		if e := m.events[id]; e.stored && !e.acked {
+			m.fatalf("%s (published to %s) was stored and never came out", id, e.ns)
+		}
+	}
+	for _, s := range m.stats() {
+		if s.Ready != 0 || s.Leased != 0 || s.Delayed != 0 || s.Bytes != 0 {
+			m.fatalf("drained, but Stats(%s) = %+v", s.Namespace, s)
+		}
+	}
+}
+
+func (m *queueModel) stats() []NamespaceStats {
+	stats, err := m.q.Stats(context.Background(), modelAll...)
+	if err != nil || len(stats) != len(modelAll) {
+		m.fatalf("Stats: %d namespaces, %v", len(stats), err)
+	}
+	return stats
+}
