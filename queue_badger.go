@@ -457,6 +457,32 @@ var errCorrupt = errors.New("corrupt event record")
 
 // decodeEvent decodes a value written by encodeEvent. The event's strings and
 // Data share b, which the caller must not change or reuse afterwards.
+// storedSize returns Event.size() of the event encoded in b, stored in
+// namespace ns, without decoding it (no allocation; for counting).
+func storedSize(b []byte, ns string) (int, error) {
+	d := decoder{b: b}
+	if d.byte() != eventFormat {
+		return 0, errCorrupt
+	}
+	d.uvarint() // enqueued
+	d.varint()  // time
+	d.uvarint()
+	n := len(ns) + 8
+	for range 4 { // ID, Type, Message, Data
+		n += len(d.bytes())
+	}
+	for range d.uvarint() {
+		if d.bad {
+			break
+		}
+		n += len(d.bytes()) + len(d.bytes())
+	}
+	if d.bad {
+		return 0, errCorrupt
+	}
+	return n, nil
+}
+
 func decodeEvent(b []byte) (ev Event, enq int64, err error) {
 	d := decoder{b: b}
 	if d.byte() != eventFormat {
@@ -766,11 +792,10 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns, recount bool) ([]*q
 				if st.isSettled(seq) {
 					continue
 				}
-				var ev Event
-				if ev, _, err = decodeEvent(val); err == nil {
-					ev.Namespace = ns.name
+				var size int
+				if size, err = storedSize(val, ns.name); err == nil {
 					ns.count++
-					ns.bytes += int64(ev.size())
+					ns.bytes += int64(size)
 					ns.freshDisk++
 				}
 			}

@@ -27,7 +27,12 @@ func FuzzStorageDecoders(f *testing.F) {
 			if err != nil || enq2 != enq || again.ID != ev.ID || !bytes.Equal(again.Data, ev.Data) || len(again.Metadata) != len(ev.Metadata) {
 				t.Fatalf("event does not round-trip: %+v / %+v, %v", ev, again, err)
 			}
+			ev.Namespace = "n"
+			if n, err := storedSize(encodeEvent(nil, &ev, enq), "n"); err != nil || n != ev.size() {
+				t.Fatalf("storedSize %d, %v; want %d", n, err, ev.size())
+			}
 		}
+		storedSize(b, "n") // never panics
 		if seqs, err := chunkSeqs(b, first); err == nil {
 			for _, seq := range seqs {
 				if _, err := chunkEvent(b, first, seq); err != nil {

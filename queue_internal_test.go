@@ -184,10 +184,18 @@ func TestEventCodec(t *testing.T) {
 				t.Errorf("metadata %q: %q, want %q", k, got.Metadata[k], v)
 			}
 		}
+		withNS := ev
+		withNS.Namespace = "orders"
+		if n, err := storedSize(enc, "orders"); err != nil || n != withNS.size() {
+			t.Errorf("storedSize: %d, %v; want %d", n, err, withNS.size())
+		}
 		// Every truncation is an error, never a panic.
 		for i := range len(enc) {
 			if _, _, err := decodeEvent(enc[:i]); err == nil {
 				t.Errorf("decode of %d of %d bytes: no error", i, len(enc))
+			}
+			if _, err := storedSize(enc[:i], "orders"); err == nil {
+				t.Errorf("storedSize of %d of %d bytes: no error", i, len(enc))
 			}
 		}
 	}
@@ -733,7 +741,9 @@ func TestQueueBadgerRSS(t *testing.T) {
 	if s := os.Getenv("H3X_RSS_N"); s != "" {
 		n = s
 	}
-	for _, phase := range []string{"publish", "reopen"} {
+	// The "reopen" child exits without closing the queue, as if killed:
+	// the "unclean" one then recounts the backlog at open.
+	for _, phase := range []string{"publish", "reopen", "unclean"} {
 		cmd := exec.Command(os.Args[0], "-test.run=^TestQueueBadgerRSS$", "-test.v")
 		cmd.Env = append(os.Environ(), rssChildEnv+"="+phase, "H3X_RSS_DIR="+dir, "H3X_RSS_N="+n)
 		out, err := cmd.CombinedOutput()
@@ -742,7 +752,7 @@ func TestQueueBadgerRSS(t *testing.T) {
 		}
 		sc := bufio.NewScanner(strings.NewReader(string(out)))
 		for sc.Scan() {
-			if strings.Contains(sc.Text(), "RSS ") {
+			if strings.Contains(sc.Text(), "RSS ") || strings.Contains(sc.Text(), "opened in") {
 				t.Log(strings.TrimSpace(sc.Text()))
 			}
 		}
@@ -756,11 +766,13 @@ func rssChild(t *testing.T) {
 	var n int
 	fmt.Sscan(os.Getenv("H3X_RSS_N"), &n)
 	ctx := context.Background()
+	start := time.Now()
 	q, err := OpenBadgerQueue(dir, QueueOptions{Durability: DurabilityNoSync})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer q.Close()
+	t.Logf("%s: opened in %v", os.Getenv(rssChildEnv), time.Since(start))
 	switch os.Getenv(rssChildEnv) {
 	case "publish":
 		start := time.Now()
@@ -782,7 +794,7 @@ func rssChild(t *testing.T) {
 				f.Close()
 			}
 		}
-	case "reopen":
+	case "reopen", "unclean":
 		st, err := q.Stats(ctx, "bench")
 		if err != nil {
 			t.Fatal(err)
@@ -794,6 +806,15 @@ func rssChild(t *testing.T) {
 		}
 		runtime.GC()
 		t.Logf("RSS after reopening and leasing+acking 10,000 of it: %s", procMemory())
+		if p := os.Getenv("H3X_RSS_HEAPPROFILE"); p != "" {
+			if f, err := os.Create(p + "." + os.Getenv(rssChildEnv)); err == nil {
+				pprof.WriteHeapProfile(f)
+				f.Close()
+			}
+		}
+		if os.Getenv(rssChildEnv) == "reopen" {
+			os.Exit(0) // no Close: the next open is after a crash
+		}
 	}
 }
 
