@@ -20,8 +20,8 @@ import (
 // before), leases by three holders from any mix of namespaces and their
 // dead-letter namespaces, acks (also by the wrong holder, and of settled
 // events), nacks (with MaxAttempts 3, so events move to dead-letter
-// namespaces), releases, and for the Badger queue reopens and injected
-// commit failures. Checked:
+// namespaces, some delayed, some unseen), lease extensions, releases, and
+// for the Badger queue reopens and injected commit failures. Checked:
 //
 //   - a lease never hands out an event another holder holds, one never
 //     published, or one whose ack was confirmed (SettleOK);
@@ -196,8 +196,12 @@ func (m *queueModel) run(steps int) {
 			o = m.ack(holder, false)
 		case k < 74:
 			o = m.ack(holder, true)
-		case k < 84:
+		case k < 81:
 			o = m.nack(holder)
+		case k < 83:
+			o = m.extend(holder, false)
+		case k < 84:
+			o = m.extend(holder, true)
 		case k < 89:
 			o = m.release(holder)
 		case k < 94 && m.failures != nil:
@@ -432,13 +436,60 @@ func (m *queueModel) nack(holder string) op {
 		return noop
 	}
 	refs := m.refs(ids)
+	// Some nacks delay the event, some give back deliveries unseen (not
+	// counted as attempts).
+	var delay time.Duration
+	if m.r.IntN(4) == 0 {
+		delay = time.Duration(1+m.r.IntN(3)) * time.Millisecond
+	}
+	unseen := m.r.IntN(8) == 0
+	for i := range refs {
+		refs[i].Unseen = unseen
+	}
 	var res []SettleResult
 	var err error
 	return op{
-		call: func() { res, err = m.q.Nack(context.Background(), holder, refs, 0, "model nack") },
+		call: func() { res, err = m.q.Nack(context.Background(), holder, refs, delay, "model nack") },
 		apply: func() {
-			m.note("nack by %s of %v: err %v", holder, ids, err)
+			m.note("nack by %s of %v (delay %v, unseen %v): err %v", holder, ids, delay, unseen, err)
 			m.settled(ids, res, err, func(*modelEvent) { m.counts.nacked++ })
+		},
+	}
+}
+
+// extend extends some of holder's leases; byOther has another holder ask,
+// which is stale.
+func (m *queueModel) extend(holder string, byOther bool) op {
+	ids := m.held(holder, 1+m.r.IntN(5))
+	if len(ids) == 0 {
+		return noop
+	}
+	refs := m.refs(ids)
+	sender := holder
+	if byOther {
+		sender = modelHolders[(slices.Index(modelHolders, holder)+1)%len(modelHolders)]
+	}
+	var res []SettleResult
+	var err error
+	return op{
+		call: func() { res, err = m.q.Extend(context.Background(), sender, refs, time.Hour) },
+		apply: func() {
+			m.note("extend by %s of %v held by %s: err %v", sender, ids, holder, err)
+			if err != nil {
+				if !m.failing {
+					m.fatalf("Extend without injected failures: %v", err)
+				}
+				return // the leases stay as they were
+			}
+			want := SettleOK
+			if byOther {
+				want = SettleStale
+			}
+			for _, r := range res {
+				if r.Status != want {
+					m.fatalf("extend by %s of %s held by %s: %v, want %v", sender, r.ID, holder, r.Status, want)
+				}
+			}
 		},
 	}
 }
@@ -554,7 +605,15 @@ func (m *queueModel) drain() {
 			m.fatalf("drain: Lease: %v", err)
 		}
 		if len(ls) == 0 {
-			break
+			delayed := 0
+			for _, st := range m.stats() {
+				delayed += st.Delayed
+			}
+			if delayed == 0 {
+				break
+			}
+			time.Sleep(time.Millisecond) // nack delays of a few milliseconds
+			continue
 		}
 		m.took("drain", ls)
 		ids := make([]string, len(ls))
