@@ -2,6 +2,7 @@ package h3x
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -45,8 +46,27 @@ func TestQueueModel(t *testing.T) {
 		}
 		t.Logf("%+v", total)
 	})
-	t.Run("badger", func(t *testing.T) {
+	// A limit of 40 events per namespace: publishes and dead-letter moves
+	// meet it often.
+	limited := opts
+	limited.MaxEventsPerNamespace = 40
+	t.Run("memory-limited", func(t *testing.T) {
 		total = modelCounts{}
+		for seed := range seeds {
+			m := newQueueModel(t, uint64(seed), NewMemoryQueue(limited))
+			m.limit = limited.MaxEventsPerNamespace
+			m.run(steps)
+			total.add(m.counts)
+		}
+		t.Logf("%+v", total)
+	})
+	t.Run("badger", func(t *testing.T) { testBadgerModel(t, opts, seeds, steps) })
+	t.Run("badger-limited", func(t *testing.T) { testBadgerModel(t, limited, seeds, steps) })
+}
+
+func testBadgerModel(t *testing.T, opts QueueOptions, seeds, steps int) {
+	var total modelCounts
+	{
 		// Small memtables: flushes and chunk boundaries come often.
 		bopts := opts
 		bopts.Badger = func(o *badger.Options) { o.MemTableSize = 1 << 20 }
@@ -57,6 +77,7 @@ func TestQueueModel(t *testing.T) {
 				t.Fatal(err)
 			}
 			m := newQueueModel(t, uint64(seed), q)
+			m.limit = opts.MaxEventsPerNamespace
 			m.reopen = func(q Queue) Queue {
 				if err := q.Close(); err != nil {
 					t.Fatalf("seed %d: close: %v", seed, err)
@@ -86,12 +107,13 @@ func TestQueueModel(t *testing.T) {
 			total.add(m.counts)
 		}
 		t.Logf("%+v", total)
-	})
+	}
 }
 
 func (c *modelCounts) add(o modelCounts) {
 	c.stored += o.stored
 	c.duplicates += o.duplicates
+	c.refused += o.refused
 	c.leased += o.leased
 	c.deadLettered += o.deadLettered
 	c.acked += o.acked
@@ -128,13 +150,14 @@ type queueModel struct {
 	events   map[string]*modelEvent
 	ids      []string // every ID, in publish order
 	next     int
+	limit    int      // MaxEventsPerNamespace, if set
 	trail    []string // the last operations, for failure messages
 	counts   modelCounts
 }
 
 // modelCounts say what a run exercised.
 type modelCounts struct {
-	stored, duplicates, leased, deadLettered, acked, nacked, failedCalls, reopens int
+	stored, duplicates, refused, leased, deadLettered, acked, nacked, failedCalls, reopens int
 }
 
 var (
@@ -215,6 +238,7 @@ func (m *queueModel) run(steps int) {
 		}
 		o.call()
 		o.apply()
+		m.checkLimit()
 	}
 	m.drain()
 }
@@ -305,6 +329,8 @@ func (m *queueModel) publish() op {
 			for i, ev := range evs {
 				e := m.events[ev.ID]
 				switch st := res[i].Status; {
+				case st == PublishRefused && !e.stored && m.limit > 0 && errors.Is(res[i].Err, ErrQueueFull):
+					m.counts.refused++ // at the limit (checked after each step)
 				case fresh[i] && st != PublishStored:
 					m.fatalf("fresh ID %s: %v %v, want stored", ev.ID, st, res[i].Err)
 				case !fresh[i] && e.stored && st != PublishDuplicate:
@@ -642,4 +668,16 @@ func (m *queueModel) stats() []NamespaceStats {
 		m.fatalf("Stats: %d namespaces, %v", len(stats), err)
 	}
 	return stats
+}
+
+// checkLimit checks that no namespace holds more events than the limit.
+func (m *queueModel) checkLimit() {
+	if m.limit == 0 {
+		return
+	}
+	for _, st := range m.stats() {
+		if n := st.Ready + st.Leased + st.Delayed; n > m.limit {
+			m.fatalf("%s holds %d events, over its limit of %d: %+v", st.Namespace, n, m.limit, st)
+		}
+	}
 }
