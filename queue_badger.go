@@ -293,6 +293,10 @@ type badgerQueue struct {
 	closeOnce sync.Once
 	closeErr  error
 
+	// commitFailed is set once a commit of this run has failed: Close then
+	// leaves the directory unmarked (see markClean).
+	commitFailed atomic.Bool
+
 	statGroups, statOps, statTxns atomic.Int64 // group commits, the requests and transactions in them
 	statSyncs                     atomic.Int64 // fsync rounds (DurabilityFsync)
 }
@@ -466,7 +470,9 @@ func storedSize(b []byte, ns string) (int, error) {
 	}
 	d.uvarint() // enqueued
 	d.varint()  // time
-	d.uvarint()
+	if d.uvarint() >= 1e9 {
+		return 0, errCorrupt
+	}
 	n := len(ns) + 8
 	for range 4 { // ID, Type, Message, Data
 		n += len(d.bytes())
@@ -576,6 +582,7 @@ func (d *decoder) string() string {
 func (q *badgerQueue) load() error {
 	c := q.core
 	var swept []*qchunk
+	var repaired []string // namespaces whose stored counters are rewritten
 	err := q.db.Update(func(txn *badger.Txn) error {
 		switch item, err := txn.Get(metaFormat); {
 		case errors.Is(err, badger.ErrKeyNotFound):
@@ -611,10 +618,17 @@ func (q *badgerQueue) load() error {
 		c.nextSeq = hwm + 1
 		c.applied = hwm
 
+		// The clean mark holds the sequence high-water mark at Close: a
+		// mark that does not match was left by a run that did not delete
+		// it (an older H3X) and is not trusted.
 		clean := false
-		switch _, err := txn.Get(metaClean); {
+		switch item, err := txn.Get(metaClean); {
 		case err == nil:
-			clean = true
+			v, err := item.ValueCopy(nil)
+			if err != nil {
+				return fmt.Errorf("h3x: badger queue: open: %w", err)
+			}
+			clean = len(v) == 8 && binary.BigEndian.Uint64(v) == hwm
 			if err := txn.Delete(metaClean); err != nil {
 				return fmt.Errorf("h3x: badger queue: open: %w", err)
 			}
@@ -702,11 +716,18 @@ func (q *badgerQueue) load() error {
 				q.counters[ns.name] = cnt
 			}
 			stored := *cnt
+			before := *ns
 			ns.count, ns.bytes, ns.freshDisk = 0, 0, 0
 			ns.diskNext, ns.diskChunk = hwm+1, hwm+1
 			dead, err := q.sweepSettled(txn, ns, !clean)
 			if err != nil {
-				return err
+				// A damaged chunk: keep the stored count, and let reading
+				// the namespace fail where the damage is, as it does with
+				// a clean mark; the other namespaces open.
+				q.log.Error("h3x: badger queue: cannot count a namespace's stored events; keeping its stored count", "namespace", ns.name, "err", err)
+				ns.count, ns.bytes, ns.freshDisk = before.count, before.bytes, before.freshDisk
+				ns.diskNext, ns.diskChunk = before.diskNext, before.diskChunk
+				continue
 			}
 			swept = append(swept, dead...)
 			if now := (nsCounter{int64(ns.count), ns.bytes}); now != stored {
@@ -714,9 +735,7 @@ func (q *badgerQueue) load() error {
 					q.log.Warn("h3x: badger queue: stored count repaired", "namespace", ns.name, "stored", stored.count, "stored_bytes", stored.bytes, "counted", now.count, "counted_bytes", now.bytes)
 				}
 				*cnt = now
-				if err := txn.Set(counterKey(ns.name), encodeCounter(now)); err != nil {
-					return fmt.Errorf("h3x: badger queue: repair counters of %q: %w", ns.name, err)
-				}
+				repaired = append(repaired, ns.name)
 			}
 			ns.known = ns.count > 0
 		}
@@ -753,13 +772,14 @@ func (q *badgerQueue) load() error {
 		return err
 	}
 	// After the lease records were read (from the load transaction's
-	// snapshot, with these chunks and their markers still in it).
-	return q.deleteSwept(swept)
+	// snapshot, with these chunks and their markers still in it). A write
+	// batch: any number of repairs fits.
+	return q.writeRepairs(swept, repaired)
 }
 
 // sweepSettled counts, at open, the unsettled events in ns's chunks (its
 // count starts at zero), makes them deliverable, and returns the chunks
-// whose events are all settled (for deleteSwept). recount says every
+// whose events are all settled (for writeRepairs). recount says every
 // namespace is being recounted; otherwise ns was counted empty, and an
 // unsettled event found there (the count drifted after a failed commit) is
 // logged.
@@ -810,14 +830,20 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns, recount bool) ([]*q
 	return dead, nil
 }
 
-// deleteSwept deletes the settled chunks sweepSettled found, with their ack
-// records and markers, through a write batch (any number fits).
-func (q *badgerQueue) deleteSwept(dead []*qchunk) error {
-	if len(dead) == 0 {
+// writeRepairs writes, at open, the counters the recount corrected and
+// deletes the settled chunks sweepSettled found, with their ack records and
+// markers, through a write batch (any number fits).
+func (q *badgerQueue) writeRepairs(dead []*qchunk, repaired []string) error {
+	if len(dead) == 0 && len(repaired) == 0 {
 		return nil
 	}
 	wb := q.db.NewWriteBatch()
 	defer wb.Cancel()
+	for _, name := range repaired {
+		if err := wb.Set(counterKey(name), encodeCounter(*q.counters[name])); err != nil {
+			return fmt.Errorf("h3x: badger queue: repair counters of %q: %w", name, err)
+		}
+	}
 	for _, st := range dead {
 		ns := st.ns
 		keys := [][]byte{seqKey(keyEvent, ns.name, st.first), seqKey(keyAcks, ns.name, st.first)}
@@ -1704,6 +1730,7 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 		if t.err == nil {
 			continue
 		}
+		q.commitFailed.Store(true)
 		err := storageError("commit", t.err)
 		if failed == nil {
 			failed = make(map[*qentry]error)
@@ -2289,11 +2316,28 @@ func (q *badgerQueue) markClean() {
 	q.wmu.Lock()
 	left := q.pendingCounters != nil || q.pendingChunks != nil
 	q.wmu.Unlock()
-	if left {
+	switch {
+	case left:
 		q.log.Warn("h3x: badger queue: closing with corrections not written; the next open recounts the stored events")
 		return
+	case q.commitFailed.Load():
+		// Badger fails every request of a batch when one fails, some
+		// of them written: what a failed commit left is not known.
+		q.log.Warn("h3x: badger queue: commits failed in this run; the next open recounts the stored events")
+		return
 	}
-	if err := q.db.Update(func(txn *badger.Txn) error { return txn.Set(metaClean, nil) }); err != nil {
+	err := q.db.Update(func(txn *badger.Txn) error {
+		item, err := txn.Get(metaHWM)
+		if err != nil {
+			return err
+		}
+		hwm, err := item.ValueCopy(nil)
+		if err != nil {
+			return err
+		}
+		return txn.Set(metaClean, hwm)
+	})
+	if err != nil {
 		q.log.Warn("h3x: badger queue: close: the next open recounts the stored events", "err", err)
 	}
 }

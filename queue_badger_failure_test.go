@@ -3,6 +3,7 @@ package h3x
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"os"
 	"slices"
@@ -551,4 +552,68 @@ func storedClean(t *testing.T, dir string) bool {
 		})
 	})
 	return found
+}
+
+func TestBadgerQueueRecountSkipsDamagedNamespace(t *testing.T) {
+	// One undecodable event must not keep the queue from opening after a
+	// crash (found in review): the damaged namespace keeps its stored
+	// count and fails where the damage is, the others are recounted.
+	dir := t.TempDir()
+	q := openTestBadger(t, dir, QueueOptions{})
+	publishTest(t, q, Event{ID: "a", Namespace: "good"})
+	publishTest(t, q, Event{ID: "b", Namespace: "bad"})
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	withStoredDB(t, dir, func(db *badger.DB) error {
+		return db.Update(func(txn *badger.Txn) error {
+			it := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(keyEvent, "bad")})
+			it.Rewind()
+			first := keySeq(it.Item().KeyCopy(nil))
+			it.Close()
+			// A well-formed chunk holding one event of an unknown format.
+			if err := txn.Set(seqKey(keyEvent, "bad", first), encodeChunk(nil, []uint64{first}, [][]byte{{9, 9}})); err != nil {
+				return err
+			}
+			if err := txn.Set(counterKey("good"), encodeCounter(nsCounter{count: 5, bytes: 500})); err != nil {
+				return err
+			}
+			return txn.Delete(metaClean)
+		})
+	})
+	q = openTestBadger(t, dir, QueueOptions{})
+	if st, err := q.Stats(context.Background(), "good"); err != nil || st[0].Ready != 1 || st[0].Bytes == 500 {
+		t.Fatalf("Stats(good) after the recount: %+v %v, want 1 ready, recounted", st, err)
+	}
+	if _, err := q.Lease(context.Background(), LeaseRequest{Holder: "h", Namespaces: []string{"bad"}, Limit: 1, AckDeadline: time.Minute}); err == nil {
+		t.Fatal("leasing from the damaged namespace: no error")
+	}
+}
+
+func TestBadgerQueueStaleCleanMark(t *testing.T) {
+	// A clean mark that an older H3X left in place (it does not delete the
+	// mark at open) is not trusted once the sequence moved on.
+	dir := t.TempDir()
+	q := openTestBadger(t, dir, QueueOptions{})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"})
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	withStoredDB(t, dir, func(db *badger.DB) error {
+		return db.Update(func(txn *badger.Txn) error {
+			item, err := txn.Get(metaHWM)
+			if err != nil {
+				return err
+			}
+			v, _ := item.ValueCopy(nil)
+			if err := txn.Set(metaHWM, binary.BigEndian.AppendUint64(nil, binary.BigEndian.Uint64(v)+10)); err != nil {
+				return err
+			}
+			return txn.Set(counterKey("n"), encodeCounter(nsCounter{count: 3, bytes: 300}))
+		})
+	})
+	q = openTestBadger(t, dir, QueueOptions{})
+	if st, _ := q.Stats(context.Background(), "n"); st[0].Ready != 1 || st[0].Bytes == 300 {
+		t.Fatalf("after a stale mark: %+v, want the events recounted", st)
+	}
 }
