@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
@@ -22,7 +23,8 @@ import (
 // dead-letter namespaces, acks (also by the wrong holder, and of settled
 // events), nacks (with MaxAttempts 3, so events move to dead-letter
 // namespaces, some delayed, some unseen), lease extensions, releases, and
-// for the Badger queue reopens and injected commit failures. Checked:
+// for the Badger queue reopens (after Close, or of a copy of the live
+// files, as a kill -9 leaves them) and injected commit failures. Checked:
 //
 //   - a lease never hands out an event another holder holds, one never
 //     published, or one whose ack was confirmed (SettleOK);
@@ -78,13 +80,20 @@ func testBadgerModel(t *testing.T, opts QueueOptions, seeds, steps int) {
 			}
 			m := newQueueModel(t, uint64(seed), q)
 			m.limit = opts.MaxEventsPerNamespace
-			m.reopen = func(q Queue) Queue {
-				if err := q.Close(); err != nil {
+			m.reopen = func(q Queue, crash bool) Queue {
+				if crash {
+					// What a kill -9 leaves: the files as they are now
+					// (no call is under way), without Close.
+					crashed := t.TempDir()
+					copyFiles(t, dir, crashed)
+					defer q.Close() // the original, after the copy opened
+					dir = crashed
+				} else if err := q.Close(); err != nil {
 					t.Fatalf("seed %d: close: %v", seed, err)
 				}
 				q, err := OpenBadgerQueue(dir, bopts)
 				if err != nil {
-					t.Fatalf("seed %d: reopen: %v", seed, err)
+					t.Fatalf("seed %d: reopen (crash %v): %v", seed, crash, err)
 				}
 				return q
 			}
@@ -144,8 +153,8 @@ type queueModel struct {
 	seed     uint64
 	r        *rand.Rand
 	q        Queue
-	reopen   func(Queue) Queue        // nil: not supported
-	failures func(q Queue, p float64) // nil: not supported
+	reopen   func(q Queue, crash bool) Queue // nil: not supported
+	failures func(q Queue, p float64)        // nil: not supported
 	failing  bool
 	events   map[string]*modelEvent
 	ids      []string // every ID, in publish order
@@ -590,12 +599,13 @@ func (m *queueModel) release(holder string) op {
 }
 
 func (m *queueModel) doReopen() {
-	m.note("reopen")
+	crash := m.r.IntN(2) == 0
+	m.note("reopen (crash %v)", crash)
 	m.counts.reopens++
 	// The stored state survives a reopen: the same events (leased ones
 	// ready again), the same bytes, whatever failed before.
 	before := m.stats()
-	m.q = m.reopen(m.q)
+	m.q = m.reopen(m.q, crash)
 	after := m.stats()
 	for i, b := range before {
 		if a := after[i]; b.Ready+b.Leased+b.Delayed != a.Ready+a.Leased+a.Delayed || b.Bytes != a.Bytes {
@@ -678,6 +688,27 @@ func (m *queueModel) checkLimit() {
 	for _, st := range m.stats() {
 		if n := st.Ready + st.Leased + st.Delayed; n > m.limit {
 			m.fatalf("%s holds %d events, over its limit of %d: %+v", st.Namespace, n, m.limit, st)
+		}
+	}
+}
+
+// copyFiles copies the files of directory src into dst.
+func copyFiles(t *testing.T, src, dst string) {
+	t.Helper()
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		if e.IsDir() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(src, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o644); err != nil {
+			t.Fatal(err)
 		}
 	}
 }
