@@ -345,10 +345,10 @@ const (
 var (
 	metaHWM    = []byte{keyMeta, 'h', 'w', 'm'}
 	metaFormat = []byte{keyMeta, 'f', 'o', 'r', 'm', 'a', 't'}
-	// metaClean, written by Close as its last write once every correction
-	// of the counters is written, says the stored counters are exact; open
-	// deletes it, and recounts every namespace from its chunks when it is
-	// missing (see load).
+	// metaClean, written by Close as its last write (see markClean), says
+	// the stored counters are exact; it holds the sequence high-water mark
+	// at Close. Open deletes it, and recounts every namespace from its
+	// chunks when it is missing or does not match (see load).
 	metaClean = []byte{keyMeta, 'c', 'l', 'e', 'a', 'n'}
 )
 
@@ -459,8 +459,6 @@ func appendString(b []byte, s string) []byte {
 
 var errCorrupt = errors.New("corrupt event record")
 
-// decodeEvent decodes a value written by encodeEvent. The event's strings and
-// Data share b, which the caller must not change or reuse afterwards.
 // storedSize returns Event.size() of the event encoded in b, stored in
 // namespace ns, without decoding it (no allocation; for counting).
 func storedSize(b []byte, ns string) (int, error) {
@@ -489,6 +487,8 @@ func storedSize(b []byte, ns string) (int, error) {
 	return n, nil
 }
 
+// decodeEvent decodes a value written by encodeEvent. The event's strings and
+// Data share b, which the caller must not change or reuse afterwards.
 func decodeEvent(b []byte) (ev Event, enq int64, err error) {
 	d := decoder{b: b}
 	if d.byte() != eventFormat {
@@ -2311,7 +2311,8 @@ func (q *badgerQueue) writeLastFixes() {
 }
 
 // markClean writes metaClean, at Close, if every correction of the
-// counters has been written (writeLastFixes can fail too).
+// counters has been written (writeLastFixes can fail too) and no commit of
+// this run failed.
 func (q *badgerQueue) markClean() {
 	q.wmu.Lock()
 	left := q.pendingCounters != nil || q.pendingChunks != nil
