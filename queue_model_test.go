@@ -431,17 +431,32 @@ func (m *queueModel) refs(ids []string) []LeaseRef {
 
 var noop = op{call: func() {}, apply: func() {}}
 
-// ack acks some of holder's events; byOther has another holder send the
-// ack, which is stale and changes nothing.
-func (m *queueModel) ack(holder string, byOther bool) op {
-	ids := m.held(holder, 1+m.r.IntN(10))
-	if len(ids) == 0 {
-		return noop
-	}
-	refs := m.refs(ids)
+// pick picks up to n of holder's events to settle, and who sends the call:
+// holder, or with byOther the next holder (whose call is stale).
+func (m *queueModel) pick(holder string, n int, byOther bool) ([]string, []LeaseRef, string) {
+	ids := m.held(holder, n)
 	sender := holder
 	if byOther {
 		sender = modelHolders[(slices.Index(modelHolders, holder)+1)%len(modelHolders)]
+	}
+	return ids, m.refs(ids), sender
+}
+
+// expect checks that every result of a call by sender has status want.
+func (m *queueModel) expect(res []SettleResult, want SettleStatus, sender, holder string) {
+	for _, r := range res {
+		if r.Status != want {
+			m.fatalf("%s's call for %s held by %s: %v, want %v", sender, r.ID, holder, r.Status, want)
+		}
+	}
+}
+
+// ack acks some of holder's events; byOther has another holder send the
+// ack, which is stale and changes nothing.
+func (m *queueModel) ack(holder string, byOther bool) op {
+	ids, refs, sender := m.pick(holder, 1+m.r.IntN(10), byOther)
+	if len(ids) == 0 {
+		return noop
 	}
 	var res []SettleResult
 	var err error
@@ -453,13 +468,8 @@ func (m *queueModel) ack(holder string, byOther bool) op {
 				m.settled(ids, res, err, func(e *modelEvent) { e.acked = true; m.counts.acked++ })
 				return
 			}
-			if err != nil {
-				return // changes nothing either way
-			}
-			for _, r := range res {
-				if r.Status != SettleStale {
-					m.fatalf("ack by %s of %s held by %s: %v, want stale", sender, r.ID, holder, r.Status)
-				}
+			if err == nil { // an error changes nothing either way
+				m.expect(res, SettleStale, sender, holder)
 			}
 		},
 	}
@@ -495,14 +505,9 @@ func (m *queueModel) nack(holder string) op {
 // extend extends some of holder's leases; byOther has another holder ask,
 // which is stale.
 func (m *queueModel) extend(holder string, byOther bool) op {
-	ids := m.held(holder, 1+m.r.IntN(5))
+	ids, refs, sender := m.pick(holder, 1+m.r.IntN(5), byOther)
 	if len(ids) == 0 {
 		return noop
-	}
-	refs := m.refs(ids)
-	sender := holder
-	if byOther {
-		sender = modelHolders[(slices.Index(modelHolders, holder)+1)%len(modelHolders)]
 	}
 	var res []SettleResult
 	var err error
@@ -521,11 +526,7 @@ func (m *queueModel) extend(holder string, byOther bool) op {
 			if byOther {
 				want = SettleStale
 			}
-			for _, r := range res {
-				if r.Status != want {
-					m.fatalf("extend by %s of %s held by %s: %v, want %v", sender, r.ID, holder, r.Status, want)
-				}
-			}
+			m.expect(res, want, sender, holder)
 		},
 	}
 }
