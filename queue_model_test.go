@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -160,7 +161,7 @@ type queueModel struct {
 	next     int
 	limit    int             // MaxEventsPerNamespace, if set
 	excused  map[string]bool // namespaces that may be over the limit (see checkLimit)
-	trail    []string        // the last operations, for failure messages
+	trail    []string        // the last operations (modelTrail), for failure messages
 	counts   modelCounts
 }
 
@@ -181,26 +182,18 @@ func newQueueModel(t *testing.T, seed uint64, q Queue) *queueModel {
 
 func (m *queueModel) fatalf(format string, args ...any) {
 	m.t.Helper()
-	m.t.Fatalf("seed %d: %s\nlast operations:\n  %s", m.seed, fmt.Sprintf(format, args...), stringsJoinLast(m.trail, 12))
+	m.t.Fatalf("seed %d: %s\nlast operations:\n  %s", m.seed, fmt.Sprintf(format, args...), strings.Join(m.trail, "\n  "))
 }
 
-func stringsJoinLast(s []string, n int) string {
-	if len(s) > n {
-		s = s[len(s)-n:]
-	}
-	out := ""
-	for i, x := range s {
-		if i > 0 {
-			out += "\n  "
-		}
-		out += x
-	}
-	return out
-}
-
+// note records an operation for fatalf's trail of the last ones.
 func (m *queueModel) note(format string, args ...any) {
+	if len(m.trail) == modelTrail {
+		m.trail = append(m.trail[:0], m.trail[1:]...)
+	}
 	m.trail = append(m.trail, fmt.Sprintf(format, args...))
 }
+
+const modelTrail = 12
 
 // op is one operation: call runs it against the queue (concurrently with
 // the other operations of its step), then apply checks its outcome and
