@@ -716,7 +716,7 @@ func (q *badgerQueue) load() error {
 				q.counters[ns.name] = cnt
 			}
 			stored := *cnt
-			before := *ns
+			count, bytes, freshDisk, diskNext, diskChunk := ns.count, ns.bytes, ns.freshDisk, ns.diskNext, ns.diskChunk
 			ns.count, ns.bytes, ns.freshDisk = 0, 0, 0
 			ns.diskNext, ns.diskChunk = hwm+1, hwm+1
 			dead, err := q.sweepSettled(txn, ns, !clean)
@@ -725,8 +725,7 @@ func (q *badgerQueue) load() error {
 				// the namespace fail where the damage is, as it does with
 				// a clean mark; the other namespaces open.
 				q.log.Error("h3x: badger queue: cannot count a namespace's stored events; keeping its stored count", "namespace", ns.name, "err", err)
-				ns.count, ns.bytes, ns.freshDisk = before.count, before.bytes, before.freshDisk
-				ns.diskNext, ns.diskChunk = before.diskNext, before.diskChunk
+				ns.count, ns.bytes, ns.freshDisk, ns.diskNext, ns.diskChunk = count, bytes, freshDisk, diskNext, diskChunk
 				continue
 			}
 			swept = append(swept, dead...)
@@ -1185,6 +1184,13 @@ func (q *badgerQueue) deferFix(counters map[string]nsCounter, chunks []*qchunk) 
 			q.pendingChunks = append(q.pendingChunks, ch)
 		}
 	}
+}
+
+// fixesPending reports whether corrections wait for a group.
+func (q *badgerQueue) fixesPending() bool {
+	q.wmu.Lock()
+	defer q.wmu.Unlock()
+	return q.pendingCounters != nil || q.pendingChunks != nil
 }
 
 // takeFixes returns the pending corrections and clears them.
@@ -2299,10 +2305,7 @@ var errInjectedCommitFailure = errors.New("injected commit failure")
 // writeLastFixes writes, at Close, the corrections left after the writer
 // stopped (chunk deletions, counter corrections), in one last group.
 func (q *badgerQueue) writeLastFixes() {
-	q.wmu.Lock()
-	left := q.pendingCounters != nil || q.pendingChunks != nil
-	q.wmu.Unlock()
-	if !left {
+	if !q.fixesPending() {
 		return
 	}
 	g := q.write(nil)
@@ -2314,11 +2317,8 @@ func (q *badgerQueue) writeLastFixes() {
 // counters has been written (writeLastFixes can fail too) and no commit of
 // this run failed.
 func (q *badgerQueue) markClean() {
-	q.wmu.Lock()
-	left := q.pendingCounters != nil || q.pendingChunks != nil
-	q.wmu.Unlock()
 	switch {
-	case left:
+	case q.fixesPending():
 		q.log.Warn("h3x: badger queue: closing with corrections not written; the next open recounts the stored events")
 		return
 	case q.commitFailed.Load():

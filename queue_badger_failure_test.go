@@ -42,6 +42,18 @@ func openLeased(t *testing.T, dir string, opts QueueOptions, ids ...string) (*ba
 	return q, leaseAll(t, q, "h", len(ids), "n")
 }
 
+// failAckOfA makes the next times commits writing n's ack records fail,
+// and acks a (leased to h by openLeased), which must fail; the returned
+// func stops the failures.
+func failAckOfA(t *testing.T, q *badgerQueue, times int) func() {
+	t.Helper()
+	undo := failCommitsWith(q, times, isKeyOf(keyAcks, "n"))
+	if _, err := q.Ack(context.Background(), "h", []LeaseRef{{ID: "a", Attempt: 1}}); err == nil {
+		t.Fatal("Ack whose commit failed: no error")
+	}
+	return undo
+}
+
 // isKeyOf matches the writes of a key of kind in namespace ns.
 func isKeyOf(kind byte, ns string) func(w bwrite) bool {
 	p := nsPrefix(kind, ns)
@@ -83,10 +95,7 @@ func TestBadgerQueueFailedAckKeepsChunk(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
 	q, ls := openLeased(t, dir, QueueOptions{}, "a", "b")
-	undo := failCommitsWith(q, 1, isKeyOf(keyAcks, "n"))
-	if _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); err == nil {
-		t.Fatal("Ack whose commit failed: no error")
-	}
+	undo := failAckOfA(t, q, 1)
 	undo()
 	ackAll(t, q, "h", ls[1:2])
 	publishTest(t, q, Event{ID: "later", Namespace: "n"})
@@ -244,10 +253,7 @@ func TestBadgerQueueFailedCorrection(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
 	q, _ := openLeased(t, dir, QueueOptions{}, "a", "b")
-	undo := failCommitsWith(q, 2, isKeyOf(keyAcks, "n"))
-	if _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); err == nil {
-		t.Fatal("Ack whose commit failed: no error")
-	}
+	undo := failAckOfA(t, q, 2)
 	// The next group carries the correction, and fails with it.
 	if _, err := q.Enqueue(ctx, []Event{{ID: "c", Namespace: "n"}}); err == nil {
 		t.Fatal("the second injected failure did not happen")
@@ -274,10 +280,7 @@ func TestBadgerQueueCorrectionAfterDiskFull(t *testing.T) {
 	q, _ := openLeased(t, dir, QueueOptions{}, "a", "b")
 	real := *q.diskFree.Load()
 	full := func(string) (uint64, error) { return 0, nil }
-	undo := failCommitsWith(q, 1, isKeyOf(keyAcks, "n"))
-	if _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); err == nil {
-		t.Fatal("Ack whose commit failed: no error")
-	}
+	undo := failAckOfA(t, q, 1)
 	undo()
 	q.diskFree.Store(&full)
 	if _, err := q.Enqueue(ctx, []Event{{ID: "refused", Namespace: "n"}}); err == nil {
