@@ -65,7 +65,7 @@ func TestStatelessResetKeyFollowsTheCertificate(t *testing.T) {
 	}
 	// No static certificate: a random key.
 	dyn := &tls.Config{GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return &a, nil }}
-	if statelessResetKey(dyn) == statelessResetKey(dyn) {
+	if k1, k2 := statelessResetKey(dyn), statelessResetKey(dyn); k1 == k2 {
 		t.Fatal("a dynamic certificate gave a fixed key")
 	}
 }

@@ -1661,7 +1661,7 @@ func (h *harness) startConsumer(t testing.TB, holder string, namespaces ...strin
 		for range 100 {
 			ls, err := q.Lease(ctx, req)
 			if err != nil {
-				c.err = fmt.Errorf("Lease: %w", err)
+				c.err = fmt.Errorf("lease: %w", err)
 				return
 			}
 			if len(ls) > 0 {
@@ -1669,12 +1669,12 @@ func (h *harness) startConsumer(t testing.TB, holder string, namespaces ...strin
 				return
 			}
 			if err := q.Wait(ctx, namespaces); err != nil {
-				c.err = fmt.Errorf("Wait: %w", err)
+				c.err = fmt.Errorf("wait: %w", err)
 				return
 			}
 			c.waits.Add(1)
 		}
-		c.err = errors.New("Wait returned 100 times without an event becoming ready")
+		c.err = errors.New("100 waits returned without an event becoming ready")
 	}()
 	t.Cleanup(c.stop)
 	return c
