@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"golang.org/x/sync/semaphore"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
@@ -93,6 +94,10 @@ type serverConn struct {
 	noticeMu   sync.Mutex
 	lastNotice map[string]time.Time // namespace → last RateLimitNotice
 
+	// reqGate bounds the bytes of requests read and not yet served
+	// (requestBudget); made by the first request.
+	reqGate atomic.Pointer[semaphore.Weighted]
+
 	unackedMu sync.Mutex
 	unacked   map[string]time.Time // delivered, unsettled event id → lease deadline; made on first delivery
 	unackedCh chan struct{}        // closed and cleared when deliveries are settled; made when first asked for
@@ -107,6 +112,16 @@ func newServerConn(s *Server, qc *quic.Conn, seq uint64) *serverConn {
 	}
 	c.logger.c = c
 	return c
+}
+
+// requestGate returns the connection's request byte budget and its size.
+func (c *serverConn) requestGate() (*semaphore.Weighted, int64) {
+	budget := requestBudget(c.srv.cfg.maxFrameSize)
+	if g := c.reqGate.Load(); g != nil {
+		return g, budget
+	}
+	c.reqGate.CompareAndSwap(nil, semaphore.NewWeighted(budget))
+	return c.reqGate.Load(), budget
 }
 
 // connLogger logs through the server's logger with the connection's id

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"golang.org/x/sync/semaphore"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
@@ -23,11 +24,21 @@ const laneDepth = 256
 // pin at most this many batches.
 const fetchLaneDepth = 4
 
+// requestBudget is the most bytes of requests one connection may have read
+// and not yet served (see reply.compute): at least 16 MiB, or 4 frames of
+// the maximum size. A client that pipelines large frames faster than the
+// queue takes them waits on QUIC flow control beyond it, instead of growing
+// the server's memory (laneDepth alone would let each of its streams hold
+// 2 × laneDepth maximum-size frames).
+func requestBudget(maxFrameSize int) int64 { return max(16<<20, 4*int64(maxFrameSize)) }
+
 // reply is one answer being prepared; replies of a lane are written in the
 // order their requests arrived.
 type reply struct {
 	work  func() (FrameType, proto.Message)
-	ready bool // guarded by the lane's mu
+	gate  *semaphore.Weighted // the connection's request bytes (requestBudget)
+	n     int64               // the request's bytes held in gate until computed
+	ready bool                // guarded by the lane's mu
 	t     FrameType
 	msg   proto.Message
 }
@@ -53,6 +64,16 @@ type lane struct {
 	writing bool     // concurrent: a goroutine is writing the queue's head
 
 	work chan *reply // serial: the worker's requests
+}
+
+// compute runs r's work and drops it: the request it holds (a SendEvent
+// can be a frame of up to the maximum size) is not kept while the answer
+// waits for its turn on the stream, so the replies waiting behind a client
+// that does not read hold only answers.
+func (r *reply) compute() {
+	r.t, r.msg = r.work()
+	r.work = nil
+	r.gate.Release(r.n)
 }
 
 func newLane(depth int, serial bool) lane {
@@ -134,72 +155,118 @@ func (ss *sessionStream) run(connCtx context.Context, t FrameType, payload []byt
 // dispatch handles one request frame. It returns an error only for a
 // stream-level failure.
 func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []byte) error {
+	var l *lane
+	switch t {
+	case FrameSendEvent:
+		l = &ss.sends
+	case FrameFetchEvents:
+		l = &ss.fetches
+	case FrameAckEvent, FrameNackEvent, FrameExtendLease:
+		l = &ss.settles
+	default:
+		return newError(CodeProtocolViolation, "%v frame is not allowed on a session stream", t)
+	}
+	// The request's place in its lane and its bytes in the connection's
+	// budget are taken before it is decoded.
+	r, err := ss.admit(ctx, l, len(payload))
+	if err != nil {
+		return err
+	}
+	var work func() (FrameType, proto.Message)
 	switch t {
 	case FrameSendEvent:
 		m := new(h3xpb.SendEvent)
 		if err := unmarshalPayload(t, payload, m); err != nil {
+			ss.release(l, r)
 			return err
 		}
-		ss.submit(&ss.sends, func() (FrameType, proto.Message) { return ss.publish(ctx, m) })
+		work = func() (FrameType, proto.Message) { return ss.publish(ctx, m) }
 	case FrameFetchEvents:
 		m := new(h3xpb.FetchEvents)
 		if err := unmarshalPayload(t, payload, m); err != nil {
+			ss.release(l, r)
 			return err
 		}
-		ss.submit(&ss.fetches, func() (FrameType, proto.Message) { return ss.fetch(ctx, m) })
+		work = func() (FrameType, proto.Message) { return ss.fetch(ctx, m) }
 	case FrameAckEvent:
 		m := new(h3xpb.AckEvent)
 		if err := unmarshalPayload(t, payload, m); err != nil {
+			ss.release(l, r)
 			return err
 		}
-		ss.submit(&ss.settles, func() (FrameType, proto.Message) {
+		work = func() (FrameType, proto.Message) {
 			return ss.settle(ctx, t, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
 				return ss.c.srv.queue.Ack(context.WithoutCancel(ctx), ss.c.id, refs)
 			})
-		})
+		}
 	case FrameNackEvent:
 		m := new(h3xpb.NackEvent)
 		if err := unmarshalPayload(t, payload, m); err != nil {
+			ss.release(l, r)
 			return err
 		}
 		delay := time.Duration(m.GetDelayMs()) * time.Millisecond
-		ss.submit(&ss.settles, func() (FrameType, proto.Message) {
+		work = func() (FrameType, proto.Message) {
 			return ss.settle(ctx, t, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
 				for i := range refs {
 					refs[i].Unseen = m.GetUnseen()
 				}
 				return ss.c.srv.queue.Nack(context.WithoutCancel(ctx), ss.c.id, refs, delay, m.GetReason())
 			})
-		})
+		}
 	case FrameExtendLease:
 		m := new(h3xpb.ExtendLease)
 		if err := unmarshalPayload(t, payload, m); err != nil {
+			ss.release(l, r)
 			return err
 		}
 		d := time.Duration(m.GetExtendMs()) * time.Millisecond
 		if d <= 0 {
 			d = ss.c.srv.cfg.ackDeadline
 		}
-		ss.submit(&ss.settles, func() (FrameType, proto.Message) {
+		work = func() (FrameType, proto.Message) {
 			return ss.settle(ctx, t, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
 				return ss.c.srv.queue.Extend(context.WithoutCancel(ctx), ss.c.id, refs, d)
 			})
-		})
-	default:
-		return newError(CodeProtocolViolation, "%v frame is not allowed on a session stream", t)
+		}
 	}
+	ss.submit(l, r, work)
 	return nil
 }
 
-// submit queues a request on its lane. It waits while the lane has depth
-// requests in flight (and QUIC flow control then pushes back on the client).
-func (ss *sessionStream) submit(l *lane, work func() (FrameType, proto.Message)) {
+// admit takes a place for a request of size bytes in lane l and its bytes in
+// the connection's request budget. It waits while the lane has depth
+// requests in flight or the budget is spent (and QUIC flow control then
+// pushes back on the client), until ctx ends.
+func (ss *sessionStream) admit(ctx context.Context, l *lane, size int) (*reply, error) {
 	if l.slots == nil {
 		l.slots = make(chan struct{}, l.depth)
 	}
-	l.slots <- struct{}{}
+	select {
+	case l.slots <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	gate, budget := ss.c.requestGate()
+	n := min(int64(size), budget)
+	if err := gate.Acquire(ctx, n); err != nil {
+		<-l.slots
+		return nil, err
+	}
 	ss.c.inflight.Add(1)
-	r := &reply{work: work}
+	return &reply{gate: gate, n: n}, nil
+}
+
+// release gives back what admit took for a request that was not submitted.
+func (ss *sessionStream) release(l *lane, r *reply) {
+	r.gate.Release(r.n)
+	ss.c.inflight.Add(-1)
+	<-l.slots
+}
+
+// submit starts an admitted request.
+func (ss *sessionStream) submit(l *lane, r *reply, work func() (FrameType, proto.Message)) {
+	r.work = work
 	if l.serial {
 		if l.work == nil {
 			l.work = make(chan *reply, l.depth)
@@ -215,7 +282,7 @@ func (ss *sessionStream) submit(l *lane, work func() (FrameType, proto.Message))
 	ss.wg.Add(1)
 	go func() {
 		defer ss.wg.Done()
-		r.t, r.msg = r.work()
+		r.compute()
 		ss.finished(l, r)
 	}()
 }
@@ -225,7 +292,7 @@ func (ss *sessionStream) submit(l *lane, work func() (FrameType, proto.Message))
 func (ss *sessionStream) serve(l *lane) {
 	defer ss.wg.Done()
 	for r := range l.work {
-		r.t, r.msg = r.work()
+		r.compute()
 		ss.answer(l, r)
 	}
 }

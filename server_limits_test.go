@@ -1,0 +1,178 @@
+package h3x
+
+import (
+	"context"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/h3x-io/h3x/proto/h3xpb"
+)
+
+// settled waits (at most limit) until progress stops changing for a second
+// and returns its last value.
+func settled(t *testing.T, limit time.Duration, progress func() int64) int64 {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	last, since := progress(), time.Now()
+	for time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+		if v := progress(); v != last {
+			last, since = v, time.Now()
+		} else if time.Since(since) >= time.Second {
+			return v
+		}
+	}
+	t.Fatalf("still moving after %v (at %d)", limit, last)
+	return 0
+}
+
+func heapInUse() int64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return int64(ms.HeapAlloc)
+}
+
+// A client that pipelines maximum-size requests and never reads the answers
+// makes the server hold the answers (bounded by the lanes' depth), not the
+// requests: each served request is dropped while its answer waits.
+func TestServerUnreadAnswersHoldNoRequests(t *testing.T) {
+	s := testServer(t)
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	before := heapInUse()
+
+	// Answers that fill the server's write buffer: each SendEvent's 1,000
+	// events are refused ("secret" is not granted), 1,000 outcomes each.
+	refused := make([]*h3xpb.EventPayload, 1000)
+	for i := range refused {
+		refused[i] = &h3xpb.EventPayload{Namespace: "secret"}
+	}
+	small := frameBytes(t, FrameSendEvent, &h3xpb.SendEvent{RequestId: 1, Events: refused})
+	big := frameBytes(t, FrameSendEvent, &h3xpb.SendEvent{RequestId: 2, Events: []*h3xpb.EventPayload{
+		{Namespace: "secret", Data: []byte(strings.Repeat("x", DefaultMaxFrameSize-256))}}})
+	const streams = 2
+	var written atomic.Int64
+	var wg sync.WaitGroup
+	for range streams {
+		st, err := rc.qc.OpenStreamSync(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Go(func() {
+			for range 60 {
+				if _, err := st.Write(small); err != nil {
+					return
+				}
+			}
+			for range 600 { // more than laneDepth: the writes stall long before
+				if _, err := st.Write(big); err != nil {
+					return
+				}
+				written.Add(1)
+			}
+		})
+	}
+	n := settled(t, 30*time.Second, written.Load)
+	grew := heapInUse() - before
+	t.Logf("%d maximum-size requests written on %d streams whose answers are not read; heap +%d MiB", n, streams, grew>>20)
+	if n < 50 {
+		t.Fatalf("only %d large requests were read: the test did not fill the lanes", n)
+	}
+	if grew > 64<<20 {
+		t.Fatalf("the server holds %d MiB for %d streams that are not read (%d requests)", grew>>20, streams, n)
+	}
+	rc.close()
+	wg.Wait()
+}
+
+// gatedQueue holds every Enqueue until open is closed, and counts the
+// Enqueue calls waiting at once.
+type gatedQueue struct {
+	Queue
+	open           chan struct{}
+	waiting, peak  atomic.Int64
+	peakMu         sync.Mutex
+	enqueuedEvents atomic.Int64
+}
+
+func (g *gatedQueue) Enqueue(ctx context.Context, events []Event) ([]PublishResult, error) {
+	n := g.waiting.Add(1)
+	g.peakMu.Lock()
+	g.peak.Store(max(g.peak.Load(), n))
+	g.peakMu.Unlock()
+	<-g.open
+	g.waiting.Add(-1)
+	g.enqueuedEvents.Add(int64(len(events)))
+	return g.Queue.Enqueue(ctx, events)
+}
+
+// Requests read and not yet served are bounded in bytes per connection
+// (requestBudget), across its streams: with 4 MiB frames, at most 4 wait on
+// a queue that does not take them, whatever the streams and lanes allow.
+func TestServerRequestBudget(t *testing.T) {
+	const frame = 4 << 20
+	gq := &gatedQueue{Queue: NewMemoryQueue(QueueOptions{}), open: make(chan struct{})}
+	s := testServer(t, WithQueue(gq), WithMaxFrameSize(frame))
+	open := sync.OnceFunc(func() { close(gq.open) })
+	t.Cleanup(open) // before the server's Close, also when the test fails
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	req := frameBytes(t, FrameSendEvent, &h3xpb.SendEvent{RequestId: 1, Events: []*h3xpb.EventPayload{
+		{Namespace: "orders", Data: []byte(strings.Repeat("x", frame-1024))}}})
+	const streams, perStream = 3, 3
+	var wg sync.WaitGroup
+	answers := make(chan error, streams)
+	for range streams {
+		st, err := rc.qc.OpenStreamSync(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Go(func() {
+			for range perStream {
+				if _, err := st.Write(req); err != nil {
+					answers <- err
+					return
+				}
+			}
+			st.Close()
+			fr := newFrameReader(st, frame)
+			for range perStream {
+				var res h3xpb.SendResult
+				st.SetReadDeadline(time.Now().Add(30 * time.Second))
+				if err := fr.readMessage(FrameSendResult, &res); err != nil {
+					answers <- err
+					return
+				}
+				if got := res.GetOutcomes()[0].GetStatus(); got != h3xpb.PublishStatus_PUBLISH_STATUS_STORED {
+					answers <- newError(CodeInternal, "outcome %v", got)
+					return
+				}
+			}
+			answers <- nil
+		})
+	}
+	peak := settled(t, 30*time.Second, gq.peak.Load)
+	// The budget is 4 frames of the maximum size (16 MiB) here.
+	if peak > 4 {
+		t.Fatalf("%d requests of %d bytes waited on the queue at once; the connection's budget (16 MiB) allows 4", peak, frame)
+	}
+	if peak == 0 {
+		t.Fatal("no request reached the queue")
+	}
+	open()
+	wg.Wait()
+	for range streams {
+		if err := <-answers; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := gq.enqueuedEvents.Load(); got != streams*perStream {
+		t.Fatalf("%d events enqueued, want %d", got, streams*perStream)
+	}
+	t.Logf("at most %d requests of %d MiB waited on the queue at once", peak, frame>>20)
+}
