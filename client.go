@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -632,7 +633,10 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 			if err != nil {
 				return nil, err
 			}
-			res := ans.msg.(*h3xpb.SendResult)
+			res, ok := ans.msg.(*h3xpb.SendResult)
+			if !ok {
+				return nil, unexpectedAnswer(FrameSendEvent, ans.msg)
+			}
 			if len(res.GetOutcomes()) != len(chunk) {
 				return nil, newError(CodeProtocolViolation, "SendResult has %d outcomes for %d events", len(res.GetOutcomes()), len(chunk))
 			}
@@ -701,8 +705,11 @@ func (p *PublishCall) Result() ([]PublishResult, error) {
 
 // PublishAsync starts Publish(ctx, events...) in the background and returns
 // at once, so one goroutine can keep many batches in flight (bounded by
-// WithPublishBuffer). The client owns the background work: Close cancels and
-// waits for it.
+// WithPublishBuffer). It publishes a copy of events: the IDs it assigns are
+// in the results, not in the caller's slice, which the caller may reuse at
+// once (the events' Data and Metadata are shared, not copied: leave them
+// unchanged until the call is done). The client owns the background work:
+// Close cancels and waits for it.
 func (c *Client) PublishAsync(ctx context.Context, events ...Event) *PublishCall {
 	p := &PublishCall{done: make(chan struct{})}
 	select {
@@ -712,7 +719,7 @@ func (c *Client) PublishAsync(ctx context.Context, events ...Event) *PublishCall
 		return p
 	default:
 	}
-	a := asyncPublish{ctx: ctx, events: events, call: p}
+	a := asyncPublish{ctx: ctx, events: slices.Clone(events), call: p}
 	select {
 	case c.asyncs <- a:
 		// An idle worker took it.
@@ -869,7 +876,11 @@ func (c *Client) Fetch(ctx context.Context, max int, namespaces ...string) ([]*D
 		if err != nil {
 			return nil, err
 		}
-		if out := c.deliveries(ans.msg.(*h3xpb.EventsBatch), nil); len(out) > 0 {
+		batch, ok := ans.msg.(*h3xpb.EventsBatch)
+		if !ok {
+			return nil, unexpectedAnswer(FrameFetchEvents, ans.msg)
+		}
+		if out := c.deliveries(batch, nil); len(out) > 0 {
 			return out, nil
 		}
 		if err := ctx.Err(); err != nil {
@@ -936,7 +947,10 @@ func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]S
 	if err != nil {
 		return nil, err
 	}
-	res := ans.msg.(*h3xpb.AckResult)
+	res, ok := ans.msg.(*h3xpb.AckResult)
+	if !ok {
+		return nil, unexpectedAnswer(k.t, ans.msg)
+	}
 	out := make([]SettleResult, len(res.GetOutcomes()))
 	for i, o := range res.GetOutcomes() {
 		out[i] = SettleResult{ID: o.GetId(), Status: SettleStatus(o.GetStatus())}
@@ -1072,4 +1086,10 @@ func (c *Client) Close() error {
 		c.emit(StateChange{State: StateClosed})
 	})
 	return c.acker.lastErr
+}
+
+// unexpectedAnswer is the error for a server's answer of the wrong type
+// (answers are matched to requests by request id alone).
+func unexpectedAnswer(req FrameType, msg proto.Message) error {
+	return newError(CodeProtocolViolation, "the server answered a %v with a %T", req, msg)
 }

@@ -139,16 +139,30 @@ func (cc *clientConn) authenticate(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		// The server may have closed the connection with a code.
-		<-cc.qc.Context().Done()
-		if cause := context.Cause(cc.qc.Context()); cause != nil {
-			return fmt.Errorf("h3x: authenticating: %w", connError(cause))
+		// The server may be closing the connection with a code: wait a
+		// moment for it (a server that ends the control stream and keeps
+		// the connection open gets no longer).
+		t := time.NewTimer(authCloseWait)
+		defer t.Stop()
+		select {
+		case <-cc.qc.Context().Done():
+			if cause := context.Cause(cc.qc.Context()); cause != nil {
+				return fmt.Errorf("h3x: authenticating: %w", connError(cause))
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
 		}
 		return fmt.Errorf("h3x: authenticating: %w", err)
 	}
 	cc.auth = &res
 	return nil
 }
+
+// authCloseWait is how long authentication waits, after the control stream
+// ended without an AuthResult, for the server's close of the connection
+// and its error code.
+const authCloseWait = time.Second
 
 // controlLoop reads the control stream: Pong, GoAway, RateLimitNotice, Error.
 func (cc *clientConn) controlLoop() {

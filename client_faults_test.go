@@ -1,0 +1,210 @@
+package h3x
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/h3x-io/h3x/proto/h3xpb"
+)
+
+// fakeServer is a QUIC listener speaking H3X badly on purpose: serve runs
+// for the first connection (in a goroutine the test owns through Cleanup).
+func fakeServer(t *testing.T, serve func(qc *quic.Conn)) string {
+	t.Helper()
+	cert, err := selfSignedCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{ALPN}},
+		&quic.Config{MaxIdleTimeout: 30 * time.Second, KeepAlivePeriod: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	accepted := make(chan *quic.Conn, 1)
+	go func() {
+		defer close(done)
+		qc, err := ln.Accept(context.Background())
+		if err != nil {
+			return
+		}
+		accepted <- qc
+		defer qc.CloseWithError(0, "")
+		serve(qc)
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		select {
+		case qc := <-accepted:
+			qc.CloseWithError(0, "") // ends serve, and a client still waiting
+		default:
+		}
+		<-done
+	})
+	return ln.Addr().String()
+}
+
+// fakeAuth accepts the control stream and answers Auth with success.
+func fakeAuth(qc *quic.Conn) (*quic.Stream, error) {
+	ctrl, err := qc.AcceptStream(context.Background())
+	if err != nil {
+		return nil, err
+	}
+	var a h3xpb.Auth
+	if err := newFrameReader(ctrl, DefaultMaxFrameSize).readMessage(FrameAuth, &a); err != nil {
+		return nil, err
+	}
+	b, _ := appendFrame(nil, FrameAuthResult, &h3xpb.AuthResult{ProtocolVersion: 1})
+	_, err = ctrl.Write(b)
+	return ctrl, err
+}
+
+// An answer of the wrong type (answers are matched to requests by id) is a
+// protocol violation reported by the call, never a panic.
+func TestClientWrongAnswerType(t *testing.T) {
+	tests := []struct {
+		name   string
+		call   func(ctx context.Context, c *Client) error
+		answer func(rid uint64) (FrameType, *h3xpb.AckResult, *h3xpb.SendResult)
+	}{
+		{"fetch answered with an AckResult", func(ctx context.Context, c *Client) error {
+			_, err := c.Fetch(ctx, 1, "orders")
+			return err
+		}, func(rid uint64) (FrameType, *h3xpb.AckResult, *h3xpb.SendResult) {
+			return FrameAckResult, &h3xpb.AckResult{RequestId: rid}, nil
+		}},
+		{"publish answered with an AckResult", func(ctx context.Context, c *Client) error {
+			_, err := c.Publish(ctx, Event{Namespace: "orders"})
+			return err
+		}, func(rid uint64) (FrameType, *h3xpb.AckResult, *h3xpb.SendResult) {
+			return FrameAckResult, &h3xpb.AckResult{RequestId: rid}, nil
+		}},
+		{"ack answered with a SendResult", func(ctx context.Context, c *Client) error {
+			_, err := c.Ack(ctx, &Delivery{Event: Event{ID: "a", Namespace: "orders"}})
+			return err
+		}, func(rid uint64) (FrameType, *h3xpb.AckResult, *h3xpb.SendResult) {
+			return FrameSendResult, nil, &h3xpb.SendResult{RequestId: rid}
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			addr := fakeServer(t, func(qc *quic.Conn) {
+				if _, err := fakeAuth(qc); err != nil {
+					return
+				}
+				st, err := qc.AcceptStream(context.Background())
+				if err != nil {
+					return
+				}
+				rt, payload, err := newFrameReader(st, DefaultMaxFrameSize).next()
+				if err != nil {
+					return
+				}
+				var req interface{ GetRequestId() uint64 }
+				switch rt {
+				case FrameFetchEvents:
+					req = new(h3xpb.FetchEvents)
+				case FrameSendEvent:
+					req = new(h3xpb.SendEvent)
+				case FrameAckEvent:
+					req = new(h3xpb.AckEvent)
+				default:
+					return
+				}
+				if err := unmarshalPayload(rt, payload, req.(proto.Message)); err != nil {
+					return
+				}
+				ft, ack, send := tt.answer(req.GetRequestId())
+				var b []byte
+				if ack != nil {
+					b, _ = appendFrame(nil, ft, ack)
+				} else {
+					b, _ = appendFrame(nil, ft, send)
+				}
+				st.Write(b)
+				<-qc.Context().Done()
+			})
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			c, err := Dial(ctx, addr, WithCredentials("alice", "x"), WithInsecureSkipVerify())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			err = tt.call(ctx, c)
+			if !errors.Is(err, ErrProtocolViolation) {
+				t.Fatalf("got %v, want a protocol violation", err)
+			}
+		})
+	}
+}
+
+// Dial honours its context when the server ends the control stream without
+// an AuthResult and keeps the connection open.
+func TestDialControlStreamEndsWithoutAuthResult(t *testing.T) {
+	addr := fakeServer(t, func(qc *quic.Conn) {
+		st, err := qc.AcceptStream(context.Background())
+		if err != nil {
+			return
+		}
+		io.ReadFull(st, make([]byte, 5)) // the Auth frame's header
+		st.Close()                       // no AuthResult; the connection stays
+		<-qc.Context().Done()
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	start := time.Now()
+	done := make(chan error, 1)
+	go func() {
+		c, err := Dial(ctx, addr, WithCredentials("alice", "x"), WithInsecureSkipVerify())
+		if err == nil {
+			c.Close()
+			err = errors.New("Dial succeeded without an AuthResult")
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if errors.Is(err, context.DeadlineExceeded) || err.Error() == "Dial succeeded without an AuthResult" {
+			t.Fatal(err)
+		}
+		t.Logf("Dial failed after %v: %v", time.Since(start).Round(time.Millisecond), err)
+	case <-time.After(authCloseWait + 4*time.Second):
+		cancel()
+		t.Fatalf("Dial still waiting after %v", time.Since(start))
+	}
+}
+
+// PublishAsync does not write the IDs it assigns into the caller's slice
+// (the caller may reuse it at once; under -race the old behaviour was a
+// data race).
+func TestPublishAsyncLeavesCallersEvents(t *testing.T) {
+	s := testServer(t)
+	c := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	evs := []Event{{Namespace: "orders", Message: "first"}}
+	p := c.PublishAsync(ctx, evs...)
+	evs[0] = Event{Namespace: "orders", Message: "second"} // reused at once
+	res, err := p.Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if evs[0].ID != "" {
+		t.Fatalf("the caller's event got ID %q from the background publish", evs[0].ID)
+	}
+	if res[0].Status != PublishStored || res[0].ID == "" {
+		t.Fatalf("result %+v", res[0])
+	}
+	got, err := c.Fetch(ctx, 10, "orders")
+	if err != nil || len(got) != 1 || got[0].Event.Message != "first" || got[0].Event.ID != res[0].ID {
+		t.Fatalf("fetched %v, %v; want the first event with ID %s", got, err, res[0].ID)
+	}
+}
