@@ -30,6 +30,9 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 			refuse = newError(CodeInvalidArgument, "event id longer than 128 bytes")
 		case !c.session.allows(ev.Namespace, PermPublish):
 			refuse = newError(CodePermissionDenied, "namespace %q is not granted for publishing", ev.Namespace)
+		case !deliverable(p, c.srv.cfg.maxFrameSize):
+			refuse = newError(CodeInvalidArgument, "event of %d bytes cannot be delivered in a frame of at most %d bytes (delivery and dead-lettering add up to %d)",
+				proto.Size(p), c.srv.cfg.maxFrameSize, deliveryHeadroom(p))
 		}
 		if refuse != nil {
 			res.Outcomes[i] = refusedOutcome(ev.ID, refuse)
@@ -64,6 +67,39 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 		}
 	}
 	return FrameSendResult, res
+}
+
+// deliveryHeadroom is the most that delivering p can add to its published
+// encoding: the ID and time the queue assigns, the Delivery and EventsBatch
+// around it (request id, attempt, lease deadline, lengths), and, once it is
+// dead-lettered, the namespace's suffix and three metadata entries, the
+// nack reason up to maxNackReason bytes.
+func deliveryHeadroom(p *h3xpb.EventPayload) int {
+	n := 48 + 8 // EventsBatch request id and field, Delivery's attempt, deadline and lengths; slack for longer varints
+	if p.GetId() == "" {
+		n += 2 + 36
+	}
+	if p.GetTimestamp() == 0 {
+		n += 11
+	}
+	n += len(DeadLetterSuffix) + 3*8 + // suffix; per metadata entry, its tags and lengths
+		len(MetaDeadLetterAttempts) + 10 +
+		len(MetaDeadLetterReason) + maxNackReason +
+		len(MetaDeadLetterNamespace) + len(p.GetNamespace())
+	return n
+}
+
+// deliverable reports whether p, delivered alone, fits a frame of maxFrame
+// bytes also after dead-lettering; an event that does not is refused at
+// publish, since no consumer with that limit could ever receive it.
+func deliverable(p *h3xpb.EventPayload, maxFrame int) bool {
+	room := maxFrame - deliveryHeadroom(p)
+	// A cheap bound first: proto.Size walks the message.
+	bound := 64 + len(p.GetId()) + len(p.GetNamespace()) + len(p.GetType()) + len(p.GetMessage()) + len(p.GetData())
+	for k, v := range p.GetMetadata() {
+		bound += 16 + len(k) + len(v)
+	}
+	return bound <= room || proto.Size(p) <= room
 }
 
 // applyRateLimits refuses the events over their namespaces' rate limits

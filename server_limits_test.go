@@ -2,6 +2,7 @@ package h3x
 
 import (
 	"context"
+	"errors"
 	"runtime"
 	"strings"
 	"sync"
@@ -175,4 +176,68 @@ func TestServerRequestBudget(t *testing.T) {
 		t.Fatalf("%d events enqueued, want %d", got, streams*perStream)
 	}
 	t.Logf("at most %d requests of %d MiB waited on the queue at once", peak, frame>>20)
+}
+
+// An event that fits a SendEvent but would not fit an EventsBatch (with the
+// ID and time the queue assigns, the delivery's fields, and what
+// dead-lettering adds) is refused at publish; the largest event accepted
+// can be delivered and, dead-lettered with the longest nack reason,
+// delivered again from the dead-letter namespace.
+func TestServerRefusesUndeliverableEvents(t *testing.T) {
+	const frame = 64 << 10
+	s := testServer(t, WithMaxFrameSize(frame), WithQueue(NewMemoryQueue(QueueOptions{MaxAttempts: 1})))
+	c := mustDial(t, s, "alice", "alice-token", WithMaxFrameSize(frame))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	publish := func(ns string, size int) PublishResult {
+		t.Helper()
+		res, err := c.Publish(ctx, Event{Namespace: ns, Data: make([]byte, size)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res[0]
+	}
+	if r := publish("audit", frame-200); r.Status != PublishRefused || !errors.Is(r.Err, ErrInvalidArgument) {
+		t.Fatalf("an event filling the frame: %v %v, want refused as invalid", r.Status, r.Err)
+	}
+	// The largest accepted size, by bisection (each stored probe is
+	// fetched and acked again).
+	lo, hi := 0, frame
+	for hi-lo > 1 {
+		mid := (lo + hi) / 2
+		if publish("orders", mid).Status != PublishStored {
+			hi = mid
+			continue
+		}
+		lo = mid
+		got, err := c.Fetch(ctx, 1, "orders")
+		if err != nil || len(got) != 1 {
+			t.Fatalf("fetching a probe of %d bytes: %v %v", mid, got, err)
+		}
+		if _, err := c.Ack(ctx, got[0]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("largest event accepted: %d bytes of data in a %d-byte frame", lo, frame)
+	if lo < frame-4096 {
+		t.Fatalf("only %d bytes of data accepted in a %d-byte frame", lo, frame)
+	}
+	if r := publish("orders", lo); r.Status != PublishStored {
+		t.Fatalf("publish: %v %v", r.Status, r.Err)
+	}
+	got, err := c.Fetch(ctx, 1, "orders")
+	if err != nil || len(got) != 1 {
+		t.Fatalf("fetching the largest event: %v %v", got, err)
+	}
+	reason := strings.Repeat("é", maxNackReason) // truncated to maxNackReason bytes
+	if _, err := c.Nack(ctx, 0, reason, got[0]); err != nil {
+		t.Fatal(err)
+	}
+	dl, err := c.Fetch(ctx, 1, "orders"+DeadLetterSuffix)
+	if err != nil || len(dl) != 1 {
+		t.Fatalf("fetching the dead-lettered event: %v %v", dl, err)
+	}
+	if len(dl[0].Event.Data) != lo || dl[0].Event.Metadata[MetaDeadLetterReason] == "" {
+		t.Fatalf("dead-lettered event: %d bytes, metadata %v", len(dl[0].Event.Data), dl[0].Event.Metadata)
+	}
 }
