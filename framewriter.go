@@ -25,6 +25,10 @@ type frameWriter struct {
 	err        error
 	closed     bool
 	flushing   bool
+	// appended counts the bytes of every frame taken, written those the
+	// stream has accepted: a frame ending at offset n is out once written
+	// >= n (see writeAndWait).
+	appended, written uint64
 }
 
 func newFrameWriter(w io.Writer) *frameWriter {
@@ -38,22 +42,54 @@ func newFrameWriter(w io.Writer) *frameWriter {
 func (fw *frameWriter) write(t FrameType, m proto.Message) error {
 	fw.mu.Lock()
 	defer fw.mu.Unlock()
+	_, err := fw.put(t, m)
+	return err
+}
+
+// writeAndWait writes one frame and waits until the stream has accepted it:
+// it returns nil once the frame is out, and the stream's error if the frame
+// never will be (a write failed before it got out, its own or another
+// goroutine's). Deliveries use it, so that a batch that was not written is
+// given back at once and one that was written is not.
+func (fw *frameWriter) writeAndWait(t FrameType, m proto.Message) error {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	end, err := fw.put(t, m)
+	if end == 0 {
+		return err // not taken
+	}
+	for fw.written < end && fw.err == nil {
+		fw.cond.Wait()
+	}
+	if fw.written >= end {
+		return nil
+	}
+	return fw.err
+}
+
+// put appends a frame and, unless another goroutine is flushing, flushes.
+// It returns the offset at which the frame ends (0 if it was not taken)
+// and the writer's error. fw.mu is held.
+func (fw *frameWriter) put(t FrameType, m proto.Message) (uint64, error) {
 	for len(fw.buf) > maxPendingWrite && fw.err == nil && !fw.closed {
 		fw.cond.Wait()
 	}
 	if fw.err != nil {
-		return fw.err
+		return 0, fw.err
 	}
 	if fw.closed {
-		return io.ErrClosedPipe
+		return 0, io.ErrClosedPipe
 	}
+	n := len(fw.buf)
 	var err error
 	fw.buf, err = appendFrame(fw.buf, t, m)
 	if err != nil {
-		return err
+		return 0, err
 	}
+	fw.appended += uint64(len(fw.buf) - n)
+	end := fw.appended
 	if fw.flushing {
-		return nil
+		return end, nil
 	}
 	fw.flushing = true
 	for len(fw.buf) > 0 && fw.err == nil {
@@ -65,12 +101,14 @@ func (fw *frameWriter) write(t FrameType, m proto.Message) error {
 		if err != nil {
 			fw.err = err
 			fw.buf = fw.buf[:0]
+		} else {
+			fw.written += uint64(len(out))
 		}
 		fw.cond.Broadcast()
 	}
 	fw.flushing = false
 	fw.cond.Broadcast()
-	return fw.err
+	return end, fw.err
 }
 
 // close refuses further frames and waits until a write in progress has

@@ -322,10 +322,13 @@ func (ss *sessionStream) finished(l *lane, r *reply) {
 
 // answer writes r's answer and frees its place in the lane.
 func (ss *sessionStream) answer(l *lane, r *reply) {
-	if err := ss.fw.write(r.t, r.msg); err != nil {
-		if b, ok := r.msg.(*h3xpb.EventsBatch); ok && len(b.GetEvents()) > 0 {
+	if b, ok := r.msg.(*h3xpb.EventsBatch); ok && len(b.GetEvents()) > 0 {
+		// A batch the stream did not take is given back at once.
+		if err := ss.fw.writeAndWait(r.t, r.msg); err != nil {
 			ss.c.releaseUnsent(b)
 		}
+	} else {
+		ss.fw.write(r.t, r.msg)
 	}
 	ss.c.inflight.Add(-1)
 	<-l.slots
