@@ -825,12 +825,13 @@ func (d *Delivery) markSettled() bool {
 // the lease has meanwhile passed to another consumer, the server reports it
 // stale and the event is delivered again: never lost, never acked for
 // someone else. It returns an error only if the delivery was already settled
-// or the client is closed.
+// or the client is closed. While 4 × the flush size of settlements wait to
+// be sent (the server unreachable, say), it waits for room, or for Close.
 func (d *Delivery) Ack() error {
 	if err := d.settleOnce(); err != nil {
 		return err
 	}
-	return d.client.acker.add(settleOp{kind: FrameAckEvent, d: d})
+	return d.client.acker.add(context.Background(), settleOp{kind: FrameAckEvent, d: d})
 }
 
 // Nack hands the delivery back for redelivery after delay (to any
@@ -840,7 +841,7 @@ func (d *Delivery) Nack(delay time.Duration) error {
 	if err := d.settleOnce(); err != nil {
 		return err
 	}
-	return d.client.acker.add(settleOp{kind: FrameNackEvent, d: d, delay: delay})
+	return d.client.acker.add(context.Background(), settleOp{kind: FrameNackEvent, d: d, delay: delay})
 }
 
 // Extend pushes the lease deadline to now + dur, for slow work. Batched
@@ -853,7 +854,7 @@ func (d *Delivery) Extend(dur time.Duration) error {
 		return errAlreadySettled
 	}
 	d.deadline = time.Now().Add(dur)
-	return d.client.acker.add(settleOp{kind: FrameExtendLease, d: d, delay: dur})
+	return d.client.acker.add(context.Background(), settleOp{kind: FrameExtendLease, d: d, delay: dur})
 }
 
 // Fetch waits until at least one event is ready in namespaces (default: the
@@ -1053,7 +1054,7 @@ func (c *Client) Granted() Grants {
 // delivered again); settlements the server refused as stale are not errors.
 func (c *Client) Flush(ctx context.Context) error {
 	ch := make(chan error, 1)
-	if err := c.acker.add(settleOp{flush: ch}); err != nil {
+	if err := c.acker.add(ctx, settleOp{flush: ch}); err != nil {
 		return err
 	}
 	select {
@@ -1065,9 +1066,10 @@ func (c *Client) Flush(ctx context.Context) error {
 }
 
 // Close ends the client's subscriptions (closing their channels), flushes
-// pending acks and nacks (for up to 5 s), and closes the connection; the
-// server releases leases still held. It returns the error of that last
-// flush, if any (see Flush). Calls made afterwards return ErrClosed. Close
+// pending acks and nacks (for up to 5 s in all, a send already in progress
+// included), and closes the connection; the server releases leases still
+// held. It returns the error of the flushes it waited for, if any (see
+// Flush). Calls made afterwards return ErrClosed. Close
 // is safe to call more than once and waits for the client's goroutines.
 func (c *Client) Close() error {
 	c.closeOnce.Do(func() {

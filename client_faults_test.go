@@ -208,3 +208,59 @@ func TestPublishAsyncLeavesCallersEvents(t *testing.T) {
 		t.Fatalf("fetched %v, %v; want the first event with ID %s", got, err, res[0].ID)
 	}
 }
+
+// Close keeps its 5 s bound on flushing acks when the server is gone, also
+// for a batch whose send had started before Close (it waited for a
+// connection for up to a minute), and reports that the ack was not sent;
+// Flush honours its context while the ack queue is full.
+func TestAckFlushBoundsWhileDisconnected(t *testing.T) {
+	s := testServer(t)
+	c := mustDial(t, s, "alice", "alice-token", WithBackoff(fastBackoff), WithDialTimeout(200*time.Millisecond), WithAckFlush(1, 5*time.Millisecond))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for range 6 {
+		if _, err := c.Publish(ctx, Event{Namespace: "orders"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var ds []*Delivery
+	for len(ds) < 6 {
+		got, err := c.Fetch(ctx, 6-len(ds), "orders")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ds = append(ds, got...)
+	}
+	s.Close()                           // for good
+	time.Sleep(300 * time.Millisecond)  // the client notices and starts reconnecting
+	if err := ds[0].Ack(); err != nil { // its send waits for a connection
+		t.Fatal(err)
+	}
+	for _, d := range ds[1:5] { // fill the queue (4 × the flush size of 1)
+		if err := d.Ack(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fctx, fcancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer fcancel()
+	within := func(what string, d time.Duration, call func() error) error {
+		t.Helper()
+		done := make(chan error, 1)
+		start := time.Now()
+		go func() { done <- call() }()
+		select {
+		case err := <-done:
+			t.Logf("%s returned after %v: %v", what, time.Since(start).Round(time.Millisecond), err)
+			return err
+		case <-time.After(d):
+			t.Fatalf("%s still waiting after %v", what, d)
+			return nil
+		}
+	}
+	if err := within("Flush with a 300 ms context", 2*time.Second, func() error { return c.Flush(fctx) }); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Flush with a full queue: %v, want the context's error", err)
+	}
+	if err := within("Close", 8*time.Second, c.Close); err == nil {
+		t.Fatal("Close reported no error although the acks were never sent")
+	}
+}

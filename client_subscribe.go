@@ -464,28 +464,47 @@ type settleOp struct {
 // and ExtendLease frames: a batch goes out when full, after the flush
 // interval, or on Close.
 type acker struct {
-	c       *Client
-	ch      chan settleOp
-	stopped chan struct{}
-	mu      sync.Mutex
-	closed  bool
-	subs    map[*Subscription]struct{}
-	timeout time.Duration // bound on the final flush
-	lastErr error         // the final flush's error, for Close
+	c        *Client
+	ch       chan settleOp
+	stopped  chan struct{}
+	stopping chan struct{} // closed when flushAndStop starts
+	// sends is the context of every send: flushAndStop cancels it once its
+	// timeout has passed, so that no send outlives Close's bound.
+	sends      context.Context
+	cancelSend context.CancelFunc
+	adding     sync.WaitGroup // add calls between their closed check and their send
+	mu         sync.Mutex
+	closed     bool
+	subs       map[*Subscription]struct{}
+	timeout    time.Duration // bound on the final flush
+	lastErr    error         // the errors of the flushes since flushAndStop started, for Close
 }
 
 func newAcker(c *Client) *acker {
-	return &acker{c: c, ch: make(chan settleOp, 4*c.cfg.ackFlushSize), stopped: make(chan struct{}), subs: make(map[*Subscription]struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &acker{c: c, ch: make(chan settleOp, 4*c.cfg.ackFlushSize), stopped: make(chan struct{}), stopping: make(chan struct{}),
+		sends: ctx, cancelSend: cancel, subs: make(map[*Subscription]struct{})}
 }
 
-func (a *acker) add(op settleOp) error {
+// add queues op for the next batch. It waits while the queue is full (the
+// batches before it are being sent), until ctx ends or the acker stops.
+func (a *acker) add(ctx context.Context, op settleOp) error {
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	if a.closed {
+		a.mu.Unlock()
 		return ErrClosed
 	}
-	a.ch <- op
-	return nil
+	a.adding.Add(1)
+	a.mu.Unlock()
+	defer a.adding.Done()
+	select {
+	case a.ch <- op:
+		return nil
+	case <-a.stopping:
+		return ErrClosed
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 func (a *acker) addSub(s *Subscription) {
@@ -513,16 +532,26 @@ func (a *acker) stopSubscriptions() {
 	}
 }
 
-// flushAndStop sends what is pending (waiting at most timeout) and stops.
+// flushAndStop sends what is pending and stops, within timeout: a send in
+// progress (waiting for a connection, say) and the final flush together
+// take no longer.
 func (a *acker) flushAndStop(timeout time.Duration) {
 	a.mu.Lock()
-	if !a.closed {
+	first := !a.closed
+	if first {
 		a.closed = true
 		a.timeout = timeout
-		close(a.ch)
+		close(a.stopping)
 	}
 	a.mu.Unlock()
+	if first {
+		a.adding.Wait() // nobody sends on ch after this
+		stop := time.AfterFunc(timeout, a.cancelSend)
+		defer stop.Stop()
+		close(a.ch)
+	}
 	<-a.stopped
+	a.cancelSend()
 }
 
 func (a *acker) run() {
@@ -530,6 +559,7 @@ func (a *acker) run() {
 	var pending []settleOp
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
+	var stopErrs []error
 	flush := func(final bool) error {
 		if len(pending) == 0 {
 			return nil
@@ -538,17 +568,25 @@ func (a *acker) run() {
 		if final {
 			timeout = a.timeout
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		ctx, cancel := context.WithTimeout(a.sends, timeout)
 		err := a.send(ctx, pending)
 		cancel()
 		pending = pending[:0]
+		select {
+		case <-a.stopping: // Close is waiting: it reports this
+			if err != nil {
+				stopErrs = append(stopErrs, err)
+			}
+		default:
+		}
 		return err
 	}
 	for {
 		select {
 		case op, ok := <-a.ch:
 			if !ok {
-				a.lastErr = flush(true)
+				flush(true)
+				a.lastErr = errors.Join(stopErrs...)
 				return
 			}
 			if op.flush != nil {
