@@ -749,8 +749,7 @@ func (c *Client) asyncWorker(a asyncPublish) {
 	defer c.wg.Done()
 	for {
 		c.runAsync(a)
-		if c.idle.Add(1) > maxIdleAsyncWorkers {
-			c.idle.Add(-1)
+		if !c.becomeIdle() {
 			return
 		}
 		select {
@@ -759,6 +758,20 @@ func (c *Client) asyncWorker(a asyncPublish) {
 		case <-c.closed:
 			c.idle.Add(-1)
 			return
+		}
+	}
+}
+
+// becomeIdle counts a worker as idle unless maxIdleAsyncWorkers already are
+// (the count never goes above it, even for a moment).
+func (c *Client) becomeIdle() bool {
+	for {
+		n := c.idle.Load()
+		if n >= maxIdleAsyncWorkers {
+			return false
+		}
+		if c.idle.CompareAndSwap(n, n+1) {
+			return true
 		}
 	}
 }

@@ -284,6 +284,10 @@ func (cc *clientConn) putFetchStream(s *rpcStream) {
 	s.finish()
 }
 
+// closeWriteWait bounds how long closing a connection waits for the
+// writes in progress on its streams.
+const closeWriteWait = time.Second
+
 // close ends the connection: it finishes the streams' send sides, closes
 // the connection and waits for the connection's goroutines.
 func (cc *clientConn) close() {
@@ -292,12 +296,17 @@ func (cc *clientConn) close() {
 
 func (cc *clientConn) doClose() {
 	cc.streamsMu.Lock()
+	// A write the server's flow control holds back ends within
+	// closeWriteWait (the connection is closed only after the writes).
+	deadline := time.Now().Add(closeWriteWait)
 	for _, s := range cc.streams {
 		if s != nil {
+			s.st.SetWriteDeadline(deadline)
 			s.fw.close()
 		}
 	}
 	for _, s := range cc.idleFetch {
+		s.st.SetWriteDeadline(deadline)
 		s.fw.close()
 	}
 	cc.streamsMu.Unlock()
@@ -367,7 +376,7 @@ func (s *rpcStream) alive() bool {
 
 // call sends a request and waits for its answer or the end of ctx.
 func (s *rpcStream) call(ctx context.Context, id uint64, t FrameType, m proto.Message) (rpcAnswer, error) {
-	ch, err := s.start(id, t, m, nil)
+	ch, err := s.start(ctx, id, t, m, nil)
 	if err != nil {
 		return rpcAnswer{}, err
 	}
@@ -383,7 +392,7 @@ func (s *rpcStream) call(ctx context.Context, id uint64, t FrameType, m proto.Me
 // start sends a request and returns the channel its answer (or the
 // stream's failure) will arrive on; before, if not nil, runs first (see
 // pendingCall).
-func (s *rpcStream) start(id uint64, t FrameType, m proto.Message, before func(*rpcAnswer)) (<-chan rpcAnswer, error) {
+func (s *rpcStream) start(ctx context.Context, id uint64, t FrameType, m proto.Message, before func(*rpcAnswer)) (<-chan rpcAnswer, error) {
 	ch := make(chan rpcAnswer, 1)
 	s.mu.Lock()
 	if s.err != nil {
@@ -392,8 +401,17 @@ func (s *rpcStream) start(id uint64, t FrameType, m proto.Message, before func(*
 	}
 	s.pending[id] = pendingCall{ch: ch, before: before}
 	s.mu.Unlock()
-	if err := s.fw.write(t, m); err != nil {
+	if err := s.fw.writeCtx(ctx, t, m); err != nil {
 		s.forget(id)
+		if s.fw.failed() {
+			// The stream's send side is broken (an interrupted write may
+			// have sent part of a frame): end it, so that its calls fail
+			// over and the next ones open another stream.
+			s.abort()
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
 		return nil, fmt.Errorf("%w: %w", errStreamFailed, connError(err))
 	}
 	return ch, nil

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"strings"
 	"testing"
 	"time"
 
@@ -262,5 +263,56 @@ func TestAckFlushBoundsWhileDisconnected(t *testing.T) {
 	}
 	if err := within("Close", 8*time.Second, c.Close); err == nil {
 		t.Fatal("Close reported no error although the acks were never sent")
+	}
+}
+
+// A server whose handler stalls (it accepts streams and never reads them,
+// so QUIC flow control blocks the client's writes) does not make a
+// Publish outlive its context, nor Close hang.
+func TestPublishHonoursContextWhenServerStopsReading(t *testing.T) {
+	addr := fakeServer(t, func(qc *quic.Conn) {
+		if _, err := fakeAuth(qc); err != nil {
+			return
+		}
+		for { // accept streams, never read them
+			if _, err := qc.AcceptStream(context.Background()); err != nil {
+				return
+			}
+		}
+	})
+	dctx, dcancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer dcancel()
+	c, err := Dial(dctx, addr, WithCredentials("alice", "x"), WithInsecureSkipVerify())
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := strings.Repeat("x", 900<<10)
+	const calls = 8
+	done := make(chan error, calls)
+	start := time.Now()
+	for range calls {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+			_, err := c.Publish(ctx, Event{Namespace: "orders", Message: big})
+			done <- err
+		}()
+	}
+	for i := range calls {
+		select {
+		case err := <-done:
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("Publish %d: %v, want the context's deadline", i, err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d of %d Publish calls with a 1 s context still waiting after %v", calls-i, calls, time.Since(start))
+		}
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- c.Close() }()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close still waiting after 10 s")
 	}
 }

@@ -235,7 +235,7 @@ func (s *Subscription) run(ctx context.Context) {
 			cc, st = next, ns
 		}
 		id := c.reqID.Add(1)
-		ch, err := st.start(id, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: id, Namespaces: s.namespaces, Limit: uint32(n), MaxWaitMs: durationMs(fetchWait(ctx))},
+		ch, err := st.start(ctx, id, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: id, Namespaces: s.namespaces, Limit: uint32(n), MaxWaitMs: durationMs(fetchWait(ctx))},
 			func(a *rpcAnswer) { s.handOut(a, n) })
 		if err != nil {
 			return err

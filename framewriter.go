@@ -1,8 +1,10 @@
 package h3x
 
 import (
+	"context"
 	"io"
 	"sync"
+	"time"
 
 	"google.golang.org/protobuf/proto"
 )
@@ -29,7 +31,16 @@ type frameWriter struct {
 	// stream has accepted: a frame ending at offset n is out once written
 	// >= n (see writeAndWait).
 	appended, written uint64
+
+	// The write in progress, for writeCtx's interruption (guarded by dlMu).
+	dlMu        sync.Mutex
+	writes      uint64 // Writes started with a context
+	writing     uint64 // the one in progress (0: none)
+	deadlineSet bool
 }
+
+// deadliner is a stream whose blocked writes a deadline can end.
+type deadliner interface{ SetWriteDeadline(time.Time) error }
 
 func newFrameWriter(w io.Writer) *frameWriter {
 	fw := &frameWriter{w: w}
@@ -42,7 +53,32 @@ func newFrameWriter(w io.Writer) *frameWriter {
 func (fw *frameWriter) write(t FrameType, m proto.Message) error {
 	fw.mu.Lock()
 	defer fw.mu.Unlock()
-	_, err := fw.put(t, m)
+	_, err := fw.put(nil, t, m)
+	return err
+}
+
+// writeCtx is write for a caller whose context may end first: it stops
+// waiting for room in the buffer when ctx ends (nothing written), and if
+// it is flushing, an end of ctx interrupts the stream's Write (with a
+// write deadline, when the stream has them). An interrupted Write may have
+// written part of a frame, so it fails the writer for good, like any write
+// error: the caller gets ctx's error and should abandon the stream.
+func (fw *frameWriter) writeCtx(ctx context.Context, t FrameType, m proto.Message) error {
+	if ctx.Done() == nil {
+		return fw.write(t, m)
+	}
+	stop := context.AfterFunc(ctx, func() {
+		fw.mu.Lock()
+		fw.cond.Broadcast() // a wait for room rechecks ctx
+		fw.mu.Unlock()
+	})
+	defer stop()
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	_, err := fw.put(ctx, t, m)
+	if err != nil && ctx.Err() != nil {
+		return ctx.Err()
+	}
 	return err
 }
 
@@ -54,7 +90,7 @@ func (fw *frameWriter) write(t FrameType, m proto.Message) error {
 func (fw *frameWriter) writeAndWait(t FrameType, m proto.Message) error {
 	fw.mu.Lock()
 	defer fw.mu.Unlock()
-	end, err := fw.put(t, m)
+	end, err := fw.put(nil, t, m)
 	if end == 0 {
 		return err // not taken
 	}
@@ -69,9 +105,13 @@ func (fw *frameWriter) writeAndWait(t FrameType, m proto.Message) error {
 
 // put appends a frame and, unless another goroutine is flushing, flushes.
 // It returns the offset at which the frame ends (0 if it was not taken)
-// and the writer's error. fw.mu is held.
-func (fw *frameWriter) put(t FrameType, m proto.Message) (uint64, error) {
+// and the writer's error. fw.mu is held. With a ctx (writeCtx), it gives
+// up waiting for room when ctx ends, and its Writes can be interrupted.
+func (fw *frameWriter) put(ctx context.Context, t FrameType, m proto.Message) (uint64, error) {
 	for len(fw.buf) > maxPendingWrite && fw.err == nil && !fw.closed {
+		if ctx != nil && ctx.Err() != nil {
+			return 0, ctx.Err()
+		}
 		fw.cond.Wait()
 	}
 	if fw.err != nil {
@@ -96,7 +136,7 @@ func (fw *frameWriter) put(t FrameType, m proto.Message) (uint64, error) {
 		fw.buf, fw.spare = fw.spare[:0], fw.buf
 		out := fw.spare
 		fw.mu.Unlock()
-		_, err := fw.w.Write(out)
+		_, err := fw.writeOut(ctx, out)
 		fw.mu.Lock()
 		if err != nil {
 			fw.err = err
@@ -111,6 +151,13 @@ func (fw *frameWriter) put(t FrameType, m proto.Message) (uint64, error) {
 	return end, fw.err
 }
 
+// failed reports whether a write has failed (for good).
+func (fw *frameWriter) failed() bool {
+	fw.mu.Lock()
+	defer fw.mu.Unlock()
+	return fw.err != nil
+}
+
 // close refuses further frames and waits until a write in progress has
 // finished, so everything written before close is on the stream.
 func (fw *frameWriter) close() {
@@ -121,4 +168,39 @@ func (fw *frameWriter) close() {
 		fw.cond.Wait()
 	}
 	fw.cond.Broadcast()
+}
+
+// writeOut writes out to the stream; with a ctx, its end interrupts the
+// write (see writeCtx).
+func (fw *frameWriter) writeOut(ctx context.Context, out []byte) (int, error) {
+	d, ok := fw.w.(deadliner)
+	if ctx == nil || !ok {
+		return fw.w.Write(out)
+	}
+	fw.dlMu.Lock()
+	fw.writes++
+	this := fw.writes
+	fw.writing = this
+	fw.dlMu.Unlock()
+	stop := context.AfterFunc(ctx, func() {
+		fw.dlMu.Lock()
+		defer fw.dlMu.Unlock()
+		if fw.writing == this { // not a later Write's
+			d.SetWriteDeadline(time.Now())
+			fw.deadlineSet = true
+		}
+	})
+	n, err := fw.w.Write(out)
+	stop()
+	fw.dlMu.Lock()
+	fw.writing = 0
+	if fw.deadlineSet {
+		d.SetWriteDeadline(time.Time{})
+		fw.deadlineSet = false
+	}
+	fw.dlMu.Unlock()
+	if err == nil && ctx.Err() != nil && n < len(out) {
+		err = ctx.Err()
+	}
+	return n, err
 }
