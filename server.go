@@ -382,15 +382,20 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	if !s.beginClose() {
 		return s.waitDone(ctx)
 	}
-	for _, c := range s.connList() {
-		c.goAway("server shutting down")
+	// GoAway goes out on every connection at once (a client that does not
+	// read its control stream holds its write for up to 5 s), within ctx.
+	var ctxErr error
+	sent := s.sendGoAways("server shutting down")
+	select {
+	case <-sent:
+	case <-ctx.Done():
+		ctxErr = ctx.Err()
 	}
 	// Wait until every connection is idle (no request in flight) or gone.
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
-	var ctxErr error
 wait:
-	for {
+	for ctxErr == nil {
 		busy := false
 		for _, c := range s.connList() {
 			if c.inflight.Load() > 0 {
@@ -408,11 +413,33 @@ wait:
 		case <-tick.C:
 		}
 	}
-	s.finishClose()
-	if ctxErr != nil {
-		return ctxErr
+	s.finishClose() // also ends GoAway writes still waiting
+	<-sent
+	return ctxErr
+}
+
+// goAwayWorkers bounds the goroutines writing GoAway frames at Shutdown.
+const goAwayWorkers = 64
+
+// sendGoAways sends GoAway to every connection with goAwayWorkers
+// goroutines and returns a channel closed when all are done.
+func (s *Server) sendGoAways(reason string) <-chan struct{} {
+	conns := s.connList()
+	done := make(chan struct{})
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(goAwayWorkers, len(conns)) {
+		wg.Go(func() {
+			for i := next.Add(1) - 1; i < int64(len(conns)); i = next.Add(1) - 1 {
+				conns[i].goAway(reason)
+			}
+		})
 	}
-	return nil
+	go func() {
+		wg.Wait()
+		close(done)
+	}()
+	return done
 }
 
 // DropConnections closes every client connection at once, without a

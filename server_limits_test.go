@@ -249,3 +249,34 @@ func TestServerRefusesUndeliverableEvents(t *testing.T) {
 		t.Fatalf("dead-lettered event: %d bytes, metadata %v", len(dl[0].Event.Data), dl[0].Event.Metadata)
 	}
 }
+
+// Shutdown keeps to its context when clients do not read their control
+// streams (each GoAway write waits for flow control): it sends GoAway to
+// every connection at once and returns ctx's error once ctx ends.
+func TestShutdownBoundedByContext(t *testing.T) {
+	s := testServer(t)
+	const conns = 3
+	for range conns {
+		rc := rawDial(t, s)
+		rc.auth("alice", "alice-token")
+		ping := frameBytes(t, FramePing, &h3xpb.Ping{Sequence: 1, SentUnixNano: time.Now().UnixNano()})
+		var b []byte
+		for len(b) < 1<<20 {
+			b = append(b, ping...)
+		}
+		go rc.ctrl.Write(b) // Pings whose Pongs are never read
+	}
+	time.Sleep(time.Second) // the Pongs fill the control streams
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	err := s.Shutdown(ctx)
+	took := time.Since(start)
+	t.Logf("Shutdown returned %v after %v", err, took.Round(time.Millisecond))
+	if took > 2*time.Second {
+		t.Fatalf("Shutdown with a 500 ms context took %v", took)
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Shutdown: %v, want the context's error", err)
+	}
+}
