@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math"
 	"net"
 	"runtime"
 	"slices"
@@ -100,6 +99,7 @@ type serverConn struct {
 
 	unackedMu sync.Mutex
 	unacked   map[string]time.Time // delivered, unsettled event id → lease deadline; made on first delivery
+	reserved  int                  // room taken by fetches leasing now (reserve), not yet in unacked
 	unackedCh chan struct{}        // closed and cleared when deliveries are settled; made when first asked for
 }
 
@@ -185,16 +185,18 @@ func (c *serverConn) releaseUnsent(b *h3xpb.EventsBatch) {
 	c.settled(ids)
 }
 
-// capacity returns how many more deliveries the session may hold and, when
-// that is none, a channel closed when it may grow.
-func (c *serverConn) capacity() (int, <-chan struct{}) {
+// reserve takes room for up to limit more deliveries (fetches on other
+// streams cannot take it meanwhile) and returns how much it took; with no
+// room, it returns 0 and a channel closed when room may have been freed.
+// The fetch gives the room back with delivered (or unreserve).
+func (c *serverConn) reserve(limit int) (int, <-chan struct{}) {
 	max := c.srv.cfg.maxUnacked
 	if max == 0 {
-		return math.MaxInt32, nil
+		return limit, nil
 	}
 	c.unackedMu.Lock()
 	defer c.unackedMu.Unlock()
-	if len(c.unacked) >= max {
+	if len(c.unacked)+c.reserved >= max {
 		now := time.Now()
 		for id, dl := range c.unacked {
 			if !now.Before(dl) {
@@ -202,22 +204,39 @@ func (c *serverConn) capacity() (int, <-chan struct{}) {
 			}
 		}
 	}
-	room := max - len(c.unacked)
-	if room > 0 {
-		return room, nil
+	if room := max - len(c.unacked) - c.reserved; room > 0 {
+		n := min(limit, room)
+		c.reserved += n
+		return n, nil
 	}
 	if c.unackedCh == nil {
 		c.unackedCh = make(chan struct{})
 	}
-	return room, c.unackedCh
+	return 0, c.unackedCh
 }
 
-// delivered records deliveries handed to the session.
-func (c *serverConn) delivered(leases []Lease) {
+// unreserve gives back room reserve took that no delivery used.
+func (c *serverConn) unreserve(n int) {
+	if c.srv.cfg.maxUnacked == 0 || n == 0 {
+		return
+	}
+	c.unackedMu.Lock()
+	c.reserved -= n
+	if c.unackedCh != nil {
+		close(c.unackedCh)
+		c.unackedCh = nil
+	}
+	c.unackedMu.Unlock()
+}
+
+// delivered records deliveries handed to the session, in place of the room
+// reserved for them (reserved, from reserve).
+func (c *serverConn) delivered(leases []Lease, reserved int) {
 	if c.srv.cfg.maxUnacked == 0 {
 		return
 	}
 	c.unackedMu.Lock()
+	c.reserved -= reserved
 	if c.unacked == nil {
 		c.unacked = make(map[string]time.Time, len(leases))
 	}
@@ -225,6 +244,23 @@ func (c *serverConn) delivered(leases []Lease) {
 		c.unacked[leases[i].Event.ID] = leases[i].Deadline
 	}
 	c.unackedMu.Unlock()
+}
+
+// extended records the new deadline of deliveries whose lease was extended.
+func (c *serverConn) extended(refs []LeaseRef, results []SettleResult, until time.Time) {
+	if c.srv.cfg.maxUnacked == 0 {
+		return
+	}
+	c.unackedMu.Lock()
+	defer c.unackedMu.Unlock()
+	for i, r := range results {
+		if r.Status != SettleOK || i >= len(refs) {
+			continue
+		}
+		if _, ok := c.unacked[refs[i].ID]; ok {
+			c.unacked[refs[i].ID] = until
+		}
+	}
 }
 
 // settled forgets settled deliveries (acked or nacked) and wakes fetches

@@ -186,7 +186,7 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 	deadline := time.Now().Add(wait)
 	req := LeaseRequest{Holder: c.id, Namespaces: namespaces, Limit: limit, MaxBytes: maxBytes, AckDeadline: cfg.ackDeadline}
 	for {
-		room, more := c.capacity()
+		room, more := c.reserve(limit)
 		if room <= 0 {
 			// At the unacked cap: wait for settlements (or the deadline).
 			if !time.Now().Before(deadline) || c.srv.shutdownCtx.Err() != nil {
@@ -204,9 +204,10 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 			}
 			continue
 		}
-		req.Limit = min(limit, room)
+		req.Limit = room
 		leases, err := c.srv.queue.Lease(ctx, req)
 		if err != nil {
+			c.unreserve(room)
 			if ctx.Err() != nil {
 				return FrameError, errorToWire(ErrShuttingDown, rid)
 			}
@@ -217,10 +218,11 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 			leases = ss.linger(ctx, req, leases)
 		}
 		if len(leases) > 0 {
-			c.delivered(leases)
+			c.delivered(leases, room)
 			reportDelivered(c.srv.cfg.hooks, leases, time.Since(deadline.Add(-wait)))
 			return FrameEventsBatch, batchFromLeases(rid, leases)
 		}
+		c.unreserve(room) // not held while parked
 		if !time.Now().Before(deadline) || c.srv.shutdownCtx.Err() != nil || c.goingAway.Load() {
 			return FrameEventsBatch, &h3xpb.EventsBatch{RequestId: rid}
 		}

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/quic-go/quic-go"
+
 	"github.com/h3x-io/h3x/proto/h3xpb"
 )
 
@@ -278,5 +280,82 @@ func TestShutdownBoundedByContext(t *testing.T) {
 	}
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Shutdown: %v, want the context's error", err)
+	}
+}
+
+// WithMaxUnacked bounds a connection's unsettled deliveries across its
+// streams: long polls parked on several streams reserve room before they
+// lease, so together they never take more than the cap.
+func TestMaxUnackedAcrossStreams(t *testing.T) {
+	const maxUnacked = 5
+	s := testServer(t, WithMaxUnacked(maxUnacked), WithFetchLinger(200*time.Millisecond))
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	const streams = 4
+	var sts []*quic.Stream
+	for range streams {
+		st := rc.stream(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 1, Namespaces: []string{"orders"}, Limit: maxUnacked, MaxWaitMs: 1500}), false)
+		st.SetReadDeadline(time.Now().Add(15 * time.Second))
+		sts = append(sts, st)
+	}
+	time.Sleep(200 * time.Millisecond) // the polls park
+	pub := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for range 20 {
+		if _, err := pub.Publish(ctx, Event{Namespace: "orders"}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond) // spread over the lingering polls
+	}
+	total := 0
+	for _, st := range sts {
+		var b h3xpb.EventsBatch
+		if err := newFrameReader(st, DefaultMaxFrameSize).readMessage(FrameEventsBatch, &b); err != nil {
+			t.Fatal(err)
+		}
+		total += len(b.GetEvents())
+	}
+	if total > maxUnacked {
+		t.Fatalf("one connection with WithMaxUnacked(%d) got %d unsettled deliveries", maxUnacked, total)
+	}
+	if total == 0 {
+		t.Fatal("no delivery at all")
+	}
+}
+
+// An extended lease keeps its place under WithMaxUnacked until its new
+// deadline: fetch, extend and wait past the original deadline does not
+// let a connection hold more live leases than the cap.
+func TestMaxUnackedCountsExtendedLeases(t *testing.T) {
+	const maxUnacked = 5
+	s := testServer(t, WithMaxUnacked(maxUnacked), WithAckDeadline(500*time.Millisecond))
+	c := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	evs := make([]Event, 20)
+	for i := range evs {
+		evs[i] = Event{Namespace: "orders"}
+	}
+	if _, err := c.Publish(ctx, evs...); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		fctx, fcancel := context.WithTimeout(ctx, time.Second)
+		ds, _ := c.Fetch(fctx, maxUnacked, "orders")
+		fcancel()
+		if len(ds) > 0 {
+			if _, err := c.Extend(ctx, time.Minute, ds...); err != nil {
+				t.Fatal(err)
+			}
+		}
+		time.Sleep(700 * time.Millisecond) // past the original deadline
+	}
+	st, err := s.queue.Stats(ctx, "orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st[0].Leased > maxUnacked {
+		t.Fatalf("one connection with WithMaxUnacked(%d) holds %d live leases", maxUnacked, st[0].Leased)
 	}
 }

@@ -226,7 +226,12 @@ func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []by
 		}
 		work = func() (FrameType, proto.Message) {
 			return ss.settle(ctx, t, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
-				return ss.c.srv.queue.Extend(context.WithoutCancel(ctx), ss.c.id, refs, d)
+				until := time.Now().Add(d)
+				res, err := ss.c.srv.queue.Extend(context.WithoutCancel(ctx), ss.c.id, refs, d)
+				if err == nil {
+					ss.c.extended(refs, res, until)
+				}
+				return res, err
 			})
 		}
 	}
