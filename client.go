@@ -274,6 +274,8 @@ type Client struct {
 	closeOnce sync.Once
 	closing   atomic.Bool
 	wg        sync.WaitGroup // the supervisor, the acker, subscriptions, async publishes
+	wgMu      sync.Mutex     // orders goOwned's Add before Close's Wait
+	wgClosed  bool           // Close is waiting for wg: no more goroutines
 	stateMu   sync.Mutex     // serializes state callbacks
 }
 
@@ -724,10 +726,28 @@ func (c *Client) PublishAsync(ctx context.Context, events ...Event) *PublishCall
 	case c.asyncs <- a:
 		// An idle worker took it.
 	default:
-		c.wg.Add(1)
-		go c.asyncWorker(a)
+		if !c.goOwned(func() { c.asyncWorker(a) }) {
+			p.err = ErrClosed
+			close(p.done)
+		}
 	}
 	return p
+}
+
+// goOwned runs f in a goroutine Close waits for, unless Close is already
+// waiting (then it reports false and f does not run).
+func (c *Client) goOwned(f func()) bool {
+	c.wgMu.Lock()
+	defer c.wgMu.Unlock()
+	if c.wgClosed {
+		return false
+	}
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		f()
+	}()
+	return true
 }
 
 // asyncPublish is one PublishAsync call.
@@ -746,7 +766,6 @@ const maxIdleAsyncWorkers = 4
 // asyncWorker runs a, then the calls handed to it while it is idle, until
 // the client closes or enough other workers are idle.
 func (c *Client) asyncWorker(a asyncPublish) {
-	defer c.wg.Done()
 	for {
 		c.runAsync(a)
 		if !c.becomeIdle() {
@@ -1091,10 +1110,15 @@ func (c *Client) Close() error {
 		c.acker.flushAndStop(5 * time.Second)
 		close(c.closed)
 		c.cancel()
+		c.wgMu.Lock()
+		c.wgClosed = true
+		c.wgMu.Unlock()
+		c.wg.Wait()
+		// Read after the supervisor has ended: a reconnect that finished
+		// as Close began has installed its connection by then.
 		c.mu.Lock()
 		cc := c.cc
 		c.mu.Unlock()
-		c.wg.Wait()
 		if cc != nil {
 			cc.close()
 		}

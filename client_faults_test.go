@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -314,5 +315,44 @@ func TestPublishHonoursContextWhenServerStopsReading(t *testing.T) {
 	case <-closed:
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close still waiting after 10 s")
+	}
+}
+
+// Close racing PublishAsync, Subscribe and a reconnect: every goroutine
+// the client starts is one Close waits for (no WaitGroup Add after its
+// Wait), and a connection a reconnect installs as Close begins is closed
+// too (goleak in TestMain catches one left open). A stress test: the races
+// it covers need the right interleaving, which 20 rounds under -race
+// usually produce.
+func TestCloseRacesReconnectAndNewWork(t *testing.T) {
+	s := testServer(t)
+	for round := range 20 {
+		c := mustDial(t, s, "alice", "alice-token", WithBackoff(fastBackoff))
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		var wg sync.WaitGroup
+		wg.Go(func() {
+			for i := 0; ctx.Err() == nil && i < 200; i++ {
+				p := c.PublishAsync(ctx, Event{Namespace: "orders"})
+				if sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{}); err == nil {
+					sub.Close()
+				}
+				if _, err := p.Result(); errors.Is(err, ErrClosed) {
+					return
+				}
+			}
+		})
+		if round%2 == 0 {
+			s.DropConnections() // a reconnect runs while Close starts
+		}
+		time.Sleep(time.Duration(round%5) * time.Millisecond)
+		done := make(chan error, 1)
+		go func() { done <- c.Close() }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("round %d: Close still waiting after 10 s", round)
+		}
+		cancel()
+		wg.Wait()
 	}
 }

@@ -81,12 +81,15 @@ func (c *Client) Subscribe(ctx context.Context, namespaces []string, opts Subscr
 		s.credits <- struct{}{}
 	}
 	c.acker.addSub(s)
-	c.wg.Add(1)
-	go func() {
-		defer c.wg.Done()
+	if !c.goOwned(func() {
 		defer stop()
 		s.run(ctx)
-	}()
+	}) {
+		c.acker.removeSub(s)
+		stop()
+		cancel()
+		return nil, ErrClosed
+	}
 	return s, nil
 }
 
