@@ -9,16 +9,17 @@ import (
 // tokenBucket is a token bucket: it holds up to burst tokens and gains rate
 // tokens per second; publishing an event takes one token.
 type tokenBucket struct {
-	mu     sync.Mutex
-	rate   float64 // tokens per second
-	burst  float64
-	tokens float64
-	last   time.Time
+	mu       sync.Mutex
+	rate     float64 // tokens per second
+	burst    float64
+	tokens   float64
+	last     time.Time // of the last refill
+	lastTake time.Time
 }
 
 func newTokenBucket(rate float64, burst int, now time.Time) *tokenBucket {
 	b := float64(max(burst, 1))
-	return &tokenBucket{rate: rate, burst: b, tokens: b, last: now}
+	return &tokenBucket{rate: rate, burst: b, tokens: b, last: now, lastTake: now}
 }
 
 func (b *tokenBucket) refill(now time.Time) {
@@ -34,6 +35,7 @@ func (b *tokenBucket) take(now time.Time, n int) (int, time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.refill(now)
+	b.lastTake = now
 	got := min(n, int(b.tokens))
 	b.tokens -= float64(got)
 	if got == n {
@@ -74,12 +76,21 @@ func WithRateLimit(namespace string, l RateLimit) ServerOption {
 	})
 }
 
-// limiters holds the server's token buckets, made on first use.
+// limiters holds the server's token buckets, made on first use. Buckets
+// that have been full and unused for bucketIdle are dropped once there are
+// many (a full bucket is what a new one starts as), so namespaces and
+// clients that come and go, under a "*" limit, do not accumulate.
 type limiters struct {
-	cfg     map[string]RateLimit
-	mu      sync.Mutex
-	buckets map[string]*tokenBucket
+	cfg       map[string]RateLimit
+	mu        sync.Mutex
+	buckets   map[string]*tokenBucket
+	nextSweep int // the bucket count that triggers the next sweep
 }
+
+const (
+	bucketIdle     = time.Minute
+	bucketSweepMin = 4096
+)
 
 func (l *limiters) bucket(key string, rate float64, burst int, now time.Time) *tokenBucket {
 	l.mu.Lock()
@@ -93,9 +104,27 @@ func (l *limiters) bucket(key string, rate float64, burst int, now time.Time) *t
 		if l.buckets == nil {
 			l.buckets = make(map[string]*tokenBucket)
 		}
+		if len(l.buckets) >= max(l.nextSweep, bucketSweepMin) {
+			l.sweep(now)
+		}
 		l.buckets[key] = b
 	}
 	return b
+}
+
+// sweep drops the buckets that are full and unused for bucketIdle. l.mu is
+// held.
+func (l *limiters) sweep(now time.Time) {
+	for key, b := range l.buckets {
+		b.mu.Lock()
+		b.refill(now)
+		idle := b.tokens >= b.burst && now.Sub(b.lastTake) >= bucketIdle
+		b.mu.Unlock()
+		if idle {
+			delete(l.buckets, key)
+		}
+	}
+	l.nextSweep = 2 * len(l.buckets)
 }
 
 // allow decides how many of n events client may publish to ns now; when

@@ -272,3 +272,35 @@ func TestQueueFullIsRetried(t *testing.T) {
 		t.Fatalf("Publish after room was made: %v", err)
 	}
 }
+
+// Under a "*" limit every namespace gets a bucket; buckets full and unused
+// for a minute are dropped once there are many, so namespaces that come
+// and go do not accumulate, and dropping one changes nothing (a new bucket
+// starts full).
+func TestLimiterBucketsDoNotAccumulate(t *testing.T) {
+	l := &limiters{cfg: map[string]RateLimit{"*": {Rate: 10, Burst: 5}}}
+	sess := &Session{ClientID: "c"}
+	t0 := time.Unix(1_700_000_000, 0)
+	for i := range 3 * bucketSweepMin {
+		now := t0.Add(time.Duration(i) * 50 * time.Millisecond) // 150 s in all
+		if got, _, _ := l.allow(sess, fmt.Sprint("ns-", i), 1, now); got != 1 {
+			t.Fatalf("namespace %d: %d of 1 allowed", i, got)
+		}
+	}
+	// Every namespace used within the last minute keeps its bucket: 1,200
+	// of them; the sweeps drop the older ones.
+	if n := len(l.buckets); n > 2*bucketSweepMin {
+		t.Fatalf("%d buckets kept for %d namespaces seen over 150 s", n, 3*bucketSweepMin)
+	}
+	// A namespace in use keeps its bucket (and its debt).
+	busy := t0.Add(200 * time.Second)
+	if got, _, _ := l.allow(sess, "busy", 5, busy); got != 5 {
+		t.Fatalf("busy: %d of 5", got)
+	}
+	for i := range 2 * bucketSweepMin {
+		l.allow(sess, fmt.Sprint("later-", i), 1, busy.Add(time.Duration(i)*time.Microsecond))
+	}
+	if got, _, _ := l.allow(sess, "busy", 5, busy.Add(10*time.Millisecond)); got != 0 {
+		t.Fatalf("busy, just after emptying its bucket: %d allowed, want 0 (its bucket must survive a sweep)", got)
+	}
+}

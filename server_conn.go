@@ -150,17 +150,30 @@ func (l connLogger) Info(msg string, args ...any)  { l.log(slog.LevelInfo, msg, 
 func (l connLogger) Warn(msg string, args ...any)  { l.log(slog.LevelWarn, msg, args...) }
 func (l connLogger) Error(msg string, args ...any) { l.log(slog.LevelError, msg, args...) }
 
+// noticeInterval is the least time between two RateLimitNotices of one
+// namespace on one connection.
+const noticeInterval = 100 * time.Millisecond
+
 // notifyRateLimit sends a RateLimitNotice, at most one per namespace per
-// 100 ms.
+// noticeInterval.
 func (c *serverConn) notifyRateLimit(ns string, retryAfter time.Duration, l RateLimit) {
 	now := time.Now()
 	c.noticeMu.Lock()
 	if c.lastNotice == nil {
 		c.lastNotice = make(map[string]time.Time)
 	}
-	if now.Sub(c.lastNotice[ns]) < 100*time.Millisecond {
+	if now.Sub(c.lastNotice[ns]) < noticeInterval {
 		c.noticeMu.Unlock()
 		return
+	}
+	if len(c.lastNotice) >= 64 {
+		// Entries older than the interval decide nothing: keep the map to
+		// the namespaces noticed lately.
+		for k, at := range c.lastNotice {
+			if now.Sub(at) >= noticeInterval {
+				delete(c.lastNotice, k)
+			}
+		}
 	}
 	c.lastNotice[ns] = now
 	c.noticeMu.Unlock()
