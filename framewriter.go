@@ -32,9 +32,9 @@ type frameWriter struct {
 	// >= n (see writeAndWait).
 	appended, written uint64
 
-	// The write in progress, for writeCtx's interruption (guarded by dlMu).
+	// The flush in progress, for writeCtx's interruption (guarded by dlMu).
 	dlMu        sync.Mutex
-	writes      uint64 // Writes started with a context
+	writes      uint64 // flushes made interruptible (interruptible)
 	writing     uint64 // the one in progress (0: none)
 	deadlineSet bool
 }
@@ -67,14 +67,20 @@ func (fw *frameWriter) writeCtx(ctx context.Context, t FrameType, m proto.Messag
 	if ctx.Done() == nil {
 		return fw.write(t, m)
 	}
-	stop := context.AfterFunc(ctx, func() {
-		fw.mu.Lock()
-		fw.cond.Broadcast() // a wait for room rechecks ctx
-		fw.mu.Unlock()
-	})
-	defer stop()
+	if err := ctx.Err(); err != nil {
+		return err // nothing written
+	}
 	fw.mu.Lock()
 	defer fw.mu.Unlock()
+	if len(fw.buf) > maxPendingWrite {
+		// put will wait for room: wake it when ctx ends.
+		stop := context.AfterFunc(ctx, func() {
+			fw.mu.Lock()
+			fw.cond.Broadcast()
+			fw.mu.Unlock()
+		})
+		defer stop()
+	}
 	_, err := fw.put(ctx, t, m)
 	if err != nil && ctx.Err() != nil {
 		return ctx.Err()
@@ -132,11 +138,14 @@ func (fw *frameWriter) put(ctx context.Context, t FrameType, m proto.Message) (u
 		return end, nil
 	}
 	fw.flushing = true
+	if ctx != nil {
+		defer fw.interruptible(ctx)()
+	}
 	for len(fw.buf) > 0 && fw.err == nil {
 		fw.buf, fw.spare = fw.spare[:0], fw.buf
 		out := fw.spare
 		fw.mu.Unlock()
-		_, err := fw.writeOut(ctx, out)
+		_, err := fw.w.Write(out)
 		fw.mu.Lock()
 		if err != nil {
 			fw.err = err
@@ -170,12 +179,13 @@ func (fw *frameWriter) close() {
 	fw.cond.Broadcast()
 }
 
-// writeOut writes out to the stream; with a ctx, its end interrupts the
-// write (see writeCtx).
-func (fw *frameWriter) writeOut(ctx context.Context, out []byte) (int, error) {
+// interruptible makes the end of ctx interrupt the flusher's Writes (with
+// a write deadline, if the stream has them) until the returned function is
+// called; see writeCtx. fw.mu is held.
+func (fw *frameWriter) interruptible(ctx context.Context) func() {
 	d, ok := fw.w.(deadliner)
-	if ctx == nil || !ok {
-		return fw.w.Write(out)
+	if !ok {
+		return func() {}
 	}
 	fw.dlMu.Lock()
 	fw.writes++
@@ -185,22 +195,19 @@ func (fw *frameWriter) writeOut(ctx context.Context, out []byte) (int, error) {
 	stop := context.AfterFunc(ctx, func() {
 		fw.dlMu.Lock()
 		defer fw.dlMu.Unlock()
-		if fw.writing == this { // not a later Write's
+		if fw.writing == this { // not a later flush's
 			d.SetWriteDeadline(time.Now())
 			fw.deadlineSet = true
 		}
 	})
-	n, err := fw.w.Write(out)
-	stop()
-	fw.dlMu.Lock()
-	fw.writing = 0
-	if fw.deadlineSet {
-		d.SetWriteDeadline(time.Time{})
-		fw.deadlineSet = false
+	return func() {
+		stop()
+		fw.dlMu.Lock()
+		fw.writing = 0
+		if fw.deadlineSet {
+			d.SetWriteDeadline(time.Time{})
+			fw.deadlineSet = false
+		}
+		fw.dlMu.Unlock()
 	}
-	fw.dlMu.Unlock()
-	if err == nil && ctx.Err() != nil && n < len(out) {
-		err = ctx.Err()
-	}
-	return n, err
 }
