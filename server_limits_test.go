@@ -60,7 +60,7 @@ func TestServerUnreadAnswersHoldNoRequests(t *testing.T) {
 	big := frameBytes(t, FrameSendEvent, &h3xpb.SendEvent{RequestId: 2, Events: []*h3xpb.EventPayload{
 		{Namespace: "secret", Data: []byte(strings.Repeat("x", frame-256))}}})
 	const streams = 2
-	var written atomic.Int64
+	var frames, written atomic.Int64
 	var wg sync.WaitGroup
 	for range streams {
 		st, err := rc.qc.OpenStreamSync(context.Background())
@@ -72,16 +72,24 @@ func TestServerUnreadAnswersHoldNoRequests(t *testing.T) {
 				if _, err := st.Write(small); err != nil {
 					return
 				}
+				frames.Add(1)
 			}
 			for range 600 { // more than laneDepth: the writes stall long before
 				if _, err := st.Write(big); err != nil {
 					return
 				}
+				frames.Add(1)
 				written.Add(1)
 			}
 		})
 	}
-	n := settled(t, 30*time.Second, written.Load)
+	for deadline := time.Now().Add(30 * time.Second); written.Load() == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no large request written in 30 s")
+		}
+	}
+	settled(t, 60*time.Second, frames.Load)
+	n := written.Load()
 	grew := heapInUse() - before
 	t.Logf("%d maximum-size requests written on %d streams whose answers are not read; heap +%d MiB", n, streams, grew>>20)
 	if n < 50 {
@@ -268,7 +276,29 @@ func TestShutdownBoundedByContext(t *testing.T) {
 		}
 		go rc.ctrl.Write(b) // Pings whose Pongs are never read
 	}
-	time.Sleep(time.Second) // the Pongs fill the control streams
+	// Wait until every connection's control stream is full: a Pong write
+	// blocked on flow control holds the stream's write lock (for at most
+	// its 5 s deadline).
+	blocked := func() bool {
+		for _, c := range s.connList() {
+			if c.ctrlMu.TryLock() {
+				c.ctrlMu.Unlock()
+				return false
+			}
+		}
+		return true
+	}
+	for deadline, held := time.Now().Add(30*time.Second), 0; held < 40; time.Sleep(5 * time.Millisecond) {
+		// Held through 40 samples (200 ms): not a Pong simply being written.
+		if len(s.connList()) == conns && blocked() {
+			held++
+		} else {
+			held = 0
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the control streams did not fill in 30 s")
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	defer cancel()
 	start := time.Now()
@@ -294,7 +324,7 @@ func TestMaxUnackedAcrossStreams(t *testing.T) {
 	const streams = 4
 	var sts []*quic.Stream
 	for range streams {
-		st := rc.stream(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 1, Namespaces: []string{"orders"}, Limit: maxUnacked, MaxWaitMs: 1500}), false)
+		st := rc.stream(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 1, Namespaces: []string{"orders"}, Limit: maxUnacked, MaxWaitMs: 3000}), false)
 		st.SetReadDeadline(time.Now().Add(15 * time.Second))
 		sts = append(sts, st)
 	}

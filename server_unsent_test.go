@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,12 +18,13 @@ import (
 // it): its event is ready again on a connection that is still alive, not
 // leased until the ack deadline.
 func TestServerUnsentBatchGivenBack(t *testing.T) {
-	s := testServer(t)
+	refused := &refusalCounter{}
+	s := testServer(t, WithHooks(refused))
 	udp, _ := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	tr := &quic.Transport{Conn: udp}
 	defer tr.Close()
 	qc, err := tr.Dial(context.Background(), s.Addr(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{ALPN}},
-		&quic.Config{MaxIdleTimeout: 60 * time.Second, KeepAlivePeriod: time.Second,
+		&quic.Config{MaxIdleTimeout: 60 * time.Second,
 			InitialStreamReceiveWindow: 256 << 10, MaxStreamReceiveWindow: 256 << 10})
 	if err != nil {
 		t.Fatal(err)
@@ -53,15 +55,28 @@ func TestServerUnsentBatchGivenBack(t *testing.T) {
 	// ~700 KiB of answers the client does not read: 256 KiB go out, the
 	// rest stays buffered while the flusher waits for flow-control credit.
 	var req []byte
+	requests := 0
 	for n := 0; n < 700<<10; n += size {
 		req = append(req, small...)
+		requests++
 	}
+	before := refused.n.Load()
 	st := rc.stream(req, false)
-	time.Sleep(500 * time.Millisecond)
+	// Every answer computed, and the server's writes stalled on the
+	// client's flow control (what the client receives stops growing past
+	// its 256 KiB window), before the fetch.
+	waitFor(t, func() bool { return refused.n.Load()-before == int64(requests*len(evs)) })
+	settled(t, 30*time.Second, func() int64 { return int64(qc.ConnectionStats().BytesReceived) })
+	if got := qc.ConnectionStats().BytesReceived; got < 256<<10 {
+		t.Fatalf("the client received only %d bytes: the server's writes did not fill its window", got)
+	}
 	st.Write(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 9, Namespaces: []string{"orders"}, Limit: 10}))
-	time.Sleep(500 * time.Millisecond)
+	waitFor(t, func() bool { // the fetch has leased the event
+		stats, err := s.queue.Stats(ctx, "orders")
+		return err == nil && len(stats) == 1 && stats[0].Leased == 1
+	})
+	time.Sleep(50 * time.Millisecond)
 	st.CancelRead(0) // STOP_SENDING: the server's pending write fails
-	time.Sleep(500 * time.Millisecond)
 
 	// The connection is alive; the event should be ready again at once.
 	fctx, fcancel := context.WithTimeout(ctx, 3*time.Second)
@@ -73,3 +88,11 @@ func TestServerUnsentBatchGivenBack(t *testing.T) {
 		t.Fatalf("after the batch's stream was stopped: fetched %d events, want 1; queue stats %+v", len(got), stats)
 	}
 }
+
+// refusalCounter counts the events the server refuses.
+type refusalCounter struct {
+	NopHooks
+	n atomic.Int64
+}
+
+func (r *refusalCounter) Refused(_ string, _ ErrorCode, n int) { r.n.Add(int64(n)) }
