@@ -599,7 +599,14 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 		wire[i] = eventToWire(&events[i])
 		sizes[i] = proto.Size(wire[i]) + 8
 	}
-	maxEvents, maxBytes := c.sendLimits()
+	// The limits are the server's (announced at Auth): wait for a
+	// connection first, rather than split by the defaults while
+	// disconnected.
+	cc, err := c.awaitConn(ctx)
+	if err != nil {
+		return nil, err
+	}
+	maxEvents, maxBytes := sendLimits(cc)
 	results := make([]PublishResult, len(events))
 	todo := make([]int, 0, len(events))
 	for i := range events {
@@ -673,11 +680,8 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 
 // sendLimits returns the most events and bytes one SendEvent may carry, as
 // the server announced them.
-func (c *Client) sendLimits() (int, int) {
+func sendLimits(cc *clientConn) (int, int) {
 	maxEvents, maxBytes := DefaultMaxEventsPerSend, DefaultMaxFrameSize
-	c.mu.Lock()
-	cc := c.cc
-	c.mu.Unlock()
 	if cc != nil && cc.auth.GetLimits() != nil {
 		if n := cc.auth.GetLimits().GetMaxEventsPerSend(); n > 0 {
 			maxEvents = int(n)

@@ -356,3 +356,41 @@ func TestCloseRacesReconnectAndNewWork(t *testing.T) {
 		wg.Wait()
 	}
 }
+
+// A Publish that starts while the client is disconnected splits its events
+// by the limits of the server it reconnects to, not by the defaults.
+func TestPublishWhileDisconnectedUsesServerLimits(t *testing.T) {
+	s := testServer(t, WithMaxEventsPerSend(10))
+	lost := make(chan struct{}, 1)
+	c := mustDial(t, s, "alice", "alice-token",
+		WithBackoff(&ExponentialBackoff{Initial: 300 * time.Millisecond, Max: time.Second, Multiplier: 2}),
+		WithStateHandler(func(sc StateChange) {
+			if sc.State == StateDisconnected {
+				select {
+				case lost <- struct{}{}:
+				default:
+				}
+			}
+		}))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s.DropConnections()
+	select {
+	case <-lost: // reconnecting after 300 ms
+	case <-ctx.Done():
+		t.Fatal("the client did not notice the dropped connection")
+	}
+	evs := make([]Event, 25)
+	for i := range evs {
+		evs[i] = Event{Namespace: "orders"}
+	}
+	res, err := c.Publish(ctx, evs...)
+	if err != nil {
+		t.Fatalf("Publish of 25 events against a limit of 10 per SendEvent, started while disconnected: %v", err)
+	}
+	for i, r := range res {
+		if r.Status != PublishStored {
+			t.Fatalf("event %d: %v %v", i, r.Status, r.Err)
+		}
+	}
+}
