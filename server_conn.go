@@ -250,6 +250,10 @@ func (c *serverConn) delivered(leases []Lease, reserved int) {
 	}
 	c.unackedMu.Lock()
 	c.reserved -= reserved
+	if len(leases) < reserved && c.unackedCh != nil {
+		close(c.unackedCh) // room left over for fetches waiting
+		c.unackedCh = nil
+	}
 	if c.unacked == nil {
 		c.unacked = make(map[string]time.Time, len(leases))
 	}
