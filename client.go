@@ -274,8 +274,7 @@ type Client struct {
 	closeOnce sync.Once
 	closing   atomic.Bool
 	wg        sync.WaitGroup // the supervisor, the acker, subscriptions, async publishes
-	wgMu      sync.Mutex     // orders goOwned's Add before Close's Wait
-	wgClosed  bool           // Close is waiting for wg: no more goroutines
+	wgMu      sync.Mutex     // orders goOwned's Add before Close's close(closed) and Wait
 	stateMu   sync.Mutex     // serializes state callbacks
 }
 
@@ -471,7 +470,7 @@ func (c *Client) awaitConn(ctx context.Context) (*clientConn, error) {
 // retryable reports whether a call that failed with err on connection cc
 // should be tried again on the next connection.
 func (c *Client) retryable(ctx context.Context, cc *clientConn, err error) bool {
-	if ctx.Err() != nil || errors.Is(err, ErrClosed) {
+	if ctx.Err() != nil || errors.Is(err, ErrClosed) || errors.Is(err, errWrongAnswer) {
 		return false
 	}
 	var e *Error
@@ -642,10 +641,7 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 			if err != nil {
 				return nil, err
 			}
-			res, ok := ans.msg.(*h3xpb.SendResult)
-			if !ok {
-				return nil, unexpectedAnswer(FrameSendEvent, ans.msg)
-			}
+			res := ans.msg.(*h3xpb.SendResult) // the type is checked by the stream's reader
 			if len(res.GetOutcomes()) != len(chunk) {
 				return nil, newError(CodeProtocolViolation, "SendResult has %d outcomes for %d events", len(res.GetOutcomes()), len(chunk))
 			}
@@ -743,8 +739,10 @@ func (c *Client) PublishAsync(ctx context.Context, events ...Event) *PublishCall
 func (c *Client) goOwned(f func()) bool {
 	c.wgMu.Lock()
 	defer c.wgMu.Unlock()
-	if c.wgClosed {
+	select {
+	case <-c.closed:
 		return false
+	default:
 	}
 	c.wg.Add(1)
 	go func() {
@@ -913,11 +911,7 @@ func (c *Client) Fetch(ctx context.Context, max int, namespaces ...string) ([]*D
 		if err != nil {
 			return nil, err
 		}
-		batch, ok := ans.msg.(*h3xpb.EventsBatch)
-		if !ok {
-			return nil, unexpectedAnswer(FrameFetchEvents, ans.msg)
-		}
-		if out := c.deliveries(batch, nil); len(out) > 0 {
+		if out := c.deliveries(ans.msg.(*h3xpb.EventsBatch), nil); len(out) > 0 {
 			return out, nil
 		}
 		if err := ctx.Err(); err != nil {
@@ -984,10 +978,7 @@ func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]S
 	if err != nil {
 		return nil, err
 	}
-	res, ok := ans.msg.(*h3xpb.AckResult)
-	if !ok {
-		return nil, unexpectedAnswer(k.t, ans.msg)
-	}
+	res := ans.msg.(*h3xpb.AckResult)
 	out := make([]SettleResult, len(res.GetOutcomes()))
 	for i, o := range res.GetOutcomes() {
 		out[i] = SettleResult{ID: o.GetId(), Status: SettleStatus(o.GetStatus())}
@@ -1112,11 +1103,10 @@ func (c *Client) Close() error {
 		c.closing.Store(true)
 		c.acker.stopSubscriptions()
 		c.acker.flushAndStop(5 * time.Second)
-		close(c.closed)
-		c.cancel()
 		c.wgMu.Lock()
-		c.wgClosed = true
+		close(c.closed)
 		c.wgMu.Unlock()
+		c.cancel()
 		c.wg.Wait()
 		// Read after the supervisor has ended: a reconnect that finished
 		// as Close began has installed its connection by then.
@@ -1129,10 +1119,4 @@ func (c *Client) Close() error {
 		c.emit(StateChange{State: StateClosed})
 	})
 	return c.acker.lastErr
-}
-
-// unexpectedAnswer is the error for a server's answer of the wrong type
-// (answers are matched to requests by request id alone).
-func unexpectedAnswer(req FrameType, msg proto.Message) error {
-	return newError(CodeProtocolViolation, "the server answered a %v with a %T", req, msg)
 }

@@ -336,11 +336,28 @@ type rpcAnswer struct {
 
 // pendingCall is a request waiting for its answer.
 type pendingCall struct {
-	ch chan rpcAnswer
+	ch   chan rpcAnswer
+	want FrameType // the answer's frame type (answerTo the request's)
 	// before, if set, runs in the stream's reader with a successful answer
 	// before it is sent on ch (a subscription hands out its deliveries there,
 	// one goroutine hand-off sooner).
 	before func(*rpcAnswer)
+}
+
+// errWrongAnswer marks an answer of the wrong type: a fault of the server,
+// which a retry would not mend.
+var errWrongAnswer = errors.New("h3x: wrong answer")
+
+// answerTo returns the frame type that answers a request of type t.
+func answerTo(t FrameType) FrameType {
+	switch t {
+	case FrameSendEvent:
+		return FrameSendResult
+	case FrameFetchEvents:
+		return FrameEventsBatch
+	default: // AckEvent, NackEvent, ExtendLease
+		return FrameAckResult
+	}
 }
 
 func newRPCStream(st *quic.Stream, maxFrame uint32) *rpcStream {
@@ -399,7 +416,7 @@ func (s *rpcStream) start(ctx context.Context, id uint64, t FrameType, m proto.M
 		s.mu.Unlock()
 		return nil, s.err
 	}
-	s.pending[id] = pendingCall{ch: ch, before: before}
+	s.pending[id] = pendingCall{ch: ch, want: answerTo(t), before: before}
 	s.mu.Unlock()
 	if err := s.fw.writeCtx(ctx, t, m); err != nil {
 		s.forget(id)
@@ -466,6 +483,11 @@ func (s *rpcStream) readLoop() {
 		delete(s.pending, id)
 		s.mu.Unlock()
 		if ok {
+			if ans.err == nil && ans.t != p.want {
+				// Answers are matched by request id alone.
+				ans = rpcAnswer{t: ans.t, err: fmt.Errorf("%w: %w", errWrongAnswer,
+					newError(CodeProtocolViolation, "the server answered with a %v where a %v was due", ans.t, p.want))}
+			}
 			if p.before != nil && ans.err == nil {
 				p.before(&ans)
 			}

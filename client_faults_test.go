@@ -74,25 +74,25 @@ func TestClientWrongAnswerType(t *testing.T) {
 	tests := []struct {
 		name   string
 		call   func(ctx context.Context, c *Client) error
-		answer func(rid uint64) (FrameType, *h3xpb.AckResult, *h3xpb.SendResult)
+		answer func(rid uint64) (FrameType, proto.Message)
 	}{
 		{"fetch answered with an AckResult", func(ctx context.Context, c *Client) error {
 			_, err := c.Fetch(ctx, 1, "orders")
 			return err
-		}, func(rid uint64) (FrameType, *h3xpb.AckResult, *h3xpb.SendResult) {
-			return FrameAckResult, &h3xpb.AckResult{RequestId: rid}, nil
+		}, func(rid uint64) (FrameType, proto.Message) {
+			return FrameAckResult, &h3xpb.AckResult{RequestId: rid}
 		}},
 		{"publish answered with an AckResult", func(ctx context.Context, c *Client) error {
 			_, err := c.Publish(ctx, Event{Namespace: "orders"})
 			return err
-		}, func(rid uint64) (FrameType, *h3xpb.AckResult, *h3xpb.SendResult) {
-			return FrameAckResult, &h3xpb.AckResult{RequestId: rid}, nil
+		}, func(rid uint64) (FrameType, proto.Message) {
+			return FrameAckResult, &h3xpb.AckResult{RequestId: rid}
 		}},
 		{"ack answered with a SendResult", func(ctx context.Context, c *Client) error {
 			_, err := c.Ack(ctx, &Delivery{Event: Event{ID: "a", Namespace: "orders"}})
 			return err
-		}, func(rid uint64) (FrameType, *h3xpb.AckResult, *h3xpb.SendResult) {
-			return FrameSendResult, nil, &h3xpb.SendResult{RequestId: rid}
+		}, func(rid uint64) (FrameType, proto.Message) {
+			return FrameSendResult, &h3xpb.SendResult{RequestId: rid}
 		}},
 	}
 	for _, tt := range tests {
@@ -123,13 +123,8 @@ func TestClientWrongAnswerType(t *testing.T) {
 				if err := unmarshalPayload(rt, payload, req.(proto.Message)); err != nil {
 					return
 				}
-				ft, ack, send := tt.answer(req.GetRequestId())
-				var b []byte
-				if ack != nil {
-					b, _ = appendFrame(nil, ft, ack)
-				} else {
-					b, _ = appendFrame(nil, ft, send)
-				}
+				ft, ans := tt.answer(req.GetRequestId())
+				b, _ := appendFrame(nil, ft, ans)
 				st.Write(b)
 				<-qc.Context().Done()
 			})

@@ -334,12 +334,7 @@ func (s *Subscription) run(ctx context.Context) {
 // every delivery. What it cannot hand out once the subscription ends is left
 // in a.rest, to be given back.
 func (s *Subscription) handOut(a *rpcAnswer, n int) {
-	batch, ok := a.msg.(*h3xpb.EventsBatch)
-	if !ok {
-		a.err = newError(CodeProtocolViolation, "unexpected %v frame answering a fetch", a.t)
-		return
-	}
-	ds := s.client.deliveries(batch, s)
+	ds := s.client.deliveries(a.msg.(*h3xpb.EventsBatch), s) // checked by the stream's reader
 	s.release(n - len(ds))
 	s.pushMu.Lock()
 	defer s.pushMu.Unlock()
@@ -475,12 +470,10 @@ type acker struct {
 	// timeout has passed, so that no send outlives Close's bound.
 	sends      context.Context
 	cancelSend context.CancelFunc
-	adding     sync.WaitGroup // add calls between their closed check and their send
-	mu         sync.Mutex
-	closed     bool
+	adding     sync.WaitGroup // add calls between their stopping check and their send
+	mu         sync.Mutex     // guards subs; orders add's adding.Add before flushAndStop's adding.Wait
 	subs       map[*Subscription]struct{}
-	timeout    time.Duration // bound on the final flush
-	lastErr    error         // the errors of the flushes since flushAndStop started, for Close
+	lastErr    error // the errors of the flushes since flushAndStop started, for Close
 }
 
 func newAcker(c *Client) *acker {
@@ -493,7 +486,7 @@ func newAcker(c *Client) *acker {
 // batches before it are being sent), until ctx ends or the acker stops.
 func (a *acker) add(ctx context.Context, op settleOp) error {
 	a.mu.Lock()
-	if a.closed {
+	if a.isStopping() {
 		a.mu.Unlock()
 		return ErrClosed
 	}
@@ -535,15 +528,23 @@ func (a *acker) stopSubscriptions() {
 	}
 }
 
+// isStopping reports whether flushAndStop has started.
+func (a *acker) isStopping() bool {
+	select {
+	case <-a.stopping:
+		return true
+	default:
+		return false
+	}
+}
+
 // flushAndStop sends what is pending and stops, within timeout: a send in
 // progress (waiting for a connection, say) and the final flush together
 // take no longer.
 func (a *acker) flushAndStop(timeout time.Duration) {
 	a.mu.Lock()
-	first := !a.closed
+	first := !a.isStopping()
 	if first {
-		a.closed = true
-		a.timeout = timeout
 		close(a.stopping)
 	}
 	a.mu.Unlock()
@@ -563,24 +564,17 @@ func (a *acker) run() {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	var stopErrs []error
-	flush := func(final bool) error {
+	flush := func() error {
 		if len(pending) == 0 {
 			return nil
 		}
-		timeout := time.Minute
-		if final {
-			timeout = a.timeout
-		}
-		ctx, cancel := context.WithTimeout(a.sends, timeout)
+		// After flushAndStop, its timeout ends every send (a.sends).
+		ctx, cancel := context.WithTimeout(a.sends, time.Minute)
 		err := a.send(ctx, pending)
 		cancel()
 		pending = pending[:0]
-		select {
-		case <-a.stopping: // Close is waiting: it reports this
-			if err != nil {
-				stopErrs = append(stopErrs, err)
-			}
-		default:
+		if err != nil && a.isStopping() { // Close is waiting: it reports this
+			stopErrs = append(stopErrs, err)
 		}
 		return err
 	}
@@ -588,13 +582,13 @@ func (a *acker) run() {
 		select {
 		case op, ok := <-a.ch:
 			if !ok {
-				flush(true)
+				flush()
 				a.lastErr = errors.Join(stopErrs...)
 				return
 			}
 			if op.flush != nil {
 				timer.Stop()
-				op.flush <- flush(false)
+				op.flush <- flush()
 				continue
 			}
 			if len(pending) == 0 {
@@ -603,10 +597,10 @@ func (a *acker) run() {
 			pending = append(pending, op)
 			if len(pending) >= a.c.cfg.ackFlushSize {
 				timer.Stop()
-				flush(false)
+				flush()
 			}
 		case <-timer.C:
-			flush(false)
+			flush()
 		}
 	}
 }

@@ -32,8 +32,7 @@ type frameWriter struct {
 	// >= n (see writeAndWait).
 	appended, written uint64
 
-	// The flush in progress, for writeCtx's interruption (guarded by dlMu).
-	dlMu        sync.Mutex
+	// The flush in progress, for writeCtx's interruption (guarded by mu).
 	writes      uint64 // flushes made interruptible (interruptible)
 	writing     uint64 // the one in progress (0: none)
 	deadlineSet bool
@@ -187,27 +186,24 @@ func (fw *frameWriter) interruptible(ctx context.Context) func() {
 	if !ok {
 		return func() {}
 	}
-	fw.dlMu.Lock()
 	fw.writes++
 	this := fw.writes
 	fw.writing = this
-	fw.dlMu.Unlock()
 	stop := context.AfterFunc(ctx, func() {
-		fw.dlMu.Lock()
-		defer fw.dlMu.Unlock()
+		// The flusher holds fw.mu except while it writes.
+		fw.mu.Lock()
+		defer fw.mu.Unlock()
 		if fw.writing == this { // not a later flush's
 			d.SetWriteDeadline(time.Now())
 			fw.deadlineSet = true
 		}
 	})
 	return func() {
-		stop()
-		fw.dlMu.Lock()
+		stop() // does not wait for the function, which needs fw.mu
 		fw.writing = 0
 		if fw.deadlineSet {
 			d.SetWriteDeadline(time.Time{})
 			fw.deadlineSet = false
 		}
-		fw.dlMu.Unlock()
 	}
 }

@@ -9,17 +9,16 @@ import (
 // tokenBucket is a token bucket: it holds up to burst tokens and gains rate
 // tokens per second; publishing an event takes one token.
 type tokenBucket struct {
-	mu       sync.Mutex
-	rate     float64 // tokens per second
-	burst    float64
-	tokens   float64
-	last     time.Time // of the last refill
-	lastTake time.Time
+	mu     sync.Mutex
+	rate   float64 // tokens per second
+	burst  float64
+	tokens float64
+	last   time.Time // of the last refill (for limiters' buckets, the last take)
 }
 
 func newTokenBucket(rate float64, burst int, now time.Time) *tokenBucket {
 	b := float64(max(burst, 1))
-	return &tokenBucket{rate: rate, burst: b, tokens: b, last: now, lastTake: now}
+	return &tokenBucket{rate: rate, burst: b, tokens: b, last: now}
 }
 
 func (b *tokenBucket) refill(now time.Time) {
@@ -35,7 +34,6 @@ func (b *tokenBucket) take(now time.Time, n int) (int, time.Duration) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.refill(now)
-	b.lastTake = now
 	got := min(n, int(b.tokens))
 	b.tokens -= float64(got)
 	if got == n {
@@ -117,8 +115,7 @@ func (l *limiters) bucket(key string, rate float64, burst int, now time.Time) *t
 func (l *limiters) sweep(now time.Time) {
 	for key, b := range l.buckets {
 		b.mu.Lock()
-		b.refill(now)
-		idle := b.tokens >= b.burst && now.Sub(b.lastTake) >= bucketIdle
+		idle := now.Sub(b.last) >= bucketIdle && b.tokens+now.Sub(b.last).Seconds()*b.rate >= b.burst
 		b.mu.Unlock()
 		if idle {
 			delete(l.buckets, key)

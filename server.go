@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"golang.org/x/sync/errgroup"
 )
 
 // Server is an H3X broker. Create one with NewServer, start it with Start,
@@ -421,23 +422,22 @@ wait:
 // goAwayWorkers bounds the goroutines writing GoAway frames at Shutdown.
 const goAwayWorkers = 64
 
-// sendGoAways sends GoAway to every connection with goAwayWorkers
-// goroutines and returns a channel closed when all are done.
+// sendGoAways sends GoAway to every connection, goAwayWorkers at a time,
+// and returns a channel closed when all are done.
 func (s *Server) sendGoAways(reason string) <-chan struct{} {
 	conns := s.connList()
 	done := make(chan struct{})
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range min(goAwayWorkers, len(conns)) {
-		wg.Go(func() {
-			for i := next.Add(1) - 1; i < int64(len(conns)); i = next.Add(1) - 1 {
-				conns[i].goAway(reason)
-			}
-		})
-	}
 	go func() {
-		wg.Wait()
-		close(done)
+		defer close(done)
+		var g errgroup.Group
+		g.SetLimit(goAwayWorkers)
+		for _, c := range conns {
+			g.Go(func() error {
+				c.goAway(reason)
+				return nil
+			})
+		}
+		g.Wait()
 	}()
 	return done
 }

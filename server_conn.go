@@ -228,6 +228,15 @@ func (c *serverConn) reserve(limit int) (int, <-chan struct{}) {
 	return 0, c.unackedCh
 }
 
+// roomFreed wakes the fetches waiting for room under the unacked cap.
+// unackedMu is held.
+func (c *serverConn) roomFreed() {
+	if c.unackedCh != nil {
+		close(c.unackedCh)
+		c.unackedCh = nil // made again by the next reserve that finds no room
+	}
+}
+
 // unreserve gives back room reserve took that no delivery used.
 func (c *serverConn) unreserve(n int) {
 	if c.srv.cfg.maxUnacked == 0 || n == 0 {
@@ -235,10 +244,7 @@ func (c *serverConn) unreserve(n int) {
 	}
 	c.unackedMu.Lock()
 	c.reserved -= n
-	if c.unackedCh != nil {
-		close(c.unackedCh)
-		c.unackedCh = nil
-	}
+	c.roomFreed()
 	c.unackedMu.Unlock()
 }
 
@@ -250,9 +256,8 @@ func (c *serverConn) delivered(leases []Lease, reserved int) {
 	}
 	c.unackedMu.Lock()
 	c.reserved -= reserved
-	if len(leases) < reserved && c.unackedCh != nil {
-		close(c.unackedCh) // room left over for fetches waiting
-		c.unackedCh = nil
+	if len(leases) < reserved {
+		c.roomFreed() // room left over
 	}
 	if c.unacked == nil {
 		c.unacked = make(map[string]time.Time, len(leases))
@@ -290,10 +295,7 @@ func (c *serverConn) settled(ids []string) {
 	for _, id := range ids {
 		delete(c.unacked, id)
 	}
-	if c.unackedCh != nil {
-		close(c.unackedCh)
-		c.unackedCh = nil // made again by the next capacity
-	}
+	c.roomFreed()
 	c.unackedMu.Unlock()
 }
 

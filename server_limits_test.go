@@ -102,25 +102,33 @@ func TestServerUnreadAnswersHoldNoRequests(t *testing.T) {
 	wg.Wait()
 }
 
-// gatedQueue holds every Enqueue until open is closed, and counts the
+// gatedQueue holds every Enqueue until open is closed, and records the most
 // Enqueue calls waiting at once.
 type gatedQueue struct {
 	Queue
 	open           chan struct{}
-	waiting, peak  atomic.Int64
-	peakMu         sync.Mutex
+	mu             sync.Mutex
+	waiting, most  int64
 	enqueuedEvents atomic.Int64
 }
 
 func (g *gatedQueue) Enqueue(ctx context.Context, events []Event) ([]PublishResult, error) {
-	n := g.waiting.Add(1)
-	g.peakMu.Lock()
-	g.peak.Store(max(g.peak.Load(), n))
-	g.peakMu.Unlock()
+	g.mu.Lock()
+	g.waiting++
+	g.most = max(g.most, g.waiting)
+	g.mu.Unlock()
 	<-g.open
-	g.waiting.Add(-1)
+	g.mu.Lock()
+	g.waiting--
+	g.mu.Unlock()
 	g.enqueuedEvents.Add(int64(len(events)))
 	return g.Queue.Enqueue(ctx, events)
+}
+
+func (g *gatedQueue) peak() int64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.most
 }
 
 // Requests read and not yet served are bounded in bytes per connection
@@ -168,7 +176,7 @@ func TestServerRequestBudget(t *testing.T) {
 			answers <- nil
 		})
 	}
-	for deadline := time.Now().Add(30 * time.Second); gq.peak.Load() == 0; time.Sleep(10 * time.Millisecond) {
+	for deadline := time.Now().Add(30 * time.Second); gq.peak() == 0; time.Sleep(10 * time.Millisecond) {
 		select {
 		case err := <-answers:
 			t.Fatalf("a stream ended before any request reached the queue: %v", err)
@@ -178,7 +186,7 @@ func TestServerRequestBudget(t *testing.T) {
 			t.Fatal("no request reached the queue in 30 s")
 		}
 	}
-	peak := settled(t, 30*time.Second, gq.peak.Load)
+	peak := settled(t, 30*time.Second, gq.peak)
 	// The budget is 4 frames of the maximum size (16 MiB) here.
 	if peak > 4 {
 		t.Fatalf("%d requests of %d bytes waited on the queue at once; the connection's budget (16 MiB) allows 4", peak, frame)

@@ -3,6 +3,7 @@ package h3x
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"sync"
 	"time"
@@ -156,13 +157,18 @@ func (ss *sessionStream) run(connCtx context.Context, t FrameType, payload []byt
 // stream-level failure.
 func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []byte) error {
 	var l *lane
+	var m proto.Message
 	switch t {
 	case FrameSendEvent:
-		l = &ss.sends
+		l, m = &ss.sends, new(h3xpb.SendEvent)
 	case FrameFetchEvents:
-		l = &ss.fetches
-	case FrameAckEvent, FrameNackEvent, FrameExtendLease:
-		l = &ss.settles
+		l, m = &ss.fetches, new(h3xpb.FetchEvents)
+	case FrameAckEvent:
+		l, m = &ss.settles, new(h3xpb.AckEvent)
+	case FrameNackEvent:
+		l, m = &ss.settles, new(h3xpb.NackEvent)
+	case FrameExtendLease:
+		l, m = &ss.settles, new(h3xpb.ExtendLease)
 	default:
 		return newError(CodeProtocolViolation, "%v frame is not allowed on a session stream", t)
 	}
@@ -172,71 +178,52 @@ func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []by
 	if err != nil {
 		return err
 	}
-	var work func() (FrameType, proto.Message)
-	switch t {
-	case FrameSendEvent:
-		m := new(h3xpb.SendEvent)
-		if err := unmarshalPayload(t, payload, m); err != nil {
-			ss.release(l, r)
-			return err
-		}
-		work = func() (FrameType, proto.Message) { return ss.publish(ctx, m) }
-	case FrameFetchEvents:
-		m := new(h3xpb.FetchEvents)
-		if err := unmarshalPayload(t, payload, m); err != nil {
-			ss.release(l, r)
-			return err
-		}
-		work = func() (FrameType, proto.Message) { return ss.fetch(ctx, m) }
-	case FrameAckEvent:
-		m := new(h3xpb.AckEvent)
-		if err := unmarshalPayload(t, payload, m); err != nil {
-			ss.release(l, r)
-			return err
-		}
-		work = func() (FrameType, proto.Message) {
-			return ss.settle(ctx, t, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
-				return ss.c.srv.queue.Ack(context.WithoutCancel(ctx), ss.c.id, refs)
-			})
-		}
-	case FrameNackEvent:
-		m := new(h3xpb.NackEvent)
-		if err := unmarshalPayload(t, payload, m); err != nil {
-			ss.release(l, r)
-			return err
-		}
+	if err := unmarshalPayload(t, payload, m); err != nil {
+		ss.release(l, r)
+		return err
+	}
+	ss.submit(l, r, ss.work(ctx, m))
+	return nil
+}
+
+// work returns the work that answers request m.
+func (ss *sessionStream) work(ctx context.Context, m proto.Message) func() (FrameType, proto.Message) {
+	queue := ss.c.srv.queue
+	settle := func(t FrameType, rid uint64, ids []string, attempts []uint32, namespaces []string, apply func([]LeaseRef) ([]SettleResult, error)) func() (FrameType, proto.Message) {
+		return func() (FrameType, proto.Message) { return ss.settle(ctx, t, rid, ids, attempts, namespaces, apply) }
+	}
+	switch m := m.(type) {
+	case *h3xpb.SendEvent:
+		return func() (FrameType, proto.Message) { return ss.publish(ctx, m) }
+	case *h3xpb.FetchEvents:
+		return func() (FrameType, proto.Message) { return ss.fetch(ctx, m) }
+	case *h3xpb.AckEvent:
+		return settle(FrameAckEvent, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
+			return queue.Ack(context.WithoutCancel(ctx), ss.c.id, refs)
+		})
+	case *h3xpb.NackEvent:
 		delay := time.Duration(m.GetDelayMs()) * time.Millisecond
-		work = func() (FrameType, proto.Message) {
-			return ss.settle(ctx, t, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
-				for i := range refs {
-					refs[i].Unseen = m.GetUnseen()
-				}
-				return ss.c.srv.queue.Nack(context.WithoutCancel(ctx), ss.c.id, refs, delay, m.GetReason())
-			})
-		}
-	case FrameExtendLease:
-		m := new(h3xpb.ExtendLease)
-		if err := unmarshalPayload(t, payload, m); err != nil {
-			ss.release(l, r)
-			return err
-		}
+		return settle(FrameNackEvent, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
+			for i := range refs {
+				refs[i].Unseen = m.GetUnseen()
+			}
+			return queue.Nack(context.WithoutCancel(ctx), ss.c.id, refs, delay, m.GetReason())
+		})
+	case *h3xpb.ExtendLease:
 		d := time.Duration(m.GetExtendMs()) * time.Millisecond
 		if d <= 0 {
 			d = ss.c.srv.cfg.ackDeadline
 		}
-		work = func() (FrameType, proto.Message) {
-			return ss.settle(ctx, t, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
-				until := time.Now().Add(d)
-				res, err := ss.c.srv.queue.Extend(context.WithoutCancel(ctx), ss.c.id, refs, d)
-				if err == nil {
-					ss.c.extended(refs, res, until)
-				}
-				return res, err
-			})
-		}
+		return settle(FrameExtendLease, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
+			until := time.Now().Add(d)
+			res, err := queue.Extend(context.WithoutCancel(ctx), ss.c.id, refs, d)
+			if err == nil {
+				ss.c.extended(refs, res, until)
+			}
+			return res, err
+		})
 	}
-	ss.submit(l, r, work)
-	return nil
+	panic(fmt.Sprintf("h3x: no work for a %T", m)) // dispatch decodes only the types above
 }
 
 // admit takes a place for a request of size bytes in lane l and its bytes in
