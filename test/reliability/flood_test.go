@@ -172,8 +172,9 @@ func TestFloods(t *testing.T) {
 	p := &probe{}
 	wg.Go(func() { p.run(ctx, existing) })
 	heap0 := heapNow()
+	cpuBase := cpuTime()
 	base := p.rate(3 * time.Second)
-	t.Logf("baseline: %.0f round trips/s, heap %.1f MiB", base, mib(heap0))
+	t.Logf("baseline: %.0f round trips/s, process CPU %.2f cores, heap %.1f MiB", base, (cpuTime()-cpuBase).Seconds()/3, mib(heap0))
 
 	// 1. A burst of connection attempts, 256 at a time, from another
 	// process (this test binary, re-executed: see TestFloodAttacker), so
@@ -202,8 +203,13 @@ func TestFloods(t *testing.T) {
 	t.Logf("burst: %d attempts in %v (%.0f/s): refused before the handshake %d, handshakes failed %d, left open by the server %d, closed TOO_MANY_CONNECTIONS %d, other %v",
 		burst, took.Round(time.Millisecond), float64(burst)/took.Seconds(), refused, failed, codes[-1], codes[int(h3x.CodeTooManyConnections)], codes)
 	t.Logf("burst: server admission %+v", st)
-	t.Logf("burst: existing client %.0f round trips/s during (%.0f before, %.0f%%); server process CPU %.2f cores (%v); heap peak %.1f MiB (before %.1f MiB)",
-		during, base, 100*during/base, cpu.Seconds()/took.Seconds(), cpu.Round(time.Millisecond), mib(peak), mib(heap0))
+	// The probe's rate drifts by ±15% from one 3 s window to the next on
+	// this machine, so the burst is compared with the mean of a window
+	// before it and one after it.
+	after := p.rate(3 * time.Second)
+	normal := (base + after) / 2
+	t.Logf("burst: existing client %.0f round trips/s during (%.0f before, %.0f after: %.0f%% of their mean); server process CPU %.2f cores (%v); heap peak %.1f MiB (before %.1f MiB)",
+		during, base, after, 100*during/normal, cpu.Seconds()/took.Seconds(), cpu.Round(time.Millisecond), mib(peak), mib(heap0))
 	// Every attempt is accounted for: handshaken (then closed), refused
 	// before its handshake, or failed (a lost packet's timeout).
 	handshaken := int64(0)
@@ -226,8 +232,8 @@ func TestFloods(t *testing.T) {
 	// during the burst is reported, not asserted beyond a loose bound:
 	// here the attacker's handshakes run in the same process, on the same
 	// two cores; see RELIABILITY.md.)
-	if during < base/20 {
-		t.Errorf("the existing client fell to %.0f round trips/s during the burst (%.0f before)", during, base)
+	if during < normal/20 {
+		t.Errorf("the existing client fell to %.0f round trips/s during the burst (%.0f before and after)", during, normal)
 	}
 
 	// 2. Unauthenticated connections held open: the server keeps at most
@@ -343,19 +349,42 @@ type attackResult struct {
 
 const attackerEnv = "H3X_FLOOD_ATTACKER" // "addr count concurrency": run as the attacker
 
+// attackerScheduling returns the command prefix that sets the attacker
+// process's CPU scheduling. By default it runs under SCHED_IDLE (chrt -i 0),
+// standing in for an attacker on another machine: it gets a core only when
+// nothing else on this one wants it, so the flood takes from the server only
+// what the server itself spends on it (its packets, refusals, Retries and
+// admitted handshakes). nice -n 19 alone does not do that here: a niced
+// process still takes its share of a core the server's goroutines are
+// waiting for. H3X_FLOOD_SCHED=nice uses nice -n 19 instead (the figures
+// before 2026-11-26 08:40), and H3X_FLOOD_SCHED=normal (or the older
+// H3X_FLOOD_NICE=0) runs it at normal priority, sharing the two cores.
+func attackerScheduling() []string {
+	mode := os.Getenv("H3X_FLOOD_SCHED")
+	if os.Getenv("H3X_FLOOD_NICE") == "0" {
+		mode = "normal"
+	}
+	switch mode {
+	case "normal":
+		return nil
+	case "", "idle":
+		if chrt, err := exec.LookPath("chrt"); err == nil {
+			return []string{chrt, "--idle", "0"}
+		}
+	}
+	if nice, err := exec.LookPath("nice"); err == nil {
+		return []string{nice, "-n", "19"}
+	}
+	return nil
+}
+
 // runAttacker runs count connection attempts against addr, conc at a time,
 // in a child process, and returns their outcomes.
 func runAttacker(ctx context.Context, addr string, count, conc int) (*attackResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	args := []string{os.Args[0], "-test.run=^TestFloodAttacker$", "-test.count=1"}
-	// At the lowest CPU priority by default, standing in for an attacker on
-	// another machine: the flood then takes from the server only what the
-	// server itself spends on it. H3X_FLOOD_NICE=0 runs it at normal
-	// priority, sharing this machine's cores.
-	if nice, err := exec.LookPath("nice"); err == nil && os.Getenv("H3X_FLOOD_NICE") != "0" {
-		args = append([]string{nice, "-n", "19"}, args...)
-	}
+	args = append(attackerScheduling(), args...)
 	cmd := exec.CommandContext(ctx, args[0], args[1:]...)
 	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s %d %d", attackerEnv, addr, count, conc))
 	var stderr bytes.Buffer
