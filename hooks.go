@@ -25,7 +25,11 @@ type Hooks interface {
 	// unknown or denied) by one request. A Hooks that also implements
 	// SettledInHooks gets the applied ones per namespace as well.
 	Settled(t FrameType, ok, refused int)
-	// AuthFailed reports a refused authentication.
+	// AuthFailed reports a refused authentication: wrong credentials, a
+	// malformed Auth, a first frame other than Auth, no Auth within the
+	// auth timeout (CodeAuthTimeout), or the registry failing. A connection
+	// that ends before it sends Auth (a health check, a client that gave
+	// up) refuses nothing and is not reported.
 	AuthFailed(code ErrorCode)
 	// ConnectionOpened and ConnectionClosed track live connections.
 	ConnectionOpened()

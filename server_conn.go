@@ -319,6 +319,12 @@ func (c *serverConn) serve() {
 	}()
 	err := c.authenticate(ctx)
 	connAuthenticated(ctx) // frees its admission slot (admission.go)
+	if errors.Is(err, errGoneBeforeAuth) {
+		// Nothing was refused: the peer went away (or the server closed
+		// the connection) before it sent Auth.
+		c.logger.Debug("h3x: connection ended before authentication", "err", err)
+		return
+	}
 	if err != nil {
 		var e *Error
 		code := CodeUnauthenticated
@@ -348,6 +354,10 @@ func (c *serverConn) serve() {
 	}
 }
 
+// errGoneBeforeAuth is authenticate's error when the connection ended before
+// an Auth frame was read: not a refused authentication (Hooks.AuthFailed).
+var errGoneBeforeAuth = errors.New("connection ended before Auth")
+
 // authenticate accepts the control stream and handles Auth within the auth
 // timeout. Streams the client opens meanwhile stay unaccepted; if auth fails
 // the connection is closed, which resets them.
@@ -360,7 +370,7 @@ func (c *serverConn) authenticate(ctx context.Context) error {
 		if ctx.Err() == nil {
 			return ErrAuthTimeout
 		}
-		return err
+		return fmt.Errorf("%w: %w", errGoneBeforeAuth, err)
 	}
 	c.ctrl = st
 	st.SetReadDeadline(deadline)
@@ -372,6 +382,9 @@ func (c *serverConn) authenticate(ctx context.Context) error {
 		if errors.Is(err, context.DeadlineExceeded) || isTimeout(err) {
 			c.writeControl(FrameError, errorToWire(ErrAuthTimeout, 0))
 			return ErrAuthTimeout
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("%w: %w", errGoneBeforeAuth, err)
 		}
 		return newError(CodeUnauthenticated, "reading Auth: %v", err)
 	}

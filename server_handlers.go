@@ -320,6 +320,10 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64,
 		}
 		ss.c.settled(done)
 		reportSettled(ss.c.srv.cfg.hooks, kind, refs, results, ok, len(ids)-ok)
+	} else if len(ids) > 0 {
+		// Every settlement was denied: the queue was not asked, but the
+		// refusals count all the same.
+		reportSettled(ss.c.srv.cfg.hooks, kind, nil, nil, 0, len(ids))
 	}
 	return FrameAckResult, res
 }
