@@ -89,7 +89,7 @@ func burstOf(l RateLimit) int {
 	if l.Burst > 0 {
 		return l.Burst
 	}
-	return max(int(l.Rate+0.999), 1)
+	return defaultBurst(l.Rate)
 }
 
 // level returns the tokens the bucket holds now, and its burst.

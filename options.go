@@ -154,15 +154,15 @@ func (c *serverConfig) validate() error {
 		if ns != "*" && ValidateNamespace(ns) != nil {
 			bad("WithRateLimit(%q): %v", ns, ValidateNamespace(ns))
 		}
-		if !(l.Rate > 0) || l.Burst < 0 {
-			bad("WithRateLimit(%q): rate must be positive and burst not negative", ns)
+		if !(l.Rate > 0 && l.Rate <= MaxRate) || l.Burst < 0 {
+			bad("WithRateLimit(%q): rate must be positive and at most MaxRate, burst not negative, got %+v", ns, l)
 		}
 	}
-	if c.connRate.Rate < 0 || c.connRate.Burst < 0 {
-		bad("WithConnectionRate: rate and burst must not be negative, got %+v", c.connRate)
+	if !(c.connRate.Rate >= 0 && c.connRate.Rate <= MaxRate) || c.connRate.Burst < 0 {
+		bad("WithConnectionRate: rate must be between 0 and MaxRate and burst not negative, got %+v", c.connRate)
 	}
-	if c.connRatePerIP.Rate < 0 || c.connRatePerIP.Burst < 0 {
-		bad("WithConnectionRatePerIP: rate and burst must not be negative, got %+v", c.connRatePerIP)
+	if !(c.connRatePerIP.Rate >= 0 && c.connRatePerIP.Rate <= MaxRate) || c.connRatePerIP.Burst < 0 {
+		bad("WithConnectionRatePerIP: rate must be between 0 and MaxRate and burst not negative, got %+v", c.connRatePerIP)
 	}
 	if c.maxUnacked < 0 {
 		bad("WithMaxUnacked must not be negative, got %d", c.maxUnacked)

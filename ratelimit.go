@@ -2,6 +2,7 @@ package h3x
 
 import (
 	"math"
+	"strconv"
 	"sync"
 	"time"
 )
@@ -54,10 +55,26 @@ func (b *tokenBucket) giveBack(n int) {
 }
 
 // RateLimit is a publish limit: Rate events per second with bursts of up
-// to Burst events (default: Rate rounded up, at least 1).
+// to Burst events (default: Rate rounded up, at least 1). Rate is at most
+// MaxRate.
 type RateLimit struct {
 	Rate  float64
 	Burst int
+}
+
+// MaxRate is the largest rate a RateLimit or a registry grant may set, in
+// events (or connections) per second: far above what one server can do,
+// and small enough that a default burst (one second's worth) is an int.
+const MaxRate = 1e9
+
+// defaultBurst is the burst of a limit of rate without one of its own: one
+// second's worth, at least 1. (A rate above MaxRate, which a custom
+// Registry may return, is treated as MaxRate.)
+func defaultBurst(rate float64) int {
+	if !(rate < MaxRate) { // NaN too
+		return int(MaxRate)
+	}
+	return max(int(math.Ceil(rate)), 1)
 }
 
 // WithRateLimit limits publishing to namespace, over all clients of this
@@ -96,7 +113,7 @@ func (l *limiters) bucket(key string, rate float64, burst int, now time.Time) *t
 	b := l.buckets[key]
 	if b == nil {
 		if burst <= 0 {
-			burst = int(math.Ceil(rate))
+			burst = defaultBurst(rate)
 		}
 		b = newTokenBucket(rate, burst, now)
 		if l.buckets == nil {
@@ -137,7 +154,7 @@ func (l *limiters) allow(sess *Session, ns string, n int, now time.Time) (int, t
 		limits = append(limits, lim)
 	}
 	if g, ok := grantRate(sess.Grants, ns); ok {
-		buckets = append(buckets, l.bucket("client\x00"+sess.ClientID+"\x00"+ns, g.Rate, g.Burst, now))
+		buckets = append(buckets, l.bucket(grantBucketKey(sess.ClientID, ns, g), g.Rate, g.Burst, now))
 		limits = append(limits, RateLimit{Rate: g.Rate, Burst: g.Burst})
 	}
 	granted, wait := n, time.Duration(0)
@@ -154,6 +171,24 @@ func (l *limiters) allow(sess *Session, ns string, n int, now time.Time) (int, t
 		granted = got
 	}
 	return granted, wait, applied
+}
+
+// grantBucketKey names the bucket of a client's grant limit g on ns. The
+// limit is part of the name: a client whose tokens grant different rates
+// (ParseRegistry allows several entries per client) gets a bucket per rate,
+// each enforcing its own, while its tokens with the same limit (a token
+// being rotated) share one.
+func grantBucketKey(client, ns string, g Grant) string {
+	b := make([]byte, 0, len("client")+len(client)+len(ns)+32)
+	b = append(b, "client\x00"...)
+	b = append(b, client...)
+	b = append(b, 0)
+	b = append(b, ns...)
+	b = append(b, 0)
+	b = strconv.AppendFloat(b, g.Rate, 'g', -1, 64)
+	b = append(b, ':')
+	b = strconv.AppendInt(b, int64(g.Burst), 10)
+	return string(b)
 }
 
 // grantRate finds the rate limit of the grant for ns: an exact grant first,

@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"math"
 	"os"
 	"strconv"
 	"strings"
@@ -76,7 +75,9 @@ type Grant struct {
 	// Rate limits this client's publishing to the namespace, in events per
 	// second (registry suffix @rate or @rate:burst); 0 means no limit of
 	// its own (server-wide limits still apply). With "*", every namespace
-	// gets its own bucket of this rate.
+	// gets its own bucket of this rate. At most MaxRate. A client's tokens
+	// that grant the same limit share its buckets; tokens granting
+	// different limits each get their own.
 	Rate float64
 	// Burst is the bucket size: how many events may be published at once.
 	// Default: Rate rounded up (one second's worth), at least 1.
@@ -478,10 +479,10 @@ func unhex(c byte) byte {
 func parseRate(s string) (rate float64, burst int, problem string) {
 	r, b, hasBurst := strings.Cut(s, ":")
 	rate, err := strconv.ParseFloat(r, 64)
-	if err != nil || rate <= 0 || math.IsInf(rate, 0) || math.IsNaN(rate) {
-		return 0, 0, "rate limit must be a positive number of events per second (@rate or @rate:burst)"
+	if err != nil || !(rate > 0 && rate <= MaxRate) {
+		return 0, 0, "rate limit must be a positive number of events per second, at most 1e9 (@rate or @rate:burst)"
 	}
-	burst = int(math.Ceil(rate))
+	burst = defaultBurst(rate)
 	if hasBurst {
 		burst, err = strconv.Atoi(b)
 		if err != nil || burst <= 0 {
