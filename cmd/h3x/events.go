@@ -103,15 +103,16 @@ func parseTime(raw json.RawMessage) (time.Time, error) {
 	return time.Unix(0, int64(sec*1e9)), nil
 }
 
-// eventToJSON is the inverse of parseEventLine.
+// eventToJSON is the inverse of parseEventLine: a body that is compact JSON
+// (other than a string or null) is written as JSON, any other text as a
+// JSON string and anything else in base64, so that parseEventLine gives
+// back the same bytes.
 func eventToJSON(ev *h3x.Event, attempt int) eventJSON {
 	j := eventJSON{ID: ev.ID, Namespace: ev.Namespace, Type: ev.Type, Message: ev.Message, Metadata: ev.Metadata, Attempt: attempt}
 	if len(ev.Data) > 0 {
 		switch {
-		case json.Valid(ev.Data) && ev.Data[0] != '"':
-			var buf bytes.Buffer
-			json.Compact(&buf, ev.Data)
-			j.Data = buf.Bytes()
+		case compactJSON(ev.Data):
+			j.Data = ev.Data
 		case utf8.Valid(ev.Data):
 			j.Data, _ = json.Marshal(string(ev.Data))
 		default:
@@ -122,6 +123,20 @@ func eventToJSON(ev *h3x.Event, attempt int) eventJSON {
 		j.Time, _ = json.Marshal(ev.Time.UTC().Format(time.RFC3339Nano))
 	}
 	return j
+}
+
+// compactJSON reports whether b is a JSON value in compact form that
+// parseEventLine keeps as it is: not a string (read as its text) and not
+// null (read as no data).
+func compactJSON(b []byte) bool {
+	if !json.Valid(b) || b[0] == '"' || bytes.Equal(b, []byte("null")) {
+		return false
+	}
+	var buf bytes.Buffer
+	if json.Compact(&buf, b) != nil {
+		return false
+	}
+	return bytes.Equal(buf.Bytes(), b)
 }
 
 // formatHuman writes a delivery on one line for people.

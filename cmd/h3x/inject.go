@@ -27,8 +27,10 @@ flag is given). A JSON line looks like
 
 where "data" is any JSON value (a string stands for its text; binary bodies
 go in "data_base64"), "id" and "time" (RFC 3339 or Unix seconds) are
-optional, and --ns fills a missing namespace. tail's JSON output is valid
-input.
+optional, and --ns fills a missing namespace. A JSON "data" value is stored
+compacted. tail's JSON output is valid input and gives back the same bytes:
+tail writes a body as JSON only when it is already compact JSON, otherwise
+as a string (or in base64).
 
 --count and --rate make a synthetic load (--size bytes of data each); on a
 terminal, long runs show a progress bar. Events refused by the server make
