@@ -64,6 +64,7 @@ type serverConfig struct {
 	dataDir          string
 	queueOpts        QueueOptions
 	maxAttempts      int
+	queueOptsSet     bool // WithQueueOptions was given
 	registry         Registry
 	logger           *slog.Logger
 	ackDeadline      time.Duration
@@ -125,6 +126,9 @@ func (c *serverConfig) validate() error {
 	}
 	if c.queue != nil && c.maxAttempts != 0 {
 		bad("WithMaxAttempts configures the queue the server opens; with WithQueue set it on that queue")
+	}
+	if c.queue != nil && c.queueOptsSet {
+		bad("WithQueueOptions configures the queue the server opens; with WithQueue give them to that queue's constructor")
 	}
 	if c.ackDeadline <= 0 {
 		bad("ack deadline must be positive, got %v", c.ackDeadline)
@@ -207,9 +211,10 @@ func WithDataDir(dir string) ServerOption {
 
 // WithQueueOptions configures the Badger queue the server opens (dedup
 // window, limits, durability, ...). Default: the zero QueueOptions, that is
-// every queue default. Not used with WithQueue.
+// every queue default. With WithQueue, NewServer refuses it: give the
+// options to that queue's constructor.
 func WithQueueOptions(o QueueOptions) ServerOption {
-	return serverOptionFunc(func(c *serverConfig) { c.queueOpts = o })
+	return serverOptionFunc(func(c *serverConfig) { c.queueOpts, c.queueOptsSet = o, true })
 }
 
 // WithMaxAttempts sets how many deliveries an event gets before it moves to
