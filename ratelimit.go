@@ -40,12 +40,17 @@ func (b *tokenBucket) take(now time.Time, n int) (int, time.Duration) {
 	if got == n {
 		return got, 0
 	}
-	wait := time.Duration((1 - (b.tokens - math.Floor(b.tokens))) / b.rate * float64(time.Second))
 	if b.tokens >= 1 {
-		wait = 0
+		return got, time.Millisecond
 	}
-	return got, max(wait, time.Millisecond)
+	// In float first: at a tiny rate the wait would overflow a Duration.
+	wait := (1 - (b.tokens - math.Floor(b.tokens))) / b.rate * float64(time.Second)
+	return got, time.Duration(min(max(wait, float64(time.Millisecond)), float64(maxRetryAfter)))
 }
+
+// maxRetryAfter bounds the retry-after of a refusal by a rate limit (reached
+// only by rates below one event in an hour).
+const maxRetryAfter = time.Hour
 
 // giveBack returns n tokens taken but not used.
 func (b *tokenBucket) giveBack(n int) {

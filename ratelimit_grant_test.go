@@ -89,3 +89,21 @@ func TestGrantRatePerToken(t *testing.T) {
 		t.Errorf("new token with the same limit: %d of 10 allowed after the old token used the burst, want 0", got)
 	}
 }
+
+// TestRetryAfterTinyRate: at a rate of one event in 10^12 seconds the wait
+// for the next token overflowed time.Duration and came out as the 1 ms
+// floor, so a client told to retry did so every millisecond.
+func TestRetryAfterTinyRate(t *testing.T) {
+	now := time.Unix(1700000000, 0)
+	for _, rate := range []float64{1e-12, 1e-4, 0.5} {
+		b := newTokenBucket(rate, 1, now)
+		if got, _ := b.take(now, 1); got != 1 {
+			t.Fatalf("rate %g: the first event was refused", rate)
+		}
+		got, wait := b.take(now, 1)
+		want := time.Duration(min(float64(time.Second)/rate, float64(time.Hour))) // maxRetryAfter
+		if got != 0 || wait < want-time.Millisecond || wait > want+time.Millisecond {
+			t.Errorf("rate %g: took %d, retry after %v, want 0 and %v", rate, got, wait, want)
+		}
+	}
+}
