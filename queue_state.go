@@ -623,6 +623,26 @@ func (c *queueCore) dropRec(e *qentry, fx *effects) {
 	e.rec = nil
 }
 
+// recountRec replaces e's lease record after its attempt was given back (an
+// unseen nack): the stored record lists the attempt that no longer counts,
+// and a reopen would count it again. An entry back at attempt 0 needs no
+// record: after a reopen it is read from its chunk as never delivered.
+// (Were e dead-lettered next, deadLetter drops the new record again; a
+// group writes an operation's record puts before its deletions.)
+func (c *queueCore) recountRec(e *qentry, fx *effects) {
+	if !c.leaseRecs {
+		return
+	}
+	c.dropRec(e, fx)
+	if e.attempt == 0 {
+		return
+	}
+	rec := &leaseRec{seq: c.nextSeq, n: 1}
+	c.nextSeq++
+	e.rec = rec
+	fx.recPuts = append(fx.recPuts, recPut{rec: rec, entries: []recEntry{{ns: e.ns.name, seq: e.seq, id: e.id, size: e.size, enq: e.enq, attempt: e.attempt}}})
+}
+
 // maxNackReason is the longest nack reason kept, in bytes; longer ones are
 // truncated (at a UTF-8 boundary).
 const maxNackReason = 1 << 10
@@ -1036,6 +1056,7 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 					c.detach(e)
 					if ref.Unseen && e.attempt > 0 {
 						e.attempt--
+						c.recountRec(e, &fx)
 					}
 					c.afterLease(e, now, d, reason, &fx)
 				case stReady, stDelayed:
