@@ -45,7 +45,9 @@ import (
 //     power loss.
 //
 // After a restart every published, unacked event is delivered again, in
-// publish order; leases do not survive (they end as if released). Attempt
+// publish order; leases do not survive (they end as if released: an event
+// whose last delivery was its MaxAttempts-th moves to its dead-letter
+// namespace when it would next be leased). Attempt
 // counts and settlements survive: each Lease call stores one record of its
 // deliveries (in the next group commit, not waited for), so after a restart
 // the next delivery of an event delivered before continues its attempt

@@ -450,15 +450,24 @@ func TestBadgerQueueSweepKeepsMovesForLeaseRecords(t *testing.T) {
 	// are read: a delivery listed there must still see the move.
 	dir := t.TempDir()
 	ctx := context.Background()
-	opts := QueueOptions{MaxAttempts: 1}
+	// Two attempts: a and c, leased once, are below the maximum when the
+	// reopen ends their leases (at the maximum they would be dead-lettered
+	// at their next lease, see TestMaxAttemptsAcrossReopen).
+	opts := QueueOptions{MaxAttempts: 2}
 	q := openTestBadger(t, dir, opts)
 	for _, id := range []string{"a", "b", "c"} {
 		publishTest(t, q, Event{ID: id, Namespace: "n"})
 	}
 	leaseAll(t, q, "h", 3, "n")
+	if _, err := q.Nack(ctx, "h", []LeaseRef{{ID: "b", Attempt: 1}}, 0, "bad"); err != nil {
+		t.Fatal(err)
+	}
+	if again := leaseAll(t, q, "h", 1, "n"); len(again) != 1 || again[0].Event.ID != "b" {
+		t.Fatalf("lease after the nack: %+v", again)
+	}
 	isDeletion := func(w bwrite) bool { return w.del && isKeyOf(keyEvent, "n")(w) }
 	undo := failCommitsWith(q, -1, isDeletion)
-	if _, err := q.Nack(ctx, "h", []LeaseRef{{ID: "b", Attempt: 1}}, 0, "bad"); err != nil {
+	if _, err := q.Nack(ctx, "h", []LeaseRef{{ID: "b", Attempt: 2}}, 0, "bad"); err != nil {
 		t.Fatal(err)
 	}
 	if err := q.Close(); err != nil {

@@ -968,7 +968,7 @@ func TestBadgerQueueChunks(t *testing.T) {
 	// acks are kept per chunk (and survive a reopen); a chunk goes once
 	// all its events are settled, dead letters included.
 	dir := t.TempDir()
-	opts := QueueOptions{MaxAttempts: 1}
+	opts := QueueOptions{MaxAttempts: 2}
 	q := openTestBadger(t, dir, opts)
 	var evs []Event
 	for i := range 10 {
@@ -978,9 +978,18 @@ func TestBadgerQueueChunks(t *testing.T) {
 	publishTest(t, q, Event{ID: "n10", Namespace: "n"})
 	ls := leaseAll(t, q, "h", 6, "n")
 	ackAll(t, q, "h", []Lease{ls[1], ls[3], ls[5]})
-	// n0 goes to the dead-letter namespace (one attempt allowed).
-	if res, err := q.Nack(context.Background(), "h", []LeaseRef{{ID: "n0", Attempt: 1}}, 0, "bad"); err != nil || res[0].Status != SettleOK {
-		t.Fatalf("Nack: %+v %v", res, err)
+	// n0 goes to the dead-letter namespace after its second attempt. (The
+	// others stay below the maximum: a delivery at the maximum whose lease
+	// a reopen cuts off is dead-lettered too, see TestMaxAttemptsAcrossReopen.)
+	for attempt := 1; attempt <= 2; attempt++ {
+		if attempt == 2 {
+			if again := leaseAll(t, q, "h", 1, "n"); len(again) != 1 || again[0].Event.ID != "n0" {
+				t.Fatalf("lease after the nack: %+v", again)
+			}
+		}
+		if res, err := q.Nack(context.Background(), "h", []LeaseRef{{ID: "n0", Attempt: attempt}}, 0, "bad"); err != nil || res[0].Status != SettleOK {
+			t.Fatalf("Nack: %+v %v", res, err)
+		}
 	}
 	if err := q.Close(); err != nil {
 		t.Fatal(err)

@@ -1,14 +1,17 @@
 package h3x
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
-	"github.com/google/uuid"
+	"errors"
 	"log/slog"
 	"strings"
 	"sync"
 	"time"
 	"unicode/utf8"
+
+	"github.com/google/uuid"
 )
 
 // This file holds the delivery state machine shared by the built-in queues
@@ -577,10 +580,17 @@ func (c *queueCore) remove(e *qentry, fx *effects) {
 
 // deadLetter moves e (already detached) to its dead-letter namespace, unless
 // that namespace is at its limits; it reports whether it did.
+// deadLetterRoom reports whether e's dead-letter namespace has room for it.
+func (c *queueCore) deadLetterRoom(e *qentry, reason string) bool {
+	dst := c.ns(DeadLetterNamespace(e.ns.name))
+	size := deadLetterSize(e, reason)
+	return !((c.maxEvents > 0 && dst.count >= c.maxEvents) || (c.maxBytes > 0 && dst.bytes+int64(size) > c.maxBytes))
+}
+
 func (c *queueCore) deadLetter(e *qentry, reason string, fx *effects) bool {
 	dst := c.ns(DeadLetterNamespace(e.ns.name))
 	size := deadLetterSize(e, reason)
-	if (c.maxEvents > 0 && dst.count >= c.maxEvents) || (c.maxBytes > 0 && dst.bytes+int64(size) > c.maxBytes) {
+	if !c.deadLetterRoom(e, reason) {
 		if !dst.warnedFull {
 			dst.warnedFull = true
 			c.log.Warn("h3x: dead-letter namespace full; events stay in their namespace", "namespace", dst.name)
@@ -843,9 +853,21 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 		deadline = defaultAckDeadline
 	}
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	out, w, err := c.lease(req, limit, deadline)
+	c.mu.Unlock()
+	// Dead-letter moves the call made land before it returns (so that Stats
+	// agree with what it did); the lease itself waits for nothing.
+	if werr := w.wait(ctx); werr != nil && !errors.Is(werr, context.Canceled) && !errors.Is(werr, context.DeadlineExceeded) {
+		c.log.Warn("h3x: queue: dead-lettering during a lease failed; the events stay", "err", werr)
+	}
+	return out, err
+}
+
+// lease is Lease with c.mu held. It returns a writeWait for the dead-letter
+// moves it made (nil if none).
+func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) ([]Lease, *writeWait, error) {
 	if c.closed {
-		return nil, ErrQueueClosed
+		return nil, nil, ErrQueueClosed
 	}
 	now := time.Now().UnixNano()
 	var fx effects
@@ -882,6 +904,17 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 				}
 				if e == nil {
 					active = append(active[:i], active[i+1:]...)
+					continue
+				}
+				if reason, ok := c.overdueDeadLetter(e); ok {
+					// Delivered MaxAttempts times, yet ready again: its last
+					// lease ended without being settled, by a restart (leases
+					// end as if released) or when the dead-letter namespace
+					// was full. It moves now, as a release would have moved
+					// it. (With the dead-letter namespace still full it is
+					// delivered once more.)
+					c.detach(e)
+					c.deadLetter(e, reason, &fx)
 					continue
 				}
 				if req.MaxBytes > 0 && len(out) > 0 && bytes+e.size > req.MaxBytes {
@@ -938,14 +971,30 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 		rec.n = len(put.entries)
 		fx.recPuts = append(fx.recPuts, put)
 	}
-	c.finishNoWait(&fx)
+	var w *writeWait
+	if len(fx.moves) > 0 {
+		w = c.finish(&fx)
+	} else {
+		c.finishNoWait(&fx)
+	}
 	if err != nil && len(out) == 0 {
-		return nil, err
+		return nil, w, err
 	}
 	if err != nil {
 		c.log.Warn("h3x: queue read failed during a lease; returning the events read so far", "err", err)
 	}
-	return out, nil
+	return out, w, nil
+}
+
+// overdueDeadLetter reports whether e, about to be leased again, has had
+// its MaxAttempts deliveries and can move to its dead-letter namespace now,
+// and with which reason.
+func (c *queueCore) overdueDeadLetter(e *qentry) (string, bool) {
+	if c.maxAttempts <= 0 || e.attempt < c.maxAttempts || e.ns.dlq || e.state != stReady {
+		return "", false
+	}
+	reason := cmp.Or(e.reason, "released")
+	return reason, c.deadLetterRoom(e, reason)
 }
 
 func containsNS(list []*qns, ns *qns) bool {
