@@ -60,7 +60,11 @@ import (
 // The backlog is not held in memory: only events delivered since the queue
 // was opened (or listed in a lease record) are. Settling, by ID and with
 // attempt 0, an event never delivered is refused as SettleStale if its ID was
-// published within the dedup window, SettleUnknown otherwise.
+// published within the dedup window, SettleUnknown otherwise. For the same
+// reason, a settlement of an event acked before a restart, or one naming
+// the namespace an event was dead-lettered from, is answered SettleStale
+// where the memory queue answers SettleUnknown: the queue keeps no record
+// of which IDs have left it. Either answer changes nothing.
 //
 // Storage: the events one group commit adds to a namespace are stored
 // together, as one Badger value of up to 1,024 events, and acks as a bitmap
