@@ -136,6 +136,8 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	return q, nil
 }
 
+func (q *badgerQueue) announcedLimits() (int, time.Duration) { return q.core.announcedLimits() }
+
 var _ Queue = (*badgerQueue)(nil)
 
 // badgerOptions are H3X's Badger defaults: small caches and tables, no

@@ -32,6 +32,8 @@ type memoryQueue struct {
 	core *queueCore
 }
 
+func (q *memoryQueue) announcedLimits() (int, time.Duration) { return q.core.announcedLimits() }
+
 // memoryStore is the queueStore of a memoryQueue: every entry keeps its
 // event, so there is nothing to read or write.
 type memoryStore memoryQueue

@@ -208,9 +208,10 @@ type queueCore struct {
 	maxAttempts int // <= 0: never dead-letter
 	maxEvents   int
 	maxBytes    int64
-	indexAll    bool // byID holds every entry (memory), not only those leased since open (Badger)
-	leaseRecs   bool // keep lease records (Badger)
-	recMaxBytes int  // the largest lease record, about (0: no limit)
+	indexAll    bool          // byID holds every entry (memory), not only those leased since open (Badger)
+	leaseRecs   bool          // keep lease records (Badger)
+	dedupWindow time.Duration // 0: no deduplication
+	recMaxBytes int           // the largest lease record, about (0: no limit)
 
 	nss      map[string]*qns
 	byID     map[string]*qentry
@@ -257,8 +258,20 @@ func newQueueCore(opts QueueOptions, store queueStore, inMemory bool) *queueCore
 			w = DefaultDedupWindow
 		}
 		c.dedup = newDedupIndex(w, dedupMaxIDs, opts.Logger)
+		c.dedupWindow = w
 	}
 	return c
+}
+
+// announcedLimits is implemented by the built-in queues: the limits a
+// server announces in AuthResult (ServerLimits.max_attempts and
+// dedup_window_ms; 0: never dead-lettered, no deduplication).
+type announcedLimits interface {
+	announcedLimits() (maxAttempts int, dedupWindow time.Duration)
+}
+
+func (c *queueCore) announcedLimits() (int, time.Duration) {
+	return max(c.maxAttempts, 0), c.dedupWindow
 }
 
 // normalizeQueueOptions fills in defaults.

@@ -386,6 +386,13 @@ func (c *serverConn) authenticate(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return fmt.Errorf("%w: %w", errGoneBeforeAuth, err)
 		}
+		var e *Error
+		if errors.As(err, &e) {
+			// A frame too large (FRAME_TOO_LARGE) or truncated
+			// (PROTOCOL_VIOLATION): PROTOCOL.md §7.3 and §8.
+			c.writeControl(FrameError, errorToWire(e, 0))
+			return e
+		}
 		return newError(CodeUnauthenticated, "reading Auth: %v", err)
 	}
 	if t != FrameAuth {
@@ -421,7 +428,7 @@ func (c *serverConn) authenticate(ctx context.Context) error {
 	sess := &Session{ID: c.id, ClientID: auth.GetClientId(), Grants: grants, RemoteAddr: c.qc.RemoteAddr()}
 	for _, ns := range auth.GetNamespaces() {
 		if err := ValidateNamespace(ns); err != nil {
-			e := newError(CodeInvalidArgument, "namespace %q: %v", ns, err)
+			e := newError(CodeInvalidArgument, "Auth.namespaces: %s", err.(*Error).Message)
 			c.writeControl(FrameError, errorToWire(e, 0))
 			return e
 		}
@@ -464,14 +471,23 @@ func isTimeout(err error) bool {
 }
 
 func (s *Server) limits() *h3xpb.ServerLimits {
-	return &h3xpb.ServerLimits{
+	l := &h3xpb.ServerLimits{
 		MaxFrameSize:     uint32(s.cfg.maxFrameSize),
 		MaxFetchLimit:    uint32(s.cfg.maxFetchLimit),
 		MaxFetchWaitMs:   durationMs(s.cfg.maxFetchWait),
 		AckDeadlineMs:    durationMs(s.cfg.ackDeadline),
-		MaxEventsPerSend: uint32(s.cfg.maxEventsPerSend),
+		MaxEventsPerSend: uint32(s.cfg.eventsPerSend()),
 		MaxUnacked:       uint32(s.cfg.maxUnacked),
 	}
+	// The built-in queues say how they dead-letter and deduplicate; a
+	// custom Queue's are not known, and are announced as 0 (PROTOCOL.md
+	// §3.4).
+	if q, ok := s.queue.(announcedLimits); ok {
+		attempts, window := q.announcedLimits()
+		l.MaxAttempts = uint32(attempts)
+		l.DedupWindowMs = durationMs(window)
+	}
+	return l
 }
 
 // writeControl writes one frame on the control stream.
@@ -531,6 +547,13 @@ func (c *serverConn) controlLoop(ctx context.Context) {
 			}
 			c.writeControl(FramePong, &h3xpb.Pong{Sequence: p.GetSequence(), PingSentUnixNano: p.GetSentUnixNano(), SentUnixNano: time.Now().UnixNano()})
 		case t == FramePong:
+			// Nothing to do with it, but a malformed one is a violation
+			// like any other (PROTOCOL.md §5.1).
+			var p h3xpb.Pong
+			if err := unmarshalPayload(t, payload, &p); err != nil {
+				c.close(CodeProtocolViolation, err.Error())
+				return
+			}
 		case newMessage(t) == nil:
 			// Unknown frame types on the control stream are ignored.
 		default:
@@ -546,6 +569,12 @@ func (c *serverConn) controlLoop(ctx context.Context) {
 func (c *serverConn) serveStream(ctx context.Context, st *quic.Stream) {
 	fr := newFrameReader(st, uint32(c.srv.cfg.maxFrameSize))
 	t, payload, err := fr.next()
+	if errors.Is(err, io.EOF) {
+		// Finished before any frame: no request, so nothing to answer but
+		// the server's own FIN (PROTOCOL.md §5.2, §7.3).
+		st.Close()
+		return
+	}
 	if err != nil {
 		c.failStream(st, err)
 		return

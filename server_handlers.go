@@ -14,8 +14,8 @@ import (
 // publish stores a SendEvent's events and builds its SendResult.
 func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (FrameType, proto.Message) {
 	c := ss.c
-	if n := len(m.GetEvents()); n > c.srv.cfg.maxEventsPerSend {
-		return FrameError, errorToWire(newError(CodeInvalidArgument, "%d events in one SendEvent; the maximum is %d", n, c.srv.cfg.maxEventsPerSend), m.GetRequestId())
+	if n, limit := len(m.GetEvents()), c.srv.cfg.eventsPerSend(); n > limit {
+		return FrameError, errorToWire(newError(CodeInvalidArgument, "%d events in one SendEvent; the maximum is %d", n, limit), m.GetRequestId())
 	}
 	res := &h3xpb.SendResult{RequestId: m.GetRequestId(), Outcomes: make([]*h3xpb.PublishOutcome, len(m.GetEvents()))}
 	events := make([]Event, 0, len(m.GetEvents()))
@@ -25,9 +25,10 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 		var refuse *Error
 		switch {
 		case ValidateNamespace(ev.Namespace) != nil:
-			refuse = newError(CodeInvalidArgument, "invalid namespace %q: %v", ev.Namespace, ValidateNamespace(ev.Namespace))
-		case len(ev.ID) > 128:
-			refuse = newError(CodeInvalidArgument, "event id longer than 128 bytes")
+			errors.As(ValidateNamespace(ev.Namespace), &refuse)
+		case len(ev.ID) > MaxEventIDLen:
+			refuse = newError(CodeInvalidArgument, "event id of %d bytes, longer than %d", len(ev.ID), MaxEventIDLen)
+			ev.ID = "" // not echoed: the answer must fit a frame
 		case !c.session.allows(ev.Namespace, PermPublish):
 			refuse = newError(CodePermissionDenied, "namespace %q is not granted for publishing", ev.Namespace)
 		case !deliverable(p, c.srv.cfg.maxFrameSize):
@@ -66,7 +67,39 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 			res.Outcomes[i] = o
 		}
 	}
+	if proto.Size(res) > c.srv.cfg.maxFrameSize {
+		// Only refusal messages can take the answer past the frame size
+		// (eventsPerSend bounds the rest): the codes say enough.
+		for _, o := range res.Outcomes {
+			o.Message = ""
+		}
+	}
 	return FrameSendResult, res
+}
+
+// MaxEventIDLen is the longest event ID the server accepts, in bytes.
+const MaxEventIDLen = 128
+
+// maxOutcomeSize bounds the encoding of one PublishOutcome without its
+// message, in a SendResult: an ID of up to MaxEventIDLen bytes, status,
+// code and retry-after, with their tags and lengths.
+const maxOutcomeSize = MaxEventIDLen + 24
+
+// eventsPerSend is the most events one SendEvent may carry (announced as
+// ServerLimits.max_events_per_send): WithMaxEventsPerSend, lowered so that
+// the SendResult always fits a frame.
+func (c *serverConfig) eventsPerSend() int {
+	return max(min(c.maxEventsPerSend, (c.maxFrameSize-64)/maxOutcomeSize), 1)
+}
+
+// ackResultFits reports whether the AckResult for ids fits a frame of
+// maxFrame bytes: each SettleOutcome echoes its ID.
+func ackResultFits(ids []string, maxFrame int) bool {
+	n := 16
+	for _, id := range ids {
+		n += len(id) + 12
+	}
+	return n <= maxFrame
 }
 
 // deliveryHeadroom is the most that delivering p can add to its published
@@ -169,7 +202,7 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 	}
 	for _, ns := range namespaces {
 		if err := ValidateNamespace(ns); err != nil {
-			return FrameError, errorToWire(newError(CodeInvalidArgument, "invalid namespace %q: %v", ns, err), rid)
+			return FrameError, errorToWire(err, rid)
 		}
 		if !c.session.allows(ns, PermConsume) {
 			return FrameError, errorToWire(newError(CodePermissionDenied, "namespace %q is not granted for consuming", ns), rid)
@@ -209,7 +242,12 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 		if err != nil {
 			c.unreserve(room)
 			if ctx.Err() != nil {
-				return FrameError, errorToWire(ErrShuttingDown, rid)
+				if c.srv.shutdownCtx.Err() != nil {
+					return FrameError, errorToWire(ErrShuttingDown, rid)
+				}
+				// The client ended the stream (or the connection went):
+				// an empty batch, as for a long poll (PROTOCOL.md §5.2).
+				return FrameEventsBatch, &h3xpb.EventsBatch{RequestId: rid}
 			}
 			c.logger.Error("h3x: lease failed", "err", err)
 			return FrameError, errorToWire(asRetryable(err), rid)
@@ -276,6 +314,11 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64,
 	sess := ss.c.session
 	if (len(attempts) > 0 && len(attempts) != len(ids)) || (len(namespaces) > 0 && len(namespaces) != len(ids)) {
 		return FrameError, errorToWire(newError(CodeInvalidArgument, "attempts and namespaces must be empty or as long as event_ids"), rid)
+	}
+	if !ackResultFits(ids, ss.c.srv.cfg.maxFrameSize) {
+		// Nothing is settled: the answer, which echoes every ID, would not
+		// fit a frame.
+		return FrameError, errorToWire(newError(CodeInvalidArgument, "the AckResult for %d event ids would exceed the maximum frame size of %d bytes; send fewer per request", len(ids), ss.c.srv.cfg.maxFrameSize), rid)
 	}
 	// Without a namespace, a settlement applies only to this connection's own
 	// leases (attempt 0), unless the session may consume everywhere.

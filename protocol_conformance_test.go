@@ -1,0 +1,286 @@
+package h3x
+
+import (
+	"context"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/h3x-io/h3x/proto/h3xpb"
+)
+
+// Tests of the server against PROTOCOL.md statements a third-party client
+// relies on (found by a conformance review, 2026-11-26).
+
+// specServer starts a loopback server with an in-memory queue and the given
+// registry text; it is closed when the test ends.
+func specServer(t *testing.T, registry string, opts ...ServerOption) *Server {
+	t.Helper()
+	reg, err := ParseRegistry(registry)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := append([]ServerOption{WithAddr("127.0.0.1:0"), WithQueue(NewMemoryQueue(QueueOptions{})), WithRegistry(reg)}, opts...)
+	s, err := NewServer(all...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// authWith opens the control stream, sends a and returns the AuthResult.
+func (rc *rawConn) authWith(a *h3xpb.Auth) *h3xpb.AuthResult {
+	rc.t.Helper()
+	st, err := rc.qc.OpenStreamSync(context.Background())
+	if err != nil {
+		rc.t.Fatal(err)
+	}
+	rc.ctrl = st
+	st.Write(frameBytes(rc.t, FrameAuth, a))
+	var res h3xpb.AuthResult
+	st.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if err := newFrameReader(st, DefaultMaxFrameSize).readMessage(FrameAuthResult, &res); err != nil {
+		rc.t.Fatalf("auth: %v", err)
+	}
+	return &res
+}
+
+// request writes one request on a new data stream (its send side left
+// open) and reads the first answer, with the reader's maximum frame size
+// set to max: a frame above it is an error.
+func (rc *rawConn) request(b []byte, max uint32) (FrameType, []byte, error) {
+	rc.t.Helper()
+	st := rc.stream(b, false)
+	defer st.CancelRead(0)
+	defer st.CancelWrite(0)
+	return newFrameReader(st, max).next()
+}
+
+// §8: "A sender MUST NOT send a larger frame [than the maximum frame size];
+// the server never sends one." An AckResult echoes every ID, so a request
+// of many short IDs used to get an answer twice its size; a SendResult
+// echoed over-long IDs and invalid namespaces, and could hold more
+// outcomes than a frame.
+func TestAnswersNeverExceedMaxFrameSize(t *testing.T) {
+	const maxFrame = 4096
+	s := specServer(t, "alice:*=alice-token", WithMaxFrameSize(maxFrame))
+	rc := rawDial(t, s)
+	res := rc.authWith(&h3xpb.Auth{ClientId: "alice", Token: "alice-token"})
+	l := res.GetLimits()
+	if l.GetMaxFrameSize() != maxFrame {
+		t.Fatalf("announced max_frame_size %d", l.GetMaxFrameSize())
+	}
+	perSend := int(l.GetMaxEventsPerSend())
+	if perSend < 1 || perSend*maxOutcomeSize > maxFrame {
+		t.Fatalf("announced max_events_per_send %d: %d outcomes of up to %d bytes do not fit a %d-byte frame", perSend, perSend, maxOutcomeSize, maxFrame)
+	}
+
+	t.Run("AckResult", func(t *testing.T) {
+		ack := &h3xpb.AckEvent{RequestId: 1}
+		for range 1300 {
+			ack.EventIds = append(ack.EventIds, "x")
+		}
+		b := frameBytes(t, FrameAckEvent, ack)
+		if len(b)-5 > maxFrame {
+			t.Fatalf("request of %d bytes", len(b)-5)
+		}
+		ft, payload, err := rc.request(b, maxFrame)
+		if err != nil {
+			t.Fatalf("answer to a %d-byte AckEvent: %v", len(b)-5, err)
+		}
+		var e h3xpb.Error
+		if ft != FrameError || proto.Unmarshal(payload, &e) != nil || ErrorCode(e.GetCode()) != CodeInvalidArgument || e.GetRequestId() != 1 {
+			t.Fatalf("answer %v %v, want Error{INVALID_ARGUMENT, request 1}", ft, &e)
+		}
+		// A request whose answer fits is answered as usual.
+		ft, _, err = rc.request(frameBytes(t, FrameAckEvent, &h3xpb.AckEvent{RequestId: 2, EventIds: ack.EventIds[:100]}), maxFrame)
+		if err != nil || ft != FrameAckResult {
+			t.Fatalf("answer to 100 ids: %v %v", ft, err)
+		}
+	})
+
+	t.Run("SendResult", func(t *testing.T) {
+		send := &h3xpb.SendEvent{RequestId: 3}
+		for i := range perSend {
+			p := &h3xpb.EventPayload{Namespace: "orders", Id: strings.Repeat("i", 20)}
+			switch i % 3 {
+			case 0:
+				p.Namespace = strings.Repeat("!", 40) // invalid
+			case 1:
+				p.Id = strings.Repeat("L", 40) + "-too-long-" + strings.Repeat("L", 100)
+			}
+			send.Events = append(send.Events, p)
+		}
+		b := frameBytes(t, FrameSendEvent, send)
+		if len(b)-5 > maxFrame {
+			t.Fatalf("request of %d bytes", len(b)-5)
+		}
+		ft, payload, err := rc.request(b, maxFrame)
+		if err != nil || ft != FrameSendResult {
+			t.Fatalf("answer to %d events: %v %v", perSend, ft, err)
+		}
+		var sr h3xpb.SendResult
+		if err := proto.Unmarshal(payload, &sr); err != nil || len(sr.GetOutcomes()) != perSend {
+			t.Fatalf("SendResult: %v, %d outcomes", err, len(sr.GetOutcomes()))
+		}
+		for i, o := range sr.GetOutcomes() {
+			if i%3 == 1 && (o.GetStatus() != h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED || o.GetId() != "") {
+				t.Errorf("outcome %d of a too-long id: %v, id %q echoed", i, o.GetStatus(), o.GetId())
+			}
+		}
+		// One event more than announced is refused as a whole.
+		send.Events = append(send.Events, &h3xpb.EventPayload{Namespace: "orders"})
+		ft, _, err = rc.request(frameBytes(t, FrameSendEvent, send), maxFrame)
+		if err != nil || ft != FrameError {
+			t.Fatalf("answer to %d events: %v %v, want Error", perSend+1, ft, err)
+		}
+	})
+}
+
+// §3.4 ServerLimits: "A value of 0 in max_attempts means events are never
+// dead-lettered; 0 in dedup_window_ms means no deduplication." The
+// built-in queues dead-letter after 10 attempts and deduplicate for 2
+// minutes by default (§8); AuthResult.limits used to leave both at 0.
+func TestAuthResultAnnouncesMaxAttemptsAndDedupWindow(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		q             Queue
+		attempts      uint32
+		dedupWindowMs uint32
+	}{
+		{"defaults", NewMemoryQueue(QueueOptions{}), DefaultMaxAttempts, uint32(DefaultDedupWindow / time.Millisecond)},
+		{"set", NewMemoryQueue(QueueOptions{MaxAttempts: 3, DedupWindow: time.Minute}), 3, 60000},
+		{"off", NewMemoryQueue(QueueOptions{MaxAttempts: -1, DedupWindow: -1}), 0, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := specServer(t, "alice:orders=alice-token", WithQueue(tc.q))
+			rc := rawDial(t, s)
+			l := rc.authWith(&h3xpb.Auth{ClientId: "alice", Token: "alice-token"}).GetLimits()
+			if l.GetMaxAttempts() != tc.attempts || l.GetDedupWindowMs() != tc.dedupWindowMs {
+				t.Errorf("AuthResult.limits: max_attempts=%d dedup_window_ms=%d, want %d and %d", l.GetMaxAttempts(), l.GetDedupWindowMs(), tc.attempts, tc.dedupWindowMs)
+			}
+		})
+	}
+}
+
+// §8 "Auth frame size | 64 KiB | before authentication the server accepts
+// frames up to 64 KiB only: FRAME_TOO_LARGE, connection closed".
+func TestOversizedAuthClosesFrameTooLarge(t *testing.T) {
+	s := specServer(t, "alice:orders=alice-token")
+	rc := rawDial(t, s)
+	st, err := rc.qc.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.Write([]byte{byte(FrameAuth), 0x01, 0x00, 0x01, 0x00}) // payload_length 65,537
+	if got := rc.closeCode(); got != CodeFrameTooLarge {
+		t.Fatalf("close code %v (%d), want %v", got, got, CodeFrameTooLarge)
+	}
+}
+
+// §7.3: the stream ending inside the header or the payload is
+// PROTOCOL_VIOLATION, "on the control stream: close the connection" (the
+// table makes a before-Auth exception only for unknown and disallowed frame
+// types, not for truncation).
+func TestTruncatedAuthClosesProtocolViolation(t *testing.T) {
+	s := specServer(t, "alice:orders=alice-token")
+	auth := frameBytes(t, FrameAuth, &h3xpb.Auth{ClientId: "alice", Token: "alice-token"})
+	for _, tc := range []struct {
+		name string
+		b    []byte
+	}{{"header", auth[:3]}, {"payload", auth[:len(auth)-2]}} {
+		t.Run(tc.name, func(t *testing.T) {
+			rc := rawDial(t, s)
+			st, err := rc.qc.OpenStreamSync(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			st.Write(tc.b)
+			st.Close()
+			if got := rc.closeCode(); got != CodeProtocolViolation {
+				t.Fatalf("truncated Auth %s: close code %v (%d), want %v", tc.name, got, got, CodeProtocolViolation)
+			}
+		})
+	}
+}
+
+// §5.1 Open state: "A malformed frame or a truncated frame closes the
+// connection with PROTOCOL_VIOLATION" — Pong is a known frame type of the
+// control stream, so a Pong whose payload is not a valid Pong is malformed.
+func TestMalformedPongClosesConnection(t *testing.T) {
+	s := specServer(t, "alice:orders=alice-token")
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	rc.ctrl.Write([]byte{byte(FramePong), 2, 0, 0, 0, 0xff, 0xff}) // a tag varint that never ends
+	rc.ctrl.Write(frameBytes(t, FramePing, &h3xpb.Ping{Sequence: 1}))
+	rc.ctrl.SetReadDeadline(time.Now().Add(5 * time.Second))
+	ft, _, err := newFrameReader(rc.ctrl, DefaultMaxFrameSize).next()
+	if err == nil {
+		t.Fatalf("the server answered %v after a malformed Pong; want the connection closed with PROTOCOL_VIOLATION", ft)
+	}
+	if got := rc.closeCode(); got != CodeProtocolViolation {
+		t.Fatalf("close code %v, want %v", got, CodeProtocolViolation)
+	}
+}
+
+// §5.2 "Ending a stream": the client ends a session stream by finishing its
+// send side; the server answers what it received "and then finishes its own
+// send side"; §7.3: "the stream ends cleanly between frames | — | ... the
+// client finished its requests". A data stream finished before any frame
+// is such a stream: it is not an error, so no reset.
+func TestEmptyDataStreamIsFinishedNotReset(t *testing.T) {
+	s := specServer(t, "alice:orders=alice-token")
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	st := rc.stream(nil, true)
+	_, err := io.ReadAll(st)
+	if err != nil {
+		t.Fatalf("an empty, finished data stream ended with %v, want a clean FIN", err)
+	}
+}
+
+// §5.2: "A client that resets only its send side ... the server ends every
+// pending request at once". The fetch queued behind a parked long poll used
+// to be answered Error{SHUTTING_DOWN}, which (§7.1: "the server is going
+// away") sends a client reconnecting, though the server was not shutting
+// down; it is now answered with an empty EventsBatch, like the long poll.
+func TestSendResetQueuedFetchIsNotShuttingDown(t *testing.T) {
+	s := specServer(t, "alice:orders=alice-token")
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	fetch := func(id uint64) []byte {
+		return frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: id, Namespaces: []string{"orders"}, Limit: 1, MaxWaitMs: 20000})
+	}
+	st := rc.stream(append(fetch(1), fetch(2)...), false)
+	time.Sleep(100 * time.Millisecond) // both fetches read: 1 parked, 2 queued
+	st.CancelWrite(0)
+	st.SetReadDeadline(time.Now().Add(5 * time.Second))
+	fr := newFrameReader(st, DefaultMaxFrameSize)
+	for answered := 0; ; answered++ {
+		ft, payload, err := fr.next()
+		if err != nil {
+			if answered < 1 {
+				t.Fatalf("stream ended (%v) before the long poll was answered", err)
+			}
+			return
+		}
+		switch ft {
+		case FrameEventsBatch:
+		case FrameError:
+			var e h3xpb.Error
+			proto.Unmarshal(payload, &e)
+			if ErrorCode(e.GetCode()) == CodeShuttingDown {
+				t.Fatalf("fetch %d answered with Error{SHUTTING_DOWN} while the server is not shutting down", e.GetRequestId())
+			}
+		default:
+			t.Fatalf("answer %v", ft)
+		}
+	}
+}
