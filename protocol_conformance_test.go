@@ -284,3 +284,48 @@ func TestSendResetQueuedFetchIsNotShuttingDown(t *testing.T) {
 		}
 	}
 }
+
+// §5.1 GoAway: a client receiving GoAway "SHOULD let requests in flight
+// complete: the server keeps answering requests already sent, and answers
+// pending FetchEvents promptly (possibly with empty batches); SHOULD finish
+// its data streams ... The server then closes the connection with
+// SHUTTING_DOWN once its streams are drained or its shutdown deadline
+// passes." §12 (frame 11): "The client opens no new stream, finishes
+// streams 4 and 8 (FIN), to which the server answers with FIN; the server
+// then closes the connection". With a 5 s shutdown deadline, a client with
+// one parked long poll must get GoAway and the poll's answer, and, after
+// handling the batch for 200 ms, finish its stream and get the server's FIN
+// before the connection closes.
+func TestGoAwayLetsClientDrain(t *testing.T) {
+	s := specServer(t, "alice:orders=alice-token")
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	st := rc.stream(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 1, Namespaces: []string{"orders"}, MaxWaitMs: 20000}), false)
+	st.SetReadDeadline(time.Now().Add(10 * time.Second))
+	time.Sleep(100 * time.Millisecond) // the poll is parked
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		done <- s.Shutdown(ctx)
+	}()
+	defer func() { <-done }()
+	rc.ctrl.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var ga h3xpb.GoAway
+	if err := newFrameReader(rc.ctrl, DefaultMaxFrameSize).readMessage(FrameGoAway, &ga); err != nil {
+		t.Fatalf("GoAway not received: %v", err)
+	}
+	fr := newFrameReader(st, DefaultMaxFrameSize)
+	var b h3xpb.EventsBatch
+	if err := fr.readMessage(FrameEventsBatch, &b); err != nil {
+		t.Fatalf("pending FetchEvents not answered after GoAway: %v", err)
+	}
+	time.Sleep(200 * time.Millisecond) // the client handles the batch
+	st.Close()                         // and finishes its data stream
+	if _, _, err := fr.next(); err != io.EOF {
+		t.Fatalf("after the client's FIN: %v, want the server's FIN (io.EOF) before the connection closes", err)
+	}
+	if got := rc.closeCode(); got != CodeShuttingDown {
+		t.Fatalf("close code %v, want %v", got, CodeShuttingDown)
+	}
+}

@@ -242,7 +242,12 @@ func TestBadgerQueueFailedMoveWhileClosing(t *testing.T) {
 	}
 	q.failCommit.Store(nil)
 	q = reopenTestBadger(t, q, dir, QueueOptions{MaxAttempts: 1})
-	if got := leasedIDs(leaseAll(t, q, "h2", 10, "n", "n"+DeadLetterSuffix)); len(got) != 1 {
+	// a had its one attempt: the first lease after the reopen moves it to
+	// the dead-letter namespace (its lease ended as if released), and a
+	// second one delivers it from there.
+	got := leasedIDs(leaseAll(t, q, "h2", 10, "n", "n"+DeadLetterSuffix))
+	got = append(got, leasedIDs(leaseAll(t, q, "h2", 10, "n", "n"+DeadLetterSuffix))...)
+	if len(got) != 1 {
 		t.Fatalf("after reopen leased %v, want a (its dead-lettering failed) once", got)
 	}
 }

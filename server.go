@@ -414,6 +414,9 @@ wait:
 		case <-tick.C:
 		}
 	}
+	if ctxErr == nil {
+		ctxErr = s.drainConns(ctx)
+	}
 	s.finishClose() // also ends GoAway writes still waiting
 	<-sent
 	return ctxErr
@@ -421,6 +424,65 @@ wait:
 
 // goAwayWorkers bounds the goroutines writing GoAway frames at Shutdown.
 const goAwayWorkers = 64
+
+// drainMax bounds the time Shutdown gives clients to read their GoAway and
+// last answers once no request is in flight (drainConns).
+const drainMax = 2 * time.Second
+
+// drainConns waits, once no request is in flight, until each connection is
+// done with: closed by its client (the Go client closes it once its calls
+// in flight are answered), or, for a client that keeps it open, answered
+// the Ping sent after GoAway (so it has read the GoAway) and then had a
+// few round trips more for the last answers to be acknowledged. Closing
+// earlier would discard what the connection has not yet delivered: QUIC's
+// CONNECTION_CLOSE drops unacknowledged stream data, the GoAway and the
+// answers to the last long polls included. It waits at most drainMax, or
+// until ctx ends (its error is returned).
+func (s *Server) drainConns(ctx context.Context) error {
+	deadline := time.Now().Add(drainMax)
+	seen := make(map[*serverConn]time.Time)
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		now := time.Now()
+		pending := 0
+		for _, c := range s.connList() {
+			if c.qc.Context().Err() != nil {
+				continue
+			}
+			select {
+			case <-c.goAwaySeen:
+				at, ok := seen[c]
+				if !ok {
+					at = now
+					seen[c] = at
+				}
+				if now.Sub(at) >= c.drainLinger() {
+					continue
+				}
+			default:
+			}
+			pending++
+		}
+		if pending == 0 || !now.Before(deadline) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		}
+	}
+}
+
+// drainLinger is how long a connection stays open after its client has read
+// the GoAway: enough for a lost packet of the last answers to be sent again
+// (about a probe timeout, RFC 9002 §6.2), 10 ms to 500 ms.
+func (c *serverConn) drainLinger() time.Duration {
+	st := c.qc.ConnectionStats()
+	d := 3*st.SmoothedRTT + 4*st.MeanDeviation + 25*time.Millisecond
+	return min(max(d, 10*time.Millisecond), 500*time.Millisecond)
+}
 
 // sendGoAways sends GoAway to every connection, goAwayWorkers at a time,
 // and returns a channel closed when all are done.

@@ -87,6 +87,10 @@ type serverConn struct {
 	inflight  atomic.Int64   // requests being served
 	streams   sync.WaitGroup // stream handlers
 	goingAway atomic.Bool
+	// goAwaySeen is closed when the client answers the Ping sent after
+	// GoAway: it has read the GoAway (Shutdown's drain, drainConns).
+	goAwaySeen     chan struct{}
+	goAwaySeenOnce sync.Once
 
 	rateLimited bool // rate limits apply to this session
 
@@ -109,6 +113,8 @@ func newServerConn(s *Server, qc *quic.Conn, seq uint64) *serverConn {
 		qc:     qc,
 		id:     s.holderID + "-" + strconv.FormatUint(seq, 10),
 		authed: make(chan struct{}),
+
+		goAwaySeen: make(chan struct{}),
 	}
 	c.logger.c = c
 	return c
@@ -503,6 +509,9 @@ func (c *serverConn) writeControl(t FrameType, m proto.Message) error {
 	return err
 }
 
+// goAwayPingSeq is the sequence of the Ping the server sends after GoAway.
+const goAwayPingSeq = 1<<64 - 1
+
 // goAway tells the client the server is going away.
 func (c *serverConn) goAway(reason string) {
 	if !c.goingAway.CompareAndSwap(false, true) {
@@ -510,7 +519,11 @@ func (c *serverConn) goAway(reason string) {
 	}
 	select {
 	case <-c.authed:
-		c.writeControl(FrameGoAway, &h3xpb.GoAway{Reason: reason})
+		// The Ping after it tells when the client has read it: the control
+		// stream is in order, so its Pong comes after the GoAway arrived.
+		if c.writeControl(FrameGoAway, &h3xpb.GoAway{Reason: reason}) == nil {
+			c.writeControl(FramePing, &h3xpb.Ping{Sequence: goAwayPingSeq, SentUnixNano: time.Now().UnixNano()})
+		}
 	default:
 		c.close(CodeShuttingDown, reason)
 	}
@@ -547,12 +560,15 @@ func (c *serverConn) controlLoop(ctx context.Context) {
 			}
 			c.writeControl(FramePong, &h3xpb.Pong{Sequence: p.GetSequence(), PingSentUnixNano: p.GetSentUnixNano(), SentUnixNano: time.Now().UnixNano()})
 		case t == FramePong:
-			// Nothing to do with it, but a malformed one is a violation
-			// like any other (PROTOCOL.md §5.1).
+			// Only the Pong to the Ping after GoAway matters; a malformed
+			// one is a violation like any other (PROTOCOL.md §5.1).
 			var p h3xpb.Pong
 			if err := unmarshalPayload(t, payload, &p); err != nil {
 				c.close(CodeProtocolViolation, err.Error())
 				return
+			}
+			if p.GetSequence() == goAwayPingSeq && c.goingAway.Load() {
+				c.goAwaySeenOnce.Do(func() { close(c.goAwaySeen) })
 			}
 		case newMessage(t) == nil:
 			// Unknown frame types on the control stream are ignored.
