@@ -86,7 +86,8 @@ type netResult struct {
 }
 
 func runNetScenario(t *testing.T, sc netScenario, dur time.Duration) netResult {
-	srv := startServer(t, h3x.WithQueue(h3x.NewMemoryQueue(h3x.QueueOptions{})))
+	q := h3x.NewMemoryQueue(h3x.QueueOptions{})
+	srv := startServer(t, h3x.WithQueue(q))
 	proxy, err := faultnet.New(srv.Addr().(*net.UDPAddr))
 	if err != nil {
 		t.Fatal(err)
@@ -204,8 +205,8 @@ func runNetScenario(t *testing.T, sc netScenario, dur time.Duration) netResult {
 				if err == nil {
 					mu.Lock()
 					for _, r := range res {
-						if r.Status == h3x.SettleOK {
-							ackConfirmed[r.ID] = done
+						if _, seen := ackConfirmed[r.ID]; r.Status == h3x.SettleOK && !seen {
+							ackConfirmed[r.ID] = done // the first confirmed ack counts
 						}
 					}
 					mu.Unlock()
@@ -254,6 +255,20 @@ func runNetScenario(t *testing.T, sc netScenario, dur time.Duration) netResult {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	// Everything delivered was acked: once the acks are confirmed, the
+	// queue holds nothing (an ack confirmed but not applied leaves its
+	// event leased until its deadline, long after this test).
+	var left h3x.NamespaceStats
+	for settleBound := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		st, err := q.Stats(context.Background(), namespace)
+		if err != nil || len(st) != 1 {
+			t.Fatalf("Stats: %v %v", st, err)
+		}
+		left = st[0]
+		if left.Ready+left.Leased+left.Delayed == 0 || time.Now().After(settleBound) {
+			break
+		}
+	}
 	proxy.Reset()
 	time.Sleep(200 * time.Millisecond) // late redeliveries of acked events would show here
 	cancel()
@@ -263,6 +278,12 @@ func runNetScenario(t *testing.T, sc netScenario, dur time.Duration) netResult {
 	mu.Lock()
 	defer mu.Unlock()
 	r := netResult{pubRate: float64(pubCount) / pubTime.Seconds(), consRate: float64(pubCount-len(missing)) / consTime.Seconds(), published: len(published), lost: len(missing)}
+	if pubCount == 0 {
+		t.Errorf("nothing was published")
+	}
+	if n := left.Ready + left.Leased + left.Delayed; n > 0 && len(missing) == 0 {
+		t.Errorf("every event delivered and acked, but the queue still holds %d (%+v)", n, left)
+	}
 	if len(missing) > 0 {
 		t.Errorf("%d published events never delivered (e.g. %v)", len(missing), missing[:min(3, len(missing))])
 	}

@@ -2,8 +2,11 @@ package reliability
 
 import (
 	"context"
+	"math/bits"
 	"os"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -43,27 +46,41 @@ func TestSoak(t *testing.T) {
 	var published, consumed, restarts atomic.Int64
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	pubCtx, stopPub := context.WithCancel(ctx)
+	defer stopPub()
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer cancel()
+	// IDs are soak-<n>; two bitmaps (a few hundred KiB for 30 minutes, so the
+	// heap figures are unchanged) record which were stored and which came out.
+	maxIDs := int(dur/time.Second)*rate*2 + 1<<16
+	storedIDs, gotIDs := make([]atomic.Uint64, maxIDs/64+1), make([]atomic.Uint64, maxIDs/64+1)
+	setBit := func(b []atomic.Uint64, n int) { b[n/64].Or(1 << (n % 64)) }
 
 	wg.Go(func() {
 		tick := time.NewTicker(time.Second * batch / rate)
 		defer tick.Stop()
 		payload := make([]byte, 200)
-		for {
+		next := 0
+		for next+batch <= maxIDs {
 			select {
-			case <-ctx.Done():
+			case <-pubCtx.Done():
 				return
 			case <-tick.C:
 			}
 			evs := make([]h3x.Event, batch)
 			for i := range evs {
-				evs[i] = h3x.Event{Namespace: namespace, Type: "soak", Data: payload}
+				evs[i] = h3x.Event{ID: "soak-" + strconv.Itoa(next), Namespace: namespace, Type: "soak", Data: payload}
+				next++
 			}
-			pctx, pcancel := context.WithTimeout(ctx, 10*time.Second)
-			if _, err := pub.Publish(pctx, evs...); err == nil {
+			pctx, pcancel := context.WithTimeout(pubCtx, 10*time.Second)
+			if res, err := pub.Publish(pctx, evs...); err == nil {
 				published.Add(batch)
+				for i, r := range res {
+					if r.Status == h3x.PublishStored || r.Status == h3x.PublishDuplicate {
+						setBit(storedIDs, next-batch+i)
+					}
+				}
 			}
 			pcancel()
 		}
@@ -85,6 +102,9 @@ func TestSoak(t *testing.T) {
 			sub, err := c.Subscribe(lctx, nil, h3x.SubscribeOptions{MaxUnacked: consumerBuffer})
 			if err == nil {
 				for d := range sub.Events() {
+					if n, err := strconv.Atoi(strings.TrimPrefix(d.Event.ID, "soak-")); err == nil && n >= 0 && n < maxIDs {
+						setBit(gotIDs, n)
+					}
 					d.Ack()
 					consumed.Add(1)
 				}
@@ -125,8 +145,30 @@ func TestSoak(t *testing.T) {
 			s.at, mib(s.heapAlloc), mib(s.heapInuse), mib(s.sys), s.goroutines, s.published, s.consumed, s.backlog)
 	}
 	tick.Stop()
+	// Stop publishing and let the consumer drain the backlog.
+	stopPub()
+	var left int
+	for bound := time.Now().Add(time.Minute); ; time.Sleep(100 * time.Millisecond) {
+		st, err := q.Stats(context.Background(), namespace)
+		if err != nil || len(st) != 1 {
+			t.Fatalf("Stats: %v %v", st, err)
+		}
+		if left = st[0].Ready + st[0].Leased + st[0].Delayed; left == 0 || time.Now().After(bound) {
+			break
+		}
+	}
 	cancel()
 	wg.Wait()
+	lost := 0
+	for i := range storedIDs {
+		lost += bits.OnesCount64(storedIDs[i].Load() &^ gotIDs[i].Load())
+	}
+	if left > 0 {
+		t.Errorf("%d events still in the queue a minute after publishing stopped", left)
+	}
+	if lost > 0 {
+		t.Errorf("%d events stored (Publish said so) were never delivered", lost)
+	}
 
 	if len(samples) < 3 {
 		t.Fatal("too few samples")
