@@ -47,7 +47,8 @@ import (
 // After a restart every published, unacked event is delivered again, in
 // publish order; leases do not survive (they end as if released: an event
 // whose last delivery was its MaxAttempts-th moves to its dead-letter
-// namespace when it would next be leased). Attempt
+// namespace when it would next be leased), and so do nack delays (a delayed
+// event is ready at once after a restart). Attempt
 // counts and settlements survive: each Lease call stores one record of its
 // deliveries (in the next group commit, not waited for), so after a restart
 // the next delivery of an event delivered before continues its attempt
