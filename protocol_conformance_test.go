@@ -15,26 +15,6 @@ import (
 // Tests of the server against PROTOCOL.md statements a third-party client
 // relies on (found by a conformance review, 2026-11-26).
 
-// specServer starts a loopback server with an in-memory queue and the given
-// registry text; it is closed when the test ends.
-func specServer(t *testing.T, registry string, opts ...ServerOption) *Server {
-	t.Helper()
-	reg, err := ParseRegistry(registry)
-	if err != nil {
-		t.Fatal(err)
-	}
-	all := append([]ServerOption{WithAddr("127.0.0.1:0"), WithQueue(NewMemoryQueue(QueueOptions{})), WithRegistry(reg)}, opts...)
-	s, err := NewServer(all...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	return s
-}
-
 // authWith opens the control stream, sends a and returns the AuthResult.
 func (rc *rawConn) authWith(a *h3xpb.Auth) *h3xpb.AuthResult {
 	rc.t.Helper()
@@ -70,7 +50,7 @@ func (rc *rawConn) request(b []byte, max uint32) (FrameType, []byte, error) {
 // outcomes than a frame.
 func TestAnswersNeverExceedMaxFrameSize(t *testing.T) {
 	const maxFrame = 4096
-	s := specServer(t, "alice:*=alice-token", WithMaxFrameSize(maxFrame))
+	s := testServerWith(t, "alice:*=alice-token", WithMaxFrameSize(maxFrame))
 	rc := rawDial(t, s)
 	res := rc.authWith(&h3xpb.Auth{ClientId: "alice", Token: "alice-token"})
 	l := res.GetLimits()
@@ -160,7 +140,7 @@ func TestAuthResultAnnouncesMaxAttemptsAndDedupWindow(t *testing.T) {
 		{"off", NewMemoryQueue(QueueOptions{MaxAttempts: -1, DedupWindow: -1}), 0, 0},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s := specServer(t, "alice:orders=alice-token", WithQueue(tc.q))
+			s := testServerWith(t, "alice:orders=alice-token", WithQueue(tc.q))
 			rc := rawDial(t, s)
 			l := rc.authWith(&h3xpb.Auth{ClientId: "alice", Token: "alice-token"}).GetLimits()
 			if l.GetMaxAttempts() != tc.attempts || l.GetDedupWindowMs() != tc.dedupWindowMs {
@@ -173,7 +153,7 @@ func TestAuthResultAnnouncesMaxAttemptsAndDedupWindow(t *testing.T) {
 // §8 "Auth frame size | 64 KiB | before authentication the server accepts
 // frames up to 64 KiB only: FRAME_TOO_LARGE, connection closed".
 func TestOversizedAuthClosesFrameTooLarge(t *testing.T) {
-	s := specServer(t, "alice:orders=alice-token")
+	s := testServerWith(t, "alice:orders=alice-token")
 	rc := rawDial(t, s)
 	st, err := rc.qc.OpenStreamSync(context.Background())
 	if err != nil {
@@ -190,7 +170,7 @@ func TestOversizedAuthClosesFrameTooLarge(t *testing.T) {
 // table makes a before-Auth exception only for unknown and disallowed frame
 // types, not for truncation).
 func TestTruncatedAuthClosesProtocolViolation(t *testing.T) {
-	s := specServer(t, "alice:orders=alice-token")
+	s := testServerWith(t, "alice:orders=alice-token")
 	auth := frameBytes(t, FrameAuth, &h3xpb.Auth{ClientId: "alice", Token: "alice-token"})
 	for _, tc := range []struct {
 		name string
@@ -215,7 +195,7 @@ func TestTruncatedAuthClosesProtocolViolation(t *testing.T) {
 // connection with PROTOCOL_VIOLATION" — Pong is a known frame type of the
 // control stream, so a Pong whose payload is not a valid Pong is malformed.
 func TestMalformedPongClosesConnection(t *testing.T) {
-	s := specServer(t, "alice:orders=alice-token")
+	s := testServerWith(t, "alice:orders=alice-token")
 	rc := rawDial(t, s)
 	rc.auth("alice", "alice-token")
 	rc.ctrl.Write([]byte{byte(FramePong), 2, 0, 0, 0, 0xff, 0xff}) // a tag varint that never ends
@@ -236,7 +216,7 @@ func TestMalformedPongClosesConnection(t *testing.T) {
 // client finished its requests". A data stream finished before any frame
 // is such a stream: it is not an error, so no reset.
 func TestEmptyDataStreamIsFinishedNotReset(t *testing.T) {
-	s := specServer(t, "alice:orders=alice-token")
+	s := testServerWith(t, "alice:orders=alice-token")
 	rc := rawDial(t, s)
 	rc.auth("alice", "alice-token")
 	st := rc.stream(nil, true)
@@ -252,7 +232,7 @@ func TestEmptyDataStreamIsFinishedNotReset(t *testing.T) {
 // away") sends a client reconnecting, though the server was not shutting
 // down; it is now answered with an empty EventsBatch, like the long poll.
 func TestSendResetQueuedFetchIsNotShuttingDown(t *testing.T) {
-	s := specServer(t, "alice:orders=alice-token")
+	s := testServerWith(t, "alice:orders=alice-token")
 	rc := rawDial(t, s)
 	rc.auth("alice", "alice-token")
 	fetch := func(id uint64) []byte {
@@ -297,7 +277,7 @@ func TestSendResetQueuedFetchIsNotShuttingDown(t *testing.T) {
 // handling the batch for 200 ms, finish its stream and get the server's FIN
 // before the connection closes.
 func TestGoAwayLetsClientDrain(t *testing.T) {
-	s := specServer(t, "alice:orders=alice-token")
+	s := testServerWith(t, "alice:orders=alice-token")
 	rc := rawDial(t, s)
 	rc.auth("alice", "alice-token")
 	st := rc.stream(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 1, Namespaces: []string{"orders"}, MaxWaitMs: 20000}), false)

@@ -20,7 +20,14 @@ import (
 // "orders.dlq", publish-only in "audit") and "bob" (consume-only "billing").
 func testServer(t *testing.T, opts ...ServerOption) *Server {
 	t.Helper()
-	reg, err := ParseRegistry("alice:orders=alice-token,alice:orders.dlq=alice-token,alice:audit/pub=alice-token,bob:billing/sub=bob-token,bob:orders=bob-token")
+	return testServerWith(t, "alice:orders=alice-token,alice:orders.dlq=alice-token,alice:audit/pub=alice-token,bob:billing/sub=bob-token,bob:orders=bob-token", opts...)
+}
+
+// testServerWith starts a loopback server with an in-memory queue (opts may
+// replace it) and the registry text; it is closed when the test ends.
+func testServerWith(t *testing.T, registry string, opts ...ServerOption) *Server {
+	t.Helper()
+	reg, err := ParseRegistry(registry)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,7 +6,7 @@ import (
 	"time"
 )
 
-func rvOpen(t *testing.T, dir string, opts QueueOptions) Queue {
+func mustOpenBadger(t *testing.T, dir string, opts QueueOptions) Queue {
 	t.Helper()
 	q, err := OpenBadgerQueue(dir, opts)
 	if err != nil {
@@ -15,7 +15,17 @@ func rvOpen(t *testing.T, dir string, opts QueueOptions) Queue {
 	return q
 }
 
-func rvLease(t *testing.T, q Queue, holder, ns string, limit int) []Lease {
+// openWithEvent opens a Badger queue in dir holding one event, e1 in ns.
+func openWithEvent(t *testing.T, dir string, opts QueueOptions) Queue {
+	t.Helper()
+	q := mustOpenBadger(t, dir, opts)
+	if _, err := q.Enqueue(context.Background(), []Event{{ID: "e1", Namespace: "ns"}}); err != nil {
+		t.Fatal(err)
+	}
+	return q
+}
+
+func leaseN(t *testing.T, q Queue, holder, ns string, limit int) []Lease {
 	t.Helper()
 	ls, err := q.Lease(context.Background(), LeaseRequest{Holder: holder, Namespaces: []string{ns}, Limit: limit, AckDeadline: time.Minute})
 	if err != nil {
@@ -29,11 +39,8 @@ func rvLease(t *testing.T, q Queue, holder, ns string, limit int) []Lease {
 func TestUnseenNackAttemptSurvivesReopen(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	q := rvOpen(t, dir, QueueOptions{})
-	if _, err := q.Enqueue(ctx, []Event{{ID: "e1", Namespace: "ns"}}); err != nil {
-		t.Fatal(err)
-	}
-	ls := rvLease(t, q, "a", "ns", 1)
+	q := openWithEvent(t, dir, QueueOptions{})
+	ls := leaseN(t, q, "a", "ns", 1)
 	if len(ls) != 1 || ls[0].Attempt != 1 {
 		t.Fatalf("lease: %+v", ls)
 	}
@@ -42,7 +49,7 @@ func TestUnseenNackAttemptSurvivesReopen(t *testing.T) {
 		t.Fatalf("unseen nack: %v %v", res, err)
 	}
 	// In process, the next delivery is attempt 1 again; give it back again.
-	ls = rvLease(t, q, "a", "ns", 1)
+	ls = leaseN(t, q, "a", "ns", 1)
 	if len(ls) != 1 || ls[0].Attempt != 1 {
 		t.Fatalf("in-process redelivery: %+v, want attempt 1", ls)
 	}
@@ -52,9 +59,9 @@ func TestUnseenNackAttemptSurvivesReopen(t *testing.T) {
 	if err := q.Close(); err != nil {
 		t.Fatal(err)
 	}
-	q = rvOpen(t, dir, QueueOptions{})
+	q = mustOpenBadger(t, dir, QueueOptions{})
 	defer q.Close()
-	ls = rvLease(t, q, "a", "ns", 1)
+	ls = leaseN(t, q, "a", "ns", 1)
 	if len(ls) != 1 {
 		t.Fatalf("after reopen: %d leases", len(ls))
 	}
@@ -69,14 +76,11 @@ func TestUnseenNackNeverDeadLettersAfterReopen(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	opts := QueueOptions{MaxAttempts: 1}
-	q := rvOpen(t, dir, opts)
-	if _, err := q.Enqueue(ctx, []Event{{ID: "e1", Namespace: "ns"}}); err != nil {
-		t.Fatal(err)
-	}
+	q := openWithEvent(t, dir, opts)
 	for round := 0; round < 2; round++ {
-		ls := rvLease(t, q, "a", "ns", 1)
+		ls := leaseN(t, q, "a", "ns", 1)
 		if len(ls) != 1 {
-			t.Fatalf("round %d: event gone from ns (stats: %v)", round, rvStats(t, q))
+			t.Fatalf("round %d: event gone from ns (stats: %v)", round, statsOf(t, q))
 		}
 		if res, err := q.Nack(ctx, "a", []LeaseRef{{ID: "e1", Attempt: ls[0].Attempt, Unseen: true}}, 0, "batch not delivered"); err != nil || res[0].Status != SettleOK {
 			t.Fatalf("unseen nack: %v %v", res, err)
@@ -84,20 +88,51 @@ func TestUnseenNackNeverDeadLettersAfterReopen(t *testing.T) {
 		if err := q.Close(); err != nil {
 			t.Fatal(err)
 		}
-		q = rvOpen(t, dir, opts)
+		q = mustOpenBadger(t, dir, opts)
 	}
 	defer q.Close()
-	st := rvStats(t, q, "ns", "ns.dlq")
+	st := statsOf(t, q, "ns", "ns.dlq")
 	if st[0].Ready != 1 || st[1].Ready != 0 {
 		t.Fatalf("never-seen event was dead-lettered: %+v", st)
 	}
 }
 
-func rvStats(t *testing.T, q Queue, ns ...string) []NamespaceStats {
+func statsOf(t *testing.T, q Queue, ns ...string) []NamespaceStats {
 	t.Helper()
 	st, err := q.Stats(context.Background(), ns...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return st
+}
+
+// With MaxAttempts 1, an event whose only allowed delivery was leased when
+// the queue closed must not be delivered a second time after reopen: the
+// lease ends "as if released", and a release at the maximum dead-letters.
+func TestMaxAttemptsAcrossReopen(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	opts := QueueOptions{MaxAttempts: 1}
+	q := openWithEvent(t, dir, opts)
+	if ls := leaseN(t, q, "a", "ns", 1); len(ls) != 1 || ls[0].Attempt != 1 {
+		t.Fatalf("lease: %+v", ls)
+	}
+	// Reference: what an in-process Release does at the maximum.
+	mq := NewMemoryQueue(opts)
+	defer mq.Close()
+	mq.Enqueue(ctx, []Event{{ID: "e1", Namespace: "ns"}})
+	leaseN(t, mq, "a", "ns", 1)
+	mq.Release(ctx, "a")
+	if ls := leaseN(t, mq, "b", "ns", 1); len(ls) != 0 {
+		t.Fatalf("memory: released at max attempts, delivered again: %+v", ls)
+	}
+
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = mustOpenBadger(t, dir, opts)
+	defer q.Close()
+	if ls := leaseN(t, q, "b", "ns", 1); len(ls) != 0 {
+		t.Fatalf("after reopen: delivered again with attempt %d, but MaxAttempts is 1 (want it dead-lettered as if released)", ls[0].Attempt)
+	}
 }
