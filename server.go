@@ -376,9 +376,12 @@ func (s *Server) connList() []*serverConn {
 
 // Shutdown stops the server gracefully: it stops accepting connections,
 // sends GoAway on every control stream, ends long polls, lets in-flight
-// publishes and acks finish, then closes the connections (releasing their
-// leases) and the queue. If ctx ends first, it closes what is left at once
-// and returns ctx's error. Later calls, and Serve, return ErrServerClosed.
+// publishes and acks finish, gives clients time to read their GoAway and
+// last answers (until they close, or a few round trips after they have
+// read the GoAway; at most 2 s), then closes the connections (releasing
+// their leases) and the queue. If ctx ends first, it closes what is left at
+// once and returns ctx's error. Later calls, and Serve, return
+// ErrServerClosed.
 func (s *Server) Shutdown(ctx context.Context) error {
 	if !s.beginClose() {
 		return s.waitDone(ctx)
