@@ -989,18 +989,21 @@ func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]S
 // Ack settles deliveries for good and returns one result per delivery:
 // SettleOK; SettleStale if the lease passed to another consumer (the event
 // will come again); SettleUnknown if it was already acked. Once the call
-// succeeds the deliveries count as settled, as with Delivery.Ack: a
-// subscription may hand out more.
+// returns, the deliveries count as settled, as with Delivery.Ack: a
+// subscription may hand out more. That holds when it fails too (its
+// context ended, the client closed): the outcome is then unknown, an event
+// whose ack was not applied is delivered again, and calling Ack again
+// retries it. (Otherwise every failed call would keep a subscription's
+// credit, and enough of them, during an outage, would stall it.)
 func (c *Client) Ack(ctx context.Context, deliveries ...*Delivery) ([]SettleResult, error) {
 	res, err := c.settle(ctx, settleGroup{t: FrameAckEvent}, deliveries)
-	if err == nil {
-		markSettled(deliveries)
-	}
+	markSettled(deliveries)
 	return res, err
 }
 
-// markSettled marks deliveries settled by a synchronous Ack or Nack, which
-// gives their subscription's credit back (as Delivery.Ack does).
+// markSettled marks deliveries settled by a synchronous Ack or Nack (done,
+// failed or unknown), which gives their subscription's credit back (as
+// Delivery.Ack does).
 func markSettled(deliveries []*Delivery) {
 	for _, d := range deliveries {
 		if d != nil {
@@ -1014,9 +1017,7 @@ func markSettled(deliveries []*Delivery) {
 // reason recorded.
 func (c *Client) Nack(ctx context.Context, delay time.Duration, reason string, deliveries ...*Delivery) ([]SettleResult, error) {
 	res, err := c.settle(ctx, settleGroup{t: FrameNackEvent, delay: delay, reason: reason}, deliveries)
-	if err == nil {
-		markSettled(deliveries)
-	}
+	markSettled(deliveries) // whatever the outcome, as with Ack
 	return res, err
 }
 

@@ -58,3 +58,50 @@ func TestSyncAckReleasesSubscriptionCredit(t *testing.T) {
 		t.Fatalf("Delivery.Ack after Client.Ack: %v, want errAlreadySettled", err)
 	}
 }
+
+// TestFailedSyncAckReleasesSubscriptionCredit: a Client.Ack or Client.Nack
+// that fails (here its context has ended) used to keep the subscription's
+// credit for its deliveries, so with MaxUnacked failed settlements (an
+// outage) the subscription stalled for good. The deliveries now count as
+// settled whatever the outcome; a second Client.Ack retries the ack.
+func TestFailedSyncAckReleasesSubscriptionCredit(t *testing.T) {
+	srv := testServer(t)
+	c := mustDial(t, srv, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i := range 3 {
+		if _, err := c.Publish(ctx, Event{Namespace: "orders", Message: fmt.Sprint(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	ended, endNow := context.WithCancel(ctx)
+	endNow()
+	next := func(i int) *Delivery {
+		t.Helper()
+		select {
+		case d := <-sub.Events():
+			return d
+		case <-time.After(5 * time.Second):
+			t.Fatalf("delivery %d did not come: the subscription stalled", i)
+			return nil
+		}
+	}
+	d := next(1)
+	if _, err := c.Ack(ended, d); err == nil {
+		t.Fatal("Ack with an ended context succeeded")
+	}
+	d2 := next(2) // its credit came back
+	if _, err := c.Nack(ended, 0, "r", d2); err == nil {
+		t.Fatal("Nack with an ended context succeeded")
+	}
+	next(3)
+	// Retrying the failed ack still applies it.
+	if res, err := c.Ack(ctx, d); err != nil || res[0].Status != SettleOK {
+		t.Fatalf("retried Ack: %v %v", res, err)
+	}
+}
