@@ -73,6 +73,12 @@ import (
 // in format 1 (by H3X before 2026-11-26) is refused with an error saying
 // so; drain it with the version that wrote it.
 //
+// With DurabilityFsync, a failed sync is final for this run: the group gets
+// the error, and every later durable write fails with it until the queue is
+// reopened (after a writeback error Linux reports the error once and marks
+// the pages clean, so a later sync that succeeds proves nothing; reopening
+// replays the log and rewrites what it holds).
+//
 // Only one process can open dir at a time; a second gets an error saying
 // so. When the disk is nearly full (less free space than Badger needs for its
 // own flushes and compactions), Enqueue fails with an *Error of CodeInternal
@@ -305,6 +311,10 @@ type badgerQueue struct {
 	// commitFailed is set once a commit of this run has failed: Close then
 	// leaves the directory unmarked (see markClean).
 	commitFailed atomic.Bool
+	// syncBroken holds the first sync error: after it, nothing is
+	// acknowledged as durable until the queue is reopened (Linux reports a
+	// writeback error once and marks the pages clean).
+	syncBroken atomic.Pointer[error]
 
 	statGroups, statOps, statTxns atomic.Int64 // group commits, the requests and transactions in them
 	statSyncs                     atomic.Int64 // fsync rounds (DurabilityFsync)
@@ -1404,8 +1414,12 @@ func (q *badgerQueue) completer() {
 		var syncErr error
 		if q.fsync && durable(batch) {
 			q.statSyncs.Add(1)
-			if syncErr = q.syncFiles(); syncErr != nil {
-				syncErr = storageError("sync", syncErr)
+			if p := q.syncBroken.Load(); p != nil {
+				syncErr = *p
+			} else if syncErr = q.syncFiles(); syncErr != nil {
+				syncErr = storageError("sync", fmt.Errorf("%w (writes are not durable until the queue is reopened)", syncErr))
+				q.syncBroken.Store(&syncErr)
+				q.commitFailed.Store(true)
 				q.log.Error("h3x: badger queue: sync failed", "err", syncErr)
 			}
 		}
@@ -2506,28 +2520,33 @@ func (q *badgerQueue) syncFilesLocked() error {
 	if err != nil {
 		return err
 	}
+	newMem, newVlog := q.memFid, q.vlogFid
 	for _, fid := range mem {
 		if fid >= q.memFid {
-			if err := fsyncPath(memFilePath(q.bdir, fid)); err != nil {
+			if err := syncPathFn(memFilePath(q.bdir, fid)); err != nil {
 				return err
 			}
-			q.memFid = fid
+			newMem = fid
 		}
 	}
 	for _, fid := range vlog {
 		if fid >= q.vlogFid {
-			if err := fsyncPath(vlogFilePath(q.vdir, fid)); err != nil {
+			if err := syncPathFn(vlogFilePath(q.vdir, fid)); err != nil {
 				return err
 			}
-			q.vlogFid = fid
+			newVlog = fid
 		}
 	}
-	if err := fsyncPath(q.bdir); err != nil {
+	if err := syncPathFn(q.bdir); err != nil {
 		return err
 	}
 	if q.vdir != q.bdir {
-		return fsyncPath(q.vdir)
+		if err := syncPathFn(q.vdir); err != nil {
+			return err
+		}
 	}
+	// Only now: a failed sync leaves them, so the next sync is a full one.
+	q.memFid, q.vlogFid = newMem, newVlog
 	return nil
 }
 
@@ -2546,8 +2565,15 @@ func (q *badgerQueue) syncActiveWAL() error {
 		}
 		q.walFile, q.walFid = f, q.memFid
 	}
-	return fdatasync(q.walFile)
+	return fdatasyncFn(q.walFile)
 }
+
+// The sync primitives syncFilesLocked and syncActiveWAL call: variables so
+// that tests can inject errors (queue_badger_durability_test.go).
+var (
+	syncPathFn  = fsyncPath
+	fdatasyncFn = fdatasync
+)
 
 // Badger's file names (memtable.go, value.go).
 func memFilePath(dir string, fid int) string { return filepath.Join(dir, fmt.Sprintf("%05d.mem", fid)) }

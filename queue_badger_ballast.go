@@ -71,6 +71,7 @@ type ballast struct {
 	memFid   int // the newest files already preallocated
 	vlogFid  int
 	warned   bool
+	noAlloc  bool // fallocate unsupported here: no ballast, no preallocation
 	once     sync.Once
 }
 
@@ -113,8 +114,7 @@ func (q *badgerQueue) stopBallast() {
 	}
 	b.once.Do(func() { close(b.stop) })
 	<-b.done
-	b.stable = ballastStable
-	b.check()
+	b.checkForce(true)
 }
 
 // ballastOut returns the disk-full error that refuses every write while the
@@ -151,7 +151,9 @@ func (b *ballast) monitor() {
 
 // check releases the ballast when free space is low, and makes it again
 // once there is room for it above the low mark.
-func (b *ballast) check() {
+func (b *ballast) check() { b.checkForce(false) }
+
+func (b *ballast) checkForce(force bool) {
 	free, err := b.free()
 	if err != nil {
 		return
@@ -162,7 +164,7 @@ func (b *ballast) check() {
 		b.lastFree, b.stable = free, 0
 	}
 	switch {
-	case b.present && free < b.low && b.stable >= ballastStable:
+	case b.present && free < b.low && (force || b.stable >= ballastStable):
 		b.out.Store(true) // writes refused from now on
 		if err := os.Remove(b.path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			b.log.Error("h3x: removing the disk ballast", "path", b.path, "err", err)
@@ -171,7 +173,7 @@ func (b *ballast) check() {
 		b.present = false
 		b.log.Warn("h3x: the disk is full: ballast released, writes refused until space returns",
 			"free", free, "ballast", b.size)
-	case !b.present && free >= b.resume():
+	case !b.present && !b.noAlloc && free >= b.resume():
 		if b.tryMake() {
 			b.out.Store(false)
 		}
@@ -185,12 +187,13 @@ func (b *ballast) tryMake() bool {
 		b.warnOnce("h3x: creating the disk ballast", err)
 		return false
 	}
-	err = allocate(f, b.size)
+	err = allocateFn(f, b.size)
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
 	if err != nil {
 		os.Remove(b.path)
+		b.noAlloc = errors.Is(err, errors.ErrUnsupported)
 		b.warnOnce("h3x: creating the disk ballast", err)
 		return false
 	}
@@ -208,6 +211,9 @@ func (b *ballast) warnOnce(msg string, err error) {
 // preallocate allocates the blocks of the newest .mem and .vlog files (up
 // to the size Badger gave them, a value-log file up to vlogMax).
 func (b *ballast) preallocate() {
+	if b.noAlloc {
+		return
+	}
 	// Badger numbers its log files in sequence: the directories are listed
 	// only when the file after the last one preallocated has appeared, not
 	// on every tick.
@@ -217,8 +223,11 @@ func (b *ballast) preallocate() {
 	}
 	if mem, err := logFiles(b.bdir, ".mem"); err == nil && len(mem) > 0 && mem[len(mem)-1] != b.memFid {
 		fid := mem[len(mem)-1]
-		if preallocateFile(memFilePath(b.bdir, fid), 1<<62) == nil {
+		if err := preallocateFile(memFilePath(b.bdir, fid), 1<<62); err == nil {
 			b.memFid = fid
+		} else if errors.Is(err, errors.ErrUnsupported) {
+			b.noAlloc = true
+			return
 		}
 	}
 	if vlog, err := logFiles(b.vdir, ".vlog"); err == nil && len(vlog) > 0 && vlog[len(vlog)-1] != b.vlogFid {
@@ -228,6 +237,10 @@ func (b *ballast) preallocate() {
 		}
 	}
 }
+
+// allocateFn is allocate, a variable so that tests can make fallocate fail
+// (queue_badger_durability_test.go).
+var allocateFn = allocate
 
 // preallocateFile allocates the blocks of path's first min(size, limit)
 // bytes, without changing its size.
@@ -242,7 +255,7 @@ func preallocateFile(path string, limit int64) error {
 		return err
 	}
 	if n := min(fi.Size(), limit); n > 0 {
-		return allocate(f, n)
+		return allocateFn(f, n)
 	}
 	return nil
 }
