@@ -67,7 +67,7 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 			res.Outcomes[i] = o
 		}
 	}
-	if proto.Size(res) > c.srv.cfg.maxFrameSize {
+	if hasRefusal(res) && proto.Size(res) > c.srv.cfg.maxFrameSize {
 		// Only refusal messages can take the answer past the frame size
 		// (eventsPerSend bounds the rest): the codes say enough.
 		for _, o := range res.Outcomes {
@@ -75,6 +75,17 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 		}
 	}
 	return FrameSendResult, res
+}
+
+// hasRefusal reports whether res refuses an event (only a refusal carries a
+// message).
+func hasRefusal(res *h3xpb.SendResult) bool {
+	for _, o := range res.Outcomes {
+		if o.Status == h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED {
+			return true
+		}
+	}
+	return false
 }
 
 // MaxEventIDLen is the longest event ID the server accepts, in bytes.
