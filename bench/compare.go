@@ -106,10 +106,10 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	// Publish.
 	var prof func() error
 	if profileDir != "" {
-		prof = captureProfiles(h.srv.pprofAddr, cfg.pubDur, filepath.Join(profileDir, tag+"-publish"))
+		prof = captureProfiles(h.srv.pprofAddr, time.Second, filepath.Join(profileDir, tag+"-publish"))
 	}
 	s0, c0 := procCPU(t.PID()), selfCPU()
-	n, el, err := t.Publish(ctx, cfg.pubDur)
+	n, el, err := t.Publish(ctx, cfg.pubCount)
 	if err != nil {
 		return r, fmt.Errorf("publish: %w", err)
 	}

@@ -147,7 +147,7 @@ func (t *h3xTarget) Close() {
 	t.srv.p.stop()
 }
 
-func (t *h3xTarget) Publish(ctx context.Context, d time.Duration) (int, time.Duration, error) {
+func (t *h3xTarget) Publish(ctx context.Context, n int) (int, time.Duration, error) {
 	calls := make(chan *h3x.PublishCall, t.prm.inflight)
 	type result struct {
 		stored int
@@ -172,13 +172,13 @@ func (t *h3xTarget) Publish(ctx context.Context, d time.Duration) (int, time.Dur
 		res <- r
 	}()
 	start := time.Now()
-	deadline := start.Add(d)
-	for time.Now().Before(deadline) && ctx.Err() == nil {
-		evs := make([]h3x.Event, t.prm.batch)
+	for sent := 0; sent < n && ctx.Err() == nil; {
+		evs := make([]h3x.Event, min(t.prm.batch, n-sent))
 		for i := range evs {
 			evs[i] = h3x.Event{Namespace: "bench", Type: "bench", Data: payload}
 		}
 		calls <- t.pub.PublishAsync(ctx, evs...)
+		sent += len(evs)
 	}
 	close(calls)
 	r := <-res
@@ -211,6 +211,11 @@ func (t *h3xTarget) Consume(ctx context.Context, n int) (time.Duration, error) {
 			return 0, err
 		}
 	}
+	// The acks batched by Delivery.Ack: every one answered before the
+	// clock stops, as the peers' are.
+	if err := t.sub.Flush(ctx); err != nil {
+		return 0, err
+	}
 	return time.Since(start), nil
 }
 
@@ -229,12 +234,12 @@ func (t *h3xTarget) Latency(ctx context.Context, rate int, warm, d time.Duration
 			d.Ack()
 		}
 	}()
-	_, err = pace(ctx, rate, warm+d, func(i int) error {
-		t.pub.PublishAsync(ctx, h3x.Event{Namespace: "lat", Type: "bench", Data: latencyPayload(i)})
+	_, err = pace(ctx, rate, warm+d, func(i int, at time.Time) error {
+		t.pub.PublishAsync(ctx, h3x.Event{Namespace: "lat", Type: "bench", Data: latencyPayload(i, at)})
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	return col.wait(ctx), nil
+	return col.wait(ctx)
 }

@@ -13,9 +13,9 @@
 // systems interleaved (their order rotating between repetitions). A run
 // measures, with 256-byte events:
 //
-//   - publish throughput with a pipelining publisher, for -pub-dur;
-//   - consume+ack throughput from the backlog that left (at most
-//     -consume-max events);
+//   - publish throughput with a pipelining publisher, -pub-count events;
+//   - consume+ack throughput from that backlog (at most -consume-max
+//     events);
 //   - publish→delivery latency p50/p99 at -lat-rate events/s for -lat-dur
 //     (after a warm-up), the send time carried in the payload;
 //   - the server's peak RSS (VmHWM) at the end of the run.
@@ -44,7 +44,7 @@ import (
 type config struct {
 	reps       int
 	out        string
-	pubDur     time.Duration
+	pubCount   int
 	consumeMax int
 	latRate    int
 	latWarm    time.Duration
@@ -75,7 +75,7 @@ func main() {
 	var classes, systems string
 	flag.IntVar(&cfg.reps, "reps", 5, "repetitions")
 	flag.StringVar(&cfg.out, "out", "", "also write the markdown table to this file")
-	flag.DurationVar(&cfg.pubDur, "pub-dur", 3*time.Second, "publish phase duration")
+	flag.IntVar(&cfg.pubCount, "pub-count", 300_000, "publish phase: events published (the same backlog for every system)")
 	flag.IntVar(&cfg.consumeMax, "consume-max", 300_000, "consume at most this many events of the backlog")
 	flag.IntVar(&cfg.latRate, "lat-rate", 5000, "latency phase: events per second")
 	flag.DurationVar(&cfg.latWarm, "lat-warm", 500*time.Millisecond, "latency phase: warm-up not counted")

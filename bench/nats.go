@@ -112,13 +112,12 @@ func (t *natsTarget) Close() {
 	t.p.stop()
 }
 
-func (t *natsTarget) Publish(ctx context.Context, d time.Duration) (int, time.Duration, error) {
+func (t *natsTarget) Publish(ctx context.Context, count int) (int, time.Duration, error) {
 	t.pubErrors.Store(0)
 	n := 0
 	start := time.Now()
-	deadline := start.Add(d)
-	for time.Now().Before(deadline) && ctx.Err() == nil {
-		for range 64 {
+	for n < count && ctx.Err() == nil {
+		for range min(64, count-n) {
 			_, err := t.pub.PublishAsync("bench", payload)
 			if errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
 				continue // the pipeline is full: try again
@@ -188,8 +187,8 @@ func (t *natsTarget) Latency(ctx context.Context, rate int, warm, d time.Duratio
 		return nil, err
 	}
 	defer cc.Stop()
-	_, err = pace(ctx, rate, warm+d, func(i int) error {
-		data := latencyPayload(i)
+	_, err = pace(ctx, rate, warm+d, func(i int, at time.Time) error {
+		data := latencyPayload(i, at)
 		for {
 			_, err := t.pub.PublishAsync("lat", data)
 			if !errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
@@ -205,5 +204,5 @@ func (t *natsTarget) Latency(ctx context.Context, rate int, warm, d time.Duratio
 	if err != nil {
 		return nil, err
 	}
-	return col.wait(ctx), nil
+	return col.wait(ctx)
 }

@@ -26,7 +26,7 @@ func TestStatOf(t *testing.T) {
 }
 
 func TestLatencyPayload(t *testing.T) {
-	b := latencyPayload(42)
+	b := latencyPayload(42, time.Now())
 	if len(b) != eventSize {
 		t.Fatalf("payload is %d bytes, want %d", len(b), eventSize)
 	}
@@ -43,17 +43,37 @@ func TestLatencyCollectorSkipsWarmUp(t *testing.T) {
 	// 1,000/s: 100 ms of warm-up is 100 events, 200 ms measured 200 more.
 	c := newLatencyCollector(1000, 100*time.Millisecond, 200*time.Millisecond)
 	for i := range 300 {
-		c.add(latencyPayload(i))
+		c.add(latencyPayload(i, time.Now()))
 	}
-	if got := c.wait(context.Background()); len(got) != 200 {
-		t.Fatalf("kept %d latencies, want 200", len(got))
+	if got, err := c.wait(context.Background()); err != nil || len(got) != 200 {
+		t.Fatalf("kept %d latencies (%v), want 200", len(got), err)
+	}
+}
+
+func TestLatencyCollectorMissingSamples(t *testing.T) {
+	c := newLatencyCollector(1000, 100*time.Millisecond, 200*time.Millisecond)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	for i := range 299 { // one lost
+		c.add(latencyPayload(i, time.Now()))
+	}
+	if _, err := c.wait(ctx); err == nil {
+		t.Fatal("a missing sample went unnoticed")
+	}
+}
+
+func TestLatencyFromSchedule(t *testing.T) {
+	// An event scheduled 50 ms ago and sent only now is 50 ms late.
+	lat, _, ok := latencyOf(latencyPayload(1, time.Now().Add(-50*time.Millisecond)))
+	if !ok || lat < 50*time.Millisecond {
+		t.Fatalf("latency %v, want at least 50 ms (from the schedule)", lat)
 	}
 }
 
 func TestPace(t *testing.T) {
 	start := time.Now()
 	var sent []int
-	n, err := pace(context.Background(), 1000, 50*time.Millisecond, func(i int) error {
+	n, err := pace(context.Background(), 1000, 50*time.Millisecond, func(i int, _ time.Time) error {
 		sent = append(sent, i)
 		return nil
 	})
@@ -62,5 +82,12 @@ func TestPace(t *testing.T) {
 	}
 	if el := time.Since(start); el < 45*time.Millisecond {
 		t.Fatalf("pace took %v, want about 50 ms", el)
+	}
+	// A sender that cannot keep up fails the run.
+	if _, err := pace(context.Background(), 1000, 50*time.Millisecond, func(int, time.Time) error {
+		time.Sleep(3 * time.Millisecond)
+		return nil
+	}); err == nil {
+		t.Fatal("pace accepted a sender at a third of the rate")
 	}
 }

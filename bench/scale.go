@@ -448,12 +448,16 @@ func procCPU(pid int) time.Duration {
 		return 0
 	}
 	f := strings.Fields(string(b)[strings.LastIndex(string(b), ")")+2:])
-	if len(f) < 13 {
+	if len(f) < 15 {
 		return 0
 	}
 	u, _ := strconv.ParseInt(f[11], 10, 64)
 	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(u+st) * time.Second / 100 // USER_HZ
+	// With the children it has waited for: Redis forks to rewrite its
+	// append-only file, its compaction, as Badger's runs in H3X's process.
+	cu, _ := strconv.ParseInt(f[13], 10, 64)
+	cs, _ := strconv.ParseInt(f[14], 10, 64)
+	return time.Duration(u+st+cu+cs) * time.Second / 100 // USER_HZ
 }
 
 // countGoroutines reads the server's goroutine count.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/binary"
+	"fmt"
 	"slices"
 	"sync"
 	"time"
@@ -36,10 +37,12 @@ func (c class) String() string {
 type target interface {
 	// PID is the server process's id, for its memory.
 	PID() int
-	// Publish publishes 256-byte events into the backlog subject for about
-	// d with a pipelining publisher and returns how many were acknowledged
-	// and the time until the last acknowledgement.
-	Publish(ctx context.Context, d time.Duration) (n int, elapsed time.Duration, err error)
+	// Publish publishes n 256-byte events into the backlog subject with a
+	// pipelining publisher and returns how many were acknowledged and the
+	// time until the last acknowledgement. (A fixed count, not a fixed
+	// time: every system then holds the same backlog for the consume and
+	// latency phases and the memory figures.)
+	Publish(ctx context.Context, n int) (stored int, elapsed time.Duration, err error)
 	// Consume consumes and acks n events of the backlog and returns the
 	// time from the start of consumption to the last ack confirmed.
 	Consume(ctx context.Context, n int) (time.Duration, error)
@@ -62,13 +65,20 @@ var payload = func() []byte {
 	return b
 }()
 
-// latencyPayload returns a fresh payload carrying its send time and
-// sequence number in its first 16 bytes.
-func latencyPayload(seq int) []byte {
+// clockBase is the origin of the latency payloads' timestamps: the
+// publisher and the consumer are in this process, so a monotonic clock.
+var clockBase = time.Now()
+
+// latencyPayload returns a fresh payload carrying its scheduled send time
+// (at) and sequence number in its first 16 bytes. The latency is measured
+// from the schedule, not from the moment the event actually went out: a
+// publisher that falls behind (one that waits for each reply) sees its
+// delay counted instead of hidden (coordinated omission).
+func latencyPayload(seq int, at time.Time) []byte {
 	b := make([]byte, eventSize)
 	copy(b, payload)
 	binary.LittleEndian.PutUint64(b[8:], uint64(seq))
-	binary.LittleEndian.PutUint64(b, uint64(time.Now().UnixNano()))
+	binary.LittleEndian.PutUint64(b, uint64(at.Sub(clockBase)))
 	return b
 }
 
@@ -77,26 +87,32 @@ func latencyOf(b []byte) (lat time.Duration, seq int, ok bool) {
 	if len(b) < 16 {
 		return 0, 0, false
 	}
-	sent := int64(binary.LittleEndian.Uint64(b))
-	return time.Duration(time.Now().UnixNano() - sent), int(binary.LittleEndian.Uint64(b[8:])), true
+	sent := time.Duration(binary.LittleEndian.Uint64(b))
+	return time.Since(clockBase) - sent, int(binary.LittleEndian.Uint64(b[8:])), true
 }
 
-// pace calls send(i) for i = 0.. at rate per second for total, on
-// schedule: a late send goes at once and does not shift the schedule.
-func pace(ctx context.Context, rate int, total time.Duration, send func(i int) error) (int, error) {
+// pace calls send(i, at) for i = 0.. at rate per second for total, each at
+// its scheduled time at: a late send goes at once and does not shift the
+// schedule. It fails if the sends fell behind (the achieved rate below 98%
+// of rate): the run would not measure the rate it claims.
+func pace(ctx context.Context, rate int, total time.Duration, send func(i int, at time.Time) error) (int, error) {
 	interval := time.Second / time.Duration(rate)
 	n := int(total / interval)
 	start := time.Now()
 	for i := range n {
-		if w := time.Until(start.Add(time.Duration(i) * interval)); w > 0 {
+		at := start.Add(time.Duration(i) * interval)
+		if w := time.Until(at); w > 0 {
 			time.Sleep(w)
 		}
 		if err := ctx.Err(); err != nil {
 			return i, err
 		}
-		if err := send(i); err != nil {
+		if err := send(i, at); err != nil {
 			return i, err
 		}
+	}
+	if el := time.Since(start); n > 0 && float64(n)/el.Seconds() < 0.98*float64(rate) {
+		return n, fmt.Errorf("latency: the publisher achieved %.0f events/s of %d", float64(n)/el.Seconds(), rate)
 	}
 	return n, nil
 }
@@ -137,8 +153,9 @@ func (c *latencyCollector) add(b []byte) {
 	}
 }
 
-// wait waits for every event or a timeout after the last send.
-func (c *latencyCollector) wait(ctx context.Context) []time.Duration {
+// wait waits for every event or a timeout after the last send. It fails if
+// a sample is missing (an event lost, or a publish that failed).
+func (c *latencyCollector) wait(ctx context.Context) ([]time.Duration, error) {
 	select {
 	case <-c.done:
 	case <-time.After(10 * time.Second):
@@ -146,5 +163,8 @@ func (c *latencyCollector) wait(ctx context.Context) []time.Duration {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return slices.Clone(c.lat)
+	if want := c.total - c.warmN; len(c.lat) < want {
+		return nil, fmt.Errorf("latency: %d samples of %d received", len(c.lat), want)
+	}
+	return slices.Clone(c.lat), nil
 }
