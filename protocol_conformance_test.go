@@ -309,3 +309,28 @@ func TestGoAwayLetsClientDrain(t *testing.T) {
 		t.Fatalf("close code %v, want %v", got, CodeShuttingDown)
 	}
 }
+
+// An event refused for its (empty) namespace used to have its ID echoed
+// whatever its length (the MaxEventIDLen check came after the namespace
+// check), so the SendResult exceeded max_frame_size although the SendEvent
+// fit and carried no more than max_events_per_send events.
+func TestSendResultInvalidNamespaceLongIDFitsFrame(t *testing.T) {
+	const maxFrame = 1024
+	s := testServerWith(t, "alice:*=alice-token", WithMaxFrameSize(maxFrame))
+	rc := rawDial(t, s)
+	res := rc.authWith(&h3xpb.Auth{ClientId: "alice", Token: "alice-token"})
+	perSend := int(res.GetLimits().GetMaxEventsPerSend())
+	send := &h3xpb.SendEvent{RequestId: 1}
+	for range perSend {
+		send.Events = append(send.Events, &h3xpb.EventPayload{Namespace: "", Id: strings.Repeat("x", 164)})
+	}
+	b := frameBytes(t, FrameSendEvent, send)
+	if len(b)-5 > maxFrame {
+		t.Fatalf("request of %d bytes", len(b)-5)
+	}
+	ft, payload, err := rc.request(b, maxFrame)
+	if err != nil {
+		t.Fatalf("answer to a %d-byte SendEvent of %d events (announced max %d): %v", len(b)-5, perSend, perSend, err)
+	}
+	t.Logf("answer %v, %d bytes", ft, len(payload))
+}

@@ -136,3 +136,68 @@ func TestMaxAttemptsAcrossReopen(t *testing.T) {
 		t.Fatalf("after reopen: delivered again with attempt %d, but MaxAttempts is 1 (want it dead-lettered as if released)", ls[0].Attempt)
 	}
 }
+
+// recountRec used to drop an unseen-nacked entry's lease record without
+// writing a new one when the attempt was back at 0, on the premise that
+// after a reopen the event is read from its chunk as never delivered. But
+// the old record survives when it lists other deliveries of the same Lease
+// call, and after a reopen it gave the event its old attempt back.
+func TestUnseenNackSharedLeaseRecordSurvivesReopen(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	q := mustOpenBadger(t, dir, QueueOptions{})
+	if _, err := q.Enqueue(ctx, []Event{{ID: "e1", Namespace: "ns"}, {ID: "e2", Namespace: "ns"}}); err != nil {
+		t.Fatal(err)
+	}
+	ls := leaseN(t, q, "a", "ns", 2) // one lease record listing e1 and e2
+	if len(ls) != 2 || ls[0].Attempt != 1 || ls[1].Attempt != 1 {
+		t.Fatalf("lease: %+v", ls)
+	}
+	// e1 never reached the application: given back unseen (attempt back to 0).
+	if res, err := q.Nack(ctx, "a", []LeaseRef{{ID: "e1", Attempt: 1, Unseen: true}}, 0, "prefetch returned"); err != nil || res[0].Status != SettleOK {
+		t.Fatalf("unseen nack: %v %v", res, err)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = mustOpenBadger(t, dir, QueueOptions{})
+	defer q.Close()
+	ls = leaseN(t, q, "b", "ns", 2)
+	for _, l := range ls {
+		t.Logf("after reopen: %s attempt %d", l.Event.ID, l.Attempt)
+		if l.Event.ID == "e1" && l.Attempt != 1 {
+			t.Errorf("after reopen: e1 delivered with attempt %d, want 1 (its only delivery was given back unseen)", l.Attempt)
+		}
+	}
+}
+
+// The same stale lease record, with MaxAttempts 1: after the reopen the
+// event that nobody ever saw is taken as delivered once, and the next Lease
+// dead-letters it (overdueDeadLetter) instead of delivering it.
+func TestUnseenNackSharedRecordNeverDeadLetters(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	opts := QueueOptions{MaxAttempts: 1}
+	q := mustOpenBadger(t, dir, opts)
+	if _, err := q.Enqueue(ctx, []Event{{ID: "e1", Namespace: "ns"}, {ID: "e2", Namespace: "ns"}}); err != nil {
+		t.Fatal(err)
+	}
+	if ls := leaseN(t, q, "a", "ns", 2); len(ls) != 2 {
+		t.Fatalf("lease: %+v", ls)
+	}
+	if res, err := q.Nack(ctx, "a", []LeaseRef{{ID: "e1", Attempt: 1, Unseen: true}}, 0, "prefetch returned"); err != nil || res[0].Status != SettleOK {
+		t.Fatalf("unseen nack: %v %v", res, err)
+	}
+	// e2 stays leased (its consumer saw it) until the queue closes.
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = mustOpenBadger(t, dir, opts)
+	defer q.Close()
+	ls := leaseN(t, q, "b", "ns", 2)
+	st, _ := q.Stats(ctx, "ns", "ns.dlq")
+	t.Logf("after reopen: %d leases %+v; stats %+v", len(ls), ls, st)
+	if len(ls) != 1 || ls[0].Event.ID != "e1" {
+		t.Fatalf("after reopen: e1, never seen by anyone, was not delivered (dead-lettered?)")
+	}
+}

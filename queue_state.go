@@ -648,18 +648,16 @@ func (c *queueCore) dropRec(e *qentry, fx *effects) {
 
 // recountRec replaces e's lease record after its attempt was given back (an
 // unseen nack): the stored record lists the attempt that no longer counts,
-// and a reopen would count it again. An entry back at attempt 0 needs no
-// record: after a reopen it is read from its chunk as never delivered.
-// (Were e dead-lettered next, deadLetter drops the new record again; a
-// group writes an operation's record puts before its deletions.)
+// and a reopen would count it again. The new record is written even at
+// attempt 0: the old one may live on for the other deliveries of its Lease
+// call, and at a reopen the newest record naming an event wins. (Were e
+// dead-lettered next, deadLetter drops the new record again; a group writes
+// an operation's record puts before its deletions.)
 func (c *queueCore) recountRec(e *qentry, fx *effects) {
 	if !c.leaseRecs {
 		return
 	}
 	c.dropRec(e, fx)
-	if e.attempt == 0 {
-		return
-	}
 	rec := &leaseRec{seq: c.nextSeq, n: 1}
 	c.nextSeq++
 	e.rec = rec

@@ -117,6 +117,9 @@ func (l *limiters) bucket(key string, rate float64, burst int, now time.Time) *t
 	defer l.mu.Unlock()
 	b := l.buckets[key]
 	if b == nil {
+		if !(rate < MaxRate) { // a custom Registry's grant: +Inf or NaN too
+			rate = MaxRate
+		}
 		if burst <= 0 {
 			burst = defaultBurst(rate)
 		}

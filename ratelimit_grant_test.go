@@ -39,6 +39,16 @@ func TestRateAboveMaxRate(t *testing.T) {
 	if got, _, _ := l.allow(sess, "orders", 100, time.Unix(1700000000, 0)); got != 100 {
 		t.Errorf("a custom registry's grant of 1e19 events/s let %d of 100 events through", got)
 	}
+	for _, rate := range []float64{math.Inf(1), math.NaN()} {
+		var l limiters
+		sess := &Session{ClientID: "a", Grants: Grants{{Namespace: "orders", Permission: PermPublish, Rate: rate}}}
+		now := time.Unix(1700000000, 0)
+		for i := range 3 {
+			if got, _, _ := l.allow(sess, "orders", 100, now.Add(time.Duration(i)*time.Millisecond)); got != 100 {
+				t.Errorf("a custom registry's grant of %v events/s let %d of 100 events through (call %d)", rate, got, i+1)
+			}
+		}
+	}
 	if b := burstOf(RateLimit{Rate: 1e19}); b != int(MaxRate) {
 		t.Errorf("burstOf(1e19) = %d, want %d", b, int(MaxRate))
 	}
