@@ -14,8 +14,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/dgraph-io/badger/v4"
 )
 
 // 1. Close must release the ballast when the disk is low ("and at Close when
@@ -50,19 +48,8 @@ func TestBallastReleasedAtCloseWhileFreeChanges(t *testing.T) {
 func TestDirSyncFailureRetried(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
-	q := openTestBadger(t, dir, QueueOptions{Badger: func(o *badger.Options) { o.MemTableSize = 1 << 20 }})
-	publishTest(t, q, Event{ID: "first", Namespace: "n"})
-	q.syncMu.Lock()
-	old := q.memFid
-	q.syncMu.Unlock()
-	for i := 0; !fileExists(memFilePath(dir, old+1)); i++ {
-		q.db.Update(func(txn *badger.Txn) error {
-			return txn.Set([]byte{'z', byte(i >> 8), byte(i)}, make([]byte, 100<<10))
-		})
-		if i > 5000 {
-			t.Fatal("no rotation")
-		}
-	}
+	q, old := openSmallMemtables(t, dir)
+	rotateMemtables(t, q, func() bool { return fileExists(memFilePath(dir, old+1)) })
 	var mu sync.Mutex
 	var synced []string
 	failDir := true

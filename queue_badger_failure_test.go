@@ -181,28 +181,42 @@ func TestBadgerQueueDeadLettersAmongPublishes(t *testing.T) {
 	}
 }
 
+// openSmallMemtables opens a Badger queue with 1 MiB memtables, publishes
+// one event ("first" in n) and returns the queue and its memtable log's
+// number after that publish's sync.
+func openSmallMemtables(t *testing.T, dir string) (*badgerQueue, int) {
+	t.Helper()
+	q := openTestBadger(t, dir, QueueOptions{Badger: func(o *badger.Options) { o.MemTableSize = 1 << 20 }})
+	publishTest(t, q, Event{ID: "first", Namespace: "n"})
+	q.syncMu.Lock()
+	defer q.syncMu.Unlock()
+	return q, q.memFid
+}
+
+// rotateMemtables writes 100 KiB values straight into q's Badger (1 MiB
+// memtables) until done reports true, at most 5,000 of them.
+func rotateMemtables(t *testing.T, q *badgerQueue, done func() bool) {
+	t.Helper()
+	for i := 0; !done(); i++ {
+		if i > 5000 {
+			t.Fatal("no rotation")
+		}
+		q.db.Update(func(txn *badger.Txn) error {
+			return txn.Set([]byte{'z', byte(i >> 8), byte(i)}, make([]byte, 100<<10))
+		})
+	}
+}
+
 func TestBadgerQueueSyncAfterRotations(t *testing.T) {
 	// Two memtable rotations between syncs (commits nobody waits for, as
 	// lease records): the next sync must sync the active memtable's log,
 	// not the deleted one it synced before.
 	dir := t.TempDir()
-	q := openTestBadger(t, dir, QueueOptions{Badger: func(o *badger.Options) { o.MemTableSize = 1 << 20 }})
-	publishTest(t, q, Event{ID: "first", Namespace: "n"})
-	q.syncMu.Lock()
-	stale := q.memFid
-	q.syncMu.Unlock()
-	for i := 0; ; i++ {
-		q.db.Update(func(txn *badger.Txn) error {
-			return txn.Set([]byte{'z', byte(i >> 8), byte(i)}, make([]byte, 100<<10))
-		})
+	q, stale := openSmallMemtables(t, dir)
+	rotateMemtables(t, q, func() bool {
 		mem, _ := logFiles(dir, ".mem")
-		if len(mem) > 0 && mem[0] > stale+1 {
-			break
-		}
-		if i > 5000 {
-			t.Fatal("no rotation")
-		}
-	}
+		return len(mem) > 0 && mem[0] > stale+1
+	})
 	publishTest(t, q, Event{ID: "second", Namespace: "n"}) // the full sync
 	publishTest(t, q, Event{ID: "third", Namespace: "n"})  // the fast one
 	q.syncMu.Lock()

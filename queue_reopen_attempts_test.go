@@ -37,29 +37,20 @@ func leaseN(t *testing.T, q Queue, holder, ns string, limit int) []Lease {
 // An unseen nack gives the attempt back; after a clean reopen the next
 // delivery must still carry attempt 1 (attempt counts survive a restart).
 func TestUnseenNackAttemptSurvivesReopen(t *testing.T) {
-	ctx := context.Background()
 	dir := t.TempDir()
 	q := openWithEvent(t, dir, QueueOptions{})
 	ls := leaseN(t, q, "a", "ns", 1)
 	if len(ls) != 1 || ls[0].Attempt != 1 {
 		t.Fatalf("lease: %+v", ls)
 	}
-	res, err := q.Nack(ctx, "a", []LeaseRef{{ID: "e1", Attempt: 1, Unseen: true}}, 0, "prefetch returned")
-	if err != nil || res[0].Status != SettleOK {
-		t.Fatalf("unseen nack: %v %v", res, err)
-	}
+	nackUnseen(t, q, "a", "e1", 1)
 	// In process, the next delivery is attempt 1 again; give it back again.
 	ls = leaseN(t, q, "a", "ns", 1)
 	if len(ls) != 1 || ls[0].Attempt != 1 {
 		t.Fatalf("in-process redelivery: %+v, want attempt 1", ls)
 	}
-	if res, err := q.Nack(ctx, "a", []LeaseRef{{ID: "e1", Attempt: 1, Unseen: true}}, 0, "prefetch returned"); err != nil || res[0].Status != SettleOK {
-		t.Fatalf("unseen nack: %v %v", res, err)
-	}
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = mustOpenBadger(t, dir, QueueOptions{})
+	nackUnseen(t, q, "a", "e1", 1)
+	q = closeAndReopen(t, q, dir, QueueOptions{})
 	defer q.Close()
 	ls = leaseN(t, q, "a", "ns", 1)
 	if len(ls) != 1 {
@@ -73,7 +64,6 @@ func TestUnseenNackAttemptSurvivesReopen(t *testing.T) {
 // Consequence: an event the application never saw is dead-lettered, though
 // "the attempt is not counted, so it cannot lead to dead-lettering".
 func TestUnseenNackNeverDeadLettersAfterReopen(t *testing.T) {
-	ctx := context.Background()
 	dir := t.TempDir()
 	opts := QueueOptions{MaxAttempts: 1}
 	q := openWithEvent(t, dir, opts)
@@ -82,13 +72,8 @@ func TestUnseenNackNeverDeadLettersAfterReopen(t *testing.T) {
 		if len(ls) != 1 {
 			t.Fatalf("round %d: event gone from ns (stats: %v)", round, statsOf(t, q))
 		}
-		if res, err := q.Nack(ctx, "a", []LeaseRef{{ID: "e1", Attempt: ls[0].Attempt, Unseen: true}}, 0, "batch not delivered"); err != nil || res[0].Status != SettleOK {
-			t.Fatalf("unseen nack: %v %v", res, err)
-		}
-		if err := q.Close(); err != nil {
-			t.Fatal(err)
-		}
-		q = mustOpenBadger(t, dir, opts)
+		nackUnseen(t, q, "a", "e1", ls[0].Attempt)
+		q = closeAndReopen(t, q, dir, opts)
 	}
 	defer q.Close()
 	st := statsOf(t, q, "ns", "ns.dlq")
@@ -127,10 +112,7 @@ func TestMaxAttemptsAcrossReopen(t *testing.T) {
 		t.Fatalf("memory: released at max attempts, delivered again: %+v", ls)
 	}
 
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = mustOpenBadger(t, dir, opts)
+	q = closeAndReopen(t, q, dir, opts)
 	defer q.Close()
 	if ls := leaseN(t, q, "b", "ns", 1); len(ls) != 0 {
 		t.Fatalf("after reopen: delivered again with attempt %d, but MaxAttempts is 1 (want it dead-lettered as if released)", ls[0].Attempt)
@@ -154,13 +136,8 @@ func TestUnseenNackSharedLeaseRecordSurvivesReopen(t *testing.T) {
 		t.Fatalf("lease: %+v", ls)
 	}
 	// e1 never reached the application: given back unseen (attempt back to 0).
-	if res, err := q.Nack(ctx, "a", []LeaseRef{{ID: "e1", Attempt: 1, Unseen: true}}, 0, "prefetch returned"); err != nil || res[0].Status != SettleOK {
-		t.Fatalf("unseen nack: %v %v", res, err)
-	}
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = mustOpenBadger(t, dir, QueueOptions{})
+	nackUnseen(t, q, "a", "e1", 1)
+	q = closeAndReopen(t, q, dir, QueueOptions{})
 	defer q.Close()
 	ls = leaseN(t, q, "b", "ns", 2)
 	for _, l := range ls {
@@ -185,14 +162,9 @@ func TestUnseenNackSharedRecordNeverDeadLetters(t *testing.T) {
 	if ls := leaseN(t, q, "a", "ns", 2); len(ls) != 2 {
 		t.Fatalf("lease: %+v", ls)
 	}
-	if res, err := q.Nack(ctx, "a", []LeaseRef{{ID: "e1", Attempt: 1, Unseen: true}}, 0, "prefetch returned"); err != nil || res[0].Status != SettleOK {
-		t.Fatalf("unseen nack: %v %v", res, err)
-	}
+	nackUnseen(t, q, "a", "e1", 1)
 	// e2 stays leased (its consumer saw it) until the queue closes.
-	if err := q.Close(); err != nil {
-		t.Fatal(err)
-	}
-	q = mustOpenBadger(t, dir, opts)
+	q = closeAndReopen(t, q, dir, opts)
 	defer q.Close()
 	ls := leaseN(t, q, "b", "ns", 2)
 	st, _ := q.Stats(ctx, "ns", "ns.dlq")
@@ -200,4 +172,22 @@ func TestUnseenNackSharedRecordNeverDeadLetters(t *testing.T) {
 	if len(ls) != 1 || ls[0].Event.ID != "e1" {
 		t.Fatalf("after reopen: e1, never seen by anyone, was not delivered (dead-lettered?)")
 	}
+}
+
+// nackUnseen gives holder's delivery of id at attempt back unseen.
+func nackUnseen(t *testing.T, q Queue, holder, id string, attempt int) {
+	t.Helper()
+	res, err := q.Nack(context.Background(), holder, []LeaseRef{{ID: id, Attempt: attempt, Unseen: true}}, 0, "prefetch returned")
+	if err != nil || res[0].Status != SettleOK {
+		t.Fatalf("unseen nack of %s: %v %v", id, res, err)
+	}
+}
+
+// closeAndReopen closes q and opens the Badger queue in dir again.
+func closeAndReopen(t *testing.T, q Queue, dir string, opts QueueOptions) Queue {
+	t.Helper()
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return mustOpenBadger(t, dir, opts)
 }
