@@ -593,17 +593,16 @@ func (c *queueCore) remove(e *qentry, fx *effects) {
 
 // deadLetter moves e (already detached) to its dead-letter namespace, unless
 // that namespace is at its limits; it reports whether it did.
-// deadLetterRoom reports whether e's dead-letter namespace has room for it.
-func (c *queueCore) deadLetterRoom(e *qentry, reason string) bool {
-	dst := c.ns(DeadLetterNamespace(e.ns.name))
-	size := deadLetterSize(e, reason)
+// deadLetterRoom reports whether the dead-letter namespace dst has room for
+// an event of size bytes.
+func (c *queueCore) deadLetterRoom(dst *qns, size int) bool {
 	return !((c.maxEvents > 0 && dst.count >= c.maxEvents) || (c.maxBytes > 0 && dst.bytes+int64(size) > c.maxBytes))
 }
 
 func (c *queueCore) deadLetter(e *qentry, reason string, fx *effects) bool {
 	dst := c.ns(DeadLetterNamespace(e.ns.name))
 	size := deadLetterSize(e, reason)
-	if !c.deadLetterRoom(e, reason) {
+	if !c.deadLetterRoom(dst, size) {
 		if !dst.warnedFull {
 			dst.warnedFull = true
 			c.log.Warn("h3x: dead-letter namespace full; events stay in their namespace", "namespace", dst.name)
@@ -1005,7 +1004,7 @@ func (c *queueCore) overdueDeadLetter(e *qentry) (string, bool) {
 		return "", false
 	}
 	reason := cmp.Or(e.reason, "released")
-	return reason, c.deadLetterRoom(e, reason)
+	return reason, c.deadLetterRoom(c.ns(DeadLetterNamespace(e.ns.name)), deadLetterSize(e, reason))
 }
 
 func containsNS(list []*qns, ns *qns) bool {

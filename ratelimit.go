@@ -73,13 +73,18 @@ type RateLimit struct {
 const MaxRate = 1e9
 
 // defaultBurst is the burst of a limit of rate without one of its own: one
-// second's worth, at least 1. (A rate above MaxRate, which a custom
-// Registry may return, is treated as MaxRate.)
+// second's worth, at least 1.
 func defaultBurst(rate float64) int {
-	if !(rate < MaxRate) { // NaN too
-		return int(MaxRate)
+	return max(int(math.Ceil(capRate(rate))), 1)
+}
+
+// capRate is rate, or MaxRate for a larger one (or +Inf, or NaN), which a
+// custom Registry may return.
+func capRate(rate float64) float64 {
+	if !(rate < MaxRate) {
+		return MaxRate
 	}
-	return max(int(math.Ceil(rate)), 1)
+	return rate
 }
 
 // WithRateLimit limits publishing to namespace, over all clients of this
@@ -117,9 +122,7 @@ func (l *limiters) bucket(key string, rate float64, burst int, now time.Time) *t
 	defer l.mu.Unlock()
 	b := l.buckets[key]
 	if b == nil {
-		if !(rate < MaxRate) { // a custom Registry's grant: +Inf or NaN too
-			rate = MaxRate
-		}
+		rate = capRate(rate)
 		if burst <= 0 {
 			burst = defaultBurst(rate)
 		}

@@ -443,7 +443,6 @@ const drainMax = 2 * time.Second
 // until ctx ends (its error is returned).
 func (s *Server) drainConns(ctx context.Context) error {
 	deadline := time.Now().Add(drainMax)
-	seen := make(map[*serverConn]time.Time)
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for {
@@ -453,17 +452,8 @@ func (s *Server) drainConns(ctx context.Context) error {
 			if c.qc.Context().Err() != nil {
 				continue
 			}
-			select {
-			case <-c.goAwaySeen:
-				at, ok := seen[c]
-				if !ok {
-					at = now
-					seen[c] = at
-				}
-				if now.Sub(at) >= c.drainLinger() {
-					continue
-				}
-			default:
+			if at := c.goAwaySeenAt.Load(); at != 0 && now.Sub(time.Unix(0, at)) >= c.drainLinger() {
+				continue
 			}
 			pending++
 		}

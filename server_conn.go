@@ -87,10 +87,10 @@ type serverConn struct {
 	inflight  atomic.Int64   // requests being served
 	streams   sync.WaitGroup // stream handlers
 	goingAway atomic.Bool
-	// goAwaySeen is closed when the client answers the Ping sent after
-	// GoAway: it has read the GoAway (Shutdown's drain, drainConns).
-	goAwaySeen     chan struct{}
-	goAwaySeenOnce sync.Once
+	// goAwaySeenAt is when the client answered the Ping sent after GoAway
+	// (Unix nanoseconds; 0: not yet): it had read the GoAway (Shutdown's
+	// drain, drainConns).
+	goAwaySeenAt atomic.Int64
 
 	rateLimited bool // rate limits apply to this session
 
@@ -113,8 +113,6 @@ func newServerConn(s *Server, qc *quic.Conn, seq uint64) *serverConn {
 		qc:     qc,
 		id:     s.holderID + "-" + strconv.FormatUint(seq, 10),
 		authed: make(chan struct{}),
-
-		goAwaySeen: make(chan struct{}),
 	}
 	c.logger.c = c
 	return c
@@ -568,7 +566,7 @@ func (c *serverConn) controlLoop(ctx context.Context) {
 				return
 			}
 			if p.GetSequence() == goAwayPingSeq && c.goingAway.Load() {
-				c.goAwaySeenOnce.Do(func() { close(c.goAwaySeen) })
+				c.goAwaySeenAt.CompareAndSwap(0, time.Now().UnixNano())
 			}
 		case newMessage(t) == nil:
 			// Unknown frame types on the control stream are ignored.

@@ -23,14 +23,15 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 	for i, p := range m.GetEvents() {
 		ev := eventFromWire(p)
 		var refuse *Error
+		nsErr := ValidateNamespace(ev.Namespace)
 		switch {
 		case len(ev.ID) > MaxEventIDLen:
 			// First: whatever else is wrong, an over-long id is not
 			// echoed (the answer must fit a frame).
 			refuse = newError(CodeInvalidArgument, "event id of %d bytes, longer than %d", len(ev.ID), MaxEventIDLen)
 			ev.ID = ""
-		case ValidateNamespace(ev.Namespace) != nil:
-			errors.As(ValidateNamespace(ev.Namespace), &refuse)
+		case nsErr != nil:
+			errors.As(nsErr, &refuse)
 		case !c.session.allows(ev.Namespace, PermPublish):
 			refuse = newError(CodePermissionDenied, "namespace %q is not granted for publishing", ev.Namespace)
 		case !deliverable(p, c.srv.cfg.maxFrameSize):
