@@ -1225,6 +1225,28 @@ func (s *queueSuite) testSettle(t *testing.T) {
 		h.leaseNone("c", "after the ack", nsA)
 	})
 
+	// A nack of a delivery whose lease ended (Release, expiry) and that was
+	// not delivered again reschedules the event with the nack's delay.
+	for _, end := range []string{"Release", "Expiry"} {
+		inBubble(t, "NackDelayAfter"+end+"BeforeReLease", func(t *testing.T) {
+			h := s.open(t, h3x.QueueOptions{})
+			id := h.publish(h.event(nsA))[0]
+			l := h.leaseOne("a", nsA)
+			if end == "Release" {
+				h.release("a")
+			} else {
+				time.Sleep(leaseTime + slack)
+			}
+			wantStatus(t, "delayed nack of an ended, not yet redelivered attempt", h.nack("b", 10*time.Second, "later", refOf(l)), h3x.SettleOK)
+			time.Sleep(10*time.Second - slack)
+			h.leaseNone("c", "before the nack's delay has passed", nsA)
+			time.Sleep(2 * slack)
+			if l2 := h.leaseOne("c", nsA); l2.Event.ID != id {
+				t.Errorf("after the nack's delay: leased %s, want %s", l2.Event.ID, id)
+			}
+		})
+	}
+
 	inBubble(t, "StaleAfterExpiryAndReLease", func(t *testing.T) {
 		h := s.open(t, h3x.QueueOptions{})
 		h.publish(h.event(nsA))
@@ -1262,6 +1284,22 @@ func (s *queueSuite) testExtend(t *testing.T) {
 			t.Fatal("Lease returned nothing")
 		}
 		return h, ls[0]
+	}
+	// A lease that ended is not extended, not even for its own holder, and
+	// stays ended.
+	for _, end := range []string{"Release", "Expiry"} {
+		inBubble(t, "NotAfter"+end, func(t *testing.T) {
+			h, l := leaseA(t)
+			if end == "Release" {
+				h.release("a")
+			} else {
+				time.Sleep(30*time.Second + slack)
+			}
+			wantStatus(t, "Extend by its holder of a lease that ended by "+end, h.extend("a", 60*time.Second, refOf(l)), h3x.SettleStale)
+			if l2 := h.leaseOne("c", nsA); l2.Attempt != 2 {
+				t.Errorf("after the refused extension: attempt %d, want 2", l2.Attempt)
+			}
+		})
 	}
 	// Extend at 20s to now + 60s = 80s: the lease survives 30s and expires at 80s.
 	inBubble(t, "NotByAnotherHolder", func(t *testing.T) {
