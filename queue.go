@@ -15,6 +15,11 @@ import (
 // Terms: a holder is an opaque string naming who holds leases (the server
 // uses one per connection). A delivery is one lease of an event; its attempt
 // number is 1 for the first delivery and grows by one with every lease.
+//
+// A wrapper around a built-in queue (instrumentation, say) that has an
+// Unwrap() Queue method returning it lets the server still announce that
+// queue's MaxAttempts and DedupWindow to clients (PROTOCOL.md §3.4); for any
+// other Queue they are announced as unknown (0).
 type Queue interface {
 	// Enqueue stores events durably and returns one result per event, in
 	// order. It returns only after every stored event is durable (as the

@@ -486,12 +486,27 @@ func (s *Server) limits() *h3xpb.ServerLimits {
 	// The built-in queues say how they dead-letter and deduplicate; a
 	// custom Queue's are not known, and are announced as 0 (PROTOCOL.md
 	// §3.4).
-	if q, ok := s.queue.(announcedLimits); ok {
+	if q, ok := unwrapQueue(s.queue).(announcedLimits); ok {
 		attempts, window := q.announcedLimits()
 		l.MaxAttempts = uint32(attempts)
 		l.DedupWindowMs = durationMs(window)
 	}
 	return l
+}
+
+// unwrapQueue returns the queue q wraps, through up to 16 wrappers with an
+// Unwrap() Queue method (such as h3xtest's, which keeps a queue open across
+// server restarts), so that a wrapped built-in queue's limits are still
+// announced.
+func unwrapQueue(q Queue) Queue {
+	for range 16 {
+		u, ok := q.(interface{ Unwrap() Queue })
+		if !ok || u.Unwrap() == nil {
+			return q
+		}
+		q = u.Unwrap()
+	}
+	return q
 }
 
 // writeControl writes one frame on the control stream.

@@ -252,6 +252,10 @@ type keepOpen struct{ h3x.Queue }
 
 func (keepOpen) Close() error { return nil }
 
+// Unwrap returns the wrapped queue, so the server still announces a
+// built-in queue's dead-letter and dedup settings.
+func (k keepOpen) Unwrap() h3x.Queue { return k.Queue }
+
 // faultRegistry can refuse every authentication.
 type faultRegistry struct {
 	h3x.Registry
