@@ -45,3 +45,33 @@ func TestEventJSONCompactBodyStaysJSON(t *testing.T) {
 		t.Errorf("compact JSON body written as %s", bytes.TrimSpace(buf.Bytes()))
 	}
 }
+
+// TestEventJSONRoundTripLargeBodies: a body that fits an event (well under
+// the 1 MiB frame) is written by tail as one JSON line that inject must be
+// able to read back. Base64 (binary bodies) grows a body by 4/3 and JSON
+// escaping of control characters by up to 6x, so such lines are longer
+// than the frame size although the event is not.
+func TestEventJSONRoundTripLargeBodies(t *testing.T) {
+	binary := make([]byte, 800_000)
+	for i := range binary {
+		binary[i] = byte(i*7 + 0x80) // not UTF-8
+	}
+	text := bytes.Repeat([]byte{0x01}, 300_000) // valid UTF-8, escaped as \u0001
+	for name, body := range map[string][]byte{"binary": binary, "control-text": text} {
+		ev := h3x.Event{ID: "1", Namespace: "orders", Data: body}
+		var buf bytes.Buffer
+		if err := jsonEncode(&buf, eventToJSON(&ev, 1)); err != nil {
+			t.Fatal(err)
+		}
+		lineLen := buf.Len()
+		src := newLineSource(&buf, "")
+		got, _, err := src.next()
+		if err != nil {
+			t.Errorf("%s body of %d bytes (a line of %d bytes): inject cannot read tail's line: %v", name, len(body), lineLen, err)
+			continue
+		}
+		if !bytes.Equal(got.Data, body) {
+			t.Errorf("%s body changed in the round trip", name)
+		}
+	}
+}

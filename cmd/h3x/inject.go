@@ -170,6 +170,10 @@ func (s *flagSource) next() (h3x.Event, string, error) {
 	return ev, fmt.Sprintf("event %d", s.n), nil
 }
 
+// maxEventLine is the longest JSON line inject reads: the longest encoding
+// (every byte escaped as \u00XX) of an event that fits a frame.
+const maxEventLine = 6*h3x.DefaultMaxFrameSize + 64<<10
+
 type lineSource struct {
 	sc        *bufio.Scanner
 	defaultNS string
@@ -178,7 +182,9 @@ type lineSource struct {
 
 func newLineSource(r io.Reader, defaultNS string) *lineSource {
 	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), h3x.DefaultMaxFrameSize+1024)
+	// A line is the JSON form of an event of at most a frame: base64 makes
+	// a body 4/3 as long, and JSON escapes a control character in 6 bytes.
+	sc.Buffer(make([]byte, 64<<10), maxEventLine)
 	return &lineSource{sc: sc, defaultNS: defaultNS}
 }
 
@@ -198,7 +204,7 @@ func (s *lineSource) next() (h3x.Event, string, error) {
 	}
 	if err := s.sc.Err(); err != nil {
 		if errors.Is(err, bufio.ErrTooLong) {
-			return h3x.Event{}, "", fmt.Errorf("line %d: longer than the maximum frame size", s.line+1)
+			return h3x.Event{}, "", fmt.Errorf("line %d: longer than %d bytes, more than any event that fits the maximum frame size", s.line+1, maxEventLine)
 		}
 		return h3x.Event{}, "", fmt.Errorf("reading events: %w", err)
 	}
