@@ -185,8 +185,8 @@ func (c *serverConn) notifyRateLimit(ns string, retryAfter time.Duration, l Rate
 }
 
 // releaseUnsent gives back the leases of a batch that could not be written
-// (its stream was reset), without counting the attempts, so the events are
-// ready again at once instead of after the ack deadline.
+// (its stream was reset), so the events are ready again at once instead of
+// after the ack deadline.
 func (c *serverConn) releaseUnsent(b *h3xpb.EventsBatch) {
 	refs := make([]LeaseRef, len(b.GetEvents()))
 	ids := make([]string, len(refs))
@@ -194,12 +194,18 @@ func (c *serverConn) releaseUnsent(b *h3xpb.EventsBatch) {
 		refs[i] = LeaseRef{ID: d.GetEvent().GetId(), Attempt: int(d.GetAttempt()), Namespace: d.GetEvent().GetNamespace(), Unseen: true}
 		ids[i] = refs[i].ID
 	}
+	c.giveBack(refs, "batch not delivered")
+	c.settled(ids)
+}
+
+// giveBack nacks leases the server took but did not deliver, as unseen:
+// their attempts do not count.
+func (c *serverConn) giveBack(refs []LeaseRef, why string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := c.srv.queue.Nack(ctx, c.id, refs, 0, "batch not delivered"); err != nil && !errors.Is(err, ErrQueueClosed) {
-		c.logger.Warn("h3x: releasing an unsent batch", "err", err)
+	if _, err := c.srv.queue.Nack(ctx, c.id, refs, 0, why); err != nil && !errors.Is(err, ErrQueueClosed) {
+		c.logger.Warn("h3x: giving back leases not delivered", "reason", why, "err", err)
 	}
-	c.settled(ids)
 }
 
 // reserve takes room for up to limit more deliveries (fetches on other

@@ -291,11 +291,18 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 	}
 }
 
-// linger waits up to the fetch linger for more events to fill a batch.
+// linger waits up to the fetch linger for more events to fill a batch,
+// within what is left of the batch's byte budget: each round leases with
+// the bytes left, and a lease that would take the batch past the budget
+// (a queue returns at least one event) is given back unseen.
 func (ss *sessionStream) linger(ctx context.Context, req LeaseRequest, leases []Lease) []Lease {
 	c := ss.c
+	used := 0
+	for i := range leases {
+		used += leases[i].Event.size()
+	}
 	until := time.Now().Add(c.srv.cfg.fetchLinger)
-	for len(leases) < req.Limit && time.Now().Before(until) {
+	for len(leases) < req.Limit && time.Now().Before(until) && (req.MaxBytes <= 0 || used < req.MaxBytes) {
 		wctx, cancel := context.WithDeadline(ctx, until)
 		err := c.srv.queue.Wait(wctx, req.Namespaces)
 		cancel()
@@ -304,11 +311,30 @@ func (ss *sessionStream) linger(ctx context.Context, req LeaseRequest, leases []
 		}
 		more := req
 		more.Limit = req.Limit - len(leases)
+		if req.MaxBytes > 0 {
+			more.MaxBytes = req.MaxBytes - used
+		}
 		got, err := c.srv.queue.Lease(ctx, more)
 		if err != nil {
 			break
 		}
-		leases = append(leases, got...)
+		keep := 0
+		for ; keep < len(got); keep++ {
+			n := got[keep].Event.size()
+			if req.MaxBytes > 0 && used+n > req.MaxBytes {
+				break
+			}
+			used += n
+		}
+		leases = append(leases, got[:keep]...)
+		if keep < len(got) { // over the budget: a queue leases at least one event
+			refs := make([]LeaseRef, 0, len(got)-keep)
+			for _, l := range got[keep:] {
+				refs = append(refs, LeaseRef{ID: l.Event.ID, Attempt: l.Attempt, Namespace: l.Event.Namespace, Unseen: true})
+			}
+			c.giveBack(refs, "over the batch's byte budget")
+			break
+		}
 	}
 	return leases
 }

@@ -397,3 +397,43 @@ func TestMaxUnackedCountsExtendedLeases(t *testing.T) {
 		t.Fatalf("one connection with WithMaxUnacked(%d) holds %d live leases", maxUnacked, st[0].Leased)
 	}
 }
+
+// A fetch that lingers for a fuller batch keeps its byte budget, and
+// its EventsBatch never exceeds the maximum frame size. The linger used to
+// lease each extra round with the whole budget again.
+func TestFetchLingerKeepsByteBudget(t *testing.T) {
+	const frame = 64 << 10
+	s := testServer(t, WithMaxFrameSize(frame), WithFetchLinger(time.Second))
+	pub := mustDial(t, s, "alice", "alice-token", WithMaxFrameSize(frame))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	big := func() Event { return Event{Namespace: "orders", Data: []byte(strings.Repeat("x", 60<<10))} }
+	if res, err := pub.Publish(ctx, big()); err != nil || res[0].Status != PublishStored {
+		t.Fatalf("publish: %v %+v", err, res)
+	}
+	rc := rawDial(t, s)
+	defer rc.close()
+	rc.auth("alice", "alice-token")
+	// Budget: half the frame (32 KiB); the first event alone is over it,
+	// which is allowed (at least one event), but nothing more may join it.
+	st := rc.stream(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 1, Namespaces: []string{"orders"}, Limit: 10}), false)
+	st.SetReadDeadline(time.Now().Add(5 * time.Second))
+	time.Sleep(200 * time.Millisecond) // the fetch has leased the first event and lingers
+	if _, err := pub.Publish(ctx, big(), big()); err != nil {
+		t.Fatal(err)
+	}
+	typ, payload, err := newFrameReader(st, 1<<30).next()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(payload) > frame {
+		t.Fatalf("%v of %d bytes, over the maximum frame size of %d", typ, len(payload), frame)
+	}
+	var b h3xpb.EventsBatch
+	if err := unmarshalPayload(typ, payload, &b); err != nil {
+		t.Fatal(err)
+	}
+	if len(b.GetEvents()) != 1 {
+		t.Fatalf("batch of %d events of 60 KiB for a budget of %d bytes", len(b.GetEvents()), frame/2)
+	}
+}
