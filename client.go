@@ -583,14 +583,42 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 			events[i].ID = uuid.NewString()
 		}
 	}
-	select {
-	case c.pubSlots <- struct{}{}:
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	case <-c.closed:
-		return nil, ErrClosed
+	// A slot is held while the call is in flight or waits for a
+	// connection, not while it waits out a rate limit or a full queue: a
+	// namespace over its limit must not hold up publishes to others.
+	held := false
+	acquire := func() error {
+		select {
+		case c.pubSlots <- struct{}{}:
+			held = true
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-c.closed:
+			return ErrClosed
+		}
 	}
-	defer func() { <-c.pubSlots }()
+	pause := func(d time.Duration) error {
+		if d <= 0 {
+			return ctx.Err()
+		}
+		if held {
+			<-c.pubSlots
+			held = false
+		}
+		if err := sleepCtx(ctx, d); err != nil {
+			return err
+		}
+		return acquire()
+	}
+	if err := acquire(); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if held {
+			<-c.pubSlots
+		}
+	}()
 
 	wire := make([]*h3xpb.EventPayload, len(events))
 	sizes := make([]int, len(events))
@@ -617,7 +645,7 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 		todo = append(todo, i)
 	}
 	for len(todo) > 0 {
-		if err := sleepCtx(ctx, c.rateWait(events, todo)); err != nil {
+		if err := pause(c.rateWait(events, todo)); err != nil {
 			return nil, err
 		}
 		var again []int
@@ -666,7 +694,7 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 		}
 		todo = again
 		if len(todo) > 0 {
-			if err := sleepCtx(ctx, wait); err != nil {
+			if err := pause(wait); err != nil {
 				return nil, err
 			}
 		}

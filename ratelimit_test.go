@@ -304,3 +304,31 @@ func TestLimiterBucketsDoNotAccumulate(t *testing.T) {
 		t.Fatalf("busy, just after emptying its bucket: %d allowed, want 0 (its bucket must survive a sweep)", got)
 	}
 }
+
+// A Publish waiting out a rate limit of one namespace must not hold
+// up a Publish to another namespace. Calls waiting out the limit hold the
+// client's publish slots (WithPublishBuffer) while they sleep.
+func TestRateLimitedNamespaceDoesNotHoldUpOthers(t *testing.T) {
+	s := testServer(t, WithRateLimit("orders", RateLimit{Rate: 1, Burst: 1}))
+	c := mustDial(t, s, "alice", "alice-token", WithPublishBuffer(4))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// A publisher over the limit of "orders", with PublishAsync.
+	var calls []*PublishCall
+	for range 8 {
+		calls = append(calls, c.PublishAsync(ctx, Event{Namespace: "orders"}))
+	}
+	time.Sleep(300 * time.Millisecond)
+	// "orders.dlq" has no limit: its publish must go through at once.
+	short, scancel := context.WithTimeout(ctx, time.Second)
+	defer scancel()
+	start := time.Now()
+	res, err := c.Publish(short, Event{Namespace: "orders.dlq"})
+	if err != nil || res[0].Status != PublishStored {
+		t.Fatalf("publish to an unlimited namespace after %v: %v %+v", time.Since(start), err, res)
+	}
+	cancel() // the rate-limited calls end
+	for _, p := range calls {
+		p.Result()
+	}
+}
