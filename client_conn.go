@@ -338,9 +338,13 @@ type rpcAnswer struct {
 type pendingCall struct {
 	ch   chan rpcAnswer
 	want FrameType // the answer's frame type (answerTo the request's)
-	// before, if set, runs in the stream's reader with a successful answer
-	// before it is sent on ch (a subscription hands out its deliveries there,
-	// one goroutine hand-off sooner).
+	// before, if set, runs with a successful answer before it is sent on
+	// ch (a subscription hands out its deliveries there). It runs in the
+	// stream's hand-off goroutine, in answer order, not in the reader: a
+	// before that waits for the application must not stop the stream from
+	// being read, or its unread batches fill the connection's flow-control
+	// window and hold up every other stream, the control stream included.
+	// (What is read is bounded by the polls' credits.)
 	before func(*rpcAnswer)
 }
 
@@ -444,6 +448,8 @@ func (s *rpcStream) forget(id uint64) {
 // fails every pending call.
 func (s *rpcStream) readLoop() {
 	var failure error
+	var handoff chan func() // answers with a before hook, in order
+	var handoffDone chan struct{}
 	for {
 		t, payload, err := s.fr.next()
 		if err != nil {
@@ -489,10 +495,28 @@ func (s *rpcStream) readLoop() {
 					newError(CodeProtocolViolation, "the server answered with a %v where a %v was due", ans.t, p.want))}
 			}
 			if p.before != nil && ans.err == nil {
-				p.before(&ans)
+				if handoff == nil {
+					handoff = make(chan func(), 8)
+					handoffDone = make(chan struct{})
+					go func() {
+						defer close(handoffDone)
+						for f := range handoff {
+							f()
+						}
+					}()
+				}
+				handoff <- func() {
+					p.before(&ans)
+					p.ch <- ans
+				}
+				continue
 			}
 			p.ch <- ans
 		}
+	}
+	if handoff != nil {
+		close(handoff)
+		<-handoffDone
 	}
 	s.mu.Lock()
 	s.err = failure

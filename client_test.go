@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -628,5 +629,39 @@ func publishOrders(ctx context.Context, t *testing.T, c *Client, n int) {
 		if _, err := c.Publish(ctx, Event{Namespace: "orders"}); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// Control frames are never delayed behind data. Subscriptions whose
+// application does not take its deliveries leave their batches unread in
+// the client's QUIC buffers; a Pong (as GoAway or a RateLimitNotice) must
+// still get through on the control stream.
+func TestControlFramesNotBehindUnreadBatches(t *testing.T) {
+	s := testServer(t)
+	c := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	body := []byte(strings.Repeat("x", 8<<10))
+	for range 8 {
+		batch := make([]Event, 100)
+		for i := range batch {
+			batch[i] = Event{Namespace: "orders", Data: body}
+		}
+		if _, err := c.Publish(ctx, batch...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 4 { // nobody reads their Events
+		sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: 200, BatchSize: 100})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sub.Close()
+	}
+	time.Sleep(time.Second) // the batches arrive and stay unread
+	pctx, pcancel := context.WithTimeout(ctx, 2*time.Second)
+	defer pcancel()
+	if rtt, err := c.Ping(pctx); err != nil {
+		t.Fatalf("Ping with unread batches on other streams: %v (rtt %v)", err, rtt)
 	}
 }
