@@ -53,6 +53,9 @@ const (
 	DefaultIdleTimeout          = 30 * time.Second
 	DefaultFetchMaxBytes        = 512 << 10
 	DefaultMaxUnackedPerSession = 10000
+	// DefaultMaxUnackedPerSubscription caps the unsettled deliveries of one
+	// subscription (WithMaxUnackedPerSubscription).
+	DefaultMaxUnackedPerSubscription = 4096
 )
 
 type serverConfig struct {
@@ -80,6 +83,7 @@ type serverConfig struct {
 	hooks            Hooks
 	rateLimits       map[string]RateLimit
 	maxUnacked       int
+	maxUnackedPerSub int
 	fetchLinger      time.Duration
 	connRate         RateLimit
 	connRatePerIP    RateLimit
@@ -104,6 +108,7 @@ func defaultServerConfig() serverConfig {
 		idleTimeout:      DefaultIdleTimeout,
 		hooks:            NopHooks{},
 		maxUnacked:       DefaultMaxUnackedPerSession,
+		maxUnackedPerSub: DefaultMaxUnackedPerSubscription,
 		connRate:         DefaultConnectionRate,
 		connRatePerIP:    DefaultConnectionRatePerIP,
 	}
@@ -112,7 +117,7 @@ func defaultServerConfig() serverConfig {
 // validate reports every problem of the configuration at once.
 func (c *serverConfig) validate() error {
 	var errs []error
-	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf("h3x: "+format, args...)) }
+	bad := func(format string, args ...any) { errs = append(errs, newError(CodeInvalidArgument, format, args...)) }
 	if c.packetConn == nil {
 		if _, _, err := net.SplitHostPort(c.addr); err != nil {
 			bad("WithAddr(%q): %v", c.addr, err)
@@ -170,6 +175,9 @@ func (c *serverConfig) validate() error {
 	}
 	if c.maxUnacked < 0 {
 		bad("WithMaxUnacked must not be negative, got %d", c.maxUnacked)
+	}
+	if c.maxUnackedPerSub < 0 {
+		bad("WithMaxUnackedPerSubscription must not be negative, got %d", c.maxUnackedPerSub)
 	}
 	if c.fetchLinger < 0 {
 		bad("WithFetchLinger must not be negative, got %v", c.fetchLinger)
@@ -345,6 +353,17 @@ func normalizeFingerprint(fp string) string {
 // acks. 0 means no cap. Default DefaultMaxUnackedPerSession (10,000).
 func WithMaxUnacked(n int) ServerOption {
 	return serverOptionFunc(func(c *serverConfig) { c.maxUnacked = n })
+}
+
+// WithMaxUnackedPerSubscription caps the deliveries one subscription holds
+// unsettled, so that one subscription cannot take its connection's whole
+// WithMaxUnacked: a subscription is a stream's fetches (the Go client's
+// Subscribe has a stream of its own; its Fetch calls share one). A fetch
+// returns at most the room left under both caps, and waits for acks when
+// there is none. 0 means no cap. Default DefaultMaxUnackedPerSubscription
+// (4,096).
+func WithMaxUnackedPerSubscription(n int) ServerOption {
+	return serverOptionFunc(func(c *serverConfig) { c.maxUnackedPerSub = n })
 }
 
 // WithFetchLinger makes a fetch that found fewer events than it may return

@@ -102,9 +102,29 @@ type serverConn struct {
 	reqGate atomic.Pointer[semaphore.Weighted]
 
 	unackedMu sync.Mutex
-	unacked   map[string]time.Time // delivered, unsettled event id → lease deadline; made on first delivery
-	reserved  int                  // room taken by fetches leasing now (reserve), not yet in unacked
-	unackedCh chan struct{}        // closed and cleared when deliveries are settled; made when first asked for
+	unacked   map[string]unackedDelivery // delivered, unsettled event id → its lease; made on first delivery
+	reserved  int                        // room taken by fetches leasing now (reserve), not yet in unacked
+	unackedCh chan struct{}              // closed and cleared when deliveries are settled; made when first asked for
+}
+
+// unackedDelivery is a delivery the connection holds unsettled: its lease
+// deadline and the stream (subscription) whose fetch it answered.
+type unackedDelivery struct {
+	deadline time.Time
+	ss       *sessionStream
+}
+
+// tracksUnacked reports whether the server caps unsettled deliveries at all.
+func (c *serverConn) tracksUnacked() bool {
+	return c.srv.cfg.maxUnacked > 0 || c.srv.cfg.maxUnackedPerSub > 0
+}
+
+// forgetUnacked removes id's delivery. unackedMu is held.
+func (c *serverConn) forgetUnacked(id string) {
+	if d, ok := c.unacked[id]; ok {
+		d.ss.unacked--
+		delete(c.unacked, id)
+	}
 }
 
 func newServerConn(s *Server, qc *quic.Conn, seq uint64) *serverConn {
@@ -208,28 +228,40 @@ func (c *serverConn) giveBack(refs []LeaseRef, why string) {
 	}
 }
 
-// reserve takes room for up to limit more deliveries (fetches on other
-// streams cannot take it meanwhile) and returns how much it took; with no
-// room, it returns 0 and a channel closed when room may have been freed.
-// The fetch gives the room back with delivered (or unreserve).
-func (c *serverConn) reserve(limit int) (int, <-chan struct{}) {
-	max := c.srv.cfg.maxUnacked
-	if max == 0 {
+// reserve takes room for up to limit more deliveries on ss, under the
+// connection's cap and ss's (fetches on other streams cannot take it
+// meanwhile), and returns how much it took; with no room, it returns 0 and a
+// channel closed when room may have been freed. The fetch gives the room
+// back with delivered (or unreserve).
+func (c *serverConn) reserve(ss *sessionStream, limit int) (int, <-chan struct{}) {
+	if !c.tracksUnacked() {
 		return limit, nil
+	}
+	maxConn, maxSub := c.srv.cfg.maxUnacked, c.srv.cfg.maxUnackedPerSub
+	room := func() int {
+		r := limit
+		if maxConn > 0 {
+			r = min(r, maxConn-len(c.unacked)-c.reserved)
+		}
+		if maxSub > 0 {
+			r = min(r, maxSub-ss.unacked-ss.reserved)
+		}
+		return r
 	}
 	c.unackedMu.Lock()
 	defer c.unackedMu.Unlock()
-	if len(c.unacked)+c.reserved >= max {
+	if room() <= 0 {
+		// Deliveries whose lease expired no longer count.
 		now := time.Now()
-		for id, dl := range c.unacked {
-			if !now.Before(dl) {
-				delete(c.unacked, id)
+		for id, d := range c.unacked {
+			if !now.Before(d.deadline) {
+				c.forgetUnacked(id)
 			}
 		}
 	}
-	if room := max - len(c.unacked) - c.reserved; room > 0 {
-		n := min(limit, room)
+	if n := room(); n > 0 {
 		c.reserved += n
+		ss.reserved += n
 		return n, nil
 	}
 	if c.unackedCh == nil {
@@ -238,7 +270,7 @@ func (c *serverConn) reserve(limit int) (int, <-chan struct{}) {
 	return 0, c.unackedCh
 }
 
-// roomFreed wakes the fetches waiting for room under the unacked cap.
+// roomFreed wakes the fetches waiting for room under the unacked caps.
 // unackedMu is held.
 func (c *serverConn) roomFreed() {
 	if c.unackedCh != nil {
@@ -247,40 +279,45 @@ func (c *serverConn) roomFreed() {
 	}
 }
 
-// unreserve gives back room reserve took that no delivery used.
-func (c *serverConn) unreserve(n int) {
-	if c.srv.cfg.maxUnacked == 0 || n == 0 {
+// unreserve gives back room reserve took for ss that no delivery used.
+func (c *serverConn) unreserve(ss *sessionStream, n int) {
+	if !c.tracksUnacked() || n == 0 {
 		return
 	}
 	c.unackedMu.Lock()
 	c.reserved -= n
+	ss.reserved -= n
 	c.roomFreed()
 	c.unackedMu.Unlock()
 }
 
-// delivered records deliveries handed to the session, in place of the room
-// reserved for them (reserved, from reserve).
-func (c *serverConn) delivered(leases []Lease, reserved int) {
-	if c.srv.cfg.maxUnacked == 0 {
+// delivered records deliveries handed to the session by a fetch on ss, in
+// place of the room reserved for them (reserved, from reserve).
+func (c *serverConn) delivered(ss *sessionStream, leases []Lease, reserved int) {
+	if !c.tracksUnacked() {
 		return
 	}
 	c.unackedMu.Lock()
 	c.reserved -= reserved
+	ss.reserved -= reserved
 	if len(leases) < reserved {
 		c.roomFreed() // room left over
 	}
 	if c.unacked == nil {
-		c.unacked = make(map[string]time.Time, len(leases))
+		c.unacked = make(map[string]unackedDelivery, len(leases))
 	}
 	for i := range leases {
-		c.unacked[leases[i].Event.ID] = leases[i].Deadline
+		id := leases[i].Event.ID
+		c.forgetUnacked(id) // delivered again (a stale lease of its own)
+		c.unacked[id] = unackedDelivery{deadline: leases[i].Deadline, ss: ss}
+		ss.unacked++
 	}
 	c.unackedMu.Unlock()
 }
 
 // extended records the new deadline of deliveries whose lease was extended.
 func (c *serverConn) extended(refs []LeaseRef, results []SettleResult, until time.Time) {
-	if c.srv.cfg.maxUnacked == 0 {
+	if !c.tracksUnacked() {
 		return
 	}
 	c.unackedMu.Lock()
@@ -289,8 +326,9 @@ func (c *serverConn) extended(refs []LeaseRef, results []SettleResult, until tim
 		if r.Status != SettleOK || i >= len(refs) {
 			continue
 		}
-		if _, ok := c.unacked[refs[i].ID]; ok {
-			c.unacked[refs[i].ID] = until
+		if d, ok := c.unacked[refs[i].ID]; ok {
+			d.deadline = until
+			c.unacked[refs[i].ID] = d
 		}
 	}
 }
@@ -298,12 +336,12 @@ func (c *serverConn) extended(refs []LeaseRef, results []SettleResult, until tim
 // settled forgets settled deliveries (acked or nacked) and wakes fetches
 // waiting for capacity.
 func (c *serverConn) settled(ids []string) {
-	if c.srv.cfg.maxUnacked == 0 || len(ids) == 0 {
+	if !c.tracksUnacked() || len(ids) == 0 {
 		return
 	}
 	c.unackedMu.Lock()
 	for _, id := range ids {
-		delete(c.unacked, id)
+		c.forgetUnacked(id)
 	}
 	c.roomFreed()
 	c.unackedMu.Unlock()

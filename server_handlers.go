@@ -233,7 +233,7 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 	deadline := time.Now().Add(wait)
 	req := LeaseRequest{Holder: c.id, Namespaces: namespaces, Limit: limit, MaxBytes: maxBytes, AckDeadline: cfg.ackDeadline}
 	for {
-		room, more := c.reserve(limit)
+		room, more := c.reserve(ss, limit)
 		if room <= 0 {
 			// At the unacked cap: wait for settlements (or the deadline).
 			if !time.Now().Before(deadline) || c.srv.shutdownCtx.Err() != nil {
@@ -254,7 +254,7 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 		req.Limit = room
 		leases, err := c.srv.queue.Lease(ctx, req)
 		if err != nil {
-			c.unreserve(room)
+			c.unreserve(ss, room)
 			if ctx.Err() != nil {
 				if c.srv.shutdownCtx.Err() != nil {
 					return FrameError, errorToWire(ErrShuttingDown, rid)
@@ -270,11 +270,11 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 			leases = ss.linger(ctx, req, leases)
 		}
 		if len(leases) > 0 {
-			c.delivered(leases, room)
+			c.delivered(ss, leases, room)
 			reportDelivered(c.srv.cfg.hooks, leases, time.Since(deadline.Add(-wait)))
 			return FrameEventsBatch, batchFromLeases(rid, leases)
 		}
-		c.unreserve(room) // not held while parked
+		c.unreserve(ss, room) // not held while parked
 		if !time.Now().Before(deadline) || c.srv.shutdownCtx.Err() != nil || c.goingAway.Load() {
 			return FrameEventsBatch, &h3xpb.EventsBatch{RequestId: rid}
 		}

@@ -437,3 +437,61 @@ func TestFetchLingerKeepsByteBudget(t *testing.T) {
 		t.Fatalf("batch of %d events of 60 KiB for a budget of %d bytes", len(b.GetEvents()), frame/2)
 	}
 }
+
+// TestMaxUnackedPerSubscription: the server caps each subscription's
+// unsettled deliveries, so a subscription that holds its deliveries (here
+// one that asks for more than the server allows) cannot take the
+// connection's whole cap and starve the connection's other subscriptions.
+func TestMaxUnackedPerSubscription(t *testing.T) {
+	s := testServer(t, WithMaxUnacked(8), WithMaxUnackedPerSubscription(4))
+	c := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for range 10 {
+		if _, err := c.Publish(ctx, Event{Namespace: "orders"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	var held []*Delivery
+	for range 4 { // held, not acked: a slow handler
+		select {
+		case d := <-a.Events():
+			held = append(held, d)
+		case <-ctx.Done():
+			t.Fatal("subscription A got fewer than 4 deliveries")
+		}
+	}
+	select {
+	case d := <-a.Events():
+		t.Fatalf("subscription A got a 5th delivery (%s) over its cap of 4", d.Event.ID)
+	case <-time.After(300 * time.Millisecond):
+	}
+	b, err := c.Subscribe(ctx, []string{"orders.dlq"}, SubscribeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	if _, err := c.Publish(ctx, Event{Namespace: "orders.dlq"}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case d := <-b.Events():
+		d.Ack()
+	case <-time.After(5 * time.Second):
+		t.Fatal("subscription B got nothing: subscription A's deliveries took the connection's cap")
+	}
+	// A settlement frees room for A again.
+	if _, err := c.Ack(ctx, held[0]); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-a.Events():
+	case <-time.After(5 * time.Second):
+		t.Fatal("subscription A got nothing after one of its deliveries was acked")
+	}
+}

@@ -92,6 +92,11 @@ type sessionStream struct {
 	fw                      *frameWriter
 	wg                      sync.WaitGroup // the request workers
 	sends, fetches, settles lane
+
+	// The deliveries this stream's fetches hold unsettled, and the room
+	// its fetch has reserved (the per-subscription cap); guarded by
+	// c.unackedMu.
+	unacked, reserved int
 }
 
 func newSessionStream(c *serverConn, st *quic.Stream, fr *frameReader) *sessionStream {
