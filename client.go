@@ -54,7 +54,7 @@ func defaultClientConfig() clientConfig {
 
 func (c *clientConfig) validate() error {
 	var errs []error
-	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf("h3x: "+format, args...)) }
+	bad := func(format string, args ...any) { errs = append(errs, newError(CodeInvalidArgument, format, args...)) }
 	if c.clientID == "" {
 		bad("WithCredentials: a client id is required")
 	}
@@ -282,7 +282,8 @@ type Client struct {
 // client. The first connection must succeed: Dial fails with an error
 // matching ErrUnauthenticated or ErrPermissionDenied when the server refuses
 // the credentials or a namespace, and with the network error when the server
-// cannot be reached. Later connection losses are repaired in the background.
+// cannot be reached, and with errors matching ErrInvalidArgument for invalid
+// options. Later connection losses are repaired in the background.
 func Dial(ctx context.Context, addr string, opts ...ClientOption) (*Client, error) {
 	cfg := defaultClientConfig()
 	for _, o := range opts {

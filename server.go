@@ -58,7 +58,8 @@ type Server struct {
 }
 
 // NewServer returns a server configured by opts. It validates the
-// configuration (reporting every problem at once), opens the queue (a Badger
+// configuration (reporting every problem at once, each matching
+// ErrInvalidArgument), opens the queue (a Badger
 // queue in the data directory unless WithQueue is given) and prepares TLS.
 // It does not listen yet.
 func NewServer(opts ...ServerOption) (*Server, error) {

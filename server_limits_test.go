@@ -495,3 +495,27 @@ func TestMaxUnackedPerSubscription(t *testing.T) {
 		t.Fatal("subscription A got nothing after one of its deliveries was acked")
 	}
 }
+
+// TestNegativeLimitsRefused: NewServer refuses negative caps with a clear
+// error instead of treating them as "no cap".
+func TestNegativeLimitsRefused(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opt  ServerOption
+	}{
+		{"WithMaxUnacked", WithMaxUnacked(-1)},
+		{"WithMaxUnackedPerSubscription", WithMaxUnackedPerSubscription(-1)},
+		{"WithFetchLinger", WithFetchLinger(-time.Second)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, err := NewServer(WithAddr("127.0.0.1:0"), tc.opt)
+			if err == nil {
+				s.Close()
+				t.Fatalf("NewServer accepted %s with a negative value", tc.name)
+			}
+			if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), tc.name) {
+				t.Errorf("NewServer: %v; want ErrInvalidArgument naming %s", err, tc.name)
+			}
+		})
+	}
+}
