@@ -291,9 +291,14 @@ func (s *Server) start(ctx context.Context, pc net.PacketConn, own net.PacketCon
 			defer s.wg.Done()
 			select {
 			case <-ctx.Done():
-				sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				defer cancel()
-				go s.Shutdown(sctx)
+				// Not in this goroutine: Shutdown waits for s.wg, which
+				// counts it. The bound's context belongs to the Shutdown
+				// goroutine (cancelled here, it would end the drain at once).
+				go func() {
+					sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+					defer cancel()
+					s.Shutdown(sctx)
+				}()
 			case <-s.shutdownCh:
 			}
 		}()
@@ -453,7 +458,12 @@ func (s *Server) drainConns(ctx context.Context) error {
 			if c.qc.Context().Err() != nil {
 				continue
 			}
-			if at := c.goAwaySeenAt.Load(); at != 0 && now.Sub(time.Unix(0, at)) >= c.drainLinger() {
+			// Done with once its client has read the GoAway, nothing is
+			// in flight (a request may have come in since Shutdown's
+			// wait), and the linger has passed since both that Pong and
+			// the last answer.
+			if at := max(c.goAwaySeenAt.Load(), c.lastAnswerAt.Load()); c.goAwaySeenAt.Load() != 0 && c.inflight.Load() == 0 &&
+				now.Sub(time.Unix(0, at)) >= c.drainLinger() {
 				continue
 			}
 			pending++

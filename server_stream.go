@@ -327,6 +327,7 @@ func (ss *sessionStream) answer(l *lane, r *reply) {
 	} else {
 		ss.fw.write(r.t, r.msg)
 	}
+	ss.c.lastAnswerAt.Store(time.Now().UnixNano())
 	ss.c.inflight.Add(-1)
 	<-l.slots
 }

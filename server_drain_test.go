@@ -1,0 +1,141 @@
+package h3x
+
+import (
+	"context"
+	"errors"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/h3x-io/h3x/internal/faultnet"
+)
+
+// hookQueue delays every Enqueue by delay (a slow fsync) and runs before
+// (if set) at its end, just before the server writes the SendResult.
+type hookQueue struct {
+	Queue
+	delay  time.Duration
+	before func()
+}
+
+func (q *hookQueue) Enqueue(ctx context.Context, events []Event) ([]PublishResult, error) {
+	time.Sleep(q.delay)
+	res, err := q.Queue.Enqueue(ctx, events)
+	if q.before != nil {
+		q.before()
+	}
+	return res, err
+}
+
+// PROTOCOL.md §5.1: once no request is in flight, the server closes a
+// draining connection "a few round trips after that Pong (time for the last
+// answers to be acknowledged: closing discards stream data not yet
+// delivered)". A publish that was in flight when Shutdown began, and that
+// is answered after the client's Pong, used to be followed by the close
+// within 5 ms of its answer being written: if the packet carrying the
+// answer was lost, it was never retransmitted, and the client never learnt
+// that its publish was stored.
+func TestShutdownLingersAfterLastAnswer(t *testing.T) {
+	var proxy *faultnet.Proxy
+	q := &hookQueue{Queue: NewMemoryQueue(QueueOptions{}), delay: 400 * time.Millisecond, before: func() {
+		// The packet carrying the SendResult is lost (a 15 ms outage,
+		// shorter than a probe timeout).
+		proxy.SetBlackhole(true)
+		time.AfterFunc(15*time.Millisecond, func() { proxy.SetBlackhole(false) })
+	}}
+	s := testServer(t, WithQueue(q))
+	proxy = newUDPProxy(t, s.Addr().(*net.UDPAddr))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, proxy.Addr(), WithCredentials("alice", "alice-token"), WithTrustedFingerprint(s.Fingerprint()),
+		WithBackoff(fastBackoff), WithIdleTimeout(time.Second), WithDialTimeout(300*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	type out struct {
+		res []PublishResult
+		err error
+	}
+	done := make(chan out, 1)
+	go func() {
+		pctx, pcancel := context.WithTimeout(ctx, 3*time.Second)
+		defer pcancel()
+		res, err := c.Publish(pctx, Event{ID: "in-flight", Namespace: "orders"})
+		done <- out{res, err}
+	}()
+	time.Sleep(100 * time.Millisecond) // the SendEvent is being stored
+	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+	defer scancel()
+	if err := s.Shutdown(sctx); err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	o := <-done
+	if o.err != nil {
+		t.Fatalf("publish in flight at Shutdown: %v (its answer was lost once and the connection closed before a retransmission)", o.err)
+	}
+	if o.res[0].Status != PublishStored {
+		t.Fatalf("status %v", o.res[0].Status)
+	}
+}
+
+// Start(ctx) documents that the end of ctx shuts the server down "as
+// Shutdown with a 5 s bound": gracefully, so a publish in flight is answered
+// on the draining connection and the client is told to go away (GoAway)
+// rather than cut off. The bound's context used to be cancelled as soon as
+// the Shutdown goroutine was started (a deferred cancel in the goroutine that
+// starts it), so the end of ctx closed every connection at once.
+func TestStartContextEndShutsDownGracefully(t *testing.T) {
+	reg, err := ParseRegistry("alice:orders=alice-token")
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := &hookQueue{Queue: NewMemoryQueue(QueueOptions{}), delay: 300 * time.Millisecond}
+	s, err := NewServer(WithAddr("127.0.0.1:0"), WithQueue(q), WithRegistry(reg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	if err := s.Start(sctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	disconnected := make(chan error, 1)
+	c := mustDial(t, s, "alice", "alice-token", WithBackoff(fastBackoff), WithStateHandler(func(sc StateChange) {
+		if sc.State == StateDisconnected {
+			select {
+			case disconnected <- sc.Err:
+			default:
+			}
+		}
+	}))
+	type out struct {
+		res []PublishResult
+		err error
+	}
+	done := make(chan out, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		res, err := c.Publish(ctx, Event{ID: "in-flight", Namespace: "orders"})
+		done <- out{res, err}
+	}()
+	time.Sleep(100 * time.Millisecond) // the SendEvent is being stored
+	stop()                             // the server's context ends: graceful shutdown
+	if err := <-disconnected; !errors.Is(err, ErrShuttingDown) {
+		t.Errorf("client disconnected by %v, want a GoAway (shutting down)", err)
+	}
+	o := <-done
+	if o.err != nil {
+		t.Fatalf("publish in flight when the server's context ended: %v (want it answered during the drain)", o.err)
+	}
+	if o.res[0].Status != PublishStored {
+		t.Fatalf("status %v", o.res[0].Status)
+	}
+	select {
+	case <-s.doneCh:
+	case <-time.After(5 * time.Second):
+		t.Fatal("server not stopped 5 s after its context ended")
+	}
+}
