@@ -627,23 +627,10 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 		wire[i] = eventToWire(&events[i])
 		sizes[i] = proto.Size(wire[i]) + 8
 	}
-	// The limits are the server's (announced at Auth): wait for a
-	// connection first, rather than split by the defaults while
-	// disconnected.
-	cc, err := c.awaitConn(ctx)
-	if err != nil {
-		return nil, err
-	}
-	maxEvents, maxBytes := sendLimits(cc)
 	results := make([]PublishResult, len(events))
-	todo := make([]int, 0, len(events))
-	for i := range events {
-		if sizes[i]+64 > maxBytes {
-			results[i] = PublishResult{ID: events[i].ID, Status: PublishRefused,
-				Err: &Error{Code: CodeFrameTooLarge, Message: fmt.Sprintf("event of %d bytes exceeds the server's frame size of %d", sizes[i], maxBytes)}}
-			continue
-		}
-		todo = append(todo, i)
+	todo := make([]int, len(events))
+	for i := range todo {
+		todo[i] = i
 	}
 	for len(todo) > 0 {
 		if err := pause(c.rateWait(events, todo)); err != nil {
@@ -651,15 +638,28 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 		}
 		var again []int
 		var wait time.Duration
-		// Send in chunks that respect the server's limits.
+		// Send in chunks that respect the limits of the server the chunk
+		// goes to (announced at Auth): they are read again for every chunk,
+		// after waiting for a connection, since a reconnect may reach a
+		// server with other limits (a rolling restart with a new config).
 		for start := 0; start < len(todo); {
+			cc, err := c.awaitConn(ctx)
+			if err != nil {
+				return nil, err
+			}
+			maxEvents, maxBytes := sendLimits(cc)
+			if i := todo[start]; sizes[i]+64 > maxBytes {
+				results[i] = PublishResult{ID: events[i].ID, Status: PublishRefused,
+					Err: &Error{Code: CodeFrameTooLarge, Message: fmt.Sprintf("event of %d bytes exceeds the server's frame size of %d", sizes[i], maxBytes)}}
+				start++
+				continue
+			}
 			end, bytes := start, 64
 			for end < len(todo) && end-start < maxEvents && bytes+sizes[todo[end]] <= maxBytes {
 				bytes += sizes[todo[end]]
 				end++
 			}
 			chunk := todo[start:end]
-			start = end
 			ans, err := c.call(ctx, streamPublish, FrameSendEvent, func(id uint64) proto.Message {
 				m := &h3xpb.SendEvent{RequestId: id, Events: make([]*h3xpb.EventPayload, len(chunk))}
 				for j, i := range chunk {
@@ -668,8 +668,19 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 				return m
 			})
 			if err != nil {
+				var e *Error
+				if errors.As(err, &e) && e.Remote && (e.Code == CodeInvalidArgument || e.Code == CodeFrameTooLarge) {
+					// The call was retried on a server whose limits are
+					// lower than those the chunk was cut by: cut it again.
+					if now, werr := c.awaitConn(ctx); werr == nil {
+						if me, mb := sendLimits(now); me != maxEvents || mb != maxBytes {
+							continue
+						}
+					}
+				}
 				return nil, err
 			}
+			start = end
 			res := ans.msg.(*h3xpb.SendResult) // the type is checked by the stream's reader
 			if len(res.GetOutcomes()) != len(chunk) {
 				return nil, newError(CodeProtocolViolation, "SendResult has %d outcomes for %d events", len(res.GetOutcomes()), len(chunk))

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
@@ -136,6 +137,10 @@ const subscriptionPolls = 2
 type poll struct {
 	ch <-chan rpcAnswer
 	n  int // the credits it holds
+	// claimed is set by whichever takes charge of the poll's credits
+	// first: handOut, which hands its batch out (and gives back the unused
+	// credits), or drop, which gives them all back and moves on.
+	claimed *atomic.Bool
 }
 
 func (s *Subscription) run(ctx context.Context) {
@@ -171,7 +176,11 @@ func (s *Subscription) run(ctx context.Context) {
 				}
 			default:
 			}
-			s.release(p.n)
+			// A handOut in progress (the application is slow to take
+			// the batch) keeps the credits of the deliveries it hands out.
+			if p.claimed.CompareAndSwap(false, true) {
+				s.release(p.n)
+			}
 		}
 		cc.inflight.Add(-int64(len(polls)))
 		polls = polls[:0]
@@ -238,13 +247,14 @@ func (s *Subscription) run(ctx context.Context) {
 			cc, st = next, ns
 		}
 		id := c.reqID.Add(1)
+		claimed := new(atomic.Bool)
 		ch, err := st.start(ctx, id, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: id, Namespaces: s.namespaces, Limit: uint32(n), MaxWaitMs: durationMs(fetchWait(ctx))},
-			func(a *rpcAnswer) { s.handOut(a, n) })
+			func(a *rpcAnswer) { s.handOut(a, n, claimed) })
 		if err != nil {
 			return err
 		}
 		cc.inflight.Add(1)
-		polls = append(polls, poll{ch: ch, n: n})
+		polls = append(polls, poll{ch: ch, n: n, claimed: claimed})
 		return nil
 	}
 	// send issues a poll for n credits; it reports whether the subscription
@@ -333,8 +343,16 @@ func (s *Subscription) run(ctx context.Context) {
 // rather than in the subscription's goroutine saves a goroutine hand-off on
 // every delivery. What it cannot hand out once the subscription ends is left
 // in a.rest, to be given back.
-func (s *Subscription) handOut(a *rpcAnswer, n int) {
+func (s *Subscription) handOut(a *rpcAnswer, n int, claimed *atomic.Bool) {
 	ds := s.client.deliveries(a.msg.(*h3xpb.EventsBatch), s) // checked by the stream's reader
+	if !claimed.CompareAndSwap(false, true) {
+		// drop has given the poll's credits back and moved on: nobody reads
+		// this answer, so hand nothing out and give the deliveries back.
+		if len(ds) > 0 {
+			s.client.goOwned(func() { s.giveBack(context.Background(), ds) })
+		}
+		return
+	}
 	s.release(n - len(ds))
 	s.pushMu.Lock()
 	defer s.pushMu.Unlock()
@@ -418,6 +436,16 @@ func (s *Subscription) giveBack(ctx context.Context, ds []*Delivery) {
 		}
 	}
 	if len(unseen) == 0 {
+		return
+	}
+	c := s.client
+	c.mu.Lock()
+	connected := c.cc != nil
+	c.mu.Unlock()
+	if !connected {
+		// The connection that leased them is gone (or going, after a
+		// GoAway): the server ends their leases with it. Waiting for the
+		// next connection to nack them would only hold up Close.
 		return
 	}
 	nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)

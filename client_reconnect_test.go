@@ -1,0 +1,176 @@
+package h3x
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// A Publish split by one server's limits (announced at Auth) and resumed,
+// after that server's graceful Shutdown, on the server that replaced it at
+// the same address must respect the new server's limits: the client's own
+// chunking must never earn an INVALID_ARGUMENT refusal.
+func TestPublishAcrossShutdownUsesNewServerLimits(t *testing.T) { publishAcrossRestart(t, false) }
+
+// The same when the first server is closed (not gracefully) while a chunk
+// is in flight: the chunk is resent, by Client.call, to the new server.
+func TestPublishAcrossCloseUsesNewServerLimits(t *testing.T) { publishAcrossRestart(t, true) }
+
+func publishAcrossRestart(t *testing.T, hard bool) {
+	cert, err := selfSignedCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tlsConf := &tls.Config{Certificates: []tls.Certificate{cert}}
+	start := func(addr string, opts ...ServerOption) *Server {
+		all := append([]ServerOption{WithAddr(addr), WithTLSConfig(tlsConf), WithRegistry(testRegistry(t))}, opts...)
+		s, err := NewServer(all...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}
+	slow := &hookQueue{Queue: NewMemoryQueue(QueueOptions{}), delay: 300 * time.Millisecond}
+	a := start("127.0.0.1:0", WithQueue(slow))
+	addr := a.Addr().String()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, addr, WithCredentials("alice", "alice-token"), WithTrustedFingerprint(Fingerprint(cert.Certificate[0])), WithBackoff(fastBackoff))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	perSend := int(c.cc.auth.GetLimits().GetMaxEventsPerSend())
+	events := make([]Event, 2*perSend+10)
+	for i := range events {
+		events[i] = Event{ID: fmt.Sprintf("ev-%d", i), Namespace: "orders"}
+	}
+	type out struct {
+		res []PublishResult
+		err error
+	}
+	done := make(chan out, 1)
+	go func() {
+		res, err := c.Publish(ctx, events...)
+		done <- out{res, err}
+	}()
+	time.Sleep(100 * time.Millisecond) // the first SendEvent is being stored
+	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+	if hard {
+		a.Close()
+	} else if err := a.Shutdown(sctx); err != nil {
+		t.Fatal(err)
+	}
+	scancel()
+	// The replacement announces a lower max_events_per_send.
+	start(addr, WithQueue(NewMemoryQueue(QueueOptions{})), WithMaxEventsPerSend(perSend/4))
+	o := <-done
+	if o.err != nil {
+		t.Fatalf("Publish of %d events across a restart onto a server with max_events_per_send %d: %v", len(events), perSend/4, o.err)
+	}
+	for i, r := range o.res {
+		if r.Status != PublishStored && r.Status != PublishDuplicate {
+			t.Fatalf("event %d: %v %v", i, r.Status, r.Err)
+		}
+	}
+}
+
+// failFirstLease fails the first Lease call (a storage failure).
+type failFirstLease struct {
+	Queue
+	calls atomic.Int32
+}
+
+func (q *failFirstLease) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error) {
+	if q.calls.Add(1) == 1 {
+		return nil, errors.New("injected lease failure")
+	}
+	return q.Queue.Lease(ctx, req)
+}
+
+// A subscription never has more than MaxUnacked deliveries handed out and
+// not settled. When one of its pipelined polls is answered with an Error
+// while the next poll's batch is still being handed out (the application
+// is slow to read), the subscription used to give back the credits of that
+// batch too, so it fetched MaxUnacked more on top of it.
+func TestSubscriptionPollErrorKeepsMaxUnacked(t *testing.T) {
+	q := &failFirstLease{Queue: NewMemoryQueue(QueueOptions{})}
+	s := testServer(t, WithQueue(q))
+	c := mustDial(t, s, "alice", "alice-token", WithBackoff(fastBackoff))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	evs := make([]Event, 40)
+	for i := range evs {
+		evs[i] = Event{Namespace: "orders"}
+	}
+	if _, err := c.Publish(ctx, evs...); err != nil {
+		t.Fatal(err)
+	}
+	const maxUnacked = 8
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: maxUnacked, BatchSize: maxUnacked / 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	time.Sleep(300 * time.Millisecond) // the application is slow to start reading
+	got := 0
+	for {
+		select {
+		case <-sub.Events():
+			got++ // never settled
+			continue
+		case <-time.After(500 * time.Millisecond):
+		}
+		break
+	}
+	if got > maxUnacked {
+		t.Fatalf("%d deliveries handed out and not settled, MaxUnacked %d", got, maxUnacked)
+	}
+	if got == 0 {
+		t.Fatal("nothing delivered")
+	}
+}
+
+// Client.Close while the client is waiting to reconnect (the server is
+// gone) is bounded: its doc promises that flushing takes "up to 5 s in
+// all". Each subscription holding prefetched deliveries it never handed
+// out used to spend up to a second trying to give them back (a nack that
+// waits for a connection), one subscription after another, on top of the
+// flush's 5 s.
+func TestCloseWhileReconnectingIsBounded(t *testing.T) {
+	s := testServer(t)
+	slow := &ExponentialBackoff{Initial: 30 * time.Second, Max: 30 * time.Second, Multiplier: 1, NoJitter: true}
+	c := mustDial(t, s, "alice", "alice-token", WithBackoff(slow))
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	evs := make([]Event, 64)
+	for i := range evs {
+		evs[i] = Event{ID: fmt.Sprintf("e%d", i), Namespace: "orders"}
+	}
+	if _, err := c.Publish(ctx, evs...); err != nil {
+		t.Fatal(err)
+	}
+	const subs = 6
+	for range subs {
+		// Each subscription prefetches a batch; the application reads none.
+		if _, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: 8}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(300 * time.Millisecond)
+	s.Close()                          // the server is gone
+	time.Sleep(200 * time.Millisecond) // the client waits to reconnect
+	t0 := time.Now()
+	c.Close()
+	if el := time.Since(t0); el > 5500*time.Millisecond {
+		t.Fatalf("Close took %v with %d subscriptions while disconnected (bound: 5 s in all)", el, subs)
+	}
+}
