@@ -171,9 +171,15 @@ func TestFloods(t *testing.T) {
 	defer cancel()
 	p := &probe{}
 	wg.Go(func() { p.run(ctx, existing) })
+	// A second existing client runs as a service does, at a fixed rate
+	// (its normal rate), publishing and consuming its own namespace.
+	pc := startPaced(ctx, t, srv.dial(t, srv.addr, h3x.WithNamespaces(pacedNS)), pacedNS, pacedRate)
+	wg.Go(pc.wait)
 	heap0 := heapNow()
 	cpuBase := cpuTime()
+	pacedBase0 := pc.now()
 	base := p.rate(3 * time.Second)
+	pacedBase1 := pc.now()
 	t.Logf("baseline: %.0f round trips/s, process CPU %.2f cores, heap %.1f MiB", base, (cpuTime()-cpuBase).Seconds()/3, mib(heap0))
 
 	// 1. A burst of connection attempts, 256 at a time, from another
@@ -188,8 +194,10 @@ func TestFloods(t *testing.T) {
 	n0 := p.n.Load()
 	cpu0 := cpuTime()
 	start := time.Now()
+	pacedBurst0 := pc.now()
 	res, err := runAttacker(ctx, srv.addr, burst, 256)
 	took := time.Since(start)
+	pacedBurst1 := pc.now()
 	cpu := cpuTime() - cpu0
 	during := float64(p.n.Load()-n0) / took.Seconds()
 	close(stop)
@@ -206,10 +214,24 @@ func TestFloods(t *testing.T) {
 	// The probe's rate drifts by ±15% from one 3 s window to the next on
 	// this machine, so the burst is compared with the mean of a window
 	// before it and one after it.
+	pacedAfter0 := pc.now()
 	after := p.rate(3 * time.Second)
+	pacedAfter1 := pc.now()
 	normal := (base + after) / 2
 	t.Logf("burst: existing client %.0f round trips/s during (%.0f before, %.0f after: %.0f%% of their mean); server process CPU %.2f cores (%v); heap peak %.1f MiB (before %.1f MiB)",
 		during, base, after, 100*during/normal, cpu.Seconds()/took.Seconds(), cpu.Round(time.Millisecond), mib(peak), mib(heap0))
+	// The paced client's events due in each window, once the last of them
+	// have had time to arrive.
+	time.Sleep(time.Second)
+	pacedWindows := []pacedWindow{pc.window(pacedBase0, pacedBase1), pc.window(pacedBurst0, pacedBurst1), pc.window(pacedAfter0, pacedAfter1)}
+	for i, name := range []string{"before", "during", "after"} {
+		t.Logf("burst: paced client (%d events/s) %s: %v", pacedRate, name, pacedWindows[i])
+	}
+	// Its normal rate, kept: every event due during the burst was
+	// published and delivered (within the 4 s since the burst ended).
+	if w := pacedWindows[1]; w.delivered < w.due {
+		t.Errorf("the paced client got %d of its %d events due during the burst delivered", w.delivered, w.due)
+	}
 	// Every attempt is accounted for: handshaken (then closed), refused
 	// before its handshake, or failed (a lost packet's timeout).
 	handshaken := int64(0)
@@ -337,8 +359,19 @@ func TestFloods(t *testing.T) {
 	// Calls of the existing client that took over 5 s (a known weakness
 	// under handshake floods, RELIABILITY.md finding 6): reported.
 	t.Logf("existing client: %d round trips, %d calls over 5 s", p.n.Load(), p.errs.Load())
+	t.Logf("paced client: %d published, %d publishes failed, %d delivered, %d redelivered", pc.pubOK.Load(), pc.pubErrs.Load(), pc.delivered(), pc.redelivered())
+	if n := pc.pubErrs.Load(); n > 0 {
+		t.Errorf("the paced client's publishes failed %d times", n)
+	}
 	t.Logf("after: heap %.1f MiB", mib(heapNow()))
 }
+
+// The paced existing client: a namespace of its own, at a rate a service
+// might publish at.
+const (
+	pacedNS   = "rel-paced"
+	pacedRate = 1000
+)
 
 // attackResult is what the attacker process reports.
 type attackResult struct {
