@@ -151,6 +151,9 @@ var (
 	ErrServerClosed = errors.New("h3x: server closed")
 	// ErrQueueClosed is returned by the methods of a closed Queue.
 	ErrQueueClosed = errors.New("h3x: queue closed")
+	// ErrQueueInUse is returned (wrapped) by OpenBadgerQueue when another
+	// process, or another open queue of this one, has the directory open.
+	ErrQueueInUse = errors.New("h3x: queue directory in use by another process")
 )
 
 // newError returns an *Error of code with a formatted message.

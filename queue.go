@@ -37,7 +37,10 @@ type Queue interface {
 	// Lease leases up to req.Limit ready events from req.Namespaces to
 	// req.Holder, with lease deadlines of now + req.AckDeadline, and returns
 	// them at once (possibly none; it does not wait). Events come in publish
-	// order within a namespace, and namespaces are served fairly. A leased
+	// order within a namespace, and namespaces are served fairly: when each
+	// of req.Namespaces has enough events ready, each gets at least
+	// req.Limit/len(req.Namespaces) (rounded down) of the call's events, and
+	// calls with a smaller Limit take turns among them. A leased
 	// event goes to no other holder until its lease ends by Ack, Nack (after
 	// the nack's delay), expiry of the deadline or Release of the holder.
 	Lease(ctx context.Context, req LeaseRequest) ([]Lease, error)

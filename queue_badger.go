@@ -80,9 +80,10 @@ import (
 // replays the log and rewrites what it holds).
 //
 // Only one process can open dir at a time; a second gets an error saying
-// so. When the disk is nearly full (less free space than Badger needs for its
-// own flushes and compactions), Enqueue fails with an *Error of CodeInternal
-// ("disk full"), retryable, and nothing already acknowledged is affected.
+// so, which matches ErrQueueInUse (errors.Is). When the disk is nearly
+// full (less free space than Badger needs for its own flushes and
+// compactions), Enqueue fails with an *Error of CodeInternal ("disk full"),
+// retryable, and nothing already acknowledged is affected.
 func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	opts = normalizeQueueOptions(opts)
 	bo := badgerOptions(dir, opts)
@@ -95,7 +96,7 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	db, err := badger.Open(bo)
 	if err != nil {
 		if isLockError(err) {
-			return nil, fmt.Errorf("h3x: open badger queue: directory %s is in use by another process: %w", dir, err)
+			return nil, fmt.Errorf("%w: open badger queue in %s: %w", ErrQueueInUse, dir, err)
 		}
 		if isDiskFull(err) {
 			return nil, diskFullError("open badger queue", err)

@@ -105,11 +105,14 @@ func (q *brokenQueue) Extend(ctx context.Context, holder string, refs []h3x.Leas
 func TestQueueSuiteCatchesBrokenQueues(t *testing.T) {
 	if mode := os.Getenv("H3XTEST_BROKEN_QUEUE"); mode != "" {
 		h3xtest.TestQueue(t, func(t testing.TB, opts h3x.QueueOptions) (h3x.Queue, func() h3x.Queue) {
+			if q := mutantQueue(mode, h3x.NewMemoryQueue(opts)); q != nil {
+				return q, nil
+			}
 			return newBrokenQueue(mode, opts), nil
 		})
 		return
 	}
-	for _, mode := range []string{"nack-ended-no-delay", "extend-ended"} {
+	for _, mode := range append([]string{"nack-ended-no-delay", "extend-ended"}, mutants...) {
 		t.Run(mode, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()

@@ -894,9 +894,10 @@ func (s *queueSuite) testOrder(t *testing.T) {
 					t.Fatalf("Lease with Limit %d over %d busy namespaces returned %d events", tc.limit, len(tc.nss), len(ls))
 				}
 				checkPrefixes(t, ls, published)
+				share := tc.limit / len(tc.nss)
 				for _, ns := range tc.nss {
-					if !slices.ContainsFunc(ls, func(l h3x.Lease) bool { return l.Event.Namespace == ns }) {
-						t.Errorf("Lease with Limit %d over busy namespaces %v returned %s: nothing from %q", tc.limit, tc.nss, describe(ls), ns)
+					if n := len(slices.DeleteFunc(slices.Clone(ls), func(l h3x.Lease) bool { return l.Event.Namespace != ns })); n < share {
+						t.Errorf("Lease with Limit %d over busy namespaces %v returned %s: %d from %q, want at least its share %d", tc.limit, tc.nss, describe(ls), n, ns, share)
 					}
 				}
 			})
@@ -1047,6 +1048,35 @@ func (s *queueSuite) testLease(t *testing.T) {
 		h.release("a")
 		wantIDs(t, "after Release(a)", idsOf(h.lease("c", 10, nsA)), ids[:1])
 		wantAllOK(t, "b's ack after Release(a)", h.ack("b", h3x.LeaseRef{ID: ids[1], Attempt: 1}))
+	})
+
+	t.Run("ReleaseEndsEveryLease", func(t *testing.T) {
+		// A holder with several leases, from several Lease calls and
+		// namespaces: Release ends all of them, and no other holder's.
+		h := s.open(t, h3x.QueueOptions{})
+		idsA := h.publish(h.events(nsA, 4)...)
+		idsB := h.publish(h.events(nsB, 2)...)
+		mine := idsOf(h.lease("a", 2, nsA))
+		mine = append(mine, idsOf(h.lease("a", 1, nsA))...)
+		mine = append(mine, idsOf(h.lease("a", 2, nsB))...)
+		other := h.leaseOne("b", nsA)
+		h.release("a")
+		h.wantCounts("after Release(a)", nsA, counts{Ready: 3, Leased: 1})
+		h.wantCounts("after Release(a)", nsB, counts{Ready: 2})
+		ls := h.lease("c", 100, nsA, nsB)
+		got := idsOf(ls)
+		slices.Sort(got)
+		slices.Sort(mine)
+		wantIDs(t, "leased after Release(a)", got, mine)
+		for _, l := range ls {
+			if l.Attempt != 2 {
+				t.Errorf("%s after Release: attempt %d, want 2", l.Event.ID, l.Attempt)
+			}
+		}
+		if want := slices.Concat(idsA[:3], idsB); !slices.Equal(mine, slices.Sorted(slices.Values(want))) {
+			t.Fatalf("a leased %v, want %v", mine, want)
+		}
+		wantStatus(t, "b's ack after Release(a)", h.ack("b", refOf(other)), h3x.SettleOK)
 	})
 
 	t.Run("ReleaseWithoutLeases", func(t *testing.T) {
@@ -1426,6 +1456,7 @@ func (s *queueSuite) testDeadLetter(t *testing.T) {
 	publishMeta := func(h *harness) h3x.Event {
 		e := h.event(nsA)
 		e.Metadata = map[string]string{"severity": "warn"}
+		e.Time = time.Date(2023, 4, 5, 6, 7, 8, 0, time.UTC)
 		h.publish(e)
 		return e
 	}
@@ -1433,9 +1464,10 @@ func (s *queueSuite) testDeadLetter(t *testing.T) {
 	checkDead := func(t *testing.T, l h3x.Lease, orig h3x.Event, attempts int, reason *string) {
 		t.Helper()
 		ev := l.Event
-		if ev.ID != orig.ID || ev.Namespace != dlq || ev.Type != orig.Type || !bytes.Equal(ev.Data, orig.Data) {
-			t.Errorf("dead-lettered event is %s in %q (type %q, data %q), want %s in %q (type %q, data %q)",
-				ev.ID, ev.Namespace, ev.Type, ev.Data, orig.ID, dlq, orig.Type, orig.Data)
+		if ev.ID != orig.ID || ev.Namespace != dlq || ev.Type != orig.Type || !bytes.Equal(ev.Data, orig.Data) ||
+			ev.Message != orig.Message || !ev.Time.Equal(orig.Time) {
+			t.Errorf("dead-lettered event is %s in %q (type %q, message %q, data %q, time %v), want %s in %q (type %q, message %q, data %q, time %v)",
+				ev.ID, ev.Namespace, ev.Type, ev.Message, ev.Data, ev.Time, orig.ID, dlq, orig.Type, orig.Message, orig.Data, orig.Time)
 		}
 		want := maps.Clone(orig.Metadata)
 		if want == nil {
@@ -1836,6 +1868,56 @@ func (s *queueSuite) testWait(t *testing.T) {
 		})
 	}
 
+	// Wait watches every namespace it is given, not only the first.
+	for _, pos := range []int{1, 2} {
+		nss := []string{nsA, nsB, nsC}
+		inBubble(t, fmt.Sprintf("AnyNamespace%d", pos), func(t *testing.T) {
+			h := s.open(t, h3x.QueueOptions{})
+			c := h.startConsumer(t, "c", nss...)
+			synctest.Wait()
+			if c.finished() {
+				t.Fatalf("the consumer returned with nothing published: %v", c.err)
+			}
+			e := h.event(nss[pos])
+			h.publish(e)
+			synctest.Wait()
+			if !c.finished() {
+				t.Fatalf("Wait(%v) did not return after an Enqueue into %q", nss, nss[pos])
+			}
+			if c.err != nil || len(c.leases) != 1 || c.leases[0].Event.ID != e.ID {
+				t.Errorf("consumer got %s, err %v; want %s", describe(c.leases), c.err, e.ID)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			h.publish(h.event(nss[pos]))
+			if err := h.q.Wait(ctx, nss); err != nil {
+				t.Errorf("Wait(%v) with an event ready in %q: %v, want nil at once", nss, nss[pos], err)
+			}
+		})
+	}
+
+	inBubble(t, "DeadLetter", func(t *testing.T) {
+		// A dead-letter namespace is waited on like any other: a move
+		// into it wakes its consumers.
+		h := s.open(t, h3x.QueueOptions{MaxAttempts: 1})
+		dlq := h3x.DeadLetterNamespace(nsA)
+		id := h.publish(h.event(nsA))[0]
+		l := h.leaseOne("a", nsA)
+		c := h.startConsumer(t, "b", dlq)
+		synctest.Wait()
+		if c.finished() {
+			t.Fatalf("the dead-letter consumer returned before anything was dead-lettered: %v", c.err)
+		}
+		wantAllOK(t, "Nack", h.nack("a", 0, "r", refOf(l)))
+		synctest.Wait()
+		if !c.finished() {
+			t.Fatal("Wait on the dead-letter namespace did not return after an event moved into it")
+		}
+		if c.err != nil || len(c.leases) != 1 || c.leases[0].Event.ID != id {
+			t.Errorf("dead-letter consumer got %s, err %v; want %s", describe(c.leases), c.err, id)
+		}
+	})
+
 	inBubble(t, "AllWaiters", func(t *testing.T) {
 		h := s.open(t, h3x.QueueOptions{})
 		var ws []*waiter
@@ -2051,18 +2133,28 @@ func (s *queueSuite) testStats(t *testing.T) {
 	})
 
 	t.Run("AllNamespaces", func(t *testing.T) {
-		h := s.open(t, h3x.QueueOptions{})
-		h.publish(h.event(nsA), h.event(nsB), h.event(nsB))
+		h := s.open(t, h3x.QueueOptions{MaxAttempts: 1})
+		h.publish(h.event(nsA), h.event(nsB), h.event(nsB), h.event(nsC))
+		h.leaseOne("a", nsC)                                                   // nsC: nothing ready, one leased
+		wantAllOK(t, "Nack", h.nack("b", 0, "r", refOf(h.leaseOne("b", nsB)))) // one of nsB's dead-lettered
 		all, err := h.q.Stats(h.ctx)
 		if err != nil {
 			t.Fatalf("Stats(): %v", err)
 		}
-		got := map[string]int{}
+		got := map[string]counts{}
 		for _, st := range all {
-			got[st.Namespace] = st.Ready
+			got[st.Namespace] = counts{st.Ready, st.Leased, st.Delayed, st.DeadLettered}
 		}
-		if got[nsA] != 1 || got[nsB] != 2 {
-			t.Errorf("Stats() with no namespaces: ready %v, want %s: 1 and %s: 2 among them", got, nsA, nsB)
+		want := map[string]counts{
+			nsA:                          {Ready: 1},
+			nsB:                          {Ready: 1, DeadLettered: 1},
+			nsC:                          {Leased: 1},
+			h3x.DeadLetterNamespace(nsB): {Ready: 1},
+		}
+		for ns, w := range want {
+			if g, ok := got[ns]; !ok || g != w {
+				t.Errorf("Stats() with no namespaces: %q: %+v (listed: %v), want %+v", ns, g, ok, w)
+			}
 		}
 	})
 
