@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"sort"
 	"strconv"
 	"strings"
@@ -100,7 +101,13 @@ func parseTime(raw json.RawMessage) (time.Time, error) {
 	if err != nil {
 		return time.Time{}, errors.New("time must be an RFC 3339 string or Unix seconds")
 	}
-	return time.Unix(0, int64(sec*1e9)), nil
+	// The years RFC 3339 can write (tail writes times that way).
+	const firstUnix, lastUnix = -62135596800, 253402300799 // 0001-01-01, 9999-12-31T23:59:59Z
+	if !(sec >= firstUnix && sec < lastUnix+1) {
+		return time.Time{}, fmt.Errorf("time %s is out of range: Unix seconds from year 1 to 9999 (milliseconds given?)", raw)
+	}
+	whole := math.Floor(sec)
+	return time.Unix(int64(whole), int64((sec-whole)*1e9)), nil
 }
 
 // eventToJSON is the inverse of parseEventLine: a body that is compact JSON

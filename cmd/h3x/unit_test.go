@@ -106,6 +106,9 @@ func TestParseEventLine(t *testing.T) {
 		{`{"data_base64":"AAE="}`, "dflt", "", "\x00\x01"},
 		{`{"time":1700000000.5}`, "dflt", "", ""},
 		{`{"time":"yesterday"}`, "dflt", "not RFC 3339", ""},
+		{`{"time":1700000000000}`, "dflt", "out of range", ""}, // milliseconds: year 55,840
+		{`{"time":1e300}`, "dflt", "out of range", ""},
+		{`{"time":-62135596801}`, "dflt", "out of range", ""},
 		{`{}`, "", "no namespace", ""},
 		{`{"namespace":"no space"}`, "", "invalid namespace", ""},
 		{`{"data":"a","data_base64":"AA=="}`, "d", `both "data" and "data_base64"`, ""},
