@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"go.uber.org/goleak"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
@@ -60,6 +61,8 @@ func FuzzSession(f *testing.F) {
 	}
 	f.Cleanup(func() { ctl.Close() })
 	tlsConf := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{ALPN}, MinVersion: tls.VersionTLS13}
+	// Every goroutine a session starts must end with it.
+	before := []goleak.Option{goleak.IgnoreCurrent(), goleak.IgnoreTopFunction("os/signal.NotifyContext.func1")} // the latter: the fuzzing worker's own
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		// A hang is a failure too: dump the goroutines after 30 s.
@@ -150,6 +153,9 @@ func FuzzSession(f *testing.F) {
 				t.Fatalf("%d leases left 2 s after the connection ended: %+v", leased, stats)
 			}
 			time.Sleep(time.Millisecond)
+		}
+		if err := goleak.Find(before...); err != nil {
+			t.Fatalf("goroutines left after the session ended: %v", err)
 		}
 	})
 }

@@ -476,6 +476,7 @@ func TestChaos(t *testing.T) {
 	// Let it run undisturbed, then stop publishing and drain.
 	time.Sleep(stuckBound())
 	stopPublishing()
+	pubStopped := time.Now()
 	final := window{ready: ready, long: true}
 	drainStart := time.Now()
 	var missing []string
@@ -591,6 +592,30 @@ func TestChaos(t *testing.T) {
 				if at.IsZero() && wait >= bound || wait > bound {
 					stuckViolations++
 					t.Errorf("consumer %d: no delivery within %v of the restart at %v (window %v)", n, bound, w.ready.Sub(began).Round(time.Millisecond), w.end.Sub(w.ready).Round(time.Millisecond))
+				}
+				// Nor a gap that long later in the window, while the
+				// publishers run (events are pending throughout).
+				end := w.end
+				if end.After(pubStopped) {
+					end = pubStopped
+				}
+				prev := w.ready
+				for _, d := range rec.consumerAt[n] {
+					if d.Before(w.ready) {
+						continue
+					}
+					if d.After(end) {
+						break
+					}
+					if d.Sub(prev) > bound && prev != w.ready {
+						stuckViolations++
+						t.Errorf("consumer %d: no delivery for %v in the window that began at %v", n, d.Sub(prev).Round(time.Millisecond), w.ready.Sub(began).Round(time.Millisecond))
+					}
+					prev = d
+				}
+				if gap := end.Sub(prev); prev != w.ready && gap > bound {
+					stuckViolations++
+					t.Errorf("consumer %d: no delivery for the last %v of the window that began at %v", n, gap.Round(time.Millisecond), w.ready.Sub(began).Round(time.Millisecond))
 				}
 			} else {
 				shortTotal++

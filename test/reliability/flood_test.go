@@ -220,6 +220,14 @@ func TestFloods(t *testing.T) {
 	normal := (base + after) / 2
 	t.Logf("burst: existing client %.0f round trips/s during (%.0f before, %.0f after: %.0f%% of their mean); server process CPU %.2f cores (%v); heap peak %.1f MiB (before %.1f MiB)",
 		during, base, after, 100*during/normal, cpu.Seconds()/took.Seconds(), cpu.Round(time.Millisecond), mib(peak), mib(heap0))
+	// The documented memory bound (RELIABILITY.md, "Memory bound"): about
+	// 40 KiB per pending connection, plus up to 64 KiB for a full-size
+	// Auth frame, for at most maxUnauth of them; 32 MiB for the rest
+	// (the probe, the paced client, GC slack).
+	heapBound := heap0 + uint64(maxUnauth)*(40+64)<<10 + 32<<20
+	if peak > heapBound {
+		t.Errorf("heap peak %.1f MiB during the burst; the documented bound is %.1f MiB", mib(peak), mib(heapBound))
+	}
 	// The paced client's events due in each window, once the last of them
 	// have had time to arrive.
 	time.Sleep(time.Second)
@@ -299,6 +307,9 @@ func TestFloods(t *testing.T) {
 	rateHeld := p.rate(time.Second)
 	t.Logf("held: 1000 attempts: %d handshakes, %d refused before the handshake; %d still open after 200 ms (limit %d); heap %.1f MiB; existing client %.0f round trips/s; server admission %+v",
 		len(held), heldRefused.Load(), open, maxUnauth, mib(heapHeld), rateHeld, stHeld)
+	if heapHeld > heapBound {
+		t.Errorf("heap %.1f MiB with unauthenticated connections held; the documented bound is %.1f MiB", mib(heapHeld), mib(heapBound))
+	}
 	if open > maxUnauth+10 {
 		t.Errorf("%d unauthenticated connections kept open; the limit is %d", open, maxUnauth)
 	}

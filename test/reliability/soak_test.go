@@ -5,6 +5,7 @@ import (
 	"math/bits"
 	"os"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -192,11 +193,43 @@ func TestSoak(t *testing.T) {
 		t.Logf("soak %s (%v): heap alloc %.1f MiB, goroutines %d, backlog %d", s.name, s.s.at, mib(s.s.heapAlloc), s.s.goroutines, s.s.backlog)
 	}
 	t.Logf("soak max: heap alloc %.1f MiB, goroutines %d", mib(maxHeap), maxG)
-	if end.heapAlloc > warm.heapAlloc*3/2+16<<20 {
-		t.Errorf("heap grew from %.1f MiB (warm) to %.1f MiB (end)", mib(warm.heapAlloc), mib(end.heapAlloc))
+	// Flat: after the warm-up, the median of the last few samples is
+	// within 10% (+4 MiB) of the median of the first few, goroutines
+	// within 5, and the trend over the whole run (least squares) adds up
+	// to no more than that either. Medians, so that one sample taken
+	// during a memtable flush decides nothing; the trend, so that a slow
+	// leak (a little per consumer restart) is caught.
+	steady := samples[min(6, len(samples)/3):]
+	k := max(len(steady)/4, 1)
+	heapOf := func(ss []sample) []float64 {
+		v := make([]float64, len(ss))
+		for i, s := range ss {
+			v[i] = float64(s.heapAlloc)
+		}
+		return v
 	}
-	if end.goroutines > warm.goroutines+20 {
-		t.Errorf("goroutines grew from %d (warm) to %d (end)", warm.goroutines, end.goroutines)
+	goroutinesOf := func(ss []sample) []float64 {
+		v := make([]float64, len(ss))
+		for i, s := range ss {
+			v[i] = float64(s.goroutines)
+		}
+		return v
+	}
+	heapFirst, heapLast := median(heapOf(steady[:k])), median(heapOf(steady[len(steady)-k:]))
+	gFirst, gLast := median(goroutinesOf(steady[:k])), median(goroutinesOf(steady[len(steady)-k:]))
+	at := make([]float64, len(steady))
+	for i, s := range steady {
+		at[i] = s.at.Seconds()
+	}
+	heapTrend, gTrend := trend(at, heapOf(steady)), trend(at, goroutinesOf(steady))
+	t.Logf("soak flatness: heap median %.1f -> %.1f MiB, trend %+.1f MiB over the run; goroutines median %.0f -> %.0f, trend %+.1f",
+		heapFirst/(1<<20), heapLast/(1<<20), heapTrend/(1<<20), gFirst, gLast, gTrend)
+	heapSlack := heapFirst/10 + 4<<20
+	if heapLast > heapFirst+heapSlack || heapTrend > heapSlack {
+		t.Errorf("heap grew: median %.1f -> %.1f MiB, trend %+.1f MiB (allowed %.1f MiB)", heapFirst/(1<<20), heapLast/(1<<20), heapTrend/(1<<20), heapSlack/(1<<20))
+	}
+	if gLast > gFirst+5 || gTrend > 5 {
+		t.Errorf("goroutines grew: median %.0f -> %.0f, trend %+.1f (allowed 5)", gFirst, gLast, gTrend)
 	}
 	if end.published-end.consumed > 10*rate {
 		t.Errorf("consumers fell behind: %d published, %d consumed", end.published, end.consumed)
@@ -204,3 +237,33 @@ func TestSoak(t *testing.T) {
 }
 
 func mib(b uint64) float64 { return float64(b) / (1 << 20) }
+
+func median(v []float64) float64 {
+	v = slices.Clone(v)
+	slices.Sort(v)
+	if len(v) == 0 {
+		return 0
+	}
+	if len(v)%2 == 1 {
+		return v[len(v)/2]
+	}
+	return (v[len(v)/2-1] + v[len(v)/2]) / 2
+}
+
+// trend is the change of v (measured at times x) over x's span, by a
+// least-squares line.
+func trend(x, v []float64) float64 {
+	n := float64(len(x))
+	if n < 2 {
+		return 0
+	}
+	var sx, sy, sxx, sxy float64
+	for i := range x {
+		sx, sy, sxx, sxy = sx+x[i], sy+v[i], sxx+x[i]*x[i], sxy+x[i]*v[i]
+	}
+	den := n*sxx - sx*sx
+	if den == 0 {
+		return 0
+	}
+	return (n*sxy - sx*sy) / den * (x[len(x)-1] - x[0])
+}
