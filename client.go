@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/quic-go/quic-go"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
@@ -366,6 +367,8 @@ func isTerminal(err error) bool {
 // or the server sends GoAway.
 func (c *Client) supervise(cc *clientConn) {
 	for {
+		watched := cc
+		c.goOwned(func() { c.heartbeat(watched) })
 		var cause error
 		goAway := false
 		select {
@@ -398,6 +401,45 @@ func (c *Client) supervise(cc *clientConn) {
 		c.setConn(cc)
 		c.emit(StateChange{State: StateConnected})
 		c.logger.Info("h3x: reconnected")
+	}
+}
+
+// heartbeatInterval returns how often a client pings a server while calls
+// wait, and how long it waits for the Pong: a sixth of the idle timeout (5 s
+// by default), at least 500 ms and 1 s.
+func heartbeatInterval(idle time.Duration) (every, timeout time.Duration) {
+	return max(idle/6, 500*time.Millisecond), max(idle/6, time.Second)
+}
+
+// heartbeat pings the server on cc while calls wait there (a long poll, an
+// answer not yet come), and closes cc when a Pong does not come in time, so
+// that the client reconnects. A server killed while its clients wait sends
+// them nothing, and QUIC's retransmissions back off while it is down: on its
+// own, a client could take up to the idle timeout to notice (RELIABILITY.md,
+// finding 5). It returns when cc or the client ends.
+func (c *Client) heartbeat(cc *clientConn) {
+	every, timeout := heartbeatInterval(c.cfg.idleTimeout)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-cc.qc.Context().Done():
+			return
+		case <-t.C:
+		}
+		if cc.inflight.Load() == 0 {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(c.ctx, timeout)
+		_, err := cc.ping(ctx)
+		cancel()
+		if err != nil && ctx.Err() != nil && c.ctx.Err() == nil && cc.qc.Context().Err() == nil {
+			c.logger.Info("h3x: no answer to a ping; reconnecting", "timeout", timeout)
+			cc.qc.CloseWithError(quic.ApplicationErrorCode(CodeNone), "no answer to a ping")
+			return
+		}
 	}
 }
 

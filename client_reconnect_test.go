@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -172,5 +173,60 @@ func TestCloseWhileReconnectingIsBounded(t *testing.T) {
 	c.Close()
 	if el := time.Since(t0); el > 5500*time.Millisecond {
 		t.Fatalf("Close took %v with %d subscriptions while disconnected (bound: 5 s in all)", el, subs)
+	}
+}
+
+// A server that stops answering (killed, or cut off) while a subscription
+// waits on it is noticed by the client's heartbeat within about a third of
+// the idle timeout, not at the idle timeout: QUIC itself gets no signal,
+// and its retransmissions back off (RELIABILITY.md, finding 5).
+func TestHeartbeatNoticesASilentServer(t *testing.T) {
+	s := testServer(t)
+	proxy := newUDPProxy(t, s.Addr().(*net.UDPAddr))
+	const idle = 6 * time.Second // heartbeat: a ping every 1 s, 1 s to answer
+	lost := make(chan time.Time, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, proxy.Addr(), WithCredentials("alice", "alice-token"), WithTrustedFingerprint(s.Fingerprint()),
+		WithIdleTimeout(idle), WithBackoff(fastBackoff),
+		WithStateHandler(func(sc StateChange) {
+			if sc.State == StateDisconnected {
+				select {
+				case lost <- time.Now():
+				default:
+				}
+			}
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	time.Sleep(300 * time.Millisecond) // the subscription's polls wait on the server
+	silent := time.Now()
+	proxy.SetBlackhole(true)
+	select {
+	case at := <-lost:
+		if d := at.Sub(silent); d > idle*2/3 {
+			t.Fatalf("the client noticed the silent server after %v; the heartbeat should within about %v", d, idle/3)
+		} else {
+			t.Logf("noticed after %v (idle timeout %v)", d.Round(time.Millisecond), idle)
+		}
+	case <-ctx.Done():
+		t.Fatal("the client never noticed the silent server")
+	}
+	proxy.SetBlackhole(false)
+	if _, err := c.Publish(ctx, Event{Namespace: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case d := <-sub.Events():
+		d.Ack()
+	case <-ctx.Done():
+		t.Fatal("the subscription did not resume after the reconnect")
 	}
 }

@@ -283,7 +283,10 @@ func WithMaxEventsPerSend(n int) ServerOption {
 }
 
 // WithIdleTimeout closes connections that have been silent this long; the
-// server and the client send keep-alives at a third of it. Default
+// server and the client send keep-alives at a third of it. While calls wait
+// (a subscription's long poll, say), the client also pings the server every
+// sixth of it (at least 500 ms) and reconnects when a Pong does not come
+// within a sixth (at least 1 s): a server that died sends nothing. Default
 // DefaultIdleTimeout (30s).
 func WithIdleTimeout(d time.Duration) Option {
 	return sharedOption{

@@ -44,12 +44,15 @@ const (
 	killMax      = 400 * time.Millisecond
 	longEvery    = 10 // every 10th cycle the server stays up past the stuck bound
 	stuckSlack   = 2 * time.Second
-	// idleTimeout bounds how long a client that is only waiting (a long
-	// poll, an answer) takes to notice that the server died: QUIC gives no
-	// other signal of a killed peer until the client sends again, and its
-	// retransmissions back off. The default (30 s) would let a consumer
-	// wait up to 30 s after a crash; see RELIABILITY.md.
-	idleTimeout  = 3 * time.Second
+	// defaultIdle is the clients' idle timeout (H3X_CHAOS_IDLE overrides
+	// it: "30s" runs with the SDK's default). A client that is only
+	// waiting (a long poll, an answer) notices that the server died
+	// through its heartbeat, which pings at a sixth of the idle timeout
+	// and gives up after another sixth (at least 500 ms and 1 s): QUIC
+	// gives no other signal of a killed peer until the client sends
+	// again, and its retransmissions back off. See RELIABILITY.md,
+	// finding 5.
+	defaultIdle  = 3 * time.Second
 	drainBound   = 10 * time.Minute // draining the backlog after the last cycle, at most
 	drainStall   = 30 * time.Second // ... and without a new delivery, at most
 	readyTimeout = 60 * time.Second
@@ -57,11 +60,22 @@ const (
 )
 
 // backoff is the clients' reconnect policy. The stuck bound is its maximum,
-// plus the idle timeout (how long a client that is only waiting may take to
-// notice the server died), plus stuckSlack.
+// plus how long a client that is only waiting may take to notice the server
+// died (its heartbeat's interval and timeout), plus stuckSlack.
 var backoff = &h3x.ExponentialBackoff{Initial: 50 * time.Millisecond, Max: time.Second, Multiplier: 2}
 
-func stuckBound() time.Duration { return backoff.Max + idleTimeout + stuckSlack }
+// idleTimeout is the clients' idle timeout: defaultIdle or H3X_CHAOS_IDLE.
+var idleTimeout = func() time.Duration {
+	if d, err := time.ParseDuration(os.Getenv("H3X_CHAOS_IDLE")); err == nil && d >= time.Second {
+		return d
+	}
+	return defaultIdle
+}()
+
+func stuckBound() time.Duration {
+	notice := max(idleTimeout/6, 500*time.Millisecond) + max(idleTimeout/6, time.Second)
+	return backoff.Max + min(notice, idleTimeout) + stuckSlack
+}
 
 func cyclesFromEnv(t *testing.T) int {
 	n := 20
