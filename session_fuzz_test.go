@@ -61,6 +61,14 @@ func FuzzSession(f *testing.F) {
 	}
 	f.Cleanup(func() { ctl.Close() })
 	tlsConf := &tls.Config{InsecureSkipVerify: true, NextProtos: []string{ALPN}, MinVersion: tls.VersionTLS13}
+	// ctl's session is up on the server (its control loop answers) before
+	// the goroutines are counted.
+	pctx, pcancel := context.WithTimeout(ctx, 5*time.Second)
+	_, err = ctl.Ping(pctx)
+	pcancel()
+	if err != nil {
+		f.Fatal(err)
+	}
 	// Every goroutine a session starts must end with it.
 	// (Also ignored: the fuzzing worker's own signal goroutine, and the
 	// heartbeat of ctl's connection, which its supervisor starts on its own
