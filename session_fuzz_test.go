@@ -44,7 +44,8 @@ func FuzzSession(f *testing.F) {
 	}
 	q := NewMemoryQueue(QueueOptions{MaxEventsPerNamespace: 10000, DedupWindow: time.Second})
 	srv, err := NewServer(WithAddr("127.0.0.1:0"), WithQueue(q), WithRegistry(reg),
-		WithMaxFetchWait(100*time.Millisecond), WithAckDeadline(time.Minute))
+		WithMaxFetchWait(100*time.Millisecond), WithAckDeadline(time.Minute),
+		WithConnectionRate(RateLimit{})) // a connection per input, faster than the default rate at times
 	if err != nil {
 		f.Fatal(err)
 	}
