@@ -432,7 +432,10 @@ func (c *Client) heartbeat(cc *clientConn) {
 		if cc.inflight.Load() == 0 {
 			continue
 		}
-		ctx, cancel := context.WithTimeout(c.ctx, timeout)
+		// A Pong takes a round trip, and another if the Ping is lost: a
+		// slow but healthy path must not count as a dead server.
+		st := cc.qc.ConnectionStats()
+		ctx, cancel := context.WithTimeout(c.ctx, max(timeout, 3*st.SmoothedRTT+4*st.MeanDeviation))
 		_, err := cc.ping(ctx)
 		cancel()
 		if err != nil && ctx.Err() != nil && c.ctx.Err() == nil && cc.qc.Context().Err() == nil {

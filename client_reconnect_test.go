@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -228,5 +229,105 @@ func TestHeartbeatNoticesASilentServer(t *testing.T) {
 		d.Ack()
 	case <-ctx.Done():
 		t.Fatal("the subscription did not resume after the reconnect")
+	}
+}
+
+// A healthy connection over a slow path (a round trip of about 1.2 s,
+// far inside the 6 s idle timeout that QUIC itself enforces) must not be
+// torn down by the heartbeat while a subscription waits.
+func TestHeartbeatNoFalseReconnectOnSlowPath(t *testing.T) {
+	s := testServer(t)
+	proxy := newUDPProxy(t, s.Addr().(*net.UDPAddr))
+	proxy.SetDelay(550 * time.Millisecond) // each way, plus up to a quarter of jitter
+	const idle = 6 * time.Second           // heartbeat: a ping every 1 s, 1 s to answer
+	var lost atomic.Int32
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, proxy.Addr(), WithCredentials("alice", "alice-token"), WithTrustedFingerprint(s.Fingerprint()),
+		WithIdleTimeout(idle), WithBackoff(fastBackoff),
+		WithStateHandler(func(sc StateChange) {
+			if sc.State == StateDisconnected {
+				lost.Add(1)
+			}
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	time.Sleep(8 * time.Second) // the subscription's polls wait on the server
+	if n := lost.Load(); n > 0 {
+		t.Fatalf("a healthy connection with a 1.2 s round trip was dropped %d times in 8 s (idle timeout %v)", n, idle)
+	}
+}
+
+// As publishAcrossRestart, with the replacement announcing a smaller
+// max_frame_size instead of a smaller max_events_per_send.
+func TestPublishAcrossShutdownUsesNewServerFrameSize(t *testing.T) {
+	cert, err := selfSignedCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tlsConf := &tls.Config{Certificates: []tls.Certificate{cert}}
+	start := func(addr string, opts ...ServerOption) *Server {
+		all := append([]ServerOption{WithAddr(addr), WithTLSConfig(tlsConf), WithRegistry(testRegistry(t))}, opts...)
+		s, err := NewServer(all...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s
+	}
+	slow := &hookQueue{Queue: NewMemoryQueue(QueueOptions{}), delay: 300 * time.Millisecond}
+	a := start("127.0.0.1:0", WithQueue(slow))
+	addr := a.Addr().String()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, addr, WithCredentials("alice", "alice-token"), WithTrustedFingerprint(Fingerprint(cert.Certificate[0])), WithBackoff(fastBackoff))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	body := []byte(strings.Repeat("x", 16<<10))
+	events := make([]Event, 150) // about 2.4 MB: three chunks of 1 MiB frames
+	for i := range events {
+		events[i] = Event{ID: fmt.Sprintf("ev-%d", i), Namespace: "orders", Data: body}
+	}
+	type out struct {
+		res []PublishResult
+		err error
+	}
+	done := make(chan out, 1)
+	go func() {
+		res, err := c.Publish(ctx, events...)
+		done <- out{res, err}
+	}()
+	time.Sleep(100 * time.Millisecond) // the first SendEvent is being stored
+	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+	if err := a.Shutdown(sctx); err != nil {
+		t.Fatal(err)
+	}
+	scancel()
+	start(addr, WithQueue(NewMemoryQueue(QueueOptions{})), WithMaxFrameSize(128<<10))
+	var o out
+	select {
+	case o = <-done:
+	case <-time.After(14 * time.Second):
+		t.Fatal("Publish did not return")
+	}
+	if o.err != nil {
+		t.Fatalf("Publish across a restart onto a server with max_frame_size 128 KiB: %v", o.err)
+	}
+	for i, r := range o.res {
+		if r.Status != PublishStored && r.Status != PublishDuplicate {
+			t.Fatalf("event %d: %v %v", i, r.Status, r.Err)
+		}
 	}
 }

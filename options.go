@@ -286,8 +286,8 @@ func WithMaxEventsPerSend(n int) ServerOption {
 // server and the client send keep-alives at a third of it. While calls wait
 // (a subscription's long poll, say), the client also pings the server every
 // sixth of it (at least 500 ms) and reconnects when a Pong does not come
-// within a sixth (at least 1 s): a server that died sends nothing. Default
-// DefaultIdleTimeout (30s).
+// within a sixth (at least 1 s, or a few round trips on a slower path): a
+// server that died sends nothing. Default DefaultIdleTimeout (30s).
 func WithIdleTimeout(d time.Duration) Option {
 	return sharedOption{
 		server: func(c *serverConfig) { c.idleTimeout = d },
@@ -353,7 +353,9 @@ func normalizeFingerprint(fp string) string {
 
 // WithMaxUnacked caps the deliveries one connection holds unsettled (leased,
 // not yet acked or nacked, lease not expired); fetches beyond it wait for
-// acks. 0 means no cap. Default DefaultMaxUnackedPerSession (10,000).
+// acks. 0 means no cap (each subscription is still capped by
+// WithMaxUnackedPerSubscription). Default DefaultMaxUnackedPerSession
+// (10,000).
 func WithMaxUnacked(n int) ServerOption {
 	return serverOptionFunc(func(c *serverConfig) { c.maxUnacked = n })
 }
@@ -361,7 +363,8 @@ func WithMaxUnacked(n int) ServerOption {
 // WithMaxUnackedPerSubscription caps the deliveries one subscription holds
 // unsettled, so that one subscription cannot take its connection's whole
 // WithMaxUnacked: a subscription is a stream's fetches (the Go client's
-// Subscribe has a stream of its own; its Fetch calls share one). A fetch
+// Subscribe has a stream of its own; its Fetch calls use pooled streams,
+// concurrent ones different streams). A fetch
 // returns at most the room left under both caps, and waits for acks when
 // there is none. 0 means no cap. Default DefaultMaxUnackedPerSubscription
 // (4,096).

@@ -519,3 +519,91 @@ func TestNegativeLimitsRefused(t *testing.T) {
 		})
 	}
 }
+
+// A lease that expires and is delivered again to the same connection, on
+// another stream, moves its place under WithMaxUnackedPerSubscription to
+// that stream: once it is acked there, the first stream has its whole cap
+// again.
+func TestPerSubscriptionCountFollowsRedelivery(t *testing.T) {
+	s := testServer(t, WithMaxUnackedPerSubscription(2), WithAckDeadline(300*time.Millisecond))
+	pub := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := pub.Publish(ctx, Event{Namespace: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	fetch := func(id uint64, limit uint32) *h3xpb.FetchEvents {
+		return &h3xpb.FetchEvents{RequestId: id, Namespaces: []string{"orders"}, Limit: limit, MaxWaitMs: 0}
+	}
+	read := func(r *frameReader) *h3xpb.EventsBatch {
+		t.Helper()
+		var b h3xpb.EventsBatch
+		if err := r.readMessage(FrameEventsBatch, &b); err != nil {
+			t.Fatal(err)
+		}
+		return &b
+	}
+	s1 := rc.stream(frameBytes(t, FrameFetchEvents, fetch(1, 2)), false)
+	r1 := newFrameReader(s1, DefaultMaxFrameSize)
+	if b := read(r1); len(b.GetEvents()) != 1 {
+		t.Fatalf("first fetch: %d events", len(b.GetEvents()))
+	}
+	time.Sleep(500 * time.Millisecond) // the lease expires, unsettled
+	s2 := rc.stream(frameBytes(t, FrameFetchEvents, fetch(1, 2)), false)
+	b := read(newFrameReader(s2, DefaultMaxFrameSize))
+	if len(b.GetEvents()) != 1 || b.GetEvents()[0].GetAttempt() != 2 {
+		t.Fatalf("second fetch: %v", b.GetEvents())
+	}
+	d := b.GetEvents()[0]
+	typ, _, err := rc.request(frameBytes(t, FrameAckEvent, &h3xpb.AckEvent{RequestId: 2, EventIds: []string{d.GetEvent().GetId()},
+		Attempts: []uint32{d.GetAttempt()}, Namespaces: []string{"orders"}}), DefaultMaxFrameSize)
+	if err != nil || typ != FrameAckResult {
+		t.Fatalf("ack: %v %v", typ, err)
+	}
+	if _, err := pub.Publish(ctx, Event{Namespace: "orders"}, Event{Namespace: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	// s1 holds nothing unsettled now: its cap of 2 is free.
+	s1.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := s1.Write(frameBytes(t, FrameFetchEvents, fetch(2, 2))); err != nil {
+		t.Fatal(err)
+	}
+	if b := read(r1); len(b.GetEvents()) != 2 {
+		t.Fatalf("stream 1 holds nothing unsettled, yet its fetch of 2 got %d events", len(b.GetEvents()))
+	}
+}
+
+// Deliveries whose lease expired unsettled no longer count under
+// WithMaxUnackedPerSubscription: the stream that held them may fetch
+// again (and gets them again).
+func TestPerSubscriptionExpiredLeasesFreeTheStream(t *testing.T) {
+	s := testServer(t, WithMaxUnackedPerSubscription(2), WithAckDeadline(300*time.Millisecond))
+	pub := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := pub.Publish(ctx, Event{Namespace: "orders"}, Event{Namespace: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	st := rc.stream(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 1, Namespaces: []string{"orders"}, Limit: 2}), false)
+	r := newFrameReader(st, DefaultMaxFrameSize)
+	var b h3xpb.EventsBatch
+	if err := r.readMessage(FrameEventsBatch, &b); err != nil || len(b.GetEvents()) != 2 {
+		t.Fatalf("first fetch: %d events, %v", len(b.GetEvents()), err)
+	}
+	time.Sleep(500 * time.Millisecond) // both leases expire, unsettled
+	st.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := st.Write(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 2, Namespaces: []string{"orders"}, Limit: 2, MaxWaitMs: 1500})); err != nil {
+		t.Fatal(err)
+	}
+	b.Reset()
+	if err := r.readMessage(FrameEventsBatch, &b); err != nil {
+		t.Fatal(err)
+	}
+	if len(b.GetEvents()) != 2 {
+		t.Fatalf("after the leases expired, the stream's fetch got %d events, want the 2 again", len(b.GetEvents()))
+	}
+}
