@@ -12,17 +12,31 @@ import (
 	"time"
 )
 
-// A Publish split by one server's limits (announced at Auth) and resumed,
-// after that server's graceful Shutdown, on the server that replaced it at
-// the same address must respect the new server's limits: the client's own
-// chunking must never earn an INVALID_ARGUMENT refusal.
-func TestPublishAcrossShutdownUsesNewServerLimits(t *testing.T) { publishAcrossRestart(t, false) }
+// A publish in flight across a graceful restart onto a server with a lower
+// max_events_per_send: the chunks still to send are cut by the new limits,
+// and a chunk resent to the new server is cut again (RELIABILITY.md,
+// finding 57).
+func TestPublishAcrossShutdownUsesNewServerLimits(t *testing.T) {
+	publishAcrossRestart(t, false, 0, func(perSend int) []ServerOption { return []ServerOption{WithMaxEventsPerSend(perSend / 4)} })
+}
 
 // The same when the first server is closed (not gracefully) while a chunk
 // is in flight: the chunk is resent, by Client.call, to the new server.
-func TestPublishAcrossCloseUsesNewServerLimits(t *testing.T) { publishAcrossRestart(t, true) }
+func TestPublishAcrossCloseUsesNewServerLimits(t *testing.T) {
+	publishAcrossRestart(t, true, 0, func(perSend int) []ServerOption { return []ServerOption{WithMaxEventsPerSend(perSend / 4)} })
+}
 
-func publishAcrossRestart(t *testing.T, hard bool) {
+// The same with the replacement announcing a smaller max_frame_size: a
+// 2.4 MB publish (three chunks of 1 MiB frames) is cut again.
+func TestPublishAcrossShutdownUsesNewServerFrameSize(t *testing.T) {
+	publishAcrossRestart(t, false, 16<<10, func(int) []ServerOption { return []ServerOption{WithMaxFrameSize(128 << 10)} })
+}
+
+// publishAcrossRestart publishes more events than fit one SendEvent (of
+// body bytes each) while the server is stopped (closed if hard) and another
+// takes its address with the options replacement returns (given the first
+// server's max_events_per_send); every event must be stored.
+func publishAcrossRestart(t *testing.T, hard bool, body int, replacement func(perSend int) []ServerOption) {
 	cert, err := selfSignedCert()
 	if err != nil {
 		t.Fatal(err)
@@ -51,9 +65,14 @@ func publishAcrossRestart(t *testing.T, hard bool) {
 	}
 	defer c.Close()
 	perSend := int(c.cc.auth.GetLimits().GetMaxEventsPerSend())
-	events := make([]Event, 2*perSend+10)
+	n := 2*perSend + 10
+	if body > 0 {
+		n = 150
+	}
+	data := []byte(strings.Repeat("x", body))
+	events := make([]Event, n)
 	for i := range events {
-		events[i] = Event{ID: fmt.Sprintf("ev-%d", i), Namespace: "orders"}
+		events[i] = Event{ID: fmt.Sprintf("ev-%d", i), Namespace: "orders", Data: data}
 	}
 	type out struct {
 		res []PublishResult
@@ -72,11 +91,10 @@ func publishAcrossRestart(t *testing.T, hard bool) {
 		t.Fatal(err)
 	}
 	scancel()
-	// The replacement announces a lower max_events_per_send.
-	start(addr, WithQueue(NewMemoryQueue(QueueOptions{})), WithMaxEventsPerSend(perSend/4))
+	start(addr, append([]ServerOption{WithQueue(NewMemoryQueue(QueueOptions{}))}, replacement(perSend)...)...)
 	o := <-done
 	if o.err != nil {
-		t.Fatalf("Publish of %d events across a restart onto a server with max_events_per_send %d: %v", len(events), perSend/4, o.err)
+		t.Fatalf("Publish of %d events across a restart onto a server with other limits: %v", len(events), o.err)
 	}
 	for i, r := range o.res {
 		if r.Status != PublishStored && r.Status != PublishDuplicate {
@@ -262,72 +280,5 @@ func TestHeartbeatNoFalseReconnectOnSlowPath(t *testing.T) {
 	time.Sleep(8 * time.Second) // the subscription's polls wait on the server
 	if n := lost.Load(); n > 0 {
 		t.Fatalf("a healthy connection with a 1.2 s round trip was dropped %d times in 8 s (idle timeout %v)", n, idle)
-	}
-}
-
-// As publishAcrossRestart, with the replacement announcing a smaller
-// max_frame_size instead of a smaller max_events_per_send.
-func TestPublishAcrossShutdownUsesNewServerFrameSize(t *testing.T) {
-	cert, err := selfSignedCert()
-	if err != nil {
-		t.Fatal(err)
-	}
-	tlsConf := &tls.Config{Certificates: []tls.Certificate{cert}}
-	start := func(addr string, opts ...ServerOption) *Server {
-		all := append([]ServerOption{WithAddr(addr), WithTLSConfig(tlsConf), WithRegistry(testRegistry(t))}, opts...)
-		s, err := NewServer(all...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := s.Start(context.Background()); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { s.Close() })
-		return s
-	}
-	slow := &hookQueue{Queue: NewMemoryQueue(QueueOptions{}), delay: 300 * time.Millisecond}
-	a := start("127.0.0.1:0", WithQueue(slow))
-	addr := a.Addr().String()
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
-	defer cancel()
-	c, err := Dial(ctx, addr, WithCredentials("alice", "alice-token"), WithTrustedFingerprint(Fingerprint(cert.Certificate[0])), WithBackoff(fastBackoff))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	body := []byte(strings.Repeat("x", 16<<10))
-	events := make([]Event, 150) // about 2.4 MB: three chunks of 1 MiB frames
-	for i := range events {
-		events[i] = Event{ID: fmt.Sprintf("ev-%d", i), Namespace: "orders", Data: body}
-	}
-	type out struct {
-		res []PublishResult
-		err error
-	}
-	done := make(chan out, 1)
-	go func() {
-		res, err := c.Publish(ctx, events...)
-		done <- out{res, err}
-	}()
-	time.Sleep(100 * time.Millisecond) // the first SendEvent is being stored
-	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
-	if err := a.Shutdown(sctx); err != nil {
-		t.Fatal(err)
-	}
-	scancel()
-	start(addr, WithQueue(NewMemoryQueue(QueueOptions{})), WithMaxFrameSize(128<<10))
-	var o out
-	select {
-	case o = <-done:
-	case <-time.After(14 * time.Second):
-		t.Fatal("Publish did not return")
-	}
-	if o.err != nil {
-		t.Fatalf("Publish across a restart onto a server with max_frame_size 128 KiB: %v", o.err)
-	}
-	for i, r := range o.res {
-		if r.Status != PublishStored && r.Status != PublishDuplicate {
-			t.Fatalf("event %d: %v %v", i, r.Status, r.Err)
-		}
 	}
 }
