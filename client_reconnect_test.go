@@ -43,16 +43,7 @@ func publishAcrossRestart(t *testing.T, hard bool, body int, replacement func(pe
 	}
 	tlsConf := &tls.Config{Certificates: []tls.Certificate{cert}}
 	start := func(addr string, opts ...ServerOption) *Server {
-		all := append([]ServerOption{WithAddr(addr), WithTLSConfig(tlsConf), WithRegistry(testRegistry(t))}, opts...)
-		s, err := NewServer(all...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := s.Start(context.Background()); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { s.Close() })
-		return s
+		return testServer(t, append([]ServerOption{WithAddr(addr), WithTLSConfig(tlsConf)}, opts...)...)
 	}
 	slow := &hookQueue{Queue: NewMemoryQueue(QueueOptions{}), delay: 300 * time.Millisecond}
 	a := start("127.0.0.1:0", WithQueue(slow))
@@ -195,6 +186,30 @@ func TestCloseWhileReconnectingIsBounded(t *testing.T) {
 	}
 }
 
+// heartbeatClient dials addr (a proxy in front of s) with idle timeout idle
+// and onDisconnect as its state handler's reaction to StateDisconnected,
+// and subscribes to "orders" so that calls wait on the connection.
+func heartbeatClient(ctx context.Context, t *testing.T, s *Server, addr string, idle time.Duration, onDisconnect func()) (*Client, *Subscription) {
+	t.Helper()
+	c, err := Dial(ctx, addr, WithCredentials("alice", "alice-token"), WithTrustedFingerprint(s.Fingerprint()),
+		WithIdleTimeout(idle), WithBackoff(fastBackoff),
+		WithStateHandler(func(sc StateChange) {
+			if sc.State == StateDisconnected {
+				onDisconnect()
+			}
+		}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sub.Close() })
+	return c, sub
+}
+
 // A server that stops answering (killed, or cut off) while a subscription
 // waits on it is noticed by the client's heartbeat within about a third of
 // the idle timeout, not at the idle timeout: QUIC itself gets no signal,
@@ -206,25 +221,12 @@ func TestHeartbeatNoticesASilentServer(t *testing.T) {
 	lost := make(chan time.Time, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, proxy.Addr(), WithCredentials("alice", "alice-token"), WithTrustedFingerprint(s.Fingerprint()),
-		WithIdleTimeout(idle), WithBackoff(fastBackoff),
-		WithStateHandler(func(sc StateChange) {
-			if sc.State == StateDisconnected {
-				select {
-				case lost <- time.Now():
-				default:
-				}
-			}
-		}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Close()
+	c, sub := heartbeatClient(ctx, t, s, proxy.Addr(), idle, func() {
+		select {
+		case lost <- time.Now():
+		default:
+		}
+	})
 	time.Sleep(300 * time.Millisecond) // the subscription's polls wait on the server
 	silent := time.Now()
 	proxy.SetBlackhole(true)
@@ -261,22 +263,7 @@ func TestHeartbeatNoFalseReconnectOnSlowPath(t *testing.T) {
 	var lost atomic.Int32
 	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, proxy.Addr(), WithCredentials("alice", "alice-token"), WithTrustedFingerprint(s.Fingerprint()),
-		WithIdleTimeout(idle), WithBackoff(fastBackoff),
-		WithStateHandler(func(sc StateChange) {
-			if sc.State == StateDisconnected {
-				lost.Add(1)
-			}
-		}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sub.Close()
+	heartbeatClient(ctx, t, s, proxy.Addr(), idle, func() { lost.Add(1) })
 	time.Sleep(8 * time.Second) // the subscription's polls wait on the server
 	if n := lost.Load(); n > 0 {
 		t.Fatalf("a healthy connection with a 1.2 s round trip was dropped %d times in 8 s (idle timeout %v)", n, idle)
