@@ -274,6 +274,10 @@ type Client struct {
 	closed    chan struct{}
 	closeOnce sync.Once
 	closing   atomic.Bool
+	// goAwayGap is set from a GoAway until the next connection is up: a
+	// subscription giving back unseen deliveries meanwhile waits for that
+	// connection to nack them (see Subscription.giveBack).
+	goAwayGap atomic.Bool
 	wg        sync.WaitGroup // the supervisor, the acker, subscriptions, async publishes
 	wgMu      sync.Mutex     // orders goOwned's Add before Close's close(closed) and Wait
 	stateMu   sync.Mutex     // serializes state callbacks
@@ -380,6 +384,7 @@ func (c *Client) supervise(cc *clientConn) {
 			goAway = true
 			cause = ErrShuttingDown
 		}
+		c.goAwayGap.Store(goAway)
 		c.setConn(nil)
 		c.emit(StateChange{State: StateDisconnected, Err: cause})
 		c.logger.Info("h3x: disconnected", "err", cause, "goaway", goAway)
@@ -391,6 +396,7 @@ func (c *Client) supervise(cc *clientConn) {
 		}()
 		next, err := c.reconnect(goAway)
 		if err != nil {
+			c.goAwayGap.Store(false)
 			// Report the end first, so that a call failing with err never
 			// precedes the StateClosed it causes.
 			c.emit(StateChange{State: StateClosed, Err: err})
@@ -399,6 +405,7 @@ func (c *Client) supervise(cc *clientConn) {
 		}
 		cc = next
 		c.setConn(cc)
+		c.goAwayGap.Store(false)
 		c.emit(StateChange{State: StateConnected})
 		c.logger.Info("h3x: reconnected")
 	}

@@ -269,3 +269,93 @@ func TestHeartbeatNoFalseReconnectOnSlowPath(t *testing.T) {
 		t.Fatalf("a healthy connection with a 1.2 s round trip was dropped %d times in 8 s (idle timeout %v)", n, idle)
 	}
 }
+
+// keepOpenQueue is a queue two servers share in turn (a rolling restart):
+// a server's Close does not close it.
+type keepOpenQueue struct{ Queue }
+
+func (keepOpenQueue) Close() error { return nil }
+
+// Deliveries a subscription prefetched but never handed out, given back
+// around a graceful restart (GoAway, drain, a new server on the address,
+// one queue), come back as the same attempt: the server released them
+// with the old connection, and the client's unseen nack undoes that count.
+func TestGiveBackAfterGoAwayIsUnseen(t *testing.T) {
+	cert, err := selfSignedCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tlsConf := &tls.Config{Certificates: []tls.Certificate{cert}}
+	q := keepOpenQueue{NewMemoryQueue(QueueOptions{})}
+	t.Cleanup(func() { q.Queue.Close() })
+	a := testServer(t, WithTLSConfig(tlsConf), WithQueue(q))
+	addr := a.Addr().String()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, addr, WithCredentials("alice", "alice-token"), WithTrustedFingerprint(Fingerprint(cert.Certificate[0])),
+		WithBackoff(fastBackoff))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	const n = 10
+	for range n {
+		if _, err := c.Publish(ctx, Event{Namespace: "orders"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: n, BatchSize: n})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// All n are leased to the subscription; the application takes none.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		st, err := q.Stats(ctx, "orders")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st[0].Leased == n {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("stats %+v, want %d leased", st[0], n)
+		}
+	}
+	// A graceful restart: GoAway, drain, and a new server on the address.
+	shut := make(chan error, 1)
+	go func() {
+		sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+		defer scancel()
+		shut <- a.Shutdown(sctx)
+	}()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
+		c.mu.Lock()
+		gone := c.cc == nil
+		c.mu.Unlock()
+		if gone {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the client did not act on the GoAway")
+		}
+	}
+	closed := make(chan struct{})
+	go func() { sub.Close(); close(closed) }() // gives back what it never handed out
+	if err := <-shut; err != nil {
+		t.Fatal(err)
+	}
+	testServer(t, WithAddr(addr), WithTLSConfig(tlsConf), WithQueue(q))
+	<-closed
+	ds, err := c.Fetch(ctx, n, "orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range ds {
+		if d.Attempt() != 1 {
+			t.Errorf("event %s delivered again as attempt %d; it was never handed out, so want 1", d.Event.ID, d.Attempt())
+		}
+	}
+	if len(ds) != n {
+		t.Errorf("fetched %d events again, want %d", len(ds), n)
+	}
+}

@@ -442,10 +442,12 @@ func (s *Subscription) giveBack(ctx context.Context, ds []*Delivery) {
 	c.mu.Lock()
 	connected := c.cc != nil
 	c.mu.Unlock()
-	if !connected {
-		// The connection that leased them is gone (or going, after a
-		// GoAway): the server ends their leases with it. Waiting for the
-		// next connection to nack them would only hold up Close.
+	if !connected && !c.goAwayGap.Load() {
+		// The connection that leased them is gone: the server ends their
+		// leases with it (counting the attempts). Waiting for a next
+		// connection that may be long in coming would only hold up Close.
+		// After a GoAway the next one comes up at once: the nack waits
+		// for it, and undoes the count (LeaseRef.Unseen).
 		return
 	}
 	nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)

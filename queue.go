@@ -149,7 +149,9 @@ type LeaseRef struct {
 	// Unseen, for Nack only, says the delivery never reached the
 	// application (a client giving back prefetched deliveries): the attempt
 	// is not counted, so it cannot lead to dead-lettering, and the next
-	// delivery carries the same attempt number again.
+	// delivery carries the same attempt number again. That holds also when
+	// the lease has already ended (released with its holder, or expired)
+	// and the event was not delivered again.
 	Unseen bool
 }
 

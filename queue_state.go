@@ -1120,8 +1120,15 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 					c.afterLease(e, now, d, reason, &fx)
 				case stReady, stDelayed:
 					// The lease ended already and the event was not
-					// delivered again: reschedule it.
+					// delivered again: reschedule it. An unseen one (its
+					// lease ended with its connection, say, while the
+					// client's next connection came up) is not counted
+					// either.
 					c.detach(e)
+					if ref.Unseen && e.attempt > 0 {
+						e.attempt--
+						c.recountRec(e, &fx)
+					}
 					e.reason = reason
 					c.schedule(e, now, d)
 				}

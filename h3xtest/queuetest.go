@@ -1432,6 +1432,24 @@ func (s *queueSuite) testAttempts(t *testing.T) {
 		}
 	})
 
+	t.Run("UnseenNackAfterReleaseNotCounted", func(t *testing.T) {
+		// The same when the lease has already ended with its holder (a
+		// connection that closed while the client's next one came up),
+		// and the event was not delivered again: the release's count is
+		// given back; once only.
+		h := s.open(t, h3x.QueueOptions{MaxAttempts: 2})
+		id := h.publish(h.event(nsA))[0]
+		l := h.leaseOne("a", nsA)
+		h.release("a")
+		ref := refOf(l)
+		ref.Unseen = true
+		wantAllOK(t, "unseen Nack after the release", h.nack("b", 0, "prefetch returned", ref))
+		wantStatus(t, "the same unseen Nack again", h.nack("b", 0, "prefetch returned", ref), h3x.SettleStale)
+		if l2 := h.leaseOne("c", nsA); l2.Event.ID != id || l2.Attempt != 1 {
+			t.Fatalf("after an unseen nack of a released delivery: %s attempt %d, want %s attempt 1", l2.Event.ID, l2.Attempt, id)
+		}
+	})
+
 	t.Run("PerEvent", func(t *testing.T) {
 		h := s.open(t, h3x.QueueOptions{})
 		ids := h.publish(h.events(nsA, 2)...)
