@@ -353,6 +353,14 @@ func (c *Client) setConn(cc *clientConn) {
 	}
 }
 
+// current returns the connection in use, or nil while the client
+// reconnects.
+func (c *Client) current() *clientConn {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cc
+}
+
 func (c *Client) fail(err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -441,8 +449,7 @@ func (c *Client) heartbeat(cc *clientConn) {
 		}
 		// A Pong takes a round trip, and another if the Ping is lost: a
 		// slow but healthy path must not count as a dead server.
-		st := cc.qc.ConnectionStats()
-		ctx, cancel := context.WithTimeout(c.ctx, max(timeout, 3*st.SmoothedRTT+4*st.MeanDeviation))
+		ctx, cancel := context.WithTimeout(c.ctx, max(timeout, probeTimeout(cc.qc)))
 		_, err := cc.ping(ctx)
 		cancel()
 		if err != nil && ctx.Err() != nil && c.ctx.Err() == nil && cc.qc.Context().Err() == nil {
@@ -1155,9 +1162,7 @@ func (c *Client) OpenStream(ctx context.Context) (*Stream, error) {
 // Granted returns the grants the server reported at the last
 // authentication.
 func (c *Client) Granted() Grants {
-	c.mu.Lock()
-	cc := c.cc
-	c.mu.Unlock()
+	cc := c.current()
 	if cc == nil {
 		return nil
 	}
@@ -1203,10 +1208,7 @@ func (c *Client) Close() error {
 		c.wg.Wait()
 		// Read after the supervisor has ended: a reconnect that finished
 		// as Close began has installed its connection by then.
-		c.mu.Lock()
-		cc := c.cc
-		c.mu.Unlock()
-		if cc != nil {
+		if cc := c.current(); cc != nil {
 			cc.close()
 		}
 		c.emit(StateChange{State: StateClosed})

@@ -224,17 +224,11 @@ func (s *Subscription) run(ctx context.Context) {
 		if st == nil {
 			return len(polls) == 0
 		}
-		c.mu.Lock()
-		cur := c.cc
-		c.mu.Unlock()
-		return (cur == cc && st.alive()) || len(polls) == 0
+		return (c.current() == cc && st.alive()) || len(polls) == 0
 	}
 	// issue sends a poll for n credits (which it holds from then on).
 	issue := func(n int) error {
-		c.mu.Lock()
-		cur := c.cc
-		c.mu.Unlock()
-		if st == nil || cur != cc || !st.alive() {
+		if st == nil || c.current() != cc || !st.alive() {
 			drop()
 			next, err := c.awaitConn(ctx)
 			if err != nil {
@@ -336,12 +330,12 @@ func (s *Subscription) run(ctx context.Context) {
 	}
 }
 
-// handOut runs in the subscription stream's reader with a poll's answer:
-// it hands the deliveries out in order, waiting for the application to take
-// them (that wait is the subscription's flow control, as QUIC's is the
-// server's), and gives back the poll's unused credits. Handing out here
-// rather than in the subscription's goroutine saves a goroutine hand-off on
-// every delivery. What it cannot hand out once the subscription ends is left
+// handOut runs in the subscription stream's hand-off goroutine (see
+// pendingCall.before) with a poll's answer: it hands the deliveries out in
+// order, waiting for the application to take them (that wait is the
+// subscription's flow control, as QUIC's is the server's), and gives back
+// the poll's unused credits. Handing out there rather than in the
+// subscription's goroutine saves a goroutine hand-off on every delivery. What it cannot hand out once the subscription ends is left
 // in a.rest, to be given back.
 func (s *Subscription) handOut(a *rpcAnswer, n int, claimed *atomic.Bool) {
 	ds := s.client.deliveries(a.msg.(*h3xpb.EventsBatch), s) // checked by the stream's reader
@@ -438,11 +432,7 @@ func (s *Subscription) giveBack(ctx context.Context, ds []*Delivery) {
 	if len(unseen) == 0 {
 		return
 	}
-	c := s.client
-	c.mu.Lock()
-	connected := c.cc != nil
-	c.mu.Unlock()
-	if !connected && !c.goAwayGap.Load() {
+	if c := s.client; c.current() == nil && !c.goAwayGap.Load() {
 		// The connection that leased them is gone: the server ends their
 		// leases with it (counting the attempts). Waiting for a next
 		// connection that may be long in coming would only hold up Close.

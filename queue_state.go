@@ -591,14 +591,14 @@ func (c *queueCore) remove(e *qentry, fx *effects) {
 	fx.deletes = append(fx.deletes, e)
 }
 
-// deadLetter moves e (already detached) to its dead-letter namespace, unless
-// that namespace is at its limits; it reports whether it did.
 // deadLetterRoom reports whether the dead-letter namespace dst has room for
 // an event of size bytes.
 func (c *queueCore) deadLetterRoom(dst *qns, size int) bool {
 	return !((c.maxEvents > 0 && dst.count >= c.maxEvents) || (c.maxBytes > 0 && dst.bytes+int64(size) > c.maxBytes))
 }
 
+// deadLetter moves e (already detached) to its dead-letter namespace, unless
+// that namespace is at its limits; it reports whether it did.
 func (c *queueCore) deadLetter(e *qentry, reason string, fx *effects) bool {
 	dst := c.ns(DeadLetterNamespace(e.ns.name))
 	size := deadLetterSize(e, reason)
@@ -643,6 +643,15 @@ func (c *queueCore) dropRec(e *qentry, fx *effects) {
 		fx.recDeletes = append(fx.recDeletes, e.rec.seq)
 	}
 	e.rec = nil
+}
+
+// uncount gives back e's last attempt: its delivery never reached the
+// application (LeaseRef.Unseen).
+func (c *queueCore) uncount(e *qentry, fx *effects) {
+	if e.attempt > 0 {
+		e.attempt--
+		c.recountRec(e, fx)
+	}
 }
 
 // recountRec replaces e's lease record after its attempt was given back (an
@@ -1113,9 +1122,8 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 				switch e.state {
 				case stLeased:
 					c.detach(e)
-					if ref.Unseen && e.attempt > 0 {
-						e.attempt--
-						c.recountRec(e, &fx)
+					if ref.Unseen {
+						c.uncount(e, &fx)
 					}
 					c.afterLease(e, now, d, reason, &fx)
 				case stReady, stDelayed:
@@ -1125,9 +1133,8 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 					// client's next connection came up) is not counted
 					// either.
 					c.detach(e)
-					if ref.Unseen && e.attempt > 0 {
-						e.attempt--
-						c.recountRec(e, &fx)
+					if ref.Unseen {
+						c.uncount(e, &fx)
 					}
 					e.reason = reason
 					c.schedule(e, now, d)

@@ -455,18 +455,9 @@ func (s *Server) drainConns(ctx context.Context) error {
 		now := time.Now()
 		pending := 0
 		for _, c := range s.connList() {
-			if c.qc.Context().Err() != nil {
-				continue
+			if c.qc.Context().Err() == nil && !c.drained(now) {
+				pending++
 			}
-			// Done with once its client has read the GoAway, nothing is
-			// in flight (a request may have come in since Shutdown's
-			// wait), and the linger has passed since both that Pong and
-			// the last answer.
-			if at := max(c.goAwaySeenAt.Load(), c.lastAnswerAt.Load()); c.goAwaySeenAt.Load() != 0 && c.inflight.Load() == 0 &&
-				now.Sub(time.Unix(0, at)) >= c.drainLinger() {
-				continue
-			}
-			pending++
 		}
 		if pending == 0 || !now.Before(deadline) {
 			return nil
@@ -479,13 +470,30 @@ func (s *Server) drainConns(ctx context.Context) error {
 	}
 }
 
+// drained reports whether Shutdown is done with c: its client has read the
+// GoAway, nothing is in flight (a request may have come in since Shutdown's
+// wait), and the linger has passed since both that Pong and the last answer.
+func (c *serverConn) drained(now time.Time) bool {
+	seen := c.goAwaySeenAt.Load()
+	if seen == 0 || c.inflight.Load() != 0 {
+		return false
+	}
+	return now.Sub(time.Unix(0, max(seen, c.lastAnswerAt.Load()))) >= c.drainLinger()
+}
+
 // drainLinger is how long a connection stays open after its client has read
 // the GoAway: enough for a lost packet of the last answers to be sent again
 // (about a probe timeout, RFC 9002 §6.2), 10 ms to 500 ms.
 func (c *serverConn) drainLinger() time.Duration {
-	st := c.qc.ConnectionStats()
-	d := 3*st.SmoothedRTT + 4*st.MeanDeviation + 25*time.Millisecond
-	return min(max(d, 10*time.Millisecond), 500*time.Millisecond)
+	return min(max(probeTimeout(c.qc)+25*time.Millisecond, 10*time.Millisecond), 500*time.Millisecond)
+}
+
+// probeTimeout is about how long qc's peer takes to answer, a lost packet
+// included: three smoothed round trips and four deviations (RFC 9002 §6.2's
+// probe timeout, with room for one retransmission).
+func probeTimeout(qc *quic.Conn) time.Duration {
+	st := qc.ConnectionStats()
+	return 3*st.SmoothedRTT + 4*st.MeanDeviation
 }
 
 // sendGoAways sends GoAway to every connection, goAwayWorkers at a time,

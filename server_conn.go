@@ -91,9 +91,9 @@ type serverConn struct {
 	// (Unix nanoseconds; 0: not yet): it had read the GoAway (Shutdown's
 	// drain, drainConns).
 	goAwaySeenAt atomic.Int64
-	// lastAnswerAt is when the last answer to a request was written (Unix
-	// nanoseconds): the drain lingers after it too, so that a lost packet of
-	// that answer can be sent again before the close.
+	// lastAnswerAt is when the last answer to a request was written after
+	// the GoAway (Unix nanoseconds): the drain lingers after it too, so that
+	// a lost packet of that answer can be sent again before the close.
 	lastAnswerAt atomic.Int64
 
 	rateLimited bool // rate limits apply to this session

@@ -327,7 +327,9 @@ func (ss *sessionStream) answer(l *lane, r *reply) {
 	} else {
 		ss.fw.write(r.t, r.msg)
 	}
-	ss.c.lastAnswerAt.Store(time.Now().UnixNano())
+	if ss.c.goingAway.Load() {
+		ss.c.lastAnswerAt.Store(time.Now().UnixNano()) // for the drain
+	}
 	ss.c.inflight.Add(-1)
 	<-l.slots
 }
