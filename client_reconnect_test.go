@@ -65,15 +65,7 @@ func publishAcrossRestart(t *testing.T, hard bool, body int, replacement func(pe
 	for i := range events {
 		events[i] = Event{ID: fmt.Sprintf("ev-%d", i), Namespace: "orders", Data: data}
 	}
-	type out struct {
-		res []PublishResult
-		err error
-	}
-	done := make(chan out, 1)
-	go func() {
-		res, err := c.Publish(ctx, events...)
-		done <- out{res, err}
-	}()
+	call := c.PublishAsync(ctx, events...)
 	time.Sleep(100 * time.Millisecond) // the first SendEvent is being stored
 	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
 	if hard {
@@ -83,11 +75,11 @@ func publishAcrossRestart(t *testing.T, hard bool, body int, replacement func(pe
 	}
 	scancel()
 	start(addr, append([]ServerOption{WithQueue(NewMemoryQueue(QueueOptions{}))}, replacement(perSend)...)...)
-	o := <-done
-	if o.err != nil {
-		t.Fatalf("Publish of %d events across a restart onto a server with other limits: %v", len(events), o.err)
+	res, err := call.Result()
+	if err != nil {
+		t.Fatalf("Publish of %d events across a restart onto a server with other limits: %v", len(events), err)
 	}
-	for i, r := range o.res {
+	for i, r := range res {
 		if r.Status != PublishStored && r.Status != PublishDuplicate {
 			t.Fatalf("event %d: %v %v", i, r.Status, r.Err)
 		}

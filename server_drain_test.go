@@ -53,29 +53,21 @@ func TestShutdownLingersAfterLastAnswer(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	type out struct {
-		res []PublishResult
-		err error
-	}
-	done := make(chan out, 1)
-	go func() {
-		pctx, pcancel := context.WithTimeout(ctx, 3*time.Second)
-		defer pcancel()
-		res, err := c.Publish(pctx, Event{ID: "in-flight", Namespace: "orders"})
-		done <- out{res, err}
-	}()
+	pctx, pcancel := context.WithTimeout(ctx, 3*time.Second)
+	defer pcancel()
+	call := c.PublishAsync(pctx, Event{ID: "in-flight", Namespace: "orders"})
 	time.Sleep(100 * time.Millisecond) // the SendEvent is being stored
 	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
 	defer scancel()
 	if err := s.Shutdown(sctx); err != nil {
 		t.Fatalf("Shutdown: %v", err)
 	}
-	o := <-done
-	if o.err != nil {
-		t.Fatalf("publish in flight at Shutdown: %v (its answer was lost once and the connection closed before a retransmission)", o.err)
+	res, err := call.Result()
+	if err != nil {
+		t.Fatalf("publish in flight at Shutdown: %v (its answer was lost once and the connection closed before a retransmission)", err)
 	}
-	if o.res[0].Status != PublishStored {
-		t.Fatalf("status %v", o.res[0].Status)
+	if res[0].Status != PublishStored {
+		t.Fatalf("status %v", res[0].Status)
 	}
 }
 
@@ -110,28 +102,20 @@ func TestStartContextEndShutsDownGracefully(t *testing.T) {
 			}
 		}
 	}))
-	type out struct {
-		res []PublishResult
-		err error
-	}
-	done := make(chan out, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		res, err := c.Publish(ctx, Event{ID: "in-flight", Namespace: "orders"})
-		done <- out{res, err}
-	}()
+	pctx, pcancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer pcancel()
+	call := c.PublishAsync(pctx, Event{ID: "in-flight", Namespace: "orders"})
 	time.Sleep(100 * time.Millisecond) // the SendEvent is being stored
 	stop()                             // the server's context ends: graceful shutdown
 	if err := <-disconnected; !errors.Is(err, ErrShuttingDown) {
 		t.Errorf("client disconnected by %v, want a GoAway (shutting down)", err)
 	}
-	o := <-done
-	if o.err != nil {
-		t.Fatalf("publish in flight when the server's context ended: %v (want it answered during the drain)", o.err)
+	res, err := call.Result()
+	if err != nil {
+		t.Fatalf("publish in flight when the server's context ended: %v (want it answered during the drain)", err)
 	}
-	if o.res[0].Status != PublishStored {
-		t.Fatalf("status %v", o.res[0].Status)
+	if res[0].Status != PublishStored {
+		t.Fatalf("status %v", res[0].Status)
 	}
 	select {
 	case <-s.doneCh:
