@@ -364,10 +364,9 @@ func WithMaxUnacked(n int) ServerOption {
 // unsettled, so that one subscription cannot take its connection's whole
 // WithMaxUnacked: a subscription is a stream's fetches (the Go client's
 // Subscribe has a stream of its own; its Fetch calls use pooled streams,
-// concurrent ones different streams). A fetch
-// returns at most the room left under both caps, and waits for acks when
-// there is none. 0 means no cap. Default DefaultMaxUnackedPerSubscription
-// (4,096).
+// concurrent ones different streams). A fetch returns at most the room left
+// under both caps, and waits for acks when there is none. 0 means no cap.
+// Default DefaultMaxUnackedPerSubscription (4,096).
 func WithMaxUnackedPerSubscription(n int) ServerOption {
 	return serverOptionFunc(func(c *serverConfig) { c.maxUnackedPerSub = n })
 }
