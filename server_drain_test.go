@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/h3x-io/h3x/internal/faultnet"
+	"github.com/h3x-io/h3x/proto/h3xpb"
 )
 
 // hookQueue delays every Enqueue by delay (a slow fsync) and runs before
@@ -121,5 +122,57 @@ func TestStartContextEndShutsDownGracefully(t *testing.T) {
 	case <-s.doneCh:
 	case <-time.After(5 * time.Second):
 		t.Fatal("server not stopped 5 s after its context ended")
+	}
+}
+
+// Shutdown's drain closes a connection a linger after its client has read
+// the GoAway, but only once nothing is in flight on it: a request that
+// reaches the server after Shutdown's first wait for idle connections (one
+// the client sent before it read the GoAway, say) is answered before the
+// close. Here the client reads the GoAway, its SendEvent arrives and is
+// stored slowly (600 ms, a slow disk), and only then does the client answer
+// the drain's Ping; closing at Pong + linger would cut the answer off.
+func TestDrainWaitsForRequestArrivedAfterGoAway(t *testing.T) {
+	q := &hookQueue{Queue: NewMemoryQueue(QueueOptions{}), delay: 600 * time.Millisecond}
+	s := testServerWith(t, "alice:orders=alice-token", WithQueue(q))
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	st, err := rc.qc.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		done <- s.Shutdown(ctx)
+	}()
+	defer func() {
+		if err := <-done; err != nil {
+			t.Errorf("Shutdown: %v", err)
+		}
+	}()
+	ctrl := newFrameReader(rc.ctrl, DefaultMaxFrameSize)
+	rc.ctrl.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var ga h3xpb.GoAway
+	if err := ctrl.readMessage(FrameGoAway, &ga); err != nil {
+		t.Fatalf("GoAway not received: %v", err)
+	}
+	if _, err := st.Write(frameBytes(t, FrameSendEvent, &h3xpb.SendEvent{RequestId: 1, Events: []*h3xpb.EventPayload{{Id: "late", Namespace: "orders"}}})); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond) // the SendEvent is being stored
+	var ping h3xpb.Ping
+	if err := ctrl.readMessage(FramePing, &ping); err != nil {
+		t.Fatalf("the drain's Ping not received: %v", err)
+	}
+	rc.ctrl.Write(frameBytes(t, FramePong, &h3xpb.Pong{Sequence: ping.GetSequence(), PingSentUnixNano: ping.GetSentUnixNano(), SentUnixNano: time.Now().UnixNano()}))
+	st.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var res h3xpb.SendResult
+	if err := newFrameReader(st, DefaultMaxFrameSize).readMessage(FrameSendResult, &res); err != nil {
+		t.Fatalf("SendEvent that arrived after the GoAway not answered before the close: %v", err)
+	}
+	if o := res.GetOutcomes(); len(o) != 1 || o[0].GetStatus() != h3xpb.PublishStatus_PUBLISH_STATUS_STORED {
+		t.Fatalf("outcomes %v, want the event stored", o)
 	}
 }
