@@ -16,9 +16,11 @@ type Hooks interface {
 	// Refused reports events refused with code (rate limited, queue full,
 	// permission denied, invalid).
 	Refused(namespace string, code ErrorCode, n int)
-	// Delivered reports deliveries handed out by one fetch: how many, how
-	// many of them were redeliveries (attempt > 1), how long the fetch
-	// waited, and each event's age (now minus its timestamp).
+	// Delivered reports deliveries handed out by one fetch in one
+	// namespace (one call per namespace of the fetch): how many, how many
+	// of them were redeliveries (attempt > 1), how long the fetch waited,
+	// and each event's age (now minus its timestamp). A Hooks that also
+	// implements FetchedHooks gets one call per fetch as well.
 	Delivered(namespace string, n, redelivered int, fetchWait time.Duration, ages []time.Duration)
 	// Settled reports acks, nacks or extensions (t is FrameAckEvent,
 	// FrameNackEvent or FrameExtendLease) applied (ok) or refused (stale,
@@ -51,6 +53,18 @@ type SettledInHooks interface {
 	// than the event's), or "" when the client named none. t is as in
 	// Settled.
 	SettledIn(namespace string, t FrameType, n int)
+}
+
+// FetchedHooks is an optional extension of Hooks for metrics per fetch (a
+// fetch's deliveries are reported per namespace by Delivered). A server
+// whose Hooks also implements it calls Fetched once per fetch that
+// delivered, after its Delivered calls; like SettledInHooks, it is found by
+// a type assertion, and a Hooks that wraps another must forward it too.
+type FetchedHooks interface {
+	Hooks
+	// Fetched reports one fetch that delivered n events (all namespaces)
+	// after waiting wait for them.
+	Fetched(n int, wait time.Duration)
 }
 
 // NopHooks implements Hooks with methods that do nothing.

@@ -27,6 +27,7 @@ type Server struct {
 	tlsConf  *tls.Config
 	quicConf *quic.Config
 	fp       string // SHA-256 fingerprint of the leaf certificate
+	devCert  bool   // the certificate is a self-signed development one
 	holderID string // random prefix of this server's lease holders
 
 	limiters limiters
@@ -164,8 +165,7 @@ func (s *Server) setupTLS() error {
 		}
 		conf = &tls.Config{Certificates: []tls.Certificate{cert}}
 		s.fp = Fingerprint(cert.Certificate[0])
-		s.logger.Warn("h3x: no TLS configured; using a self-signed development certificate",
-			"sha256", s.fp)
+		s.devCert = true // said when the server starts (not for a failed start)
 	}
 	if s.fp == "" && len(conf.Certificates) > 0 && len(conf.Certificates[0].Certificate) > 0 {
 		s.fp = Fingerprint(conf.Certificates[0].Certificate[0])
@@ -282,6 +282,10 @@ func (s *Server) start(ctx context.Context, pc net.PacketConn, own net.PacketCon
 	}
 	s.started = true
 	s.transport, s.listener, s.ownConn, s.addr = tr, ln, own, ln.Addr()
+	if s.devCert {
+		s.logger.Warn("h3x: no TLS configured; using a self-signed development certificate",
+			"sha256", s.fp)
+	}
 	s.logger.Info("h3x: serving", "addr", s.addr.String())
 	s.wg.Add(1)
 	go s.acceptLoop(ln)

@@ -450,27 +450,39 @@ func reportPublish(h Hooks, events []Event, results []PublishResult, err error, 
 	}
 }
 
-// reportDelivered tells the hooks about one fetch's deliveries, per namespace.
+// reportDelivered tells the hooks about one fetch's deliveries: one
+// Delivered call per namespace (the queue may interleave namespaces), then,
+// for a FetchedHooks, one Fetched call.
 func reportDelivered(h Hooks, leases []Lease, waited time.Duration) {
-	if _, nop := h.(NopHooks); nop {
+	if _, nop := h.(NopHooks); nop || len(leases) == 0 {
 		return
 	}
 	now := time.Now()
-	start := 0
-	for i := 1; i <= len(leases); i++ {
-		if i < len(leases) && leases[i].Event.Namespace == leases[start].Event.Namespace {
-			continue
+	type nsReport struct {
+		n, redelivered int
+		ages           []time.Duration
+	}
+	var order []string
+	per := make(map[string]*nsReport, 2)
+	for i := range leases {
+		ns := leases[i].Event.Namespace
+		r := per[ns]
+		if r == nil {
+			r = &nsReport{}
+			per[ns] = r
+			order = append(order, ns)
 		}
-		group := leases[start:i]
-		ages := make([]time.Duration, len(group))
-		redelivered := 0
-		for j := range group {
-			ages[j] = now.Sub(group[j].Event.Time)
-			if group[j].Attempt > 1 {
-				redelivered++
-			}
+		r.n++
+		if leases[i].Attempt > 1 {
+			r.redelivered++
 		}
-		h.Delivered(group[0].Event.Namespace, len(group), redelivered, waited, ages)
-		start = i
+		r.ages = append(r.ages, now.Sub(leases[i].Event.Time))
+	}
+	for _, ns := range order {
+		r := per[ns]
+		h.Delivered(ns, r.n, r.redelivered, waited, r.ages)
+	}
+	if fh, ok := h.(FetchedHooks); ok {
+		fh.Fetched(len(leases), waited)
 	}
 }

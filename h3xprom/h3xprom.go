@@ -63,7 +63,8 @@
 // applies one only to an event of the namespace named, so these labels stay
 // among the namespaces that hold events. Refused settlements are counted
 // by operation only. A Hooks that wraps Metrics must forward SettledIn, or
-// the three counters stay at zero.
+// the three counters stay at zero, and Fetched (h3x.FetchedHooks), or
+// h3x_fetch_wait_seconds stays empty.
 //
 // Redeliveries (h3x_events_redelivered_total) follow nacked, released and
 // expired leases alike; h3x_leases_expired_total counts the expiries alone.
@@ -164,6 +165,7 @@ type nsCounters struct {
 var (
 	_ h3x.Hooks            = (*Metrics)(nil)
 	_ h3x.SettledInHooks   = (*Metrics)(nil)
+	_ h3x.FetchedHooks     = (*Metrics)(nil)
 	_ prometheus.Collector = (*Metrics)(nil)
 )
 
@@ -269,10 +271,15 @@ func (m *Metrics) Delivered(namespace string, n, redelivered int, fetchWait time
 	if redelivered > 0 {
 		c.redelivered.Add(float64(redelivered))
 	}
-	m.fetchWait.Observe(fetchWait.Seconds())
 	for _, a := range ages {
 		m.deliveryLatency.Observe(max(a, 0).Seconds())
 	}
+}
+
+// Fetched implements h3x.FetchedHooks: it observes the fetch's wait (once
+// per fetch, whatever the namespaces it delivered from).
+func (m *Metrics) Fetched(_ int, wait time.Duration) {
+	m.fetchWait.Observe(wait.Seconds())
 }
 
 // Settled implements h3x.Hooks. It counts the refused settlements; the

@@ -306,6 +306,7 @@ func BenchmarkHooks(b *testing.B) {
 		for pb.Next() {
 			m.Published("orders", 1, 0, time.Millisecond)
 			m.Delivered("orders", 1, 0, time.Millisecond, ages)
+			m.Fetched(1, time.Millisecond)
 			m.Settled(h3x.FrameAckEvent, 1, 0)
 			m.SettledIn("orders", h3x.FrameAckEvent, 1)
 		}

@@ -182,12 +182,16 @@ func runBench(ctx context.Context, e *cmdEnv, args []string) error {
 		return usagef("--fetch must be between 1 and %d", h3x.DefaultMaxFetchLimit)
 	case f.count < 0 || f.rate < 0:
 		return usagef("--count and --rate must not be negative")
+	case f.rate > 0 && f.rate < minRate:
+		return usagef("--rate must be 0 (as fast as possible) or at least %g events/s", minRate)
 	case f.count > 0 && fs.cli["duration"]:
 		return usagef("give --duration or --count, not both")
 	case f.count == 0 && f.duration <= 0:
 		return usagef("--duration must be positive")
 	case f.client.addr == "" && fs.cli["token"]:
 		return usagef("--token is for a running server (--addr); the embedded server makes its own")
+	case f.client.addr != "" && (fs.cli["queue"] || fs.cli["durability"] || fs.cli["data-dir"] || fs.cli["server-logs"]):
+		return usagef("--queue, --durability, --data-dir and --server-logs are for the embedded server, not a running one (--addr)")
 	}
 	if err := h3x.ValidateNamespace(f.ns); err != nil {
 		return usagef("--ns %q: %v", f.ns, strings.TrimPrefix(err.Error(), "h3x: invalid argument: "))
@@ -513,9 +517,13 @@ func (b *bench) publisher(ctx, pctx context.Context, c *h3x.Client, start, end t
 		batch = max(1, min(b.f.batch, int(perPub/1000))) // at most 1 ms of events per request
 		interval := time.Duration(float64(batch) / perPub * float64(time.Second))
 		tickets = make(chan time.Time, 1<<14)
+		maxTickets := int64(-1) // with a quota, enough tickets for it and no more
+		if quota >= 0 {
+			maxTickets = (quota + int64(batch) - 1) / int64(batch)
+		}
 		go func() {
 			defer close(tickets)
-			for i := int64(0); ; i++ {
+			for i := int64(0); i != maxTickets; i++ {
 				due := start.Add(time.Duration(i) * interval)
 				if !end.IsZero() && !due.Before(end) {
 					return

@@ -45,6 +45,7 @@ func (c *clientFlags) registerCommon(fs *flagSet) {
 	fs.stringVar(&c.fingerprint, "fingerprint", "H3X_FINGERPRINT", "", "trust exactly the server certificate with this SHA-256 `hex` (h3x serve logs it when it has no TLS files)")
 	fs.stringVar(&c.caFile, "ca-file", "H3X_CA_FILE", "", "verify the server certificate against the CA certificates in this PEM `file`")
 	fs.boolVar(&c.insecure, "insecure", "H3X_INSECURE", false, "accept any server certificate (development only)")
+	fs.alternatives("fingerprint", "ca-file", "insecure")
 	fs.durationVar(&c.timeout, "timeout", "", 10*time.Second, "give up connecting after this `duration`")
 	fs.boolVar(&c.verbose, "v", "", false, "log the client's connection events to stderr")
 }
@@ -184,9 +185,14 @@ func isTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
-// namespacesFrom merges --ns values and positional arguments.
-func namespacesFrom(ns listFlag, args []string) ([]string, error) {
-	out := append([]string(nil), ns...)
+// namespacesFrom merges --ns values and positional arguments. A value of
+// --ns that came from $H3X_NAMESPACE is a default: namespaces given as
+// arguments replace it.
+func namespacesFrom(fs *flagSet, ns listFlag, args []string) ([]string, error) {
+	var out []string
+	if fs.cli["ns"] || len(args) == 0 {
+		out = append(out, ns...)
+	}
 	for _, a := range args {
 		var l listFlag
 		l.Set(a)

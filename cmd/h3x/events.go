@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/h3x-io/h3x"
@@ -155,9 +156,9 @@ func formatHuman(ev *h3x.Event, attempt int) string {
 	}
 	fmt.Fprintf(&b, "%s %s", ts, ev.Namespace)
 	if ev.Type != "" {
-		fmt.Fprintf(&b, " %s", ev.Type)
+		fmt.Fprintf(&b, " %s", bareOrQuoted(ev.Type))
 	}
-	fmt.Fprintf(&b, " id=%s", ev.ID)
+	fmt.Fprintf(&b, " id=%s", bareOrQuoted(ev.ID))
 	if attempt > 1 {
 		fmt.Fprintf(&b, " attempt=%d", attempt)
 	}
@@ -166,8 +167,10 @@ func formatHuman(ev *h3x.Event, attempt int) string {
 	}
 	if len(ev.Data) > 0 {
 		j := eventToJSON(&h3x.Event{Data: ev.Data}, 0)
-		if j.Data != nil {
-			fmt.Fprintf(&b, " data=%s", j.Data)
+		var compact bytes.Buffer
+		if j.Data != nil && json.Compact(&compact, j.Data) == nil {
+			// Compact: JSON's insignificant whitespace may hold newlines.
+			fmt.Fprintf(&b, " data=%s", compact.Bytes())
 		} else {
 			fmt.Fprintf(&b, " data=<%d bytes>", len(ev.Data))
 		}
@@ -178,9 +181,25 @@ func formatHuman(ev *h3x.Event, attempt int) string {
 	}
 	sort.Strings(keys)
 	for _, k := range keys {
-		fmt.Fprintf(&b, " %s=%s", k, strconv.Quote(ev.Metadata[k]))
+		fmt.Fprintf(&b, " %s=%s", bareOrQuoted(k), strconv.Quote(ev.Metadata[k]))
 	}
 	return b.String()
+}
+
+// bareOrQuoted returns s as it is when it is one visible word, and quoted
+// (Go syntax) otherwise: a newline, a space or a terminal escape sequence
+// in an event's type, ID or metadata key must not break the line or reach
+// the terminal.
+func bareOrQuoted(s string) string {
+	if s == "" {
+		return `""`
+	}
+	for _, r := range s {
+		if !unicode.IsGraphic(r) || unicode.IsSpace(r) || r == '"' || r == '=' {
+			return strconv.Quote(s)
+		}
+	}
+	return s
 }
 
 // jsonEncode writes v as one JSON line, without HTML escaping.

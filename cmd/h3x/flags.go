@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"time"
 )
@@ -25,6 +26,33 @@ type flagSet struct {
 	given    map[string]bool // set on the command line or by the environment
 	cli      map[string]bool // set on the command line
 	order    []string        // flag names in definition order, for the help
+	// groups are flags that choose between alternatives (--fingerprint,
+	// --ca-file, --insecure): one of them on the command line overrides
+	// the environment of all of them.
+	groups [][]string
+}
+
+// alternatives makes names a group of flags choosing between alternatives:
+// when one of them is given on the command line, the environment sets none
+// of the others (the command line wins over the environment, also across a
+// choice).
+func (fs *flagSet) alternatives(names ...string) {
+	fs.groups = append(fs.groups, names)
+}
+
+// cliInGroup reports whether a flag of name's alternatives was given on the
+// command line.
+func (fs *flagSet) cliInGroup(name string) bool {
+	for _, g := range fs.groups {
+		if slices.Contains(g, name) {
+			for _, o := range g {
+				if fs.cli[o] {
+					return true
+				}
+			}
+		}
+	}
+	return false
 }
 
 func newFlagSet(e *cmdEnv, synopsis, about string) *flagSet {
@@ -97,7 +125,7 @@ func (fs *flagSet) parse(args []string) error {
 	fs.Visit(func(f *flag.Flag) { fs.given[f.Name], fs.cli[f.Name] = true, true })
 	for _, name := range fs.order {
 		ev, ok := fs.envOf[name]
-		if !ok || fs.given[name] {
+		if !ok || fs.given[name] || fs.cliInGroup(name) {
 			continue
 		}
 		v := fs.e.getenv(ev)

@@ -77,6 +77,8 @@ func runInject(ctx context.Context, e *cmdEnv, args []string) error {
 		return usagef("--inflight must be at least 1")
 	case f.count < 0, f.size < 0, f.rate < 0:
 		return usagef("--count, --size and --rate must not be negative")
+	case f.rate > 0 && f.rate < minRate:
+		return usagef("--rate must be 0 (as fast as possible) or at least %g events/s", minRate)
 	}
 	eventFlags := false
 	for _, name := range []string{"type", "message", "data", "meta", "id", "count", "size"} {
@@ -219,11 +221,24 @@ type pendingBatch struct {
 
 // publishAll publishes src's events in batches, up to f.inflight batches
 // at once and at most f.rate events/s, and prints the ids in order.
+// injectDrain bounds the wait for the publishes in flight when inject is
+// interrupted.
+const injectDrain = 5 * time.Second
+
+// minRate is the lowest --rate of inject and bench, one event every 10,000
+// s: the interval between events must fit a time.Duration many times over.
+const minRate = 1e-4
+
 func publishAll(ctx context.Context, e *cmdEnv, c *h3x.Client, src eventSource, total int64, f injectFlags) error {
 	out := newProgressOut(e.stdout, total)
 	defer out.finish()
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	// The publishes in flight when inject is interrupted are not cancelled
+	// with ctx: the server may have stored them, and inject prints what was
+	// stored. They get injectDrain to finish, then are cancelled.
+	pubCtx, cancelPubs := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelPubs()
+	stopDrain := context.AfterFunc(ctx, func() { time.AfterFunc(injectDrain, cancelPubs) })
+	defer stopDrain()
 
 	batchSize := f.batch
 	var interval time.Duration // per event, with --rate
@@ -308,7 +323,10 @@ func publishAll(ctx context.Context, e *cmdEnv, c *h3x.Client, src eventSource, 
 				return stop(err)
 			}
 		}
-		fifo = append(fifo, pendingBatch{call: c.PublishAsync(ctx, batch...), labels: labels})
+		if err := ctx.Err(); err != nil {
+			return stop(err) // interrupted: nothing new goes out
+		}
+		fifo = append(fifo, pendingBatch{call: c.PublishAsync(pubCtx, batch...), labels: labels})
 		sent += len(batch)
 	}
 	if err := stop(nil); err != nil {

@@ -24,12 +24,12 @@ func runStats(ctx context.Context, e *cmdEnv, args []string) error {
 	var asJSON bool
 	fs := newFlagSet(e, "[flags] [namespace ...]", statsAbout)
 	cf.register(fs)
-	fs.value(&ns, "ns", "H3X_NAMESPACE", "`namespaces` to show, comma-separated (or as arguments)")
+	fs.value(&ns, "ns", "H3X_NAMESPACE", "`namespaces` to show, comma-separated (or as arguments, which replace $H3X_NAMESPACE)")
 	fs.boolVar(&asJSON, "json", "", false, "print JSON instead of a table")
 	if err := fs.parse(args); err != nil {
 		return err
 	}
-	namespaces, err := namespacesFrom(ns, fs.Args())
+	namespaces, err := namespacesFrom(fs, ns, fs.Args())
 	if err != nil {
 		return err
 	}

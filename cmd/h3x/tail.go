@@ -23,8 +23,9 @@ until it exits (their leases are then released and the events delivered
 again, to tail or another consumer) or until their ack deadline passes;
 each delivery counts as an attempt towards dead-lettering.
 
-Tail stops after --max deliveries, or on Ctrl-C or SIGTERM: it releases its
-leases and exits with status 0.`
+Tail stops after --max deliveries, or on Ctrl-C or SIGTERM: it sends the
+acks still queued, releases its leases and exits with status 0, or 1 if
+some acks could not be sent (those events will be delivered again).`
 
 func runTail(ctx context.Context, e *cmdEnv, args []string) error {
 	var cf clientFlags
@@ -34,7 +35,7 @@ func runTail(ctx context.Context, e *cmdEnv, args []string) error {
 	format := newChoice("json", "json", "text")
 	fs := newFlagSet(e, "[flags] [namespace ...]", tailAbout)
 	cf.register(fs)
-	fs.value(&ns, "ns", "H3X_NAMESPACE", "`namespaces` to follow, comma-separated (or as arguments)")
+	fs.value(&ns, "ns", "H3X_NAMESPACE", "`namespaces` to follow, comma-separated (or as arguments, which replace $H3X_NAMESPACE)")
 	fs.value(format, "format", "", "output `format`: json (JSON lines) or text")
 	fs.boolVar(&ack, "ack", "", true, "ack each delivery once printed")
 	fs.boolVar(&noAck, "no-ack", "", false, "leave deliveries leased until tail exits (same as --ack=false)")
@@ -55,7 +56,7 @@ func runTail(ctx context.Context, e *cmdEnv, args []string) error {
 	if batch < 1 || batch > h3x.DefaultMaxFetchLimit {
 		return usagef("--batch must be between 1 and %d", h3x.DefaultMaxFetchLimit)
 	}
-	namespaces, err := namespacesFrom(ns, fs.Args())
+	namespaces, err := namespacesFrom(fs, ns, fs.Args())
 	if err != nil {
 		return err
 	}
@@ -68,10 +69,20 @@ func runTail(ctx context.Context, e *cmdEnv, args []string) error {
 	if err != nil {
 		return err
 	}
-	// Close flushes the acks of what was printed and makes the server
-	// release the leases still held.
-	defer c.Close()
+	err = tailDeliveries(ctx, e, c, namespaces, format.v, ack, maxN, batch)
+	// Close sends the acks still queued (Delivery.Ack only queues them) and
+	// makes the server release the leases still held. An ack that did not
+	// reach the server means its event will be delivered again: not a
+	// clean exit, whether tail stopped at --max or was interrupted.
+	if cerr := c.Close(); cerr != nil && ack && err == nil {
+		err = fmt.Errorf("acking: %w (the events printed last will be delivered again)", cerr)
+	}
+	return err
+}
 
+// tailDeliveries fetches and prints deliveries until maxN (0: no limit)
+// are printed or ctx ends, acking each batch once written out if ack.
+func tailDeliveries(ctx context.Context, e *cmdEnv, c *h3x.Client, namespaces []string, format string, ack bool, maxN, batch int) error {
 	out := bufio.NewWriterSize(e.stdout, 64<<10)
 	enc := json.NewEncoder(out)
 	enc.SetEscapeHTML(false)
@@ -89,7 +100,7 @@ func runTail(ctx context.Context, e *cmdEnv, args []string) error {
 			return tailError(err)
 		}
 		for _, d := range ds {
-			if format.v == "text" {
+			if format == "text" {
 				out.WriteString(formatHuman(&d.Event, d.Attempt()))
 				out.WriteByte('\n')
 			} else {
