@@ -2353,6 +2353,9 @@ func (q *badgerQueue) markClean() {
 	}
 	err := q.db.Update(func(txn *badger.Txn) error {
 		item, err := txn.Get(metaHWM)
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return nil // nothing was ever stored: nothing to recount
+		}
 		if err != nil {
 			return err
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"log/slog"
 	"os"
 	"slices"
 	"sync/atomic"
@@ -646,5 +647,23 @@ func TestBadgerQueueStaleCleanMark(t *testing.T) {
 	q = openTestBadger(t, dir, QueueOptions{})
 	if st, _ := q.Stats(context.Background(), "n"); st[0].Ready != 1 || st[0].Bytes == 300 {
 		t.Fatalf("after a stale mark: %+v, want the events recounted", st)
+	}
+}
+
+// A queue closed without ever storing an event used to warn at Close that
+// "the next open recounts the stored events" (its clean mark could not be
+// written: there was no high-water mark to copy): every clean stop of a
+// fresh server logged a warning.
+func TestBadgerQueueFreshCloseLogsNothing(t *testing.T) {
+	var logs bytes.Buffer
+	q, err := OpenBadgerQueue(t.TempDir(), QueueOptions{Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if logs.Len() != 0 {
+		t.Errorf("Close of a fresh queue logged: %s", logs.String())
 	}
 }
