@@ -206,3 +206,25 @@ func TestBenchAddrIgnoresEmbeddedFlags(t *testing.T) {
 		t.Errorf("bench --addr with --queue/--durability: exit %d (stderr %q), want a usage error", r.code, r.stderr)
 	}
 }
+
+// Flag values that cannot work are usage errors (exit 2) naming the flag:
+// --ack-deadline 0 used to fail later with the library's message (exit 1),
+// a negative --shutdown-timeout was accepted, and --count 0 published one
+// event.
+func TestNonsenseFlagValuesAreUsageErrors(t *testing.T) {
+	t.Parallel()
+	for _, args := range [][]string{
+		{"serve", "--queue", "memory", "--registry", testRegistry, "--ack-deadline", "0"},
+		{"serve", "--queue", "memory", "--registry", testRegistry, "--shutdown-timeout", "-1s"},
+		{"inject", "--ns", "jobs", "--count", "0", "--addr", "127.0.0.1:1", "--token", "x"},
+	} {
+		flag := args[len(args)-2]
+		if args[0] == "inject" {
+			flag = "--count"
+		}
+		r := runH3X(t, "", nil, args...)
+		if r.code != 2 || !strings.Contains(r.stderr, flag) {
+			t.Errorf("%v: exit %d, stderr %q, want a usage error naming %s", args, r.code, r.stderr, flag)
+		}
+	}
+}

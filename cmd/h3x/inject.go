@@ -77,6 +77,8 @@ func runInject(ctx context.Context, e *cmdEnv, args []string) error {
 		return usagef("--inflight must be at least 1")
 	case f.count < 0, f.size < 0, f.rate < 0:
 		return usagef("--count, --size and --rate must not be negative")
+	case fs.cli["count"] && f.count == 0:
+		return usagef("--count must be at least 1")
 	case f.rate > 0 && f.rate < minRate:
 		return usagef("--rate must be 0 (as fast as possible) or at least %g events/s", minRate)
 	}

@@ -79,6 +79,12 @@ func runServe(ctx context.Context, e *cmdEnv, args []string) error {
 	if f.maxAttempts <= 0 {
 		return usagef("--max-attempts must be positive")
 	}
+	if f.ackDeadline <= 0 {
+		return usagef("--ack-deadline must be positive")
+	}
+	if f.shutdownTimeout <= 0 {
+		return usagef("--shutdown-timeout must be positive")
+	}
 
 	logger := newLogger(e, f.logFormat.v, f.logLvl.v)
 	quietStdLog(logger)
