@@ -159,6 +159,11 @@ func TestBadInput(t *testing.T) {
 				t.Errorf("exit %d, want 1; stderr %q", r.code, r.stderr)
 			}
 			checkOneLineError(t, r, tc.want)
+			if tc.name == "malformed JSON line" && len(lines(r.stdout)) != 1 {
+				// The line before the malformed one is published (its
+				// batch used to be dropped with the bad line).
+				t.Errorf("printed %q, want the id of line 1", r.stdout)
+			}
 		})
 	}
 	if code := srv.stop(syscall.SIGTERM, 15*time.Second); code != 0 {

@@ -34,7 +34,8 @@ as a string (or in base64).
 
 --count and --rate make a synthetic load (--size bytes of data each); on a
 terminal, long runs show a progress bar. Events refused by the server make
-inject exit with status 1 after the rest are published.`
+inject exit with status 1 after the rest are published. A malformed JSON
+line stops inject with status 1; the lines before it are published.`
 
 type injectFlags struct {
 	client                 clientFlags
@@ -300,6 +301,7 @@ func publishAll(ctx context.Context, e *cmdEnv, c *h3x.Client, src eventSource, 
 	for done := false; !done; {
 		batch := make([]h3x.Event, 0, batchSize)
 		labels := make([]string, 0, batchSize)
+		var srcErr error
 		for len(batch) < batchSize {
 			ev, label, err := src.next()
 			if errors.Is(err, io.EOF) {
@@ -307,12 +309,18 @@ func publishAll(ctx context.Context, e *cmdEnv, c *h3x.Client, src eventSource, 
 				break
 			}
 			if err != nil {
-				return stop(err)
+				// The events before a malformed line are published: what
+				// is stored does not depend on where a batch ends.
+				srcErr, done = err, true
+				break
 			}
 			batch = append(batch, ev)
 			labels = append(labels, label)
 		}
 		if len(batch) == 0 {
+			if srcErr != nil {
+				return stop(srcErr)
+			}
 			break
 		}
 		if interval > 0 {
@@ -330,6 +338,9 @@ func publishAll(ctx context.Context, e *cmdEnv, c *h3x.Client, src eventSource, 
 		}
 		fifo = append(fifo, pendingBatch{call: c.PublishAsync(pubCtx, batch...), labels: labels})
 		sent += len(batch)
+		if srcErr != nil {
+			return stop(srcErr)
+		}
 	}
 	if err := stop(nil); err != nil {
 		return err
