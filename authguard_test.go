@@ -87,3 +87,17 @@ func TestUnauthenticatedConnectionsCapped(t *testing.T) {
 		t.Fatalf("existing client during the flood: %v %+v", err, res)
 	}
 }
+
+// WithAuthFailureSlowdown(false) answers every failure at once.
+func TestAuthFailureSlowdownOff(t *testing.T) {
+	srv := testServer(t, WithAuthFailureSlowdown(false))
+	if !srv.authGuard.off {
+		t.Fatal("WithAuthFailureSlowdown(false) left the slow-down on")
+	}
+	addr := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}
+	for i := range 10 {
+		if d := srv.authGuard.failed(addr, time.Now()); d != 0 {
+			t.Fatalf("failure %d delayed by %v with the slow-down off", i+1, d)
+		}
+	}
+}

@@ -235,7 +235,7 @@ func (s ConnState) String() string {
 
 // StateChange reports a connection state change.
 type StateChange struct {
-	State   ConnState
+	State   ConnState     // the state entered
 	Err     error         // the cause, for StateDisconnected and a terminal StateClosed
 	Attempt int           // the reconnect attempt, for StateReconnecting
 	Delay   time.Duration // the wait before that attempt, for StateReconnecting
@@ -914,7 +914,7 @@ func (c *Client) runAsync(a asyncPublish) {
 // Extend (batched on the wire), or with Client.Ack, Client.Nack or
 // Client.Extend (synchronous).
 type Delivery struct {
-	Event    Event
+	Event    Event // the event delivered
 	attempt  int
 	deadline time.Time
 	client   *Client

@@ -10,7 +10,8 @@ import (
 )
 
 // TestExportedNamesDocumented fails when an exported name of the public
-// packages has no doc comment.
+// packages (an exported struct type's exported fields included) has no doc
+// comment.
 func TestExportedNamesDocumented(t *testing.T) {
 	for _, dir := range []string{".", "h3xtest"} {
 		fset := token.NewFileSet()
@@ -39,6 +40,15 @@ func TestExportedNamesDocumented(t *testing.T) {
 						case *ast.TypeSpec:
 							if s.Name.IsExported() && s.Doc == nil && d.Doc == nil {
 								t.Errorf("%s: type %s has no doc comment", name, s.Name.Name)
+							}
+							if st, ok := s.Type.(*ast.StructType); ok && s.Name.IsExported() {
+								for _, f := range st.Fields.List {
+									for _, n := range f.Names {
+										if n.IsExported() && f.Doc == nil && f.Comment == nil {
+											t.Errorf("%s: field %s.%s has no doc comment", name, s.Name.Name, n.Name)
+										}
+									}
+								}
 							}
 						case *ast.ValueSpec:
 							for _, n := range s.Names {

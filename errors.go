@@ -72,7 +72,7 @@ func (c ErrorCode) Retryable() bool {
 // errors.Is: errors.Is(err, h3x.ErrQueueFull) holds for every *Error whose
 // Code is CodeQueueFull.
 type Error struct {
-	Code       ErrorCode
+	Code       ErrorCode     // what went wrong; errors.Is matches the code's sentinel
 	Message    string        // detail; empty for the code sentinels
 	RetryAfter time.Duration // for retryable codes: when to try again, if known
 	Remote     bool          // the peer sent this error

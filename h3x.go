@@ -53,9 +53,10 @@
 // # Security
 //
 // Connections use TLS 1.3. Without WithCertFiles or WithTLSConfig, a server
-// makes a self-signed certificate for development, a new one in every
-// NewServer (so a restarted server has a new fingerprint); a client accepts
-// it only when told to, by pinning its fingerprint (Server.Fingerprint,
+// uses a self-signed development certificate, kept in its data directory
+// (so its fingerprint survives restarts), or made anew by every NewServer
+// that is given its queue with WithQueue; a client accepts it only when told
+// to, by pinning its fingerprint (Server.Fingerprint,
 // WithTrustedFingerprint) or with WithInsecureSkipVerify. Tokens are
 // compared in constant time and never logged, and a registry may hold their
 // SHA-256 instead.

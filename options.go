@@ -87,6 +87,7 @@ type serverConfig struct {
 	fetchLinger      time.Duration
 	connRate         RateLimit
 	connRatePerIP    RateLimit
+	authSlowdownOff  bool
 }
 
 func defaultServerConfig() serverConfig {

@@ -125,7 +125,7 @@ type LeaseRequest struct {
 
 // Lease is one delivery of an event.
 type Lease struct {
-	Event    Event
+	Event    Event     // the event, with its ID and timestamp
 	Attempt  int       // 1 for the first delivery
 	Deadline time.Time // when the lease expires unless acked, nacked or extended
 }
@@ -143,8 +143,11 @@ type Lease struct {
 // attempt, or a lease held by another holder) and changes nothing; an ID the
 // queue does not hold is SettleUnknown.
 type LeaseRef struct {
-	ID        string
-	Attempt   int
+	ID      string // the event's ID
+	Attempt int    // the attempt number it was delivered with; 0: the lease holder holds now
+	// Namespace, when not empty, is the namespace the settler believes
+	// the event is in: an event of another namespace is not settled
+	// (SettleUnknown). Empty matches any namespace.
 	Namespace string
 	// Unseen, for Nack only, says the delivery never reached the
 	// application (a client giving back prefetched deliveries): the attempt
@@ -183,8 +186,8 @@ func (s SettleStatus) String() string {
 
 // SettleResult is the outcome of settling one delivery.
 type SettleResult struct {
-	ID     string
-	Status SettleStatus
+	ID     string       // the LeaseRef's ID
+	Status SettleStatus // what became of it
 }
 
 // NamespaceStats are a namespace's counts at one moment.
@@ -195,7 +198,7 @@ type SettleResult struct {
 // both. Expired is optional: a Queue that does not count expiries leaves it
 // zero; the built-in queues count them.
 type NamespaceStats struct {
-	Namespace    string
+	Namespace    string        // the namespace counted
 	Ready        int           // deliverable now
 	Leased       int           // leased and not yet settled
 	Delayed      int           // nacked with a delay that has not passed

@@ -63,8 +63,8 @@ func (b *tokenBucket) giveBack(n int) {
 // to Burst events (default: Rate rounded up, at least 1). Rate is at most
 // MaxRate.
 type RateLimit struct {
-	Rate  float64
-	Burst int
+	Rate  float64 // events (or connections) per second; 0: no limit
+	Burst int     // the most at once; 0: the default
 }
 
 // MaxRate is the largest rate a RateLimit or a registry grant may set, in

@@ -70,8 +70,8 @@ func (p Permission) String() string {
 
 // Grant gives a Permission on a namespace.
 type Grant struct {
-	Namespace  string // a namespace, or "*" for all
-	Permission Permission
+	Namespace  string     // a namespace, or "*" for all
+	Permission Permission // what the client may do there
 	// Rate limits this client's publishing to the namespace, in events per
 	// second (registry suffix @rate or @rate:burst); 0 means no limit of
 	// its own (server-wide limits still apply). With "*", every namespace

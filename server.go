@@ -84,6 +84,7 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 	}
 	s.shutdownCtx, s.cancelShut = context.WithCancel(context.Background())
 	s.limiters.cfg = cfg.rateLimits
+	s.authGuard.off = cfg.authSlowdownOff
 	var id [8]byte
 	rand.Read(id[:])
 	s.holderID = hex.EncodeToString(id[:])

@@ -379,13 +379,15 @@ func (c *serverConn) serve() {
 	}
 	if err != nil {
 		var e *Error
-		code := CodeUnauthenticated
+		code, reason := CodeUnauthenticated, CodeUnauthenticated.String()
 		if errors.As(err, &e) {
-			code = e.Code
+			// The Error frame's message, also as the close reason: a
+			// client reports the close, which may overtake the frame.
+			code, reason = e.Code, e.Message
 		}
 		c.logger.Info("h3x: authentication failed", "err", err)
 		c.srv.cfg.hooks.AuthFailed(code)
-		c.close(code, code.String())
+		c.close(code, reason)
 		return
 	}
 	c.streams.Add(1)

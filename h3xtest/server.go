@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"math/big"
 	"net"
 	"sync"
@@ -66,6 +67,8 @@ type Server struct {
 	addr     *net.UDPAddr
 	registry *faultRegistry
 
+	restartMu sync.Mutex // one Restart at a time
+
 	mu       sync.Mutex
 	srv      *h3x.Server
 	pc       *latencyConn
@@ -75,8 +78,9 @@ type Server struct {
 
 // NewServer starts a broker for t on a random loopback port, with an
 // in-memory queue and a registry holding the test client (ClientID, Token)
-// with every permission on every namespace, and no limit on the rate of new
-// connections (h3x.WithConnectionRate). t.Cleanup stops it.
+// with every permission on every namespace, no limit on the rate of new
+// connections (h3x.WithConnectionRate) and no slow-down of failed
+// authentications (h3x.WithAuthFailureSlowdown). t.Cleanup stops it.
 //
 //	srv := h3xtest.NewServer(t)
 //	c := srv.Dial(t)
@@ -115,44 +119,54 @@ func NewServer(t testing.TB, opts ...Option) *Server {
 	s.tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}}
 	s.fp = h3x.Fingerprint(cert.Certificate[0])
 	t.Cleanup(s.close)
-	s.start(&net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err := s.start(&net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)}); err != nil {
+		t.Fatal(err)
+	}
 	return s
 }
 
-func (s *Server) start(addr *net.UDPAddr) {
-	s.t.Helper()
+// start starts a server instance on addr; the first call sets s.addr,
+// which stays the same for the Server's life.
+func (s *Server) start(addr *net.UDPAddr) error {
 	udp, err := net.ListenUDP("udp", addr)
 	if err != nil {
-		s.t.Fatalf("h3xtest: listening: %v", err)
+		return fmt.Errorf("h3xtest: listening: %w", err)
 	}
-	s.addr = udp.LocalAddr().(*net.UDPAddr)
+	if s.addr == nil {
+		s.addr = udp.LocalAddr().(*net.UDPAddr)
+	}
 	pc := &latencyConn{udp: udp, delay: &s.latency}
 	opts := append([]h3x.ServerOption{
 		h3x.WithQueue(keepOpen{s.queue}),
 		h3x.WithRegistry(s.registry),
 		h3x.WithTLSConfig(s.tlsConf),
 		h3x.WithPacketConn(pc),
-		// A test may open many clients at once from one address; the flood
-		// protection is for servers on a network (WithServerOptions can
-		// turn it back on).
+		// A test may open many clients at once from one address, and fail
+		// to authenticate on purpose many times; the flood protection is
+		// for servers on a network (WithServerOptions can turn both back
+		// on).
 		h3x.WithConnectionRate(h3x.RateLimit{}),
+		h3x.WithAuthFailureSlowdown(false),
 	}, s.cfg.serverOpts...)
 	srv, err := h3x.NewServer(opts...)
 	if err != nil {
 		udp.Close()
-		s.t.Fatalf("h3xtest: NewServer: %v", err)
-	}
-	for ft, h := range s.handlers {
-		srv.Handle(ft, h)
+		return fmt.Errorf("h3xtest: NewServer: %w", err)
 	}
 	if err := srv.Start(context.Background()); err != nil {
 		srv.Close()
 		udp.Close()
-		s.t.Fatalf("h3xtest: Start: %v", err)
+		return fmt.Errorf("h3xtest: Start: %w", err)
 	}
+	// The handlers go in under s.mu, with s.srv: a Handle call either
+	// comes before (its handler is in s.handlers) or after (it sees s.srv).
 	s.mu.Lock()
+	for ft, h := range s.handlers {
+		srv.Handle(ft, h)
+	}
 	s.srv, s.pc = srv, pc
 	s.mu.Unlock()
+	return nil
 }
 
 func (s *Server) stop() {
@@ -184,7 +198,8 @@ func (s *Server) Addr() string { return s.addr.String() }
 // which stays the same across Restart.
 func (s *Server) Fingerprint() string { return s.fp }
 
-// Server returns the running h3x.Server (a new one after Restart).
+// Server returns the running h3x.Server (a new one after Restart; nil
+// while a Restart is under way, and after the test).
 func (s *Server) Server() *h3x.Server {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -197,10 +212,11 @@ func (s *Server) Queue() h3x.Queue { return s.queue }
 // Handle registers an application handler, kept across Restart.
 func (s *Server) Handle(t h3x.FrameType, h h3x.Handler) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.handlers[t] = h
-	srv := s.srv
-	s.mu.Unlock()
-	srv.Handle(t, h)
+	if s.srv != nil { // nil while a Restart is under way: it registers h
+		s.srv.Handle(t, h)
+	}
 }
 
 // ClientOptions returns the options that connect to this server as the
@@ -227,9 +243,17 @@ func (s *Server) Dial(t testing.TB, opts ...h3x.ClientOption) *h3x.Client {
 	return c
 }
 
-// DropConnections closes every client connection at once, as a network
-// failure would; clients reconnect by themselves.
-func (s *Server) DropConnections() { s.Server().DropConnections() }
+// DropConnections closes every client connection at once, without a
+// GoAway; their leases are released and clients reconnect by themselves.
+// Clients see the close at once (it is a QUIC CONNECTION_CLOSE): for a
+// network that goes silent, which clients must detect by themselves, put a
+// fault proxy between them and the server. During a Restart there is no
+// connection to drop.
+func (s *Server) DropConnections() {
+	if srv := s.Server(); srv != nil {
+		srv.DropConnections()
+	}
+}
 
 // RefuseAuth makes every authentication fail (refuse true) or work again.
 func (s *Server) RefuseAuth(refuse bool) { s.registry.refuse.Store(refuse) }
@@ -240,11 +264,18 @@ func (s *Server) SetLatency(d time.Duration) { s.latency.Store(int64(d)) }
 
 // Restart stops the server at once and starts a new one on the same
 // address, with the same queue, registry, certificate and handlers, as a
-// crashed and restarted broker would come back.
+// crashed and restarted broker would come back. It may be called from any
+// goroutine, also while clients and other methods use the server;
+// Restarts run one at a time. If the new instance cannot start (another
+// process took the port meanwhile), Restart marks the test failed
+// (t.Errorf of the test that made the server) and the server stays down.
 func (s *Server) Restart() {
-	s.t.Helper()
+	s.restartMu.Lock()
+	defer s.restartMu.Unlock()
 	s.stop()
-	s.start(s.addr)
+	if err := s.start(s.addr); err != nil {
+		s.t.Errorf("h3xtest: Restart: %v", err)
+	}
 }
 
 // keepOpen keeps the shared queue open when a server instance closes.
