@@ -181,8 +181,9 @@ func WithMaxReconnects(n int) ClientOption {
 }
 
 // WithPublishBuffer bounds the Publish calls in flight or waiting for a
-// connection; further calls wait until one finishes or their ctx ends.
-// Default DefaultPublishBuffer (1,024).
+// connection, and the PublishAsync calls not yet done; further calls wait
+// until one finishes or their ctx ends (PublishAsync, too, then returns
+// only once its call is taken on). Default DefaultPublishBuffer (1,024).
 func WithPublishBuffer(n int) ClientOption {
 	return clientOptionFunc(func(c *clientConfig) { c.pubBuffer = n })
 }
@@ -196,7 +197,10 @@ func WithAckFlush(size int, interval time.Duration) ClientOption {
 }
 
 // WithStateHandler calls f on every connection state change, from one
-// goroutine, in order; f must not block. Default: none.
+// goroutine, in order; f must not block. StateClosed is reported once: with
+// the error that ended the client (WithMaxReconnects ran out, credentials
+// refused), from which f may call Close, or with a nil Err by Close.
+// Default: none.
 func WithStateHandler(f func(StateChange)) ClientOption {
 	return clientOptionFunc(func(c *clientConfig) { c.onState = f })
 }
@@ -264,10 +268,11 @@ type Client struct {
 	rateMu  sync.Mutex
 	blocked map[string]time.Time // namespace → rate limited until
 
-	pubSlots chan struct{}
-	asyncs   chan asyncPublish // PublishAsync calls for an idle worker
-	idle     atomic.Int32      // idle PublishAsync workers
-	acker    *acker
+	pubSlots   chan struct{}
+	asyncSlots chan struct{}     // one per PublishAsync call not yet done (WithPublishBuffer)
+	asyncs     chan asyncPublish // PublishAsync calls for an idle worker
+	idle       atomic.Int32      // idle PublishAsync workers
+	acker      *acker
 
 	ctx       context.Context // ends with Close
 	cancel    context.CancelFunc
@@ -278,9 +283,18 @@ type Client struct {
 	// subscription giving back unseen deliveries meanwhile waits for that
 	// connection to nack them (see Subscription.giveBack).
 	goAwayGap atomic.Bool
-	wg        sync.WaitGroup // the supervisor, the acker, subscriptions, async publishes
-	wgMu      sync.Mutex     // orders goOwned's Add before Close's close(closed) and Wait
-	stateMu   sync.Mutex     // serializes state callbacks
+	wg        sync.WaitGroup // the acker, subscriptions, async publishes, connections' goroutines
+	// supervisor counts the supervisor goroutine, which Close waits for
+	// unless it is reporting the client's terminal failure: the state
+	// handler may call Close from that report.
+	supervisor sync.WaitGroup
+	reportMu   sync.Mutex
+	closeBegun bool // Close has begun: the supervisor reports nothing more
+	// terminalReport: the supervisor reports (or has reported) StateClosed
+	// with the terminal error; Close does not report it again.
+	terminalReport bool
+	wgMu           sync.Mutex // orders goOwned's Add before Close's close(closed) and Wait
+	stateMu        sync.Mutex // serializes state callbacks
 }
 
 // Dial connects to the server at addr, authenticates and returns the
@@ -298,14 +312,15 @@ func Dial(ctx context.Context, addr string, opts ...ClientOption) (*Client, erro
 		return nil, err
 	}
 	c := &Client{
-		cfg:      cfg,
-		addr:     addr,
-		logger:   cfg.logger,
-		ready:    make(chan struct{}),
-		blocked:  make(map[string]time.Time),
-		pubSlots: make(chan struct{}, cfg.pubBuffer),
-		asyncs:   make(chan asyncPublish),
-		closed:   make(chan struct{}),
+		cfg:        cfg,
+		addr:       addr,
+		logger:     cfg.logger,
+		ready:      make(chan struct{}),
+		blocked:    make(map[string]time.Time),
+		pubSlots:   make(chan struct{}, cfg.pubBuffer),
+		asyncSlots: make(chan struct{}, cfg.pubBuffer),
+		asyncs:     make(chan asyncPublish),
+		closed:     make(chan struct{}),
 	}
 	if c.logger == nil {
 		c.logger = slog.New(slog.DiscardHandler)
@@ -318,11 +333,12 @@ func Dial(ctx context.Context, addr string, opts ...ClientOption) (*Client, erro
 	c.setConn(cc)
 	c.emit(StateChange{State: StateConnected})
 	c.acker = newAcker(c)
-	c.wg.Add(2)
+	c.supervisor.Add(1)
 	go func() {
-		defer c.wg.Done()
+		defer c.supervisor.Done()
 		c.supervise(cc)
 	}()
+	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
 		c.acker.run()
@@ -405,8 +421,15 @@ func (c *Client) supervise(cc *clientConn) {
 		next, err := c.reconnect(goAway)
 		if err != nil {
 			c.goAwayGap.Store(false)
+			c.reportMu.Lock()
+			if c.closeBegun {
+				c.reportMu.Unlock()
+				return // Close ended the reconnect; it reports StateClosed itself
+			}
+			c.terminalReport = true // Close will not report it again, nor wait for this report
+			c.reportMu.Unlock()
 			// Report the end first, so that a call failing with err never
-			// precedes the StateClosed it causes.
+			// precedes the StateClosed it causes. The handler may call Close.
 			c.emit(StateChange{State: StateClosed, Err: err})
 			c.fail(err)
 			return
@@ -533,6 +556,12 @@ func (c *Client) retryable(ctx context.Context, cc *clientConn, err error) bool 
 	if ctx.Err() != nil || errors.Is(err, ErrClosed) || errors.Is(err, errWrongAnswer) {
 		return false
 	}
+	if errors.Is(err, ErrFrameTooLarge) {
+		// Either end refused a frame as too large: the same request, or
+		// the same answer (an event above WithMaxFrameSize), would be too
+		// large again.
+		return false
+	}
 	var e *Error
 	if errors.As(err, &e) && e.Remote && !e.Code.Retryable() && e.Code != CodeNone {
 		// The server refused the request (permission, bad argument, a frame
@@ -648,6 +677,11 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 	// namespace over its limit must not hold up publishes to others.
 	held := false
 	acquire := func() error {
+		select {
+		case <-c.closed: // first: a free slot must not hide a closed client
+			return ErrClosed
+		default:
+		}
 		select {
 		case c.pubSlots <- struct{}{}:
 			held = true
@@ -791,9 +825,16 @@ func sendLimits(cc *clientConn) (int, int) {
 // PublishCall is a Publish running in the background (see PublishAsync).
 type PublishCall struct {
 	done    chan struct{}
+	ids     []string
 	results []PublishResult
 	err     error
 }
+
+// IDs returns the IDs of the call's events, in order: the caller's, or those
+// PublishAsync assigned. They are known at once, also when the call fails
+// (its outcome then unknown): publishing the events again with these IDs
+// stores each at most once within the server's dedup window.
+func (p *PublishCall) IDs() []string { return p.ids }
 
 // Done is closed when the publish has finished.
 func (p *PublishCall) Done() <-chan struct{} { return p.done }
@@ -806,13 +847,22 @@ func (p *PublishCall) Result() ([]PublishResult, error) {
 
 // PublishAsync starts Publish(ctx, events...) in the background and returns
 // at once, so one goroutine can keep many batches in flight (bounded by
-// WithPublishBuffer). It publishes a copy of events: the IDs it assigns are
-// in the results, not in the caller's slice, which the caller may reuse at
-// once (the events' Data and Metadata are shared, not copied: leave them
-// unchanged until the call is done). The client owns the background work:
-// Close cancels and waits for it.
+// WithPublishBuffer: beyond it, PublishAsync waits for a call to finish). It publishes a copy of events: the IDs it assigns
+// (before it returns) are in PublishCall.IDs and the results, not in the
+// caller's slice, which the caller may reuse at once (the events' Data and
+// Metadata are shared, not copied: leave them unchanged until the call is
+// done). To retry a failed call without storing its events twice, publish
+// them again with those IDs. The client owns the background work: Close
+// cancels and waits for it.
 func (c *Client) PublishAsync(ctx context.Context, events ...Event) *PublishCall {
-	p := &PublishCall{done: make(chan struct{})}
+	p := &PublishCall{done: make(chan struct{}), ids: make([]string, len(events))}
+	copied := slices.Clone(events)
+	for i := range copied {
+		if copied[i].ID == "" {
+			copied[i].ID = uuid.NewString()
+		}
+		p.ids[i] = copied[i].ID
+	}
 	select {
 	case <-c.closed:
 		p.err = ErrClosed
@@ -820,12 +870,26 @@ func (c *Client) PublishAsync(ctx context.Context, events ...Event) *PublishCall
 		return p
 	default:
 	}
-	a := asyncPublish{ctx: ctx, events: slices.Clone(events), call: p}
+	// At most WithPublishBuffer calls outstanding: beyond, wait for one to
+	// finish (while disconnected, nothing finishes until the reconnect).
+	select {
+	case c.asyncSlots <- struct{}{}:
+	case <-ctx.Done():
+		p.err = ctx.Err()
+		close(p.done)
+		return p
+	case <-c.closed:
+		p.err = ErrClosed
+		close(p.done)
+		return p
+	}
+	a := asyncPublish{ctx: ctx, events: copied, call: p}
 	select {
 	case c.asyncs <- a:
 		// An idle worker took it.
 	default:
 		if !c.goOwned(func() { c.asyncWorker(a) }) {
+			<-c.asyncSlots
 			p.err = ErrClosed
 			close(p.done)
 		}
@@ -906,6 +970,7 @@ func (c *Client) runAsync(a asyncPublish) {
 	if p.err != nil && c.ctx.Err() != nil {
 		p.err = ErrClosed
 	}
+	<-c.asyncSlots
 	close(p.done)
 }
 
@@ -928,15 +993,17 @@ func (d *Delivery) Attempt() int { return d.attempt }
 // Deadline returns when the lease ends unless acked, nacked or extended.
 func (d *Delivery) Deadline() time.Time { return d.deadline }
 
-// errAlreadySettled is returned when a delivery is acked or nacked twice.
-var errAlreadySettled = errors.New("h3x: delivery already acked or nacked")
+// ErrAlreadySettled is returned by Delivery.Ack, Nack and Extend for a
+// delivery already acked or nacked (with either those or Client.Ack and
+// Client.Nack).
+var ErrAlreadySettled = errors.New("h3x: delivery already acked or nacked")
 
 func (d *Delivery) settleOnce() error {
 	if d.client == nil {
-		return errors.New("h3x: delivery not obtained from a client")
+		return newError(CodeInvalidArgument, "delivery not obtained from a client")
 	}
 	if !d.markSettled() {
-		return errAlreadySettled
+		return ErrAlreadySettled
 	}
 	return nil
 }
@@ -977,17 +1044,32 @@ func (d *Delivery) Nack(delay time.Duration) error {
 	return d.client.acker.add(context.Background(), settleOp{kind: FrameNackEvent, d: d, delay: delay})
 }
 
-// Extend pushes the lease deadline to now + dur, for slow work. Batched
-// like Ack.
+// Extend pushes the lease deadline to now + dur (dur <= 0: the server's ack
+// deadline), for slow work. Batched like Ack.
 func (d *Delivery) Extend(dur time.Duration) error {
 	if d.client == nil {
-		return errors.New("h3x: delivery not obtained from a client")
+		return newError(CodeInvalidArgument, "delivery not obtained from a client")
 	}
 	if d.settled.Load() {
-		return errAlreadySettled
+		return ErrAlreadySettled
 	}
-	d.deadline = time.Now().Add(dur)
+	d.deadline = extendedDeadline(d.client, dur)
 	return d.client.acker.add(context.Background(), settleOp{kind: FrameExtendLease, d: d, delay: dur})
+}
+
+// extendedDeadline is a lease's deadline once extended by d: now + d, or,
+// for d <= 0, now + the ack deadline the server announced (the server's
+// choice for d <= 0).
+func extendedDeadline(c *Client, d time.Duration) time.Time {
+	if d <= 0 {
+		d = DefaultAckDeadline
+		if cc := c.current(); cc != nil {
+			if ms := cc.auth.GetLimits().GetAckDeadlineMs(); ms > 0 {
+				d = time.Duration(ms) * time.Millisecond
+			}
+		}
+	}
+	return time.Now().Add(d)
 }
 
 // Fetch waits until at least one event is ready in namespaces (default: the
@@ -1005,7 +1087,7 @@ func (c *Client) Fetch(ctx context.Context, max int, namespaces ...string) ([]*D
 	for {
 		wait := fetchWait(ctx)
 		ans, err := c.call(ctx, streamFetch, FrameFetchEvents, func(id uint64) proto.Message {
-			return &h3xpb.FetchEvents{RequestId: id, Namespaces: namespaces, Limit: uint32(limit), MaxWaitMs: durationMs(wait)}
+			return &h3xpb.FetchEvents{RequestId: id, Namespaces: namespaces, Limit: uint32(limit), MaxWaitMs: durationMs(wait), MaxBytes: c.fetchMaxBytes()}
 		})
 		if err != nil {
 			return nil, err
@@ -1032,6 +1114,14 @@ func (c *Client) deliveries(batch *h3xpb.EventsBatch, sub *Subscription) []*Deli
 		out[i] = &Delivery{Event: eventFromWire(d.GetEvent()), attempt: int(d.GetAttempt()), deadline: time.UnixMilli(d.GetLeaseDeadlineMs()), client: c, sub: sub}
 	}
 	return out
+}
+
+// fetchMaxBytes is the byte budget of a fetch: batches the client can read
+// (WithMaxFrameSize), with room for the batch's framing, and no more than
+// the server's default. One event above it still comes alone, in a frame
+// the client refuses (ErrFrameTooLarge) if it is larger than the limit.
+func (c *Client) fetchMaxBytes() uint32 {
+	return uint32(min(DefaultFetchMaxBytes, c.cfg.maxFrameSize/2))
 }
 
 // fetchWait is the long-poll wait to ask for under ctx: DefaultMaxFetchWait,
@@ -1061,9 +1151,48 @@ func refsOf(ds []*Delivery) (ids []string, attempts []uint32, namespaces []strin
 	return
 }
 
-// settle sends one ack, nack or extension for deliveries and returns their
-// results, retrying on the next connection if this one fails.
+// settle sends acks, nacks or extensions for deliveries and returns their
+// results, retrying on the next connection if this one fails. Deliveries go
+// in requests cut to the frame size both ends accept: the request, and the
+// answer that echoes every ID.
 func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]SettleResult, error) {
+	for _, d := range ds {
+		if d == nil {
+			return nil, newError(CodeInvalidArgument, "a nil *Delivery")
+		}
+	}
+	k.reason = truncateUTF8(k.reason, maxNackReason) // what the server keeps
+	out := make([]SettleResult, 0, len(ds))
+	for start := 0; start < len(ds); {
+		limit := c.cfg.maxFrameSize // the answer is read with the client's limit
+		if cc := c.current(); cc != nil {
+			_, server := sendLimits(cc)
+			limit = min(limit, server)
+		}
+		end, size := start, 64+len(k.reason) // the request's other fields
+		for end < len(ds) {
+			d := ds[end]
+			// An ID (and namespace) with its tags and lengths, an attempt;
+			// in the answer, the ID again with a status.
+			n := max(len(d.Event.ID)+len(d.Event.Namespace)+16, len(d.Event.ID)+12)
+			if end > start && size+n > limit {
+				break
+			}
+			size += n
+			end++
+		}
+		res, err := c.settleOnce(ctx, k, ds[start:end])
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, res...)
+		start = end
+	}
+	return out, nil
+}
+
+// settleOnce sends one request settling ds.
+func (c *Client) settleOnce(ctx context.Context, k settleGroup, ds []*Delivery) ([]SettleResult, error) {
 	ids, attempts, namespaces := refsOf(ds)
 	ans, err := c.call(ctx, streamSettle, k.t, func(id uint64) proto.Message {
 		switch k.t {
@@ -1126,8 +1255,8 @@ func (c *Client) Extend(ctx context.Context, d time.Duration, deliveries ...*Del
 	res, err := c.settle(ctx, settleGroup{t: FrameExtendLease, delay: d}, deliveries)
 	if err == nil {
 		for i, r := range res {
-			if r.Status == SettleOK && i < len(deliveries) && d > 0 {
-				deliveries[i].deadline = time.Now().Add(d)
+			if r.Status == SettleOK && i < len(deliveries) {
+				deliveries[i].deadline = extendedDeadline(c, d)
 			}
 		}
 	}
@@ -1175,8 +1304,10 @@ func (c *Client) Granted() Grants {
 
 // Flush sends the acks, nacks and extensions that Delivery.Ack, Nack and
 // Extend queued so far and waits until the server has answered them. It
-// returns an error if some could not be sent (those deliveries will be
-// delivered again); settlements the server refused as stale are not errors.
+// returns an error if some could not be sent since the previous Flush,
+// whether in this flush or in a batch sent earlier by size or interval
+// (those deliveries will be delivered again); settlements the server
+// refused as stale are not errors.
 func (c *Client) Flush(ctx context.Context) error {
 	ch := make(chan error, 1)
 	if err := c.acker.add(ctx, settleOp{flush: ch}); err != nil {
@@ -1198,20 +1329,32 @@ func (c *Client) Flush(ctx context.Context) error {
 // is safe to call more than once and waits for the client's goroutines.
 func (c *Client) Close() error {
 	c.closeOnce.Do(func() {
+		c.reportMu.Lock()
+		c.closeBegun = true
+		reported := c.terminalReport
+		c.reportMu.Unlock()
 		c.closing.Store(true)
+		start := time.Now()
 		c.acker.stopSubscriptions()
-		c.acker.flushAndStop(5 * time.Second)
+		// The acks' flush gets what is left of 5 s (at least 500 ms).
+		c.acker.flushAndStop(max(5*time.Second-time.Since(start), 500*time.Millisecond))
 		c.wgMu.Lock()
 		close(c.closed)
 		c.wgMu.Unlock()
 		c.cancel()
+		if !reported {
+			c.supervisor.Wait() // first: it starts goroutines of c.wg
+		}
 		c.wg.Wait()
 		// Read after the supervisor has ended: a reconnect that finished
-		// as Close began has installed its connection by then.
+		// as Close began has installed its connection by then. (After a
+		// terminal failure there is no connection.)
 		if cc := c.current(); cc != nil {
 			cc.close()
 		}
-		c.emit(StateChange{State: StateClosed})
+		if !reported {
+			c.emit(StateChange{State: StateClosed})
+		}
 	})
 	return c.acker.lastErr
 }

@@ -54,8 +54,8 @@ func TestSyncAckReleasesSubscriptionCredit(t *testing.T) {
 	if _, err := c.Ack(ctx, d); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.Ack(); err != errAlreadySettled {
-		t.Fatalf("Delivery.Ack after Client.Ack: %v, want errAlreadySettled", err)
+	if err := d.Ack(); err != ErrAlreadySettled {
+		t.Fatalf("Delivery.Ack after Client.Ack: %v, want ErrAlreadySettled", err)
 	}
 }
 

@@ -203,6 +203,13 @@ func (s *Subscription) run(ctx context.Context) {
 		case errors.Is(err, ErrClosed) || isTerminal(err) || errors.Is(err, ErrReconnectFailed):
 			s.end(err)
 			return true
+		case errors.Is(err, ErrFrameTooLarge):
+			// An event too large for this client's reader: every poll
+			// would lease it again and fail the same way.
+			err = fmt.Errorf("h3x: subscription: %w (an event larger than WithMaxFrameSize, %d bytes; the server accepts up to %d)", err, c.cfg.maxFrameSize, serverFrameSize(on))
+			c.logger.Warn("h3x: subscription ended", "err", err)
+			s.end(err)
+			return true
 		case on != nil && c.retryable(ctx, on, err):
 			return false // the client is reconnecting; poll on the next connection
 		}
@@ -242,7 +249,7 @@ func (s *Subscription) run(ctx context.Context) {
 		}
 		id := c.reqID.Add(1)
 		claimed := new(atomic.Bool)
-		ch, err := st.start(ctx, id, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: id, Namespaces: s.namespaces, Limit: uint32(n), MaxWaitMs: durationMs(fetchWait(ctx))},
+		ch, err := st.start(ctx, id, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: id, Namespaces: s.namespaces, Limit: uint32(n), MaxWaitMs: durationMs(fetchWait(ctx)), MaxBytes: c.fetchMaxBytes()},
 			func(a *rpcAnswer) { s.handOut(a, n, claimed) })
 		if err != nil {
 			return err
@@ -470,6 +477,14 @@ func (s *Subscription) end(err error) {
 	s.mu.Unlock()
 }
 
+// serverFrameSize is the frame size cc's server announced (0: unknown).
+func serverFrameSize(cc *clientConn) int {
+	if cc == nil {
+		return 0
+	}
+	return int(cc.auth.GetLimits().GetMaxFrameSize())
+}
+
 // settleOp is one batched ack, nack or extension.
 type settleOp struct {
 	kind  FrameType
@@ -543,9 +558,13 @@ func (a *acker) stopSubscriptions() {
 		subs = append(subs, s)
 	}
 	a.mu.Unlock()
+	// At once: each may wait (up to a second or two) for its polls and the
+	// give-back of its prefetched deliveries, on a path that may be dead.
+	var wg sync.WaitGroup
 	for _, s := range subs {
-		s.Close()
+		wg.Go(func() { s.Close() })
 	}
+	wg.Wait()
 }
 
 // isStopping reports whether flushAndStop has started.
@@ -584,6 +603,7 @@ func (a *acker) run() {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	var stopErrs []error
+	var sinceFlush []error // failed sends since the last Flush, which reports them
 	flush := func() error {
 		if len(pending) == 0 {
 			return nil
@@ -595,6 +615,9 @@ func (a *acker) run() {
 		pending = pending[:0]
 		if err != nil && a.isStopping() { // Close is waiting: it reports this
 			stopErrs = append(stopErrs, err)
+		}
+		if err != nil && len(sinceFlush) < 8 {
+			sinceFlush = append(sinceFlush, err)
 		}
 		return err
 	}
@@ -608,7 +631,9 @@ func (a *acker) run() {
 			}
 			if op.flush != nil {
 				timer.Stop()
-				op.flush <- flush()
+				flush()
+				op.flush <- errors.Join(sinceFlush...)
+				sinceFlush = nil
 				continue
 			}
 			if len(pending) == 0 {
