@@ -1,7 +1,6 @@
 package h3x
 
 import (
-	"encoding/binary"
 	"hash/maphash"
 	"log/slog"
 	"time"
@@ -18,10 +17,13 @@ var dedupMaxIDs = 1 << 21
 
 // dedupIndex remembers the IDs published within the dedup window.
 //
-// It keeps 96-bit fingerprints, not the IDs: a canonical lowercase UUID
-// contributes 96 of its own bits, any other ID two keyed 64-bit hashes.
-// A false duplicate (two IDs with one fingerprint) has a chance of about
-// n/2^90 per publish, for n remembered IDs: never, in practice. Each entry
+// It keeps 96-bit fingerprints, not the IDs: two keyed 64-bit hashes of
+// the whole ID (with seeds drawn per process, so no publisher can aim at a
+// collision). A false duplicate (two IDs with one fingerprint) has a chance
+// of about n/2^90 per publish, for n remembered IDs: never, in practice.
+// (The bits of a UUID are not used as they are: publishers make UUID-shaped
+// IDs of their own, sequential or time-ordered, which differ only in a few
+// bits; taking 96 of the 128 made such IDs false duplicates.) Each entry
 // costs one map slot of 16 bytes (plus the map's overhead): the first 64
 // bits are the key; the value packs the other 32, a "gone" bit (the event
 // was acked or dead-lettered) and the publish time in tenths of a second.
@@ -77,9 +79,6 @@ func (d *dedupIndex) tick(unixNano int64) int64 {
 
 // key returns id's fingerprint: the map key and the 32 bits kept in the value.
 func (d *dedupIndex) key(id string) (uint64, uint64) {
-	if u, ok := parseCanonicalUUID(id); ok {
-		return binary.BigEndian.Uint64(u[:8]), uint64(binary.BigEndian.Uint32(u[8:12]))
-	}
 	return maphash.String(d.seed1, id), maphash.String(d.seed2, id) >> 32
 }
 

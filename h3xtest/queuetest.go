@@ -678,6 +678,33 @@ func (s *queueSuite) testDedup(t *testing.T) {
 		})
 	}
 
+	t.Run("DistinctIDsAreNotDuplicates", func(t *testing.T) {
+		// Only the same ID is a duplicate: IDs that share all but their
+		// last characters (sequential or time-ordered IDs a publisher
+		// makes itself) are all stored, UUID-shaped or not.
+		h := s.open(t, h3x.QueueOptions{})
+		var events []h3x.Event
+		for _, id := range []string{
+			"00000000-0000-4000-8000-000000000001", "00000000-0000-4000-8000-000000000002",
+			"0b8e4f7c-1d2e-4f3a-9b8c-2a3b40000000", "0b8e4f7c-1d2e-4f3a-9b8c-2a3b4fffffff",
+			"01890f3e-7b2a-7c3d-8e4f-5a6b7c8d9e00", "01890f3e-7b2a-7c3d-8e4f-5a6b7c8d9e01", // UUIDv7-like
+			"order-1", "order-2",
+		} {
+			e := h.event(nsA)
+			e.ID = id
+			events = append(events, e)
+		}
+		res := h.enqueue(events...)
+		want := make([]string, len(events))
+		for i, r := range res {
+			want[i] = events[i].ID
+			if r.Status != h3x.PublishStored {
+				t.Errorf("ID %s: %v (err %v), want stored: it is no other ID's duplicate", events[i].ID, r.Status, r.Err)
+			}
+		}
+		wantIDs(t, "delivered", idsOf(h.drain("c", 20, nsA)), want)
+	})
+
 	t.Run("AcrossNamespaces", func(t *testing.T) {
 		// IDs are unique across the namespaces of a queue.
 		h := s.open(t, h3x.QueueOptions{})
