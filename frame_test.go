@@ -1374,7 +1374,7 @@ func exampleSession() []exampleFrame {
 				},
 				ServerName: "h3x/1.0.0",
 			},
-			"The session is established: publish and consume on `orders`, default limits (`max_unacked` 0 is omitted, as proto3 omits every default value)."},
+			"The session is established: publish and consume on `orders`, the default limits except `max_unacked`, which is 0 here (this example's server has no unacked cap, `WithMaxUnacked(0)` in the Go implementation) and so omitted, as proto3 omits every zero value; a server with the default limits announces `max_unacked: 10000` (§8)."},
 		{c2s, "stream 4 (session)", FrameSendEvent,
 			&h3xpb.SendEvent{RequestId: 1, Events: []*h3xpb.EventPayload{ev}},
 			"The client opens stream 4; its first frame, a `SendEvent`, makes it a session stream. The event carries its own id, so a retry would be deduplicated."},
