@@ -1285,7 +1285,8 @@ func (c *Client) OpenStream(ctx context.Context) (*Stream, error) {
 	if err != nil {
 		return nil, connError(err)
 	}
-	return &Stream{st: st, fr: newFrameReader(st, uint32(c.cfg.maxFrameSize))}, nil
+	_, serverMax := sendLimits(cc)
+	return &Stream{st: st, fr: newFrameReader(st, uint32(c.cfg.maxFrameSize)), wmax: serverMax}, nil
 }
 
 // Granted returns the grants the server reported at the last

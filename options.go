@@ -120,12 +120,17 @@ func (c *serverConfig) validate() error {
 	var errs []error
 	bad := func(format string, args ...any) { errs = append(errs, newError(CodeInvalidArgument, format, args...)) }
 	if c.packetConn == nil {
-		if _, _, err := net.SplitHostPort(c.addr); err != nil {
+		if _, port, err := net.SplitHostPort(c.addr); err != nil {
 			bad("WithAddr(%q): %v", c.addr, err)
+		} else if _, err := net.LookupPort("udp", port); err != nil {
+			bad("WithAddr(%q): invalid port %q", c.addr, port)
 		}
 	}
 	if c.tlsConfig != nil && c.certFile != "" {
 		bad("WithTLSConfig and WithCertFiles are mutually exclusive")
+	}
+	if t := c.tlsConfig; t != nil && len(t.Certificates) == 0 && t.GetCertificate == nil && t.GetConfigForClient == nil {
+		bad("WithTLSConfig: the configuration holds no certificate")
 	}
 	if (c.certFile == "") != (c.keyFile == "") {
 		bad("WithCertFiles needs both a certificate and a key file")

@@ -48,6 +48,12 @@ type Server struct {
 	shutdownCh  chan struct{}   // closed when Shutdown or Close begins
 	shutdownCtx context.Context // cancelled when Shutdown or Close begins
 	cancelShut  context.CancelFunc
+	// stopCtx is the context of queue calls that a client's going away
+	// must not cancel (a store in progress completes): cancelled when the
+	// server stops at once (Close, or Shutdown's ctx ending), so that a
+	// queue call cannot hold the stop up.
+	stopCtx    context.Context
+	cancelStop context.CancelFunc
 	doneCh      chan struct{} // closed when everything is stopped
 	closeOnce   sync.Once
 	closeErr    error
@@ -83,6 +89,7 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 		s.logger = slog.New(slog.DiscardHandler)
 	}
 	s.shutdownCtx, s.cancelShut = context.WithCancel(context.Background())
+	s.stopCtx, s.cancelStop = context.WithCancel(context.Background())
 	s.limiters.cfg = cfg.rateLimits
 	s.authGuard.off = cfg.authSlowdownOff
 	var id [8]byte
@@ -172,7 +179,7 @@ func (s *Server) setupTLS() error {
 		s.fp = Fingerprint(conf.Certificates[0].Certificate[0])
 	}
 	if len(conf.Certificates) == 0 && conf.GetCertificate == nil && conf.GetConfigForClient == nil {
-		return errors.New("h3x: WithTLSConfig: the configuration holds no certificate")
+		return newError(CodeInvalidArgument, "WithTLSConfig: the configuration holds no certificate")
 	}
 	conf.NextProtos = []string{ALPN}
 	conf.MinVersion = tls.VersionTLS13
@@ -390,9 +397,11 @@ func (s *Server) connList() []*serverConn {
 // publishes and acks finish, gives clients time to read their GoAway and
 // last answers (until they close, or a few round trips after they have
 // read the GoAway; at most 2 s), then closes the connections (releasing
-// their leases) and the queue. If ctx ends first, it closes what is left at
-// once and returns ctx's error. Later calls, and Serve, return
-// ErrServerClosed.
+// their leases) and the queue, and returns the queue's close error, if any.
+// If ctx ends first, it stops what is left at once (connections closed,
+// the contexts of queue calls and handlers cancelled) and returns ctx's
+// error without waiting for that to finish; Close waits for it. Later
+// calls, and Serve, return ErrServerClosed.
 func (s *Server) Shutdown(ctx context.Context) error {
 	if !s.beginClose() {
 		return s.waitDone(ctx)
@@ -431,9 +440,22 @@ wait:
 	if ctxErr == nil {
 		ctxErr = s.drainConns(ctx)
 	}
-	s.finishClose() // also ends GoAway writes still waiting
-	<-sent
-	return ctxErr
+	// The rest stops at once: connections closed (which also ends GoAway
+	// writes still waiting), queue calls' and handlers' contexts
+	// cancelled, the queue closed. As with http.Server, once ctx has ended
+	// Shutdown does not wait for it (a handler that ignores its context
+	// could hold it up for ever); Close does.
+	go s.finishClose()
+	if ctxErr != nil {
+		return ctxErr
+	}
+	select {
+	case <-s.doneCh:
+		<-sent
+		return s.closeErr
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // goAwayWorkers bounds the goroutines writing GoAway frames at Shutdown.
@@ -531,9 +553,11 @@ func (s *Server) DropConnections() {
 }
 
 // Close stops the server at once: connections are closed with
-// CodeShuttingDown (their leases are released), then the queue is closed.
-// It waits for every goroutine the server started, and is safe to call more
-// than once; it returns the queue's close error, if any.
+// CodeShuttingDown (their leases are released), the contexts of queue calls
+// and handlers in progress are cancelled, then the queue is closed. It
+// waits for every goroutine the server started (a Queue or Handler that
+// ignores its context's end holds it up), and is safe to call more than
+// once; it returns the queue's close error, if any.
 func (s *Server) Close() error {
 	s.beginClose()
 	s.finishClose()
@@ -542,6 +566,7 @@ func (s *Server) Close() error {
 
 func (s *Server) finishClose() {
 	s.closeOnce.Do(func() {
+		s.cancelStop()
 		for _, c := range s.connList() {
 			c.close(CodeShuttingDown, "server shutting down")
 		}

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"sync"
@@ -362,12 +363,20 @@ func (c *serverConn) close(code ErrorCode, msg string) {
 func (c *serverConn) serve() {
 	ctx := c.qc.Context()
 	defer func() {
-		c.streams.Wait()
-		rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := c.srv.queue.Release(rctx, c.id); err != nil && !errors.Is(err, ErrQueueClosed) {
-			c.logger.Error("h3x: releasing leases", "err", err)
+		release := func() {
+			rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			if err := c.srv.queue.Release(rctx, c.id); err != nil && !errors.Is(err, ErrQueueClosed) {
+				c.logger.Error("h3x: releasing leases", "err", err)
+			}
 		}
+		// The connection's leases end with it, at once: not after its
+		// handlers (a slow publish, say) have returned. Again once they
+		// have: a fetch may have leased as the connection ended (its
+		// settlements, like any after the release, are stale).
+		release()
+		c.streams.Wait()
+		release()
 	}()
 	err := c.authenticate(ctx)
 	connAuthenticated(ctx) // frees its admission slot (admission.go)
@@ -665,8 +674,8 @@ func (c *serverConn) serveStream(ctx context.Context, st *quic.Stream) {
 		return
 	}
 	if h := c.srv.handler(t); h != nil {
-		as := &Stream{st: st, fr: fr, sess: c.session, first: true, firstType: t, firstPayload: payload}
-		err := h.ServeStream(ctx, as)
+		as := &Stream{st: st, fr: fr, sess: c.session, first: true, firstType: t, firstPayload: payload, wmax: c.srv.cfg.maxFrameSize}
+		err := c.serveHandler(ctx, h, as, t)
 		if err != nil {
 			code := CodeInternal
 			var e *Error
@@ -683,6 +692,19 @@ func (c *serverConn) serveStream(ctx context.Context, st *quic.Stream) {
 	}
 	st.CancelRead(quic.StreamErrorCode(CodeUnknownFrameType))
 	st.CancelWrite(quic.StreamErrorCode(CodeUnknownFrameType))
+}
+
+// serveHandler runs an application handler. A panic in it is the
+// handler's failure, not the server's (as in net/http): it is logged with
+// its stack and answered as an internal error on that stream alone.
+func (c *serverConn) serveHandler(ctx context.Context, h Handler, st *Stream, t FrameType) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.logger.Error("h3x: panic in a stream handler", "frame_type", t, "panic", r, "stack", string(debug.Stack()))
+			err = newError(CodeInternal, "handler failed")
+		}
+	}()
+	return h.ServeStream(ctx, st)
 }
 
 // failStream answers a stream-level error: an Error frame, the end of the
@@ -727,6 +749,7 @@ type Stream struct {
 	firstType    FrameType
 	firstPayload []byte
 	wbuf         []byte
+	wmax         int // the largest payload WriteFrame sends: the frame size the server announces
 }
 
 // Session returns the authenticated session the stream belongs to (nil on
@@ -762,8 +785,13 @@ func (s *Stream) ReadFrame() (FrameType, []byte, error) {
 	return t, payload, connError(err)
 }
 
-// WriteFrame writes one frame.
+// WriteFrame writes one frame. A payload larger than the server's maximum
+// frame size (the one it announces to clients) is not sent: WriteFrame
+// returns an error matching ErrFrameTooLarge, and the stream stays usable.
 func (s *Stream) WriteFrame(t FrameType, payload []byte) error {
+	if s.wmax > 0 && len(payload) > s.wmax {
+		return &Error{Code: CodeFrameTooLarge, Message: fmt.Sprintf("%v frame of %d bytes exceeds the maximum frame size of %d", t, len(payload), s.wmax)}
+	}
 	s.wbuf = appendRawFrame(s.wbuf[:0], t, payload)
 	_, err := s.st.Write(s.wbuf)
 	return err

@@ -15,6 +15,9 @@ import (
 func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (FrameType, proto.Message) {
 	c := ss.c
 	if n, limit := len(m.GetEvents()), c.srv.cfg.eventsPerSend(); n > limit {
+		// Refused whole, before its namespaces are looked at: counted
+		// under none.
+		c.srv.cfg.hooks.Refused("", CodeInvalidArgument, n)
 		return FrameError, errorToWire(newError(CodeInvalidArgument, "%d events in one SendEvent; the maximum is %d", n, limit), m.GetRequestId())
 	}
 	res := &h3xpb.SendResult{RequestId: m.GetRequestId(), Outcomes: make([]*h3xpb.PublishOutcome, len(m.GetEvents()))}
@@ -51,7 +54,7 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 	}
 	if len(events) > 0 {
 		start := time.Now()
-		results, err := c.srv.queue.Enqueue(context.WithoutCancel(ctx), events)
+		results, err := c.srv.queue.Enqueue(c.srv.stopCtx, events) // not cancelled by the client's going away
 		reportPublish(c.srv.cfg.hooks, events, results, err, time.Since(start))
 		if err == nil && len(results) != len(events) {
 			err = newError(CodeInternal, "queue returned %d results for %d events", len(results), len(events))
@@ -281,12 +284,18 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 		wctx, cancel := context.WithDeadline(ctx, deadline)
 		stop := context.AfterFunc(c.srv.shutdownCtx, cancel)
 		c.inflight.Add(-1) // a parked long poll does not hold up Shutdown
-		c.srv.queue.Wait(wctx, namespaces)
+		werr := c.srv.queue.Wait(wctx, namespaces)
+		failed := werr != nil && wctx.Err() == nil // not its deadline or cancellation: the queue failed
 		c.inflight.Add(1)
 		stop()
 		cancel()
 		if ctx.Err() != nil {
 			return FrameEventsBatch, &h3xpb.EventsBatch{RequestId: rid}
+		}
+		if failed {
+			// Leasing again at once would spin as long as the queue fails.
+			c.logger.Error("h3x: waiting for events failed", "err", werr)
+			return FrameError, errorToWire(asRetryable(werr), rid)
 		}
 	}
 }
@@ -418,10 +427,14 @@ func reportPublish(h Hooks, events []Event, results []PublishResult, err error, 
 	}
 	type counts struct{ stored, dups int }
 	per := make(map[string]*counts, 1)
+	failCode := CodeInternal // a failed call: the code the client is refused with
+	if err != nil {
+		failCode = asRetryable(err).(*Error).Code
+	}
 	for i := range events {
 		ns := events[i].Namespace
 		if err != nil || i >= len(results) {
-			h.Refused(ns, CodeInternal, 1)
+			h.Refused(ns, failCode, 1)
 			continue
 		}
 		switch results[i].Status {

@@ -204,7 +204,7 @@ func (ss *sessionStream) work(ctx context.Context, m proto.Message) func() (Fram
 		return func() (FrameType, proto.Message) { return ss.fetch(ctx, m) }
 	case *h3xpb.AckEvent:
 		return settle(FrameAckEvent, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
-			return queue.Ack(context.WithoutCancel(ctx), ss.c.id, refs)
+			return queue.Ack(ss.c.srv.stopCtx, ss.c.id, refs)
 		})
 	case *h3xpb.NackEvent:
 		delay := time.Duration(m.GetDelayMs()) * time.Millisecond
@@ -212,7 +212,7 @@ func (ss *sessionStream) work(ctx context.Context, m proto.Message) func() (Fram
 			for i := range refs {
 				refs[i].Unseen = m.GetUnseen()
 			}
-			return queue.Nack(context.WithoutCancel(ctx), ss.c.id, refs, delay, m.GetReason())
+			return queue.Nack(ss.c.srv.stopCtx, ss.c.id, refs, delay, m.GetReason())
 		})
 	case *h3xpb.ExtendLease:
 		d := time.Duration(m.GetExtendMs()) * time.Millisecond
@@ -221,7 +221,7 @@ func (ss *sessionStream) work(ctx context.Context, m proto.Message) func() (Fram
 		}
 		return settle(FrameExtendLease, m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), func(refs []LeaseRef) ([]SettleResult, error) {
 			until := time.Now().Add(d)
-			res, err := queue.Extend(context.WithoutCancel(ctx), ss.c.id, refs, d)
+			res, err := queue.Extend(ss.c.srv.stopCtx, ss.c.id, refs, d)
 			if err == nil {
 				ss.c.extended(refs, res, until)
 			}
