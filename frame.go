@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	"google.golang.org/protobuf/proto"
 
@@ -133,6 +134,9 @@ func newFrameReader(r io.Reader, maxFrameSize uint32) *frameReader {
 // and an error matching ErrFrameTooLarge if payload_length is above the
 // maximum (nothing of the payload is read or allocated then).
 func (fr *frameReader) next() (FrameType, []byte, error) {
+	if cap(fr.buf) > frameRetain {
+		fr.buf = nil // the last payload is no longer valid: not kept while idle
+	}
 	n, err := io.ReadFull(fr.r, fr.hdr[:])
 	if err != nil {
 		if n == 0 && errors.Is(err, io.EOF) {
@@ -148,18 +152,47 @@ func (fr *frameReader) next() (FrameType, []byte, error) {
 	if size > fr.max {
 		return t, nil, &Error{Code: CodeFrameTooLarge, Message: fmt.Sprintf("%v frame of %d bytes exceeds the maximum of %d", t, size, fr.max)}
 	}
-	if cap(fr.buf) < int(size) {
-		// Round small buffers up to 512 bytes, never past the maximum.
-		fr.buf = make([]byte, size, max(size, min(512, fr.max)))
-	}
-	fr.buf = fr.buf[:size]
-	if _, err := io.ReadFull(fr.r, fr.buf); err != nil {
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return t, nil, ErrTruncatedPayload
+	if cap(fr.buf) >= int(size) || size <= 4<<10 {
+		if cap(fr.buf) < int(size) {
+			// Round small buffers up to 512 bytes, never past the maximum.
+			fr.buf = make([]byte, size, max(size, min(512, fr.max)))
 		}
-		return t, nil, err
+		fr.buf = fr.buf[:size]
+		if _, err := io.ReadFull(fr.r, fr.buf); err != nil {
+			return t, nil, truncated(err)
+		}
+		return t, fr.buf, nil
 	}
+	// A large payload: the buffer grows as its bytes arrive (doubling from
+	// 4 KiB), so that a header announcing a large frame, with
+	// nothing after it, costs the receiver nothing. Memory follows the bytes
+	// the peer actually sent, which QUIC's flow control bounds.
+	buf := fr.buf[:0]
+	for len(buf) < int(size) {
+		step := min(int(size)-len(buf), max(4<<10, len(buf)))
+		buf = slices.Grow(buf, step)
+		n, err := io.ReadFull(fr.r, buf[len(buf):len(buf)+step])
+		buf = buf[:len(buf)+n]
+		if err != nil {
+			fr.buf = buf[:0]
+			return t, nil, truncated(err)
+		}
+	}
+	fr.buf = buf
 	return t, fr.buf, nil
+}
+
+// frameRetain is the largest buffer a frameReader keeps while it waits for
+// the next frame (so that a stream's requests of a usual size reuse it): an
+// idle stream holds at most this much, a connection at most its stream
+// limit times this (12.5 MiB with the default 100 streams).
+const frameRetain = 128 << 10
+
+func truncated(err error) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return ErrTruncatedPayload
+	}
+	return err
 }
 
 // readMessage reads one frame that must be of type want and decodes it into m.

@@ -114,8 +114,6 @@ type qns struct {
 	expired         int             // leases ended by their deadline since open
 	known           bool            // has held events: listed by Stats()
 	warnedFull      bool            // a dead-letter namespace: logged that it is full
-
-	waiters map[*qwaiter]struct{}
 }
 
 func (ns *qns) hasReady() bool {
@@ -225,6 +223,10 @@ type queueCore struct {
 	timer    *time.Timer
 	timerAt  int64
 	waiterCt int
+	// waiting holds the Wait calls per namespace name, kept apart from nss
+	// so that waiting on a name (any valid name a client may consume)
+	// creates no namespace record: entries go when their last waiter does.
+	waiting map[string]map[*qwaiter]struct{}
 }
 
 // readAheadMax bounds how many fresh events a Badger namespace keeps in
@@ -244,6 +246,7 @@ func newQueueCore(opts QueueOptions, store queueStore, inMemory bool) *queueCore
 		indexAll:    inMemory,
 		leaseRecs:   !inMemory,
 		nss:         make(map[string]*qns),
+		waiting:     make(map[string]map[*qwaiter]struct{}),
 		byID:        make(map[string]*qentry),
 		holders:     make(map[string]*qholder),
 		nextSeq:     1,
@@ -373,14 +376,16 @@ func (c *queueCore) holdRemove(e *qentry) {
 // --- waiting -----------------------------------------------------------------
 
 // wake wakes the waiters of ns.
-func (c *queueCore) wake(ns *qns) {
-	for w := range ns.waiters {
+func (c *queueCore) wake(ns *qns) { c.wakeName(ns.name) }
+
+func (c *queueCore) wakeName(name string) {
+	for w := range c.waiting[name] {
 		if !w.fired {
 			w.fired = true
 			close(w.ch)
 		}
 	}
-	clear(ns.waiters)
+	delete(c.waiting, name)
 }
 
 // Wait blocks until an event may be ready in one of names.
@@ -404,11 +409,12 @@ func (c *queueCore) Wait(ctx context.Context, names []string) error {
 	}
 	w := &qwaiter{ch: make(chan struct{})}
 	for _, name := range names {
-		ns := c.ns(name)
-		if ns.waiters == nil {
-			ns.waiters = make(map[*qwaiter]struct{})
+		ws := c.waiting[name]
+		if ws == nil {
+			ws = make(map[*qwaiter]struct{}, 1)
+			c.waiting[name] = ws
 		}
-		ns.waiters[w] = struct{}{}
+		ws[w] = struct{}{}
 	}
 	c.waiterCt++
 	c.mu.Unlock()
@@ -423,8 +429,11 @@ func (c *queueCore) Wait(ctx context.Context, names []string) error {
 	c.mu.Lock()
 	c.waiterCt--
 	for _, name := range names {
-		if ns := c.nss[name]; ns != nil {
-			delete(ns.waiters, w)
+		if ws := c.waiting[name]; ws != nil {
+			delete(ws, w)
+			if len(ws) == 0 {
+				delete(c.waiting, name)
+			}
 		}
 	}
 	closed := c.closed
@@ -1257,8 +1266,8 @@ func (c *queueCore) close() {
 		return
 	}
 	c.closed = true
-	for _, ns := range c.nss {
-		c.wake(ns)
+	for name := range c.waiting {
+		c.wakeName(name)
 	}
 	if c.timer != nil {
 		c.timer.Stop()

@@ -54,10 +54,10 @@ type Server struct {
 	// queue call cannot hold the stop up.
 	stopCtx    context.Context
 	cancelStop context.CancelFunc
-	doneCh      chan struct{} // closed when everything is stopped
-	closeOnce   sync.Once
-	closeErr    error
-	wg          sync.WaitGroup // the accept loop and every connection
+	doneCh     chan struct{} // closed when everything is stopped
+	closeOnce  sync.Once
+	closeErr   error
+	wg         sync.WaitGroup // the accept loop and every connection
 
 	connCount atomic.Int64
 	admission *admission // set by start

@@ -205,12 +205,19 @@ func asRetryable(err error) error {
 	return &Error{Code: CodeInternal, Message: "storage failure", RetryAfter: time.Second}
 }
 
+// MaxFetchNamespaces is the most namespaces one FetchEvents may name (a
+// fetch's cost, and a long poll's registrations, grow with them).
+const MaxFetchNamespaces = 1000
+
 // fetch leases events for a FetchEvents, long-polling up to its wait.
 func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (FrameType, proto.Message) {
 	c := ss.c
 	cfg := &c.srv.cfg
 	rid := m.GetRequestId()
 	namespaces := m.GetNamespaces()
+	if len(namespaces) > MaxFetchNamespaces {
+		return FrameError, errorToWire(newError(CodeInvalidArgument, "FetchEvents names %d namespaces; the maximum is %d", len(namespaces), MaxFetchNamespaces), rid)
+	}
 	if len(namespaces) == 0 {
 		namespaces = c.session.consumeNamespaces()
 		if len(namespaces) == 0 {
