@@ -40,7 +40,9 @@ type Queue interface {
 	// order within a namespace, and namespaces are served fairly: when each
 	// of req.Namespaces has enough events ready, each gets at least
 	// req.Limit/len(req.Namespaces) (rounded down) of the call's events, and
-	// calls with a smaller Limit take turns among them. A leased
+	// calls with a smaller Limit take turns among them (the namespace served
+	// least recently first, whichever holder calls and in whatever order
+	// it names them). A leased
 	// event goes to no other holder until its lease ends by Ack, Nack (after
 	// the nack's delay), expiry of the deadline or Release of the holder.
 	Lease(ctx context.Context, req LeaseRequest) ([]Lease, error)
@@ -59,19 +61,26 @@ type Queue interface {
 	// Nack ends the referenced leases; the events become ready again after
 	// delay. An event whose attempts have reached the maximum moves to its
 	// namespace's dead-letter namespace instead, with reason (its first
-	// KiB) recorded (if that namespace is at its limits, the event stays
-	// and is ready again).
-	// A nack of a delivery whose lease has already ended (expiry, release)
-	// but that was not delivered again reschedules the event with delay.
+	// KiB, cut at a character boundary) recorded (if that namespace is at
+	// its limits, the event stays and is ready again); there its attempts
+	// count from 1 again.
+	// A nack of a delivery whose lease has already ended (expiry, release,
+	// or an earlier nack of the same delivery) but that was not delivered
+	// again reschedules the event with delay (a repeated Unseen nack is
+	// SettleStale: its attempt was given back once). A release or expiry at
+	// the maximum has already dead-lettered the event: a later nack of it,
+	// Unseen included, is refused and the event stays dead-lettered.
 	Nack(ctx context.Context, holder string, refs []LeaseRef, delay time.Duration, reason string) ([]SettleResult, error)
 
-	// Extend sets the referenced leases' deadlines to now + d. Only a live
-	// lease held by holder is extended (see LeaseRef); one that has ended
-	// is SettleStale.
+	// Extend sets the referenced leases' deadlines to now + d (d should be
+	// positive: the server passes its ack deadline for a client's 0). Only
+	// a live lease held by holder is extended (see LeaseRef); one that has
+	// ended is SettleStale.
 	Extend(ctx context.Context, holder string, refs []LeaseRef, d time.Duration) ([]SettleResult, error)
 
 	// Release ends every lease held by holder, as if each were nacked without
-	// delay: the events are ready again at once.
+	// delay (reason "released"): the events are ready again at once, or,
+	// at the maximum number of attempts, dead-lettered.
 	Release(ctx context.Context, holder string) error
 
 	// Stats reports per-namespace counts for the given namespaces, or for
@@ -118,9 +127,9 @@ type PublishResult struct {
 type LeaseRequest struct {
 	Holder      string        // who will hold the leases
 	Namespaces  []string      // where to take events from
-	Limit       int           // at most this many events (at least 1)
+	Limit       int           // at most this many events (0 or less: 1)
 	MaxBytes    int           // stop before exceeding this many event bytes; 0 = no limit (at least one event is returned if any is ready)
-	AckDeadline time.Duration // lease duration
+	AckDeadline time.Duration // lease duration (0 or less: DefaultAckDeadline)
 }
 
 // Lease is one delivery of an event.
@@ -154,7 +163,8 @@ type LeaseRef struct {
 	// is not counted, so it cannot lead to dead-lettering, and the next
 	// delivery carries the same attempt number again. That holds also when
 	// the lease has already ended (released with its holder, or expired)
-	// and the event was not delivered again.
+	// and the event was neither delivered again nor, the lease having been
+	// its last allowed attempt, dead-lettered by that end (see Nack).
 	Unseen bool
 }
 
@@ -204,7 +214,7 @@ type NamespaceStats struct {
 	Delayed      int           // nacked with a delay that has not passed
 	DeadLettered int           // events moved to DeadLetterNamespace(Namespace) so far (cumulative since open)
 	Expired      int           // leases that ended by expiry of their ack deadline so far (cumulative since open; 0 if not counted)
-	OldestReady  time.Duration // age of the oldest ready event (0 if none)
+	OldestReady  time.Duration // how long the oldest ready event has been in the queue, since its enqueue (not Event.Time; 0 if none)
 	Bytes        int64         // stored event bytes (ready, leased and delayed)
 }
 

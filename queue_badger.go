@@ -59,9 +59,10 @@ import (
 // live.
 //
 // The backlog is not held in memory: only events delivered since the queue
-// was opened (or listed in a lease record) are. Settling, by ID and with
-// attempt 0, an event never delivered is refused as SettleStale if its ID was
-// published within the dedup window, SettleUnknown otherwise. For the same
+// was opened (or listed in a lease record) are. Settling an event never
+// delivered (whatever the attempt and namespace named) is refused as
+// SettleStale if its ID was published within the dedup window,
+// SettleUnknown otherwise (the memory queue: SettleStale). For the same
 // reason, a settlement of an event acked before a restart, or one naming
 // the namespace an event was dead-lettered from, is answered SettleStale
 // where the memory queue answers SettleUnknown: the queue keeps no record
@@ -1229,6 +1230,12 @@ func (q *badgerQueue) Enqueue(ctx context.Context, events []Event) ([]PublishRes
 		return nil, err
 	}
 	if len(events) == 0 {
+		q.wmu.Lock()
+		stopped := q.wstop
+		q.wmu.Unlock()
+		if stopped {
+			return nil, ErrQueueClosed // as for a batch: later calls fail
+		}
 		return []PublishResult{}, nil
 	}
 	now := time.Now()

@@ -55,10 +55,13 @@ type QueueOptions struct {
 	// negative means never.
 	MaxAttempts int
 	// MaxEventsPerNamespace refuses enqueues (CodeQueueFull) into a
-	// namespace holding this many events. Default 0: no limit.
+	// namespace holding this many events (ready, leased or delayed).
+	// Default 0: no limit.
 	MaxEventsPerNamespace int
-	// MaxBytesPerNamespace refuses enqueues (CodeQueueFull) into a namespace
-	// holding this many event bytes. Default 0: no limit.
+	// MaxBytesPerNamespace refuses enqueues (CodeQueueFull) that would take
+	// a namespace past this many event bytes (§6.3's size); an event larger
+	// than the limit itself is refused with CodeInvalidArgument (no room
+	// will ever be made for it). Default 0: no limit.
 	MaxBytesPerNamespace int64
 	// Durability is when a Badger queue acknowledges writes. Default
 	// DurabilityFsync. The memory queue ignores it.

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -113,6 +114,7 @@ type qns struct {
 	deadLettered    int             // moved to the dead-letter namespace since open
 	expired         int             // leases ended by their deadline since open
 	known           bool            // has held events: listed by Stats()
+	served          uint64          // the Lease turn (queueCore.served) in which it last gave an event
 	warnedFull      bool            // a dead-letter namespace: logged that it is full
 }
 
@@ -218,7 +220,7 @@ type queueCore struct {
 	dedup    *dedupIndex
 	nextSeq  uint64 // the next sequence number to assign
 	applied  uint64 // the highest sequence number applied to the state (Badger read-ahead bound)
-	rr       int    // round-robin start for Lease
+	served   uint64 // Lease's turns: the last given out (qns.served)
 	closed   bool
 	timer    *time.Timer
 	timerAt  int64
@@ -837,6 +839,12 @@ func (c *queueCore) accept(evs []Event, sizes []int, enq int64, res []PublishRes
 			res[i].Err = queueFull(ns.name, "%d events", c.maxEvents)
 			continue
 		}
+		if c.maxBytes > 0 && int64(size) > c.maxBytes {
+			// Not retryable: no room will ever be made for it.
+			res[i].Status = PublishRefused
+			res[i].Err = newError(CodeInvalidArgument, "event of %d bytes is larger than the namespace byte limit (%d bytes)", size, c.maxBytes)
+			continue
+		}
 		if c.maxBytes > 0 && ns.bytes+int64(size) > c.maxBytes {
 			res[i].Status = PublishRefused
 			res[i].Err = queueFull(ns.name, "%d bytes", c.maxBytes)
@@ -901,8 +909,9 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 	var fx effects
 	c.advance(now, &fx)
 
-	// The namespaces that may have something, in round-robin order from a
-	// start that moves with every call.
+	// The namespaces that may have something, the least recently served
+	// first (then in the request's order): calls that name different
+	// namespaces, or the same ones in another order, still take turns.
 	var active []*qns
 	for _, name := range req.Namespaces {
 		if ns := c.nss[name]; ns != nil && ns.hasReady() && !containsNS(active, ns) {
@@ -913,11 +922,7 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 	var leased []*qentry
 	var err error
 	if len(active) > 0 {
-		start := c.rr % len(active)
-		c.rr++
-		if start > 0 {
-			active = append(active[start:], active[:start]...)
-		}
+		slices.SortStableFunc(active, func(a, b *qns) int { return cmp.Compare(a.served, b.served) })
 		h := c.holder(req.Holder)
 		until := now + int64(deadline)
 		bytes := 0
@@ -962,6 +967,8 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 				e.state = stLeased
 				e.when = until
 				ns.leased++
+				c.served++
+				ns.served = c.served
 				c.timers.push(e)
 				c.holdAdd(h, e)
 				ev.Namespace = ns.name

@@ -947,6 +947,45 @@ func (s *queueSuite) testOrder(t *testing.T) {
 		}
 	})
 
+	t.Run("FairnessInterleavedCallers", func(t *testing.T) {
+		// Turns are the namespaces', not a count of calls: two holders
+		// alternating Limit-1 calls over different namespaces (or one
+		// naming them in a different order each time) starve none.
+		h := s.open(t, h3x.QueueOptions{})
+		names := []string{"fair-0", "fair-1", "fair-2", "fair-3"}
+		for _, ns := range names {
+			h.publish(h.events(ns, 20)...)
+		}
+		got := map[string]int{}
+		for range 8 {
+			for _, l := range h.lease("a", 1, names[0], names[1]) {
+				got[l.Event.Namespace]++
+			}
+			for _, l := range h.lease("b", 1, names[2], names[3]) {
+				got[l.Event.Namespace]++
+			}
+		}
+		for _, ns := range names {
+			if got[ns] < 3 {
+				t.Errorf("8 alternating Limit-1 calls of two holders, a over %v and b over %v: %v; want each namespace served about 4 times", names[:2], names[2:], got)
+				break
+			}
+		}
+		clear(got)
+		for i := range 12 {
+			order := append(slices.Clone(names[i%3:3]), names[:i%3]...) // rotated
+			for _, l := range h.lease("c", 1, order...) {
+				got[l.Event.Namespace]++
+			}
+		}
+		for _, ns := range names[:3] {
+			if got[ns] < 3 {
+				t.Errorf("12 Limit-1 calls over three namespaces named in rotating order: %v; want each served about 4 times", got)
+				break
+			}
+		}
+	})
+
 	t.Run("OnlyRequestedNamespaces", func(t *testing.T) {
 		h := s.open(t, h3x.QueueOptions{})
 		ids := h.publish(h.events(nsA, 3)...)
@@ -1688,6 +1727,18 @@ func (s *queueSuite) testLimits(t *testing.T) {
 			wantRefusedFull(t, h.enqueue(tc.event(h, nsA))[0]) // full again
 		})
 	}
+
+	t.Run("EventLargerThanByteLimit", func(t *testing.T) {
+		// An event that could never fit is refused for good (not queue
+		// full, which tells the publisher to retry), also in an empty
+		// namespace; the namespace stays usable.
+		h := s.open(t, h3x.QueueOptions{MaxBytesPerNamespace: 3000})
+		r := h.enqueue(h.bigEvent(nsA, 4000))[0]
+		if r.Status != h3x.PublishRefused || !errors.Is(r.Err, h3x.ErrInvalidArgument) {
+			t.Errorf("event larger than MaxBytesPerNamespace: %v (err %v), want refused with ErrInvalidArgument", r.Status, r.Err)
+		}
+		h.publish(h.bigEvent(nsA, 1000))
+	})
 
 	t.Run("AcrossReopen", func(t *testing.T) {
 		s.needReopen(t)
@@ -2586,6 +2637,7 @@ func (s *queueSuite) testClose(t *testing.T) {
 			call func() error
 		}{
 			{"Enqueue", func() error { _, err := q.Enqueue(ctx, []h3x.Event{h.event(nsA)}); return err }},
+			{"EnqueueNothing", func() error { _, err := q.Enqueue(ctx, nil); return err }},
 			{"Lease", func() error {
 				_, err := q.Lease(ctx, h3x.LeaseRequest{Holder: "a", Namespaces: []string{nsA}, Limit: 1, AckDeadline: leaseTime})
 				return err
