@@ -25,7 +25,10 @@ type adminRequest struct {
 
 type adminResponse struct {
 	Stats []namespaceStats `json:"stats"`
-	Error string           `json:"error,omitempty"`
+	// Omitted counts the namespaces left out (the first Stats, by name,
+	// fill the answer's frame): name namespaces to see the others.
+	Omitted int    `json:"omitted,omitempty"`
+	Error   string `json:"error,omitempty"`
 }
 
 type namespaceStats struct {
@@ -58,11 +61,21 @@ func adminHandler(src statsSource) h3x.Handler {
 		} else {
 			resp = serveAdmin(ctx, src, s.Session(), req)
 		}
-		b, err := json.Marshal(resp)
-		if err != nil {
-			return err
+		// Many namespaces may not fit one frame: the answer keeps the first
+		// ones that do (WriteFrame refuses a larger frame without sending).
+		all := resp.Stats
+		for {
+			b, err := json.Marshal(resp)
+			if err != nil {
+				return err
+			}
+			err = s.WriteFrame(adminResponseFrame, b)
+			if !errors.Is(err, h3x.ErrFrameTooLarge) || len(resp.Stats) == 0 {
+				return err
+			}
+			resp.Stats = all[:len(resp.Stats)*3/4]
+			resp.Omitted = len(all) - len(resp.Stats)
 		}
-		return s.WriteFrame(adminResponseFrame, b)
 	})
 }
 
@@ -151,8 +164,14 @@ func adminStats(ctx context.Context, c *h3x.Client, namespaces []string) ([]name
 	if resp.Error != "" {
 		return nil, errors.New(resp.Error)
 	}
+	if resp.Omitted > 0 {
+		return resp.Stats, fmt.Errorf("%w: %d more namespaces than fit one answer; name the namespaces to show", errOmitted, resp.Omitted)
+	}
 	return resp.Stats, nil
 }
+
+// errOmitted: the stats answer left namespaces out (the rest is printed).
+var errOmitted = errors.New("not all namespaces shown")
 
 func adminError(ctx context.Context, err error) error {
 	switch {

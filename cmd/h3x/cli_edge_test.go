@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"syscall"
@@ -226,5 +227,29 @@ func TestNonsenseFlagValuesAreUsageErrors(t *testing.T) {
 		if r.code != 2 || !strings.Contains(r.stderr, flag) {
 			t.Errorf("%v: exit %d, stderr %q, want a usage error naming %s", args, r.code, r.stderr, flag)
 		}
+	}
+}
+
+// Stats of more namespaces than fit one answer frame: the server's admin
+// handler used to send the oversized frame (which the client refused), so
+// stats failed altogether. It now answers with the first that fit, and
+// stats prints them, then says how many it left out (exit 1).
+func TestStatsMoreNamespacesThanFitAFrame(t *testing.T) {
+	t.Parallel()
+	var many []h3x.NamespaceStats
+	for i := range 12000 { // ~130 bytes of JSON each: ~1.5 MiB
+		many = append(many, h3x.NamespaceStats{Namespace: fmt.Sprintf("namespace-%05d", i), Ready: i})
+	}
+	q := statsQueue{Queue: h3x.NewMemoryQueue(h3x.QueueOptions{}), stats: many}
+	srv := h3xtest.NewServer(t, h3xtest.WithQueue(q))
+	srv.Handle(adminRequestFrame, adminHandler(srv.Server()))
+	env := []string{"H3X_ADDR=" + srv.Addr(), "H3X_FINGERPRINT=" + srv.Fingerprint(), "H3X_CLIENT_ID=" + h3xtest.ClientID, "H3X_TOKEN=" + h3xtest.Token}
+	r := runH3X(t, "", env, "stats", "--json")
+	var shown []namespaceStats
+	if err := json.Unmarshal([]byte(r.stdout), &shown); err != nil || len(shown) == 0 || len(shown) >= len(many) {
+		t.Fatalf("stats of %d namespaces: exit %d, %d shown (%v), stderr %q", len(many), r.code, len(shown), err, r.stderr)
+	}
+	if r.code != 1 || !strings.Contains(r.stderr, fmt.Sprintf("%d more namespaces", len(many)-len(shown))) {
+		t.Errorf("exit %d, stderr %q; want exit 1 saying how many were left out", r.code, r.stderr)
 	}
 }

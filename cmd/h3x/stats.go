@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -41,6 +42,10 @@ func runStats(ctx context.Context, e *cmdEnv, args []string) error {
 	actx, cancel := context.WithTimeout(ctx, cf.timeout)
 	defer cancel()
 	stats, err := adminStats(actx, c, namespaces)
+	var omitted error
+	if errors.Is(err, errOmitted) {
+		omitted, err = err, nil // printed after the counts shown
+	}
 	if err != nil {
 		if ctx.Err() == nil && actx.Err() != nil {
 			return fmt.Errorf("no answer from %s within %v", cf.addr, cf.timeout)
@@ -50,7 +55,10 @@ func runStats(ctx context.Context, e *cmdEnv, args []string) error {
 	if asJSON {
 		enc := json.NewEncoder(e.stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(stats)
+		if err := enc.Encode(stats); err != nil {
+			return err
+		}
+		return omitted
 	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAMESPACE\tREADY\tLEASED\tDELAYED\tDEAD-LETTERED\tEXPIRED\tBYTES\tOLDEST READY\t")
@@ -61,5 +69,8 @@ func runStats(ctx context.Context, e *cmdEnv, args []string) error {
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t\n", s.Namespace, s.Ready, s.Leased, s.Delayed, s.DeadLettered, s.Expired, s.Bytes, oldest)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	return omitted
 }
