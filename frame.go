@@ -120,6 +120,10 @@ type frameReader struct {
 	max uint32
 	hdr [frameHeaderLen]byte
 	buf []byte
+	// retain, if above 0, is the largest buffer kept while waiting for the
+	// next frame (frameRetain on the server's streams, whose peers are not
+	// trusted; a client keeps what its server's batches need).
+	retain int
 }
 
 func newFrameReader(r io.Reader, maxFrameSize uint32) *frameReader {
@@ -134,7 +138,7 @@ func newFrameReader(r io.Reader, maxFrameSize uint32) *frameReader {
 // and an error matching ErrFrameTooLarge if payload_length is above the
 // maximum (nothing of the payload is read or allocated then).
 func (fr *frameReader) next() (FrameType, []byte, error) {
-	if cap(fr.buf) > frameRetain {
+	if fr.retain > 0 && cap(fr.buf) > fr.retain {
 		fr.buf = nil // the last payload is no longer valid: not kept while idle
 	}
 	n, err := io.ReadFull(fr.r, fr.hdr[:])
@@ -182,10 +186,10 @@ func (fr *frameReader) next() (FrameType, []byte, error) {
 	return t, fr.buf, nil
 }
 
-// frameRetain is the largest buffer a frameReader keeps while it waits for
-// the next frame (so that a stream's requests of a usual size reuse it): an
-// idle stream holds at most this much, a connection at most its stream
-// limit times this (12.5 MiB with the default 100 streams).
+// frameRetain is the largest buffer a server's frameReader keeps while it
+// waits for the next frame (so that a stream's requests of a usual size
+// reuse it): an idle stream holds at most this much, a connection at most
+// its stream limit times this (12.5 MiB with the default 100 streams).
 const frameRetain = 128 << 10
 
 func truncated(err error) error {

@@ -607,6 +607,7 @@ func (c *serverConn) goAway(reason string) {
 // the session.
 func (c *serverConn) controlLoop(ctx context.Context) {
 	fr := newFrameReader(c.ctrl, uint32(c.srv.cfg.maxFrameSize))
+	fr.retain = frameRetain // a peer's idle streams hold little
 	for {
 		t, payload, err := fr.next()
 		if err != nil {
@@ -656,6 +657,7 @@ func (c *serverConn) controlLoop(ctx context.Context) {
 // serveStream routes a data stream by its first frame's type.
 func (c *serverConn) serveStream(ctx context.Context, st *quic.Stream) {
 	fr := newFrameReader(st, uint32(c.srv.cfg.maxFrameSize))
+	fr.retain = frameRetain // a peer's idle streams hold little
 	t, payload, err := fr.next()
 	if errors.Is(err, io.EOF) {
 		// Finished before any frame: no request, so nothing to answer but
