@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"slices"
 
 	"google.golang.org/protobuf/proto"
 
@@ -124,13 +123,19 @@ type frameReader struct {
 	// next frame (frameRetain on the server's streams, whose peers are not
 	// trusted; a client keeps what its server's batches need).
 	retain int
+	// growFrom is the payload size above which the buffer grows as bytes
+	// arrive, and its first step (frameGrowFrom; the fuzz test lowers it).
+	growFrom int
 }
+
+// frameGrowFrom: payloads up to 4 KiB are allocated at once.
+const frameGrowFrom = 4 << 10
 
 func newFrameReader(r io.Reader, maxFrameSize uint32) *frameReader {
 	if maxFrameSize == 0 {
 		maxFrameSize = DefaultMaxFrameSize
 	}
-	return &frameReader{r: r, max: maxFrameSize}
+	return &frameReader{r: r, max: maxFrameSize, growFrom: frameGrowFrom}
 }
 
 // next reads one frame. It returns io.EOF if the stream ends cleanly between
@@ -156,7 +161,7 @@ func (fr *frameReader) next() (FrameType, []byte, error) {
 	if size > fr.max {
 		return t, nil, &Error{Code: CodeFrameTooLarge, Message: fmt.Sprintf("%v frame of %d bytes exceeds the maximum of %d", t, size, fr.max)}
 	}
-	if cap(fr.buf) >= int(size) || size <= 4<<10 {
+	if cap(fr.buf) >= int(size) || int(size) <= fr.growFrom {
 		if cap(fr.buf) < int(size) {
 			// Round small buffers up to 512 bytes, never past the maximum.
 			fr.buf = make([]byte, size, max(size, min(512, fr.max)))
@@ -173,8 +178,12 @@ func (fr *frameReader) next() (FrameType, []byte, error) {
 	// the peer actually sent, which QUIC's flow control bounds.
 	buf := fr.buf[:0]
 	for len(buf) < int(size) {
-		step := min(int(size)-len(buf), max(4<<10, len(buf)))
-		buf = slices.Grow(buf, step)
+		step := min(int(size)-len(buf), max(fr.growFrom, len(buf)))
+		if cap(buf)-len(buf) < step {
+			grown := make([]byte, len(buf), len(buf)+step) // exactly: never past the frame's size
+			copy(grown, buf)
+			buf = grown
+		}
 		n, err := io.ReadFull(fr.r, buf[len(buf):len(buf)+step])
 		buf = buf[:len(buf)+n]
 		if err != nil {

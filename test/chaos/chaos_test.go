@@ -268,6 +268,7 @@ type record struct {
 	mu           sync.Mutex
 	published    map[string]time.Time // publish returned stored or duplicate
 	pubFailed    int                  // events whose Publish call failed (outcome unknown)
+	pubErrs      map[string]int       // why: the failed calls' errors (a few kinds)
 	pubDups      int                  // outcomes reported as duplicate
 	deliveries   map[string][]delivery
 	ackConfirmed map[string]time.Time // the first time Client.Ack returned SettleOK
@@ -324,6 +325,15 @@ func publisher(ctx context.Context, c *h3x.Client, p int, rec *record) {
 		rec.mu.Lock()
 		if err != nil {
 			rec.pubFailed += len(events)
+			if rec.pubErrs == nil {
+				rec.pubErrs = make(map[string]int)
+			}
+			if ctx.Err() != nil {
+				err = fmt.Errorf("the run ended: %w", err)
+			}
+			if len(rec.pubErrs) < 8 {
+				rec.pubErrs[err.Error()]++
+			}
 		} else {
 			rec.pubOKAt = append(rec.pubOKAt, now)
 			for _, r := range res {
@@ -652,6 +662,9 @@ func TestChaos(t *testing.T) {
 		cycles, killing.Round(time.Millisecond), killsPub, killsAck, drained.Round(time.Millisecond))
 	t.Logf("chaos: published %d ids OK (%d reported duplicate on retry), %d events with a failed Publish call",
 		len(rec.published), rec.pubDups, rec.pubFailed)
+	if len(rec.pubErrs) > 0 {
+		t.Logf("chaos: failed Publish calls: %v", rec.pubErrs)
+	}
 	t.Logf("chaos: %d deliveries of %d ids; %d ids delivered more than once, %d extra deliveries (%.2f%%)",
 		deliveries, len(rec.deliveries), dupIDs, extra, 100*float64(extra)/float64(max(deliveries, 1)))
 	t.Logf("chaos: acks confirmed %d, other outcomes:%s, failed calls %d", len(rec.ackConfirmed), ackOther, rec.ackFailed)
