@@ -199,8 +199,9 @@ func WithAckFlush(size int, interval time.Duration) ClientOption {
 // WithStateHandler calls f on every connection state change, from one
 // goroutine, in order; f must not block. StateClosed is reported once: with
 // the error that ended the client (WithMaxReconnects ran out, credentials
-// refused), from which f may call Close, or with a nil Err by Close.
-// Default: none.
+// refused), from which f may call Close, or with a nil Err by Close. (A
+// Close called elsewhere while f reports that terminal StateClosed does not
+// wait for f to return.) Default: none.
 func WithStateHandler(f func(StateChange)) ClientOption {
 	return clientOptionFunc(func(c *clientConfig) { c.onState = f })
 }
@@ -283,7 +284,9 @@ type Client struct {
 	// subscription giving back unseen deliveries meanwhile waits for that
 	// connection to nack them (see Subscription.giveBack).
 	goAwayGap atomic.Bool
-	wg        sync.WaitGroup // the acker, subscriptions, async publishes, connections' goroutines
+	// serverFrame is the frame size the last connection's server announced.
+	serverFrame atomic.Int64
+	wg          sync.WaitGroup // the acker, subscriptions, async publishes, connections' goroutines
 	// supervisor counts the supervisor goroutine, which Close waits for
 	// unless it is reporting the client's terminal failure: the state
 	// handler may call Close from that report.
@@ -359,6 +362,8 @@ func (c *Client) setConn(cc *clientConn) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if cc != nil {
+		_, server := sendLimits(cc)
+		c.serverFrame.Store(int64(server))
 		c.cc = cc
 		close(c.ready)
 		return
@@ -1164,9 +1169,10 @@ func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]S
 	k.reason = truncateUTF8(k.reason, maxNackReason) // what the server keeps
 	out := make([]SettleResult, 0, len(ds))
 	for start := 0; start < len(ds); {
-		limit := c.cfg.maxFrameSize // the answer is read with the client's limit
-		if cc := c.current(); cc != nil {
-			_, server := sendLimits(cc)
+		// The answer is read with the client's limit; the request must fit
+		// the server's, the last one announced while reconnecting.
+		limit := c.cfg.maxFrameSize
+		if server := int(c.serverFrame.Load()); server > 0 {
 			limit = min(limit, server)
 		}
 		end, size := start, 64+len(k.reason) // the request's other fields
@@ -1337,8 +1343,13 @@ func (c *Client) Close() error {
 		c.closing.Store(true)
 		start := time.Now()
 		c.acker.stopSubscriptions()
-		// The acks' flush gets what is left of 5 s (at least 500 ms).
-		c.acker.flushAndStop(max(5*time.Second-time.Since(start), 500*time.Millisecond))
+		// The acks' flush gets what is left of 5 s (at least 500 ms); none
+		// after a terminal failure (no connection will come for them).
+		flush := max(5*time.Second-time.Since(start), 500*time.Millisecond)
+		if reported {
+			flush = 0
+		}
+		c.acker.flushAndStop(flush)
 		c.wgMu.Lock()
 		close(c.closed)
 		c.wgMu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"math/rand/v2"
 	"testing"
 	"time"
 
@@ -111,5 +112,34 @@ func TestLongPollsOnUnusedNamespacesLeaveNothing(t *testing.T) {
 	var e h3xpb.Error
 	if ft != FrameError || proto.Unmarshal(payload, &e) != nil || ErrorCode(e.GetCode()) != CodeInvalidArgument {
 		t.Fatalf("a fetch naming %d namespaces answered %v %v, want INVALID_ARGUMENT", MaxFetchNamespaces+1, ft, e.GetCode())
+	}
+}
+
+// leaseWireSize bounds a Delivery's encoding from above, for events of every
+// shape (many tiny metadata entries included): the server cuts batches by
+// it, so that a batch of twice the client's max_bytes fits its frame.
+func TestLeaseWireSizeIsAnUpperBound(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	str := func(n int) string {
+		b := make([]byte, n)
+		for i := range b {
+			b[i] = byte('a' + rng.IntN(26))
+		}
+		return string(b)
+	}
+	for i := range 2000 {
+		ev := Event{ID: str(rng.IntN(130)), Namespace: str(1 + rng.IntN(128)), Type: str(rng.IntN(40)), Message: str(rng.IntN(300)),
+			Data: make([]byte, rng.IntN(70000)), Time: time.Unix(rng.Int64N(1<<40), rng.Int64N(1e9))}
+		if n := rng.IntN(4); n > 0 {
+			ev.Metadata = map[string]string{}
+			for range rng.IntN([]int{1, 5, 200, 3000}[n]) {
+				ev.Metadata[str(1+rng.IntN(4))+str(rng.IntN(200)%3)] = str(rng.IntN([]int{1, 3, 300}[rng.IntN(3)]))
+			}
+		}
+		l := Lease{Event: ev, Attempt: 1 + rng.IntN(1<<20), Deadline: time.Now().Add(time.Hour)}
+		enc := proto.Size(batchFromLeases(1, []Lease{l})) // the Delivery within its batch (request id 1)
+		if est := leaseWireSize(&l); enc > est {
+			t.Fatalf("event %d: encoded %d bytes, estimate %d (metadata %d entries)", i, enc, est, len(ev.Metadata))
+		}
 	}
 }

@@ -399,9 +399,10 @@ func (s *Server) connList() []*serverConn {
 // read the GoAway; at most 2 s), then closes the connections (releasing
 // their leases) and the queue, and returns the queue's close error, if any.
 // If ctx ends first, it stops what is left at once (connections closed,
-// the contexts of queue calls and handlers cancelled) and returns ctx's
-// error without waiting for that to finish; Close waits for it. Later
-// calls, and Serve, return ErrServerClosed.
+// the contexts of queue calls and handlers cancelled), waits up to a
+// second more for that to finish (the queue's close included), and returns
+// ctx's error; Close waits for all of it (a Queue or Handler that ignores
+// its context's end). Later calls, and Serve, return ErrServerClosed.
 func (s *Server) Shutdown(ctx context.Context) error {
 	if !s.beginClose() {
 		return s.waitDone(ctx)
@@ -442,21 +443,32 @@ wait:
 	}
 	// The rest stops at once: connections closed (which also ends GoAway
 	// writes still waiting), queue calls' and handlers' contexts
-	// cancelled, the queue closed. As with http.Server, once ctx has ended
-	// Shutdown does not wait for it (a handler that ignores its context
-	// could hold it up for ever); Close does.
+	// cancelled, the queue closed. Once ctx has ended, Shutdown waits for
+	// that only stopGrace more (a handler or queue that ignores its
+	// context's end could hold it up for ever); Close waits for all of it.
 	go s.finishClose()
-	if ctxErr != nil {
-		return ctxErr
+	if ctxErr == nil {
+		select {
+		case <-s.doneCh:
+			<-sent
+			return s.closeErr
+		case <-ctx.Done():
+			ctxErr = ctx.Err()
+		}
 	}
+	t := time.NewTimer(stopGrace)
+	defer t.Stop()
 	select {
 	case <-s.doneCh:
-		<-sent
-		return s.closeErr
-	case <-ctx.Done():
-		return ctx.Err()
+	case <-t.C:
 	}
+	return ctxErr
 }
+
+// stopGrace is how long Shutdown, its ctx ended, still waits for the stop it
+// began (the queue's close included, so that a program that exits next
+// leaves its data directory closed cleanly).
+const stopGrace = time.Second
 
 // goAwayWorkers bounds the goroutines writing GoAway frames at Shutdown.
 const goAwayWorkers = 64

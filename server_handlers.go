@@ -279,6 +279,7 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 		if len(leases) > 0 && len(leases) < req.Limit && cfg.fetchLinger > 0 {
 			leases = ss.linger(ctx, req, leases)
 		}
+		leases = ss.fitEncoded(leases, 2*maxBytes)
 		if len(leases) > 0 {
 			c.delivered(ss, leases, room)
 			reportDelivered(c.srv.cfg.hooks, leases, time.Since(deadline.Add(-wait)))
@@ -305,6 +306,43 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 			return FrameError, errorToWire(asRetryable(werr), rid)
 		}
 	}
+}
+
+// fitEncoded gives back (unseen) the last of leases until the batch's
+// encoding is at most limit bytes, keeping at least one: the byte budget
+// counts events as §6.3 sizes them, and an event of many tiny metadata
+// entries encodes to several times that. A client asks for half its frame
+// size (max_bytes), so it can read any batch of twice the budget.
+func (ss *sessionStream) fitEncoded(leases []Lease, limit int) []Lease {
+	if len(leases) <= 1 {
+		return leases
+	}
+	total, sizes := 0, make([]int, len(leases))
+	for i := range leases {
+		sizes[i] = leaseWireSize(&leases[i])
+		total += sizes[i]
+	}
+	keep := len(leases)
+	for keep > 1 && total > limit {
+		keep--
+		total -= sizes[keep]
+	}
+	if keep == len(leases) {
+		return leases
+	}
+	refs := make([]LeaseRef, 0, len(leases)-keep)
+	for _, l := range leases[keep:] {
+		refs = append(refs, LeaseRef{ID: l.Event.ID, Attempt: l.Attempt, Namespace: l.Event.Namespace, Unseen: true})
+	}
+	ss.c.giveBack(refs, "over the batch's encoded size")
+	return leases[:keep]
+}
+
+// leaseWireSize bounds the encoding of l's Delivery in an EventsBatch from
+// above: the event's §6.3 size, its fields' tags and lengths and the
+// Delivery around it (80 bytes), and each metadata entry's (12).
+func leaseWireSize(l *Lease) int {
+	return l.Event.size() + 80 + 12*len(l.Event.Metadata)
 }
 
 // linger waits up to the fetch linger for more events to fill a batch,

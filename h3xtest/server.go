@@ -68,6 +68,7 @@ type Server struct {
 	registry *faultRegistry
 
 	restartMu sync.Mutex // one Restart at a time
+	closed    bool       // the test's cleanup has stopped the server (under restartMu)
 
 	mu       sync.Mutex
 	srv      *h3x.Server
@@ -184,6 +185,9 @@ func (s *Server) stop() {
 }
 
 func (s *Server) close() {
+	s.restartMu.Lock() // a Restart under way finishes first; none starts after
+	s.closed = true
+	s.restartMu.Unlock()
 	s.stop()
 	if err := s.queue.Close(); err != nil {
 		s.t.Errorf("h3xtest: closing the queue: %v", err)
@@ -272,6 +276,9 @@ func (s *Server) SetLatency(d time.Duration) { s.latency.Store(int64(d)) }
 func (s *Server) Restart() {
 	s.restartMu.Lock()
 	defer s.restartMu.Unlock()
+	if s.closed {
+		return // the test is over
+	}
 	s.stop()
 	if err := s.start(s.addr); err != nil {
 		s.t.Errorf("h3xtest: Restart: %v", err)
