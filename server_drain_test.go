@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -37,15 +38,19 @@ func (q *hookQueue) Enqueue(ctx context.Context, events []Event) ([]PublishResul
 // answer was lost, it was never retransmitted, and the client never learnt
 // that its publish was stored.
 func TestShutdownLingersAfterLastAnswer(t *testing.T) {
-	var proxy *faultnet.Proxy
+	// Set after the server starts, read by its publish: through an atomic,
+	// since the race detector does not see the UDP packets that order them.
+	var proxyP atomic.Pointer[faultnet.Proxy]
 	q := &hookQueue{Queue: NewMemoryQueue(QueueOptions{}), delay: 400 * time.Millisecond, before: func() {
 		// The packet carrying the SendResult is lost (a 15 ms outage,
 		// shorter than a probe timeout).
+		proxy := proxyP.Load()
 		proxy.SetBlackhole(true)
 		time.AfterFunc(15*time.Millisecond, func() { proxy.SetBlackhole(false) })
 	}}
 	s := testServer(t, WithQueue(q))
-	proxy = newUDPProxy(t, s.Addr().(*net.UDPAddr))
+	proxy := newUDPProxy(t, s.Addr().(*net.UDPAddr))
+	proxyP.Store(proxy)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	c, err := Dial(ctx, proxy.Addr(), WithCredentials("alice", "alice-token"), WithTrustedFingerprint(s.Fingerprint()),
