@@ -664,8 +664,11 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 
 // Publish stores events and returns one result per event, in order, once
 // every stored event is durable. Events without an ID get a UUIDv4 here,
-// before the first send, so a publish resent after a reconnect is stored
-// once. While the client is disconnected, Publish waits (within
+// before the first send, written into the caller's events: a publish resent
+// after a reconnect, or retried by the caller with the same events after an
+// error, is stored once. (So a slice reused for new events must have its
+// IDs cleared, or they are duplicates; and one slice must not be published
+// from two goroutines at once.) While the client is disconnected, Publish waits (within
 // WithPublishBuffer's bound) and sends after reconnecting. Events refused as
 // rate limited or queue full are retried after the server's retry-after, so
 // Publish fails for them only if ctx ends first; events refused for good
