@@ -668,12 +668,13 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 // after a reconnect, or retried by the caller with the same events after an
 // error, is stored once. (So a slice reused for new events must have its
 // IDs cleared, or they are duplicates; and one slice must not be published
-// from two goroutines at once.) While the client is disconnected, Publish waits (within
-// WithPublishBuffer's bound) and sends after reconnecting. Events refused as
-// rate limited or queue full are retried after the server's retry-after, so
-// Publish fails for them only if ctx ends first; events refused for good
-// (permission, invalid) have status PublishRefused and an *Error in Err. The
-// returned error is for the whole call (ctx, ErrClosed, a terminal error).
+// from two goroutines at once.) While the client is disconnected, Publish
+// waits (within WithPublishBuffer's bound) and sends after reconnecting.
+// Events refused as rate limited or queue full are retried after the
+// server's retry-after, so Publish fails for them only if ctx ends first;
+// events refused for good (permission, invalid) have status PublishRefused
+// and an *Error in Err. The returned error is for the whole call (ctx,
+// ErrClosed, a terminal error).
 func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult, error) {
 	for i := range events {
 		if events[i].ID == "" {
