@@ -676,11 +676,7 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 // and an *Error in Err. The returned error is for the whole call (ctx,
 // ErrClosed, a terminal error).
 func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult, error) {
-	for i := range events {
-		if events[i].ID == "" {
-			events[i].ID = uuid.NewString()
-		}
-	}
+	assignIDs(events)
 	// A slot is held while the call is in flight or waits for a
 	// connection, not while it waits out a rate limit or a full queue: a
 	// namespace over its limit must not hold up publishes to others.
@@ -831,6 +827,19 @@ func sendLimits(cc *clientConn) (int, int) {
 	return maxEvents, maxBytes
 }
 
+// assignIDs gives every event without an ID a UUIDv4, in place, and
+// returns the events' IDs.
+func assignIDs(events []Event) []string {
+	ids := make([]string, len(events))
+	for i := range events {
+		if events[i].ID == "" {
+			events[i].ID = uuid.NewString()
+		}
+		ids[i] = events[i].ID
+	}
+	return ids
+}
+
 // PublishCall is a Publish running in the background (see PublishAsync).
 type PublishCall struct {
 	done    chan struct{}
@@ -856,22 +865,16 @@ func (p *PublishCall) Result() ([]PublishResult, error) {
 
 // PublishAsync starts Publish(ctx, events...) in the background and returns
 // at once, so one goroutine can keep many batches in flight (bounded by
-// WithPublishBuffer: beyond it, PublishAsync waits for a call to finish). It publishes a copy of events: the IDs it assigns
-// (before it returns) are in PublishCall.IDs and the results, not in the
-// caller's slice, which the caller may reuse at once (the events' Data and
-// Metadata are shared, not copied: leave them unchanged until the call is
-// done). To retry a failed call without storing its events twice, publish
+// WithPublishBuffer: beyond it, PublishAsync waits for a call to finish).
+// It publishes a copy of events: the IDs it assigns (before it returns) are
+// in PublishCall.IDs and the results, not in the caller's slice, which the
+// caller may reuse at once (the events' Data and Metadata are shared, not
+// copied: leave them unchanged until the call is done). To retry a failed call without storing its events twice, publish
 // them again with those IDs. The client owns the background work: Close
 // cancels and waits for it.
 func (c *Client) PublishAsync(ctx context.Context, events ...Event) *PublishCall {
-	p := &PublishCall{done: make(chan struct{}), ids: make([]string, len(events))}
 	copied := slices.Clone(events)
-	for i := range copied {
-		if copied[i].ID == "" {
-			copied[i].ID = uuid.NewString()
-		}
-		p.ids[i] = copied[i].ID
-	}
+	p := &PublishCall{done: make(chan struct{}), ids: assignIDs(copied)}
 	select {
 	case <-c.closed:
 		p.err = ErrClosed
@@ -1182,9 +1185,9 @@ func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]S
 		end, size := start, 64+len(k.reason) // the request's other fields
 		for end < len(ds) {
 			d := ds[end]
-			// An ID (and namespace) with its tags and lengths, an attempt;
-			// in the answer, the ID again with a status.
-			n := max(len(d.Event.ID)+len(d.Event.Namespace)+16, len(d.Event.ID)+12)
+			// An ID and namespace with their tags and lengths, an attempt
+			// (the answer's echo of the ID with a status is smaller).
+			n := len(d.Event.ID) + len(d.Event.Namespace) + 16
 			if end > start && size+n > limit {
 				break
 			}

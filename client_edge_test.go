@@ -72,13 +72,7 @@ func TestSyncAckRespectsServerFrameSize(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	c := mustDial(t, s, "alice", "alice-token")
-	evs := make([]Event, 200)
-	for i := range evs {
-		evs[i] = Event{Namespace: "orders"}
-	}
-	if _, err := c.Publish(ctx, evs...); err != nil {
-		t.Fatal(err)
-	}
+	publishCopies(ctx, t, c, 200, Event{Namespace: "orders"})
 	var all []*Delivery
 	for len(all) < 200 {
 		ds, err := c.Fetch(ctx, 200, "orders")
@@ -438,13 +432,7 @@ func TestSubscribeWithSmallerClientFrameSize(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	c := mustDial(t, s, "alice", "alice-token", WithBackoff(fastBackoff), WithMaxFrameSize(64<<10))
-	evs := make([]Event, 200)
-	for i := range evs {
-		evs[i] = Event{Namespace: "orders", Data: make([]byte, 8<<10)}
-	}
-	if _, err := c.Publish(ctx, evs...); err != nil {
-		t.Fatal(err)
-	}
+	publishCopies(ctx, t, c, 200, Event{Namespace: "orders", Data: make([]byte, 8<<10)})
 	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -509,13 +497,7 @@ func TestCloseBoundedWhenPathGoesSilent(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	pub := mustDial(t, s, "alice", "alice-token")
-	evs := make([]Event, 200)
-	for i := range evs {
-		evs[i] = Event{Namespace: "orders"}
-	}
-	if _, err := pub.Publish(ctx, evs...); err != nil {
-		t.Fatal(err)
-	}
+	publishCopies(ctx, t, pub, 200, Event{Namespace: "orders"})
 	c, err := Dial(ctx, p.Addr(), WithCredentials("alice", "alice-token"), WithTrustedFingerprint(s.Fingerprint()), WithBackoff(fastBackoff))
 	if err != nil {
 		t.Fatal(err)
@@ -532,5 +514,17 @@ func TestCloseBoundedWhenPathGoesSilent(t *testing.T) {
 	c.Close()
 	if el := time.Since(t0); el > 6*time.Second {
 		t.Errorf("Close took %v with %d subscriptions on a silent path (documented bound: 5 s)", el.Round(100*time.Millisecond), subs)
+	}
+}
+
+// publishCopies publishes n copies of ev (each with its own ID) in one call.
+func publishCopies(ctx context.Context, t *testing.T, c *Client, n int, ev Event) {
+	t.Helper()
+	evs := make([]Event, n)
+	for i := range evs {
+		evs[i] = ev
+	}
+	if _, err := c.Publish(ctx, evs...); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -125,13 +125,7 @@ func TestAckChunksDuringReconnect(t *testing.T) {
 	defer cancel()
 	slow := &ExponentialBackoff{Initial: time.Second, Max: time.Second, Multiplier: 1, NoJitter: true}
 	c := mustDial(t, s, "alice", "alice-token", WithAckFlush(1000, time.Hour), WithBackoff(slow))
-	evs := make([]Event, 200)
-	for i := range evs {
-		evs[i] = Event{Namespace: "orders"}
-	}
-	if _, err := c.Publish(ctx, evs...); err != nil {
-		t.Fatal(err)
-	}
+	publishCopies(ctx, t, c, 200, Event{Namespace: "orders"})
 	var ds []*Delivery
 	for len(ds) < 200 {
 		got, err := c.Fetch(ctx, 200-len(ds), "orders")

@@ -206,7 +206,7 @@ func (s *Subscription) run(ctx context.Context) {
 		case errors.Is(err, ErrFrameTooLarge):
 			// An event too large for this client's reader: every poll
 			// would lease it again and fail the same way.
-			err = fmt.Errorf("h3x: subscription: %w (an event larger than WithMaxFrameSize, %d bytes; the server accepts up to %d)", err, c.cfg.maxFrameSize, serverFrameSize(on))
+			err = fmt.Errorf("h3x: subscription: %w (an event larger than WithMaxFrameSize, %d bytes; the server accepts up to %d)", err, c.cfg.maxFrameSize, c.serverFrame.Load())
 			c.logger.Warn("h3x: subscription ended", "err", err)
 			s.end(err)
 			return true
@@ -342,8 +342,9 @@ func (s *Subscription) run(ctx context.Context) {
 // order, waiting for the application to take them (that wait is the
 // subscription's flow control, as QUIC's is the server's), and gives back
 // the poll's unused credits. Handing out there rather than in the
-// subscription's goroutine saves a goroutine hand-off on every delivery. What it cannot hand out once the subscription ends is left
-// in a.rest, to be given back.
+// subscription's goroutine saves a goroutine hand-off on every delivery.
+// What it cannot hand out once the subscription ends is left in a.rest, to
+// be given back.
 func (s *Subscription) handOut(a *rpcAnswer, n int, claimed *atomic.Bool) {
 	ds := s.client.deliveries(a.msg.(*h3xpb.EventsBatch), s) // checked by the stream's reader
 	if !claimed.CompareAndSwap(false, true) {
@@ -475,14 +476,6 @@ func (s *Subscription) end(err error) {
 	s.mu.Lock()
 	s.err = err
 	s.mu.Unlock()
-}
-
-// serverFrameSize is the frame size cc's server announced (0: unknown).
-func serverFrameSize(cc *clientConn) int {
-	if cc == nil {
-		return 0
-	}
-	return int(cc.auth.GetLimits().GetMaxFrameSize())
 }
 
 // settleOp is one batched ack, nack or extension.

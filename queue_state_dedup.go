@@ -82,45 +82,6 @@ func (d *dedupIndex) key(id string) (uint64, uint64) {
 	return maphash.String(d.seed1, id), maphash.String(d.seed2, id) >> 32
 }
 
-// parseCanonicalUUID parses a UUID in canonical lowercase text form.
-func parseCanonicalUUID(s string) (u [16]byte, ok bool) {
-	if len(s) != 36 || s[8] != '-' || s[13] != '-' || s[18] != '-' || s[23] != '-' {
-		return u, false
-	}
-	j := 0
-	for i := 0; i < 36; {
-		if i == 8 || i == 13 || i == 18 || i == 23 {
-			i++
-			continue
-		}
-		hi, ok1 := lowerHex(s[i])
-		lo, ok2 := lowerHex(s[i+1])
-		if !ok1 || !ok2 {
-			return u, false
-		}
-		u[j] = hi<<4 | lo
-		j++
-		i += 2
-	}
-	return u, true
-}
-
-func lowerHex(c byte) (byte, bool) {
-	v := hexTable[c]
-	return v & 0x0f, v != 0
-}
-
-// hexTable maps a lowercase hex digit to its value + 0x10, anything else to 0.
-var hexTable = func() (t [256]byte) {
-	for c := '0'; c <= '9'; c++ {
-		t[c] = byte(c-'0') | 0x10
-	}
-	for c := 'a'; c <= 'f'; c++ {
-		t[c] = byte(c-'a'+10) | 0x10
-	}
-	return t
-}()
-
 // expire drops the generations that ended a window ago.
 func (d *dedupIndex) expire(now int64) {
 	k := 0

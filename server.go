@@ -178,9 +178,6 @@ func (s *Server) setupTLS() error {
 	if s.fp == "" && len(conf.Certificates) > 0 && len(conf.Certificates[0].Certificate) > 0 {
 		s.fp = Fingerprint(conf.Certificates[0].Certificate[0])
 	}
-	if len(conf.Certificates) == 0 && conf.GetCertificate == nil && conf.GetConfigForClient == nil {
-		return newError(CodeInvalidArgument, "WithTLSConfig: the configuration holds no certificate")
-	}
 	conf.NextProtos = []string{ALPN}
 	conf.MinVersion = tls.VersionTLS13
 	s.tlsConf = conf

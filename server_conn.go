@@ -233,6 +233,25 @@ func (c *serverConn) giveBack(refs []LeaseRef, why string) {
 	}
 }
 
+// frameReader reads a client's frames on r, up to the server's frame size,
+// keeping at most frameRetain between them (a peer's idle streams hold
+// little).
+func (c *serverConn) frameReader(r io.Reader) *frameReader {
+	fr := newFrameReader(r, uint32(c.srv.cfg.maxFrameSize))
+	fr.retain = frameRetain
+	return fr
+}
+
+// giveBackLeases gives back, unseen, leases a fetch took and will not
+// deliver.
+func (c *serverConn) giveBackLeases(leases []Lease, why string) {
+	refs := make([]LeaseRef, len(leases))
+	for i, l := range leases {
+		refs[i] = LeaseRef{ID: l.Event.ID, Attempt: l.Attempt, Namespace: l.Event.Namespace, Unseen: true}
+	}
+	c.giveBack(refs, why)
+}
+
 // reserve takes room for up to limit more deliveries on ss, under the
 // connection's cap and ss's (fetches on other streams cannot take it
 // meanwhile), and returns how much it took; with no room, it returns 0 and a
@@ -606,8 +625,7 @@ func (c *serverConn) goAway(reason string) {
 // connection with CodeProtocolViolation. The end of the control stream ends
 // the session.
 func (c *serverConn) controlLoop(ctx context.Context) {
-	fr := newFrameReader(c.ctrl, uint32(c.srv.cfg.maxFrameSize))
-	fr.retain = frameRetain // a peer's idle streams hold little
+	fr := c.frameReader(c.ctrl)
 	for {
 		t, payload, err := fr.next()
 		if err != nil {
@@ -656,8 +674,7 @@ func (c *serverConn) controlLoop(ctx context.Context) {
 
 // serveStream routes a data stream by its first frame's type.
 func (c *serverConn) serveStream(ctx context.Context, st *quic.Stream) {
-	fr := newFrameReader(st, uint32(c.srv.cfg.maxFrameSize))
-	fr.retain = frameRetain // a peer's idle streams hold little
+	fr := c.frameReader(st)
 	t, payload, err := fr.next()
 	if errors.Is(err, io.EOF) {
 		// Finished before any frame: no request, so nothing to answer but

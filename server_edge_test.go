@@ -120,12 +120,8 @@ func TestShutdownReturnsWhenCtxEndsDespiteStuckHandler(t *testing.T) {
 		<-release // application work that does not watch ctx
 		return nil
 	}))
-	c := mustDial(t, s, "alice", "alice-token")
 	ctx := context.Background()
-	st, err := c.OpenStream(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	st := openAppStream(t, s)
 	defer st.Close()
 	if err := st.WriteFrame(0x90, []byte("x")); err != nil {
 		t.Fatal(err)
@@ -163,13 +159,7 @@ func TestHandlerPanicDoesNotCrashServer(t *testing.T) {
 			m["boom"] = 1 // a bug in application code
 			return nil
 		}))
-		c := mustDial(t, s, "alice", "alice-token")
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		st, err := c.OpenStream(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
+		st := openAppStream(t, s)
 		st.WriteFrame(0x91, nil)
 		st.ReadFrame() // the stream should be reset (CodeInternal)
 		st.Close()
@@ -309,13 +299,7 @@ func TestHandlerWriteFrameRefusesOversizedFrame(t *testing.T) {
 		werr <- err
 		return err
 	}))
-	c := mustDial(t, s, "alice", "alice-token")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	st, err := c.OpenStream(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
+	st := openAppStream(t, s)
 	defer st.Close()
 	st.WriteFrame(0x92, nil)
 	_, _, rerr := st.ReadFrame()
@@ -325,7 +309,7 @@ func TestHandlerWriteFrameRefusesOversizedFrame(t *testing.T) {
 		if !errors.Is(err, ErrFrameTooLarge) {
 			t.Fatalf("server Stream.WriteFrame of a frame above the maximum size returned %v (want ErrFrameTooLarge before sending); the client read: %v", err, rerr)
 		}
-	case <-ctx.Done():
+	case <-time.After(5 * time.Second):
 		t.Fatal("handler did not write")
 	}
 }
@@ -438,4 +422,17 @@ func TestHooksRefusedCountsOversizedSendEvent(t *testing.T) {
 	if len(h.codes) != 3 {
 		t.Fatalf("Hooks.Refused reported %d events (%v) for a SendEvent of 3 events refused INVALID_ARGUMENT", len(h.codes), h.codes)
 	}
+}
+
+// openAppStream dials s as alice and opens an application stream.
+func openAppStream(t *testing.T, s *Server) *Stream {
+	t.Helper()
+	c := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := c.OpenStream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
 }

@@ -314,27 +314,18 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 // entries encodes to several times that. A client asks for half its frame
 // size (max_bytes), so it can read any batch of twice the budget.
 func (ss *sessionStream) fitEncoded(leases []Lease, limit int) []Lease {
-	if len(leases) <= 1 {
-		return leases
-	}
-	total, sizes := 0, make([]int, len(leases))
+	total := 0
 	for i := range leases {
-		sizes[i] = leaseWireSize(&leases[i])
-		total += sizes[i]
+		total += leaseWireSize(&leases[i])
 	}
 	keep := len(leases)
 	for keep > 1 && total > limit {
 		keep--
-		total -= sizes[keep]
+		total -= leaseWireSize(&leases[keep])
 	}
-	if keep == len(leases) {
-		return leases
+	if keep < len(leases) {
+		ss.c.giveBackLeases(leases[keep:], "over the batch's encoded size")
 	}
-	refs := make([]LeaseRef, 0, len(leases)-keep)
-	for _, l := range leases[keep:] {
-		refs = append(refs, LeaseRef{ID: l.Event.ID, Attempt: l.Attempt, Namespace: l.Event.Namespace, Unseen: true})
-	}
-	ss.c.giveBack(refs, "over the batch's encoded size")
 	return leases[:keep]
 }
 
@@ -382,11 +373,7 @@ func (ss *sessionStream) linger(ctx context.Context, req LeaseRequest, leases []
 		}
 		leases = append(leases, got[:keep]...)
 		if keep < len(got) { // over the budget: a queue leases at least one event
-			refs := make([]LeaseRef, 0, len(got)-keep)
-			for _, l := range got[keep:] {
-				refs = append(refs, LeaseRef{ID: l.Event.ID, Attempt: l.Attempt, Namespace: l.Event.Namespace, Unseen: true})
-			}
-			c.giveBack(refs, "over the batch's byte budget")
+			c.giveBackLeases(got[keep:], "over the batch's byte budget")
 			break
 		}
 	}
@@ -517,8 +504,8 @@ func reportDelivered(h Hooks, leases []Lease, waited time.Duration) {
 	}
 	now := time.Now()
 	type nsReport struct {
-		n, redelivered int
-		ages           []time.Duration
+		redelivered int
+		ages        []time.Duration // one per delivery
 	}
 	var order []string
 	per := make(map[string]*nsReport, 2)
@@ -530,7 +517,6 @@ func reportDelivered(h Hooks, leases []Lease, waited time.Duration) {
 			per[ns] = r
 			order = append(order, ns)
 		}
-		r.n++
 		if leases[i].Attempt > 1 {
 			r.redelivered++
 		}
@@ -538,7 +524,7 @@ func reportDelivered(h Hooks, leases []Lease, waited time.Duration) {
 	}
 	for _, ns := range order {
 		r := per[ns]
-		h.Delivered(ns, r.n, r.redelivered, waited, r.ages)
+		h.Delivered(ns, len(r.ages), r.redelivered, waited, r.ages)
 	}
 	if fh, ok := h.(FetchedHooks); ok {
 		fh.Fetched(len(leases), waited)

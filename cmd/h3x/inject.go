@@ -298,10 +298,10 @@ func publishAll(ctx context.Context, e *cmdEnv, c *h3x.Client, src eventSource, 
 
 	start := time.Now()
 	sent := 0
+	var srcErr error // a malformed line: the loop ends after publishing the lines before it
 	for done := false; !done; {
 		batch := make([]h3x.Event, 0, batchSize)
 		labels := make([]string, 0, batchSize)
-		var srcErr error
 		for len(batch) < batchSize {
 			ev, label, err := src.next()
 			if errors.Is(err, io.EOF) {
@@ -318,9 +318,6 @@ func publishAll(ctx context.Context, e *cmdEnv, c *h3x.Client, src eventSource, 
 			labels = append(labels, label)
 		}
 		if len(batch) == 0 {
-			if srcErr != nil {
-				return stop(srcErr)
-			}
 			break
 		}
 		if interval > 0 {
@@ -338,11 +335,8 @@ func publishAll(ctx context.Context, e *cmdEnv, c *h3x.Client, src eventSource, 
 		}
 		fifo = append(fifo, pendingBatch{call: c.PublishAsync(pubCtx, batch...), labels: labels})
 		sent += len(batch)
-		if srcErr != nil {
-			return stop(srcErr)
-		}
 	}
-	if err := stop(nil); err != nil {
+	if err := stop(srcErr); err != nil {
 		return err
 	}
 	if err := out.finish(); err != nil {
