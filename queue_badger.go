@@ -50,13 +50,14 @@ import (
 // namespace when it would next be leased), and so do nack delays (a delayed
 // event is ready at once after a restart). Attempt
 // counts and settlements survive: each Lease call stores one record of its
-// deliveries (in the next group commit, not waited for), so after a restart
-// the next delivery of an event delivered before continues its attempt
-// count, and a client can still settle a delivery it received before the
-// restart (see LeaseRef). Only deliveries made in the last moments before a
-// crash (whose record was not yet written) are not counted. The dedup window
-// survives too: the IDs of each commit are stored with it, with a time to
-// live.
+// deliveries and returns once it is written (in the next group commit; not
+// synced, so it survives a process kill, and with DurabilityFsync a power
+// loss only once a later sync has covered it), so after a restart the next
+// delivery of an event delivered before continues its attempt count, an
+// ack of a delivery made before the restart is stale once the event has
+// been delivered again, and a client can still settle a delivery it
+// received before the restart (see LeaseRef). The dedup window survives
+// too: the IDs of each commit are stored with it, with a time to live.
 //
 // The backlog is not held in memory: only events delivered since the queue
 // was opened (or listed in a lease record) are. Settling an event never
@@ -345,6 +346,10 @@ type wop struct {
 
 	w      *writeWait
 	failed error
+	// written, if not nil, is closed once the group holding the op has
+	// been written (or refused), before any sync: a lease record is then
+	// in Badger's write-ahead log, which a killed process leaves behind.
+	written chan struct{}
 }
 
 // --- keys and values -----------------------------------------------------------
@@ -1159,14 +1164,22 @@ func (s *badgerStore) take(e *qentry) (Event, error) {
 	return ev, nil
 }
 
-// submit hands the effects of a state change to the writer.
+// submit hands the effects of a state change to the writer. Without wait it
+// returns a wait for the writes to be written, not synced (see
+// queueStore.submit).
 func (s *badgerStore) submit(fx *effects, wait bool) *writeWait {
 	q := (*badgerQueue)(s)
 	op := &wop{fx: fx, w: &writeWait{done: make(chan struct{})}, durable: wait}
+	if !wait {
+		op.written = make(chan struct{})
+	}
 	if err := q.push(op); err != nil {
 		// Closed: the core refuses calls once closed, so only expiry
 		// can get here; nothing is lost (attempt counts, at worst).
 		return nil
+	}
+	if !wait {
+		return &writeWait{done: op.written}
 	}
 	return op.w
 }
@@ -1357,6 +1370,11 @@ type gtxn struct {
 func (g *group) release() {
 	if g.pending.Add(-1) == 0 {
 		close(g.done)
+		for _, op := range g.ops {
+			if op.written != nil {
+				close(op.written)
+			}
+		}
 	}
 }
 

@@ -667,3 +667,39 @@ func TestBadgerQueueFreshCloseLogsNothing(t *testing.T) {
 		t.Errorf("Close of a fresh queue logged: %s", logs.String())
 	}
 }
+
+// TestBadgerLeaseRecordOutlivesAKill: a Lease returns only once its lease
+// record is written, so a kill -9 right after it cannot make the next
+// delivery reuse the attempt number (RELIABILITY.md finding 3; the record
+// used to be written by a later group, and a kill in between lost it: the
+// old delivery's ack then settled the new one). The writer is slowed by a
+// hook; the kill is a copy of the live directory.
+func TestBadgerLeaseRecordOutlivesAKill(t *testing.T) {
+	for _, d := range []Durability{DurabilityFsync, DurabilityNoSync} {
+		t.Run(d.String(), func(t *testing.T) {
+			dir := t.TempDir()
+			q := openTestBadger(t, dir, QueueOptions{Durability: d})
+			publishTest(t, q, Event{ID: "a", Namespace: "n"})
+			slow := func(ws []bwrite) bool {
+				if slices.ContainsFunc(ws, func(w bwrite) bool { return len(w.key) > 0 && w.key[0] == keyLeaseRec && !w.del }) {
+					time.Sleep(100 * time.Millisecond)
+				}
+				return false
+			}
+			q.failCommit.Store(&slow)
+			ls := leaseAll(t, q, "h", 1, "n")
+			crashed := copyLive(t, dir)
+			q.failCommit.Store(nil)
+
+			q2 := openTestBadger(t, crashed, QueueOptions{Durability: d})
+			ls2 := leaseAll(t, q2, "h2", 1, "n")
+			if len(ls2) != 1 || ls2[0].Attempt != ls[0].Attempt+1 {
+				t.Fatalf("after a kill right after the lease (attempt %d): %+v, want attempt %d", ls[0].Attempt, ls2, ls[0].Attempt+1)
+			}
+			res, err := q2.Ack(context.Background(), "h", []LeaseRef{{ID: "a", Attempt: ls[0].Attempt}})
+			if err != nil || res[0].Status != SettleStale {
+				t.Fatalf("ack of the delivery before the kill: %+v, %v; want stale", res, err)
+			}
+		})
+	}
+}

@@ -175,9 +175,10 @@ type queueStore interface {
 	// take returns the event of e for a delivery; the caller owns the copy.
 	take(e *qentry) (Event, error)
 	// submit hands the storage writes of a state change to the store. It
-	// returns nil if they are applied already, or a wait for their
-	// durability. wait says whether the caller will wait for it (the store
-	// need not sync for writes nobody waits for).
+	// returns nil if they are applied already; otherwise, with wait, a
+	// wait for their durability, and without, a wait for them to be
+	// written as far as a crash of the process (not of the machine)
+	// keeps them (the store need not sync for writes nobody waits for).
 	submit(fx *effects, wait bool) *writeWait
 }
 
@@ -892,7 +893,8 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 	out, w, err := c.lease(req, limit, deadline)
 	c.mu.Unlock()
 	// Dead-letter moves the call made land before it returns (so that Stats
-	// agree with what it did); the lease itself waits for nothing.
+	// agree with what it did), and the lease record is written (see lease).
+	// Neither failing fails the lease: its events are the caller's now.
 	if werr := w.wait(ctx); werr != nil && !errors.Is(werr, context.Canceled) && !errors.Is(werr, context.DeadlineExceeded) {
 		c.log.Warn("h3x: queue: dead-lettering during a lease failed; the events stay", "err", werr)
 	}
@@ -1006,12 +1008,11 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 		rec.n = len(put.entries)
 		fx.recPuts = append(fx.recPuts, put)
 	}
-	var w *writeWait
-	if len(fx.moves) > 0 {
-		w = c.finish(&fx)
-	} else {
-		c.finishNoWait(&fx)
-	}
+	// The deliveries go out once their lease record is written (not
+	// synced): a kill -9 after that cannot make the next delivery reuse
+	// their attempt numbers. With dead-letter moves, once those are
+	// durable.
+	w := c.finishWait(&fx, len(fx.moves) > 0)
 	if err != nil && len(out) == 0 {
 		return nil, w, err
 	}
