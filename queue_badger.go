@@ -30,9 +30,9 @@ import (
 //
 // Defaults (the zero QueueOptions): DurabilityFsync, a 2-minute dedup
 // window, dead-lettering after 10 attempts, no per-namespace limits, no
-// logging. Badger is tuned for embedding: a process that opens a backlog of
-// a million 256-byte events has about 135 MB of RSS (see badgerOptions);
-// opts.Badger can change any Badger option afterwards.
+// logging. Badger is tuned for embedding: a process holding a backlog of a
+// million 256-byte events has about 110–140 MB of RSS once the queue is idle
+// (see badgerOptions); opts.Badger can change any Badger option afterwards.
 //
 // What survives what:
 //
@@ -119,6 +119,8 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		completerDone: make(chan struct{}),
 		gcStop:        make(chan struct{}),
 		gcDone:        make(chan struct{}),
+		trimStop:      make(chan struct{}),
+		trimDone:      make(chan struct{}),
 		reserve:       uint64(2*bo.ValueLogFileSize + 4*bo.MemTableSize + 32<<20),
 	}
 	maxBatchSize := 15 * bo.MemTableSize / 100 // as Badger computes its limits
@@ -143,6 +145,7 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	go q.writer()
 	go q.completer()
 	go q.gcLoop(valueLogGCInterval)
+	go q.trimLoop(trimInterval)
 	return q, nil
 }
 
@@ -157,14 +160,20 @@ var _ Queue = (*badgerQueue)(nil)
 // files are the minimum size and the memtables larger (32 MB: with 8 MB,
 // flushes and compactions of the values halved throughput). Measured with a
 // backlog of a million 256-byte events (H3X_RSS=1 go test -run
-// TestQueueBadgerRSS): a process that opens it has 130 MB of RSS (89 MB
-// anonymous), 135 MB after leasing and acking 10,000 of it. The process
-// that has just published it at full speed peaks near 1 GB while Badger
-// compacts (Go heap up to 440 MB plus the collector's headroom; 210 MB
-// anonymous after debug.FreeOSMemory): set GOMEMLIMIT to bound it. Badger
-// memory-maps its files, so the pages a process has written or read also
-// count in its RSS, as file-backed page cache the kernel reclaims under
-// memory pressure: about 330 MB in the publishing process.
+// TestQueueBadgerRSS): a process that opens it has 132–134 MB of RSS
+// (about 90 MB anonymous), 136–138 MB after leasing and acking 10,000 of
+// it; one that opens it after a kill -9 (and so reads all of it once, see
+// load) 109–126 MB once idle for 30 s. The process that has just published
+// it at full speed peaks at 1.1–1.2 GB while Badger flushes and compacts:
+// Badger keeps up to
+// eight table-builder buffer sets (about 60 MB each with these options)
+// and gives one back every 2 s without flushes or compactions, and the Go
+// runtime returns freed memory over the following seconds; it holds
+// 134–138 MB after 40 s idle. (GOMEMLIMIT trims only the collector's headroom of the
+// peak: the buffers are live.) Badger memory-maps
+// its table files, so the pages a process has written or read count in its
+// RSS as file-backed memory (300 MB for the publishing process); the
+// trimmer (queue_badger_trim.go) gives them back while the queue reads none.
 func badgerOptions(dir string, opts QueueOptions) badger.Options {
 	bo := badger.DefaultOptions(dir)
 	bo.Logger = badgerLogger{opts.Logger}
@@ -284,6 +293,12 @@ type badgerQueue struct {
 
 	gcStop chan struct{}
 	gcDone chan struct{}
+	// trimStop and trimDone stop and wait for trimLoop
+	// (queue_badger_trim.go).
+	trimStop, trimDone chan struct{}
+	// tableReads counts reads of stored events (read-ahead refills and
+	// redeliveries): the trimmer leaves the maps alone while they grow.
+	tableReads atomic.Int64
 
 	reserve  uint64
 	diskFree atomic.Pointer[func(dir string) (uint64, error)] // a test hook
@@ -1027,6 +1042,7 @@ type badgerStore badgerQueue
 func (s *badgerStore) refill(ns *qns, n int) error {
 	q := (*badgerQueue)(s)
 	c := q.core
+	q.tableReads.Add(1)
 	txn := q.db.NewTransaction(false)
 	defer txn.Discard()
 	it := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(keyEvent, ns.name)})
@@ -1149,6 +1165,7 @@ func (s *badgerStore) take(e *qentry) (Event, error) {
 		return ev, nil
 	}
 	q := (*badgerQueue)(s)
+	q.tableReads.Add(1)
 	var ev Event
 	err := q.db.View(func(txn *badger.Txn) error {
 		v, err := q.readStoredEvent(txn, e)
@@ -2482,6 +2499,8 @@ func (q *badgerQueue) Close() error {
 		q.markClean()
 		close(q.gcStop)
 		<-q.gcDone
+		close(q.trimStop)
+		<-q.trimDone
 		q.stopBallast()
 		q.syncMu.Lock()
 		if q.walFile != nil {

@@ -1,0 +1,73 @@
+package h3x
+
+import (
+	"path/filepath"
+	"time"
+)
+
+// Badger reads and writes its table files (.sst) through shared memory maps.
+// Every page of a table the process wrote (all of them: Badger builds a
+// table by copying it into its map) or read stays in the process's resident
+// set until the table is deleted, so a process that published a large
+// backlog shows it in its RSS as file-backed memory (about 300 MB for
+// 1,000,000 256-byte events), although the kernel could drop those pages at
+// any time. The trimmer gives them back: when the process's file-backed
+// resident memory is above mappedBudget, it asks the kernel to reclaim the
+// pages of the queue's table maps (madvise MADV_PAGEOUT on Linux, which never
+// changes what the memory holds; a later read faults the page in again from
+// the file), unless the queue read stored events since the last check: the
+// pages of a backlog being consumed stay. Elsewhere it does nothing.
+
+const (
+	// mappedBudget is the file-backed resident memory (VmRSS's RssFile,
+	// the whole process's) above which the queue's table maps are trimmed.
+	mappedBudget = 64 << 20
+	// trimInterval is how often the trimmer checks.
+	trimInterval = 10 * time.Second
+)
+
+// trimLoop runs the trimmer every interval until Close.
+func (q *badgerQueue) trimLoop(interval time.Duration) {
+	defer close(q.trimDone)
+	dir, err := filepath.Abs(q.dir)
+	if err == nil {
+		dir, err = filepath.EvalSymlinks(dir)
+	}
+	if err != nil {
+		q.log.Debug("h3x: badger queue: table maps are not trimmed", "err", err)
+		return
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	reads := q.tableReads.Load()
+	for {
+		select {
+		case <-q.trimStop:
+			return
+		case <-t.C:
+		}
+		n, err := q.trimTick(dir, &reads, mappedBudget)
+		if err != nil {
+			q.log.Debug("h3x: badger queue: table maps are not trimmed", "err", err)
+			return
+		}
+		if n > 0 {
+			q.log.Debug("h3x: badger queue: table maps trimmed", "bytes", n)
+		}
+	}
+}
+
+// trimTick is one check of trimLoop: it trims the table maps in dir unless
+// stored events were read since the last check (*reads, updated) or the
+// process's file-backed resident memory is at most budget. It returns the
+// bytes of the maps trimmed.
+func (q *badgerQueue) trimTick(dir string, reads *int64, budget int64) (int64, error) {
+	if r := q.tableReads.Load(); r != *reads {
+		*reads = r
+		return 0, nil
+	}
+	if resident, ok := fileResident(); !ok || resident <= budget {
+		return 0, nil
+	}
+	return trimTableMaps(dir)
+}

@@ -1,0 +1,11 @@
+//go:build !linux
+
+package h3x
+
+import "errors"
+
+func fileResident() (int64, bool) { return 0, false }
+
+func trimTableMaps(string) (int64, error) {
+	return 0, errors.New("not supported on this system")
+}
