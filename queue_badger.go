@@ -145,6 +145,7 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	go q.writer()
 	go q.completer()
 	go q.gcLoop(valueLogGCInterval)
+	q.tdir = tableDir(q.bdir)
 	go q.trimLoop(trimInterval)
 	return q, nil
 }
@@ -319,6 +320,7 @@ type badgerQueue struct {
 	// syncMu serializes syncs and value-log GC; the rest is its.
 	syncMu          sync.Mutex
 	bdir, vdir      string   // Badger's Dir and ValueDir
+	tdir            string   // bdir as /proc/self/maps names it (tableDir)
 	memFid, vlogFid int      // the newest memtable and value-log files at the last sync
 	walFile         *os.File // memFid's file, open for syncActiveWAL
 	walFid          int
@@ -1411,11 +1413,37 @@ func (q *badgerQueue) writer() {
 		}
 		ops, q.wops = q.wops, nil
 		q.wmu.Unlock()
-		g := q.write(ops)
-		q.statGroups.Add(1)
-		q.statOps.Add(int64(len(ops)))
-		q.inflight <- g
+		for _, part := range q.partition(ops) {
+			g := q.write(part)
+			q.statGroups.Add(1)
+			q.statOps.Add(int64(len(part)))
+			q.inflight <- g
+		}
 	}
+}
+
+// partition splits ops in two groups when the free space is below the
+// reserve but above half of it, where write refuses a group that adds
+// events and writes one that does not: the ops that add (enqueues and
+// dead-letter moves) go in a group of their own, so that the settlements
+// and lease records pushed with them are still written.
+func (q *badgerQueue) partition(ops []*wop) [][]*wop {
+	free, err := (*q.diskFree.Load())(q.dir)
+	if err != nil || free >= q.reserve || free < q.reserve/2 {
+		return [][]*wop{ops}
+	}
+	var adding, other []*wop
+	for _, op := range ops {
+		if op.evs != nil || (op.fx != nil && len(op.fx.moves) > 0) {
+			adding = append(adding, op)
+		} else {
+			other = append(other, op)
+		}
+	}
+	if len(adding) == 0 || len(other) == 0 {
+		return [][]*wop{ops}
+	}
+	return [][]*wop{other, adding}
 }
 
 // completer is stage two. With DurabilityFsync it syncs (see syncFiles)

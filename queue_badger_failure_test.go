@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -701,5 +702,122 @@ func TestBadgerLeaseRecordOutlivesAKill(t *testing.T) {
 				t.Fatalf("ack of the delivery before the kill: %+v, %v; want stale", res, err)
 			}
 		})
+	}
+}
+
+// TestBadgerLeaseRecordBesideARefusedEnqueue: a lease record pushed with an
+// enqueue refused for disk space (free between half the reserve and the
+// reserve, where writes that add nothing are still made) is written all the
+// same. It used to share the enqueue's group and be refused with it: the
+// record was lost for good, and a restart (here a clean one) reused the
+// attempt number, so the old delivery's ack settled the new one. (Found by
+// review.)
+func TestBadgerLeaseRecordBesideARefusedEnqueue(t *testing.T) {
+	dir := t.TempDir()
+	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"})
+
+	gate := make(chan struct{})
+	tight := q.reserve * 3 / 4 // enough for a group that adds nothing
+	hold := func(ws []bwrite) bool {
+		for _, w := range ws {
+			for _, e := range w.ents {
+				if e.id == "x" {
+					<-gate // hold the writer in the group of x
+				}
+			}
+		}
+		return false
+	}
+	q.failCommit.Store(&hold)
+
+	go q.Enqueue(context.Background(), []Event{{ID: "x", Namespace: "other"}}) // group 1, held
+	waitOps := func(n int) {
+		for range 500 {
+			q.wmu.Lock()
+			k := len(q.wops)
+			q.wmu.Unlock()
+			if k >= n {
+				return
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+		t.Fatalf("writer never had %d ops waiting", n)
+	}
+	waitOps(0)
+	time.Sleep(50 * time.Millisecond) // group 1 taken by the writer
+	enqErr := make(chan error, 1)
+	go func() {
+		_, err := q.Enqueue(context.Background(), []Event{{ID: "y", Namespace: "other"}})
+		enqErr <- err
+	}()
+	waitOps(1)
+	type res struct {
+		ls  []Lease
+		err error
+	}
+	lr := make(chan res, 1)
+	go func() {
+		ls, err := q.Lease(context.Background(), LeaseRequest{Holder: "h", Namespaces: []string{"n"}, Limit: 1, AckDeadline: time.Minute})
+		lr <- res{ls, err}
+	}()
+	waitOps(2) // the enqueue of y and the lease record wait for group 2
+	hook := func(string) (uint64, error) { return tight, nil }
+	q.diskFree.Store(&hook)
+	close(gate)
+	r := <-lr
+	if r.err != nil || len(r.ls) != 1 {
+		t.Fatalf("lease: %+v %v", r.ls, r.err)
+	}
+	var e *Error
+	if err := <-enqErr; !errors.As(err, &e) || !strings.Contains(e.Message, "disk full") {
+		t.Fatalf("enqueue below the reserve: %v, want a disk-full error", err)
+	}
+	real := diskFree
+	q.diskFree.Store(&real)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	q2 := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync})
+	ls2 := leaseAll(t, q2, "h2", 1, "n")
+	if len(ls2) != 1 || ls2[0].Attempt != r.ls[0].Attempt+1 {
+		t.Errorf("after a restart: %+v, want attempt %d (the lease record of attempt %d was never written)", ls2, r.ls[0].Attempt+1, r.ls[0].Attempt)
+	}
+	res2, err := q2.Ack(context.Background(), "h", []LeaseRef{{ID: "a", Attempt: r.ls[0].Attempt}})
+	if err != nil || res2[0].Status != SettleStale {
+		t.Errorf("ack of the delivery before the restart: %+v, %v; want stale", res2, err)
+	}
+}
+
+// TestBadgerLeaseGivesBackWhenCtxEndsBeforeItsRecord: a Lease whose ctx ends
+// before its lease record is written fails with ctx's error and gives its
+// deliveries back unseen (they never went out). It used to return them
+// with a nil error, so a kill -9 right after reused their attempt numbers.
+// (Found by review.)
+func TestBadgerLeaseGivesBackWhenCtxEndsBeforeItsRecord(t *testing.T) {
+	dir := t.TempDir()
+	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"})
+	slow := func(ws []bwrite) bool {
+		for _, w := range ws {
+			if len(w.key) > 0 && w.key[0] == keyLeaseRec && !w.del {
+				time.Sleep(300 * time.Millisecond)
+				break
+			}
+		}
+		return false
+	}
+	q.failCommit.Store(&slow)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
+	defer cancel()
+	ls, err := q.Lease(ctx, LeaseRequest{Holder: "h", Namespaces: []string{"n"}, Limit: 1, AckDeadline: time.Minute})
+	if !errors.Is(err, context.DeadlineExceeded) || len(ls) != 0 {
+		t.Fatalf("lease whose ctx ended before its record was written: %+v, %v; want none and the ctx error", ls, err)
+	}
+	q.failCommit.Store(nil)
+	ls2 := leaseAll(t, q, "h2", 1, "n")
+	if len(ls2) != 1 || ls2[0].Attempt != 1 {
+		t.Fatalf("after the failed lease: %+v, want a at attempt 1 (given back unseen)", ls2)
 	}
 }

@@ -26,15 +26,26 @@ const (
 	trimInterval = 10 * time.Second
 )
 
-// trimLoop runs the trimmer every interval until Close.
-func (q *badgerQueue) trimLoop(interval time.Duration) {
-	defer close(q.trimDone)
-	dir, err := filepath.Abs(q.dir)
+// tableDir returns the absolute path, symbolic links resolved, of dir (where
+// Badger keeps its tables: Options.Dir), as /proc/self/maps names the
+// files in it; "" if it cannot be resolved. (Resolved at open: a later
+// os.Chdir would change what a relative dir means.)
+func tableDir(dir string) string {
+	abs, err := filepath.Abs(dir)
 	if err == nil {
-		dir, err = filepath.EvalSymlinks(dir)
+		abs, err = filepath.EvalSymlinks(abs)
 	}
 	if err != nil {
-		q.log.Debug("h3x: badger queue: table maps are not trimmed", "err", err)
+		return ""
+	}
+	return abs
+}
+
+// trimLoop runs the trimmer on the table maps in q.tdir every interval
+// until Close.
+func (q *badgerQueue) trimLoop(interval time.Duration) {
+	defer close(q.trimDone)
+	if q.tdir == "" {
 		return
 	}
 	t := time.NewTicker(interval)
@@ -46,9 +57,9 @@ func (q *badgerQueue) trimLoop(interval time.Duration) {
 			return
 		case <-t.C:
 		}
-		n, err := q.trimTick(dir, &reads, mappedBudget)
+		n, err := q.trimTick(q.tdir, &reads, mappedBudget)
 		if err != nil {
-			q.log.Debug("h3x: badger queue: table maps are not trimmed", "err", err)
+			q.log.Warn("h3x: badger queue: table maps cannot be trimmed; their pages stay in the process's RSS", "err", err)
 			return
 		}
 		if n > 0 {

@@ -2,6 +2,7 @@ package h3x
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"fmt"
 	"os"
@@ -45,13 +46,28 @@ func tableMapResident(t *testing.T, dir string) (resident int64, maps int) {
 
 // TestBadgerTableMapsTrimmed: the pages of the table files a process wrote
 // stop counting in its RSS once the trimmer has run (and nothing was read
-// since its last check), and the events read afterwards are intact.
+// since its last check), and the events read afterwards are intact; also
+// with the tables in a directory of their own (opts.Badger moving Dir).
 func TestBadgerTableMapsTrimmed(t *testing.T) {
-	dir := t.TempDir()
-	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync, Badger: func(o *badger.Options) { o.MemTableSize = 1 << 20 }})
-	real, err := filepath.EvalSymlinks(dir)
-	if err != nil {
-		t.Fatal(err)
+	for _, elsewhere := range []bool{false, true} {
+		t.Run(fmt.Sprintf("tablesElsewhere=%v", elsewhere), func(t *testing.T) { testTableMapsTrimmed(t, elsewhere) })
+	}
+}
+
+func testTableMapsTrimmed(t *testing.T, elsewhere bool) {
+	dir, tables := t.TempDir(), ""
+	if elsewhere {
+		tables = t.TempDir()
+	}
+	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync, Badger: func(o *badger.Options) {
+		o.MemTableSize = 1 << 20
+		if tables != "" {
+			o.Dir = tables
+		}
+	}})
+	real := q.tdir
+	if want, _ := filepath.EvalSymlinks(cmp.Or(tables, dir)); real != want {
+		t.Fatalf("the trimmer looks in %q; the tables are in %q", real, want)
 	}
 	data := []byte(strings.Repeat("x", 1000))
 	var evs []Event

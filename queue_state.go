@@ -894,11 +894,42 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 	c.mu.Unlock()
 	// Dead-letter moves the call made land before it returns (so that Stats
 	// agree with what it did), and the lease record is written (see lease).
-	// Neither failing fails the lease: its events are the caller's now.
-	if werr := w.wait(ctx); werr != nil && !errors.Is(werr, context.Canceled) && !errors.Is(werr, context.DeadlineExceeded) {
+	// A failed move does not fail the lease. If ctx ends first, the
+	// deliveries are given back unseen and the call fails: a delivery must
+	// not go out before its record is written.
+	if werr := w.wait(ctx); werr != nil {
+		if cerr := ctx.Err(); cerr != nil && errors.Is(werr, cerr) {
+			c.giveBack(req.Holder, out)
+			return nil, cerr
+		}
 		c.log.Warn("h3x: queue: dead-lettering during a lease failed; the events stay", "err", werr)
 	}
 	return out, err
+}
+
+// giveBack ends the leases of deliveries that never left the queue, as an
+// unseen nack would: their attempts do not count.
+func (c *queueCore) giveBack(holder string, out []Lease) {
+	if len(out) == 0 {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return // every lease ended at Close
+	}
+	now := time.Now().UnixNano()
+	var fx effects
+	for _, l := range out {
+		e, _ := c.resolve(holder, LeaseRef{ID: l.Event.ID, Namespace: l.Event.Namespace, Attempt: l.Attempt})
+		if e == nil || e.state != stLeased || e.holder == nil || e.holder.name != holder {
+			continue
+		}
+		c.detach(e)
+		c.uncount(e, &fx)
+		c.afterLease(e, now, 0, "", &fx)
+	}
+	c.finishNoWait(&fx)
 }
 
 // lease is Lease with c.mu held. It returns a writeWait for the dead-letter
