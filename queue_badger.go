@@ -300,6 +300,10 @@ type badgerQueue struct {
 	// tableReads counts reads of stored events (read-ahead refills and
 	// redeliveries): the trimmer leaves the maps alone while they grow.
 	tableReads atomic.Int64
+	// enqueued counts the events handed to the writer: the trimmer leaves
+	// the maps alone while many are written (Badger flushes and compacts,
+	// reading the new tables again).
+	enqueued atomic.Int64
 
 	reserve  uint64
 	diskFree atomic.Pointer[func(dir string) (uint64, error)] // a test hook
@@ -1413,6 +1417,9 @@ func (q *badgerQueue) writer() {
 		}
 		ops, q.wops = q.wops, nil
 		q.wmu.Unlock()
+		for _, op := range ops {
+			q.enqueued.Add(int64(len(op.evs)))
+		}
 		for _, part := range q.partition(ops) {
 			g := q.write(part)
 			q.statGroups.Add(1)

@@ -15,8 +15,10 @@ import (
 // resident memory is above mappedBudget, it asks the kernel to reclaim the
 // pages of the queue's table maps (madvise MADV_PAGEOUT on Linux, which never
 // changes what the memory holds; a later read faults the page in again from
-// the file), unless the queue read stored events since the last check: the
-// pages of a backlog being consumed stay. Elsewhere it does nothing.
+// the file), unless the queue read stored events since the last check (the
+// pages of a backlog being consumed stay) or was given more than
+// trimBusyEvents events to store (Badger flushes and compacts then, reading
+// the tables it has just written). Elsewhere it does nothing.
 
 const (
 	// mappedBudget is the file-backed resident memory (VmRSS's RssFile,
@@ -24,6 +26,9 @@ const (
 	mappedBudget = 64 << 20
 	// trimInterval is how often the trimmer checks.
 	trimInterval = 10 * time.Second
+	// trimBusyEvents is the number of events enqueued in an interval above
+	// which the trimmer waits (1,000 events/s).
+	trimBusyEvents = 10_000
 )
 
 // tableDir returns the absolute path, symbolic links resolved, of dir (where
@@ -50,14 +55,14 @@ func (q *badgerQueue) trimLoop(interval time.Duration) {
 	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
-	reads := q.tableReads.Load()
+	seen := trimSeen{reads: q.tableReads.Load(), enqueued: q.enqueued.Load()}
 	for {
 		select {
 		case <-q.trimStop:
 			return
 		case <-t.C:
 		}
-		n, err := q.trimTick(q.tdir, &reads, mappedBudget)
+		n, err := q.trimTick(q.tdir, &seen, mappedBudget)
 		if err != nil {
 			q.log.Warn("h3x: badger queue: table maps cannot be trimmed; their pages stay in the process's RSS", "err", err)
 			return
@@ -68,13 +73,18 @@ func (q *badgerQueue) trimLoop(interval time.Duration) {
 	}
 }
 
+// trimSeen is what the trimmer saw at its last check.
+type trimSeen struct{ reads, enqueued int64 }
+
 // trimTick is one check of trimLoop: it trims the table maps in dir unless
-// stored events were read since the last check (*reads, updated) or the
-// process's file-backed resident memory is at most budget. It returns the
-// bytes of the maps trimmed.
-func (q *badgerQueue) trimTick(dir string, reads *int64, budget int64) (int64, error) {
-	if r := q.tableReads.Load(); r != *reads {
-		*reads = r
+// stored events were read, or more than trimBusyEvents enqueued, since the
+// last check (*seen, updated), or the process's file-backed resident memory
+// is at most budget. It returns the bytes of the maps trimmed.
+func (q *badgerQueue) trimTick(dir string, seen *trimSeen, budget int64) (int64, error) {
+	now := trimSeen{reads: q.tableReads.Load(), enqueued: q.enqueued.Load()}
+	last := *seen
+	*seen = now
+	if now.reads != last.reads || now.enqueued-last.enqueued > trimBusyEvents {
 		return 0, nil
 	}
 	if resident, ok := fileResident(); !ok || resident <= budget {
