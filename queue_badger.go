@@ -31,8 +31,9 @@ import (
 // Defaults (the zero QueueOptions): DurabilityFsync, a 2-minute dedup
 // window, dead-lettering after 10 attempts, no per-namespace limits, no
 // logging. Badger is tuned for embedding: a process holding a backlog of a
-// million 256-byte events has about 110–140 MB of RSS once the queue is idle
-// (see badgerOptions); opts.Badger can change any Badger option afterwards.
+// million 256-byte events has about 80–140 MB of RSS once the queue has
+// been idle for 30–40 s (on Linux; see badgerOptions); opts.Badger can
+// change any Badger option afterwards.
 //
 // What survives what:
 //
@@ -164,13 +165,13 @@ var _ Queue = (*badgerQueue)(nil)
 // TestQueueBadgerRSS): a process that opens it has 132–134 MB of RSS
 // (about 90 MB anonymous), 136–138 MB after leasing and acking 10,000 of
 // it; one that opens it after a kill -9 (and so reads all of it once, see
-// load) 109–126 MB once idle for 30 s. The process that has just published
-// it at full speed peaks at 1.1–1.2 GB while Badger flushes and compacts:
+// load) 79–126 MB once idle for 30 s. The process that has just published
+// it at full speed peaks at 1.0–1.2 GB while Badger flushes and compacts:
 // Badger keeps up to
 // eight table-builder buffer sets (about 60 MB each with these options)
 // and gives one back every 2 s without flushes or compactions, and the Go
 // runtime returns freed memory over the following seconds; it holds
-// 134–138 MB after 40 s idle. (GOMEMLIMIT trims only the collector's headroom of the
+// 116–138 MB after 40 s idle. (GOMEMLIMIT trims only the collector's headroom of the
 // peak: the buffers are live.) Badger memory-maps
 // its table files, so the pages a process has written or read count in its
 // RSS as file-backed memory (300 MB for the publishing process); the
