@@ -669,6 +669,18 @@ func TestBadgerQueueFreshCloseLogsNothing(t *testing.T) {
 	}
 }
 
+// slowLeaseRecords makes q's writer sleep for d before committing a
+// transaction that writes a lease record (until failCommit is reset).
+func slowLeaseRecords(q *badgerQueue, d time.Duration) {
+	slow := func(ws []bwrite) bool {
+		if slices.ContainsFunc(ws, func(w bwrite) bool { return len(w.key) > 0 && w.key[0] == keyLeaseRec && !w.del }) {
+			time.Sleep(d)
+		}
+		return false
+	}
+	q.failCommit.Store(&slow)
+}
+
 // TestBadgerLeaseRecordOutlivesAKill: a Lease returns only once its lease
 // record is written, so a kill -9 right after it cannot make the next
 // delivery reuse the attempt number (RELIABILITY.md finding 3; the record
@@ -681,13 +693,7 @@ func TestBadgerLeaseRecordOutlivesAKill(t *testing.T) {
 			dir := t.TempDir()
 			q := openTestBadger(t, dir, QueueOptions{Durability: d})
 			publishTest(t, q, Event{ID: "a", Namespace: "n"})
-			slow := func(ws []bwrite) bool {
-				if slices.ContainsFunc(ws, func(w bwrite) bool { return len(w.key) > 0 && w.key[0] == keyLeaseRec && !w.del }) {
-					time.Sleep(100 * time.Millisecond)
-				}
-				return false
-			}
-			q.failCommit.Store(&slow)
+			slowLeaseRecords(q, 100*time.Millisecond)
 			ls := leaseAll(t, q, "h", 1, "n")
 			crashed := copyLive(t, dir)
 			q.failCommit.Store(nil)
@@ -799,16 +805,7 @@ func TestBadgerLeaseGivesBackWhenCtxEndsBeforeItsRecord(t *testing.T) {
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync})
 	publishTest(t, q, Event{ID: "a", Namespace: "n"})
-	slow := func(ws []bwrite) bool {
-		for _, w := range ws {
-			if len(w.key) > 0 && w.key[0] == keyLeaseRec && !w.del {
-				time.Sleep(300 * time.Millisecond)
-				break
-			}
-		}
-		return false
-	}
-	q.failCommit.Store(&slow)
+	slowLeaseRecords(q, 300*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
 	defer cancel()
 	ls, err := q.Lease(ctx, LeaseRequest{Holder: "h", Namespaces: []string{"n"}, Limit: 1, AckDeadline: time.Minute})
