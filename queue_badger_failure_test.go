@@ -681,6 +681,21 @@ func slowLeaseRecords(q *badgerQueue, d time.Duration) {
 	q.failCommit.Store(&slow)
 }
 
+// attemptContinues checks that q, reopened after event "a" of namespace "n"
+// was delivered with attempt prev, delivers it next with prev+1, and that an
+// ack of the old delivery is stale.
+func attemptContinues(t *testing.T, q Queue, prev int) {
+	t.Helper()
+	ls := leaseAll(t, q, "h2", 1, "n")
+	if len(ls) != 1 || ls[0].Attempt != prev+1 {
+		t.Fatalf("after the reopen (attempt %d delivered before): %+v, want attempt %d", prev, ls, prev+1)
+	}
+	res, err := q.Ack(context.Background(), "h", []LeaseRef{{ID: "a", Attempt: prev}})
+	if err != nil || res[0].Status != SettleStale {
+		t.Fatalf("ack of the delivery before the reopen: %+v, %v; want stale", res, err)
+	}
+}
+
 // TestBadgerLeaseRecordOutlivesAKill: a Lease returns only once its lease
 // record is written, so a kill -9 right after it cannot make the next
 // delivery reuse the attempt number (RELIABILITY.md finding 3; the record
@@ -698,15 +713,7 @@ func TestBadgerLeaseRecordOutlivesAKill(t *testing.T) {
 			crashed := copyLive(t, dir)
 			q.failCommit.Store(nil)
 
-			q2 := openTestBadger(t, crashed, QueueOptions{Durability: d})
-			ls2 := leaseAll(t, q2, "h2", 1, "n")
-			if len(ls2) != 1 || ls2[0].Attempt != ls[0].Attempt+1 {
-				t.Fatalf("after a kill right after the lease (attempt %d): %+v, want attempt %d", ls[0].Attempt, ls2, ls[0].Attempt+1)
-			}
-			res, err := q2.Ack(context.Background(), "h", []LeaseRef{{ID: "a", Attempt: ls[0].Attempt}})
-			if err != nil || res[0].Status != SettleStale {
-				t.Fatalf("ack of the delivery before the kill: %+v, %v; want stale", res, err)
-			}
+			attemptContinues(t, openTestBadger(t, crashed, QueueOptions{Durability: d}), ls[0].Attempt)
 		})
 	}
 }
@@ -785,15 +792,7 @@ func TestBadgerLeaseRecordBesideARefusedEnqueue(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	q2 := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync})
-	ls2 := leaseAll(t, q2, "h2", 1, "n")
-	if len(ls2) != 1 || ls2[0].Attempt != r.ls[0].Attempt+1 {
-		t.Errorf("after a restart: %+v, want attempt %d (the lease record of attempt %d was never written)", ls2, r.ls[0].Attempt+1, r.ls[0].Attempt)
-	}
-	res2, err := q2.Ack(context.Background(), "h", []LeaseRef{{ID: "a", Attempt: r.ls[0].Attempt}})
-	if err != nil || res2[0].Status != SettleStale {
-		t.Errorf("ack of the delivery before the restart: %+v, %v; want stale", res2, err)
-	}
+	attemptContinues(t, openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync}), r.ls[0].Attempt)
 }
 
 // TestBadgerLeaseGivesBackWhenCtxEndsBeforeItsRecord: a Lease whose ctx ends
