@@ -1893,13 +1893,14 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 	}
 	// Then the settlements (dead letters land after every enqueued event,
 	// in the order of their sequence numbers).
+	var refx effects // records of restored entries (see restore)
 	for oi, op := range g.ops {
 		opErr := opErrs[oi]
 		if op.fx != nil {
 			for _, e := range op.fx.deletes {
 				if err := errOf(e); err != nil {
 					opErr = err
-					c.restore(e, false)
+					c.restore(e, false, &refx)
 				}
 			}
 			for _, m := range op.fx.moves {
@@ -1917,11 +1918,16 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 					} else {
 						opErr = err
 					}
+				} else if g.diskErr != nil {
+					opErr = g.diskErr // refused: not read, not written
 				}
-				c.unmove(m)
+				c.unmove(m, &refx)
 			}
 		}
 		op.failed = opErr
+	}
+	if !refx.empty() {
+		c.finishNoWait(&refx)
 	}
 	// A duplicate of an event whose commit failed was answered too early:
 	// fail its batch instead (a retry stores it).

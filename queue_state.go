@@ -767,10 +767,10 @@ func (c *queueCore) land(e *qentry, ev *Event, counted int) {
 
 // unmove reverts the dead-letter move m that did not become durable: the
 // event is ready again where it was.
-func (c *queueCore) unmove(m *qmove) {
+func (c *queueCore) unmove(m *qmove, fx *effects) {
 	m.dst.count--
 	m.dst.bytes -= int64(m.size)
-	c.restore(m.e, true)
+	c.restore(m.e, true, fx)
 }
 
 // dedupKeyOf returns e's dedup fingerprint.
@@ -791,8 +791,10 @@ func (c *queueCore) unaccept(e *qentry) {
 }
 
 // restore puts back an entry whose removal (ack or dead-letter move) failed
-// to become durable: it is ready again.
-func (c *queueCore) restore(e *qentry, moved bool) {
+// to become durable: it is ready again. Its lease record was dropped with
+// the removal (and may be deleted by a neighbour's ack): a delivered entry
+// gets a record of its own in fx, so that its attempt count survives.
+func (c *queueCore) restore(e *qentry, moved bool, fx *effects) {
 	if e.chunk != nil {
 		// Even while closing: the chunk must not count it settled.
 		e.chunk.unsettle(e.seq)
@@ -811,6 +813,9 @@ func (c *queueCore) restore(e *qentry, moved bool) {
 	c.indexID(e)
 	if e.chunk != nil {
 		e.ns.keepChunk(e.chunk)
+	}
+	if e.attempt > 0 && e.rec == nil {
+		c.recountRec(e, fx)
 	}
 	c.makeReady(e)
 }
@@ -890,19 +895,21 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 		deadline = defaultAckDeadline
 	}
 	c.mu.Lock()
-	out, w, err := c.lease(req, limit, deadline)
+	out, ws, err := c.lease(req, limit, deadline)
 	c.mu.Unlock()
 	// Dead-letter moves the call made land before it returns (so that Stats
 	// agree with what it did), and the lease record is written (see lease).
 	// A failed move does not fail the lease. If ctx ends first, the
 	// deliveries are given back unseen and the call fails: a delivery must
 	// not go out before its record is written.
-	if werr := w.wait(ctx); werr != nil {
-		if cerr := ctx.Err(); cerr != nil && errors.Is(werr, cerr) {
-			c.giveBack(req.Holder, out)
-			return nil, cerr
+	for _, w := range []*writeWait{ws.records, ws.moves} {
+		if werr := w.wait(ctx); werr != nil {
+			if cerr := ctx.Err(); cerr != nil && errors.Is(werr, cerr) {
+				c.giveBack(req.Holder, out)
+				return nil, cerr
+			}
+			c.log.Warn("h3x: queue: dead-lettering during a lease failed; the events stay", "err", werr)
 		}
-		c.log.Warn("h3x: queue: dead-lettering during a lease failed; the events stay", "err", werr)
 	}
 	return out, err
 }
@@ -922,21 +929,32 @@ func (c *queueCore) giveBack(holder string, out []Lease) {
 	var fx effects
 	for _, l := range out {
 		e, _ := c.resolve(holder, LeaseRef{ID: l.Event.ID, Namespace: l.Event.Namespace, Attempt: l.Attempt})
-		if e == nil || e.state != stLeased || e.holder == nil || e.holder.name != holder {
-			continue
+		if e == nil {
+			continue // settled or delivered again meanwhile
 		}
-		c.detach(e)
-		c.uncount(e, &fx)
-		c.afterLease(e, now, 0, "", &fx)
+		switch {
+		case e.state == stLeased && e.holder != nil && e.holder.name == holder:
+			c.detach(e)
+			c.uncount(e, &fx)
+			c.afterLease(e, now, 0, e.reason, &fx)
+		case e.state == stReady || e.state == stDelayed:
+			// Its lease expired meanwhile (an ack deadline shorter than
+			// the record's write): that attempt does not count either.
+			// (Had the expiry dead-lettered it, at MaxAttempts, it stays
+			// dead-lettered.)
+			c.detach(e)
+			c.uncount(e, &fx)
+			c.schedule(e, now, 0)
+		}
 	}
 	c.finishNoWait(&fx)
 }
 
-// lease is Lease with c.mu held. It returns a writeWait for the dead-letter
-// moves it made (nil if none).
-func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) ([]Lease, *writeWait, error) {
+// lease is Lease with c.mu held. It returns what to wait for before the
+// deliveries go out.
+func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) ([]Lease, leaseWaits, error) {
 	if c.closed {
-		return nil, nil, ErrQueueClosed
+		return nil, leaseWaits{}, ErrQueueClosed
 	}
 	now := time.Now().UnixNano()
 	var fx effects
@@ -1041,17 +1059,30 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 	}
 	// The deliveries go out once their lease record is written (not
 	// synced): a kill -9 after that cannot make the next delivery reuse
-	// their attempt numbers. With dead-letter moves, once those are
-	// durable.
-	w := c.finishWait(&fx, len(fx.moves) > 0)
+	// their attempt numbers. The records go apart from dead-letter moves
+	// (which the call waits for too, durable): a move can be refused for
+	// disk space where a record is still written.
+	var ws leaseWaits
+	if len(fx.moves) > 0 && len(fx.recPuts) > 0 {
+		recs := effects{recPuts: fx.recPuts}
+		fx.recPuts = nil
+		ws.records = c.finishWait(&recs, false)
+		ws.moves = c.finishWait(&fx, true)
+	} else {
+		ws.records = c.finishWait(&fx, len(fx.moves) > 0)
+	}
 	if err != nil && len(out) == 0 {
-		return nil, w, err
+		return nil, ws, err
 	}
 	if err != nil {
 		c.log.Warn("h3x: queue read failed during a lease; returning the events read so far", "err", err)
 	}
-	return out, w, nil
+	return out, ws, nil
 }
+
+// leaseWaits are what a Lease call waits for before it returns: its lease
+// records written, and its dead-letter moves durable (nil: nothing).
+type leaseWaits struct{ records, moves *writeWait }
 
 // overdueDeadLetter reports whether e, about to be leased again, has had
 // its MaxAttempts deliveries and can move to its dead-letter namespace now,
