@@ -23,12 +23,19 @@ import (
 // failCommitsWith makes q's commits with a matching write fail (the first
 // times ones, or all of them with times < 0); the returned func stops it.
 func failCommitsWith(q *badgerQueue, times int, match func(w bwrite) bool) func() {
+	undo, _ := failCommitsCounted(q, times, match)
+	return undo
+}
+
+// failCommitsCounted is failCommitsWith that also returns how many commits
+// have matched so far.
+func failCommitsCounted(q *badgerQueue, times int, match func(w bwrite) bool) (undo func(), matched func() int) {
 	var n atomic.Int32
 	f := func(ws []bwrite) bool {
 		return slices.ContainsFunc(ws, match) && (times < 0 || int(n.Add(1)) <= times)
 	}
 	q.failCommit.Store(&f)
-	return func() { q.failCommit.Store(nil) }
+	return func() { q.failCommit.Store(nil) }, func() int { return int(n.Load()) }
 }
 
 // openLeased opens a queue in dir, publishes ids to namespace "n" in one
@@ -278,22 +285,29 @@ func TestBadgerQueueFailedCorrection(t *testing.T) {
 	dir := t.TempDir()
 	ctx := context.Background()
 	q, _ := openLeased(t, dir, QueueOptions{}, "a", "b")
-	undo := failAckOfA(t, q, 2)
-	// The next group carries the correction, and fails with it.
-	if _, err := q.Enqueue(ctx, []Event{{ID: "c", Namespace: "n"}}); err == nil {
-		t.Fatal("the second injected failure did not happen")
+	undo, matched := failCommitsCounted(q, 2, isKeyOf(keyAcks, "n"))
+	if _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); err == nil {
+		t.Fatal("Ack whose commit failed: no error")
 	}
+	// The next group carries the correction, and fails with it: the one
+	// writing the lease record the failed ack gave a, or this enqueue,
+	// whichever the writer takes first.
+	want := []string{"n/a", "n/b", "n/d"}
+	if _, err := q.Enqueue(ctx, []Event{{ID: "c", Namespace: "n"}}); err == nil {
+		want = []string{"n/a", "n/b", "n/c", "n/d"}
+	}
+	waitFor(t, func() bool { return matched() >= 2 })
 	undo()
 	publishTest(t, q, Event{ID: "d", Namespace: "n"}) // carries it again
 	if err := q.Release(ctx, "h"); err != nil {
 		t.Fatal(err)
 	}
 	q = reopenTestBadger(t, q, dir, QueueOptions{})
-	if c := q.counters["n"]; c.count != 3 {
-		t.Errorf("stored count %d, want 3 (a, b, d)", c.count)
+	if c := q.counters["n"]; c.count != int64(len(want)) {
+		t.Errorf("stored count %d, want %d (%v)", c.count, len(want), want)
 	}
-	if got := leasedIDs(leaseAll(t, q, "h", 10, "n")); !slices.Equal(got, []string{"n/a", "n/b", "n/d"}) {
-		t.Errorf("after reopen leased %v", got)
+	if got := leasedIDs(leaseAll(t, q, "h", 10, "n")); !slices.Equal(got, want) {
+		t.Errorf("after reopen leased %v, want %v", got, want)
 	}
 }
 
