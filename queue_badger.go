@@ -1893,7 +1893,7 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 	}
 	// Then the settlements (dead letters land after every enqueued event,
 	// in the order of their sequence numbers).
-	var refx effects // records of restored entries (see restore)
+	var refx effects // lease records of removed and restored entries
 	for oi, op := range g.ops {
 		opErr := opErrs[oi]
 		if op.fx != nil {
@@ -1901,6 +1901,8 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 				if err := errOf(e); err != nil {
 					opErr = err
 					c.restore(e, false, &refx)
+				} else {
+					c.dropRec(e, &refx) // see dropRemovedRec
 				}
 			}
 			for _, m := range op.fx.moves {
@@ -1908,6 +1910,7 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 					mv := g.moved[mi]
 					mi++
 					if err := errOf(m.e); err == nil {
+						c.dropRec(m.e, &refx) // see dropRemovedRec
 						e := &qentry{id: m.e.id, ns: m.dst, seq: m.seq, size: mv.size, enq: mv.enq, chunk: mv.chunk}
 						var ev *Event
 						if c.wantsReadAhead(m.dst, mv.size) {

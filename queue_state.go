@@ -186,18 +186,21 @@ type queueStore interface {
 type writeWait struct {
 	done chan struct{}
 	err  error
+	also *writeWait // waited for after this one (see finishWait)
 }
 
 func (w *writeWait) wait(ctx context.Context) error {
-	if w == nil {
-		return nil
+	for ; w != nil; w = w.also {
+		select {
+		case <-w.done:
+			if w.err != nil {
+				return w.err
+			}
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
-	select {
-	case <-w.done:
-		return w.err
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return nil
 }
 
 // queueCore is the state machine. All fields are guarded by mu.
@@ -489,6 +492,20 @@ func (c *queueCore) finishWait(fx *effects, wait bool) *writeWait {
 	if fx.empty() {
 		return nil
 	}
+	if len(fx.moves) > 0 && len(fx.recPuts) > 0 {
+		// Lease records go apart from dead-letter moves, and first: a
+		// move can be refused for disk space where a record is still
+		// written (the Badger queue's reserve).
+		recs := &effects{recPuts: fx.recPuts}
+		fx.recPuts = nil
+		rw := c.store.submit(recs, wait)
+		w := c.store.submit(fx, wait)
+		if rw == nil {
+			return w
+		}
+		rw.also = w
+		return rw
+	}
 	return c.store.submit(fx, wait)
 }
 
@@ -593,7 +610,7 @@ func (c *queueCore) detach(e *qentry) {
 func (c *queueCore) remove(e *qentry, fx *effects) {
 	c.detach(e)
 	e.state = stGone
-	c.dropRec(e, fx)
+	c.dropRemovedRec(e, fx)
 	c.unindexID(e)
 	e.ns.count--
 	e.ns.bytes -= int64(e.size)
@@ -623,7 +640,7 @@ func (c *queueCore) deadLetter(e *qentry, reason string, fx *effects) bool {
 	}
 	dst.warnedFull = false
 	e.state = stGone
-	c.dropRec(e, fx)
+	c.dropRemovedRec(e, fx)
 	c.unindexID(e)
 	e.ns.count--
 	e.ns.bytes -= int64(e.size)
@@ -642,6 +659,17 @@ func deadLetterSize(e *qentry, reason string) int {
 		len(MetaDeadLetterAttempts) + len(itoa(e.attempt)) +
 		len(MetaDeadLetterReason) + len(reason) +
 		len(MetaDeadLetterNamespace) + len(e.ns.name)
+}
+
+// dropRemovedRec is dropRec for an entry being removed (acked or
+// dead-lettered). With lease records (Badger) it does nothing: the store
+// drops the record once the removal is durable (badgerQueue.complete), so
+// that a removal that fails keeps its record, which a neighbour's removal
+// would otherwise delete.
+func (c *queueCore) dropRemovedRec(e *qentry, fx *effects) {
+	if !c.leaseRecs {
+		c.dropRec(e, fx)
+	}
 }
 
 // dropRec takes e off its lease record; a record listing nobody any more
