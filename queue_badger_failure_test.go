@@ -1226,3 +1226,33 @@ func TestBadgerFailedAckDuringCloseKeepsRecord(t *testing.T) {
 		}
 	}
 }
+
+// TestBadgerUnwrittenRecordThenFailedAck: an event whose lease record was
+// never written (its commit failed) and whose ack then failed too gets a
+// record when it is made ready again, so a kill does not hand out its
+// attempt number again. (Found by review: keeping the intact in-memory
+// record on a failed removal skipped the new one.)
+func TestBadgerUnwrittenRecordThenFailedAck(t *testing.T) {
+	dir := t.TempDir()
+	opts := QueueOptions{Durability: DurabilityNoSync}
+	q := openTestBadger(t, dir, opts)
+	publishTest(t, q, Event{ID: "a", Namespace: "n"})
+	undo := failCommitsWith(q, 1, func(w bwrite) bool { return len(w.key) > 0 && w.key[0] == keyLeaseRec && !w.del })
+	ls := leaseAll(t, q, "h", 1, "n")
+	undo()
+	if len(ls) != 1 || ls[0].Attempt != 1 {
+		t.Fatalf("lease: %+v", ls)
+	}
+	undo = failCommitsWith(q, 1, isKeyOf(keyAcks, "n"))
+	if _, err := q.Ack(context.Background(), "h", []LeaseRef{{ID: "a", Attempt: 1}}); err == nil {
+		t.Fatal("ack whose commit failed: no error")
+	}
+	undo()
+	waitFor(t, func() bool { q.wmu.Lock(); defer q.wmu.Unlock(); return len(q.wops) == 0 })
+	time.Sleep(100 * time.Millisecond) // the restored record's group written
+	q2 := openTestBadger(t, copyLive(t, dir), opts)
+	got := leaseAll(t, q2, "h2", 1, "n")
+	if len(got) != 1 || got[0].Attempt <= 1 {
+		t.Fatalf("after a kill: %+v, want a at attempt 2 (delivered at 1 before)", got)
+	}
+}

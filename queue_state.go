@@ -695,12 +695,13 @@ func (c *queueCore) uncount(e *qentry, fx *effects) {
 }
 
 // recountRec replaces e's lease record after its attempt was given back (an
-// unseen nack): the stored record lists the attempt that no longer counts,
-// and a reopen would count it again. The new record is written even at
-// attempt 0: the old one may live on for the other deliveries of its Lease
-// call, and at a reopen the newest record naming an event wins. (Were e
-// dead-lettered next, deadLetter drops the new record again; a group writes
-// an operation's record puts before its deletions.)
+// unseen nack: the stored record lists the attempt that no longer counts,
+// and a reopen would count it again) or after a failed removal (restore).
+// The new record is written even at attempt 0: the old one may live on for
+// the other deliveries of its Lease call, and at a reopen the newest record
+// naming an event wins. (Were e acked or dead-lettered next, the new record
+// is dropped once that is durable; a group writes an operation's record
+// puts before its deletions.)
 func (c *queueCore) recountRec(e *qentry, fx *effects) {
 	if !c.leaseRecs {
 		return
@@ -819,9 +820,9 @@ func (c *queueCore) unaccept(e *qentry) {
 }
 
 // restore puts back an entry whose removal (ack or dead-letter move) failed
-// to become durable: it is ready again. Its lease record was dropped with
-// the removal (and may be deleted by a neighbour's ack): a delivered entry
-// gets a record of its own in fx, so that its attempt count survives.
+// to become durable: it is ready again. A delivered entry gets a record of
+// its own in fx: its lease record is intact (see dropRemovedRec), but may
+// never have been written (a Lease whose record's commit failed).
 func (c *queueCore) restore(e *qentry, moved bool, fx *effects) {
 	if e.chunk != nil {
 		// Even while closing: the chunk must not count it settled.
@@ -842,7 +843,7 @@ func (c *queueCore) restore(e *qentry, moved bool, fx *effects) {
 	if e.chunk != nil {
 		e.ns.keepChunk(e.chunk)
 	}
-	if e.attempt > 0 && e.rec == nil {
+	if e.attempt > 0 {
 		c.recountRec(e, fx)
 	}
 	c.makeReady(e)
