@@ -1421,8 +1421,9 @@ func (q *badgerQueue) writer() {
 		for _, op := range ops {
 			q.enqueued.Add(int64(len(op.evs)))
 		}
-		for _, part := range q.partition(ops) {
-			g := q.write(part)
+		free, ferr := (*q.diskFree.Load())(q.dir) // one reading a round
+		for _, part := range q.partition(ops, free, ferr) {
+			g := q.write(part, free, ferr)
 			q.statGroups.Add(1)
 			q.statOps.Add(int64(len(part)))
 			q.inflight <- g
@@ -1435,9 +1436,8 @@ func (q *badgerQueue) writer() {
 // events and writes one that does not: the ops that add (enqueues and
 // dead-letter moves) go in a group of their own, so that the settlements
 // and lease records pushed with them are still written.
-func (q *badgerQueue) partition(ops []*wop) [][]*wop {
-	free, err := (*q.diskFree.Load())(q.dir)
-	if err != nil || free >= q.reserve || free < q.reserve/2 {
+func (q *badgerQueue) partition(ops []*wop, free uint64, ferr error) [][]*wop {
+	if ferr != nil || free >= q.reserve || free < q.reserve/2 {
 		return [][]*wop{ops}
 	}
 	var adding, other []*wop
@@ -1527,8 +1527,9 @@ func durable(batch []*group) bool {
 // limit (ErrTxnTooBig, which is handled anyway).
 const maxTxnWrites = 4096
 
-// write is stage one: it decides a group and starts committing it.
-func (q *badgerQueue) write(ops []*wop) *group {
+// write is stage one: it decides a group and starts committing it. free and
+// ferr are the data directory's free space, as read for the round.
+func (q *badgerQueue) write(ops []*wop, free uint64, ferr error) *group {
 	c := q.core
 	g := &group{ops: ops, done: make(chan struct{})}
 	g.pending.Store(1)
@@ -1561,7 +1562,7 @@ func (q *badgerQueue) write(ops []*wop) *group {
 	c.mu.Unlock()
 
 	// Refuse to write when the disk is (nearly) full.
-	if free, err := (*q.diskFree.Load())(q.dir); err == nil {
+	if ferr == nil {
 		if adds && free < q.reserve {
 			g.diskErr = diskFullError("enqueue", fmt.Errorf("%d bytes free in %s, %d kept in reserve", free, q.dir, q.reserve))
 		} else if free < q.reserve/2 {
@@ -2458,7 +2459,8 @@ func (q *badgerQueue) writeLastFixes() {
 	if !q.fixesPending() {
 		return
 	}
-	g := q.write(nil)
+	free, ferr := (*q.diskFree.Load())(q.dir)
+	g := q.write(nil, free, ferr)
 	<-g.done
 	q.complete(g, nil)
 }

@@ -972,126 +972,81 @@ func TestBadgerGiveBackAfterExpiry(t *testing.T) {
 // dead-letters another event writes the replacement lease record apart from
 // the move, which is refused below the reserve. They used to share an op,
 // refused whole: the record was lost, a neighbour's ack deleted the old
-// shared one, and after a kill the event's attempt count was gone (the
-// Lease-only split of c8fbaf8 missed it). (Found by review; also
-// ...CleanReopen.)
+// shared one, and after a kill or a clean restart the event's attempt count
+// was gone (the Lease-only split of c8fbaf8 missed it). (Found by review.)
 func TestBadgerUnseenNackRecordApartFromMoves(t *testing.T) {
-	dir := t.TempDir()
-	opts := QueueOptions{MaxAttempts: 2, Durability: DurabilityNoSync}
-	q := openTestBadger(t, dir, opts)
-	ctx := context.Background()
-	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"}, Event{ID: "c", Namespace: "n"})
-	ls := leaseAll(t, q, "h", 2, "n") // a@1, b@1
-	if _, err := q.Nack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}, {ID: "b", Attempt: 1}}, 0, "again"); err != nil {
-		t.Fatal(err)
-	}
-	ls = leaseAll(t, q, "h", 3, "n") // one call, one record: a@2, b@2, c@1
-	att := map[string]int{}
-	for _, l := range ls {
-		att[l.Event.ID] = l.Attempt
-	}
-	if att["a"] != 2 || att["b"] != 2 || att["c"] != 1 {
-		t.Fatalf("second lease: %v", att)
-	}
-	tight := q.reserve * 3 / 4
-	hook := func(string) (uint64, error) { return tight, nil }
-	q.diskFree.Store(&hook)
-	// a given back unseen (its count goes back to 1), b dead-lettered
-	// (attempt 2 = MaxAttempts): one op, which adds (the move).
-	_, err := q.Nack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 2, Unseen: true}, {ID: "b", Attempt: 2}}, 0, "bad")
-	t.Logf("nack in the band: %v", err)
-	if res, err := q.Ack(ctx, "h", []LeaseRef{{ID: "c", Attempt: 1}}); err != nil || res[0].Status != SettleOK {
-		t.Fatalf("ack of c in the band: %+v %v", res, err)
-	}
-	real := diskFree
-	q.diskFree.Store(&real)
-	time.Sleep(50 * time.Millisecond)
-
-	crash := copyLive(t, dir) // kill -9
-	q2 := openTestBadger(t, crash, opts)
-	for _, l := range leaseAll(t, q2, "h2", 10, "n") {
-		if l.Event.ID == "a" {
-			t.Logf("after the kill: a delivered at attempt %d", l.Attempt)
-			if l.Attempt <= 1 {
-				t.Errorf("after a kill: a delivered at attempt %d, reusing the attempt of its seen delivery 1 (count 1 before the kill)", l.Attempt)
+	for _, restart := range []string{"kill", "clean"} {
+		t.Run(restart, func(t *testing.T) {
+			dir := t.TempDir()
+			opts := QueueOptions{MaxAttempts: 2, Durability: DurabilityNoSync}
+			q := openTestBadger(t, dir, opts)
+			ctx := context.Background()
+			publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"}, Event{ID: "c", Namespace: "n"})
+			leaseAll(t, q, "h", 2, "n") // a@1, b@1
+			if _, err := q.Nack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}, {ID: "b", Attempt: 1}}, 0, "again"); err != nil {
+				t.Fatal(err)
 			}
-		}
+			att := map[string]int{}
+			for _, l := range leaseAll(t, q, "h", 3, "n") { // one call, one record: a@2, b@2, c@1
+				att[l.Event.ID] = l.Attempt
+			}
+			if att["a"] != 2 || att["b"] != 2 || att["c"] != 1 {
+				t.Fatalf("second lease: %v", att)
+			}
+			tight := q.reserve * 3 / 4
+			hook := func(string) (uint64, error) { return tight, nil }
+			q.diskFree.Store(&hook)
+			// a given back unseen (its count goes back to 1), b
+			// dead-lettered (attempt 2 = MaxAttempts): one call, whose
+			// move is refused.
+			_, err := q.Nack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 2, Unseen: true}, {ID: "b", Attempt: 2}}, 0, "bad")
+			t.Logf("nack in the band: %v", err)
+			if res, err := q.Ack(ctx, "h", []LeaseRef{{ID: "c", Attempt: 1}}); err != nil || res[0].Status != SettleOK {
+				t.Fatalf("ack of c in the band: %+v %v", res, err)
+			}
+			real := diskFree
+			q.diskFree.Store(&real)
+			time.Sleep(50 * time.Millisecond)
+
+			var q2 *badgerQueue
+			if restart == "kill" {
+				q2 = openTestBadger(t, copyLive(t, dir), opts)
+			} else {
+				q2 = reopenTestBadger(t, q, dir, opts)
+			}
+			for _, l := range leaseAll(t, q2, "h2", 10, "n") {
+				if l.Event.ID == "a" {
+					t.Logf("after the %s: a delivered at attempt %d", restart, l.Attempt)
+					if l.Attempt <= 1 {
+						t.Errorf("after a %s: a delivered at attempt %d, reusing the attempt of its seen delivery 1 (count 1 before)", restart, l.Attempt)
+					}
+				}
+			}
+			res, err := q2.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}})
+			t.Logf("ack of a's attempt-1 delivery from before the %s: %+v %v", restart, res, err)
+		})
 	}
-	res, err := q2.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}})
-	t.Logf("ack of a's attempt-1 delivery from before the kill: %+v %v", res, err)
 }
 
-// The same with a clean restart.
-func TestBadgerUnseenNackRecordApartFromMovesCleanReopen(t *testing.T) {
-	dir := t.TempDir()
-	opts := QueueOptions{MaxAttempts: 2, Durability: DurabilityNoSync}
-	q := openTestBadger(t, dir, opts)
-	ctx := context.Background()
-	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"}, Event{ID: "c", Namespace: "n"})
-	ls := leaseAll(t, q, "h", 2, "n") // a@1, b@1
-	if _, err := q.Nack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}, {ID: "b", Attempt: 1}}, 0, "again"); err != nil {
-		t.Fatal(err)
-	}
-	ls = leaseAll(t, q, "h", 3, "n") // one call, one record: a@2, b@2, c@1
-	att := map[string]int{}
-	for _, l := range ls {
-		att[l.Event.ID] = l.Attempt
-	}
-	if att["a"] != 2 || att["b"] != 2 || att["c"] != 1 {
-		t.Fatalf("second lease: %v", att)
-	}
-	tight := q.reserve * 3 / 4
-	hook := func(string) (uint64, error) { return tight, nil }
-	q.diskFree.Store(&hook)
-	// a given back unseen (its count goes back to 1), b dead-lettered
-	// (attempt 2 = MaxAttempts): one op, which adds (the move).
-	_, err := q.Nack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 2, Unseen: true}, {ID: "b", Attempt: 2}}, 0, "bad")
-	t.Logf("nack in the band: %v", err)
-	if res, err := q.Ack(ctx, "h", []LeaseRef{{ID: "c", Attempt: 1}}); err != nil || res[0].Status != SettleOK {
-		t.Fatalf("ack of c in the band: %+v %v", res, err)
-	}
-	real := diskFree
-	q.diskFree.Store(&real)
-	time.Sleep(50 * time.Millisecond)
-
-	q2 := reopenTestBadger(t, q, dir, opts)
-	for _, l := range leaseAll(t, q2, "h2", 10, "n") {
-		if l.Event.ID == "a" {
-			t.Logf("after the kill: a delivered at attempt %d", l.Attempt)
-			if l.Attempt <= 1 {
-				t.Errorf("after a kill: a delivered at attempt %d, reusing the attempt of its seen delivery 1 (count 1 before the kill)", l.Attempt)
-			}
-		}
-	}
-	res, err := q2.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}})
-	t.Logf("ack of a's attempt-1 delivery from before the kill: %+v %v", res, err)
-}
-
-// TestBadgerFailedAckRecordOutlivesNeighbourAck: the lease record of an event
-// whose ack fails is never deleted by a neighbour's ack committed meanwhile:
-// a removal takes its entry off the record only once it is durable. The
-// failed ack's event used to get a new record later (pushed by the
-// completer), after the writer had committed the neighbour's ack, which
-// deleted the shared record: a kill in between lost the event's attempt
-// count. (Found by review.)
-func TestBadgerFailedAckRecordOutlivesNeighbourAck(t *testing.T) {
-	dir := t.TempDir()
-	opts := QueueOptions{Durability: DurabilityFsync}
-	q := openTestBadger(t, dir, opts)
+// ackFailsBesideNeighbour opens a queue in dir, leases a (namespace n) and b
+// (namespace m) in one call (one lease record), and acks both with the
+// completer held in its sync (q.syncMu, still held on return): a's ack
+// commit fails, then b's commits. onRecordOfA, if not nil, runs in the writer
+// before a transaction that writes a lease record naming a.
+func ackFailsBesideNeighbour(t *testing.T, dir string, opts QueueOptions, onRecordOfA func()) (q *badgerQueue, ackA, ackB chan error) {
+	t.Helper()
+	q = openTestBadger(t, dir, opts)
 	ctx := context.Background()
 	publishTest(t, q, Event{ID: "a", Namespace: "n"})
 	publishTest(t, q, Event{ID: "b", Namespace: "m"})
-	ls := leaseAll(t, q, "h", 2, "n", "m") // one record: a@1, b@1
-	if len(ls) != 2 {
+	if ls := leaseAll(t, q, "h", 2, "n", "m"); len(ls) != 2 {
 		t.Fatalf("lease: %+v", ls)
 	}
 	isAckN := isKeyOf(keyAcks, "n")
 	isAckM := isKeyOf(keyAcks, "m")
-	gate := make(chan struct{})
-	failed := make(chan struct{}, 1)
 	var once atomic.Bool
+	failed := make(chan struct{}, 1)
 	sawB := make(chan struct{}, 1)
-	blocked := make(chan struct{}, 1)
 	f := func(ws []bwrite) bool {
 		for _, w := range ws {
 			switch {
@@ -1105,16 +1060,11 @@ func TestBadgerFailedAckRecordOutlivesNeighbourAck(t *testing.T) {
 				case sawB <- struct{}{}:
 				default:
 				}
-			case len(w.key) > 0 && w.key[0] == keyLeaseRec && !w.del:
-				ents, derr := decodeLeaseRec(w.val)
-				_ = derr
+			case onRecordOfA != nil && len(w.key) > 0 && w.key[0] == keyLeaseRec && !w.del:
+				ents, _ := decodeLeaseRec(w.val)
 				for _, e := range ents {
 					if e.id == "a" {
-						select {
-						case blocked <- struct{}{}:
-						default:
-						}
-						<-gate
+						onRecordOfA()
 					}
 				}
 			}
@@ -1123,19 +1073,45 @@ func TestBadgerFailedAckRecordOutlivesNeighbourAck(t *testing.T) {
 	}
 	q.failCommit.Store(&f)
 	q.syncMu.Lock() // the completer waits in its sync; the writer goes on
-	ackA := make(chan error, 1)
-	go func() {
-		_, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}})
-		ackA <- err
-	}()
+	ackA, ackB = make(chan error, 1), make(chan error, 1)
+	go func() { _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); ackA <- err }()
 	<-failed
-	ackB := make(chan error, 1)
-	go func() {
-		_, err := q.Ack(ctx, "h", []LeaseRef{{ID: "b", Attempt: 1}})
-		ackB <- err
-	}()
+	go func() { _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "b", Attempt: 1}}); ackB <- err }()
 	<-sawB
-	time.Sleep(100 * time.Millisecond) // b's group (deleting the shared record) commits
+	time.Sleep(100 * time.Millisecond) // b's group (deleting the shared record, once) commits
+	return q, ackA, ackB
+}
+
+// attemptNotReused checks that q delivers a again above attempt 1.
+func attemptNotReused(t *testing.T, q Queue, after string) {
+	t.Helper()
+	for _, l := range leaseAll(t, q, "h2", 10, "n", "m") {
+		t.Logf("%s: %s/%s at attempt %d", after, l.Event.Namespace, l.Event.ID, l.Attempt)
+		if l.Event.ID == "a" && l.Attempt <= 1 {
+			t.Errorf("%s: a delivered at attempt %d again (its delivery at attempt 1 went out; the old ack would settle the new one)", after, l.Attempt)
+		}
+	}
+}
+
+// TestBadgerFailedAckRecordOutlivesNeighbourAck: the lease record of an event
+// whose ack fails is never deleted by a neighbour's ack committed meanwhile:
+// a removal takes its entry off the record only once it is durable. The
+// failed ack's event used to get a new record later (pushed by the
+// completer), after the writer had committed the neighbour's ack, which
+// deleted the shared record: a kill in between lost the event's attempt
+// count. (Found by review.)
+func TestBadgerFailedAckRecordOutlivesNeighbourAck(t *testing.T) {
+	dir := t.TempDir()
+	opts := QueueOptions{Durability: DurabilityFsync}
+	gate := make(chan struct{})
+	blocked := make(chan struct{}, 1)
+	q, ackA, ackB := ackFailsBesideNeighbour(t, dir, opts, func() {
+		select {
+		case blocked <- struct{}{}:
+		default:
+		}
+		<-gate
+	})
 	q.syncMu.Unlock()
 	if err := <-ackA; err == nil {
 		t.Fatal("ack of a: no error")
@@ -1150,14 +1126,7 @@ func TestBadgerFailedAckRecordOutlivesNeighbourAck(t *testing.T) {
 	crash := copyLive(t, dir) // kill -9 (before any new record for a is written)
 	close(gate)
 	q.failCommit.Store(nil)
-
-	q2 := openTestBadger(t, crash, opts)
-	for _, l := range leaseAll(t, q2, "h2", 10, "n", "m") {
-		t.Logf("after the kill: %s/%s at attempt %d", l.Event.Namespace, l.Event.ID, l.Attempt)
-		if l.Event.ID == "a" && l.Attempt <= 1 {
-			t.Errorf("after a kill: a delivered at attempt %d again (its delivery at attempt 1 went out; the old ack would settle the new one)", l.Attempt)
-		}
-	}
+	attemptNotReused(t, openTestBadger(t, crash, opts), "after a kill")
 }
 
 // TestBadgerFailedAckDuringCloseKeepsRecord: the same while the queue
@@ -1167,42 +1136,7 @@ func TestBadgerFailedAckRecordOutlivesNeighbourAck(t *testing.T) {
 func TestBadgerFailedAckDuringCloseKeepsRecord(t *testing.T) {
 	dir := t.TempDir()
 	opts := QueueOptions{Durability: DurabilityFsync}
-	q := openTestBadger(t, dir, opts)
-	ctx := context.Background()
-	publishTest(t, q, Event{ID: "a", Namespace: "n"})
-	publishTest(t, q, Event{ID: "b", Namespace: "m"})
-	if ls := leaseAll(t, q, "h", 2, "n", "m"); len(ls) != 2 {
-		t.Fatalf("lease: %+v", ls)
-	}
-	isAckN := isKeyOf(keyAcks, "n")
-	isAckM := isKeyOf(keyAcks, "m")
-	var once atomic.Bool
-	failed := make(chan struct{}, 1)
-	sawB := make(chan struct{}, 1)
-	f := func(ws []bwrite) bool {
-		for _, w := range ws {
-			if isAckN(w) && !w.del && once.CompareAndSwap(false, true) {
-				failed <- struct{}{}
-				return true
-			}
-			if isAckM(w) {
-				select {
-				case sawB <- struct{}{}:
-				default:
-				}
-			}
-		}
-		return false
-	}
-	q.failCommit.Store(&f)
-	q.syncMu.Lock()
-	ackA := make(chan error, 1)
-	go func() { _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); ackA <- err }()
-	<-failed
-	ackB := make(chan error, 1)
-	go func() { _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "b", Attempt: 1}}); ackB <- err }()
-	<-sawB
-	time.Sleep(100 * time.Millisecond)
+	q, ackA, ackB := ackFailsBesideNeighbour(t, dir, opts, nil)
 	closed := make(chan error, 1)
 	go func() { closed <- q.Close() }()
 	for {
@@ -1217,14 +1151,7 @@ func TestBadgerFailedAckDuringCloseKeepsRecord(t *testing.T) {
 	q.syncMu.Unlock()
 	t.Logf("ack a: %v; ack b: %v; close: %v", <-ackA, <-ackB, <-closed)
 	q.failCommit.Store(nil)
-
-	q2 := openTestBadger(t, dir, opts)
-	for _, l := range leaseAll(t, q2, "h2", 10, "n", "m") {
-		t.Logf("after the reopen: %s/%s at attempt %d", l.Event.Namespace, l.Event.ID, l.Attempt)
-		if l.Event.ID == "a" && l.Attempt <= 1 {
-			t.Errorf("after a clean reopen: a delivered at attempt %d again", l.Attempt)
-		}
-	}
+	attemptNotReused(t, openTestBadger(t, dir, opts), "after a clean reopen")
 }
 
 // TestBadgerUnwrittenRecordThenFailedAck: an event whose lease record was

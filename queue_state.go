@@ -488,17 +488,22 @@ func (c *queueCore) finish(fx *effects) *writeWait {
 func (c *queueCore) finishNoWait(fx *effects) { c.finishWait(fx, false) }
 
 func (c *queueCore) finishWait(fx *effects, wait bool) *writeWait {
+	return c.finishRecords(fx, wait, wait)
+}
+
+// finishRecords is finishWait with fx's lease records waited for as
+// recWait says (durable, or written). Lease records go apart from
+// dead-letter moves, and first: a move can be refused for disk space where a
+// record is still written (the Badger queue's reserve).
+func (c *queueCore) finishRecords(fx *effects, recWait, wait bool) *writeWait {
 	c.rearm()
 	if fx.empty() {
 		return nil
 	}
 	if len(fx.moves) > 0 && len(fx.recPuts) > 0 {
-		// Lease records go apart from dead-letter moves, and first: a
-		// move can be refused for disk space where a record is still
-		// written (the Badger queue's reserve).
 		recs := &effects{recPuts: fx.recPuts}
 		fx.recPuts = nil
-		rw := c.store.submit(recs, wait)
+		rw := c.store.submit(recs, recWait)
 		w := c.store.submit(fx, wait)
 		if rw == nil {
 			return w
@@ -924,21 +929,19 @@ func (c *queueCore) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error
 		deadline = defaultAckDeadline
 	}
 	c.mu.Lock()
-	out, ws, err := c.lease(req, limit, deadline)
+	out, w, err := c.lease(req, limit, deadline)
 	c.mu.Unlock()
 	// Dead-letter moves the call made land before it returns (so that Stats
 	// agree with what it did), and the lease record is written (see lease).
 	// A failed move does not fail the lease. If ctx ends first, the
 	// deliveries are given back unseen and the call fails: a delivery must
 	// not go out before its record is written.
-	for _, w := range []*writeWait{ws.records, ws.moves} {
-		if werr := w.wait(ctx); werr != nil {
-			if cerr := ctx.Err(); cerr != nil && errors.Is(werr, cerr) {
-				c.giveBack(req.Holder, out)
-				return nil, cerr
-			}
-			c.log.Warn("h3x: queue: dead-lettering during a lease failed; the events stay", "err", werr)
+	if werr := w.wait(ctx); werr != nil {
+		if cerr := ctx.Err(); cerr != nil && errors.Is(werr, cerr) {
+			c.giveBack(req.Holder, out)
+			return nil, cerr
 		}
+		c.log.Warn("h3x: queue: dead-lettering during a lease failed; the events stay", "err", werr)
 	}
 	return out, err
 }
@@ -957,23 +960,12 @@ func (c *queueCore) giveBack(holder string, out []Lease) {
 	now := time.Now().UnixNano()
 	var fx effects
 	for _, l := range out {
-		e, _ := c.resolve(holder, LeaseRef{ID: l.Event.ID, Namespace: l.Event.Namespace, Attempt: l.Attempt})
-		if e == nil {
-			continue // settled or delivered again meanwhile
-		}
-		switch {
-		case e.state == stLeased && e.holder != nil && e.holder.name == holder:
-			c.detach(e)
-			c.uncount(e, &fx)
-			c.afterLease(e, now, 0, e.reason, &fx)
-		case e.state == stReady || e.state == stDelayed:
-			// Its lease expired meanwhile (an ack deadline shorter than
-			// the record's write): that attempt does not count either.
-			// (Had the expiry dead-lettered it, at MaxAttempts, it stays
-			// dead-lettered.)
-			c.detach(e)
-			c.uncount(e, &fx)
-			c.schedule(e, now, 0)
+		// Settled or delivered again meanwhile: nil. If its lease expired
+		// meanwhile (an ack deadline shorter than the record's write), that
+		// attempt does not count either; had the expiry dead-lettered it,
+		// at MaxAttempts, it stays dead-lettered.
+		if e, _ := c.resolve(holder, LeaseRef{ID: l.Event.ID, Namespace: l.Event.Namespace, Attempt: l.Attempt}); e != nil {
+			c.nackEntry(e, now, 0, e.reason, true, &fx)
 		}
 	}
 	c.finishNoWait(&fx)
@@ -981,9 +973,9 @@ func (c *queueCore) giveBack(holder string, out []Lease) {
 
 // lease is Lease with c.mu held. It returns what to wait for before the
 // deliveries go out.
-func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) ([]Lease, leaseWaits, error) {
+func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) ([]Lease, *writeWait, error) {
 	if c.closed {
-		return nil, leaseWaits{}, ErrQueueClosed
+		return nil, nil, ErrQueueClosed
 	}
 	now := time.Now().UnixNano()
 	var fx effects
@@ -1088,30 +1080,16 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 	}
 	// The deliveries go out once their lease record is written (not
 	// synced): a kill -9 after that cannot make the next delivery reuse
-	// their attempt numbers. The records go apart from dead-letter moves
-	// (which the call waits for too, durable): a move can be refused for
-	// disk space where a record is still written.
-	var ws leaseWaits
-	if len(fx.moves) > 0 && len(fx.recPuts) > 0 {
-		recs := effects{recPuts: fx.recPuts}
-		fx.recPuts = nil
-		ws.records = c.finishWait(&recs, false)
-		ws.moves = c.finishWait(&fx, true)
-	} else {
-		ws.records = c.finishWait(&fx, len(fx.moves) > 0)
-	}
+	// their attempt numbers. Dead-letter moves are waited for durable.
+	w := c.finishRecords(&fx, false, len(fx.moves) > 0)
 	if err != nil && len(out) == 0 {
-		return nil, ws, err
+		return nil, w, err
 	}
 	if err != nil {
 		c.log.Warn("h3x: queue read failed during a lease; returning the events read so far", "err", err)
 	}
-	return out, ws, nil
+	return out, w, nil
 }
-
-// leaseWaits are what a Lease call waits for before it returns: its lease
-// records written, and its dead-letter moves durable (nil: nothing).
-type leaseWaits struct{ records, moves *writeWait }
 
 // overdueDeadLetter reports whether e, about to be leased again, has had
 // its MaxAttempts deliveries and can move to its dead-letter namespace now,
@@ -1227,26 +1205,7 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 			case settleAck:
 				c.remove(e, &fx)
 			case settleNack:
-				switch e.state {
-				case stLeased:
-					c.detach(e)
-					if ref.Unseen {
-						c.uncount(e, &fx)
-					}
-					c.afterLease(e, now, d, reason, &fx)
-				case stReady, stDelayed:
-					// The lease ended already and the event was not
-					// delivered again: reschedule it. An unseen one (its
-					// lease ended with its connection, say, while the
-					// client's next connection came up) is not counted
-					// either.
-					c.detach(e)
-					if ref.Unseen {
-						c.uncount(e, &fx)
-					}
-					e.reason = reason
-					c.schedule(e, now, d)
-				}
+				c.nackEntry(e, now, d, reason, ref.Unseen, &fx)
 			case settleExtend:
 				if e.state != stLeased {
 					st = SettleStale
@@ -1264,6 +1223,29 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 		return nil, err
 	}
 	return res, nil
+}
+
+// nackEntry ends e's delivery as a nack: after its lease, or, if the lease
+// ended already and the event was not delivered again, by rescheduling it.
+// An unseen delivery (one the application never got: its lease ended with
+// its connection, say, while the client's next connection came up) is not
+// counted either.
+func (c *queueCore) nackEntry(e *qentry, now int64, d time.Duration, reason string, unseen bool, fx *effects) {
+	switch e.state {
+	case stLeased:
+		c.detach(e)
+		if unseen {
+			c.uncount(e, fx)
+		}
+		c.afterLease(e, now, d, reason, fx)
+	case stReady, stDelayed:
+		c.detach(e)
+		if unseen {
+			c.uncount(e, fx)
+		}
+		e.reason = reason
+		c.schedule(e, now, d)
+	}
 }
 
 // Release ends every lease of holder as if nacked without delay.
