@@ -186,6 +186,7 @@ func badgerOptions(dir string, opts QueueOptions) badger.Options {
 	bo.IndexCacheSize = 8 << 20
 	bo.ValueLogFileSize = 1 << 20 // the value log stays empty (see inlineThreshold); Badger's minimum
 	bo.BaseTableSize = 2 << 20
+	bo.BlockSize = tableBlockSize // a chunk fits in a block (see maxChunkBytes)
 	bo.NumCompactors = 2
 	bo.ValueThreshold = inlineThreshold(bo.MemTableSize)
 	bo.MetricsEnabled = false
@@ -1633,7 +1634,8 @@ func (q *badgerQueue) write(ops []*wop, free uint64, ferr error) *group {
 }
 
 // writeChunks writes the events the group adds: one chunk per namespace,
-// split at maxChunkEvents or the largest value the queue stores.
+// split at maxChunkEvents or maxChunkBytes (a single event may be as large
+// as the largest value the queue stores).
 func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 	type pending struct {
 		ents []*qentry
@@ -1671,7 +1673,7 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 			n, size := 0, binary.MaxVarintLen32
 			for n < len(p.ents) && n < maxChunkEvents {
 				sz := chunkEntrySize(p.vals[n])
-				if n > 0 && size+sz > q.maxValue {
+				if n > 0 && size+sz > min(q.maxValue, maxChunkBytes) {
 					break
 				}
 				size += sz

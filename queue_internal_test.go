@@ -2,6 +2,7 @@ package h3x
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -831,7 +832,8 @@ func rssChild(t *testing.T) {
 	}
 }
 
-// procMemory returns VmRSS and its anonymous and file-backed parts.
+// procMemory returns the peak RSS so far (VmHWM), VmRSS and its anonymous
+// and file-backed parts.
 func procMemory() string {
 	b, err := os.ReadFile("/proc/self/status")
 	if err != nil {
@@ -839,7 +841,7 @@ func procMemory() string {
 	}
 	var parts []string
 	for _, l := range strings.Split(string(b), "\n") {
-		for _, k := range []string{"VmRSS:", "RssAnon:", "RssFile:"} {
+		for _, k := range []string{"VmHWM:", "VmRSS:", "RssAnon:", "RssFile:"} {
 			if strings.HasPrefix(l, k) {
 				parts = append(parts, strings.Join(strings.Fields(l), " "))
 			}
@@ -1104,5 +1106,59 @@ func TestChunkCodec(t *testing.T) {
 	k := movedKey(nil, "orders", 7, 9)
 	if ns, first, seq, ok := decodeMovedKey(k); !ok || ns != "orders" || first != 7 || seq != 9 {
 		t.Errorf("decodeMovedKey: %q %d %d %v", ns, first, seq, ok)
+	}
+}
+
+func TestBadgerChunkFitsATableBlock(t *testing.T) {
+	// A large Enqueue is stored as chunks of at most maxChunkBytes (a single
+	// larger event aside), each of which fits in a table block: Badger's
+	// table builders then never grow a block, which made them hold two to
+	// three times the bytes of their tables.
+	if bs := badgerOptions(t.TempDir(), QueueOptions{}).BlockSize; bs < maxChunkBytes+1024 {
+		t.Fatalf("BlockSize %d: a chunk of %d bytes and its key do not fit in a block", bs, maxChunkBytes)
+	}
+	dir := t.TempDir()
+	q := openTestBadger(t, dir, QueueOptions{})
+	data := bytes.Repeat([]byte{'x'}, 1000)
+	var evs []Event
+	for i := range 1000 {
+		evs = append(evs, Event{ID: fmt.Sprintf("e%d", i), Namespace: "n", Data: data})
+	}
+	big := Event{ID: "big", Namespace: "n", Data: bytes.Repeat([]byte{'y'}, 3*maxChunkBytes/2)}
+	publishTest(t, q, append(evs, big)...)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var sizes []int
+	withStoredDB(t, dir, func(db *badger.DB) error {
+		return db.View(func(txn *badger.Txn) error {
+			it := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(keyEvent, "n")})
+			defer it.Close()
+			for it.Rewind(); it.Valid(); it.Next() {
+				sizes = append(sizes, int(it.Item().ValueSize()))
+			}
+			return nil
+		})
+	})
+	if len(sizes) < 8 {
+		t.Fatalf("%d chunks of sizes %v for 1 MB of events, want at least 8", len(sizes), sizes)
+	}
+	for i, n := range sizes[:len(sizes)-1] {
+		if n > maxChunkBytes {
+			t.Errorf("chunk %d of %d: %d bytes, above maxChunkBytes (%d)", i, len(sizes), n, maxChunkBytes)
+		}
+	}
+	if last := sizes[len(sizes)-1]; last < 3*maxChunkBytes/2 {
+		t.Errorf("the large event's chunk: %d bytes, want it whole", last)
+	}
+	q = openTestBadger(t, dir, QueueOptions{})
+	ls := leaseAll(t, q, "h", 1001, "n")
+	if len(ls) != 1001 || ls[1000].Event.ID != "big" || !bytes.Equal(ls[1000].Event.Data, big.Data) {
+		t.Fatalf("read back %d events", len(ls))
+	}
+	for i, l := range ls[:1000] {
+		if l.Event.ID != evs[i].ID || !bytes.Equal(l.Event.Data, data) {
+			t.Fatalf("event %d: %s, want %s", i, l.Event.ID, evs[i].ID)
+		}
 	}
 }
