@@ -34,8 +34,12 @@ const (
 // tableDir returns the absolute path, symbolic links resolved, of dir (where
 // Badger keeps its tables: Options.Dir), as /proc/self/maps names the
 // files in it; "" if it cannot be resolved. (Resolved at open: a later
-// os.Chdir would change what a relative dir means.)
+// os.Chdir would change what a relative dir means.) An empty dir (Badger
+// InMemory) has no table files: "", not the working directory.
 func tableDir(dir string) string {
+	if dir == "" {
+		return ""
+	}
 	abs, err := filepath.Abs(dir)
 	if err == nil {
 		abs, err = filepath.EvalSymlinks(abs)
@@ -53,6 +57,10 @@ func (q *badgerQueue) trimLoop(interval time.Duration) {
 	if q.tdir == "" {
 		return
 	}
+	if err := trimSupported(); err != nil {
+		q.log.Warn("h3x: badger queue: table maps cannot be trimmed; their pages stay in the process's RSS", "err", err)
+		return
+	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	seen := trimSeen{reads: q.tableReads.Load(), enqueued: q.enqueued.Load()}
@@ -62,12 +70,13 @@ func (q *badgerQueue) trimLoop(interval time.Duration) {
 			return
 		case <-t.C:
 		}
+		// An error here is this round's (a /proc read failing, a range
+		// unmapped and reused for a map madvise refuses): the next one
+		// tries again.
 		n, err := q.trimTick(q.tdir, &seen, mappedBudget)
 		if err != nil {
-			q.log.Warn("h3x: badger queue: table maps cannot be trimmed; their pages stay in the process's RSS", "err", err)
-			return
-		}
-		if n > 0 {
+			q.log.Debug("h3x: badger queue: table maps not all trimmed", "bytes", n, "err", err)
+		} else if n > 0 {
 			q.log.Debug("h3x: badger queue: table maps trimmed", "bytes", n)
 		}
 	}

@@ -31,13 +31,26 @@ func fileResident() (int64, bool) {
 	return 0, false
 }
 
+// trimSupported returns an error if the kernel cannot do MADV_PAGEOUT
+// (before Linux 5.4: EINVAL; ENOSYS or EPERM under a seccomp filter).
+// madvise checks its advice before its range, and an empty range is
+// otherwise a no-op.
+func trimSupported() error {
+	if _, _, errno := unix.Syscall(unix.SYS_MADVISE, 0, 0, unix.MADV_PAGEOUT); errno != 0 {
+		return fmt.Errorf("madvise MADV_PAGEOUT: %w", errno)
+	}
+	return nil
+}
+
 // trimTableMaps asks the kernel to reclaim the resident pages of every
 // memory map of a table file (.sst) in dir, as /proc/self/maps lists them,
 // and returns the bytes of the maps it covered. MADV_PAGEOUT is safe on any
 // address range, even one unmapped (and mapped again for something else)
 // since the list was read: it never changes what memory holds, it only moves
 // pages out (clean file pages are dropped; they are read again from the file
-// when touched). An error means the kernel cannot do it (before Linux 5.4).
+// when touched). It tries every map; the error is the first that was not
+// ENOMEM or EAGAIN (say EINVAL: a range reused for a locked, hugetlb or PFN
+// map), or reading the list's.
 func trimTableMaps(dir string) (int64, error) {
 	f, err := os.Open("/proc/self/maps")
 	if err != nil {
@@ -74,6 +87,7 @@ func trimTableMaps(dir string) (int64, error) {
 		return 0, err
 	}
 	var n int64
+	var first error
 	for _, s := range spans {
 		_, _, errno := unix.Syscall(unix.SYS_MADVISE, s.start, s.end-s.start, unix.MADV_PAGEOUT)
 		switch errno {
@@ -82,9 +96,10 @@ func trimTableMaps(dir string) (int64, error) {
 		case unix.ENOMEM, unix.EAGAIN:
 			// Unmapped since the list was read, or busy: the next round.
 		default:
-			// EINVAL: a kernel without MADV_PAGEOUT.
-			return n, fmt.Errorf("madvise MADV_PAGEOUT: %w", errno)
+			if first == nil {
+				first = fmt.Errorf("madvise MADV_PAGEOUT: %w", errno)
+			}
 		}
 	}
-	return n, nil
+	return n, first
 }
