@@ -160,19 +160,19 @@ var _ Queue = (*badgerQueue)(nil)
 // compressed by their producers). Event values are stored in the LSM tree
 // itself, never in the value log (see inlineThreshold), so the value-log
 // files are the minimum size and the memtables larger (32 MB: with 8 MB,
-// flushes and compactions of the values halved throughput). Measured with a
-// backlog of a million 256-byte events (H3X_RSS=1 go test -run
-// TestQueueBadgerRSS): a process that opens it has 132–134 MB of RSS
-// (about 90 MB anonymous), 136–138 MB after leasing and acking 10,000 of
-// it; one that opens it after a kill -9 (and so reads all of it once, see
-// load) 79–126 MB once idle for 30 s. The process that has just published
-// it at full speed peaks at 1.0–1.2 GB while Badger flushes and compacts:
-// Badger keeps up to
-// eight table-builder buffer sets (about 60 MB each with these options)
-// and gives one back every 2 s without flushes or compactions, and the Go
-// runtime returns freed memory over the following seconds; it holds
-// 116–138 MB after 40 s idle. (GOMEMLIMIT trims only the collector's headroom of the
-// peak: the buffers are live.) Badger memory-maps
+// flushes and compactions of the values halved throughput), and the table
+// blocks larger (see maxChunkBytes). Measured with a backlog of a million
+// 256-byte events (H3X_RSS=1 go test -run TestQueueBadgerRSS): a process
+// that opens it has 126–127 MB of RSS (about 90 MB anonymous), 130 MB
+// after leasing and acking 10,000 of it; one that opens it after a kill -9
+// (and so reads all of it once, see load) 87–108 MB once idle for 30 s.
+// The process that has just published it at full speed peaks at 0.82–0.86
+// GB while Badger flushes and compacts: Badger keeps up to eight
+// table-builder buffer sets (a memtable flush's is about 60 MB with these
+// options) and gives one back every 2 s without flushes or compactions,
+// and the Go runtime returns freed memory over the following seconds; it
+// holds 134–136 MB after 40 s idle. (GOMEMLIMIT trims only the collector's
+// headroom of the peak: the buffers are live.) Badger memory-maps
 // its table files, so the pages a process has written or read count in its
 // RSS as file-backed memory (300 MB for the publishing process); the
 // trimmer (queue_badger_trim.go) gives them back while the queue reads none.
