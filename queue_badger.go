@@ -284,6 +284,11 @@ type badgerQueue struct {
 	// builds, rather than waking it (a failing disk would make them spin).
 	pendingCounters map[string]nsCounter
 	pendingChunks   []*qchunk
+	// pendingRecs are lease records whose write failed or was refused:
+	// written again with the next group (or at Close) while they still
+	// list an event's latest delivery.
+	pendingRecs    []recPut
+	pendingRecDels []uint64 // lease records to delete whose deletion failed
 
 	inflight      chan *group // writer -> completer
 	completerDone chan struct{}
@@ -1245,11 +1250,33 @@ func (q *badgerQueue) deferFix(counters map[string]nsCounter, chunks []*qchunk) 
 	}
 }
 
+// deferRecs keeps lease records whose write or deletion failed for the
+// next group.
+func (q *badgerQueue) deferRecs(recs []recPut, dels []uint64) {
+	if len(recs) == 0 && len(dels) == 0 {
+		return
+	}
+	q.wmu.Lock()
+	defer q.wmu.Unlock()
+	q.pendingRecs = append(q.pendingRecs, recs...)
+	q.pendingRecDels = append(q.pendingRecDels, dels...)
+}
+
+// takeRecs returns the pending lease records and deletions, and clears
+// them.
+func (q *badgerQueue) takeRecs() ([]recPut, []uint64) {
+	q.wmu.Lock()
+	defer q.wmu.Unlock()
+	recs, dels := q.pendingRecs, q.pendingRecDels
+	q.pendingRecs, q.pendingRecDels = nil, nil
+	return recs, dels
+}
+
 // fixesPending reports whether corrections wait for a group.
 func (q *badgerQueue) fixesPending() bool {
 	q.wmu.Lock()
 	defer q.wmu.Unlock()
-	return q.pendingCounters != nil || q.pendingChunks != nil
+	return q.pendingCounters != nil || q.pendingChunks != nil || q.pendingRecs != nil || q.pendingRecDels != nil
 }
 
 // takeFixes returns the pending corrections and clears them.
@@ -1387,9 +1414,11 @@ type group struct {
 
 // gtxn is one transaction of a group.
 type gtxn struct {
-	ents   []*qentry // the entries whose writes it holds
-	deltas map[string]nsCounter
-	err    error
+	ents    []*qentry // the entries whose writes it holds
+	recs    []recPut  // the lease records it writes
+	recDels []uint64  // the lease records it deletes
+	deltas  map[string]nsCounter
+	err     error
 }
 
 func (g *group) release() {
@@ -1574,8 +1603,23 @@ func (q *badgerQueue) write(ops []*wop, free uint64, ferr error) *group {
 		g.diskErr = q.ballastOut()
 	}
 	fixCounters, fixChunks := q.takeFixes()
+	// Lease records not written before, that still list an event's latest
+	// delivery (a record's deletion is pushed, under c.mu, when it lists
+	// none: one pushed later is written after this group).
+	fixRecs, fixRecDels := q.takeRecs()
+	if len(fixRecs) > 0 {
+		c.mu.Lock()
+		fixRecs = slices.DeleteFunc(fixRecs, func(r recPut) bool { return r.rec.n <= 0 })
+		c.mu.Unlock()
+	}
 	if g.diskErr != nil {
 		q.deferFix(fixCounters, fixChunks) // for a later group
+		q.deferRecs(fixRecs, fixRecDels)
+		for _, op := range ops {
+			if op.fx != nil {
+				q.deferRecs(op.fx.recPuts, op.fx.recDeletes)
+			}
+		}
 		g.release()
 		return g
 	}
@@ -1614,17 +1658,25 @@ func (q *badgerQueue) write(ops []*wop, free uint64, ferr error) *group {
 	g.moved = moves
 	q.writeSettled(&b, g, ops, moves)
 	q.writeChunkFixes(&b, g, fixChunks)
+	for i := range fixRecs {
+		b.item()
+		b.add(bwrite{key: leaseRecKey(fixRecs[i].rec.seq), val: encodeLeaseRec(fixRecs[i].entries), rec: &fixRecs[i]})
+	}
+	for _, seq := range fixRecDels {
+		b.item()
+		b.add(bwrite{key: leaseRecKey(seq), del: true, recDel: seq})
+	}
 	for _, op := range ops {
 		if op.fx == nil {
 			continue
 		}
-		for _, r := range op.fx.recPuts {
+		for i, r := range op.fx.recPuts {
 			b.item()
-			b.add(bwrite{key: leaseRecKey(r.rec.seq), val: encodeLeaseRec(r.entries)})
+			b.add(bwrite{key: leaseRecKey(r.rec.seq), val: encodeLeaseRec(r.entries), rec: &op.fx.recPuts[i]})
 		}
 		for _, seq := range op.fx.recDeletes {
 			b.item()
-			b.add(bwrite{key: leaseRecKey(seq), del: true})
+			b.add(bwrite{key: leaseRecKey(seq), del: true, recDel: seq})
 		}
 	}
 	b.commit()
@@ -1850,6 +1902,7 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 		for _, e := range t.ents {
 			failed[e] = err
 		}
+		q.deferRecs(t.recs, t.recDels) // written again with the next group
 		for name, d := range t.deltas {
 			f := fix[name]
 			f.count -= d.count
@@ -2195,13 +2248,15 @@ type txnBuilder struct {
 // bwrite is one write (a Set or, with del, a Delete of key) and/or (with
 // cnt) a change of ns's counters.
 type bwrite struct {
-	key   []byte
-	val   []byte
-	del   bool
-	newID bool // enqueued events (a chunk): their IDs go in the dedup record
-	cnt   bool
-	fix   bool      // a correction of the counters: kept if its commit fails (see record)
-	ents  []*qentry // the entries of the item the write begins (nil for its other writes)
+	key    []byte
+	val    []byte
+	del    bool
+	newID  bool // enqueued events (a chunk): their IDs go in the dedup record
+	cnt    bool
+	fix    bool      // a correction of the counters: kept if its commit fails (see record)
+	ents   []*qentry // the entries of the item the write begins (nil for its other writes)
+	rec    *recPut   // the lease record it writes, written again if its commit fails
+	recDel uint64    // the lease record it deletes (0: none), deleted again if its commit fails
 
 	ns           string
 	count, bytes int64
@@ -2356,6 +2411,12 @@ func (b *txnBuilder) record() *gtxn {
 	t := &gtxn{deltas: make(map[string]nsCounter, len(b.touched))}
 	for _, w := range b.cur {
 		t.ents = append(t.ents, w.ents...)
+		if w.rec != nil {
+			t.recs = append(t.recs, *w.rec)
+		}
+		if w.recDel != 0 {
+			t.recDels = append(t.recDels, w.recDel)
+		}
 	}
 	for name, c := range b.touched {
 		// A failed commit's changes are taken back from the writer's

@@ -32,8 +32,12 @@ import (
 //   - a fresh ID is stored, an ID stored before is a duplicate;
 //   - an ack or nack by the holder of a live lease is applied, one by
 //     another holder is stale;
+//   - no delivery reuses the attempt number of a counted delivery of its
+//     event (across reopens, clean or kill -9, too; after a reopen that
+//     follows injected failures, deliveries made during them are excused);
 //   - at the end, with failures off, every stored event is delivered and
-//     acked (draining every namespace), and the stats show nothing left.
+//     acked (draining every namespace), and the stats show nothing left;
+//     for the Badger queue, no lease record is left after Close.
 //
 // H3X_MODEL_SEEDS sets how many seeds run per queue (default 6);
 // H3X_MODEL_STEPS the operations per seed (default 400).
@@ -44,6 +48,7 @@ func TestQueueModel(t *testing.T) {
 	t.Run("memory", func(t *testing.T) {
 		for seed := range seeds {
 			m := newQueueModel(t, uint64(seed), NewMemoryQueue(opts))
+			m.checkAttempts = true
 			m.run(steps)
 			total.add(m.counts)
 		}
@@ -57,6 +62,7 @@ func TestQueueModel(t *testing.T) {
 		total = modelCounts{}
 		for seed := range seeds {
 			m := newQueueModel(t, uint64(seed), NewMemoryQueue(limited))
+			m.checkAttempts = true
 			m.limit = limited.MaxEventsPerNamespace
 			m.run(steps)
 			total.add(m.counts)
@@ -81,6 +87,7 @@ func testBadgerModel(t *testing.T, opts QueueOptions, seeds, steps int) {
 			}
 			m := newQueueModel(t, uint64(seed), q)
 			m.limit = opts.MaxEventsPerNamespace
+			m.checkAttempts, m.excuseFailedRecords = true, true
 			m.reopen = func(q Queue, crash bool) Queue {
 				if crash {
 					// What a kill -9 leaves: the files as they are now
@@ -114,6 +121,11 @@ func testBadgerModel(t *testing.T, opts QueueOptions, seeds, steps int) {
 			}
 			m.run(steps)
 			total.add(m.counts)
+			// Everything settled and the queue closed: no lease record is
+			// left (a failed write or deletion of one is retried).
+			if n := storedPrefix(t, dir, []byte{keyLeaseRec}); n != 0 {
+				t.Errorf("seed %d: every event settled, %d lease records left after Close", seed, n)
+			}
 		}
 		t.Logf("%+v", total)
 	}
@@ -145,7 +157,9 @@ type modelEvent struct {
 	acked   bool   // an ack of it returned SettleOK: it must never be leased again
 	holder  string // who holds its lease, as far as the model knows ("": nobody, or unknown after a failed call)
 	attempt int
-	leaseNS string // the namespace of that lease (ns or its dead-letter namespace)
+	leaseNS string         // the namespace of that lease (ns or its dead-letter namespace)
+	used    map[string]int // the highest attempt number handed out and still counted, by namespace
+	unsure  bool           // delivered while commits were failing: its lease record may be lost
 }
 
 type queueModel struct {
@@ -163,6 +177,12 @@ type queueModel struct {
 	excused  map[string]bool // namespaces that may be over the limit (see checkLimit)
 	trail    []string        // the last operations (modelTrail), for failure messages
 	counts   modelCounts
+	// checkAttempts: no delivery reuses the attempt number of a counted
+	// delivery of its event in its namespace. excuseFailedRecords: except
+	// after a reopen, for deliveries made while commits were failing (their
+	// lease records may never have been written: RELIABILITY.md, finding 3).
+	checkAttempts       bool
+	excuseFailedRecords bool
 }
 
 // modelCounts say what a run exercised.
@@ -399,6 +419,18 @@ func (m *queueModel) took(holder string, ls []Lease) {
 		case l.Event.Namespace != e.ns && l.Event.Namespace != DeadLetterNamespace(e.ns):
 			m.fatalf("leased %s from %s, published to %s", id, l.Event.Namespace, e.ns)
 		}
+		if m.checkAttempts {
+			if e.used == nil {
+				e.used = map[string]int{}
+			}
+			if l.Attempt <= e.used[l.Event.Namespace] {
+				m.fatalf("leased %s/%s at attempt %d, already handed out (highest counted %d)", l.Event.Namespace, id, l.Attempt, e.used[l.Event.Namespace])
+			}
+			e.used[l.Event.Namespace] = l.Attempt
+			if m.failing && m.excuseFailedRecords {
+				e.unsure = true // its record may have failed (documented)
+			}
+		}
 		e.stored = true
 		e.holder, e.attempt, e.leaseNS = holder, l.Attempt, l.Event.Namespace
 		m.counts.leased++
@@ -497,7 +529,20 @@ func (m *queueModel) nack(holder string) op {
 		call: func() { res, err = m.q.Nack(context.Background(), holder, refs, delay, "model nack") },
 		apply: func() {
 			m.note("nack by %s of %v (delay %v, unseen %v): err %v", holder, ids, delay, unseen, err)
-			m.settled(ids, res, err, func(*modelEvent) { m.counts.nacked++ })
+			if err != nil && unseen {
+				// A failed call may have been applied: the count given back.
+				for _, id := range ids {
+					if e := m.events[id]; e.used != nil {
+						e.used[e.leaseNS] = min(e.used[e.leaseNS], e.attempt-1)
+					}
+				}
+			}
+			m.settled(ids, res, err, func(e *modelEvent) {
+				m.counts.nacked++
+				if unseen && e.used != nil {
+					e.used[e.leaseNS] = e.attempt - 1 // an unseen nack gives the count back
+				}
+			})
 		},
 	}
 }
@@ -620,6 +665,9 @@ func (m *queueModel) doReopen() {
 	m.failing = false
 	for _, e := range m.events {
 		e.holder = "" // leases end with the process
+		if e.unsure {
+			e.used, e.unsure = nil, false
+		}
 	}
 }
 
