@@ -1,13 +1,11 @@
 package h3x
 
 import (
-	"bytes"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -56,24 +54,6 @@ func TestBadgerTrimInMemoryLeavesOtherTables(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for a logger and a test to share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // mapTable maps a table file of size bytes (created sparse) in dir, shared
 // and read-only as Badger maps its tables, until the test ends.
 func mapTable(t *testing.T, dir, name string, size int) []byte {
@@ -118,7 +98,7 @@ func TestBadgerTrimLoopSurvivesAFailedRound(t *testing.T) {
 	if r, ok := fileResident(); !ok || r <= mappedBudget {
 		t.Skipf("file-backed resident memory %d (%v): the table maps do not count as RssFile here", r, ok)
 	}
-	var logs syncBuffer
+	var logs lockedBuffer
 	q := &badgerQueue{
 		log:      slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		tdir:     dir,
