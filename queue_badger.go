@@ -937,7 +937,7 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 		if len(k) != 9 {
 			continue
 		}
-		rec := &leaseRec{seq: binary.BigEndian.Uint64(k[1:])}
+		rec := &leaseRec{seq: binary.BigEndian.Uint64(k[1:]), put: true}
 		recs[rec.seq] = rec
 		v, err := it.Item().ValueCopy(nil)
 		if err == nil {
@@ -1205,7 +1205,10 @@ func (s *badgerStore) submit(fx *effects, wait bool) *writeWait {
 	}
 	if err := q.push(op); err != nil {
 		// Closed: the core refuses calls once closed, so only expiry
-		// can get here; nothing is lost (attempt counts, at worst).
+		// and the completer's last groups (record deletions of acks
+		// completed during Close) get here: their lease records are
+		// written by Close (writeLastFixes), after the completer.
+		q.deferRecs(fx.recPuts, fx.recDeletes)
 		return nil
 	}
 	if !wait {
@@ -1607,11 +1610,29 @@ func (q *badgerQueue) write(ops []*wop, free uint64, ferr error) *group {
 	// delivery (a record's deletion is pushed, under c.mu, when it lists
 	// none: one pushed later is written after this group).
 	fixRecs, fixRecDels := q.takeRecs()
-	if len(fixRecs) > 0 {
-		c.mu.Lock()
-		fixRecs = slices.DeleteFunc(fixRecs, func(r recPut) bool { return r.rec.n <= 0 })
-		c.mu.Unlock()
+	c.mu.Lock()
+	dead := func(r recPut) bool { return r.rec.n <= 0 }
+	fixRecs = slices.DeleteFunc(fixRecs, dead)
+	for _, op := range ops {
+		if op.fx != nil && len(op.fx.recPuts) > 0 {
+			op.fx.recPuts = slices.DeleteFunc(op.fx.recPuts, dead)
+		}
 	}
+	if g.diskErr == nil {
+		// Handed to Badger: from now on a record that lists nobody any
+		// more is deleted (pushed after this group).
+		for i := range fixRecs {
+			fixRecs[i].rec.put = true
+		}
+		for _, op := range ops {
+			if op.fx != nil {
+				for _, r := range op.fx.recPuts {
+					r.rec.put = true
+				}
+			}
+		}
+	}
+	c.mu.Unlock()
 	if g.diskErr != nil {
 		q.deferFix(fixCounters, fixChunks) // for a later group
 		q.deferRecs(fixRecs, fixRecDels)

@@ -266,3 +266,123 @@ func TestBadgerRefusedLeaseRecordWrittenWithNextGroup(t *testing.T) {
 	publishTest(t, q, Event{ID: "b", Namespace: "m"}) // a group written
 	attemptContinues(t, openTestBadger(t, copyLive(t, dir), opts), ls[0].Attempt)
 }
+
+// TestBadgerAckCompletedDuringCloseDeletesItsRecord: an ack in flight when
+// Close starts is committed by the draining writer; its completion drops
+// the event's lease record, whose deletion the stopped writer cannot take:
+// Close writes it (it used to stay on disk until the next open).
+func TestBadgerAckCompletedDuringCloseDeletesItsRecord(t *testing.T) {
+	dir := t.TempDir()
+	opts := QueueOptions{Durability: DurabilityNoSync}
+	q := openTestBadger(t, dir, opts)
+	publishTest(t, q, Event{ID: "a", Namespace: "n"})
+	ls := leaseAll(t, q, "h", 1, "n")
+	if len(ls) != 1 {
+		t.Fatalf("lease: %+v", ls)
+	}
+	gate := make(chan struct{})
+	inAck := make(chan struct{}, 1)
+	isAck := isKeyOf(keyAcks, "n")
+	hold := func(ws []bwrite) bool {
+		for _, w := range ws {
+			if isAck(w) {
+				select {
+				case inAck <- struct{}{}:
+				default:
+				}
+				<-gate
+				break
+			}
+		}
+		return false
+	}
+	q.failCommit.Store(&hold)
+	acked := make(chan error, 1)
+	go func() {
+		_, err := q.Ack(context.Background(), "h", []LeaseRef{{ID: "a", Attempt: ls[0].Attempt}})
+		acked <- err
+	}()
+	select {
+	case <-inAck:
+	case <-time.After(5 * time.Second):
+		close(gate)
+		t.Fatal("the ack's group never reached its commit")
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- q.Close() }()
+	waitFor(t, func() bool { q.wmu.Lock(); defer q.wmu.Unlock(); return q.wstop })
+	close(gate)
+	if err := <-acked; err != nil {
+		t.Fatalf("ack: %v", err)
+	}
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+	q.failCommit.Store(nil)
+	if n := storedPrefix(t, dir, []byte{keyLeaseRec}); n != 0 {
+		t.Errorf("the only event acked, %d lease record(s) left after a clean Close", n)
+	}
+}
+
+// TestBadgerLeaseRecordsBoundedOnAFullDisk: while every group is refused
+// (free space below half the reserve), one event leased again and again
+// (its lease expires) leaves at most a few lease records and deletions
+// waiting, not one per delivery; Close writes the latest record.
+func TestBadgerLeaseRecordsBoundedOnAFullDisk(t *testing.T) {
+	dir := t.TempDir()
+	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"})
+	low := func(string) (uint64, error) { return q.reserve / 4, nil }
+	q.diskFree.Store(&low)
+	leases := 0
+	for range 500 {
+		ls, err := q.Lease(context.Background(), LeaseRequest{Holder: "h", Namespaces: []string{"n"}, Limit: 1, AckDeadline: time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		leases += len(ls)
+		time.Sleep(1200 * time.Microsecond)
+	}
+	q.wmu.Lock()
+	recs, dels := len(q.pendingRecs), len(q.pendingRecDels)
+	q.wmu.Unlock()
+	if leases < 10 || recs > 10 || dels > 10 {
+		t.Errorf("%d deliveries on a full disk: %d lease records and %d deletions waiting, want a few", leases, recs, dels)
+	}
+	real := diskFree
+	q.diskFree.Store(&real)
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := storedPrefix(t, dir, []byte{keyLeaseRec}); n != 1 {
+		t.Errorf("%d lease records after Close, want 1 (the latest delivery's)", n)
+	}
+}
+
+// TestBadgerRefusedMovesDoNotPileUpRecordDeletions: on a disk below half
+// the reserve, an event past MaxAttempts is tried for dead-lettering at
+// every Lease call; the refused move gives it a new lease record and drops
+// the old one, never written. Consumers keep polling on a full disk: the
+// deletions waiting must not grow with every poll (they did, one per poll,
+// each group copying them all).
+func TestBadgerRefusedMovesDoNotPileUpRecordDeletions(t *testing.T) {
+	dir := t.TempDir()
+	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync, MaxAttempts: 1})
+	publishTest(t, q, Event{ID: "a", Namespace: "n"})
+	ls := leaseAll(t, q, "h", 1, "n")
+	low := func(string) (uint64, error) { return q.reserve / 4, nil }
+	q.diskFree.Store(&low)
+	defer func() { real := diskFree; q.diskFree.Store(&real) }()
+	q.Nack(context.Background(), "h", []LeaseRef{{ID: "a", Namespace: "n", Attempt: ls[0].Attempt}}, 0, "x") // its move refused
+	for range 2000 {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		q.Lease(ctx, LeaseRequest{Holder: "h", Namespaces: []string{"n"}, Limit: 1, AckDeadline: time.Minute})
+		cancel()
+	}
+	q.wmu.Lock()
+	recs, dels := len(q.pendingRecs), len(q.pendingRecDels)
+	q.wmu.Unlock()
+	if recs > 10 || dels > 10 {
+		t.Errorf("after 2,000 polls on a full disk: %d lease records and %d deletions waiting, want a few", recs, dels)
+	}
+}

@@ -85,6 +85,9 @@ type qentry struct {
 type leaseRec struct {
 	seq uint64
 	n   int
+	// put: a write of it was handed to Badger (it may be on disk, so it
+	// needs a deletion); set by the writer, under mu, when n > 0.
+	put bool
 }
 
 // qholder is a lease holder and its leases, as an intrusive list.
@@ -684,7 +687,8 @@ func (c *queueCore) dropRec(e *qentry, fx *effects) {
 		return
 	}
 	e.rec.n--
-	if e.rec.n == 0 {
+	if e.rec.n == 0 && e.rec.put {
+		// (One never handed to Badger is not written any more.)
 		fx.recDeletes = append(fx.recDeletes, e.rec.seq)
 	}
 	e.rec = nil
