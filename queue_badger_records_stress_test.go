@@ -30,24 +30,30 @@ func TestBadgerLeaseRecordsUnderFailures(t *testing.T) {
 	}
 }
 
-func recordStress(t *testing.T, seed uint64, leak bool) {
+// stressQueue opens a Badger queue (MaxAttempts 4) holding n events of
+// namespace "n", whose commits fail at random (15%, seeded).
+func stressQueue(t *testing.T, seed uint64, n int) (string, QueueOptions, *badgerQueue) {
 	dir := t.TempDir()
 	opts := QueueOptions{MaxAttempts: 4, Durability: DurabilityNoSync}
 	q := openTestBadger(t, dir, opts)
 	var evs []Event
-	for i := 0; i < 200; i++ {
+	for i := range n {
 		evs = append(evs, Event{ID: fmt.Sprintf("e%03d", i), Namespace: "n"})
 	}
 	publishTest(t, q, evs...)
-	var mu sync.Mutex
-	maxAtt := map[string]int{}
-	acked := map[string]bool{}
-	var stop atomic.Bool
-	// failures
 	var fmu sync.Mutex
 	fr := rand.New(rand.NewPCG(seed, 11))
 	ff := func([]bwrite) bool { fmu.Lock(); defer fmu.Unlock(); return fr.Float64() < 0.15 }
 	q.failCommit.Store(&ff)
+	return dir, opts, q
+}
+
+func recordStress(t *testing.T, seed uint64, leak bool) {
+	dir, opts, q := stressQueue(t, seed, 200)
+	var mu sync.Mutex
+	maxAtt := map[string]int{}
+	acked := map[string]bool{}
+	var stop atomic.Bool
 	real := diskFree
 	var dmode atomic.Int32
 	hook := func(d string) (uint64, error) {
@@ -184,22 +190,11 @@ func recordStress(t *testing.T, seed uint64, leak bool) {
 	}
 }
 
-// recordStressClosing: Close while workers lease, ack and nack (failures off just
-// before): every record left on disk still names a latest delivery, so a
-// reopen deletes none.
+// recordStressClosing: Close while workers lease, ack and nack (failures
+// off just before): every record left on disk still names a latest
+// delivery, so a reopen deletes none.
 func recordStressClosing(t *testing.T, seed uint64) {
-	dir := t.TempDir()
-	opts := QueueOptions{MaxAttempts: 4, Durability: DurabilityNoSync}
-	q := openTestBadger(t, dir, opts)
-	var evs []Event
-	for i := 0; i < 3000; i++ {
-		evs = append(evs, Event{ID: fmt.Sprintf("e%03d", i), Namespace: "n"})
-	}
-	publishTest(t, q, evs...)
-	var fmu sync.Mutex
-	fr := rand.New(rand.NewPCG(seed, 11))
-	ff := func([]bwrite) bool { fmu.Lock(); defer fmu.Unlock(); return fr.Float64() < 0.15 }
-	q.failCommit.Store(&ff)
+	dir, opts, q := stressQueue(t, seed, 3000)
 	nss := []string{"n", "n" + DeadLetterSuffix}
 	var wg sync.WaitGroup
 	for w := 0; w < 4; w++ {
