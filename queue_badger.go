@@ -1275,6 +1275,36 @@ func (q *badgerQueue) takeRecs() ([]recPut, []uint64) {
 	return recs, dels
 }
 
+// groupRecords returns the lease records a group writes and deletes: those
+// left over from earlier groups, then its ops'. A record that no longer
+// names any event's latest delivery is not written (its deletion is pushed,
+// under c.mu, when its count reaches zero, so it comes after this group).
+// Unless the group is refused, the records written are marked as handed to
+// Badger (leaseRec.put): from then on, one that names nobody any more is
+// deleted.
+func (q *badgerQueue) groupRecords(ops []*wop, refused bool) ([]recPut, []uint64) {
+	puts, dels := q.takeRecs()
+	for _, op := range ops {
+		if op.fx != nil {
+			puts = append(puts, op.fx.recPuts...)
+			dels = append(dels, op.fx.recDeletes...)
+		}
+	}
+	if len(puts) == 0 {
+		return nil, dels
+	}
+	c := q.core
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	puts = slices.DeleteFunc(puts, func(r recPut) bool { return r.rec.n <= 0 })
+	if !refused {
+		for _, r := range puts {
+			r.rec.put = true
+		}
+	}
+	return puts, dels
+}
+
 // fixesPending reports whether corrections wait for a group.
 func (q *badgerQueue) fixesPending() bool {
 	q.wmu.Lock()
@@ -1606,41 +1636,10 @@ func (q *badgerQueue) write(ops []*wop, free uint64, ferr error) *group {
 		g.diskErr = q.ballastOut()
 	}
 	fixCounters, fixChunks := q.takeFixes()
-	// Lease records not written before, that still list an event's latest
-	// delivery (a record's deletion is pushed, under c.mu, when it lists
-	// none: one pushed later is written after this group).
-	fixRecs, fixRecDels := q.takeRecs()
-	c.mu.Lock()
-	dead := func(r recPut) bool { return r.rec.n <= 0 }
-	fixRecs = slices.DeleteFunc(fixRecs, dead)
-	for _, op := range ops {
-		if op.fx != nil && len(op.fx.recPuts) > 0 {
-			op.fx.recPuts = slices.DeleteFunc(op.fx.recPuts, dead)
-		}
-	}
-	if g.diskErr == nil {
-		// Handed to Badger: from now on a record that lists nobody any
-		// more is deleted (pushed after this group).
-		for i := range fixRecs {
-			fixRecs[i].rec.put = true
-		}
-		for _, op := range ops {
-			if op.fx != nil {
-				for _, r := range op.fx.recPuts {
-					r.rec.put = true
-				}
-			}
-		}
-	}
-	c.mu.Unlock()
+	recPuts, recDels := q.groupRecords(ops, g.diskErr != nil)
 	if g.diskErr != nil {
 		q.deferFix(fixCounters, fixChunks) // for a later group
-		q.deferRecs(fixRecs, fixRecDels)
-		for _, op := range ops {
-			if op.fx != nil {
-				q.deferRecs(op.fx.recPuts, op.fx.recDeletes)
-			}
-		}
+		q.deferRecs(recPuts, recDels)
 		g.release()
 		return g
 	}
@@ -1679,26 +1678,13 @@ func (q *badgerQueue) write(ops []*wop, free uint64, ferr error) *group {
 	g.moved = moves
 	q.writeSettled(&b, g, ops, moves)
 	q.writeChunkFixes(&b, g, fixChunks)
-	for i := range fixRecs {
+	for i := range recPuts {
 		b.item()
-		b.add(bwrite{key: leaseRecKey(fixRecs[i].rec.seq), val: encodeLeaseRec(fixRecs[i].entries), rec: &fixRecs[i]})
+		b.add(bwrite{key: leaseRecKey(recPuts[i].rec.seq), val: encodeLeaseRec(recPuts[i].entries), rec: &recPuts[i]})
 	}
-	for _, seq := range fixRecDels {
+	for _, seq := range recDels {
 		b.item()
 		b.add(bwrite{key: leaseRecKey(seq), del: true, recDel: seq})
-	}
-	for _, op := range ops {
-		if op.fx == nil {
-			continue
-		}
-		for i, r := range op.fx.recPuts {
-			b.item()
-			b.add(bwrite{key: leaseRecKey(r.rec.seq), val: encodeLeaseRec(r.entries), rec: &op.fx.recPuts[i]})
-		}
-		for _, seq := range op.fx.recDeletes {
-			b.item()
-			b.add(bwrite{key: leaseRecKey(seq), del: true, recDel: seq})
-		}
 	}
 	b.commit()
 	q.bcur, q.bstarts = b.cur[:0], b.itemStarts[:0]

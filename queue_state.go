@@ -1235,18 +1235,17 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 // its connection, say, while the client's next connection came up) is not
 // counted either.
 func (c *queueCore) nackEntry(e *qentry, now int64, d time.Duration, reason string, unseen bool, fx *effects) {
-	switch e.state {
-	case stLeased:
-		c.detach(e)
-		if unseen {
-			c.uncount(e, fx)
-		}
+	leased := e.state == stLeased
+	if !leased && e.state != stReady && e.state != stDelayed {
+		return
+	}
+	c.detach(e)
+	if unseen {
+		c.uncount(e, fx)
+	}
+	if leased {
 		c.afterLease(e, now, d, reason, fx)
-	case stReady, stDelayed:
-		c.detach(e)
-		if unseen {
-			c.uncount(e, fx)
-		}
+	} else {
 		e.reason = reason
 		c.schedule(e, now, d)
 	}
