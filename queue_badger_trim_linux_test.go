@@ -111,6 +111,18 @@ func testTableMapsTrimmed(t *testing.T, elsewhere bool) {
 		t.Skipf("the kernel cannot trim: %v", err)
 	}
 	after, maps := tableMapResident(t, real)
+	// A compaction that was still running (a machine busy with other
+	// tests) can touch pages again, and the kernel does not reclaim pages
+	// under writeback at once: the next rounds take them.
+	for try := 0; try < 10 && after > before/4; try++ {
+		time.Sleep(100 * time.Millisecond)
+		m, err := q.trimTick(real, &seen, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n += m
+		after, maps = tableMapResident(t, real)
+	}
 	t.Logf("%d table maps: %d bytes resident before, %d after; %d bytes of maps trimmed", maps, before, after, n)
 	if n == 0 || after > before/4 {
 		t.Fatalf("after trimming, %d of %d bytes of table maps are resident", after, before)
