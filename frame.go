@@ -229,7 +229,11 @@ func (fr *frameReader) readMessage(want FrameType, m proto.Message) error {
 // unmarshalPayload decodes a frame's payload into m, mapping failures to an
 // error matching ErrMalformedPayload.
 func unmarshalPayload(t FrameType, payload []byte, m proto.Message) error {
-	if err := proto.Unmarshal(payload, m); err != nil {
+	ok, err := unmarshalFast(payload, m)
+	if !ok {
+		err = proto.Unmarshal(payload, m)
+	}
+	if err != nil {
 		return &Error{Code: CodeProtocolViolation, Message: fmt.Sprintf("malformed %v payload", t), cause: ErrMalformedPayload}
 	}
 	return nil

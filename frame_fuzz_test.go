@@ -247,6 +247,9 @@ func TestFuzzSeedCorpus(t *testing.T) {
 	for name, c := range decode {
 		files[filepath.Join("testdata/fuzz/FuzzDecodeFrame", name)] = corpusFile(byte(c.t), c.payload)
 	}
+	for name, c := range wireDecoderSeeds(t) {
+		files[filepath.Join("testdata/fuzz/FuzzWireDecoders", name)] = corpusFile(c.pick, c.payload)
+	}
 	for path, content := range files {
 		if *update {
 			writeFile(t, path, string(content))

@@ -1,0 +1,425 @@
+package h3x
+
+import (
+	"errors"
+	"unicode/utf8"
+
+	"github.com/h3x-io/h3x/proto/h3xpb"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+)
+
+// Hand-written decoders for the messages that carry events and
+// settlements, the ones a busy connection decodes per event: SendEvent (the
+// server, per publish), EventsBatch (the client, per delivery), AckEvent
+// (the server, per ack) and AckResult (the client, per ack). They accept
+// exactly what proto.Unmarshal accepts and give the same messages (unknown
+// fields are skipped, not kept: nothing re-encodes a received message), a
+// contract FuzzWireDecoders checks against proto.Unmarshal. What they save
+// is protobuf's reflection-driven decoding and most of its allocations: a
+// frame's messages are allocated in one slab per type, and the namespace,
+// type and message strings that repeat from one event to the next are
+// allocated once per frame. Every field still gets memory of its own (no
+// string or byte slice shares the frame's buffer, which the reader reuses,
+// nor another event's), so that keeping one event keeps nothing else alive.
+
+// errWire is any failure of the hand-written decoders; unmarshalPayload
+// turns it into the error proto.Unmarshal's would have given.
+var errWire = errors.New("h3x: malformed protobuf")
+
+// unmarshalFast decodes payload into m if m is one of the messages with a
+// hand-written decoder; ok is false for the others.
+func unmarshalFast(payload []byte, m proto.Message) (ok bool, err error) {
+	switch m := m.(type) {
+	case *h3xpb.SendEvent:
+		*m = h3xpb.SendEvent{}
+		return true, decodeSendEvent(payload, m)
+	case *h3xpb.EventsBatch:
+		*m = h3xpb.EventsBatch{}
+		return true, decodeEventsBatch(payload, m)
+	case *h3xpb.AckEvent:
+		*m = h3xpb.AckEvent{}
+		return true, decodeAckEvent(payload, m)
+	case *h3xpb.AckResult:
+		*m = h3xpb.AckResult{}
+		return true, decodeAckResult(payload, m)
+	}
+	return false, nil
+}
+
+// wireField is one field of a message being decoded: its number and wire
+// type, and its value (a varint's in v, a length-delimited field's bytes in
+// b; other wire types are only skipped).
+type wireField struct {
+	num protowire.Number
+	typ protowire.Type
+	v   uint64
+	b   []byte
+}
+
+// consumeField reads the field at the start of b and returns it with its
+// length in b, or a negative length if b does not start with a valid field.
+// Fields of wire types other than varint and length-delimited (fixed-size
+// ones, groups) are consumed whole, for the caller to skip as unknown.
+// (The decoders keep their position in a local slice and take fields by
+// value: no pointer writes, so no write barriers while the collector runs.)
+func consumeField(b []byte) (wireField, int) {
+	// The usual case first: a one-byte tag (fields 1 to 15), then a one-byte
+	// varint or a length of one or two bytes.
+	if len(b) >= 2 && b[0] < 0x80 && b[0] >= 8 {
+		f := wireField{num: protowire.Number(b[0] >> 3), typ: protowire.Type(b[0] & 7)}
+		switch {
+		case f.typ == protowire.VarintType && b[1] < 0x80:
+			f.v = uint64(b[1])
+			return f, 2
+		case f.typ == protowire.BytesType && b[1] < 0x80:
+			if end := 2 + int(b[1]); end <= len(b) {
+				f.b = b[2:end]
+				return f, end
+			}
+		case f.typ == protowire.BytesType && len(b) >= 3 && b[2] < 0x80:
+			if end := 3 + (int(b[1]&0x7f) | int(b[2])<<7); end <= len(b) {
+				f.b = b[3:end]
+				return f, end
+			}
+		}
+	}
+	num, typ, n := protowire.ConsumeTag(b)
+	if n < 0 || num > protowire.MaxValidNumber { // protowire allows up to 2^31-1
+		return wireField{}, -1
+	}
+	f := wireField{num: num, typ: typ}
+	var m int
+	switch typ {
+	case protowire.VarintType:
+		f.v, m = protowire.ConsumeVarint(b[n:])
+	case protowire.BytesType:
+		f.b, m = protowire.ConsumeBytes(b[n:])
+	default:
+		m = protowire.ConsumeFieldValue(num, typ, b[n:])
+	}
+	if m < 0 {
+		return wireField{}, -1
+	}
+	return f, n + m
+}
+
+// interner hands out the strings of a frame that repeat from one event to
+// the next (namespaces, types, messages, metadata), allocating each distinct
+// one once. It remembers a few, replacing the oldest.
+type interner struct {
+	s    [8]string
+	next int
+}
+
+func (in *interner) str(b []byte) (string, error) {
+	if len(b) == 0 {
+		return "", nil
+	}
+	for _, s := range in.s {
+		if s == string(b) { // compiled without a conversion
+			return s, nil
+		}
+	}
+	if !utf8.Valid(b) {
+		return "", errWire
+	}
+	s := string(b)
+	in.s[in.next] = s
+	in.next = (in.next + 1) % len(in.s)
+	return s, nil
+}
+
+// str returns b as a new string, refusing invalid UTF-8 (proto3 strings).
+func str(b []byte) (string, error) {
+	if !utf8.Valid(b) {
+		return "", errWire
+	}
+	return string(b), nil
+}
+
+// countFields returns how many fields numbered num of wire type typ the
+// encoded message b holds at its top level (the first pass that sizes a
+// slab; a malformed message stops the count, and the decoding pass reports
+// it).
+func countFields(b []byte, num protowire.Number, typ protowire.Type) int {
+	count := 0
+	for len(b) > 0 {
+		f, n := consumeField(b)
+		if n < 0 {
+			break
+		}
+		b = b[n:]
+		if f.num == num && f.typ == typ {
+			count++
+		}
+	}
+	return count
+}
+
+// payloadSlab hands out EventPayloads from one allocation.
+type payloadSlab []h3xpb.EventPayload
+
+func (s *payloadSlab) new() *h3xpb.EventPayload {
+	if len(*s) == cap(*s) {
+		return new(h3xpb.EventPayload)
+	}
+	*s = (*s)[:len(*s)+1]
+	return &(*s)[len(*s)-1]
+}
+
+// decodeEventPayload merges the encoded EventPayload b into p (as protobuf
+// does when a message field occurs more than once).
+func decodeEventPayload(b []byte, p *h3xpb.EventPayload, in *interner) error {
+	var err error
+	for len(b) > 0 {
+		f, n := consumeField(b)
+		if n < 0 {
+			return errWire
+		}
+		b = b[n:]
+		switch {
+		case f.num == 1 && f.typ == protowire.BytesType:
+			p.Id, err = str(f.b)
+		case f.num == 2 && f.typ == protowire.BytesType:
+			p.Namespace, err = in.str(f.b)
+		case f.num == 3 && f.typ == protowire.BytesType:
+			p.Type, err = in.str(f.b)
+		case f.num == 4 && f.typ == protowire.BytesType:
+			p.Message, err = in.str(f.b)
+		case f.num == 5 && f.typ == protowire.BytesType:
+			p.Data = append([]byte(nil), f.b...) // nil if empty, as protobuf
+		case f.num == 6 && f.typ == protowire.VarintType:
+			p.Timestamp = int64(f.v)
+		case f.num == 7 && f.typ == protowire.BytesType:
+			err = decodeMetadataEntry(f.b, p, in)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return err
+}
+
+// decodeMetadataEntry adds one encoded map entry to p.Metadata: a missing
+// key or value is "", and a later entry with the same key replaces it.
+func decodeMetadataEntry(b []byte, p *h3xpb.EventPayload, in *interner) error {
+	var err error
+	var k, v string
+	for len(b) > 0 {
+		f, n := consumeField(b)
+		if n < 0 {
+			return errWire
+		}
+		b = b[n:]
+		switch {
+		case f.num == 1 && f.typ == protowire.BytesType:
+			k, err = in.str(f.b)
+		case f.num == 2 && f.typ == protowire.BytesType:
+			v, err = in.str(f.b)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if p.Metadata == nil {
+		p.Metadata = make(map[string]string, 1)
+	}
+	p.Metadata[k] = v
+	return nil
+}
+
+func decodeSendEvent(b []byte, m *h3xpb.SendEvent) error {
+	n := countFields(b, 2, protowire.BytesType)
+	slab := make(payloadSlab, 0, n)
+	m.Events = make([]*h3xpb.EventPayload, 0, n)
+	var in interner
+	var err error
+	for len(b) > 0 {
+		f, n := consumeField(b)
+		if n < 0 {
+			return errWire
+		}
+		b = b[n:]
+		switch {
+		case f.num == 1 && f.typ == protowire.VarintType:
+			m.RequestId = f.v
+		case f.num == 2 && f.typ == protowire.BytesType:
+			p := slab.new()
+			if err := decodeEventPayload(f.b, p, &in); err != nil {
+				return err
+			}
+			m.Events = append(m.Events, p)
+		}
+	}
+	if len(m.Events) == 0 {
+		m.Events = nil
+	}
+	return err
+}
+
+func decodeEventsBatch(b []byte, m *h3xpb.EventsBatch) error {
+	n := countFields(b, 1, protowire.BytesType)
+	ds := make([]h3xpb.Delivery, n)
+	slab := make(payloadSlab, 0, n)
+	m.Events = make([]*h3xpb.Delivery, 0, n)
+	var in interner
+	var err error
+	for len(b) > 0 {
+		f, n := consumeField(b)
+		if n < 0 {
+			return errWire
+		}
+		b = b[n:]
+		switch {
+		case f.num == 1 && f.typ == protowire.BytesType:
+			var d *h3xpb.Delivery
+			if i := len(m.Events); i < len(ds) {
+				d = &ds[i]
+			} else {
+				d = new(h3xpb.Delivery)
+			}
+			if err := decodeDelivery(f.b, d, &slab, &in); err != nil {
+				return err
+			}
+			m.Events = append(m.Events, d)
+		case f.num == 2 && f.typ == protowire.VarintType:
+			m.RequestId = f.v
+		}
+	}
+	if len(m.Events) == 0 {
+		m.Events = nil
+	}
+	return err
+}
+
+func decodeDelivery(b []byte, d *h3xpb.Delivery, slab *payloadSlab, in *interner) error {
+	var err error
+	for len(b) > 0 {
+		f, n := consumeField(b)
+		if n < 0 {
+			return errWire
+		}
+		b = b[n:]
+		switch {
+		case f.num == 1 && f.typ == protowire.BytesType:
+			if d.Event == nil {
+				d.Event = slab.new()
+			}
+			if err := decodeEventPayload(f.b, d.Event, in); err != nil {
+				return err
+			}
+		case f.num == 2 && f.typ == protowire.VarintType:
+			d.Attempt = uint32(f.v)
+		case f.num == 3 && f.typ == protowire.VarintType:
+			d.LeaseDeadlineMs = int64(f.v)
+		}
+	}
+	return err
+}
+
+// appendPackedUint32 appends the uint32 values of a packed repeated field.
+func appendPackedUint32(dst []uint32, b []byte) ([]uint32, error) {
+	for len(b) > 0 {
+		v, n := protowire.ConsumeVarint(b)
+		if n < 0 {
+			return dst, errWire
+		}
+		dst = append(dst, uint32(v))
+		b = b[n:]
+	}
+	return dst, nil
+}
+
+func decodeAckEvent(b []byte, m *h3xpb.AckEvent) error {
+	n := countFields(b, 1, protowire.BytesType)
+	m.EventIds = make([]string, 0, n)
+	var in interner
+	var err error
+	for len(b) > 0 {
+		f, n := consumeField(b)
+		if n < 0 {
+			return errWire
+		}
+		b = b[n:]
+		switch {
+		case f.num == 1 && f.typ == protowire.BytesType:
+			var id string
+			if id, err = str(f.b); err == nil {
+				m.EventIds = append(m.EventIds, id)
+			}
+		case f.num == 2 && f.typ == protowire.VarintType:
+			m.RequestId = f.v
+		case f.num == 3 && f.typ == protowire.VarintType:
+			m.Attempts = append(m.Attempts, uint32(f.v))
+		case f.num == 3 && f.typ == protowire.BytesType:
+			m.Attempts, err = appendPackedUint32(m.Attempts, f.b)
+		case f.num == 4 && f.typ == protowire.BytesType:
+			var ns string
+			if ns, err = in.str(f.b); err == nil {
+				m.Namespaces = append(m.Namespaces, ns)
+			}
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if len(m.EventIds) == 0 {
+		m.EventIds = nil
+	}
+	return err
+}
+
+func decodeAckResult(b []byte, m *h3xpb.AckResult) error {
+	n := countFields(b, 2, protowire.BytesType)
+	os := make([]h3xpb.SettleOutcome, n)
+	m.Outcomes = make([]*h3xpb.SettleOutcome, 0, n)
+	var err error
+	for len(b) > 0 {
+		f, n := consumeField(b)
+		if n < 0 {
+			return errWire
+		}
+		b = b[n:]
+		switch {
+		case f.num == 1 && f.typ == protowire.VarintType:
+			m.RequestId = f.v
+		case f.num == 2 && f.typ == protowire.BytesType:
+			var o *h3xpb.SettleOutcome
+			if i := len(m.Outcomes); i < len(os) {
+				o = &os[i]
+			} else {
+				o = new(h3xpb.SettleOutcome)
+			}
+			if err := decodeSettleOutcome(f.b, o); err != nil {
+				return err
+			}
+			m.Outcomes = append(m.Outcomes, o)
+		}
+	}
+	if len(m.Outcomes) == 0 {
+		m.Outcomes = nil
+	}
+	return err
+}
+
+func decodeSettleOutcome(b []byte, o *h3xpb.SettleOutcome) error {
+	var err error
+	for len(b) > 0 {
+		f, n := consumeField(b)
+		if n < 0 {
+			return errWire
+		}
+		b = b[n:]
+		switch {
+		case f.num == 1 && f.typ == protowire.BytesType:
+			o.Id, err = str(f.b)
+		case f.num == 2 && f.typ == protowire.VarintType:
+			o.Status = h3xpb.SettleStatus(int32(f.v))
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return err
+}
