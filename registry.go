@@ -188,7 +188,7 @@ var dummyEntries = []registryEntry{{}}
 // unknown client is compared against a dummy digest. ctx is not used.
 func (r *StaticRegistry) Authenticate(_ context.Context, clientID, token string) (Grants, error) {
 	grants, _ := r.match(clientID, sha256.Sum256([]byte(token)))
-	if len(grants) == 0 {
+	if len(grants) == 0 || token == "" {
 		return nil, errBadCredentials()
 	}
 	return grants, nil
@@ -423,6 +423,10 @@ func parseRegistryEntry(raw string) (clientID string, e registryEntry, problems 
 			problems = append(problems, "a sha256: token must be followed by exactly 64 hex digits")
 		} else if _, err := hex.Decode(e.digest[:], []byte(hexDigest)); err != nil {
 			problems = append(problems, "a sha256: token must be followed by exactly 64 hex digits")
+		} else if e.digest == sha256.Sum256(nil) {
+			// What hashing an unset variable gives: no client may
+			// authenticate with an empty token.
+			problems = append(problems, "a sha256: token is the digest of the empty token")
 		}
 	} else {
 		switch token, err := percentDecode(rawToken); {

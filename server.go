@@ -116,9 +116,15 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 	//   - MaxIncomingStreams caps concurrent client streams (stream credit
 	//     is returned only when both directions of a stream are done, which
 	//     every handler ensures); no unidirectional streams;
-	//   - flow-control windows start at 512 KiB per stream / 1 MiB per
+	//   - flow-control windows start at 512 KiB per stream / 128 KiB per
 	//     connection and may grow to 2 MiB / 4 MiB (quic-go's defaults grow
-	//     to 6 / 15 MiB), which bounds the memory a connection can pin.
+	//     to 6 / 15 MiB), which bounds the memory a connection can pin. The
+	//     connection's window starts small because it is granted at the
+	//     handshake: a peer that never authenticates can make the server
+	//     buffer that much on streams it opened (they are not read before
+	//     Auth), so a few hundred KiB at most rather than 1 MiB, for each of
+	//     up to 1,000 connections waiting to authenticate (maxUnauthenticated);
+	//     an authenticated connection's window grows as its data is read.
 	s.quicConf = &quic.Config{
 		HandshakeIdleTimeout:           cfg.authTimeout,
 		MaxIdleTimeout:                 cfg.idleTimeout,
@@ -127,7 +133,7 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 		MaxIncomingUniStreams:          -1,
 		InitialStreamReceiveWindow:     512 << 10,
 		MaxStreamReceiveWindow:         2 << 20,
-		InitialConnectionReceiveWindow: 1 << 20,
+		InitialConnectionReceiveWindow: preAuthConnectionWindow,
 		MaxConnectionReceiveWindow:     4 << 20,
 	}
 	s.queue = cfg.queue
@@ -147,6 +153,10 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 	}
 	return s, nil
 }
+
+// preAuthConnectionWindow is a connection's initial flow-control window
+// (see NewServer).
+const preAuthConnectionWindow = 128 << 10
 
 func (s *Server) setupTLS() error {
 	var conf *tls.Config

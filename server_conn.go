@@ -115,8 +115,9 @@ type serverConn struct {
 // unackedDelivery is a delivery the connection holds unsettled: its lease
 // deadline and the stream (subscription) whose fetch it answered.
 type unackedDelivery struct {
-	deadline time.Time
-	ss       *sessionStream
+	deadline  time.Time
+	namespace string
+	ss        *sessionStream
 }
 
 // tracksUnacked reports whether the server caps unsettled deliveries at all.
@@ -333,7 +334,7 @@ func (c *serverConn) delivered(ss *sessionStream, leases []Lease, reserved int) 
 	for i := range leases {
 		id := leases[i].Event.ID
 		c.forgetUnacked(id) // delivered again (a stale lease of its own)
-		c.unacked[id] = unackedDelivery{deadline: leases[i].Deadline, ss: ss}
+		c.unacked[id] = unackedDelivery{deadline: leases[i].Deadline, namespace: leases[i].Event.Namespace, ss: ss}
 		ss.unacked++
 	}
 	c.unackedMu.Unlock()
@@ -359,6 +360,45 @@ func (c *serverConn) extended(refs []LeaseRef, results []SettleResult, until tim
 
 // settled forgets settled deliveries (acked or nacked) and wakes fetches
 // waiting for capacity.
+// settledBy forgets the deliveries that an ack or nack ended: those settled
+// (SettleOK), and those the queue no longer holds (SettleUnknown), unless
+// the request named another namespace than the delivery's, which the queue
+// answers SettleUnknown too while the lease goes on.
+func (c *serverConn) settledBy(refs []LeaseRef, results []SettleResult) {
+	if !c.tracksUnacked() || len(refs) == 0 {
+		return
+	}
+	c.unackedMu.Lock()
+	for j, r := range results {
+		if j >= len(refs) {
+			break
+		}
+		d, ok := c.unacked[refs[j].ID]
+		switch {
+		case !ok:
+		case r.Status == SettleOK,
+			r.Status == SettleUnknown && (refs[j].Namespace == "" || refs[j].Namespace == d.namespace):
+			c.forgetUnacked(refs[j].ID)
+		}
+	}
+	c.roomFreed()
+	c.unackedMu.Unlock()
+}
+
+// holdsDelivery reports whether event id was delivered on this connection
+// and not settled since (false when the server does not track deliveries:
+// WithMaxUnacked(0) and WithMaxUnackedPerSubscription(0)).
+func (c *serverConn) holdsDelivery(id string) bool {
+	if !c.tracksUnacked() {
+		return false
+	}
+	c.unackedMu.Lock()
+	_, ok := c.unacked[id]
+	c.unackedMu.Unlock()
+	return ok
+}
+
+// settled forgets the deliveries of ids, whatever their state.
 func (c *serverConn) settled(ids []string) {
 	if !c.tracksUnacked() || len(ids) == 0 {
 		return
@@ -487,26 +527,56 @@ func (c *serverConn) authenticate(ctx context.Context) error {
 		c.writeControl(FrameError, errorToWire(err, 0))
 		return err
 	}
-	grants, err := c.srv.registry.Authenticate(actx, auth.GetClientId(), auth.GetToken())
+	// After repeated failures from one address, its attempts wait their
+	// turn before their credentials are checked (authguard.go).
+	addr := c.qc.RemoteAddr()
+	wait, refused := c.srv.authGuard.admit(addr, time.Now())
+	if refused {
+		e := newError(CodeUnauthenticated, "too many failed authentications from this address; try again later")
+		c.writeControl(FrameError, errorToWire(e, 0))
+		return e
+	}
+	if wait > 0 {
+		t := time.NewTimer(wait)
+		var e error
+		select {
+		case <-t.C:
+		case <-actx.Done():
+			e = ErrAuthTimeout
+			if ctx.Err() != nil {
+				e = errGoneBeforeAuth
+			}
+		case <-c.srv.shutdownCh:
+			e = newError(CodeShuttingDown, "server shutting down")
+		}
+		t.Stop()
+		if e != nil {
+			c.srv.authGuard.abandoned(addr)
+			if !errors.Is(e, errGoneBeforeAuth) {
+				c.writeControl(FrameError, errorToWire(e, 0))
+			}
+			return e
+		}
+	}
+	var grants Grants
+	if auth.GetClientId() == "" || auth.GetToken() == "" {
+		err = errBadCredentials() // both are required (PROTOCOL.md §5), whatever the registry says
+	} else {
+		grants, err = c.srv.registry.Authenticate(actx, auth.GetClientId(), auth.GetToken())
+	}
 	if err != nil {
 		e := newError(CodeUnauthenticated, "invalid client id or token")
-		if !errors.Is(err, ErrUnauthenticated) {
+		if errors.Is(err, ErrUnauthenticated) {
+			c.srv.authGuard.failed(addr, time.Now())
+		} else {
+			c.srv.authGuard.abandoned(addr)
 			c.logger.Error("h3x: registry failure", "err", err)
 			e = newError(CodeInternal, "registry unavailable")
-		} else if d := c.srv.authGuard.failed(c.qc.RemoteAddr(), time.Now()); d > 0 {
-			// Repeated failures from one address are answered slowly.
-			t := time.NewTimer(d)
-			select {
-			case <-t.C:
-			case <-ctx.Done():
-			case <-c.srv.shutdownCh:
-			}
-			t.Stop()
 		}
 		c.writeControl(FrameError, errorToWire(e, 0))
 		return e
 	}
-	c.srv.authGuard.succeeded(c.qc.RemoteAddr())
+	c.srv.authGuard.succeeded(addr)
 	sess := &Session{ID: c.id, ClientID: auth.GetClientId(), Grants: grants, RemoteAddr: c.qc.RemoteAddr()}
 	for _, ns := range auth.GetNamespaces() {
 		if err := ValidateNamespace(ns); err != nil {

@@ -432,17 +432,22 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64,
 			return FrameError, errorToWire(asRetryable(err), rid)
 		}
 		ok := 0
-		var done []string
 		for j, i := range index {
-			res.Outcomes[i] = &h3xpb.SettleOutcome{Id: results[j].ID, Status: h3xpb.SettleStatus(results[j].Status)}
-			if results[j].Status == SettleOK {
+			status := results[j].Status
+			if status == SettleStale && refs[j].Namespace == "" && !unrestricted && !ss.c.holdsDelivery(refs[j].ID) {
+				// Not this connection's delivery, and its namespace may be
+				// one the session may not consume: STALE would tell that
+				// the event exists (PROTOCOL.md §6.4, rule 5).
+				status = SettleUnknown
+			}
+			res.Outcomes[i] = &h3xpb.SettleOutcome{Id: results[j].ID, Status: h3xpb.SettleStatus(status)}
+			if status == SettleOK {
 				ok++
 			}
-			if kind != FrameExtendLease && results[j].Status != SettleStale {
-				done = append(done, refs[j].ID)
-			}
 		}
-		ss.c.settled(done)
+		if kind != FrameExtendLease {
+			ss.c.settledBy(refs, results)
+		}
 		reportSettled(ss.c.srv.cfg.hooks, kind, refs, results, ok, len(ids)-ok)
 	} else if len(ids) > 0 {
 		// Every settlement was denied: the queue was not asked, but the
