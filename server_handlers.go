@@ -59,6 +59,10 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 		if err == nil && len(results) != len(events) {
 			err = newError(CodeInternal, "queue returned %d results for %d events", len(results), len(events))
 		}
+		var slab []h3xpb.PublishOutcome // one allocation for the answer's outcomes
+		if err == nil {
+			slab = make([]h3xpb.PublishOutcome, len(index))
+		}
 		for j, i := range index {
 			if err != nil {
 				c.logger.Error("h3x: enqueue failed", "err", err)
@@ -66,7 +70,8 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 				continue
 			}
 			r := results[j]
-			o := &h3xpb.PublishOutcome{Id: r.ID, Status: h3xpb.PublishStatus(r.Status)}
+			o := &slab[j]
+			o.Id, o.Status = r.ID, h3xpb.PublishStatus(r.Status)
 			if r.Status == PublishRefused {
 				o = refusedOutcome(r.ID, r.Err)
 			}
@@ -432,6 +437,7 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64,
 			return FrameError, errorToWire(asRetryable(err), rid)
 		}
 		ok := 0
+		slab := make([]h3xpb.SettleOutcome, len(index)) // one allocation for the answer's outcomes
 		for j, i := range index {
 			status := results[j].Status
 			if status == SettleStale && refs[j].Namespace == "" && !unrestricted && !ss.c.holdsDelivery(refs[j].ID) {
@@ -440,7 +446,9 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64,
 				// the event exists (PROTOCOL.md §6.4, rule 5).
 				status = SettleUnknown
 			}
-			res.Outcomes[i] = &h3xpb.SettleOutcome{Id: results[j].ID, Status: h3xpb.SettleStatus(status)}
+			o := &slab[j]
+			o.Id, o.Status = results[j].ID, h3xpb.SettleStatus(status)
+			res.Outcomes[i] = o
 			if status == SettleOK {
 				ok++
 			}

@@ -11,8 +11,9 @@ import (
 
 // Hand-written decoders for the messages that carry events and
 // settlements, the ones a busy connection decodes per event: SendEvent (the
-// server, per publish), EventsBatch (the client, per delivery), AckEvent
-// (the server, per ack) and AckResult (the client, per ack). They accept
+// server, per publish), SendResult (the client, per publish), EventsBatch
+// (the client, per delivery), AckEvent (the server, per ack) and AckResult
+// (the client, per ack). They accept
 // exactly what proto.Unmarshal accepts and give the same messages (unknown
 // fields are skipped, not kept: nothing re-encodes a received message), a
 // contract FuzzWireDecoders checks against proto.Unmarshal. What they save
@@ -43,6 +44,9 @@ func unmarshalFast(payload []byte, m proto.Message) (ok bool, err error) {
 	case *h3xpb.AckResult:
 		*m = h3xpb.AckResult{}
 		return true, decodeAckResult(payload, m)
+	case *h3xpb.SendResult:
+		*m = h3xpb.SendResult{}
+		return true, decodeSendResult(payload, m)
 	}
 	return false, nil
 }
@@ -416,6 +420,67 @@ func decodeSettleOutcome(b []byte, o *h3xpb.SettleOutcome) error {
 			o.Id, err = str(f.b)
 		case f.num == 2 && f.typ == protowire.VarintType:
 			o.Status = h3xpb.SettleStatus(int32(f.v))
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return err
+}
+
+func decodeSendResult(b []byte, m *h3xpb.SendResult) error {
+	n := countFields(b, 2, protowire.BytesType)
+	os := make([]h3xpb.PublishOutcome, n)
+	m.Outcomes = make([]*h3xpb.PublishOutcome, 0, n)
+	var in interner
+	var err error
+	for len(b) > 0 {
+		f, n := consumeField(b)
+		if n < 0 {
+			return errWire
+		}
+		b = b[n:]
+		switch {
+		case f.num == 1 && f.typ == protowire.VarintType:
+			m.RequestId = f.v
+		case f.num == 2 && f.typ == protowire.BytesType:
+			var o *h3xpb.PublishOutcome
+			if i := len(m.Outcomes); i < len(os) {
+				o = &os[i]
+			} else {
+				o = new(h3xpb.PublishOutcome)
+			}
+			if err := decodePublishOutcome(f.b, o, &in); err != nil {
+				return err
+			}
+			m.Outcomes = append(m.Outcomes, o)
+		}
+	}
+	if len(m.Outcomes) == 0 {
+		m.Outcomes = nil
+	}
+	return err
+}
+
+func decodePublishOutcome(b []byte, o *h3xpb.PublishOutcome, in *interner) error {
+	var err error
+	for len(b) > 0 {
+		f, n := consumeField(b)
+		if n < 0 {
+			return errWire
+		}
+		b = b[n:]
+		switch {
+		case f.num == 1 && f.typ == protowire.BytesType:
+			o.Id, err = str(f.b)
+		case f.num == 2 && f.typ == protowire.VarintType:
+			o.Status = h3xpb.PublishStatus(int32(f.v))
+		case f.num == 3 && f.typ == protowire.VarintType:
+			o.Code = h3xpb.ErrorCode(int32(f.v))
+		case f.num == 4 && f.typ == protowire.BytesType:
+			o.Message, err = in.str(f.b) // refusals repeat their message
+		case f.num == 5 && f.typ == protowire.VarintType:
+			o.RetryAfterMs = uint32(f.v)
 		}
 		if err != nil {
 			return err

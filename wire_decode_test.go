@@ -14,7 +14,7 @@ import (
 
 // wireDecoded are the frame types with hand-written decoders (wire_decode.go),
 // in the order FuzzWireDecoders' first argument picks them.
-var wireDecoded = []FrameType{FrameSendEvent, FrameEventsBatch, FrameAckEvent, FrameAckResult}
+var wireDecoded = []FrameType{FrameSendEvent, FrameEventsBatch, FrameAckEvent, FrameAckResult, FrameSendResult}
 
 // FuzzWireDecoders checks the hand-written decoders against proto.Unmarshal
 // on arbitrary payloads: both fail, or both succeed with the same message
@@ -194,6 +194,9 @@ func wireDecoderSeeds(tb testing.TB) map[string]struct {
 	add("bad-utf8-metadata", FrameSendEvent, msg(nil, 2, msg(nil, 7, str(nil, 1, "\xff"))))
 	add("bad-utf8-ack-namespace", FrameAckEvent, str(nil, 4, "\xfe"))
 	add("bad-utf8-outcome", FrameAckResult, msg(nil, 2, str(nil, 1, "\x80")))
+	add("bad-utf8-publish-message", FrameSendResult, msg(nil, 2, str(str(nil, 1, "id"), 4, "\xff")))
+	refused := str(varint(varint(varint(str(nil, 1, "id"), 2, 3), 3, 6), 5, 1<<32+250), 4, "rate limited")
+	add("send-result-refusals", FrameSendResult, msg(msg(msg(varint(nil, 1, 4), 2, refused), 2, refused), 2, varint(nil, 2, 1<<35|1)))
 	add("truncated-nested", FrameEventsBatch, msg(nil, 1, []byte{0x0a, 0x05, 0x0a, 0x01}))
 	add("truncated-packed", FrameAckEvent, protowire.AppendBytes(tag(nil, 3, protowire.BytesType), []byte{0x80}))
 	add("field-zero-nested", FrameAckResult, msg(nil, 2, []byte{0x00, 0x01}))
