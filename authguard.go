@@ -10,30 +10,45 @@ import (
 // from one IP address within authFailWindow, the credentials of each further
 // attempt from it are checked only after a delay, one attempt at a time:
 // the n-th attempt past the free ones waits authBaseDelay << (n-1) (up to
-// authMaxDelay) after the previous one's turn. Attempts still waiting count
-// as failures for the delays of the ones behind them, so that opening many
-// connections at once buys a guesser nothing; an attempt whose turn would
-// come more than authMaxDelay from now is refused without a check. A
-// success, or authFailWindow without failure, resets it.
+// the guard's maxDelay, authMaxDelay or half the auth timeout if less) after
+// the previous one's turn. Attempts still waiting count as failures for the
+// delays of the ones behind them, so that opening many connections at once
+// buys a guesser nothing. An attempt whose turn would come more than
+// maxDelay from now, or too late for its auth deadline, is refused
+// unchecked, with RATE_LIMITED (retryable: a client sharing the address
+// with a guesser tries again later). A success, or authFailWindow without
+// a failed check, resets it.
 const (
 	authFreeFailures = 3
 	authBaseDelay    = 100 * time.Millisecond
 	authMaxDelay     = 5 * time.Second
 	authFailWindow   = time.Minute
 	authGuardMax     = 100000 // addresses tracked at most
+	// authCheckMargin is the time left for the credential check itself
+	// after an attempt's turn, before its auth deadline.
+	authCheckMargin = 100 * time.Millisecond
 )
 
 type authGuard struct {
-	off   bool // WithAuthFailureSlowdown(false)
-	mu    sync.Mutex
-	fails map[string]*authFailures
+	off      bool          // WithAuthFailureSlowdown(false)
+	maxDelay time.Duration // the longest turn; 0: authMaxDelay
+	mu       sync.Mutex
+	fails    map[string]*authFailures
 }
 
 type authFailures struct {
 	n       int       // failed checks within the window
-	pending int       // attempts admitted and not yet decided
-	last    time.Time // the last failure or admission
+	pending int       // attempts admitted by this record and not yet decided
+	last    time.Time // the last failed check
 	next    time.Time // when the last admitted attempt's turn comes
+}
+
+// authTicket is an admitted attempt: it ends with exactly one of failed,
+// succeeded or abandoned.
+type authTicket struct {
+	g   *authGuard
+	key string
+	rec *authFailures // the record that counts the attempt as pending
 }
 
 // addrKey is the map key of a's IP address (the raw bytes for UDP, with an
@@ -52,8 +67,8 @@ func addrKey(a net.Addr) string {
 	return host
 }
 
-// record returns addr's record, a fresh one if it has none or its last
-// failure is older than the window. g.mu is held.
+// record returns key's record, a fresh one if it has none or if nothing is
+// pending on it and its last failure is older than the window. g.mu is held.
 func (g *authGuard) record(key string, now time.Time) *authFailures {
 	if g.fails == nil {
 		g.fails = make(map[string]*authFailures)
@@ -69,76 +84,91 @@ func (g *authGuard) record(key string, now time.Time) *authFailures {
 	return f
 }
 
-// admit takes the turn of an authentication attempt from addr: it returns
-// how long the attempt must wait before its credentials are checked, or
-// refused if it is not to be checked at all (its turn would come later than
-// authMaxDelay from now). An admitted attempt must end with failed,
-// succeeded or abandoned.
-func (g *authGuard) admit(addr net.Addr, now time.Time) (wait time.Duration, refused bool) {
+// admit takes the turn of an authentication attempt from addr whose
+// credentials must be checked before deadline: it returns how long the
+// attempt must wait before they are checked, and its ticket; or, if the
+// attempt is refused unchecked, a nil ticket and when to try again.
+func (g *authGuard) admit(addr net.Addr, now, deadline time.Time) (wait time.Duration, t *authTicket, retryAfter time.Duration) {
+	key := addrKey(addr)
 	if g.off {
-		return 0, false
+		return 0, &authTicket{g: g, key: key}, 0
+	}
+	maxDelay := g.maxDelay
+	if maxDelay <= 0 {
+		maxDelay = authMaxDelay
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	f := g.record(addrKey(addr), now)
+	f := g.record(key, now)
 	k := f.n + f.pending - authFreeFailures // attempts past the free ones, this one excluded
-	if k < 0 {
-		f.pending++
-		return 0, false
-	}
-	turn := f.next
-	if turn.Before(now) {
-		turn = now
-	}
-	turn = turn.Add(min(authBaseDelay<<min(k, 16), authMaxDelay))
-	if turn.Sub(now) > authMaxDelay {
-		return 0, true
+	turn := now
+	if k >= 0 {
+		if f.next.After(turn) {
+			turn = f.next
+		}
+		turn = turn.Add(min(authBaseDelay<<min(k, 16), maxDelay))
+		if turn.Sub(now) > maxDelay || turn.After(deadline.Add(-authCheckMargin)) {
+			return 0, nil, max(f.next.Sub(now), authBaseDelay)
+		}
+		f.next = turn
 	}
 	f.pending++
-	f.next = turn
-	f.last = now
-	return turn.Sub(now), false
+	return turn.Sub(now), &authTicket{g: g, key: key, rec: f}, 0
 }
 
-// failed records that the credentials of an attempt admitted from addr were
-// wrong.
-func (g *authGuard) failed(addr net.Addr, now time.Time) {
+// done ends the ticket's pending count, once.
+func (t *authTicket) done() {
+	if t.rec != nil && t.rec.pending > 0 {
+		t.rec.pending--
+	}
+	t.rec = nil
+}
+
+// failed records that the attempt's credentials were wrong: a failure of its
+// address (in the address's current record, even if a success reset it
+// while this attempt waited).
+func (t *authTicket) failed(now time.Time) {
+	g := t.g
 	if g.off {
 		return
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	key := addrKey(addr)
-	f := g.fails[key]
-	if f == nil {
-		f = g.record(key, now)
-		f.pending++ // admitted before a success reset the record
-	}
-	f.pending--
+	t.done()
+	f := g.record(t.key, now)
 	f.n++
 	f.last = now
 }
 
-// abandoned records that an attempt admitted from addr ended before its
-// credentials were checked (its connection went away, or timed out waiting).
-func (g *authGuard) abandoned(addr net.Addr) {
+// abandoned records that the attempt ended before its credentials were
+// checked (its connection went away, or the server is shutting down).
+func (t *authTicket) abandoned() {
+	g := t.g
+	if g.off {
+		return
+	}
+	g.mu.Lock()
+	t.done()
+	g.mu.Unlock()
+}
+
+// succeeded forgets the address's failures: the attempt had the right
+// credentials. Attempts still waiting keep their turns.
+func (t *authTicket) succeeded() {
+	g := t.g
 	if g.off {
 		return
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if f := g.fails[addrKey(addr)]; f != nil && f.pending > 0 {
-		f.pending--
+	t.done()
+	if f := g.fails[t.key]; f != nil {
+		if f.pending == 0 {
+			delete(g.fails, t.key)
+		} else {
+			f.n = 0
+		}
 	}
-}
-
-// succeeded forgets addr's failures: an attempt admitted from addr had the
-// right credentials.
-func (g *authGuard) succeeded(addr net.Addr) {
-	key := addrKey(addr)
-	g.mu.Lock()
-	delete(g.fails, key)
-	g.mu.Unlock()
 }
 
 func (g *authGuard) prune(now time.Time) {
@@ -156,10 +186,12 @@ func (g *authGuard) prune(now time.Time) {
 // failures on (the default) or off. While on, after 3 failed
 // authentications from one IP address within a minute, the credentials of
 // each further attempt from it are checked only after a delay that doubles
-// from 100 ms up to 5 s, one attempt at a time (attempts made in parallel
-// wait their turn, and count as failures for the delays of the ones behind
-// them); an attempt whose turn is more than 5 s away is refused at once,
-// unchecked. A success, or a minute without failure, resets it. Turn it
+// from 100 ms up to 5 s (or half the auth timeout, if less), one attempt at
+// a time (attempts made in parallel wait their turn, and count as failures
+// for the delays of the ones behind them); an attempt whose turn is further
+// away than that, or past its auth timeout, is refused at once, unchecked,
+// with ErrRateLimited (a client retries it). A success, or a minute without
+// a failed check, resets it. Turn it
 // off only where clients are trusted (a test that checks wrong
 // credentials, say: h3xtest does).
 func WithAuthFailureSlowdown(on bool) ServerOption {

@@ -14,6 +14,9 @@ import (
 	"github.com/quic-go/quic-go"
 )
 
+// far is an auth deadline that never limits a turn.
+var far = time.Unix(1<<40, 0)
+
 func TestAuthGuardDelays(t *testing.T) {
 	var g authGuard
 	addr := &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 1}
@@ -22,65 +25,156 @@ func TestAuthGuardDelays(t *testing.T) {
 	// One attempt after another, each made as soon as the previous failed.
 	want := []time.Duration{0, 0, 0, 100 * time.Millisecond, 200 * time.Millisecond, 400 * time.Millisecond, 800 * time.Millisecond, 1600 * time.Millisecond, 3200 * time.Millisecond, 5 * time.Second, 5 * time.Second}
 	for i, w := range want {
-		got, refused := g.admit(addr, now)
-		if got != w || refused {
-			t.Fatalf("attempt %d: wait %v (refused %t), want %v", i+1, got, refused, w)
+		got, ticket, _ := g.admit(addr, now, far)
+		if got != w || ticket == nil {
+			t.Fatalf("attempt %d: wait %v (refused %t), want %v", i+1, got, ticket == nil, w)
 		}
 		now = now.Add(got)
-		g.failed(addr, now)
+		ticket.failed(now)
 	}
-	if got, refused := g.admit(other, now); got != 0 || refused {
-		t.Fatalf("another address is slowed: %v, %t", got, refused)
+	if got, ticket, _ := g.admit(other, now, far); got != 0 || ticket == nil {
+		t.Fatalf("another address is slowed: %v", got)
+	} else {
+		ticket.abandoned()
 	}
-	g.abandoned(other)
 	// A quiet minute resets.
 	now = now.Add(2 * authFailWindow)
-	if got, _ := g.admit(addr, now); got != 0 {
+	got, ticket, _ := g.admit(addr, now, far)
+	if got != 0 {
 		t.Fatalf("after the window: %v", got)
 	}
-	g.failed(addr, now)
-	if got, _ := g.admit(addr, now); got != 0 {
+	ticket.failed(now)
+	got, ticket, _ = g.admit(addr, now, far)
+	if got != 0 {
 		t.Fatalf("second failure in a new window: %v", got)
 	}
-	g.succeeded(addr)
-	if got, _ := g.admit(addr, now); got != 0 {
+	ticket.succeeded()
+	if got, _, _ := g.admit(addr, now, far); got != 0 {
 		t.Fatalf("after a success: %v", got)
 	}
 }
 
+// admitted admits an attempt that must be admitted.
+func admitted(t *testing.T, g *authGuard, addr net.Addr, now, deadline time.Time, want time.Duration) *authTicket {
+	t.Helper()
+	got, ticket, retry := g.admit(addr, now, deadline)
+	if ticket == nil || got != want {
+		t.Fatalf("admit: wait %v, refused %t (retry after %v); want a wait of %v", got, ticket == nil, retry, want)
+	}
+	return ticket
+}
+
+// failures makes n failed checks from addr, one after another from now, and
+// returns the time of the last.
+func failures(t *testing.T, g *authGuard, addr net.Addr, now time.Time, n int) time.Time {
+	t.Helper()
+	for range n {
+		wait, ticket, _ := g.admit(addr, now, far)
+		if ticket == nil {
+			t.Fatal("refused")
+		}
+		now = now.Add(wait)
+		ticket.failed(now)
+	}
+	return now
+}
+
 // Attempts made in parallel wait their turns one after another, each
 // counting as a failure for the delays of those behind it, and the ones
-// whose turn would be more than authMaxDelay away are refused unchecked.
-// An attempt that goes away before its turn gives up its place in the count
-// (not its turn: the next one still waits behind it).
+// whose turn would be more than the longest delay away are refused
+// unchecked, with when to try again. An attempt that goes away before its
+// turn gives up its place in the count (not its turn: the next one still
+// waits behind it).
 func TestAuthGuardParallelAttemptsWaitTheirTurn(t *testing.T) {
 	var g authGuard
 	addr := &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 1}
 	now := time.Unix(1700000000, 0)
-	for range authFreeFailures {
-		g.admit(addr, now)
-		g.failed(addr, now)
-	}
+	failures(t, &g, addr, now, authFreeFailures)
 	ms := time.Millisecond
-	want := []time.Duration{100 * ms, 300 * ms, 700 * ms, 1500 * ms, 3100 * ms}
-	for i, w := range want {
-		if got, refused := g.admit(addr, now); got != w || refused {
-			t.Fatalf("parallel attempt %d: wait %v (refused %t), want %v", i+1, got, refused, w)
-		}
+	var tickets []*authTicket
+	for _, w := range []time.Duration{100 * ms, 300 * ms, 700 * ms, 1500 * ms, 3100 * ms} {
+		tickets = append(tickets, admitted(t, &g, addr, now, far, w))
 	}
-	if _, refused := g.admit(addr, now); !refused {
-		t.Fatal("an attempt whose turn is 6.3 s away was admitted")
+	if _, ticket, retry := g.admit(addr, now, far); ticket != nil || retry != 3100*ms {
+		t.Fatalf("an attempt whose turn is 6.3 s away: refused %t, retry after %v; want refused, retry after 3.1s", ticket == nil, retry)
 	}
 	// Four of them fail at their turns; one goes away before its own.
-	g.failed(addr, now.Add(100*ms))
-	g.failed(addr, now.Add(300*ms))
-	g.failed(addr, now.Add(700*ms))
-	g.failed(addr, now.Add(1500*ms))
-	g.abandoned(addr)
-	// 7 failures: the next waits 1.6 s after the last turn given (3.1 s).
-	if got, refused := g.admit(addr, now.Add(1500*ms)); got != 3200*ms || refused {
-		t.Fatalf("after the parallel ones: wait %v (refused %t), want 3.2s", got, refused)
+	for i, at := range []time.Duration{100 * ms, 300 * ms, 700 * ms, 1500 * ms} {
+		tickets[i].failed(now.Add(at))
 	}
+	tickets[4].abandoned()
+	tickets[4].abandoned() // once only
+	// 7 failures: the next waits 1.6 s after the last turn given (3.1 s).
+	admitted(t, &g, addr, now.Add(1500*ms), far, 3200*ms)
+}
+
+// The turns fit the auth deadline and the guard's longest delay (half the
+// auth timeout): an attempt is never made to wait past its deadline, which
+// it would reach with no time left for the check (finding 82).
+func TestAuthGuardTurnsFitTheAuthDeadline(t *testing.T) {
+	g := authGuard{maxDelay: 2500 * time.Millisecond}
+	addr := &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 1}
+	now := failures(t, &g, addr, time.Unix(1700000000, 0), 12)
+	// Delays are capped at 2.5 s.
+	ticket := admitted(t, &g, addr, now, now.Add(5*time.Second), 2500*time.Millisecond)
+	ticket.failed(now.Add(2500 * time.Millisecond))
+	// A turn after the deadline (less the check's margin): refused, and
+	// nothing is charged for it.
+	later := now.Add(2500 * time.Millisecond)
+	if _, ticket, _ := g.admit(addr, later, later.Add(2*time.Second)); ticket != nil {
+		t.Fatal("an attempt whose turn comes after its deadline was admitted")
+	}
+	admitted(t, &g, addr, later, later.Add(5*time.Second), 2500*time.Millisecond)
+}
+
+// An unchecked refusal is not a failure: a client retrying through a quiet
+// minute after the guesser stopped is checked again (finding 82: admissions
+// used to push the window's end forward).
+func TestAuthGuardRefusalsDoNotExtendTheWindow(t *testing.T) {
+	g := authGuard{maxDelay: 2500 * time.Millisecond}
+	addr := &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 1}
+	now := failures(t, &g, addr, time.Unix(1700000000, 0), 12)
+	for i := range 10 { // a client retrying every 10 s, refused for its deadline
+		at := now.Add(time.Duration(i) * 10 * time.Second)
+		if _, ticket, _ := g.admit(addr, at, at.Add(time.Second)); ticket != nil {
+			ticket.abandoned()
+		}
+	}
+	at := now.Add(authFailWindow + time.Second)
+	admitted(t, &g, addr, at, at.Add(time.Second), 0)
+}
+
+// A success while other attempts wait keeps their turns and counts, and
+// their later failures count again (finding 84: the pending count went
+// negative, and the record was never reset).
+func TestAuthGuardSuccessWithAttemptsWaiting(t *testing.T) {
+	var g authGuard
+	addr := &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 1}
+	now := time.Unix(1700000000, 0)
+	failures(t, &g, addr, now, authFreeFailures)
+	bad := admitted(t, &g, addr, now, far, 100*time.Millisecond)
+	good := admitted(t, &g, addr, now, far, 300*time.Millisecond)
+	var later []*authTicket
+	for _, w := range []time.Duration{700, 1500, 3100} {
+		later = append(later, admitted(t, &g, addr, now, far, w*time.Millisecond))
+	}
+	bad.failed(now.Add(100 * time.Millisecond))
+	good.succeeded()
+	for _, tk := range later {
+		tk.failed(now.Add(time.Second))
+	}
+	g.mu.Lock()
+	for key, f := range g.fails {
+		if f.pending != 0 {
+			t.Errorf("record %q: %d attempts pending, none in flight", key, f.pending)
+		}
+	}
+	g.mu.Unlock()
+	// The three failures after the success count; a quiet window resets.
+	at := now.Add(3100 * time.Millisecond)
+	admitted(t, &g, addr, at, far, 100*time.Millisecond).failed(at.Add(100 * time.Millisecond))
+	at = at.Add(2 * authFailWindow)
+	admitted(t, &g, addr, at, far, 0)
 }
 
 // The helper's review (RELIABILITY.md finding 77): once an address has used
@@ -121,8 +215,9 @@ func TestAuthSlowdownThrottlesParallelGuesses(t *testing.T) {
 	if got := reg.checks.Load() - base; got > 3 {
 		t.Fatalf("after %d failures from one address, %d of %d parallel guesses were checked within 300 ms", authFreeFailures, got, burst)
 	}
-	// The attempts past 5 s are refused without a check, with a clear
-	// reason (the close's: it may overtake the Error frame).
+	// The attempts whose turns are past the longest delay (half the
+	// 5 s auth timeout: turns at 100, 300, 700 and 1,500 ms fit, 3,100 ms
+	// does not) are refused without a check, retryable.
 	var refused int
 	for _, rc := range rcs {
 		select {
@@ -132,11 +227,14 @@ func TestAuthSlowdownThrottlesParallelGuesses(t *testing.T) {
 		}
 		var ae *quic.ApplicationError
 		if errors.As(context.Cause(rc.qc.Context()), &ae) && strings.Contains(ae.ErrorMessage, "too many failed authentications") {
+			if ErrorCode(ae.ErrorCode) != CodeRateLimited {
+				t.Fatalf("refused with %v; want RATE_LIMITED (retryable)", ErrorCode(ae.ErrorCode))
+			}
 			refused++
 		}
 	}
-	if refused != burst-5 {
-		t.Fatalf("%d attempts of the burst of %d were refused unchecked; want %d", refused, burst, burst-5)
+	if refused != burst-4 {
+		t.Fatalf("%d attempts of the burst of %d were refused unchecked; want %d", refused, burst, burst-4)
 	}
 }
 
@@ -212,9 +310,10 @@ func TestAuthFailureSlowdownOff(t *testing.T) {
 	}
 	addr := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}
 	for i := range 10 {
-		if d, refused := srv.authGuard.admit(addr, time.Now()); d != 0 || refused {
-			t.Fatalf("attempt %d delayed by %v (refused %t) with the slow-down off", i+1, d, refused)
+		d, ticket, _ := srv.authGuard.admit(addr, time.Now(), time.Now())
+		if d != 0 || ticket == nil {
+			t.Fatalf("attempt %d delayed by %v (refused %t) with the slow-down off", i+1, d, ticket == nil)
 		}
-		srv.authGuard.failed(addr, time.Now())
+		ticket.failed(time.Now())
 	}
 }

@@ -529,10 +529,9 @@ func (c *serverConn) authenticate(ctx context.Context) error {
 	}
 	// After repeated failures from one address, its attempts wait their
 	// turn before their credentials are checked (authguard.go).
-	addr := c.qc.RemoteAddr()
-	wait, refused := c.srv.authGuard.admit(addr, time.Now())
-	if refused {
-		e := newError(CodeUnauthenticated, "too many failed authentications from this address; try again later")
+	wait, ticket, retryAfter := c.srv.authGuard.admit(c.qc.RemoteAddr(), time.Now(), deadline)
+	if ticket == nil {
+		e := &Error{Code: CodeRateLimited, Message: "too many failed authentications from this address; try again later", RetryAfter: retryAfter}
 		c.writeControl(FrameError, errorToWire(e, 0))
 		return e
 	}
@@ -551,7 +550,7 @@ func (c *serverConn) authenticate(ctx context.Context) error {
 		}
 		t.Stop()
 		if e != nil {
-			c.srv.authGuard.abandoned(addr)
+			ticket.abandoned()
 			if !errors.Is(e, errGoneBeforeAuth) {
 				c.writeControl(FrameError, errorToWire(e, 0))
 			}
@@ -567,16 +566,16 @@ func (c *serverConn) authenticate(ctx context.Context) error {
 	if err != nil {
 		e := newError(CodeUnauthenticated, "invalid client id or token")
 		if errors.Is(err, ErrUnauthenticated) {
-			c.srv.authGuard.failed(addr, time.Now())
+			ticket.failed(time.Now())
 		} else {
-			c.srv.authGuard.abandoned(addr)
+			ticket.abandoned()
 			c.logger.Error("h3x: registry failure", "err", err)
 			e = newError(CodeInternal, "registry unavailable")
 		}
 		c.writeControl(FrameError, errorToWire(e, 0))
 		return e
 	}
-	c.srv.authGuard.succeeded(addr)
+	ticket.succeeded()
 	sess := &Session{ID: c.id, ClientID: auth.GetClientId(), Grants: grants, RemoteAddr: c.qc.RemoteAddr()}
 	for _, ns := range auth.GetNamespaces() {
 		if err := ValidateNamespace(ns); err != nil {

@@ -161,15 +161,25 @@ func countFields(b []byte, num protowire.Number, typ protowire.Type) int {
 	return count
 }
 
-// payloadSlab hands out EventPayloads from one allocation.
-type payloadSlab []h3xpb.EventPayload
+// payloadSlab hands out EventPayloads from a few allocations: chunks of up
+// to payloadChunk, for at most the number of events the frame may hold (a
+// delivery need not carry one, so the chunks follow the events found).
+type payloadSlab struct {
+	buf  []h3xpb.EventPayload
+	left int // payloads the frame may still need
+}
+
+const payloadChunk = 256
+
+func newPayloadSlab(n int) payloadSlab { return payloadSlab{left: n} }
 
 func (s *payloadSlab) new() *h3xpb.EventPayload {
-	if len(*s) == cap(*s) {
-		return new(h3xpb.EventPayload)
+	if len(s.buf) == cap(s.buf) {
+		s.buf = make([]h3xpb.EventPayload, 0, min(max(s.left, 1), payloadChunk))
 	}
-	*s = (*s)[:len(*s)+1]
-	return &(*s)[len(*s)-1]
+	s.left--
+	s.buf = s.buf[:len(s.buf)+1]
+	return &s.buf[len(s.buf)-1]
 }
 
 // decodeEventPayload merges the encoded EventPayload b into p (as protobuf
@@ -235,7 +245,7 @@ func decodeMetadataEntry(b []byte, p *h3xpb.EventPayload, in *interner) error {
 
 func decodeSendEvent(b []byte, m *h3xpb.SendEvent) error {
 	n := countFields(b, 2, protowire.BytesType)
-	slab := make(payloadSlab, 0, n)
+	slab := newPayloadSlab(n)
 	m.Events = make([]*h3xpb.EventPayload, 0, n)
 	var in interner
 	var err error
@@ -265,7 +275,7 @@ func decodeSendEvent(b []byte, m *h3xpb.SendEvent) error {
 func decodeEventsBatch(b []byte, m *h3xpb.EventsBatch) error {
 	n := countFields(b, 1, protowire.BytesType)
 	ds := make([]h3xpb.Delivery, n)
-	slab := make(payloadSlab, 0, n)
+	slab := newPayloadSlab(n)
 	m.Events = make([]*h3xpb.Delivery, 0, n)
 	var in interner
 	var err error

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"runtime"
 	"testing"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
@@ -287,5 +288,41 @@ func BenchmarkDecodeEventsBatch(b *testing.B) {
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/1000, "ns/event")
 		})
+	}
+}
+
+// TestWireDecodersAllocateNoMoreThanProtobuf: on frames of many empty
+// entries (the most messages per byte a peer can send) the hand-written
+// decoders allocate no more than proto.Unmarshal does (finding 85: the
+// EventsBatch decoder sized an event slab for deliveries without events,
+// twice protobuf's allocation).
+func TestWireDecodersAllocateNoMoreThanProtobuf(t *testing.T) {
+	const size = 1 << 20
+	for _, c := range []struct {
+		ft    FrameType
+		entry []byte
+	}{
+		{FrameEventsBatch, []byte{0x0a, 0x00}},             // empty deliveries
+		{FrameEventsBatch, []byte{0x0a, 0x02, 0x0a, 0x00}}, // deliveries with an empty event
+		{FrameSendEvent, []byte{0x12, 0x00}},
+		{FrameAckEvent, []byte{0x0a, 0x00}},
+		{FrameAckResult, []byte{0x12, 0x00}},
+		{FrameSendResult, []byte{0x12, 0x00}},
+	} {
+		payload := bytes.Repeat(c.entry, size/len(c.entry))
+		allocated := func(decode func(proto.Message) error) uint64 {
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			if err := decode(newMessage(c.ft)); err != nil {
+				t.Fatal(err)
+			}
+			runtime.ReadMemStats(&after)
+			return after.TotalAlloc - before.TotalAlloc
+		}
+		pb := allocated(func(m proto.Message) error { return proto.Unmarshal(payload, m) })
+		hw := allocated(func(m proto.Message) error { _, err := unmarshalFast(payload, m); return err })
+		if hw > pb+pb/10 {
+			t.Errorf("%v of % x × %d: hand-written decoder allocated %d KiB, protobuf %d KiB", c.ft, c.entry, size/len(c.entry), hw>>10, pb>>10)
+		}
 	}
 }
