@@ -719,10 +719,9 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 		}
 	}()
 
-	wire := make([]*h3xpb.EventPayload, len(events))
+	wire := eventsToWire(events)
 	sizes := make([]int, len(events))
-	for i := range events {
-		wire[i] = eventToWire(&events[i])
+	for i := range wire {
 		sizes[i] = proto.Size(wire[i]) + 8
 	}
 	results := make([]PublishResult, len(events))

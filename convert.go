@@ -6,21 +6,25 @@ import (
 	"github.com/h3x-io/h3x/proto/h3xpb"
 )
 
-// eventToWire converts an Event into its wire message.
-func eventToWire(e *Event) *h3xpb.EventPayload {
-	var ts int64
+// eventsToWire converts events into their wire messages, allocated in one
+// slab.
+func eventsToWire(events []Event) []*h3xpb.EventPayload {
+	slab := make([]h3xpb.EventPayload, len(events))
+	wire := make([]*h3xpb.EventPayload, len(events))
+	for i := range events {
+		eventIntoWire(&events[i], &slab[i])
+		wire[i] = &slab[i]
+	}
+	return wire
+}
+
+// eventIntoWire sets p, a zero wire message, to e.
+func eventIntoWire(e *Event, p *h3xpb.EventPayload) {
 	if !e.Time.IsZero() {
-		ts = e.Time.Unix()
+		p.Timestamp = e.Time.Unix()
 	}
-	return &h3xpb.EventPayload{
-		Id:        e.ID,
-		Namespace: e.Namespace,
-		Type:      e.Type,
-		Message:   e.Message,
-		Data:      e.Data,
-		Timestamp: ts,
-		Metadata:  e.Metadata,
-	}
+	p.Id, p.Namespace, p.Type, p.Message = e.ID, e.Namespace, e.Type, e.Message
+	p.Data, p.Metadata = e.Data, e.Metadata
 }
 
 // eventFromWire converts a wire message into an Event.

@@ -387,9 +387,13 @@ func (ss *sessionStream) linger(ctx context.Context, req LeaseRequest, leases []
 
 func batchFromLeases(rid uint64, leases []Lease) *h3xpb.EventsBatch {
 	b := &h3xpb.EventsBatch{RequestId: rid, Events: make([]*h3xpb.Delivery, len(leases))}
+	ds := make([]h3xpb.Delivery, len(leases)) // the messages in two allocations
+	ps := make([]h3xpb.EventPayload, len(leases))
 	for i := range leases {
-		l := &leases[i]
-		b.Events[i] = &h3xpb.Delivery{Event: eventToWire(&l.Event), Attempt: uint32(l.Attempt), LeaseDeadlineMs: unixMs(l.Deadline)}
+		l, d := &leases[i], &ds[i]
+		eventIntoWire(&l.Event, &ps[i])
+		d.Event, d.Attempt, d.LeaseDeadlineMs = &ps[i], uint32(l.Attempt), unixMs(l.Deadline)
+		b.Events[i] = d
 	}
 	return b
 }
