@@ -142,10 +142,25 @@ func str(b []byte) (string, error) {
 	return string(b), nil
 }
 
+// forFields calls fn with each field of the encoded message b, in order.
+func forFields(b []byte, fn func(f wireField) error) error {
+	for len(b) > 0 {
+		f, n := consumeField(b)
+		if n < 0 {
+			return errWire
+		}
+		b = b[n:]
+		if err := fn(f); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // countFields returns how many fields numbered num of wire type typ the
 // encoded message b holds at its top level (the first pass that sizes a
-// slab; a malformed message stops the count, and the decoding pass reports
-// it).
+// frame's slabs; a malformed message stops the count, and the decoding pass
+// reports it).
 func countFields(b []byte, num protowire.Number, typ protowire.Type) int {
 	count := 0
 	for len(b) > 0 {
@@ -161,37 +176,58 @@ func countFields(b []byte, num protowire.Number, typ protowire.Type) int {
 	return count
 }
 
-// payloadSlab hands out EventPayloads from a few allocations: chunks of up
-// to payloadChunk, for at most the number of events the frame may hold (a
-// delivery need not carry one, so the chunks follow the events found).
-type payloadSlab struct {
-	buf  []h3xpb.EventPayload
-	left int // payloads the frame may still need
+// slab hands out the messages of one type that a frame holds from a few
+// allocations: chunks of up to slabChunk, for at most the number the frame
+// was counted to hold (left), so that memory follows the messages found
+// (a delivery need not carry an event, say).
+type slab[T any] struct {
+	buf  []T
+	left int
 }
 
-const payloadChunk = 256
+const slabChunk = 256
 
-func newPayloadSlab(n int) payloadSlab { return payloadSlab{left: n} }
-
-func (s *payloadSlab) new() *h3xpb.EventPayload {
+func (s *slab[T]) next() *T {
 	if len(s.buf) == cap(s.buf) {
-		s.buf = make([]h3xpb.EventPayload, 0, min(max(s.left, 1), payloadChunk))
+		s.buf = make([]T, 0, min(max(s.left, 1), slabChunk))
 	}
 	s.left--
 	s.buf = s.buf[:len(s.buf)+1]
 	return &s.buf[len(s.buf)-1]
 }
 
+// repeated decodes the messages of a repeated message field: for each
+// occurrence, a new element from a slab sized by count, decoded by decode.
+// It returns nil if there were none, as protobuf does.
+type repeated[T any] struct {
+	slab slab[T]
+	list []*T
+}
+
+func newRepeated[T any](count int) repeated[T] {
+	return repeated[T]{slab: slab[T]{left: count}, list: make([]*T, 0, count)}
+}
+
+func (r *repeated[T]) add(b []byte, decode func([]byte, *T) error) error {
+	m := r.slab.next()
+	if err := decode(b, m); err != nil {
+		return err
+	}
+	r.list = append(r.list, m)
+	return nil
+}
+
+func (r *repeated[T]) result() []*T {
+	if len(r.list) == 0 {
+		return nil
+	}
+	return r.list
+}
+
 // decodeEventPayload merges the encoded EventPayload b into p (as protobuf
 // does when a message field occurs more than once).
 func decodeEventPayload(b []byte, p *h3xpb.EventPayload, in *interner) error {
-	var err error
-	for len(b) > 0 {
-		f, n := consumeField(b)
-		if n < 0 {
-			return errWire
-		}
-		b = b[n:]
+	return forFields(b, func(f wireField) (err error) {
 		switch {
 		case f.num == 1 && f.typ == protowire.BytesType:
 			p.Id, err = str(f.b)
@@ -208,33 +244,25 @@ func decodeEventPayload(b []byte, p *h3xpb.EventPayload, in *interner) error {
 		case f.num == 7 && f.typ == protowire.BytesType:
 			err = decodeMetadataEntry(f.b, p, in)
 		}
-		if err != nil {
-			return err
-		}
-	}
-	return err
+		return err
+	})
 }
 
 // decodeMetadataEntry adds one encoded map entry to p.Metadata: a missing
 // key or value is "", and a later entry with the same key replaces it.
 func decodeMetadataEntry(b []byte, p *h3xpb.EventPayload, in *interner) error {
-	var err error
 	var k, v string
-	for len(b) > 0 {
-		f, n := consumeField(b)
-		if n < 0 {
-			return errWire
-		}
-		b = b[n:]
+	err := forFields(b, func(f wireField) (err error) {
 		switch {
 		case f.num == 1 && f.typ == protowire.BytesType:
 			k, err = in.str(f.b)
 		case f.num == 2 && f.typ == protowire.BytesType:
 			v, err = in.str(f.b)
 		}
-		if err != nil {
-			return err
-		}
+		return err
+	})
+	if err != nil {
+		return err
 	}
 	if p.Metadata == nil {
 		p.Metadata = make(map[string]string, 1)
@@ -244,91 +272,53 @@ func decodeMetadataEntry(b []byte, p *h3xpb.EventPayload, in *interner) error {
 }
 
 func decodeSendEvent(b []byte, m *h3xpb.SendEvent) error {
-	n := countFields(b, 2, protowire.BytesType)
-	slab := newPayloadSlab(n)
-	m.Events = make([]*h3xpb.EventPayload, 0, n)
+	events := newRepeated[h3xpb.EventPayload](countFields(b, 2, protowire.BytesType))
 	var in interner
-	var err error
-	for len(b) > 0 {
-		f, n := consumeField(b)
-		if n < 0 {
-			return errWire
-		}
-		b = b[n:]
+	decode := func(b []byte, p *h3xpb.EventPayload) error { return decodeEventPayload(b, p, &in) }
+	err := forFields(b, func(f wireField) error {
 		switch {
 		case f.num == 1 && f.typ == protowire.VarintType:
 			m.RequestId = f.v
 		case f.num == 2 && f.typ == protowire.BytesType:
-			p := slab.new()
-			if err := decodeEventPayload(f.b, p, &in); err != nil {
-				return err
-			}
-			m.Events = append(m.Events, p)
+			return events.add(f.b, decode)
 		}
-	}
-	if len(m.Events) == 0 {
-		m.Events = nil
-	}
+		return nil
+	})
+	m.Events = events.result()
 	return err
 }
 
 func decodeEventsBatch(b []byte, m *h3xpb.EventsBatch) error {
 	n := countFields(b, 1, protowire.BytesType)
-	ds := make([]h3xpb.Delivery, n)
-	slab := newPayloadSlab(n)
-	m.Events = make([]*h3xpb.Delivery, 0, n)
+	deliveries := newRepeated[h3xpb.Delivery](n)
+	payloads := slab[h3xpb.EventPayload]{left: n}
 	var in interner
-	var err error
-	for len(b) > 0 {
-		f, n := consumeField(b)
-		if n < 0 {
-			return errWire
-		}
-		b = b[n:]
+	decode := func(b []byte, d *h3xpb.Delivery) error {
+		return forFields(b, func(f wireField) error {
+			switch {
+			case f.num == 1 && f.typ == protowire.BytesType:
+				if d.Event == nil {
+					d.Event = payloads.next()
+				}
+				return decodeEventPayload(f.b, d.Event, &in)
+			case f.num == 2 && f.typ == protowire.VarintType:
+				d.Attempt = uint32(f.v)
+			case f.num == 3 && f.typ == protowire.VarintType:
+				d.LeaseDeadlineMs = int64(f.v)
+			}
+			return nil
+		})
+	}
+	err := forFields(b, func(f wireField) error {
 		switch {
 		case f.num == 1 && f.typ == protowire.BytesType:
-			var d *h3xpb.Delivery
-			if i := len(m.Events); i < len(ds) {
-				d = &ds[i]
-			} else {
-				d = new(h3xpb.Delivery)
-			}
-			if err := decodeDelivery(f.b, d, &slab, &in); err != nil {
-				return err
-			}
-			m.Events = append(m.Events, d)
+			return deliveries.add(f.b, decode)
 		case f.num == 2 && f.typ == protowire.VarintType:
 			m.RequestId = f.v
 		}
-	}
-	if len(m.Events) == 0 {
-		m.Events = nil
-	}
-	return err
-}
-
-func decodeDelivery(b []byte, d *h3xpb.Delivery, slab *payloadSlab, in *interner) error {
-	var err error
-	for len(b) > 0 {
-		f, n := consumeField(b)
-		if n < 0 {
-			return errWire
-		}
-		b = b[n:]
-		switch {
-		case f.num == 1 && f.typ == protowire.BytesType:
-			if d.Event == nil {
-				d.Event = slab.new()
-			}
-			if err := decodeEventPayload(f.b, d.Event, in); err != nil {
-				return err
-			}
-		case f.num == 2 && f.typ == protowire.VarintType:
-			d.Attempt = uint32(f.v)
-		case f.num == 3 && f.typ == protowire.VarintType:
-			d.LeaseDeadlineMs = int64(f.v)
-		}
-	}
+		return nil
+	})
+	m.Events = deliveries.result()
 	return err
 }
 
@@ -346,21 +336,14 @@ func appendPackedUint32(dst []uint32, b []byte) ([]uint32, error) {
 }
 
 func decodeAckEvent(b []byte, m *h3xpb.AckEvent) error {
-	n := countFields(b, 1, protowire.BytesType)
-	m.EventIds = make([]string, 0, n)
+	m.EventIds = make([]string, 0, countFields(b, 1, protowire.BytesType))
 	var in interner
-	var err error
-	for len(b) > 0 {
-		f, n := consumeField(b)
-		if n < 0 {
-			return errWire
-		}
-		b = b[n:]
+	err := forFields(b, func(f wireField) (err error) {
+		var s string
 		switch {
 		case f.num == 1 && f.typ == protowire.BytesType:
-			var id string
-			if id, err = str(f.b); err == nil {
-				m.EventIds = append(m.EventIds, id)
+			if s, err = str(f.b); err == nil {
+				m.EventIds = append(m.EventIds, s)
 			}
 		case f.num == 2 && f.typ == protowire.VarintType:
 			m.RequestId = f.v
@@ -369,15 +352,12 @@ func decodeAckEvent(b []byte, m *h3xpb.AckEvent) error {
 		case f.num == 3 && f.typ == protowire.BytesType:
 			m.Attempts, err = appendPackedUint32(m.Attempts, f.b)
 		case f.num == 4 && f.typ == protowire.BytesType:
-			var ns string
-			if ns, err = in.str(f.b); err == nil {
-				m.Namespaces = append(m.Namespaces, ns)
+			if s, err = in.str(f.b); err == nil {
+				m.Namespaces = append(m.Namespaces, s)
 			}
 		}
-		if err != nil {
-			return err
-		}
-	}
+		return err
+	})
 	if len(m.EventIds) == 0 {
 		m.EventIds = nil
 	}
@@ -385,116 +365,60 @@ func decodeAckEvent(b []byte, m *h3xpb.AckEvent) error {
 }
 
 func decodeAckResult(b []byte, m *h3xpb.AckResult) error {
-	n := countFields(b, 2, protowire.BytesType)
-	os := make([]h3xpb.SettleOutcome, n)
-	m.Outcomes = make([]*h3xpb.SettleOutcome, 0, n)
-	var err error
-	for len(b) > 0 {
-		f, n := consumeField(b)
-		if n < 0 {
-			return errWire
-		}
-		b = b[n:]
+	outcomes := newRepeated[h3xpb.SettleOutcome](countFields(b, 2, protowire.BytesType))
+	decode := func(b []byte, o *h3xpb.SettleOutcome) error {
+		return forFields(b, func(f wireField) (err error) {
+			switch {
+			case f.num == 1 && f.typ == protowire.BytesType:
+				o.Id, err = str(f.b)
+			case f.num == 2 && f.typ == protowire.VarintType:
+				o.Status = h3xpb.SettleStatus(int32(f.v))
+			}
+			return err
+		})
+	}
+	err := forFields(b, func(f wireField) error {
 		switch {
 		case f.num == 1 && f.typ == protowire.VarintType:
 			m.RequestId = f.v
 		case f.num == 2 && f.typ == protowire.BytesType:
-			var o *h3xpb.SettleOutcome
-			if i := len(m.Outcomes); i < len(os) {
-				o = &os[i]
-			} else {
-				o = new(h3xpb.SettleOutcome)
-			}
-			if err := decodeSettleOutcome(f.b, o); err != nil {
-				return err
-			}
-			m.Outcomes = append(m.Outcomes, o)
+			return outcomes.add(f.b, decode)
 		}
-	}
-	if len(m.Outcomes) == 0 {
-		m.Outcomes = nil
-	}
-	return err
-}
-
-func decodeSettleOutcome(b []byte, o *h3xpb.SettleOutcome) error {
-	var err error
-	for len(b) > 0 {
-		f, n := consumeField(b)
-		if n < 0 {
-			return errWire
-		}
-		b = b[n:]
-		switch {
-		case f.num == 1 && f.typ == protowire.BytesType:
-			o.Id, err = str(f.b)
-		case f.num == 2 && f.typ == protowire.VarintType:
-			o.Status = h3xpb.SettleStatus(int32(f.v))
-		}
-		if err != nil {
-			return err
-		}
-	}
+		return nil
+	})
+	m.Outcomes = outcomes.result()
 	return err
 }
 
 func decodeSendResult(b []byte, m *h3xpb.SendResult) error {
-	n := countFields(b, 2, protowire.BytesType)
-	os := make([]h3xpb.PublishOutcome, n)
-	m.Outcomes = make([]*h3xpb.PublishOutcome, 0, n)
+	outcomes := newRepeated[h3xpb.PublishOutcome](countFields(b, 2, protowire.BytesType))
 	var in interner
-	var err error
-	for len(b) > 0 {
-		f, n := consumeField(b)
-		if n < 0 {
-			return errWire
-		}
-		b = b[n:]
+	decode := func(b []byte, o *h3xpb.PublishOutcome) error {
+		return forFields(b, func(f wireField) (err error) {
+			switch {
+			case f.num == 1 && f.typ == protowire.BytesType:
+				o.Id, err = str(f.b)
+			case f.num == 2 && f.typ == protowire.VarintType:
+				o.Status = h3xpb.PublishStatus(int32(f.v))
+			case f.num == 3 && f.typ == protowire.VarintType:
+				o.Code = h3xpb.ErrorCode(int32(f.v))
+			case f.num == 4 && f.typ == protowire.BytesType:
+				o.Message, err = in.str(f.b) // refusals repeat their message
+			case f.num == 5 && f.typ == protowire.VarintType:
+				o.RetryAfterMs = uint32(f.v)
+			}
+			return err
+		})
+	}
+	err := forFields(b, func(f wireField) error {
 		switch {
 		case f.num == 1 && f.typ == protowire.VarintType:
 			m.RequestId = f.v
 		case f.num == 2 && f.typ == protowire.BytesType:
-			var o *h3xpb.PublishOutcome
-			if i := len(m.Outcomes); i < len(os) {
-				o = &os[i]
-			} else {
-				o = new(h3xpb.PublishOutcome)
-			}
-			if err := decodePublishOutcome(f.b, o, &in); err != nil {
-				return err
-			}
-			m.Outcomes = append(m.Outcomes, o)
+			return outcomes.add(f.b, decode)
 		}
-	}
-	if len(m.Outcomes) == 0 {
-		m.Outcomes = nil
-	}
-	return err
-}
-
-func decodePublishOutcome(b []byte, o *h3xpb.PublishOutcome, in *interner) error {
-	var err error
-	for len(b) > 0 {
-		f, n := consumeField(b)
-		if n < 0 {
-			return errWire
-		}
-		b = b[n:]
-		switch {
-		case f.num == 1 && f.typ == protowire.BytesType:
-			o.Id, err = str(f.b)
-		case f.num == 2 && f.typ == protowire.VarintType:
-			o.Status = h3xpb.PublishStatus(int32(f.v))
-		case f.num == 3 && f.typ == protowire.VarintType:
-			o.Code = h3xpb.ErrorCode(int32(f.v))
-		case f.num == 4 && f.typ == protowire.BytesType:
-			o.Message, err = in.str(f.b) // refusals repeat their message
-		case f.num == 5 && f.typ == protowire.VarintType:
-			o.RetryAfterMs = uint32(f.v)
-		}
-		if err != nil {
-			return err
-		}
-	}
+		return nil
+	})
+	m.Outcomes = outcomes.result()
 	return err
 }
