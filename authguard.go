@@ -10,7 +10,7 @@ import (
 // from one IP address within authFailWindow, the credentials of each further
 // attempt from it are checked only after a delay, one attempt at a time:
 // the n-th attempt past the free ones waits authBaseDelay << (n-1) (up to
-// the guard's maxDelay, authMaxDelay or half the auth timeout if less) after
+// the guard's maxDelay: authMaxDelay, or about half the auth timeout if less) after
 // the previous one's turn. Attempts still waiting count as failures for the
 // delays of the ones behind them, so that opening many connections at once
 // buys a guesser nothing. An attempt whose turn would come more than
@@ -25,15 +25,26 @@ const (
 	authFailWindow   = time.Minute
 	authGuardMax     = 100000 // addresses tracked at most
 	// authCheckMargin is the time left for the credential check itself
-	// after an attempt's turn, before its auth deadline.
+	// after an attempt's turn, before its auth deadline (at most a quarter
+	// of the auth timeout: see authGuardLimits).
 	authCheckMargin = 100 * time.Millisecond
 )
 
 type authGuard struct {
 	off      bool          // WithAuthFailureSlowdown(false)
 	maxDelay time.Duration // the longest turn; 0: authMaxDelay
+	margin   time.Duration // left for the check before the deadline; 0: authCheckMargin
 	mu       sync.Mutex
 	fails    map[string]*authFailures
+}
+
+// authGuardLimits returns the longest turn and the check's margin for an
+// auth timeout: a prompt attempt (its Auth read at once) whose turn is the
+// longest still leaves the margin before its deadline, however short the
+// timeout.
+func authGuardLimits(authTimeout time.Duration) (maxDelay, margin time.Duration) {
+	margin = min(authCheckMargin, authTimeout/4)
+	return min(authMaxDelay, (authTimeout-margin)/2), margin
 }
 
 type authFailures struct {
@@ -93,9 +104,12 @@ func (g *authGuard) admit(addr net.Addr, now, deadline time.Time) (wait time.Dur
 	if g.off {
 		return 0, &authTicket{g: g, key: key}, 0
 	}
-	maxDelay := g.maxDelay
+	maxDelay, margin := g.maxDelay, g.margin
 	if maxDelay <= 0 {
 		maxDelay = authMaxDelay
+	}
+	if margin <= 0 {
+		margin = authCheckMargin
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -107,7 +121,7 @@ func (g *authGuard) admit(addr net.Addr, now, deadline time.Time) (wait time.Dur
 			turn = f.next
 		}
 		turn = turn.Add(min(authBaseDelay<<min(k, 16), maxDelay))
-		if turn.Sub(now) > maxDelay || turn.After(deadline.Add(-authCheckMargin)) {
+		if turn.Sub(now) > maxDelay || turn.After(deadline.Add(-margin)) {
 			return 0, nil, max(f.next.Sub(now), authBaseDelay)
 		}
 		f.next = turn
@@ -186,12 +200,13 @@ func (g *authGuard) prune(now time.Time) {
 // failures on (the default) or off. While on, after 3 failed
 // authentications from one IP address within a minute, the credentials of
 // each further attempt from it are checked only after a delay that doubles
-// from 100 ms up to 5 s (or half the auth timeout, if less), one attempt at
-// a time (attempts made in parallel wait their turn, and count as failures
-// for the delays of the ones behind them); an attempt whose turn is further
-// away than that, or past its auth timeout, is refused at once, unchecked,
-// with ErrRateLimited (a client retries it). A success, or a minute without
-// a failed check, resets it. Turn it
+// from 100 ms up to 5 s (or about half the auth timeout, if less), one
+// attempt at a time (attempts made in parallel wait their turn, and count as
+// failures for the delays of the ones behind them); an attempt whose turn is
+// further away than that, or past its auth timeout, is refused at once,
+// unchecked, with ErrRateLimited and a retry-after (Dial returns it; a
+// client reconnecting waits that long before its next attempt). A success,
+// or a minute without a failed check, resets it. Turn it
 // off only where clients are trusted (a test that checks wrong
 // credentials, say: h3xtest does).
 func WithAuthFailureSlowdown(on bool) ServerOption {

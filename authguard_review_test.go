@@ -1,7 +1,7 @@
 package h3x
 
 // Regression tests from the second look at the eleventh session's fixes
-// (RELIABILITY.md findings 82-84), written by the reviewing helper; they
+// (RELIABILITY.md findings 82-84 and 86-88), written by the reviewing helper; they
 // failed on the first version of the turn-taking auth guard.
 
 import (
@@ -245,5 +245,145 @@ func TestAuthRefusalIsRetriedByReconnectingClient(t *testing.T) {
 	}
 	if res[0].Status != PublishStored {
 		t.Fatalf("publish after the reconnect: %+v", res)
+	}
+}
+
+// With WithAuthTimeout(100ms), a client with the right credentials on an
+// address past its free failures is still checked (finding 86: every
+// attempt was refused, its turn having to come 100 ms before a deadline
+// only 100 ms away, for the whole minute).
+func TestAuthSmallTimeoutStillChecksRightCredentials(t *testing.T) {
+	s := testServer(t, WithAuthTimeout(100*time.Millisecond))
+	defer s.Close()
+	for range authFreeFailures {
+		failAuth(t, s)
+	}
+	var results []string
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); {
+		r := startAuth(t, s, "alice", "alice-token").result(t, 2*time.Second)
+		if r == "ok" {
+			return
+		}
+		results = append(results, r)
+		time.Sleep(200 * time.Millisecond) // well past any retry_after_ms (at most 100 ms here)
+	}
+	f, _ := guardRecord(s)
+	t.Fatalf("WithAuthTimeout(100ms): after 3 failures from the address, the right credentials were refused unchecked %d times over 3 s (documented: checked after a delay of at most 50 ms); guard n=%d pending=%d; first answer: %s",
+		len(results), f.n, f.pending, results[0])
+}
+
+// guesserHoldsTurns makes 3 failures, then 5 wrong attempts in parallel that
+// wait their turns (with a 10 s auth timeout: turns 0.1 to 3.1 s away). It
+// returns a function waiting for their answers.
+func guesserHoldsTurns(t *testing.T, s *Server) func() {
+	t.Helper()
+	for range authFreeFailures {
+		failAuth(t, s)
+	}
+	// Connect first, then send the five Auth frames together, so that all
+	// five are admitted before the first turn comes.
+	var as []*authAttempt
+	for range 5 {
+		as = append(as, dialForAuth(t, s))
+	}
+	var wg sync.WaitGroup
+	for _, a := range as {
+		a.send(t, "alice", "wrong")
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			a.result(t, 15*time.Second)
+		}()
+	}
+	for deadline := time.Now().Add(3 * time.Second); ; time.Sleep(time.Millisecond) {
+		if f, _ := guardRecord(s); f.n+f.pending == authFreeFailures+5 {
+			break
+		}
+		if time.Now().After(deadline) {
+			f, _ := guardRecord(s)
+			t.Fatalf("setup: the guesser's attempts were not all admitted: %+v", f)
+		}
+	}
+	return wg.Wait
+}
+
+// PROTOCOL.md §9: an attempt refused unchecked "gets an Error with
+// RATE_LIMITED and retry_after_ms" (finding 87: the close, whose reason
+// carries only the message, overtook the frame, and Dial's error had no
+// RetryAfter).
+func TestAuthRefusalCarriesRetryAfter(t *testing.T) {
+	s := testServer(t, WithAuthTimeout(10*time.Second))
+	defer s.Close()
+	wait := guesserHoldsTurns(t, s)
+	defer wait()
+	var missing []string
+	// A turn fits again 1.3 s after the guesser's admissions: dial within 1 s.
+	dials := 0
+	for start := time.Now(); time.Since(start) < time.Second && dials < 5; dials++ {
+		_, err := testDial(t, s, "alice", "alice-token")
+		var e *Error
+		if !errors.Is(err, ErrRateLimited) || !errors.As(err, &e) {
+			t.Fatalf("Dial while the guesser holds the turns: %v, want ErrRateLimited", err)
+		}
+		if e.RetryAfter <= 0 {
+			missing = append(missing, err.Error())
+		}
+	}
+	if dials < 2 {
+		t.Fatalf("setup: only %d dials in a second", dials)
+	}
+	if len(missing) > 0 {
+		t.Fatalf("%d of %d RATE_LIMITED auth refusals reached Dial without retry_after_ms (RetryAfter 0), e.g. %q", len(missing), dials, missing[0])
+	}
+}
+
+// A connected client reconnecting while a guesser on its address holds the
+// next turns is refused with RATE_LIMITED and a retry_after_ms of up to a
+// few seconds, and comes back when told (finding 88: it retried on its own
+// backoff, and with WithMaxReconnects spent its attempts within a second
+// and closed for good).
+func TestReconnectHonoursAuthRetryAfter(t *testing.T) {
+	s := testServer(t, WithAuthTimeout(10*time.Second))
+	defer s.Close()
+	var mu sync.Mutex
+	var states []string
+	done := make(chan StateChange, 1)
+	c := mustDial(t, s, "alice", "alice-token", WithMaxReconnects(3), WithStateHandler(func(sc StateChange) {
+		mu.Lock()
+		states = append(states, fmt.Sprintf("%v(%v)", sc.State, sc.Err))
+		mu.Unlock()
+		if sc.State == StateConnected || sc.State == StateClosed {
+			select {
+			case done <- sc:
+			default:
+			}
+		}
+	}))
+	defer c.Close()
+	<-done // the first connection
+
+	wait := guesserHoldsTurns(t, s) // turns up to 3.1 s away
+	defer wait()
+	for _, sc := range s.connList() {
+		select {
+		case <-sc.authed:
+			if sc.session != nil && sc.session.ClientID == "alice" {
+				sc.close(CodeInternal, "test: connection lost")
+			}
+		default:
+		}
+	}
+	start := time.Now()
+	select {
+	case sc := <-done:
+		if sc.State == StateConnected {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		t.Fatalf("the client gave up %v after losing its connection, while the server had told it when to come back (a few seconds): %v\nstates: %s",
+			time.Since(start).Round(time.Millisecond), sc.Err, strings.Join(states, ", "))
+	case <-time.After(20 * time.Second):
+		t.Fatal("no reconnect outcome in 20 s")
 	}
 }

@@ -317,3 +317,18 @@ func TestAuthFailureSlowdownOff(t *testing.T) {
 		ticket.failed(time.Now())
 	}
 }
+
+// However short the auth timeout, a prompt attempt's longest turn leaves
+// the check's margin before its deadline (finding 86).
+func TestAuthGuardLimitsFitEveryTimeout(t *testing.T) {
+	for _, timeout := range []time.Duration{4 * time.Millisecond, 100 * time.Millisecond, 200 * time.Millisecond, time.Second, 5 * time.Second, time.Minute} {
+		maxDelay, margin := authGuardLimits(timeout)
+		g := authGuard{maxDelay: maxDelay, margin: margin}
+		addr := &net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 1}
+		now := failures(t, &g, addr, time.Unix(1700000000, 0), 20)
+		wait, ticket, _ := g.admit(addr, now, now.Add(timeout))
+		if ticket == nil || wait != maxDelay || maxDelay <= 0 || maxDelay > authMaxDelay {
+			t.Errorf("auth timeout %v: wait %v (refused %t), longest turn %v, margin %v", timeout, wait, ticket == nil, maxDelay, margin)
+		}
+	}
+}

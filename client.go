@@ -391,6 +391,17 @@ func (c *Client) fail(err error) {
 	}
 }
 
+// authRetryAfter returns how long a server that refused a connection with
+// RATE_LIMITED (its authentication slow-down: too many failures from this
+// address) asked the client to wait, at most a minute; 0 for other errors.
+func authRetryAfter(err error) time.Duration {
+	var e *Error
+	if errors.As(err, &e) && e.Code == CodeRateLimited {
+		return min(e.RetryAfter, time.Minute)
+	}
+	return 0
+}
+
 // isTerminal reports whether a connection error must not be retried.
 func isTerminal(err error) bool {
 	return errors.Is(err, ErrUnauthenticated) || errors.Is(err, ErrPermissionDenied) || errors.Is(err, ErrInvalidArgument)
@@ -499,6 +510,9 @@ func (c *Client) reconnect(now bool) (*clientConn, error) {
 		delay := c.cfg.backoff.Delay(attempt)
 		if now && attempt == 1 {
 			delay = 0
+		}
+		if ra := authRetryAfter(last); ra > delay {
+			delay = ra // the server said when to come back
 		}
 		c.emit(StateChange{State: StateReconnecting, Attempt: attempt, Delay: delay})
 		if delay > 0 {

@@ -92,7 +92,7 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 	s.stopCtx, s.cancelStop = context.WithCancel(context.Background())
 	s.limiters.cfg = cfg.rateLimits
 	s.authGuard.off = cfg.authSlowdownOff
-	s.authGuard.maxDelay = min(authMaxDelay, cfg.authTimeout/2) // a turn leaves time to authenticate
+	s.authGuard.maxDelay, s.authGuard.margin = authGuardLimits(cfg.authTimeout) // a turn leaves time to authenticate
 	var id [8]byte
 	rand.Read(id[:])
 	s.holderID = hex.EncodeToString(id[:])

@@ -455,6 +455,19 @@ func (c *serverConn) serve() {
 		}
 		c.logger.Info("h3x: authentication failed", "err", err)
 		c.srv.cfg.hooks.AuthFailed(code)
+		if code == CodeRateLimited && c.ctrl != nil {
+			// An attempt refused unchecked (authguard.go): its Error frame
+			// carries retry_after_ms, which the close would overtake. The
+			// client closes once it has read the frame.
+			c.ctrl.Close()
+			t := time.NewTimer(authRefusalLinger)
+			select {
+			case <-c.qc.Context().Done():
+			case <-t.C:
+			case <-c.srv.shutdownCh:
+			}
+			t.Stop()
+		}
 		c.close(code, reason)
 		return
 	}
@@ -475,6 +488,10 @@ func (c *serverConn) serve() {
 		}()
 	}
 }
+
+// authRefusalLinger is how long a connection whose authentication was
+// refused unchecked stays open for its Error frame to reach the client.
+const authRefusalLinger = time.Second
 
 // errGoneBeforeAuth is authenticate's error when the connection ended before
 // an Auth frame was read: not a refused authentication (Hooks.AuthFailed).
