@@ -358,12 +358,11 @@ func (c *serverConn) extended(refs []LeaseRef, results []SettleResult, until tim
 	}
 }
 
-// settled forgets settled deliveries (acked or nacked) and wakes fetches
-// waiting for capacity.
-// settledBy forgets the deliveries that an ack or nack ended: those settled
-// (SettleOK), and those the queue no longer holds (SettleUnknown), unless
-// the request named another namespace than the delivery's, which the queue
-// answers SettleUnknown too while the lease goes on.
+// settledBy forgets the deliveries that an ack or nack ended, and wakes
+// fetches waiting for capacity: those settled (SettleOK), and those the
+// queue no longer holds (SettleUnknown), unless the request named another
+// namespace than the delivery's, which the queue answers SettleUnknown too
+// while the lease goes on.
 func (c *serverConn) settledBy(refs []LeaseRef, results []SettleResult) {
 	if !c.tracksUnacked() || len(refs) == 0 {
 		return
@@ -398,7 +397,8 @@ func (c *serverConn) holdsDelivery(id string) bool {
 	return ok
 }
 
-// settled forgets the deliveries of ids, whatever their state.
+// settled forgets the deliveries of ids, whatever their state, and wakes
+// fetches waiting for capacity.
 func (c *serverConn) settled(ids []string) {
 	if !c.tracksUnacked() || len(ids) == 0 {
 		return
