@@ -13,13 +13,13 @@ import (
 // settlements, the ones a busy connection decodes per event: SendEvent (the
 // server, per publish), SendResult (the client, per publish), EventsBatch
 // (the client, per delivery), AckEvent (the server, per ack) and AckResult
-// (the client, per ack). They accept
-// exactly what proto.Unmarshal accepts and give the same messages (unknown
-// fields are skipped, not kept: nothing re-encodes a received message), a
-// contract FuzzWireDecoders checks against proto.Unmarshal. What they save
-// is protobuf's reflection-driven decoding and most of its allocations: a
-// frame's messages are allocated in one slab per type, and the namespace,
-// type and message strings that repeat from one event to the next are
+// (the client, per ack). They accept exactly what proto.Unmarshal accepts
+// and give the same messages (unknown fields are skipped, not kept: nothing
+// re-encodes a received message), a contract FuzzWireDecoders checks
+// against proto.Unmarshal. What they save is protobuf's reflection-driven
+// decoding and most of its allocations: a frame's messages of one type are
+// allocated in slabs (chunks of up to 256), and the namespace, type,
+// message and metadata strings that repeat from one event to the next are
 // allocated once per frame. Every field still gets memory of its own (no
 // string or byte slice shares the frame's buffer, which the reader reuses,
 // nor another event's), so that keeping one event keeps nothing else alive.
