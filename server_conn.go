@@ -438,7 +438,9 @@ func (c *serverConn) serve() {
 		release()
 	}()
 	err := c.authenticate(ctx)
-	connAuthenticated(ctx) // frees its admission slot (admission.go)
+	if err == nil {
+		connAuthenticated(ctx) // frees its admission slot (admission.go); a refused connection keeps it until it is closed
+	}
 	if errors.Is(err, errGoneBeforeAuth) {
 		// Nothing was refused: the peer went away (or the server closed
 		// the connection) before it sent Auth.
@@ -458,9 +460,11 @@ func (c *serverConn) serve() {
 		if code == CodeRateLimited && c.ctrl != nil {
 			// An attempt refused unchecked (authguard.go): its Error frame
 			// carries retry_after_ms, which the close would overtake. The
-			// client closes once it has read the frame.
+			// client closes once it has read the frame; the server waits
+			// about a probe timeout for that (10 to 500 ms), the connection
+			// still counted among those waiting to authenticate.
 			c.ctrl.Close()
-			t := time.NewTimer(authRefusalLinger)
+			t := time.NewTimer(c.drainLinger())
 			select {
 			case <-c.qc.Context().Done():
 			case <-t.C:
@@ -488,10 +492,6 @@ func (c *serverConn) serve() {
 		}()
 	}
 }
-
-// authRefusalLinger is how long a connection whose authentication was
-// refused unchecked stays open for its Error frame to reach the client.
-const authRefusalLinger = time.Second
 
 // errGoneBeforeAuth is authenticate's error when the connection ended before
 // an Auth frame was read: not a refused authentication (Hooks.AuthFailed).
