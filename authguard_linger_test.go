@@ -5,13 +5,11 @@ package h3x
 
 import (
 	"context"
-	"crypto/tls"
 	"net"
 	"testing"
 	"time"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
-	"github.com/quic-go/quic-go"
 )
 
 // dialFrom opens a raw connection to s from the loopback address ip (a
@@ -24,18 +22,13 @@ func dialFrom(t *testing.T, s *Server, ip net.IP, id, token string) *authAttempt
 	if err != nil {
 		t.Skipf("cannot bind %v: %v", ip, err)
 	}
-	tr := &quic.Transport{Conn: udp}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	qc, err := tr.Dial(ctx, s.Addr(), &tls.Config{InsecureSkipVerify: true, NextProtos: []string{ALPN}}, &quic.Config{MaxIdleTimeout: 5 * time.Second})
+	rc, err := rawDialOn(t, s, udp)
 	if err != nil {
-		tr.Close()
-		udp.Close()
 		return nil
 	}
-	rc := &rawConn{t: t, tr: tr, udp: udp, qc: qc}
-	t.Cleanup(rc.close)
-	st, err := qc.OpenStreamSync(ctx)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := rc.qc.OpenStreamSync(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -218,15 +218,7 @@ func TestAuthRefusalIsRetriedByReconnectingClient(t *testing.T) {
 	waitGuardPending(t, s, 4) // turns at 0.1 to 1.5 s; the fifth (3.1 s) is refused
 
 	// The legitimate client's connection drops (a network blip).
-	for _, sc := range s.connList() {
-		select {
-		case <-sc.authed:
-			if sc.session != nil && sc.session.ClientID == "alice" {
-				sc.close(CodeInternal, "test: connection lost")
-			}
-		default:
-		}
-	}
+	dropClientConns(s, "alice")
 	// Wait for the client to reconnect, or to give up.
 	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
 		mu.Lock()
@@ -364,15 +356,7 @@ func TestReconnectHonoursAuthRetryAfter(t *testing.T) {
 
 	wait := guesserHoldsTurns(t, s) // turns up to 3.1 s away
 	defer wait()
-	for _, sc := range s.connList() {
-		select {
-		case <-sc.authed:
-			if sc.session != nil && sc.session.ClientID == "alice" {
-				sc.close(CodeInternal, "test: connection lost")
-			}
-		default:
-		}
-	}
+	dropClientConns(s, "alice")
 	start := time.Now()
 	select {
 	case sc := <-done:
@@ -385,5 +369,19 @@ func TestReconnectHonoursAuthRetryAfter(t *testing.T) {
 			time.Since(start).Round(time.Millisecond), sc.Err, strings.Join(states, ", "))
 	case <-time.After(20 * time.Second):
 		t.Fatal("no reconnect outcome in 20 s")
+	}
+}
+
+// dropClientConns closes the server's authenticated connections of client
+// id, as a network blip would end them.
+func dropClientConns(s *Server, id string) {
+	for _, sc := range s.connList() {
+		select {
+		case <-sc.authed:
+			if sc.session != nil && sc.session.ClientID == id {
+				sc.close(CodeInternal, "test: connection lost")
+			}
+		default:
+		}
 	}
 }

@@ -103,6 +103,12 @@ func rawTryDial(t *testing.T, s *Server) (*rawConn, error) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return rawDialOn(t, s, udp)
+}
+
+// rawDialOn dials s from udp, which it owns from then on.
+func rawDialOn(t *testing.T, s *Server, udp *net.UDPConn) (*rawConn, error) {
+	t.Helper()
 	tr := &quic.Transport{Conn: udp}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -271,20 +271,26 @@ func decodeMetadataEntry(b []byte, p *h3xpb.EventPayload, in *interner) error {
 	return nil
 }
 
-func decodeSendEvent(b []byte, m *h3xpb.SendEvent) error {
-	events := newRepeated[h3xpb.EventPayload](countFields(b, 2, protowire.BytesType))
-	var in interner
-	decode := func(b []byte, p *h3xpb.EventPayload) error { return decodeEventPayload(b, p, &in) }
+// decodeListAnswer decodes the shape SendEvent, SendResult and AckResult
+// share: a request id (field 1) and a repeated message (field 2), whose
+// elements decode decodes.
+func decodeListAnswer[T any](b []byte, requestID *uint64, decode func([]byte, *T) error) ([]*T, error) {
+	list := newRepeated[T](countFields(b, 2, protowire.BytesType))
 	err := forFields(b, func(f wireField) error {
 		switch {
 		case f.num == 1 && f.typ == protowire.VarintType:
-			m.RequestId = f.v
+			*requestID = f.v
 		case f.num == 2 && f.typ == protowire.BytesType:
-			return events.add(f.b, decode)
+			return list.add(f.b, decode)
 		}
 		return nil
 	})
-	m.Events = events.result()
+	return list.result(), err
+}
+
+func decodeSendEvent(b []byte, m *h3xpb.SendEvent) (err error) {
+	var in interner
+	m.Events, err = decodeListAnswer(b, &m.RequestId, func(b []byte, p *h3xpb.EventPayload) error { return decodeEventPayload(b, p, &in) })
 	return err
 }
 
@@ -364,9 +370,8 @@ func decodeAckEvent(b []byte, m *h3xpb.AckEvent) error {
 	return err
 }
 
-func decodeAckResult(b []byte, m *h3xpb.AckResult) error {
-	outcomes := newRepeated[h3xpb.SettleOutcome](countFields(b, 2, protowire.BytesType))
-	decode := func(b []byte, o *h3xpb.SettleOutcome) error {
+func decodeAckResult(b []byte, m *h3xpb.AckResult) (err error) {
+	m.Outcomes, err = decodeListAnswer(b, &m.RequestId, func(b []byte, o *h3xpb.SettleOutcome) error {
 		return forFields(b, func(f wireField) (err error) {
 			switch {
 			case f.num == 1 && f.typ == protowire.BytesType:
@@ -376,24 +381,13 @@ func decodeAckResult(b []byte, m *h3xpb.AckResult) error {
 			}
 			return err
 		})
-	}
-	err := forFields(b, func(f wireField) error {
-		switch {
-		case f.num == 1 && f.typ == protowire.VarintType:
-			m.RequestId = f.v
-		case f.num == 2 && f.typ == protowire.BytesType:
-			return outcomes.add(f.b, decode)
-		}
-		return nil
 	})
-	m.Outcomes = outcomes.result()
 	return err
 }
 
-func decodeSendResult(b []byte, m *h3xpb.SendResult) error {
-	outcomes := newRepeated[h3xpb.PublishOutcome](countFields(b, 2, protowire.BytesType))
+func decodeSendResult(b []byte, m *h3xpb.SendResult) (err error) {
 	var in interner
-	decode := func(b []byte, o *h3xpb.PublishOutcome) error {
+	m.Outcomes, err = decodeListAnswer(b, &m.RequestId, func(b []byte, o *h3xpb.PublishOutcome) error {
 		return forFields(b, func(f wireField) (err error) {
 			switch {
 			case f.num == 1 && f.typ == protowire.BytesType:
@@ -409,16 +403,6 @@ func decodeSendResult(b []byte, m *h3xpb.SendResult) error {
 			}
 			return err
 		})
-	}
-	err := forFields(b, func(f wireField) error {
-		switch {
-		case f.num == 1 && f.typ == protowire.VarintType:
-			m.RequestId = f.v
-		case f.num == 2 && f.typ == protowire.BytesType:
-			return outcomes.add(f.b, decode)
-		}
-		return nil
 	})
-	m.Outcomes = outcomes.result()
 	return err
 }
