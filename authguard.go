@@ -130,59 +130,53 @@ func (g *authGuard) admit(addr net.Addr, now, deadline time.Time) (wait time.Dur
 	return turn.Sub(now), &authTicket{g: g, key: key, rec: f}, 0
 }
 
-// done ends the ticket's pending count, once.
-func (t *authTicket) done() {
+// end ends the ticket's pending count, once, under the guard's lock, and
+// then runs then (if not nil) under it too. Nothing is recorded while the
+// slow-down is off.
+func (t *authTicket) end(then func(g *authGuard)) {
+	g := t.g
+	if g.off {
+		return
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	if t.rec != nil && t.rec.pending > 0 {
 		t.rec.pending--
 	}
 	t.rec = nil
+	if then != nil {
+		then(g)
+	}
 }
 
 // failed records that the attempt's credentials were wrong: a failure of its
 // address (in the address's current record, even if a success reset it
 // while this attempt waited).
 func (t *authTicket) failed(now time.Time) {
-	g := t.g
-	if g.off {
-		return
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	t.done()
-	f := g.record(t.key, now)
-	f.n++
-	f.last = now
+	t.end(func(g *authGuard) {
+		f := g.record(t.key, now)
+		f.n++
+		f.last = now
+	})
 }
 
 // abandoned records that the attempt ended before its credentials were
 // checked (its connection went away, or the server is shutting down).
-func (t *authTicket) abandoned() {
-	g := t.g
-	if g.off {
-		return
-	}
-	g.mu.Lock()
-	t.done()
-	g.mu.Unlock()
-}
+func (t *authTicket) abandoned() { t.end(nil) }
 
 // succeeded forgets the address's failures: the attempt had the right
 // credentials. Attempts still waiting keep their turns.
 func (t *authTicket) succeeded() {
-	g := t.g
-	if g.off {
-		return
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	t.done()
-	if f := g.fails[t.key]; f != nil {
-		if f.pending == 0 {
+	t.end(func(g *authGuard) {
+		f := g.fails[t.key]
+		switch {
+		case f == nil:
+		case f.pending == 0:
 			delete(g.fails, t.key)
-		} else {
+		default:
 			f.n = 0
 		}
-	}
+	})
 }
 
 func (g *authGuard) prune(now time.Time) {

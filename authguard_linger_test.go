@@ -8,8 +8,6 @@ import (
 	"net"
 	"testing"
 	"time"
-
-	"github.com/h3x-io/h3x/proto/h3xpb"
 )
 
 // dialFrom opens a raw connection to s from the loopback address ip (a
@@ -26,17 +24,8 @@ func dialFrom(t *testing.T, s *Server, ip net.IP, id, token string) *authAttempt
 	if err != nil {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	st, err := rc.qc.OpenStreamSync(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rc.ctrl = st
-	a := &authAttempt{rc: rc, fr: newFrameReader(st, DefaultMaxFrameSize)}
-	if _, err := st.Write(frameBytes(t, FrameAuth, &h3xpb.Auth{ClientId: id, Token: token})); err != nil {
-		t.Fatal(err)
-	}
+	a := attemptOn(t, rc)
+	a.send(t, id, token)
 	return a
 }
 

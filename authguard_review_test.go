@@ -36,8 +36,15 @@ func startAuth(t *testing.T, s *Server, id, token string) *authAttempt {
 // dialForAuth dials and opens the control stream, sending nothing yet.
 func dialForAuth(t *testing.T, s *Server) *authAttempt {
 	t.Helper()
-	rc := rawDial(t, s)
-	st, err := rc.qc.OpenStreamSync(context.Background())
+	return attemptOn(t, rawDial(t, s))
+}
+
+// attemptOn opens rc's control stream, sending nothing yet.
+func attemptOn(t *testing.T, rc *rawConn) *authAttempt {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := rc.qc.OpenStreamSync(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}

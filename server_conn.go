@@ -457,12 +457,13 @@ func (c *serverConn) serve() {
 		}
 		c.logger.Info("h3x: authentication failed", "err", err)
 		c.srv.cfg.hooks.AuthFailed(code)
-		if code == CodeRateLimited && c.ctrl != nil {
-			// An attempt refused unchecked (authguard.go): its Error frame
-			// carries retry_after_ms, which the close would overtake. The
-			// client closes once it has read the frame; the server waits
-			// about a probe timeout for that (10 to 500 ms), the connection
-			// still counted among those waiting to authenticate.
+		if e != nil && e.RetryAfter > 0 && c.ctrl != nil {
+			// A refusal with a retry-after (an attempt refused unchecked,
+			// authguard.go): the Error frame carries retry_after_ms, which
+			// the close, overtaking it, would lose. The client closes once
+			// it has read the frame; the server waits about a probe timeout
+			// for that (10 to 500 ms), the connection still counted among
+			// those waiting to authenticate.
 			c.ctrl.Close()
 			t := time.NewTimer(c.drainLinger())
 			select {
