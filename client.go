@@ -434,7 +434,7 @@ func (c *Client) supervise(cc *clientConn) {
 			defer c.wg.Done()
 			old.drainAndClose(c.ctx)
 		}()
-		next, err := c.reconnect(goAway)
+		next, err := c.reconnect(goAway, time.Duration(cc.reconnectAfter.Load()))
 		if err != nil {
 			c.goAwayGap.Store(false)
 			c.reportMu.Lock()
@@ -500,8 +500,9 @@ func (c *Client) heartbeat(cc *clientConn) {
 }
 
 // reconnect dials until it succeeds, a terminal error occurs, the attempts
-// run out or the client closes.
-func (c *Client) reconnect(now bool) (*clientConn, error) {
+// run out or the client closes. With now (after a GoAway) the first attempt
+// is immediate, unless the GoAway asked for a wait (after).
+func (c *Client) reconnect(now bool, after time.Duration) (*clientConn, error) {
 	var last error
 	for attempt := 1; ; attempt++ {
 		if c.cfg.maxReconnect > 0 && attempt > c.cfg.maxReconnect {
@@ -509,7 +510,7 @@ func (c *Client) reconnect(now bool) (*clientConn, error) {
 		}
 		delay := c.cfg.backoff.Delay(attempt)
 		if now && attempt == 1 {
-			delay = 0
+			delay = after // 0 unless the GoAway's reconnect_after_ms says otherwise
 		}
 		if ra := authRetryAfter(last); ra > delay {
 			delay = ra // the server said when to come back

@@ -18,24 +18,27 @@ import (
 
 // clientConn is one authenticated QUIC connection of a Client.
 type clientConn struct {
-	client    *Client
-	qc        *quic.Conn
-	tr        *quic.Transport
-	udp       net.PacketConn // owned, if the client opened it
-	ctrl      *quic.Stream
-	ctrlMu    sync.Mutex
-	auth      *h3xpb.AuthResult
-	wg        sync.WaitGroup
-	goAway    atomic.Bool
-	goAwayCh  chan struct{} // closed on GoAway
-	inflight  atomic.Int64  // calls in progress on this connection
-	closeOnce sync.Once
-	pingMu    sync.Mutex
-	pings     map[uint64]chan time.Time
-	pingSeq   uint64
-	streamsMu sync.Mutex
-	streams   [3]*rpcStream // publish and settle (the fetch slot is unused)
-	idleFetch []*rpcStream  // fetch streams with no long poll in flight
+	client   *Client
+	qc       *quic.Conn
+	tr       *quic.Transport
+	udp      net.PacketConn // owned, if the client opened it
+	ctrl     *quic.Stream
+	ctrlMu   sync.Mutex
+	auth     *h3xpb.AuthResult
+	wg       sync.WaitGroup
+	goAway   atomic.Bool
+	goAwayCh chan struct{} // closed on GoAway
+	// reconnectAfter is the GoAway's reconnect_after_ms, in nanoseconds:
+	// the least wait before reconnecting (PROTOCOL.md §3.4).
+	reconnectAfter atomic.Int64
+	inflight       atomic.Int64 // calls in progress on this connection
+	closeOnce      sync.Once
+	pingMu         sync.Mutex
+	pings          map[uint64]chan time.Time
+	pingSeq        uint64
+	streamsMu      sync.Mutex
+	streams        [3]*rpcStream // publish and settle (the fetch slot is unused)
+	idleFetch      []*rpcStream  // fetch streams with no long poll in flight
 }
 
 const (
@@ -190,6 +193,10 @@ func (cc *clientConn) controlLoop() {
 				cc.writeControl(FramePong, &h3xpb.Pong{Sequence: p.GetSequence(), PingSentUnixNano: p.GetSentUnixNano(), SentUnixNano: time.Now().UnixNano()})
 			}
 		case FrameGoAway:
+			var g h3xpb.GoAway
+			if unmarshalPayload(t, payload, &g) == nil {
+				cc.reconnectAfter.Store(int64(time.Duration(g.GetReconnectAfterMs()) * time.Millisecond))
+			}
 			if cc.goAway.CompareAndSwap(false, true) {
 				close(cc.goAwayCh)
 			}
@@ -550,23 +557,76 @@ func (cc *clientConn) call(ctx context.Context, kind int, t FrameType, build fun
 	return s.call(ctx, id, t, build(id))
 }
 
-// fetchCall runs one long poll on a stream of its own. If ctx ends first,
-// the stream is reset: the server ends the poll and gives back any events
-// it leased for it.
+// fetchCall runs one long poll on a stream of its own, which is reused once
+// the poll is answered or refused (the stream goes on after an Error that
+// names its request, PROTOCOL.md §5.2). If ctx ends first, the poll is
+// abandoned as a subscription abandons its polls: the stream's send side is
+// reset, so the server ends the poll at once, and a batch it had already
+// sent is read and given back unseen (giveBackAbandoned) instead of staying
+// leased until its deadline.
 func (cc *clientConn) fetchCall(ctx context.Context, t FrameType, build func(id uint64) proto.Message) (rpcAnswer, error) {
 	s, err := cc.fetchStream(ctx)
 	if err != nil {
 		return rpcAnswer{}, fmt.Errorf("%w: %w", errStreamFailed, err)
 	}
 	id := cc.client.reqID.Add(1)
-	ans, err := s.call(ctx, id, t, build(id))
-	switch {
-	case err == nil:
-		cc.putFetchStream(s)
-	case ctx.Err() != nil:
-		s.abort()
+	ch, err := s.start(ctx, id, t, build(id), nil)
+	if err != nil {
+		return rpcAnswer{}, err
 	}
-	return ans, err
+	select {
+	case a := <-ch:
+		if a.err == nil || (refused(a.err) && s.alive()) {
+			cc.putFetchStream(s)
+		} else {
+			s.abort()
+		}
+		return a, a.err
+	case <-ctx.Done():
+		s.resetWrite()
+		if !cc.client.goOwned(func() { cc.giveBackAbandoned(s, ch) }) {
+			s.abort()
+		}
+		return rpcAnswer{}, ctx.Err()
+	}
+}
+
+// refused reports whether err is the server's refusal of one request (an
+// Error naming it), after which its stream goes on.
+func refused(err error) bool {
+	var e *Error
+	return errors.As(err, &e) && e.Remote && !errors.Is(err, errStreamFailed) && !errors.Is(err, errWrongAnswer)
+}
+
+// giveBackAbandoned waits (a second at most) for the answer to an abandoned
+// poll on s, whose send side is reset, nacks the deliveries of a batch
+// unseen (their attempts do not count), and ends the stream.
+func (cc *clientConn) giveBackAbandoned(s *rpcStream, ch <-chan rpcAnswer) {
+	defer s.abort()
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	var a rpcAnswer
+	select {
+	case a = <-ch:
+	case <-t.C:
+		return
+	case <-cc.qc.Context().Done():
+		return // the connection is gone: the server ended its leases
+	}
+	b, ok := a.msg.(*h3xpb.EventsBatch)
+	if a.err != nil || !ok {
+		return
+	}
+	ds := cc.client.deliveries(b, nil)
+	for _, d := range ds {
+		d.settled.Store(true)
+	}
+	if len(ds) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	cc.client.settle(ctx, settleGroup{t: FrameNackEvent, reason: "fetch abandoned", unseen: true}, ds)
 }
 
 // ping measures the round trip of a Ping on the control stream.
