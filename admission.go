@@ -200,21 +200,19 @@ func (a *admission) connContext(ctx context.Context, ci *quic.ClientInfo) (conte
 			return nil, errAdmission
 		}
 	}
-	ipb := a.ipBucket(ci.RemoteAddr, now, true)
-	if ipb != nil {
-		if got, _ := ipb.take(now, 1); got == 0 {
-			a.refusedRate.Add(1)
-			return nil, errAdmission
-		}
+	// The address's bucket and the server's are decided together (the
+	// address's first): an address over its own rate never holds tokens of
+	// the server's bucket, not even for a moment.
+	buckets := make([]*tokenBucket, 0, 2)
+	if ipb := a.ipBucket(ci.RemoteAddr, now, true); ipb != nil {
+		buckets = append(buckets, ipb)
 	}
 	if a.global != nil {
-		if got, _ := a.global.take(now, 1); got == 0 {
-			if ipb != nil {
-				ipb.giveBack(1)
-			}
-			a.refusedRate.Add(1)
-			return nil, errAdmission
-		}
+		buckets = append(buckets, a.global)
+	}
+	if got, _, _ := takeAll(now, 1, buckets...); got == 0 {
+		a.refusedRate.Add(1)
+		return nil, errAdmission
 	}
 	a.pending.Add(1)
 	a.live.Add(1)

@@ -32,32 +32,67 @@ func (b *tokenBucket) refill(now time.Time) {
 // take takes up to n whole tokens and returns how many it took; when it
 // took fewer than n it also returns how long until the next token.
 func (b *tokenBucket) take(now time.Time, n int) (int, time.Duration) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.refill(now)
-	got := min(n, int(b.tokens))
-	b.tokens -= float64(got)
-	if got == n {
-		return got, 0
+	got, wait, _ := takeAll(now, n, b)
+	return got, wait
+}
+
+// takeAll takes the same number of whole tokens, up to n, from every bucket
+// of buckets: as many as the emptiest has. It decides under all their locks
+// at once (taken in the order given; callers give buckets of different
+// kinds in one fixed order), so nobody else ever sees tokens taken here and
+// then given back. When it took fewer than n it also returns how long until
+// every bucket has a token again, and the index of the bucket that holds
+// the retry back longest (the limit that applied).
+func takeAll(now time.Time, n int, buckets ...*tokenBucket) (int, time.Duration, int) {
+	for _, b := range buckets {
+		b.mu.Lock()
 	}
+	defer func() {
+		for _, b := range buckets {
+			b.mu.Unlock()
+		}
+	}()
+	got := n
+	for _, b := range buckets {
+		b.refill(now)
+		got = min(got, int(b.tokens))
+	}
+	for _, b := range buckets {
+		b.tokens -= float64(got)
+	}
+	if got == n {
+		return got, 0, -1
+	}
+	var wait time.Duration
+	binding := 0
+	for i, b := range buckets {
+		if w := b.untilToken(); w > wait {
+			wait, binding = w, i
+		}
+	}
+	return got, max(wait, time.Millisecond), binding
+}
+
+// untilToken is how long until b holds a whole token; 0 if it does. b.mu
+// is held.
+func (b *tokenBucket) untilToken() time.Duration {
 	if b.tokens >= 1 {
-		return got, time.Millisecond
+		return 0
 	}
 	// In float first: at a tiny rate the wait would overflow a Duration.
-	wait := (1 - (b.tokens - math.Floor(b.tokens))) / b.rate * float64(time.Second)
-	return got, time.Duration(min(max(wait, float64(time.Millisecond)), float64(maxRetryAfter)))
+	wait := (1 - b.tokens) / b.rate * float64(time.Second)
+	return time.Duration(min(max(wait, float64(time.Millisecond)), float64(maxRetryAfter)))
+}
+
+// limit is the limit b enforces: its rate and its burst (the default one
+// if the limit set none).
+func (b *tokenBucket) limit() RateLimit {
+	return RateLimit{Rate: b.rate, Burst: int(b.burst)}
 }
 
 // maxRetryAfter bounds the retry-after of a refusal by a rate limit (reached
 // only by rates below one event in an hour).
 const maxRetryAfter = time.Hour
-
-// giveBack returns n tokens taken but not used.
-func (b *tokenBucket) giveBack(n int) {
-	b.mu.Lock()
-	b.tokens = math.Min(b.burst, b.tokens+float64(n))
-	b.mu.Unlock()
-}
 
 // RateLimit is a publish limit: Rate events per second with bursts of up
 // to Burst events (default: Rate rounded up, at least 1). Rate is at most
@@ -153,35 +188,30 @@ func (l *limiters) sweep(now time.Time) {
 }
 
 // allow decides how many of n events client may publish to ns now; when
-// fewer than n, it also says when to retry and which limit applied.
+// fewer than n, it also says when to retry (when every limit that applies
+// has room for one more event) and which limit held it back longest, as it
+// is enforced (its default burst if it set none). The namespace's bucket
+// and the client's are decided together (takeAll, the namespace's first),
+// so a client over its own limit never holds the namespace's tokens, not
+// even for a moment, from clients under it.
 func (l *limiters) allow(sess *Session, ns string, n int, now time.Time) (int, time.Duration, RateLimit) {
-	var buckets []*tokenBucket
-	var limits []RateLimit
+	buckets := make([]*tokenBucket, 0, 2)
 	if lim, ok := l.cfg[ns]; ok {
 		buckets = append(buckets, l.bucket("ns\x00"+ns, lim.Rate, lim.Burst, now))
-		limits = append(limits, lim)
 	} else if lim, ok := l.cfg["*"]; ok {
 		buckets = append(buckets, l.bucket("ns\x00"+ns, lim.Rate, lim.Burst, now))
-		limits = append(limits, lim)
 	}
 	if g, ok := grantRate(sess.Grants, ns); ok {
 		buckets = append(buckets, l.bucket(grantBucketKey(sess.ClientID, ns, g), g.Rate, g.Burst, now))
-		limits = append(limits, RateLimit{Rate: g.Rate, Burst: g.Burst})
 	}
-	granted, wait := n, time.Duration(0)
-	var applied RateLimit
-	for i, b := range buckets {
-		got, w := b.take(now, granted)
-		for _, prev := range buckets[:i] {
-			prev.giveBack(granted - got)
-		}
-		if got < granted {
-			applied = limits[i]
-			wait = max(wait, w)
-		}
-		granted = got
+	if len(buckets) == 0 {
+		return n, 0, RateLimit{}
 	}
-	return granted, wait, applied
+	granted, wait, binding := takeAll(now, n, buckets...)
+	if granted == n {
+		return n, 0, RateLimit{}
+	}
+	return granted, wait, buckets[binding].limit()
 }
 
 // grantBucketKey names the bucket of a client's grant limit g on ns. The
