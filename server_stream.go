@@ -26,11 +26,13 @@ const laneDepth = 256
 const fetchLaneDepth = 4
 
 // requestBudget is the most bytes of requests one connection may have read
-// and not yet served (see reply.compute): at least 16 MiB, or 4 frames of
+// and not yet served (see reply.compute), and of answers (estimated, see
+// answerCost) computed and not yet written: at least 16 MiB, or 4 frames of
 // the maximum size. A client that pipelines large frames faster than the
-// queue takes them waits on QUIC flow control beyond it, instead of growing
-// the server's memory (laneDepth alone would let each of its streams hold
-// 2 × laneDepth maximum-size frames).
+// queue takes them, or does not read the answers, waits on QUIC flow
+// control beyond it, instead of growing the server's memory (laneDepth
+// alone would let each of its streams hold 2 × laneDepth maximum-size
+// frames, or as many answers).
 func requestBudget(maxFrameSize int) int64 { return max(16<<20, 4*int64(maxFrameSize)) }
 
 // reply is one answer being prepared; replies of a lane are written in the
@@ -39,6 +41,7 @@ type reply struct {
 	work  func() (FrameType, proto.Message)
 	gate  *semaphore.Weighted // the connection's request bytes (requestBudget)
 	n     int64               // the request's bytes held in gate until computed
+	held  int64               // its answer's estimated memory, held in gate until written (answerCost)
 	ready bool                // guarded by the lane's mu
 	t     FrameType
 	msg   proto.Message
@@ -187,8 +190,51 @@ func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []by
 		ss.release(l, r)
 		return err
 	}
+	// The answer's memory counts in the budget too, until it is written: an
+	// AckEvent of 80,000 one-byte ids becomes 80,000 outcomes of about 100
+	// bytes each, held while a client that does not read leaves it unsent.
+	// Taken here, in the stream's reader, which may wait for it: a compute
+	// never waits for budget (an answer at a lane's head must not wait for
+	// room held by the answers queued behind it).
+	if cost := min(answerCost(m), ss.c.requestBudgetSize()-r.n); cost > 0 { // never more than the budget in all
+		if err := r.gate.Acquire(ctx, cost); err != nil {
+			ss.release(l, r)
+			return err
+		}
+		r.held = cost
+	}
 	ss.submit(l, r, ss.work(ctx, m))
 	return nil
+}
+
+// answerCost estimates the memory of the answer to request m beyond the
+// request's own bytes: the outcome of each event or id of a SendResult or
+// AckResult (its message, its pointer and its echoed id). Fetches answer
+// with batches bounded by their own byte budget and fetchLaneDepth: 0.
+func answerCost(m proto.Message) int64 {
+	const perOutcome = 112
+	var n int64
+	switch m := m.(type) {
+	case *h3xpb.SendEvent:
+		for _, e := range m.GetEvents() {
+			n += perOutcome + int64(max(len(e.GetId()), 36)) // an id the server assigns is a UUID
+		}
+	case *h3xpb.AckEvent:
+		n = idsCost(m.GetEventIds(), perOutcome)
+	case *h3xpb.NackEvent:
+		n = idsCost(m.GetEventIds(), perOutcome)
+	case *h3xpb.ExtendLease:
+		n = idsCost(m.GetEventIds(), perOutcome)
+	}
+	return n
+}
+
+func idsCost(ids []string, per int64) int64 {
+	n := int64(len(ids)) * per
+	for _, id := range ids {
+		n += int64(len(id))
+	}
+	return n
 }
 
 // work returns the work that answers request m.
@@ -256,7 +302,7 @@ func (ss *sessionStream) admit(ctx context.Context, l *lane, size int) (*reply, 
 
 // release gives back what admit took for a request that was not submitted.
 func (ss *sessionStream) release(l *lane, r *reply) {
-	r.gate.Release(r.n)
+	r.gate.Release(r.n + r.held)
 	ss.c.inflight.Add(-1)
 	<-l.slots
 }
@@ -326,6 +372,10 @@ func (ss *sessionStream) answer(l *lane, r *reply) {
 		}
 	} else {
 		ss.fw.write(r.t, r.msg)
+	}
+	if r.held > 0 {
+		r.gate.Release(r.held)
+		r.held = 0
 	}
 	if ss.c.goingAway.Load() {
 		ss.c.lastAnswerAt.Store(time.Now().UnixNano()) // for the drain
