@@ -156,12 +156,17 @@ type LeaseRef struct {
 	Attempt int    // the attempt number it was delivered with; 0: the lease holder holds now
 	// Namespace, when not empty, is the namespace the settler believes
 	// the event is in: an event of another namespace is not settled
-	// (SettleUnknown). Empty matches any namespace.
+	// (SettleUnknown). Empty matches any namespace, except that a dead
+	// letter (its event delivered afresh in the dead-letter namespace,
+	// attempts from 1 again) is then settled only by its lease's holder,
+	// never by an Attempt alone, which could be the original's.
 	Namespace string
 	// Unseen, for Nack only, says the delivery never reached the
 	// application (a client giving back prefetched deliveries): the attempt
 	// is not counted, so it cannot lead to dead-lettering, and the next
-	// delivery carries the same attempt number again. That holds also when
+	// delivery carries the same attempt number again; until then no
+	// delivery of the event is settleable by its Attempt (the number given
+	// back is an earlier delivery's, superseded). That holds also when
 	// the lease has already ended (released with its holder, or expired)
 	// and the event was neither delivered again nor, the lease having been
 	// its last allowed attempt, dead-lettered by that end (see Nack).

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"log/slog"
+	"math"
 	"slices"
 	"strings"
 	"sync"
@@ -55,10 +56,15 @@ type qentry struct {
 	size    int    // Event.size(), for byte limits and MaxBytes
 	enq     int64  // enqueue time, Unix nanoseconds (OldestReady)
 	attempt int    // deliveries so far (since the last open, or persisted)
-	state   entryState
-	idx     int   // index in the heap holding the entry (timers or ns.ready)
-	when    int64 // leased: deadline; delayed: ready time (Unix nanoseconds)
-	reason  string
+	// givenBack: the latest delivery was given back unseen (uncount), so
+	// none is settleable by its attempt number until the next: the number
+	// given back is the previous delivery's again, and that delivery was
+	// superseded.
+	givenBack bool
+	state     entryState
+	idx       int   // index in the heap holding the entry (timers or ns.ready)
+	when      int64 // leased: deadline; delayed: ready time (Unix nanoseconds)
+	reason    string
 
 	holder       *qholder
 	hprev, hnext *qentry   // the holder's list of leases
@@ -313,11 +319,21 @@ func (c *queueCore) ns(name string) *qns {
 
 // --- IDs ---------------------------------------------------------------------
 
+// indexID adds e to the entries of its ID, kept newest (highest sequence
+// number) first whenever they are indexed (the memory queue indexes an
+// entry as it is stored, the Badger queue as it is first leased), so that
+// a settlement several of them match settles the same one in both.
 func (c *queueCore) indexID(e *qentry) {
-	if old := c.byID[e.id]; old != nil {
-		e.idNext = old
+	p := c.byID[e.id]
+	if p == nil || p.seq < e.seq {
+		e.idNext = p
+		c.byID[e.id] = e
+		return
 	}
-	c.byID[e.id] = e
+	for p.idNext != nil && p.idNext.seq > e.seq {
+		p = p.idNext
+	}
+	e.idNext, p.idNext = p.idNext, e
 }
 
 func (c *queueCore) unindexID(e *qentry) {
@@ -583,7 +599,7 @@ func (c *queueCore) afterLease(e *qentry, now int64, delay time.Duration, reason
 func (c *queueCore) schedule(e *qentry, now int64, delay time.Duration) {
 	if delay > 0 {
 		e.state = stDelayed
-		e.when = now + int64(delay)
+		e.when = after(now, delay)
 		e.ns.delayed++
 		c.timers.push(e)
 		return
@@ -699,6 +715,7 @@ func (c *queueCore) dropRec(e *qentry, fx *effects) {
 func (c *queueCore) uncount(e *qentry, fx *effects) {
 	if e.attempt > 0 {
 		e.attempt--
+		e.givenBack = true
 		c.recountRec(e, fx)
 	}
 }
@@ -878,15 +895,17 @@ func (c *queueCore) accept(evs []Event, sizes []int, enq int64, res []PublishRes
 		}
 		ns := c.ns(ev.Namespace)
 		size := sizes[i]
+		if c.maxBytes > 0 && int64(size) > c.maxBytes {
+			// Not retryable: no room will ever be made for it (checked
+			// first: a full namespace's retryable refusal would have its
+			// publisher retry it for ever).
+			res[i].Status = PublishRefused
+			res[i].Err = newError(CodeInvalidArgument, "event of %d bytes is larger than the namespace byte limit (%d bytes)", size, c.maxBytes)
+			continue
+		}
 		if c.maxEvents > 0 && ns.count >= c.maxEvents {
 			res[i].Status = PublishRefused
 			res[i].Err = queueFull(ns.name, "%d events", c.maxEvents)
-			continue
-		}
-		if c.maxBytes > 0 && int64(size) > c.maxBytes {
-			// Not retryable: no room will ever be made for it.
-			res[i].Status = PublishRefused
-			res[i].Err = newError(CodeInvalidArgument, "event of %d bytes is larger than the namespace byte limit (%d bytes)", size, c.maxBytes)
 			continue
 		}
 		if c.maxBytes > 0 && ns.bytes+int64(size) > c.maxBytes {
@@ -1000,7 +1019,7 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 	if len(active) > 0 {
 		slices.SortStableFunc(active, func(a, b *qns) int { return cmp.Compare(a.served, b.served) })
 		h := c.holder(req.Holder)
-		until := now + int64(deadline)
+		until := after(now, deadline)
 		bytes := 0
 	loop:
 		for len(active) > 0 && len(out) < limit {
@@ -1040,6 +1059,7 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 				}
 				c.dropRec(e, &fx)
 				e.attempt++
+				e.givenBack = false
 				e.state = stLeased
 				e.when = until
 				ns.leased++
@@ -1155,13 +1175,23 @@ func (c *queueCore) resolve(holder string, ref LeaseRef) (*qentry, SettleStatus)
 		inNamespace = true
 		heldByHolder := e.state == stLeased && e.holder != nil && e.holder.name == holder
 		heldByOther := e.state == stLeased && e.holder != nil && e.holder.name != holder
-		if ref.Attempt > 0 {
-			// The latest delivery, unless another holder holds its lease
-			// now: a settlement never overrides someone else's live lease.
-			if e.attempt == ref.Attempt && !heldByOther {
+		switch {
+		case ref.Attempt > 0 && ref.Namespace == "" && e.ns.dlq:
+			// A dead letter is its event delivered afresh, attempts
+			// counted from 1 again: by a number alone, a settlement of a
+			// delivery of the original would settle it. Without its
+			// namespace, only the holder of its lease settles it.
+			if heldByHolder && e.attempt == ref.Attempt {
 				return e, SettleOK
 			}
-		} else if heldByHolder {
+		case ref.Attempt > 0:
+			// The latest delivery, unless another holder holds its lease
+			// now (a settlement never overrides someone else's live lease)
+			// or it was given back (its number is the one before again).
+			if e.attempt == ref.Attempt && !heldByOther && !e.givenBack {
+				return e, SettleOK
+			}
+		case heldByHolder:
 			return e, SettleOK
 		}
 	}
@@ -1215,7 +1245,7 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 					st = SettleStale
 					break
 				}
-				e.when = now + int64(d)
+				e.when = after(now, d)
 				c.timers.fix(e)
 			}
 		}
@@ -1536,3 +1566,13 @@ type uuidRand struct {
 }
 
 var uuidRandPool = sync.Pool{New: func() any { return &uuidRand{n: 256} }}
+
+// after is the Unix-nanosecond time d after now, at most the largest one
+// (an ack deadline or delay of "for ever", say math.MaxInt64, must not wrap
+// into the past).
+func after(now int64, d time.Duration) int64 {
+	if d > 0 && now > math.MaxInt64-int64(d) {
+		return math.MaxInt64
+	}
+	return now + int64(d)
+}
