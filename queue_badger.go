@@ -96,7 +96,7 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	// Whatever the escape hatch set, every value stays in the LSM tree
 	// (see inlineThreshold).
 	bo.ValueThreshold = inlineThreshold(bo.MemTableSize)
-	db, err := badger.Open(bo)
+	db, err := badger.OpenManaged(bo) // versions given by the queue: queue_badger_ts.go
 	if err != nil {
 		if isLockError(err) {
 			return nil, fmt.Errorf("%w: open badger queue in %s: %w", ErrQueueInUse, dir, err)
@@ -108,6 +108,7 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	}
 	q := &badgerQueue{
 		db:            db,
+		ts:            newTSClock(db),
 		dir:           dir,
 		log:           opts.Logger,
 		window:        opts.DedupWindow,
@@ -266,6 +267,7 @@ func (b badgerLogger) Debugf(f string, a ...any)   { b.logf(slog.LevelDebug, f, 
 type badgerQueue struct {
 	core   *queueCore
 	db     *badger.DB
+	ts     *tsClock // the versions of its commits and reads (managed mode)
 	dir    string
 	log    *slog.Logger
 	window time.Duration
@@ -637,7 +639,7 @@ func (q *badgerQueue) load() error {
 	c := q.core
 	var swept []*qchunk
 	var repaired []string // namespaces whose stored counters are rewritten
-	err := q.db.Update(func(txn *badger.Txn) error {
+	err := q.ts.update(func(txn *badger.Txn) error {
 		switch item, err := txn.Get(metaFormat); {
 		case errors.Is(err, badger.ErrKeyNotFound):
 			if err := txn.Set(metaFormat, []byte{storageFormat}); err != nil {
@@ -890,7 +892,7 @@ func (q *badgerQueue) writeRepairs(dead []*qchunk, repaired []string) error {
 	if len(dead) == 0 && len(repaired) == 0 {
 		return nil
 	}
-	wb := q.db.NewWriteBatch()
+	wb, v := q.ts.batch()
 	defer wb.Cancel()
 	for _, name := range repaired {
 		if err := wb.Set(counterKey(name), encodeCounter(*q.counters[name])); err != nil {
@@ -910,7 +912,9 @@ func (q *badgerQueue) writeRepairs(dead []*qchunk, repaired []string) error {
 		}
 		delete(ns.movedOut, st.first)
 	}
-	if err := wb.Flush(); err != nil {
+	err := wb.Flush()
+	q.ts.flushed(v)
+	if err != nil {
 		return fmt.Errorf("h3x: badger queue: delete settled chunks: %w", err)
 	}
 	return nil
@@ -1028,14 +1032,16 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 		}
 	}
 	if len(dead) > 0 {
-		wb := q.db.NewWriteBatch()
+		wb, v := q.ts.batch()
 		defer wb.Cancel()
 		for _, k := range dead {
 			if err := wb.Delete(k); err != nil {
 				return fmt.Errorf("h3x: badger queue: delete lease records: %w", err)
 			}
 		}
-		if err := wb.Flush(); err != nil {
+		err := wb.Flush()
+		q.ts.flushed(v)
+		if err != nil {
 			return fmt.Errorf("h3x: badger queue: delete lease records: %w", err)
 		}
 	}
@@ -1056,8 +1062,8 @@ func (s *badgerStore) refill(ns *qns, n int) error {
 	q := (*badgerQueue)(s)
 	c := q.core
 	q.tableReads.Add(1)
-	txn := q.db.NewTransaction(false)
-	defer txn.Discard()
+	txn := q.ts.read()
+	defer q.ts.end(txn)
 	it := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(keyEvent, ns.name)})
 	defer it.Close()
 
@@ -1180,7 +1186,7 @@ func (s *badgerStore) take(e *qentry) (Event, error) {
 	q := (*badgerQueue)(s)
 	q.tableReads.Add(1)
 	var ev Event
-	err := q.db.View(func(txn *badger.Txn) error {
+	err := q.ts.view(func(txn *badger.Txn) error {
 		v, err := q.readStoredEvent(txn, e)
 		if err != nil {
 			return err
@@ -1569,6 +1575,7 @@ func (q *badgerQueue) completer() {
 			q.complete(g, syncErr)
 		}
 		clear(batch)
+		q.ts.discard() // what the completed groups shadowed or deleted can go
 	}
 }
 
@@ -2197,7 +2204,7 @@ type movedEvent struct {
 // readMove reads the event m moves and makes its dead-letter version.
 func (q *badgerQueue) readMove(m *qmove) (*movedEvent, error) {
 	var old []byte
-	err := q.db.View(func(txn *badger.Txn) error {
+	err := q.ts.view(func(txn *badger.Txn) error {
 		var err error
 		old, err = q.readStoredEvent(txn, m.e)
 		return err
@@ -2273,7 +2280,7 @@ func (b *txnBuilder) start() {
 	if b.txn != nil {
 		b.txn.Discard() // failNow started one already
 	}
-	b.txn = b.q.db.NewTransaction(true)
+	b.txn = b.q.ts.writeOnly()
 	b.writes = 0
 	b.bytes = 0
 	clear(b.cur) // drop references, the slice is reused
@@ -2510,8 +2517,10 @@ func (b *txnBuilder) commit() {
 		t.err = errInjectedCommitFailure
 		g.release()
 	} else {
-		txn.CommitWith(func(err error) {
+		v := b.q.ts.next()
+		txn.CommitAt(v, func(err error) {
 			t.err = err
+			b.q.ts.done(v)
 			g.release()
 		})
 	}
@@ -2549,7 +2558,7 @@ func (q *badgerQueue) markClean() {
 		q.log.Warn("h3x: badger queue: commits failed in this run; the next open recounts the stored events")
 		return
 	}
-	err := q.db.Update(func(txn *badger.Txn) error {
+	err := q.ts.update(func(txn *badger.Txn) error {
 		item, err := txn.Get(metaHWM)
 		if errors.Is(err, badger.ErrKeyNotFound) {
 			return nil // nothing was ever stored: nothing to recount
@@ -2671,8 +2680,8 @@ func (q *badgerQueue) valueLogGC() error {
 	if !q.fsync {
 		return q.db.RunValueLogGC(0.5)
 	}
-	txn := q.db.NewTransaction(false)
-	defer txn.Discard()
+	txn := q.ts.read()
+	defer q.ts.end(txn)
 	pin := txn.NewIterator(badger.IteratorOptions{Prefix: metaHWM})
 	err := q.db.RunValueLogGC(0.5)
 	if err == nil {

@@ -214,7 +214,7 @@ func rotateMemtables(t *testing.T, q *badgerQueue, done func() bool) {
 		if i > 5000 {
 			t.Fatal("no rotation")
 		}
-		q.db.Update(func(txn *badger.Txn) error {
+		q.ts.update(func(txn *badger.Txn) error {
 			return txn.Set([]byte{'z', byte(i >> 8), byte(i)}, make([]byte, 100<<10))
 		})
 	}

@@ -82,7 +82,7 @@ func liveRecords(t *testing.T, q *badgerQueue) (n int) {
 	t.Helper()
 	waitFor(t, func() bool { q.wmu.Lock(); defer q.wmu.Unlock(); return len(q.wops) == 0 })
 	time.Sleep(50 * time.Millisecond)
-	q.db.View(func(txn *badger.Txn) error {
+	q.ts.view(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyLeaseRec}})
 		defer it.Close()
 		for it.Rewind(); it.Valid(); it.Next() {

@@ -289,11 +289,11 @@ func BenchmarkQueueLeaseAfterAcks(b *testing.B) {
 				defer q.Close()
 			}
 			queueBenchPrefill(b, q, "bench", 1)
-			db := q.(*badgerQueue).db
+			ts := q.(*badgerQueue).ts
 			prefix := nsPrefix(keyEvent, "bench")
 			b.ResetTimer()
 			for range b.N {
-				err := db.View(func(txn *badger.Txn) error {
+				err := ts.view(func(txn *badger.Txn) error {
 					it := txn.NewIterator(badger.IteratorOptions{Prefix: prefix})
 					defer it.Close()
 					it.Rewind()

@@ -615,7 +615,7 @@ func TestBadgerQueueLargeLeaseRecords(t *testing.T) {
 	}
 	q = reopenTestBadger(t, q, dir, opts)
 	recs := 0
-	q.db.View(func(txn *badger.Txn) error {
+	q.ts.view(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyLeaseRec}})
 		defer it.Close()
 		for it.Rewind(); it.Valid(); it.Next() {
