@@ -107,30 +107,88 @@ type serverConn struct {
 	reqGate atomic.Pointer[semaphore.Weighted]
 
 	unackedMu sync.Mutex
-	unacked   map[string]unackedDelivery // delivered, unsettled event id → its lease; made on first delivery
-	reserved  int                        // room taken by fetches leasing now (reserve), not yet in unacked
-	unackedCh chan struct{}              // closed and cleared when deliveries are settled; made when first asked for
+	// unacked: the deliveries made on this connection and not settled, by
+	// event id (made on first delivery). Ids need not be unique (with
+	// deduplication off, or after its window), so each id has a list and
+	// nUnacked counts them all.
+	unacked   map[string]*unackedDelivery
+	nUnacked  int
+	reserved  int           // room taken by fetches leasing now (reserve), not yet in unacked
+	unackedCh chan struct{} // closed and cleared when deliveries are settled; made when first asked for
 }
 
-// unackedDelivery is a delivery the connection holds unsettled: its lease
-// deadline and the stream (subscription) whose fetch it answered.
+// unackedDelivery is a delivery the connection holds unsettled: its event's
+// namespace, its attempt, its lease deadline and the stream (subscription)
+// whose fetch it answered; next is another delivery of the same id.
 type unackedDelivery struct {
 	deadline  time.Time
 	namespace string
+	attempt   int
 	ss        *sessionStream
+	next      *unackedDelivery
+}
+
+// matches reports whether settlement ref names d: its id (the list's),
+// its namespace and its attempt, where given.
+func (d *unackedDelivery) matches(ref LeaseRef) bool {
+	return (ref.Namespace == "" || ref.Namespace == d.namespace) && (ref.Attempt <= 0 || ref.Attempt == d.attempt)
+}
+
+// findUnacked returns the first delivery of ref's id that ref names.
+// unackedMu is held.
+func (c *serverConn) findUnacked(ref LeaseRef) *unackedDelivery {
+	for d := c.unacked[ref.ID]; d != nil; d = d.next {
+		if d.matches(ref) {
+			return d
+		}
+	}
+	return nil
+}
+
+// forgetWhere removes the deliveries of id for which drop is true and
+// reports how many it removed. unackedMu is held.
+func (c *serverConn) forgetWhere(id string, drop func(*unackedDelivery) bool) int {
+	n := 0
+	link := c.unacked[id]
+	var prev *unackedDelivery
+	for d := link; d != nil; d = d.next {
+		if !drop(d) {
+			prev = d
+			continue
+		}
+		n++
+		d.ss.unacked--
+		c.nUnacked--
+		if prev == nil {
+			link = d.next
+		} else {
+			prev.next = d.next
+		}
+	}
+	if link == nil {
+		delete(c.unacked, id)
+	} else {
+		c.unacked[id] = link
+	}
+	return n
+}
+
+// forgetOne removes the first delivery of ref's id that ref names.
+// unackedMu is held.
+func (c *serverConn) forgetOne(ref LeaseRef) {
+	done := false
+	c.forgetWhere(ref.ID, func(d *unackedDelivery) bool {
+		if done || !d.matches(ref) {
+			return false
+		}
+		done = true
+		return true
+	})
 }
 
 // tracksUnacked reports whether the server caps unsettled deliveries at all.
 func (c *serverConn) tracksUnacked() bool {
 	return c.srv.cfg.maxUnacked > 0 || c.srv.cfg.maxUnackedPerSub > 0
-}
-
-// forgetUnacked removes id's delivery. unackedMu is held.
-func (c *serverConn) forgetUnacked(id string) {
-	if d, ok := c.unacked[id]; ok {
-		d.ss.unacked--
-		delete(c.unacked, id)
-	}
 }
 
 func newServerConn(s *Server, qc *quic.Conn, seq uint64) *serverConn {
@@ -218,13 +276,11 @@ func (c *serverConn) notifyRateLimit(ns string, retryAfter time.Duration, l Rate
 // after the ack deadline.
 func (c *serverConn) releaseUnsent(b *h3xpb.EventsBatch) {
 	refs := make([]LeaseRef, len(b.GetEvents()))
-	ids := make([]string, len(refs))
 	for i, d := range b.GetEvents() {
 		refs[i] = LeaseRef{ID: d.GetEvent().GetId(), Attempt: int(d.GetAttempt()), Namespace: d.GetEvent().GetNamespace(), Unseen: true}
-		ids[i] = refs[i].ID
 	}
 	c.giveBack(refs, "batch not delivered")
-	c.settled(ids)
+	c.settled(refs)
 }
 
 // giveBack nacks leases the server took but did not deliver, as unseen:
@@ -269,7 +325,7 @@ func (c *serverConn) reserve(ss *sessionStream, limit int) (int, <-chan struct{}
 	room := func() int {
 		r := limit
 		if maxConn > 0 {
-			r = min(r, maxConn-len(c.unacked)-c.reserved)
+			r = min(r, maxConn-c.nUnacked-c.reserved)
 		}
 		if maxSub > 0 {
 			r = min(r, maxSub-ss.unacked-ss.reserved)
@@ -281,10 +337,9 @@ func (c *serverConn) reserve(ss *sessionStream, limit int) (int, <-chan struct{}
 	if room() <= 0 {
 		// Deliveries whose lease expired no longer count.
 		now := time.Now()
-		for id, d := range c.unacked {
-			if !now.Before(d.deadline) {
-				c.forgetUnacked(id)
-			}
+		expired := func(d *unackedDelivery) bool { return !now.Before(d.deadline) }
+		for id := range c.unacked {
+			c.forgetWhere(id, expired)
 		}
 	}
 	if n := room(); n > 0 {
@@ -332,12 +387,17 @@ func (c *serverConn) delivered(ss *sessionStream, leases []Lease, reserved int) 
 		c.roomFreed() // room left over
 	}
 	if c.unacked == nil {
-		c.unacked = make(map[string]unackedDelivery, len(leases))
+		c.unacked = make(map[string]*unackedDelivery, len(leases))
 	}
 	for i := range leases {
-		id := leases[i].Event.ID
-		c.forgetUnacked(id) // delivered again (a stale lease of its own)
-		c.unacked[id] = unackedDelivery{deadline: leases[i].Deadline, namespace: leases[i].Event.Namespace, ss: ss}
+		l := &leases[i]
+		// The same event delivered again: its earlier delivery here is
+		// stale (the queue leased it again, so that lease had ended).
+		c.forgetWhere(l.Event.ID, func(d *unackedDelivery) bool {
+			return d.namespace == l.Event.Namespace && d.attempt < l.Attempt
+		})
+		c.unacked[l.Event.ID] = &unackedDelivery{deadline: l.Deadline, namespace: l.Event.Namespace, attempt: l.Attempt, ss: ss, next: c.unacked[l.Event.ID]}
+		c.nUnacked++
 		ss.unacked++
 	}
 	c.unackedMu.Unlock()
@@ -354,9 +414,8 @@ func (c *serverConn) extended(refs []LeaseRef, results []SettleResult, until tim
 		if r.Status != SettleOK || i >= len(refs) {
 			continue
 		}
-		if d, ok := c.unacked[refs[i].ID]; ok {
+		if d := c.findUnacked(refs[i]); d != nil {
 			d.deadline = until
-			c.unacked[refs[i].ID] = d
 		}
 	}
 }
@@ -375,12 +434,13 @@ func (c *serverConn) settledBy(refs []LeaseRef, results []SettleResult) {
 		if j >= len(refs) {
 			break
 		}
-		d, ok := c.unacked[refs[j].ID]
 		switch {
-		case !ok:
-		case r.Status == SettleOK,
-			r.Status == SettleUnknown && (refs[j].Namespace == "" || refs[j].Namespace == d.namespace):
-			c.forgetUnacked(refs[j].ID)
+		case c.findUnacked(refs[j]) == nil:
+		case r.Status == SettleOK, r.Status == SettleUnknown:
+			// Unknown: the queue no longer holds it, unless the request
+			// named another namespace, which findUnacked matched only if
+			// it is the delivery's.
+			c.forgetOne(refs[j])
 		}
 	}
 	c.roomFreed()
@@ -397,18 +457,18 @@ func (c *serverConn) holdsDelivery(id string) bool {
 	c.unackedMu.Lock()
 	_, ok := c.unacked[id]
 	c.unackedMu.Unlock()
-	return ok
+	return ok // a list is never empty
 }
 
-// settled forgets the deliveries of ids, whatever their state, and wakes
+// settled forgets the deliveries refs name, whatever their state, and wakes
 // fetches waiting for capacity.
-func (c *serverConn) settled(ids []string) {
-	if !c.tracksUnacked() || len(ids) == 0 {
+func (c *serverConn) settled(refs []LeaseRef) {
+	if !c.tracksUnacked() || len(refs) == 0 {
 		return
 	}
 	c.unackedMu.Lock()
-	for _, id := range ids {
-		c.forgetUnacked(id)
+	for _, ref := range refs {
+		c.forgetOne(ref)
 	}
 	c.roomFreed()
 	c.unackedMu.Unlock()

@@ -651,3 +651,53 @@ func TestServerUnreadAckResultsAreBounded(t *testing.T) {
 	rc.close()
 	<-done
 }
+
+// WithMaxUnacked must bound the deliveries a connection holds unsettled
+// (PROTOCOL.md §8), whatever the events' ids. Ids need not be unique once
+// deduplication is off (dedup_window_ms 0) or its window has passed (a
+// dead-lettered event replayed, say): the server used to key its count by
+// event id, so deliveries sharing an id counted once (RELIABILITY.md
+// finding 102).
+func TestMaxUnackedCountsDeliveriesSharingAnID(t *testing.T) {
+	const maxUnacked = 2
+	s := testServer(t, WithQueue(NewMemoryQueue(QueueOptions{DedupWindow: -1})), WithMaxUnacked(maxUnacked), WithMaxUnackedPerSubscription(0))
+	pub := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	evs := make([]Event, 8)
+	for i := range evs {
+		evs[i] = Event{ID: "same-id", Namespace: "orders"}
+	}
+	res, err := pub.Publish(ctx, evs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range res {
+		if r.Status != PublishStored {
+			t.Fatalf("publish: %+v", res)
+		}
+	}
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	st := rc.stream(nil, false)
+	st.SetReadDeadline(time.Now().Add(10 * time.Second))
+	r := newFrameReader(st, DefaultMaxFrameSize)
+	total := 0
+	for i := range 4 {
+		if _, err := st.Write(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: uint64(i + 1), Namespaces: []string{"orders"}, Limit: 10})); err != nil {
+			t.Fatal(err)
+		}
+		var b h3xpb.EventsBatch
+		if err := r.readMessage(FrameEventsBatch, &b); err != nil {
+			t.Fatal(err)
+		}
+		total += len(b.GetEvents())
+	}
+	stats, err := s.queue.Stats(ctx, "orders")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if total > maxUnacked || stats[0].Leased > maxUnacked {
+		t.Fatalf("WithMaxUnacked(%d): one connection, settling nothing, got %d deliveries (%d live leases)", maxUnacked, total, stats[0].Leased)
+	}
+}
