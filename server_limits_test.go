@@ -701,3 +701,40 @@ func TestMaxUnackedCountsDeliveriesSharingAnID(t *testing.T) {
 		t.Fatalf("WithMaxUnacked(%d): one connection, settling nothing, got %d deliveries (%d live leases)", maxUnacked, total, stats[0].Leased)
 	}
 }
+
+// §5.2: a client "can pipeline fetches on one stream", and settling "never
+// queues behind a long poll": AckResults may overtake a long-polling
+// EventsBatch. With five long polls pipelined on a stream, an AckEvent sent
+// after them used not to be read until the first poll had ended
+// (RELIABILITY.md finding 103).
+func TestAckOvertakesPipelinedLongPolls(t *testing.T) {
+	s := testServer(t)
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	var b []byte
+	for i := range 5 {
+		b = append(b, frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: uint64(i + 1), Namespaces: []string{"orders"}, MaxWaitMs: 3000})...)
+	}
+	st := rc.stream(b, false)
+	time.Sleep(100 * time.Millisecond) // the polls park
+	start := time.Now()
+	if _, err := st.Write(frameBytes(t, FrameAckEvent, &h3xpb.AckEvent{RequestId: 99, EventIds: []string{"no-such-event"}, Namespaces: []string{"orders"}})); err != nil {
+		t.Fatal(err)
+	}
+	st.SetReadDeadline(time.Now().Add(10 * time.Second))
+	fr := newFrameReader(st, DefaultMaxFrameSize)
+	for range 10 {
+		ft, _, err := fr.next()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ft == FrameAckResult {
+			break
+		}
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Fatalf("the AckResult came %v after the AckEvent: it waited behind a long poll", took.Round(time.Millisecond))
+	}
+	st.CancelRead(0)
+	st.CancelWrite(0)
+}

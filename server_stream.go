@@ -20,10 +20,15 @@ import (
 // beyond it.
 const laneDepth = 256
 
-// fetchLaneDepth bounds fetches in flight on one stream: each may hold a
-// batch of up to the fetch byte budget, so a client that stops reading can
-// pin at most this many batches.
-const fetchLaneDepth = 4
+// fetchLaneDepth bounds fetches queued on one stream. As deep as the other
+// lanes: the reader waits when a lane is full, and the frames behind it
+// (acks among them) are not read meanwhile, so a shallow fetch lane made an
+// ack sent after a few pipelined long polls wait for the first poll to end
+// (PROTOCOL.md §5.2: settling never queues behind a long poll). Queued
+// fetches hold only their requests (in the request budget): the lane's one
+// worker serves them one at a time and writes each batch before the next
+// starts, so a client that stops reading pins one batch per stream.
+const fetchLaneDepth = laneDepth
 
 // requestBudget is the most bytes of requests one connection may have read
 // and not yet served (see reply.compute), and of answers (estimated, see
@@ -210,7 +215,7 @@ func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []by
 // answerCost estimates the memory of the answer to request m beyond the
 // request's own bytes: the outcome of each event or id of a SendResult or
 // AckResult (its message, its pointer and its echoed id). Fetches answer
-// with batches bounded by their own byte budget and fetchLaneDepth: 0.
+// with batches bounded by their own byte budget, one at a time: 0.
 func answerCost(m proto.Message) int64 {
 	const perOutcome = 112
 	var n int64
