@@ -181,3 +181,40 @@ func TestDrainWaitsForRequestArrivedAfterGoAway(t *testing.T) {
 		t.Fatalf("outcomes %v, want the event stored", o)
 	}
 }
+
+// §5.1: after GoAway "the server keeps answering requests already sent,
+// and answers pending FetchEvents promptly". A fetch lingering for a fuller
+// batch (WithFetchLinger) is a pending fetch: Shutdown should end the
+// linger like it ends a long poll, not hold the answer (and itself) until
+// the linger runs out (RELIABILITY.md finding 104).
+func TestShutdownEndsFetchLinger(t *testing.T) {
+	const linger = 4 * time.Second
+	s := testServer(t, WithFetchLinger(linger))
+	pub := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := pub.Publish(ctx, Event{Namespace: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	pub.Close()
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	st := rc.stream(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 1, Namespaces: []string{"orders"}, Limit: 10, MaxWaitMs: 10000}), false)
+	st.SetReadDeadline(time.Now().Add(15 * time.Second))
+	time.Sleep(200 * time.Millisecond) // leased one event, lingering for more
+	start := time.Now()
+	done := make(chan error, 1)
+	go func() { done <- s.Shutdown(ctx) }()
+	var b h3xpb.EventsBatch
+	if err := newFrameReader(st, DefaultMaxFrameSize).readMessage(FrameEventsBatch, &b); err != nil {
+		t.Fatal(err)
+	}
+	answered := time.Since(start)
+	if err := <-done; err != nil {
+		t.Fatalf("Shutdown: %v", err)
+	}
+	shut := time.Since(start)
+	if answered > time.Second {
+		t.Fatalf("the lingering fetch was answered %v after Shutdown began (linger %v); Shutdown took %v", answered.Round(time.Millisecond), linger, shut.Round(time.Millisecond))
+	}
+}

@@ -353,8 +353,15 @@ func (ss *sessionStream) linger(ctx context.Context, req LeaseRequest, leases []
 	}
 	until := time.Now().Add(c.srv.cfg.fetchLinger)
 	for len(leases) < req.Limit && time.Now().Before(until) && (req.MaxBytes <= 0 || used < req.MaxBytes) {
+		if c.srv.shutdownCtx.Err() != nil || c.goingAway.Load() {
+			break // a GoAway answers pending fetches promptly (PROTOCOL.md §5.1)
+		}
 		wctx, cancel := context.WithDeadline(ctx, until)
+		stop := context.AfterFunc(c.srv.shutdownCtx, cancel)
+		c.inflight.Add(-1) // like a parked long poll, it does not hold up Shutdown
 		err := c.srv.queue.Wait(wctx, req.Namespaces)
+		c.inflight.Add(1)
+		stop()
 		cancel()
 		if err != nil {
 			break
