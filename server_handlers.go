@@ -285,6 +285,7 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 			leases = ss.linger(ctx, req, leases)
 		}
 		leases = ss.fitEncoded(leases, 2*maxBytes)
+		leases = ss.setAsideOversize(ctx, rid, leases)
 		if len(leases) > 0 {
 			c.delivered(ss, leases, room)
 			reportDelivered(c.srv.cfg.hooks, leases, time.Since(deadline.Add(-wait)))
@@ -332,6 +333,37 @@ func (ss *sessionStream) fitEncoded(leases []Lease, limit int) []Lease {
 		ss.c.giveBackLeases(leases[keep:], "over the batch's encoded size")
 	}
 	return leases[:keep]
+}
+
+// undeliverableDelay is how long an event too large for the server's frames
+// waits before it is leased again (see setAsideOversize).
+const undeliverableDelay = 30 * time.Second
+
+// setAsideOversize takes out of leases an event whose delivery alone would
+// be a frame larger than the server's maximum (stored under a larger one: a
+// restart with a lower WithMaxFrameSize, or a queue shared with such a
+// server), which no client of this server could read: it is nacked with a
+// delay and a reason, so the namespace's other events go on, and after
+// MaxAttempts it moves to the dead-letter namespace, where it waits for a
+// server with larger frames. (Batches of several leases fit: fitEncoded
+// keeps them within twice the byte budget, at most the frame size.)
+func (ss *sessionStream) setAsideOversize(ctx context.Context, rid uint64, leases []Lease) []Lease {
+	max := ss.c.srv.cfg.maxFrameSize
+	if len(leases) != 1 || leaseWireSize(&leases[0]) <= max {
+		return leases
+	}
+	n := proto.Size(batchFromLeases(rid, leases))
+	if n <= max {
+		return leases
+	}
+	l := &leases[0]
+	reason := fmt.Sprintf("its delivery is a frame of %d bytes, larger than this server's maximum frame size of %d", n, max)
+	ss.c.logger.Warn("h3x: an event cannot be delivered: "+reason, "id", l.Event.ID, "namespace", l.Event.Namespace)
+	ref := LeaseRef{ID: l.Event.ID, Attempt: l.Attempt, Namespace: l.Event.Namespace}
+	if _, err := ss.c.srv.queue.Nack(ss.c.srv.stopCtx, ss.c.id, []LeaseRef{ref}, undeliverableDelay, reason); err != nil {
+		ss.c.logger.Warn("h3x: setting aside an event too large to deliver", "id", l.Event.ID, "err", err)
+	}
+	return nil
 }
 
 // leaseWireSize bounds the encoding of l's Delivery in an EventsBatch from

@@ -738,3 +738,67 @@ func TestAckOvertakesPipelinedLongPolls(t *testing.T) {
 	st.CancelRead(0)
 	st.CancelWrite(0)
 }
+
+// §8: "A sender MUST NOT send a larger frame [than the maximum frame size];
+// the server never sends one." Events stored under a larger frame size (a
+// restart with a lower WithMaxFrameSize, same data directory) are delivered
+// were delivered in an EventsBatch over the announced limit: the client,
+// which reads frames up to the announced size, could never receive the
+// event, and every fetch of the namespace broke its stream on it
+// (RELIABILITY.md finding 105). Such an event is now set aside (nacked with
+// a delay, dead-lettered after MaxAttempts) and the namespace goes on.
+func TestBatchNeverExceedsFrameSizeAfterRestart(t *testing.T) {
+	dir := t.TempDir()
+	reg, err := ParseRegistry("alice:orders=alice-token")
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := func(opts ...ServerOption) *Server {
+		s, err := NewServer(append([]ServerOption{WithAddr("127.0.0.1:0"), WithDataDir(dir), WithRegistry(reg)}, opts...)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	s1 := start()
+	pub := mustDial(t, s1, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	res, err := pub.Publish(ctx, Event{Namespace: "orders", Data: make([]byte, 200<<10)}, Event{ID: "small", Namespace: "orders"})
+	if err != nil || res[0].Status != PublishStored || res[1].Status != PublishStored {
+		t.Fatalf("publish: %v %+v", err, res)
+	}
+	pub.Close()
+	if err := s1.Close(); err != nil {
+		t.Fatal(err)
+	}
+	const frame = 64 << 10
+	s2 := start(WithMaxFrameSize(frame))
+	defer s2.Close()
+	rc := rawDial(t, s2)
+	rc.auth("alice", "alice-token")
+	st := rc.stream(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 1, Namespaces: []string{"orders"}, Limit: 1, MaxWaitMs: 2000}), false)
+	st.SetReadDeadline(time.Now().Add(5 * time.Second))
+	ft, payload, err := newFrameReader(st, 1<<30).next()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(payload) > frame {
+		t.Fatalf("server sent a %v of %d bytes; it announced max_frame_size %d", ft, len(payload), frame)
+	}
+	var b h3xpb.EventsBatch
+	if err := unmarshalPayload(ft, payload, &b); err != nil {
+		t.Fatalf("%v: %v", ft, err)
+	}
+	if len(b.GetEvents()) != 1 || b.GetEvents()[0].GetEvent().GetId() != "small" {
+		t.Fatalf("got %d deliveries (%v); want the event published after the one too large", len(b.GetEvents()), b.GetEvents())
+	}
+	stats, err := s2.queue.Stats(ctx, "orders")
+	if err != nil || stats[0].Delayed != 1 {
+		t.Fatalf("stats %+v, %v: want the event too large set aside (delayed)", stats, err)
+	}
+	rc.close()
+}
