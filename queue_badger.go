@@ -1223,6 +1223,17 @@ func (s *badgerStore) submit(fx *effects, wait bool) *writeWait {
 	return op.w
 }
 
+// barrier queues an op that writes nothing: groups complete in order, so
+// once its own has, every state change submitted before it is applied.
+func (s *badgerStore) barrier() *writeWait {
+	q := (*badgerQueue)(s)
+	op := &wop{w: &writeWait{done: make(chan struct{})}}
+	if q.push(op) != nil {
+		return nil // closed
+	}
+	return op.w
+}
+
 // push queues op for the writer.
 func (q *badgerQueue) push(op *wop) error {
 	q.wmu.Lock()
@@ -1981,6 +1992,7 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 					mi++
 					if err := errOf(m.e); err == nil {
 						c.dropRec(m.e, &refx) // see dropRemovedRec
+						c.arrived(m)
 						e := &qentry{id: m.e.id, ns: m.dst, seq: m.seq, size: mv.size, enq: mv.enq, chunk: mv.chunk}
 						var ev *Event
 						if c.wantsReadAhead(m.dst, mv.size) {

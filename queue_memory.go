@@ -48,6 +48,8 @@ func (s *memoryStore) take(e *qentry) (Event, error) {
 	return *e.ev, nil
 }
 
+func (s *memoryStore) barrier() *writeWait { return nil } // applied as submitted
+
 func (s *memoryStore) submit(fx *effects, _ bool) *writeWait {
 	c := s.core
 	now := time.Now().UnixNano()
@@ -56,6 +58,7 @@ func (s *memoryStore) submit(fx *effects, _ bool) *writeWait {
 		m.e.ev = nil
 		e := &qentry{id: ev.ID, ns: m.dst, seq: c.nextSeq, size: ev.size(), enq: now}
 		c.nextSeq++
+		c.arrived(m)
 		c.land(e, &ev, m.size)
 	}
 	for _, e := range fx.deletes {

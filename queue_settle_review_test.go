@@ -175,3 +175,44 @@ func TestHugeAckDeadlineDoesNotWrap(t *testing.T) {
 		})
 	}
 }
+
+// An expiry at MaxAttempts moves the event to ns.dlq. At every moment Stats
+// must count it somewhere (ns or ns.dlq) and Bytes must match the counts;
+// the Badger queue's Stats used to count it nowhere while the move was
+// being written (RELIABILITY.md finding 106).
+func TestStatsCountADeadLetterWhileItMoves(t *testing.T) {
+	for _, tc := range bothQueues() {
+		t.Run(tc.name, func(t *testing.T) {
+			q := tc.open(t, QueueOptions{MaxAttempts: 1})
+			bad := 0
+			var example string
+			for i := range 40 {
+				id := fmt.Sprintf("e%d", i)
+				rqEnq(t, q, Event{ID: id, Namespace: "ns"})
+				rqLease(t, q, "h", "ns", 1, 20*time.Millisecond)
+				for until := time.Now().Add(2 * time.Second); time.Now().Before(until); {
+					st := statsOf(t, q, "ns", "ns.dlq")
+					n := 0
+					for _, s := range st {
+						n += s.Ready + s.Leased + s.Delayed
+					}
+					if n != 1 || (st[1].Bytes > 0) != (st[1].Ready > 0) {
+						bad++
+						example = fmt.Sprintf("%+v", st)
+					}
+					if st[1].Ready == 1 {
+						break
+					}
+				}
+				ls := rqLease(t, q, "d", "ns.dlq", 1, time.Minute)
+				if len(ls) != 1 {
+					t.Fatal("no dead letter")
+				}
+				q.Ack(context.Background(), "d", []LeaseRef{{ID: id, Attempt: 1}})
+			}
+			if bad > 0 {
+				t.Fatalf("%d Stats snapshots counted the expiring event in no namespace (or Bytes without a count), e.g. %s", bad, example)
+			}
+		})
+	}
+}

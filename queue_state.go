@@ -121,6 +121,7 @@ type qns struct {
 	count           int             // stored events (fresh, ready, leased, delayed)
 	bytes           int64           // their sizes
 	deadLettered    int             // moved to the dead-letter namespace since open
+	arriving        int             // dead letters moving in: counted, not landed yet (Stats waits for them)
 	expired         int             // leases ended by their deadline since open
 	known           bool            // has held events: listed by Stats()
 	served          uint64          // the Lease turn (queueCore.served) in which it last gave an event
@@ -189,6 +190,10 @@ type queueStore interface {
 	// written as far as a crash of the process (not of the machine)
 	// keeps them (the store need not sync for writes nobody waits for).
 	submit(fx *effects, wait bool) *writeWait
+	// barrier returns a wait for every state change submitted before it to
+	// have been applied (nil if they are; Stats waits for dead letters in
+	// flight with it).
+	barrier() *writeWait
 }
 
 // writeWait waits for a batch of writes to become durable.
@@ -671,6 +676,7 @@ func (c *queueCore) deadLetter(e *qentry, reason string, fx *effects) bool {
 	e.ns.deadLettered++
 	dst.count++
 	dst.bytes += int64(size)
+	dst.arriving++
 	dst.known = true
 	fx.moves = append(fx.moves, &qmove{e: e, dst: dst, attempts: e.attempt, reason: reason, size: size})
 	return true
@@ -825,7 +831,31 @@ func (c *queueCore) land(e *qentry, ev *Event, counted int) {
 func (c *queueCore) unmove(m *qmove, fx *effects) {
 	m.dst.count--
 	m.dst.bytes -= int64(m.size)
+	m.dst.arriving--
 	c.restore(m.e, true, fx)
+}
+
+// arrived records that the dead letter of m has landed in its namespace
+// (land counts it from now on).
+func (c *queueCore) arrived(m *qmove) { m.dst.arriving-- }
+
+// arrivingIn reports whether dead letters are being written to one of
+// names (to any namespace if names is empty). c.mu is held.
+func (c *queueCore) arrivingIn(names []string) bool {
+	if len(names) == 0 {
+		for _, ns := range c.nss {
+			if ns.arriving > 0 {
+				return true
+			}
+		}
+		return false
+	}
+	for _, name := range names {
+		if ns := c.nss[name]; ns != nil && ns.arriving > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // dedupKeyOf returns e's dedup fingerprint.
@@ -1321,6 +1351,26 @@ func (c *queueCore) Stats(ctx context.Context, names ...string) ([]NamespaceStat
 	var fx effects
 	c.advance(now, &fx)
 	c.finishNoWait(&fx)
+	// Dead letters being written (moved by an expiry, a release, this
+	// call's advance) are counted in their namespace but ready only once
+	// written: wait for them (a few rounds at most), so that every event
+	// is counted ready, leased or delayed somewhere.
+	for range 3 {
+		if !c.arrivingIn(names) {
+			break
+		}
+		w := c.store.barrier()
+		c.mu.Unlock()
+		err := w.wait(ctx)
+		c.mu.Lock()
+		if c.closed {
+			return nil, ErrQueueClosed
+		}
+		if err != nil && ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		now = time.Now().UnixNano()
+	}
 	if len(names) == 0 {
 		for name, ns := range c.nss {
 			if ns.known {
