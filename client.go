@@ -720,8 +720,14 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 			<-c.pubSlots
 			held = false
 		}
-		if err := sleepCtx(ctx, d); err != nil {
-			return err
+		t := time.NewTimer(d)
+		defer t.Stop()
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-c.closed: // a retry-after can be long: Close ends the wait
+			return ErrClosed
 		}
 		return acquire()
 	}
