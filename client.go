@@ -1302,7 +1302,11 @@ func (c *Client) Ping(ctx context.Context) (time.Duration, error) {
 	if err != nil {
 		return 0, err
 	}
-	return cc.ping(ctx)
+	rtt, err := cc.ping(ctx)
+	if err != nil && ctx.Err() == nil && (c.closing.Load() || c.ctx.Err() != nil) {
+		return 0, ErrClosed // the connection ended because the client closed
+	}
+	return rtt, err
 }
 
 // OpenStream opens a stream for an application protocol served by

@@ -2,9 +2,12 @@ package h3x
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"testing"
 	"time"
+
+	"github.com/quic-go/quic-go"
 )
 
 // A Publish waiting out a rate limit's retry-after returns ErrClosed when
@@ -36,5 +39,60 @@ func TestPublishWaitingOutRateLimitEndsAtClose(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("Publish still waiting out its retry-after 5 s after Close")
+	}
+}
+
+// A Ping in flight when the client closes returns ErrClosed, not the QUIC
+// connection's error (a minor issue the client review listed). The server
+// here authenticates the client and then never answers.
+func TestPingInFlightAtCloseReturnsErrClosed(t *testing.T) {
+	cert, err := selfSignedCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{ALPN}},
+		&quic.Config{MaxIdleTimeout: 30 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan *quic.Conn, 1)
+	go func() {
+		qc, err := ln.Accept(context.Background())
+		if err != nil {
+			return
+		}
+		if _, err := fakeAuth(qc); err != nil {
+			return
+		}
+		accepted <- qc
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		select {
+		case qc := <-accepted:
+			qc.CloseWithError(0, "")
+		default:
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, ln.Addr().String(), WithCredentials("alice", "x"), WithInsecureSkipVerify())
+	if err != nil {
+		t.Fatal(err)
+	}
+	errc := make(chan error, 1)
+	go func() {
+		_, err := c.Ping(ctx)
+		errc <- err
+	}()
+	time.Sleep(200 * time.Millisecond) // the Ping waits for a Pong that never comes
+	c.Close()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, ErrClosed) {
+			t.Fatalf("Ping at Close: %v, want ErrClosed", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Ping still waiting 5 s after Close")
 	}
 }
