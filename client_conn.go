@@ -534,6 +534,15 @@ func (s *rpcStream) readLoop() {
 		p.ch <- rpcAnswer{err: failure}
 	}
 	s.fw.close()
+	var e *Error
+	if !errors.Is(failure, errStreamFailed) && errors.As(failure, &e) && !e.Remote {
+		// The server sent what it must not (an unexpected or malformed
+		// frame): reset the stream with the violation's code (PROTOCOL.md
+		// §5.2).
+		s.st.CancelWrite(quic.StreamErrorCode(e.Code))
+		s.st.CancelRead(quic.StreamErrorCode(e.Code))
+		return
+	}
 	s.st.CancelRead(quic.StreamErrorCode(CodeNone))
 }
 

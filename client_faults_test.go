@@ -389,3 +389,75 @@ func TestPublishWhileDisconnectedUsesServerLimits(t *testing.T) {
 		}
 	}
 }
+
+// A frame on a session stream that is no answer (here an AuthResult) makes
+// the client reset the stream with PROTOCOL_VIOLATION (PROTOCOL.md §5.2);
+// it used to stop reading without a word (a minor issue of the client
+// review, RELIABILITY.md finding 109).
+func TestClientResetsStreamOnUnexpectedFrame(t *testing.T) {
+	cert, err := selfSignedCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{ALPN}},
+		&quic.Config{MaxIdleTimeout: 30 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan error, 1)
+	var conn *quic.Conn
+	served := make(chan struct{})
+	go func() {
+		defer close(served)
+		qc, err := ln.Accept(context.Background())
+		if err != nil {
+			got <- err
+			return
+		}
+		conn = qc
+		if _, err := fakeAuth(qc); err != nil {
+			got <- err
+			return
+		}
+		st, err := qc.AcceptStream(context.Background())
+		if err != nil {
+			got <- err
+			return
+		}
+		if _, _, err := newFrameReader(st, DefaultMaxFrameSize).next(); err != nil {
+			got <- err
+			return
+		}
+		b, _ := appendFrame(nil, FrameAuthResult, &h3xpb.AuthResult{ProtocolVersion: 1})
+		st.Write(b)
+		st.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = io.Copy(io.Discard, st)
+		got <- err
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		<-served
+		if conn != nil {
+			conn.CloseWithError(0, "")
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, ln.Addr().String(), WithCredentials("alice", "x"), WithInsecureSkipVerify(), WithMaxReconnects(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	pctx, pcancel := context.WithTimeout(ctx, 2*time.Second)
+	defer pcancel()
+	c.Publish(pctx, Event{Namespace: "orders"}) // fails: the answer is no answer
+	select {
+	case err := <-got:
+		var se *quic.StreamError
+		if !errors.As(err, &se) || !se.Remote || se.ErrorCode != quic.StreamErrorCode(CodeProtocolViolation) {
+			t.Fatalf("the server's side of the stream ended with %v, want a reset with PROTOCOL_VIOLATION", err)
+		}
+	case <-time.After(8 * time.Second):
+		t.Fatal("the client did not reset the stream")
+	}
+}
