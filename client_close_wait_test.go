@@ -2,7 +2,6 @@ package h3x
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"testing"
 	"time"
@@ -46,37 +45,15 @@ func TestPublishWaitingOutRateLimitEndsAtClose(t *testing.T) {
 // connection's error (a minor issue the client review listed). The server
 // here authenticates the client and then never answers.
 func TestPingInFlightAtCloseReturnsErrClosed(t *testing.T) {
-	cert, err := selfSignedCert()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{ALPN}},
-		&quic.Config{MaxIdleTimeout: 30 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	accepted := make(chan *quic.Conn, 1)
-	go func() {
-		qc, err := ln.Accept(context.Background())
-		if err != nil {
-			return
-		}
+	addr := fakeServer(t, func(qc *quic.Conn) {
 		if _, err := fakeAuth(qc); err != nil {
 			return
 		}
-		accepted <- qc
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		select {
-		case qc := <-accepted:
-			qc.CloseWithError(0, "")
-		default:
-		}
+		<-qc.Context().Done() // never answers a Ping
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, ln.Addr().String(), WithCredentials("alice", "x"), WithInsecureSkipVerify())
+	c, err := Dial(ctx, addr, WithCredentials("alice", "x"), WithInsecureSkipVerify())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -20,15 +20,7 @@ import (
 // for the first connection (in a goroutine the test owns through Cleanup).
 func fakeServer(t *testing.T, serve func(qc *quic.Conn)) string {
 	t.Helper()
-	cert, err := selfSignedCert()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{ALPN}},
-		&quic.Config{MaxIdleTimeout: 30 * time.Second, KeepAlivePeriod: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := fakeListener(t, time.Second)
 	done := make(chan struct{})
 	accepted := make(chan *quic.Conn, 1)
 	go func() {
@@ -51,6 +43,22 @@ func fakeServer(t *testing.T, serve func(qc *quic.Conn)) string {
 		<-done
 	})
 	return ln.Addr().String()
+}
+
+// fakeListener is a loopback QUIC listener with a self-signed certificate
+// and H3X's ALPN, for the fake servers of client tests (keepAlive 0: none).
+func fakeListener(t *testing.T, keepAlive time.Duration) *quic.Listener {
+	t.Helper()
+	cert, err := selfSignedCert()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{ALPN}},
+		&quic.Config{MaxIdleTimeout: 30 * time.Second, KeepAlivePeriod: keepAlive})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ln
 }
 
 // fakeAuth accepts the control stream and answers Auth with success.
@@ -395,26 +403,8 @@ func TestPublishWhileDisconnectedUsesServerLimits(t *testing.T) {
 // it used to stop reading without a word (a minor issue of the client
 // review, RELIABILITY.md finding 109).
 func TestClientResetsStreamOnUnexpectedFrame(t *testing.T) {
-	cert, err := selfSignedCert()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{ALPN}},
-		&quic.Config{MaxIdleTimeout: 30 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
 	got := make(chan error, 1)
-	var conn *quic.Conn
-	served := make(chan struct{})
-	go func() {
-		defer close(served)
-		qc, err := ln.Accept(context.Background())
-		if err != nil {
-			got <- err
-			return
-		}
-		conn = qc
+	addr := fakeServer(t, func(qc *quic.Conn) {
 		if _, err := fakeAuth(qc); err != nil {
 			got <- err
 			return
@@ -433,17 +423,10 @@ func TestClientResetsStreamOnUnexpectedFrame(t *testing.T) {
 		st.SetReadDeadline(time.Now().Add(5 * time.Second))
 		_, err = io.Copy(io.Discard, st)
 		got <- err
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		<-served
-		if conn != nil {
-			conn.CloseWithError(0, "")
-		}
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := Dial(ctx, ln.Addr().String(), WithCredentials("alice", "x"), WithInsecureSkipVerify(), WithMaxReconnects(1))
+	c, err := Dial(ctx, addr, WithCredentials("alice", "x"), WithInsecureSkipVerify(), WithMaxReconnects(1))
 	if err != nil {
 		t.Fatal(err)
 	}

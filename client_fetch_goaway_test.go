@@ -2,7 +2,6 @@ package h3x
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"sync"
 	"testing"
@@ -45,15 +44,7 @@ func TestRefusedFetchesDoNotExhaustStreams(t *testing.T) {
 // ... no sooner than reconnect_after_ms later"); the client used to ignore
 // it and reconnect at once.
 func TestGoAwayReconnectAfterIsHonoured(t *testing.T) {
-	cert, err := selfSignedCert()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{ALPN}},
-		&quic.Config{MaxIdleTimeout: 30 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := fakeListener(t, 0)
 	const hint = 1500 * time.Millisecond
 	var sentAt time.Time
 	second := make(chan time.Time, 1)

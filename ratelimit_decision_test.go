@@ -29,6 +29,15 @@ func (rc *rawConn) readNotice(t *testing.T) *h3xpb.RateLimitNotice {
 	return nil
 }
 
+// payloads returns n empty events of namespace ns.
+func payloads(n int, ns string) []*h3xpb.EventPayload {
+	evs := make([]*h3xpb.EventPayload, n)
+	for i := range evs {
+		evs[i] = &h3xpb.EventPayload{Namespace: ns}
+	}
+	return evs
+}
+
 func (rc *rawConn) send(t *testing.T, rid uint64, evs ...*h3xpb.EventPayload) *h3xpb.SendResult {
 	t.Helper()
 	ft, payload, err := rc.request(frameBytes(t, FrameSendEvent, &h3xpb.SendEvent{RequestId: rid, Events: evs}), DefaultMaxFrameSize)
@@ -49,11 +58,7 @@ func TestRateLimitNoticeCarriesTheEnforcedBurst(t *testing.T) {
 	s := testServer(t, WithRateLimit("orders", RateLimit{Rate: 5}))
 	rc := rawDial(t, s)
 	rc.auth("alice", "alice-token")
-	var evs []*h3xpb.EventPayload
-	for range 8 {
-		evs = append(evs, &h3xpb.EventPayload{Namespace: "orders"})
-	}
-	res := rc.send(t, 1, evs...)
+	res := rc.send(t, 1, payloads(8, "orders")...)
 	stored := 0
 	for _, o := range res.GetOutcomes() {
 		if o.GetStatus() == h3xpb.PublishStatus_PUBLISH_STATUS_STORED {
@@ -77,11 +82,7 @@ func TestRateLimitRetryAfterOfTwoLimits(t *testing.T) {
 	s := testServerWith(t, "alice:orders@100:1=alice-token", WithRateLimit("orders", RateLimit{Rate: 0.1, Burst: 100}))
 	rc := rawDial(t, s)
 	rc.auth("alice", "alice-token")
-	var evs []*h3xpb.EventPayload
-	for range 101 {
-		evs = append(evs, &h3xpb.EventPayload{Namespace: "orders"})
-	}
-	res := rc.send(t, 1, evs...)
+	res := rc.send(t, 1, payloads(101, "orders")...)
 	var retry uint32
 	for _, o := range res.GetOutcomes() {
 		if o.GetStatus() == h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED {
