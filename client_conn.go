@@ -574,6 +574,9 @@ func (cc *clientConn) call(ctx context.Context, kind int, t FrameType, build fun
 // sent is read and given back unseen (giveBackAbandoned) instead of staying
 // leased until its deadline.
 func (cc *clientConn) fetchCall(ctx context.Context, t FrameType, build func(id uint64) proto.Message) (rpcAnswer, error) {
+	if err := ctx.Err(); err != nil {
+		return rpcAnswer{}, err // before taking a stream
+	}
 	s, err := cc.fetchStream(ctx)
 	if err != nil {
 		return rpcAnswer{}, fmt.Errorf("%w: %w", errStreamFailed, err)
@@ -581,6 +584,13 @@ func (cc *clientConn) fetchCall(ctx context.Context, t FrameType, build func(id 
 	id := cc.client.reqID.Add(1)
 	ch, err := s.start(ctx, id, t, build(id), nil)
 	if err != nil {
+		// Nothing was sent if the stream is still whole (start resets one
+		// a write broke): it goes back to the pool, else it is ended.
+		if s.alive() && !s.fw.failed() {
+			cc.putFetchStream(s)
+		} else {
+			s.abort()
+		}
 		return rpcAnswer{}, err
 	}
 	select {
