@@ -203,9 +203,6 @@ func newServerConn(s *Server, qc *quic.Conn, seq uint64) *serverConn {
 }
 
 // requestGate returns the connection's request byte budget and its size.
-// requestBudgetSize is the connection's request budget, in bytes.
-func (c *serverConn) requestBudgetSize() int64 { return requestBudget(c.srv.cfg.maxFrameSize) }
-
 func (c *serverConn) requestGate() (*semaphore.Weighted, int64) {
 	budget := requestBudget(c.srv.cfg.maxFrameSize)
 	if g := c.reqGate.Load(); g != nil {

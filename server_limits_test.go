@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
 )
@@ -801,4 +802,89 @@ func TestBatchNeverExceedsFrameSizeAfterRestart(t *testing.T) {
 		t.Fatalf("stats %+v, %v: want the event too large set aside (delayed)", stats, err)
 	}
 	rc.close()
+}
+
+// Three AckEvents of many short ids, sent at once on three streams of one
+// connection. Finding 96's fix first took each request's answer estimate
+// (answerCost) after the request's bytes: once the requests held their
+// bytes, no estimate could ever be granted (each needed the others' request
+// bytes, released only when they were computed, which waited for their
+// estimates), and the streams, every later request of the connection and
+// Shutdown hung (RELIABILITY.md finding 111). Both are now taken at once.
+func TestConcurrentCostlyRequestsDoNotDeadlockTheBudget(t *testing.T) {
+	s := testServer(t)
+	rc := rawDial(t, s)
+	rc.auth("alice", "alice-token")
+	ids := make([]string, 300000) // ~900 KB: under the 1 MiB frame
+	for i := range ids {
+		ids[i] = "x"
+	}
+	const streams = 3
+	reqs := make([][]byte, streams)
+	for i := range reqs {
+		reqs[i] = frameBytes(t, FrameAckEvent, &h3xpb.AckEvent{RequestId: uint64(i + 1), EventIds: ids})
+	}
+	answered := make(chan int, streams)
+	for i := range streams {
+		st, err := rc.qc.OpenStreamSync(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			st.SetWriteDeadline(time.Now().Add(20 * time.Second))
+			st.Write(reqs[i])
+			st.SetReadDeadline(time.Now().Add(20 * time.Second))
+			_, _, err := newFrameReader(st, 64<<20).next()
+			if err == nil {
+				answered <- i
+			} else {
+				answered <- -1
+			}
+		}()
+	}
+	got := 0
+	timeout := time.After(10 * time.Second)
+	for range streams {
+		select {
+		case i := <-answered:
+			if i >= 0 {
+				got++
+			}
+		case <-timeout:
+			sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			serr := s.Shutdown(sctx)
+			cancel()
+			rc.close()
+			t.Fatalf("%d of %d streams answered in 10 s: the request budget is deadlocked (then Shutdown(3 s): %v)", got, streams, serr)
+		}
+	}
+	if got != streams {
+		t.Fatalf("%d of %d streams answered", got, streams)
+	}
+}
+
+// answerCost reads the list of each settling and publishing request from
+// its encoding: one outcome per id or event.
+func TestAnswerCostCountsEveryOutcome(t *testing.T) {
+	ids := []string{"x", "yy", "zzz"}
+	tests := []struct {
+		t    FrameType
+		m    proto.Message
+		want int64
+	}{
+		{FrameAckEvent, &h3xpb.AckEvent{RequestId: 7, EventIds: ids, Attempts: []uint32{1, 2, 3}, Namespaces: []string{"a", "b", "c"}}, 3*112 + 6},
+		{FrameNackEvent, &h3xpb.NackEvent{RequestId: 7, EventIds: ids, Reason: "r", DelayMs: 5}, 3*112 + 6},
+		{FrameExtendLease, &h3xpb.ExtendLease{RequestId: 7, EventIds: ids, Namespaces: []string{"a", "b", "c"}}, 3*112 + 6},
+		{FrameSendEvent, &h3xpb.SendEvent{RequestId: 7, Events: []*h3xpb.EventPayload{{Namespace: "n"}, {Id: strings.Repeat("i", 40), Namespace: "n"}}}, 2*112 + 36 + 40},
+		{FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 7, Namespaces: []string{"a"}, Limit: 10}, 0},
+	}
+	for _, tc := range tests {
+		b, err := proto.Marshal(tc.m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := answerCost(tc.t, b); got != tc.want {
+			t.Errorf("%v: answerCost %d, want %d", tc.t, got, tc.want)
+		}
+	}
 }

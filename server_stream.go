@@ -10,6 +10,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 	"golang.org/x/sync/semaphore"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
@@ -185,9 +186,15 @@ func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []by
 	default:
 		return newError(CodeProtocolViolation, "%v frame is not allowed on a session stream", t)
 	}
-	// The request's place in its lane and its bytes in the connection's
-	// budget are taken before it is decoded.
-	r, err := ss.admit(ctx, l, len(payload))
+	// The request's place in its lane, and in the connection's budget its
+	// bytes and its answer's estimated memory, are taken before it is
+	// decoded, in one acquisition: the answer's memory counts until it is
+	// written (an AckEvent of 80,000 one-byte ids becomes 80,000 outcomes
+	// of about 100 bytes each, held while a client that does not read
+	// leaves it unsent). The stream's reader waits for it holding nothing,
+	// and a compute never waits for budget (an answer at a lane's head
+	// must not wait for room held by the answers queued behind it).
+	r, err := ss.admit(ctx, l, len(payload), answerCost(t, payload))
 	if err != nil {
 		return err
 	}
@@ -195,50 +202,45 @@ func (ss *sessionStream) dispatch(ctx context.Context, t FrameType, payload []by
 		ss.release(l, r)
 		return err
 	}
-	// The answer's memory counts in the budget too, until it is written: an
-	// AckEvent of 80,000 one-byte ids becomes 80,000 outcomes of about 100
-	// bytes each, held while a client that does not read leaves it unsent.
-	// Taken here, in the stream's reader, which may wait for it: a compute
-	// never waits for budget (an answer at a lane's head must not wait for
-	// room held by the answers queued behind it).
-	if cost := min(answerCost(m), ss.c.requestBudgetSize()-r.n); cost > 0 { // never more than the budget in all
-		if err := r.gate.Acquire(ctx, cost); err != nil {
-			ss.release(l, r)
-			return err
-		}
-		r.held = cost
-	}
 	ss.submit(l, r, ss.work(ctx, m))
 	return nil
 }
 
-// answerCost estimates the memory of the answer to request m beyond the
-// request's own bytes: the outcome of each event or id of a SendResult or
-// AckResult (its message, its pointer and its echoed id). Fetches answer
-// with batches bounded by their own byte budget, one at a time: 0.
-func answerCost(m proto.Message) int64 {
+// answerCost estimates, from its encoding, the memory of the answer to a
+// request of type t beyond the request's own bytes: the outcome of each
+// event or id of a SendResult or AckResult (its message, its pointer and
+// its echoed id). Fetches answer with batches bounded by their own byte
+// budget, one at a time: 0. A malformed payload, refused when decoded,
+// costs what was counted of it.
+func answerCost(t FrameType, payload []byte) int64 {
 	const perOutcome = 112
+	switch t {
+	case FrameSendEvent, FrameAckEvent, FrameNackEvent, FrameExtendLease:
+	default:
+		return 0
+	}
+	list := protowire.Number(1) // event_ids
+	if t == FrameSendEvent {
+		list = 2 // events
+	}
 	var n int64
-	switch m := m.(type) {
-	case *h3xpb.SendEvent:
-		for _, e := range m.GetEvents() {
-			n += perOutcome + int64(max(len(e.GetId()), 36)) // an id the server assigns is a UUID
+	forFields(payload, func(f wireField) error {
+		if f.num != list || f.typ != protowire.BytesType {
+			return nil
 		}
-	case *h3xpb.AckEvent:
-		n = idsCost(m.GetEventIds(), perOutcome)
-	case *h3xpb.NackEvent:
-		n = idsCost(m.GetEventIds(), perOutcome)
-	case *h3xpb.ExtendLease:
-		n = idsCost(m.GetEventIds(), perOutcome)
-	}
-	return n
-}
-
-func idsCost(ids []string, per int64) int64 {
-	n := int64(len(ids)) * per
-	for _, id := range ids {
-		n += int64(len(id))
-	}
+		id := len(f.b) // an event id
+		if t == FrameSendEvent {
+			id = 36 // the UUID the server assigns, unless the event has an id
+			forFields(f.b, func(g wireField) error {
+				if g.num == 1 && g.typ == protowire.BytesType {
+					id = max(id, len(g.b))
+				}
+				return nil
+			})
+		}
+		n += perOutcome + int64(id)
+		return nil
+	})
 	return n
 }
 
@@ -282,11 +284,13 @@ func (ss *sessionStream) work(ctx context.Context, m proto.Message) func() (Fram
 	panic(fmt.Sprintf("h3x: no work for a %T", m)) // dispatch decodes only the types above
 }
 
-// admit takes a place for a request of size bytes in lane l and its bytes in
-// the connection's request budget. It waits while the lane has depth
+// admit takes a place for a request of size bytes in lane l and, in one
+// acquisition, its bytes and its answer's estimated memory (answer) in the
+// connection's request budget (never more than the whole budget, so that
+// it is always granted eventually). It waits while the lane has depth
 // requests in flight or the budget is spent (and QUIC flow control then
 // pushes back on the client), until ctx ends.
-func (ss *sessionStream) admit(ctx context.Context, l *lane, size int) (*reply, error) {
+func (ss *sessionStream) admit(ctx context.Context, l *lane, size int, answer int64) (*reply, error) {
 	if l.slots == nil {
 		l.slots = make(chan struct{}, l.depth)
 	}
@@ -297,12 +301,13 @@ func (ss *sessionStream) admit(ctx context.Context, l *lane, size int) (*reply, 
 	}
 	gate, budget := ss.c.requestGate()
 	n := min(int64(size), budget)
-	if err := gate.Acquire(ctx, n); err != nil {
+	held := min(answer, budget-n) // never more than the budget in all
+	if err := gate.Acquire(ctx, n+held); err != nil {
 		<-l.slots
 		return nil, err
 	}
 	ss.c.inflight.Add(1)
-	return &reply{gate: gate, n: n}, nil
+	return &reply{gate: gate, n: n, held: held}, nil
 }
 
 // release gives back what admit took for a request that was not submitted.
