@@ -434,7 +434,9 @@ func (c *Client) supervise(cc *clientConn) {
 			defer c.wg.Done()
 			old.drainAndClose(c.ctx)
 		}()
-		next, err := c.reconnect(goAway, time.Duration(cc.reconnectAfter.Load()))
+		// A server's wish, within reason: at most a minute (as for an auth
+		// refusal's retry-after, authRetryAfter).
+		next, err := c.reconnect(goAway, min(time.Duration(cc.reconnectAfter.Load()), time.Minute))
 		if err != nil {
 			c.goAwayGap.Store(false)
 			c.reportMu.Lock()
