@@ -703,11 +703,16 @@ func (m *queueModel) drain() {
 			m.fatalf("drain: Lease: %v", err)
 		}
 		if len(ls) == 0 {
-			delayed := 0
+			// None leased: done, unless events wait out a nack delay, or
+			// are ready all the same: a Lease that finds an event overdue
+			// for dead-lettering moves it to its dead-letter namespace and
+			// may return nothing (the event is ready there for the next
+			// call; a flake of this drain in CI, 2026-11-27).
+			pending := 0
 			for _, st := range m.stats() {
-				delayed += st.Delayed
+				pending += st.Delayed + st.Ready
 			}
-			if delayed == 0 {
+			if pending == 0 {
 				break
 			}
 			time.Sleep(time.Millisecond) // nack delays of a few milliseconds
