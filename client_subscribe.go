@@ -267,6 +267,15 @@ func (s *Subscription) run(ctx context.Context) {
 			return false
 		}
 		s.release(n)
+		if ctx.Err() != nil && st != nil {
+			// Closing (the poll was not sent): the polls in flight are
+			// abandoned by the deferred abandon, which reads their
+			// batches and gives them back. drop would reset the stream
+			// under them, losing a batch the server had already written
+			// (its events then stayed leased until their ack deadline).
+			s.end(nil)
+			return true
+		}
 		if on == nil {
 			on = cc
 		}
@@ -314,6 +323,10 @@ func (s *Subscription) run(ctx context.Context) {
 			cc.inflight.Add(-1)
 			if a.err != nil {
 				s.release(p.n)
+				if ctx.Err() != nil && st.alive() {
+					s.end(nil) // closing: the deferred abandon ends the other polls
+					return
+				}
 				on := cc
 				drop()
 				if failed(a.err, on) {
