@@ -402,6 +402,9 @@ func authRetryAfter(err error) time.Duration {
 	return 0
 }
 
+// shutting reports whether Close has begun (or the client's context ended).
+func (c *Client) shutting() bool { return c.closing.Load() || c.ctx.Err() != nil }
+
 // isTerminal reports whether a connection error must not be retried.
 func isTerminal(err error) bool {
 	return errors.Is(err, ErrUnauthenticated) || errors.Is(err, ErrPermissionDenied) || errors.Is(err, ErrInvalidArgument)
@@ -1305,7 +1308,7 @@ func (c *Client) Ping(ctx context.Context) (time.Duration, error) {
 		return 0, err
 	}
 	rtt, err := cc.ping(ctx)
-	if err != nil && ctx.Err() == nil && (c.closing.Load() || c.ctx.Err() != nil) {
+	if err != nil && ctx.Err() == nil && c.shutting() {
 		return 0, ErrClosed // the connection ended because the client closed
 	}
 	return rtt, err

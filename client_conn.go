@@ -632,20 +632,9 @@ func (cc *clientConn) giveBackAbandoned(s *rpcStream, ch <-chan rpcAnswer) {
 	case <-cc.qc.Context().Done():
 		return // the connection is gone: the server ended its leases
 	}
-	b, ok := a.msg.(*h3xpb.EventsBatch)
-	if a.err != nil || !ok {
-		return
+	if b, ok := a.msg.(*h3xpb.EventsBatch); ok && a.err == nil {
+		cc.client.giveBackUnseen(context.Background(), cc.client.deliveries(b, nil), "fetch abandoned")
 	}
-	ds := cc.client.deliveries(b, nil)
-	for _, d := range ds {
-		d.settled.Store(true)
-	}
-	if len(ds) == 0 {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	defer cancel()
-	cc.client.settle(ctx, settleGroup{t: FrameNackEvent, reason: "fetch abandoned", unseen: true}, ds)
 }
 
 // ping measures the round trip of a Ping on the control stream.

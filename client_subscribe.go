@@ -444,6 +444,24 @@ func (s *Subscription) takeFree(max int) int {
 // giveBack nacks prefetched deliveries the application never saw, without
 // counting them as attempts.
 func (s *Subscription) giveBack(ctx context.Context, ds []*Delivery) {
+	if c := s.client; c.current() == nil && !c.goAwayGap.Load() {
+		// The connection that leased them is gone: the server ends their
+		// leases with it (counting the attempts). Waiting for a next
+		// connection that may be long in coming would only hold up Close.
+		// After a GoAway the next one comes up at once: the nack waits
+		// for it, and undoes the count (LeaseRef.Unseen).
+		for _, d := range ds {
+			d.settled.Store(true)
+		}
+		return
+	}
+	s.client.giveBackUnseen(ctx, ds, "subscription closed")
+}
+
+// giveBackUnseen nacks, unseen (their attempts do not count), the
+// deliveries of ds not settled yet, waiting at most a second for the answer
+// whether or not ctx has ended.
+func (c *Client) giveBackUnseen(ctx context.Context, ds []*Delivery, reason string) {
 	var unseen []*Delivery
 	for _, d := range ds {
 		if d.settled.CompareAndSwap(false, true) {
@@ -453,17 +471,9 @@ func (s *Subscription) giveBack(ctx context.Context, ds []*Delivery) {
 	if len(unseen) == 0 {
 		return
 	}
-	if c := s.client; c.current() == nil && !c.goAwayGap.Load() {
-		// The connection that leased them is gone: the server ends their
-		// leases with it (counting the attempts). Waiting for a next
-		// connection that may be long in coming would only hold up Close.
-		// After a GoAway the next one comes up at once: the nack waits
-		// for it, and undoes the count (LeaseRef.Unseen).
-		return
-	}
 	nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
 	defer cancel()
-	s.client.settle(nctx, settleGroup{t: FrameNackEvent, reason: "subscription closed", unseen: true}, unseen)
+	c.settle(nctx, settleGroup{t: FrameNackEvent, reason: reason, unseen: true}, unseen)
 }
 
 // giveBackBuffered gives back the deliveries still in the channel's buffer
@@ -483,7 +493,7 @@ func (s *Subscription) giveBackBuffered(ctx context.Context) {
 }
 
 func (s *Subscription) end(err error) {
-	if err == nil && (s.client.closing.Load() || s.client.ctx.Err() != nil) {
+	if err == nil && s.client.shutting() {
 		err = ErrClosed
 	}
 	s.mu.Lock()

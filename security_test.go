@@ -104,11 +104,7 @@ func TestUnknownSettlementDoesNotFreeUnackedRoom(t *testing.T) {
 	pub := mustDial(t, s, "alice", "alice-token")
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	for range 6 {
-		if _, err := pub.Publish(ctx, Event{Namespace: "orders"}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	publishOrders(ctx, t, pub, 6)
 	rc := rawDial(t, s)
 	rc.auth("alice", "alice-token") // alice may consume orders and orders.dlq
 	st := rc.stream(nil, false)

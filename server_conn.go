@@ -145,10 +145,9 @@ func (c *serverConn) findUnacked(ref LeaseRef) *unackedDelivery {
 	return nil
 }
 
-// forgetWhere removes the deliveries of id for which drop is true and
-// reports how many it removed. unackedMu is held.
-func (c *serverConn) forgetWhere(id string, drop func(*unackedDelivery) bool) int {
-	n := 0
+// forgetWhere removes the deliveries of id for which drop is true.
+// unackedMu is held.
+func (c *serverConn) forgetWhere(id string, drop func(*unackedDelivery) bool) {
 	link := c.unacked[id]
 	var prev *unackedDelivery
 	for d := link; d != nil; d = d.next {
@@ -156,7 +155,6 @@ func (c *serverConn) forgetWhere(id string, drop func(*unackedDelivery) bool) in
 			prev = d
 			continue
 		}
-		n++
 		d.ss.unacked--
 		c.nUnacked--
 		if prev == nil {
@@ -170,7 +168,6 @@ func (c *serverConn) forgetWhere(id string, drop func(*unackedDelivery) bool) in
 	} else {
 		c.unacked[id] = link
 	}
-	return n
 }
 
 // forgetOne removes the first delivery of ref's id that ref names.
@@ -431,12 +428,10 @@ func (c *serverConn) settledBy(refs []LeaseRef, results []SettleResult) {
 		if j >= len(refs) {
 			break
 		}
-		switch {
-		case c.findUnacked(refs[j]) == nil:
-		case r.Status == SettleOK, r.Status == SettleUnknown:
+		if r.Status == SettleOK || r.Status == SettleUnknown {
 			// Unknown: the queue no longer holds it, unless the request
-			// named another namespace, which findUnacked matched only if
-			// it is the delivery's.
+			// named another namespace, which forgetOne matches only if it
+			// is the delivery's.
 			c.forgetOne(refs[j])
 		}
 	}

@@ -285,7 +285,7 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 			leases = ss.linger(ctx, req, leases)
 		}
 		leases = ss.fitEncoded(leases, 2*maxBytes)
-		leases = ss.setAsideOversize(ctx, rid, leases)
+		leases = ss.setAsideOversize(rid, leases)
 		if len(leases) > 0 {
 			c.delivered(ss, leases, room)
 			reportDelivered(c.srv.cfg.hooks, leases, time.Since(deadline.Add(-wait)))
@@ -295,23 +295,38 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 		if !time.Now().Before(deadline) || c.srv.shutdownCtx.Err() != nil || c.goingAway.Load() {
 			return FrameEventsBatch, &h3xpb.EventsBatch{RequestId: rid}
 		}
-		wctx, cancel := context.WithDeadline(ctx, deadline)
-		stop := context.AfterFunc(c.srv.shutdownCtx, cancel)
-		c.inflight.Add(-1) // a parked long poll does not hold up Shutdown
-		werr := c.srv.queue.Wait(wctx, namespaces)
-		failed := werr != nil && wctx.Err() == nil // not its deadline or cancellation: the queue failed
-		c.inflight.Add(1)
-		stop()
-		cancel()
+		_, werr := c.waitParked(ctx, deadline, namespaces)
 		if ctx.Err() != nil {
 			return FrameEventsBatch, &h3xpb.EventsBatch{RequestId: rid}
 		}
-		if failed {
+		if werr != nil {
 			// Leasing again at once would spin as long as the queue fails.
 			c.logger.Error("h3x: waiting for events failed", "err", werr)
 			return FrameError, errorToWire(asRetryable(werr), rid)
 		}
 	}
+}
+
+// waitParked waits, as a parked poll, until events are ready in namespaces,
+// until, the end of ctx or shutdown. Meanwhile it does not count as a
+// request in flight: a parked poll does not hold up Shutdown. It reports
+// whether events are ready, and the queue's error if the queue failed (not
+// a deadline or a cancellation).
+func (c *serverConn) waitParked(ctx context.Context, until time.Time, namespaces []string) (bool, error) {
+	wctx, cancel := context.WithDeadline(ctx, until)
+	defer cancel()
+	stop := context.AfterFunc(c.srv.shutdownCtx, cancel)
+	defer stop()
+	c.inflight.Add(-1)
+	err := c.srv.queue.Wait(wctx, namespaces)
+	c.inflight.Add(1)
+	switch {
+	case err == nil:
+		return true, nil
+	case wctx.Err() != nil:
+		return false, nil
+	}
+	return false, err
 }
 
 // fitEncoded gives back (unseen) the last of leases until the batch's
@@ -347,17 +362,17 @@ const undeliverableDelay = 30 * time.Second
 // MaxAttempts it moves to the dead-letter namespace, where it waits for a
 // server with larger frames. (Batches of several leases fit: fitEncoded
 // keeps them within twice the byte budget, at most the frame size.)
-func (ss *sessionStream) setAsideOversize(ctx context.Context, rid uint64, leases []Lease) []Lease {
-	max := ss.c.srv.cfg.maxFrameSize
-	if len(leases) != 1 || leaseWireSize(&leases[0]) <= max {
+func (ss *sessionStream) setAsideOversize(rid uint64, leases []Lease) []Lease {
+	limit := ss.c.srv.cfg.maxFrameSize
+	if len(leases) != 1 || leaseWireSize(&leases[0]) <= limit {
 		return leases
 	}
 	n := proto.Size(batchFromLeases(rid, leases))
-	if n <= max {
+	if n <= limit {
 		return leases
 	}
 	l := &leases[0]
-	reason := fmt.Sprintf("its delivery is a frame of %d bytes, larger than this server's maximum frame size of %d", n, max)
+	reason := fmt.Sprintf("its delivery is a frame of %d bytes, larger than this server's maximum frame size of %d", n, limit)
 	ss.c.logger.Warn("h3x: an event cannot be delivered: "+reason, "id", l.Event.ID, "namespace", l.Event.Namespace)
 	ref := LeaseRef{ID: l.Event.ID, Attempt: l.Attempt, Namespace: l.Event.Namespace}
 	if _, err := ss.c.srv.queue.Nack(ss.c.srv.stopCtx, ss.c.id, []LeaseRef{ref}, undeliverableDelay, reason); err != nil {
@@ -388,14 +403,7 @@ func (ss *sessionStream) linger(ctx context.Context, req LeaseRequest, leases []
 		if c.srv.shutdownCtx.Err() != nil || c.goingAway.Load() {
 			break // a GoAway answers pending fetches promptly (PROTOCOL.md §5.1)
 		}
-		wctx, cancel := context.WithDeadline(ctx, until)
-		stop := context.AfterFunc(c.srv.shutdownCtx, cancel)
-		c.inflight.Add(-1) // like a parked long poll, it does not hold up Shutdown
-		err := c.srv.queue.Wait(wctx, req.Namespaces)
-		c.inflight.Add(1)
-		stop()
-		cancel()
-		if err != nil {
+		if ready, _ := c.waitParked(ctx, until, req.Namespaces); !ready {
 			break
 		}
 		more := req

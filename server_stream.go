@@ -230,13 +230,13 @@ func answerCost(t FrameType, payload []byte) int64 {
 		}
 		id := len(f.b) // an event id
 		if t == FrameSendEvent {
-			id = 36 // the UUID the server assigns, unless the event has an id
-			forFields(f.b, func(g wireField) error {
-				if g.num == 1 && g.typ == protowire.BytesType {
-					id = max(id, len(g.b))
-				}
-				return nil
-			})
+			// The event's id, which encoders write first (field 1), or the
+			// UUID the server assigns: one field read, not the event's all
+			// (it is decoded next anyway).
+			id = 36
+			if g, k := consumeField(f.b); k > 0 && g.num == 1 && g.typ == protowire.BytesType {
+				id = max(id, len(g.b))
+			}
 		}
 		n += perOutcome + int64(id)
 		return nil
