@@ -153,7 +153,7 @@ var (
 	ErrQueueClosed = errors.New("h3x: queue closed")
 	// ErrQueueInUse is returned (wrapped) by OpenBadgerQueue when another
 	// process, or another open queue of this one, has the directory open.
-	ErrQueueInUse = errors.New("h3x: queue directory in use by another process")
+	ErrQueueInUse = errors.New("h3x: queue directory in use by another process or another open queue")
 )
 
 // newError returns an *Error of code with a formatted message.

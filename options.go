@@ -211,8 +211,10 @@ func WithCertFiles(certFile, keyFile string) ServerOption {
 }
 
 // WithQueue makes the server store events in q instead of opening a Badger
-// queue in the data directory. The server owns q from then on: Shutdown and
-// Close close it. Default: a Badger queue in WithDataDir's directory.
+// queue in the data directory. The server owns q once NewServer has
+// returned it: Shutdown and Close close it. (If NewServer fails, q is still
+// the caller's to close.) Default: a Badger queue in WithDataDir's
+// directory.
 func WithQueue(q Queue) ServerOption {
 	return serverOptionFunc(func(c *serverConfig) { c.queue = q })
 }

@@ -15,15 +15,19 @@ import (
 // A server whose metrics are served at /metrics.
 func Example() {
 	metrics := h3xprom.New()
-	srv, err := h3x.NewServer(h3x.WithHooks(metrics) /* , WithRegistry, ... */)
+	reg, err := h3x.ParseRegistry("app:orders=s3cr3t")
+	if err != nil {
+		log.Fatal(err)
+	}
+	srv, err := h3x.NewServer(h3x.WithHooks(metrics), h3x.WithRegistry(reg))
 	if err != nil {
 		log.Fatal(err)
 	}
 	defer srv.Close()
 
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(metrics, h3xprom.NewQueueCollector(srv))
-	http.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	prom := prometheus.NewRegistry()
+	prom.MustRegister(metrics, h3xprom.NewQueueCollector(srv))
+	http.Handle("/metrics", promhttp.HandlerFor(prom, promhttp.HandlerOpts{}))
 	go http.ListenAndServe("127.0.0.1:9090", nil)
 
 	if err := srv.ListenAndServe(context.Background()); err != nil {

@@ -37,8 +37,10 @@ type config struct {
 }
 
 // WithServerOptions passes options to h3x.NewServer (after h3xtest's own,
-// so they win). Do not pass h3x.WithQueue, h3x.WithRegistry, h3x.WithAddr
-// or h3x.WithTLSConfig here: use WithQueue and WithRegistry. Queue settings
+// so they win). Do not pass h3x.WithQueue, h3x.WithRegistry, h3x.WithAddr,
+// h3x.WithPacketConn or h3x.WithTLSConfig here: use WithQueue and
+// WithRegistry (the server must listen on h3xtest's own socket, which Addr,
+// Dial and SetLatency use). Queue settings
 // (h3x.WithQueueOptions, h3x.WithMaxAttempts) are refused by NewServer,
 // since h3xtest always gives the server its queue: pass
 // WithQueue(h3x.NewMemoryQueue(opts)) instead.
