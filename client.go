@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
 	"github.com/quic-go/quic-go"
@@ -58,6 +59,9 @@ func (c *clientConfig) validate() error {
 	bad := func(format string, args ...any) { errs = append(errs, newError(CodeInvalidArgument, format, args...)) }
 	if c.clientID == "" {
 		bad("WithCredentials: a client id is required")
+	}
+	if !utf8.ValidString(c.clientID) || !utf8.ValidString(c.token) {
+		bad("WithCredentials: the client id and token must be valid UTF-8")
 	}
 	n := 0
 	for _, set := range []bool{c.tlsConfig != nil, c.fingerprint != "", c.insecure} {
@@ -751,9 +755,12 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 		sizes[i] = proto.Size(wire[i]) + 8
 	}
 	results := make([]PublishResult, len(events))
-	todo := make([]int, len(events))
-	for i := range todo {
-		todo[i] = i
+	todo := make([]int, 0, len(events))
+	for i := range events {
+		if refuseUnencodable(&events[i], &results[i]) {
+			continue // the frame could not carry it (nor its neighbours)
+		}
+		todo = append(todo, i)
 	}
 	for len(todo) > 0 {
 		if err := pause(c.rateWait(events, todo)); err != nil {
@@ -810,7 +817,9 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 			}
 			for j, o := range res.GetOutcomes() {
 				i := chunk[j]
-				r := PublishResult{ID: o.GetId(), Status: PublishStatus(o.GetStatus())}
+				// The server leaves out an ID it refuses for its length
+				// (PROTOCOL.md §7); the result still names the event.
+				r := PublishResult{ID: events[i].ID, Status: PublishStatus(o.GetStatus())}
 				if o.GetStatus() == h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED {
 					e := &Error{Code: ErrorCode(o.GetCode()), Message: o.GetMessage(), RetryAfter: time.Duration(o.GetRetryAfterMs()) * time.Millisecond, Remote: true}
 					switch e.Code {
@@ -1198,7 +1207,7 @@ func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]S
 			return nil, newError(CodeInvalidArgument, "a nil *Delivery")
 		}
 	}
-	k.reason = truncateUTF8(k.reason, maxNackReason) // what the server keeps
+	k.reason = nackReason(k.reason) // what the server keeps
 	out := make([]SettleResult, 0, len(ds))
 	for start := 0; start < len(ds); {
 		// The answer is read with the client's limit; the request must fit

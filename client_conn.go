@@ -440,6 +440,9 @@ func (s *rpcStream) start(ctx context.Context, id uint64, t FrameType, m proto.M
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
+		if errors.Is(err, errUnencodable) {
+			return nil, err // not the stream's fault: not retried
+		}
 		return nil, fmt.Errorf("%w: %w", errStreamFailed, connError(err))
 	}
 	return ch, nil

@@ -260,7 +260,9 @@ func appendFrame(dst []byte, t FrameType, m proto.Message) ([]byte, error) {
 	dst = append(dst, byte(t), 0, 0, 0, 0)
 	out, err := proto.MarshalOptions{Deterministic: true}.MarshalAppend(dst, m)
 	if err != nil {
-		return dst[:start], fmt.Errorf("h3x: encoding %v frame: %w", t, err)
+		// Nothing was appended: the message cannot be encoded (a string
+		// that is not valid UTF-8), whatever the stream.
+		return dst[:start], &Error{Code: CodeInvalidArgument, Message: fmt.Sprintf("encoding %v frame: %v", t, err), cause: errUnencodable}
 	}
 	size := len(out) - start - frameHeaderLen
 	if uint64(size) > 1<<32-1 {
@@ -269,6 +271,10 @@ func appendFrame(dst []byte, t FrameType, m proto.Message) ([]byte, error) {
 	binary.LittleEndian.PutUint32(out[start+1:], uint32(size))
 	return out, nil
 }
+
+// errUnencodable marks the error of a frame that could not be encoded: the
+// stream it was for is unharmed, and sending it again would fail again.
+var errUnencodable = errors.New("h3x: frame cannot be encoded")
 
 // appendRawFrame appends a frame with an already-encoded payload to dst.
 func appendRawFrame(dst []byte, t FrameType, payload []byte) []byte {

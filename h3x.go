@@ -89,6 +89,7 @@ package h3x
 
 import (
 	"time"
+	"unicode/utf8"
 )
 
 // ProtocolVersion is the wire protocol version this package speaks.
@@ -126,4 +127,31 @@ func (e *Event) size() int {
 		n += len(k) + len(v)
 	}
 	return n
+}
+
+// notUTF8 names the first of the event's text fields that is not valid
+// UTF-8, or returns "". The wire carries them as protobuf strings, which
+// must be valid UTF-8: such an event can be neither sent nor delivered.
+func (e *Event) notUTF8() string {
+	switch {
+	case !utf8.ValidString(e.ID):
+		return "ID"
+	case !utf8.ValidString(e.Namespace):
+		return "Namespace"
+	case !utf8.ValidString(e.Type):
+		return "Type"
+	case !utf8.ValidString(e.Message):
+		return "Message"
+	}
+	for k, v := range e.Metadata {
+		if !utf8.ValidString(k) || !utf8.ValidString(v) {
+			return "Metadata"
+		}
+	}
+	return ""
+}
+
+// notUTF8Error is the refusal of an event whose field is not valid UTF-8.
+func notUTF8Error(field string) *Error {
+	return newError(CodeInvalidArgument, "the event's %s is not valid UTF-8", field)
 }

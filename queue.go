@@ -29,7 +29,11 @@ type Queue interface {
 	// current time. An ID already stored within the dedup window is reported
 	// as PublishDuplicate and not stored again. A namespace at its event or
 	// byte limit refuses the event with an *Error of CodeQueueFull and a
-	// RetryAfter. A non-nil error means the whole batch failed and nothing in
+	// RetryAfter. The built-in queues also refuse, with CodeInvalidArgument,
+	// an event whose ID, Namespace, Type, Message or Metadata is not valid
+	// UTF-8, which the wire cannot carry (the server sets aside any such
+	// event another Queue hands out, as undeliverable). A non-nil error
+	// means the whole batch failed and nothing in
 	// it was acknowledged (some events may still have been stored; a retry
 	// with the same IDs is deduplicated).
 	Enqueue(ctx context.Context, events []Event) ([]PublishResult, error)
@@ -234,9 +238,9 @@ func DeadLetterNamespace(ns string) string { return ns + DeadLetterSuffix }
 
 // Metadata keys set on a dead-lettered event.
 const (
-	MetaDeadLetterAttempts  = "h3x-attempts"         // attempt count when it was dead-lettered
-	MetaDeadLetterReason    = "h3x-last-nack-reason" // the last nack's reason ("lease expired" for an expiry)
-	MetaDeadLetterNamespace = "h3x-original-namespace"
+	MetaDeadLetterAttempts  = "h3x-attempts"           // attempt count when it was dead-lettered
+	MetaDeadLetterReason    = "h3x-last-nack-reason"   // the last nack's reason ("lease expired" for an expiry)
+	MetaDeadLetterNamespace = "h3x-original-namespace" // the namespace it was published to
 )
 
 // Queue defaults, used by both built-in queues.

@@ -1384,6 +1384,7 @@ func (q *badgerQueue) Enqueue(ctx context.Context, events []Event) ([]PublishRes
 	for i := range events {
 		op.evs[i] = events[i]
 		op.sizes[i] = prepareEvent(&op.evs[i], now)
+		refuseUnencodable(&op.evs[i], &op.res[i])
 		n := encodedLen(&op.evs[i])
 		if n > q.maxValue {
 			return q.enqueueFitting(ctx, events)

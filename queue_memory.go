@@ -86,11 +86,12 @@ func (q *memoryQueue) Enqueue(ctx context.Context, events []Event) ([]PublishRes
 	now := time.Now()
 	evs := make([]Event, len(events))
 	sizes := make([]int, len(events))
+	res := make([]PublishResult, len(events))
 	for i := range events {
 		evs[i] = cloneEvent(events[i])
 		sizes[i] = prepareEvent(&evs[i], now)
+		refuseUnencodable(&evs[i], &res[i])
 	}
-	res := make([]PublishResult, len(events))
 	c := q.core
 	c.mu.Lock()
 	defer c.mu.Unlock()

@@ -216,3 +216,32 @@ func TestStatsCountADeadLetterWhileItMoves(t *testing.T) {
 		})
 	}
 }
+
+// Both queues refuse an event whose text is not valid UTF-8, which no
+// EventsBatch can carry, and store its neighbours (RELIABILITY.md finding
+// 115).
+func TestQueuesRefuseTextThatIsNotUTF8(t *testing.T) {
+	for _, tc := range bothQueues() {
+		t.Run(tc.name, func(t *testing.T) {
+			q := tc.open(t, QueueOptions{})
+			res := rqEnq(t, q,
+				Event{ID: "id-\xff", Namespace: "ns"},
+				Event{Namespace: "ns", Type: "t\xff"},
+				Event{Namespace: "ns", Metadata: map[string]string{"k\xff": "v"}},
+				Event{ID: "good", Namespace: "ns", Message: "ok"},
+			)
+			for i, r := range res[:3] {
+				if r.Status != PublishRefused || !errors.Is(r.Err, ErrInvalidArgument) {
+					t.Errorf("event %d: %v %v, want refused with ErrInvalidArgument", i, r.Status, r.Err)
+				}
+			}
+			if res[3].Status != PublishStored {
+				t.Fatalf("the valid neighbour: %v %v", res[3].Status, res[3].Err)
+			}
+			ls := rqLease(t, q, "h", "ns", 10, time.Minute)
+			if len(ls) != 1 || ls[0].Event.ID != "good" {
+				t.Fatalf("leased %v, want only the valid event", ls)
+			}
+		})
+	}
+}

@@ -749,6 +749,13 @@ func (c *queueCore) recountRec(e *qentry, fx *effects) {
 // truncated (at a UTF-8 boundary).
 const maxNackReason = 1 << 10
 
+// nackReason is reason as it is kept: valid UTF-8 (anything else replaced
+// by U+FFFD, since it is sent as a protobuf string in dead letters' metadata)
+// and at most maxNackReason bytes.
+func nackReason(reason string) string {
+	return truncateUTF8(strings.ToValidUTF8(reason, "\uFFFD"), maxNackReason)
+}
+
 // truncateUTF8 returns s cut to at most n bytes without splitting a rune.
 func truncateUTF8(s string, n int) string {
 	if len(s) <= n {
@@ -915,6 +922,9 @@ func (c *queueCore) accept(evs []Event, sizes []int, enq int64, res []PublishRes
 	for i := range evs {
 		ev := &evs[i]
 		res[i].ID = ev.ID
+		if res[i].Status == PublishRefused {
+			continue // refused by the caller (refuseUnencodable)
+		}
 		var key dedupKey
 		if c.dedup != nil {
 			key = c.dedup.keyOf(ev.ID)
@@ -956,6 +966,18 @@ func (c *queueCore) accept(evs []Event, sizes []int, enq int64, res []PublishRes
 		out = append(out, e)
 	}
 	return out
+}
+
+// refuseUnencodable refuses, in res, the event ev if a text field of it is
+// not valid UTF-8: the wire could carry it to no consumer, and every fetch
+// of its namespace would stumble on it. It reports whether it refused.
+func refuseUnencodable(ev *Event, res *PublishResult) bool {
+	f := ev.notUTF8()
+	if f == "" {
+		return false
+	}
+	*res = PublishResult{ID: ev.ID, Status: PublishRefused, Err: notUTF8Error(f)}
+	return true
 }
 
 // queueFullRetryAfter is the RetryAfter of a refusal for a full namespace.
@@ -1251,7 +1273,7 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	reason = truncateUTF8(reason, maxNackReason)
+	reason = nackReason(reason)
 	res := make([]SettleResult, len(refs))
 	c.mu.Lock()
 	if c.closed {

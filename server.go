@@ -100,8 +100,11 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 	s.registry = cfg.registry
 	if s.registry == nil {
 		r, err := RegistryFromEnv()
-		if err != nil {
+		switch {
+		case errors.Is(err, ErrNoRegistry):
 			return nil, fmt.Errorf("h3x: no registry: pass WithRegistry or set H3X_REGISTRY: %w", err)
+		case err != nil:
+			return nil, err // it names H3X_REGISTRY and what is wrong
 		}
 		s.registry = r
 	}

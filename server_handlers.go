@@ -285,7 +285,7 @@ func (ss *sessionStream) fetch(ctx context.Context, m *h3xpb.FetchEvents) (Frame
 			leases = ss.linger(ctx, req, leases)
 		}
 		leases = ss.fitEncoded(leases, 2*maxBytes)
-		leases = ss.setAsideOversize(rid, leases)
+		leases = ss.setAsideUndeliverable(rid, leases)
 		if len(leases) > 0 {
 			c.delivered(ss, leases, room)
 			reportDelivered(c.srv.cfg.hooks, leases, time.Since(deadline.Add(-wait)))
@@ -350,19 +350,33 @@ func (ss *sessionStream) fitEncoded(leases []Lease, limit int) []Lease {
 	return leases[:keep]
 }
 
-// undeliverableDelay is how long an event too large for the server's frames
-// waits before it is leased again (see setAsideOversize).
+// undeliverableDelay is how long an event no client of this server could
+// read waits before it is leased again (see setAsideUndeliverable).
 const undeliverableDelay = 30 * time.Second
 
-// setAsideOversize takes out of leases an event whose delivery alone would
-// be a frame larger than the server's maximum (stored under a larger one: a
-// restart with a lower WithMaxFrameSize, or a queue shared with such a
-// server), which no client of this server could read: it is nacked with a
-// delay and a reason, so the namespace's other events go on, and after
-// MaxAttempts it moves to the dead-letter namespace, where it waits for a
-// server with larger frames. (Batches of several leases fit: fitEncoded
-// keeps them within twice the byte budget, at most the frame size.)
-func (ss *sessionStream) setAsideOversize(rid uint64, leases []Lease) []Lease {
+// setAsideUndeliverable takes out of leases the events no client of this
+// server could read, and nacks each with a delay and a reason, so that the
+// namespace's other events go on; after MaxAttempts such an event moves to
+// the dead-letter namespace. They are:
+//   - an event with a text field that is not valid UTF-8, which a protobuf
+//     string cannot carry (the built-in queues refuse such events, a custom
+//     Queue may not);
+//   - an event whose delivery alone would be a frame larger than the
+//     server's maximum (stored under a larger one: a restart with a lower
+//     WithMaxFrameSize, or a queue shared with such a server); it waits in
+//     its dead-letter namespace for a server with larger frames. (Batches of
+//     several leases fit: fitEncoded keeps them within twice the byte
+//     budget, at most the frame size.)
+func (ss *sessionStream) setAsideUndeliverable(rid uint64, leases []Lease) []Lease {
+	keep := leases[:0]
+	for i := range leases {
+		if f := leases[i].Event.notUTF8(); f != "" {
+			ss.setAside(&leases[i], fmt.Sprintf("its %s is not valid UTF-8", f))
+			continue
+		}
+		keep = append(keep, leases[i])
+	}
+	leases = keep
 	limit := ss.c.srv.cfg.maxFrameSize
 	if len(leases) != 1 || leaseWireSize(&leases[0]) <= limit {
 		return leases
@@ -371,14 +385,18 @@ func (ss *sessionStream) setAsideOversize(rid uint64, leases []Lease) []Lease {
 	if n <= limit {
 		return leases
 	}
-	l := &leases[0]
-	reason := fmt.Sprintf("its delivery is a frame of %d bytes, larger than this server's maximum frame size of %d", n, limit)
+	ss.setAside(&leases[0], fmt.Sprintf("its delivery is a frame of %d bytes, larger than this server's maximum frame size of %d", n, limit))
+	return nil
+}
+
+// setAside nacks l, which cannot be delivered for reason, with
+// undeliverableDelay.
+func (ss *sessionStream) setAside(l *Lease, reason string) {
 	ss.c.logger.Warn("h3x: an event cannot be delivered: "+reason, "id", l.Event.ID, "namespace", l.Event.Namespace)
 	ref := LeaseRef{ID: l.Event.ID, Attempt: l.Attempt, Namespace: l.Event.Namespace}
 	if _, err := ss.c.srv.queue.Nack(ss.c.srv.stopCtx, ss.c.id, []LeaseRef{ref}, undeliverableDelay, reason); err != nil {
-		ss.c.logger.Warn("h3x: setting aside an event too large to deliver", "id", l.Event.ID, "err", err)
+		ss.c.logger.Warn("h3x: setting aside an event that cannot be delivered", "id", l.Event.ID, "err", err)
 	}
-	return nil
 }
 
 // leaseWireSize bounds the encoding of l's Delivery in an EventsBatch from

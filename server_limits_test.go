@@ -888,3 +888,46 @@ func TestAnswerCostCountsEveryOutcome(t *testing.T) {
 		}
 	}
 }
+
+// corruptingQueue hands out the event with ID "bad" with a Message that is
+// not valid UTF-8, as a custom Queue that does not check its input may.
+type corruptingQueue struct{ Queue }
+
+func (q corruptingQueue) Lease(ctx context.Context, req LeaseRequest) ([]Lease, error) {
+	ls, err := q.Queue.Lease(ctx, req)
+	for i := range ls {
+		if ls[i].Event.ID == "bad" {
+			ls[i].Event.Message = "not UTF-8: \xff"
+		}
+	}
+	return ls, err
+}
+
+// An event a custom Queue hands out with a text field that is not valid
+// UTF-8 cannot be encoded in an EventsBatch. The server gave the batch back
+// unseen and left the fetch unanswered, so every fetch of the namespace
+// stalled on it for good (RELIABILITY.md finding 115). Such an event is now
+// set aside like one too large to deliver, and the fetch gets the others.
+func TestUnencodableLeaseIsSetAside(t *testing.T) {
+	q := NewMemoryQueue(QueueOptions{})
+	s := testServer(t, WithQueue(corruptingQueue{q}))
+	c := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.Publish(ctx, Event{ID: "bad", Namespace: "orders"}, Event{ID: "good", Namespace: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	fctx, fcancel := context.WithTimeout(ctx, 4*time.Second)
+	defer fcancel()
+	ds, err := c.Fetch(fctx, 10, "orders")
+	if err != nil {
+		t.Fatalf("fetch: %v", err)
+	}
+	if len(ds) != 1 || ds[0].Event.ID != "good" {
+		t.Fatalf("fetched %d deliveries %v, want the good event only", len(ds), ds)
+	}
+	stats, err := q.Stats(ctx, "orders")
+	if err != nil || len(stats) != 1 || stats[0].Delayed != 1 {
+		t.Fatalf("stats %+v, %v: want the unencodable event set aside (delayed)", stats, err)
+	}
+}

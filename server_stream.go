@@ -379,6 +379,11 @@ func (ss *sessionStream) answer(l *lane, r *reply) {
 		// A batch the stream did not take is given back at once.
 		if err := ss.fw.writeAndWait(r.t, r.msg); err != nil {
 			ss.c.releaseUnsent(b)
+			if errors.Is(err, errUnencodable) {
+				// Not the stream's fault: the request still gets an answer.
+				ss.c.logger.Error("h3x: a batch could not be encoded", "err", err)
+				ss.fw.write(FrameError, errorToWire(newError(CodeInternal, "the batch could not be encoded"), b.GetRequestId()))
+			}
 		}
 	} else {
 		ss.fw.write(r.t, r.msg)
