@@ -40,10 +40,16 @@ silently slowing the load (no coordinated omission).
 Without --addr, bench starts an embedded server on a random loopback port
 with a temporary data directory (--durability, --queue); with --addr it
 targets a running server with the usual client flags, in namespace --ns.
+A flag that would be ignored is a usage error: a client flag (--client,
+--token, --fingerprint, --ca-file, --insecure) without --addr, an
+embedded-server flag with it, --data-dir or --durability with --queue
+memory. (Their environment variables are not refused, only ignored.)
 Consumers ack what they receive and ignore (but ack) events of other runs.
 
 On a terminal, a live progress line is shown on stderr. --json prints the
-results as one JSON object.`
+results as one JSON object. Events refused by the server (a namespace the
+client may not publish to, say) make bench exit with status 1 after its
+results; their publish→ack time is not counted.`
 
 type benchFlags struct {
 	client     clientFlags
@@ -152,7 +158,7 @@ func runBench(ctx context.Context, e *cmdEnv, args []string) error {
 	fs.int64Var(&f.count, "count", "", 0, "publish this many events in all instead of for --duration")
 	fs.floatVar(&f.rate, "rate", "", 0, "total publish rate in `events/s` on a fixed schedule (0: as fast as possible)")
 	fs.intVar(&f.batch, "batch", "", 100, "events per publish request (at most 1000)")
-	fs.intVar(&f.inflight, "inflight", "", 4, "publish requests in flight per publisher (with --rate, default 64: enough that slow answers do not hold back the schedule)")
+	fs.intVar(&f.inflight, "inflight", "", 0, "publish requests in flight per publisher (default 4; with --rate 64, enough that slow answers do not hold back the schedule)")
 	fs.intVar(&f.fetch, "fetch", "", 256, "events per fetch of a consumer")
 	fs.durationVar(&f.drain, "drain", "", 30*time.Second, "after publishing, wait at most this long for consumers to catch up")
 	fs.boolVar(&f.jsonOut, "json", "", false, "print the results as JSON")
@@ -162,6 +168,12 @@ func runBench(ctx context.Context, e *cmdEnv, args []string) error {
 	}
 	if err := fs.noArgs(); err != nil {
 		return err
+	}
+	if !fs.cli["inflight"] {
+		f.inflight = 4
+		if f.rate > 0 {
+			f.inflight = 64
+		}
 	}
 	switch {
 	case f.publishers < 1:
@@ -188,16 +200,25 @@ func runBench(ctx context.Context, e *cmdEnv, args []string) error {
 		return usagef("give --duration or --count, not both")
 	case f.count == 0 && f.duration <= 0:
 		return usagef("--duration must be positive")
-	case f.client.addr == "" && fs.cli["token"]:
-		return usagef("--token is for a running server (--addr); the embedded server makes its own")
-	case f.client.addr != "" && (fs.cli["queue"] || fs.cli["durability"] || fs.cli["data-dir"] || fs.cli["server-logs"]):
-		return usagef("--queue, --durability, --data-dir and --server-logs are for the embedded server, not a running one (--addr)")
+	}
+	// Flags given on the command line that would be ignored. (Their
+	// variables are not refused: they may be set for the other commands.)
+	if f.client.addr == "" {
+		if err := fs.ignoredFlags("for a running server (--addr); the embedded server makes its own",
+			"client", "token", "fingerprint", "ca-file", "insecure"); err != nil {
+			return err
+		}
+		if f.queue.v == "memory" {
+			if err := fs.ignoredFlags("for the badger queue, not --queue memory", "durability", "data-dir"); err != nil {
+				return err
+			}
+		}
+	} else if err := fs.ignoredFlags("for the embedded server, not a running one (--addr)",
+		"queue", "durability", "data-dir", "server-logs"); err != nil {
+		return err
 	}
 	if err := h3x.ValidateNamespace(f.ns); err != nil {
 		return usagef("--ns %q: %v", f.ns, strings.TrimPrefix(err.Error(), "h3x: invalid argument: "))
-	}
-	if f.rate > 0 && !fs.cli["inflight"] {
-		f.inflight = 64
 	}
 
 	res := benchResult{
@@ -251,10 +272,13 @@ func runBench(ctx context.Context, e *cmdEnv, args []string) error {
 	if f.jsonOut {
 		enc := json.NewEncoder(e.stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(res)
+		if err := enc.Encode(res); err != nil {
+			return err
+		}
+	} else {
+		printBench(e.stdout, &res)
 	}
-	printBench(e.stdout, &res)
-	return nil
+	return b.refusedError(&res)
 }
 
 // startEmbedded starts the embedded server and points f.client at it.
@@ -326,7 +350,8 @@ type bench struct {
 	consDone                                  chan struct{}
 	consDoneOnce                              sync.Once
 
-	firstErr atomic.Pointer[error] // the first failed publish
+	firstErr     atomic.Pointer[error]  // the first failed publish
+	firstRefusal atomic.Pointer[string] // why the first refused event was refused
 
 	mu                   sync.Mutex
 	ackHist, deliverHist *hdrhistogram.Histogram
@@ -433,13 +458,15 @@ func (b *bench) run(ctx context.Context, res *benchResult) error {
 	pwg.Wait()
 	pubEnd := time.Now()
 
-	// Let the consumers catch up with what was stored.
-	b.target.Store(max(b.published.Load()+b.duplicates.Load(), 1))
-	if b.consumed.Load() >= b.target.Load() {
+	// Let the consumers catch up with what was stored (when nothing was,
+	// there is nothing to wait for).
+	stored := b.published.Load() + b.duplicates.Load()
+	b.target.Store(max(stored, 1))
+	if stored == 0 || b.consumed.Load() >= b.target.Load() {
 		b.consDoneOnce.Do(func() { close(b.consDone) })
 	}
 	drained := true
-	if len(b.cons) > 0 {
+	if len(b.cons) > 0 && stored > 0 {
 		t := time.NewTimer(b.f.drain)
 		select {
 		case <-b.consDone:
@@ -481,6 +508,19 @@ func (b *bench) run(ctx context.Context, res *benchResult) error {
 		fmt.Fprintf(b.e.stderr, "h3x bench: warning: %d publish requests failed; first: %s\n", res.PublishErrors, oneLine(*p))
 	}
 	return nil
+}
+
+// refusedError is the failure of a bench whose server refused events, as
+// inject's: the results are printed, then this, with status 1.
+func (b *bench) refusedError(res *benchResult) error {
+	if res.Refused == 0 {
+		return nil
+	}
+	first := ""
+	if p := b.firstRefusal.Load(); p != nil {
+		first = "; first: " + *p
+	}
+	return fmt.Errorf("%d of %d events refused%s", res.Refused, res.Refused+res.Published+res.Duplicates, first)
 }
 
 func round1(v float64) float64 { return float64(int64(v*10+0.5)) / 10 }
@@ -594,11 +634,19 @@ func (b *bench) publisher(ctx, pctx context.Context, c *h3x.Client, start, end t
 						dups++
 					default:
 						b.refused.Add(1)
+						if b.firstRefusal.Load() == nil {
+							msg := fmt.Sprint(r.Err)
+							b.firstRefusal.CompareAndSwap(nil, &msg)
+						}
 					}
 				}
 				b.published.Add(stored)
 				b.duplicates.Add(dups)
-				record(h, took, int64(n))
+				// Only events acknowledged as durable have a publish→ack
+				// time (a duplicate's is: the server has it).
+				if stored+dups > 0 {
+					record(h, took, stored+dups)
+				}
 			}
 		})
 	}

@@ -31,6 +31,7 @@ type clientFlags struct {
 	timeout     time.Duration
 	verbose     bool
 	namespaces  []string // asked for with h3x.WithNamespaces, for messages
+	fs          *flagSet // where the flags were registered, for messages
 }
 
 func (c *clientFlags) register(fs *flagSet) {
@@ -40,6 +41,7 @@ func (c *clientFlags) register(fs *flagSet) {
 
 // registerCommon registers every connection flag but --addr.
 func (c *clientFlags) registerCommon(fs *flagSet) {
+	c.fs = fs
 	fs.stringVar(&c.clientID, "client", "H3X_CLIENT_ID", defaultClientID, "client `id` to authenticate as")
 	fs.stringVar(&c.token, "token", "H3X_TOKEN", "", "client `token` (prefer $H3X_TOKEN: flags show in ps)")
 	fs.stringVar(&c.fingerprint, "fingerprint", "H3X_FINGERPRINT", "", "trust exactly the server certificate with this SHA-256 `hex` (h3x serve logs it when it has no TLS files)")
@@ -50,13 +52,22 @@ func (c *clientFlags) registerCommon(fs *flagSet) {
 	fs.boolVar(&c.verbose, "v", "", false, "log the client's connection events to stderr")
 }
 
+// src names where the value of flag name came from, for messages: the
+// flag, or the environment variable that set it.
+func (c *clientFlags) src(name string) string {
+	if c.fs == nil {
+		return "--" + name
+	}
+	return c.fs.source(name)
+}
+
 // options checks the flags and returns the client options they give.
 func (c *clientFlags) options(e *cmdEnv) ([]h3x.ClientOption, error) {
 	if c.token == "" {
 		return nil, usagef("no token: set $H3X_TOKEN or pass --token")
 	}
 	if _, _, err := net.SplitHostPort(c.addr); err != nil {
-		return nil, usagef("--addr %q: %v", c.addr, err)
+		return nil, usagef("%s %q: %v", c.src("addr"), c.addr, err)
 	}
 	if c.timeout <= 0 {
 		return nil, usagef("--timeout must be positive")
@@ -68,6 +79,11 @@ func (c *clientFlags) options(e *cmdEnv) ([]h3x.ClientOption, error) {
 		}
 	}
 	if n > 1 {
+		// One of them on the command line overrides the environment of
+		// all of them: here they all came from one or the other.
+		if c.fs != nil && !c.fs.cliInGroup("fingerprint") {
+			return nil, usagef("$H3X_FINGERPRINT, $H3X_CA_FILE and $H3X_INSECURE exclude each other (one of --fingerprint, --ca-file and --insecure overrides them all)")
+		}
 		return nil, usagef("--fingerprint, --ca-file and --insecure exclude each other")
 	}
 	opts := []h3x.ClientOption{
@@ -158,9 +174,9 @@ func (c *clientFlags) explain(ctx context.Context, err error) error {
 	case errors.Is(err, h3x.ErrPermissionDenied):
 		return fmt.Errorf("permission denied for client %q", c.clientID)
 	case strings.Contains(err.Error(), "does not match the pinned fingerprint"):
-		return fmt.Errorf("the server at %s presented a certificate whose SHA-256 is not --fingerprint", c.addr)
+		return fmt.Errorf("the server at %s presented a certificate whose SHA-256 is not %s", c.addr, c.src("fingerprint"))
 	case strings.Contains(err.Error(), "is not a hex SHA-256"):
-		return usagef("--fingerprint must be the server certificate's SHA-256 in hex")
+		return usagef("%s must be the server certificate's SHA-256 in hex", c.src("fingerprint"))
 	case errors.As(err, &certErr), errors.As(err, &hostErr), errors.As(err, &invalidErr),
 		strings.Contains(err.Error(), "failed to verify certificate"):
 		// quic-go reports TLS failures as text in a CRYPTO_ERROR.
@@ -168,13 +184,36 @@ func (c *clientFlags) explain(ctx context.Context, err error) error {
 		if i := strings.Index(detail, "x509: "); i >= 0 {
 			detail = detail[i:]
 		}
-		return fmt.Errorf("the server certificate at %s is not trusted: %s (pass --fingerprint, --ca-file or --insecure)", c.addr, detail)
+		msg := fmt.Sprintf("the server certificate at %s is not trusted: %s", c.addr, detail)
+		if hint := c.trustHint(err, detail); hint != "" {
+			msg += " (" + hint + ")"
+		}
+		return errors.New(msg)
 	case isTimeout(err):
 		return fmt.Errorf("cannot reach %s: no answer within %v (is the server running?)", c.addr, c.timeout)
 	case strings.Contains(err.Error(), c.addr):
 		return err
 	}
 	return fmt.Errorf("connecting to %s: %w", c.addr, err)
+}
+
+// trustHint says what to do about a server certificate that failed
+// verification, given the trust flags in use: with none, pass one; with
+// --ca-file, the name dialled must be one the certificate is valid for,
+// and it must be signed by one of the file's CAs.
+func (c *clientFlags) trustHint(err error, detail string) string {
+	var hostErr x509.HostnameError
+	var certErr x509.UnknownAuthorityError
+	switch {
+	case c.caFile == "":
+		return "pass --fingerprint, --ca-file or --insecure"
+	case errors.As(err, &hostErr), strings.Contains(detail, "certificate is valid for"),
+		strings.Contains(detail, "doesn't contain any IP SANs"), strings.Contains(detail, "not valid for any names"):
+		return "dial the server by a name or address the certificate is valid for"
+	case errors.As(err, &certErr), strings.Contains(detail, "unknown authority"):
+		return fmt.Sprintf("checked against the CA certificates of %s %s only", c.src("ca-file"), c.caFile)
+	}
+	return ""
 }
 
 func isTimeout(err error) bool {
@@ -185,9 +224,10 @@ func isTimeout(err error) bool {
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
-// namespacesFrom merges --ns values and positional arguments. A value of
-// --ns that came from $H3X_NAMESPACE is a default: namespaces given as
-// arguments replace it.
+// namespacesFrom merges --ns values and positional arguments (wherever
+// they stood among the flags, or after "--"). A value of --ns that came
+// from $H3X_NAMESPACE is a default: namespaces given as arguments replace
+// it.
 func namespacesFrom(fs *flagSet, ns listFlag, args []string) ([]string, error) {
 	var out []string
 	if fs.cli["ns"] || len(args) == 0 {

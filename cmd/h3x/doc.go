@@ -9,7 +9,10 @@
 //	h3x version   print the version
 //
 // Build it with "go build ./cmd/h3x". "h3x <command> -h" lists a command's
-// flags. Every setting that has an environment variable (H3X_ADDR,
+// flags. Flags may come before or after a command's arguments ("h3x tail
+// orders --max 1"); "--" ends the flags, so that every argument after it
+// is an argument even when it begins with '-' ("h3x tail -- -old-ns").
+// Every setting that has an environment variable (H3X_ADDR,
 // H3X_REGISTRY, H3X_TOKEN, ...; .env.example beside this file lists them
 // all) can be given either way, and a flag wins over its variable.
 //

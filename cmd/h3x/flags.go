@@ -30,6 +30,7 @@ type flagSet struct {
 	// --ca-file, --insecure): one of them on the command line overrides
 	// the environment of all of them.
 	groups [][]string
+	args   []string // the positional arguments, from parse
 }
 
 // alternatives makes names a group of flags choosing between alternatives:
@@ -113,9 +114,13 @@ func (fs *flagSet) value(v flag.Value, name, envVar, usage string) {
 
 // parse parses args, then applies the environment to flags not given. It
 // returns errHelp after printing the help for -h, and a usageError for a
-// bad flag or value.
+// bad flag or value. Flags may come before, between and after positional
+// arguments (Args); "--" ends the flags: every argument after it is
+// positional, even one that starts with '-'.
 func (fs *flagSet) parse(args []string) error {
-	if err := fs.Parse(args); err != nil {
+	flags, positional := fs.split(args)
+	fs.args = positional
+	if err := fs.Parse(flags); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			fs.printHelp(fs.e.stdout)
 			return errHelp
@@ -139,6 +144,100 @@ func (fs *flagSet) parse(args []string) error {
 		fs.given[name] = true
 	}
 	return nil
+}
+
+// split separates the flags in args (with their values) from the
+// positional arguments, as the flag package would parse them if it did not
+// stop at the first positional argument: a flag that is not boolean takes
+// the next argument as its value unless written --name=value. "--" ends
+// the flags; a lone "-" is positional. Unknown flags are left for Parse to
+// report.
+func (fs *flagSet) split(args []string) (flags, positional []string) {
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		switch {
+		case a == "--":
+			return flags, append(positional, args[i+1:]...)
+		case len(a) < 2 || a[0] != '-':
+			positional = append(positional, a)
+			continue
+		}
+		flags = append(flags, a)
+		name := strings.TrimPrefix(strings.TrimPrefix(a, "-"), "-")
+		if strings.Contains(name, "=") {
+			continue
+		}
+		f := fs.Lookup(name)
+		if f == nil {
+			continue
+		}
+		if bf, ok := f.Value.(interface{ IsBoolFlag() bool }); ok && bf.IsBoolFlag() {
+			continue
+		}
+		if i+1 < len(args) {
+			i++
+			flags = append(flags, args[i])
+		}
+	}
+	return flags, positional
+}
+
+// Args returns the positional arguments, wherever they stood among the
+// flags. It hides flag.FlagSet's Args, which would hold only those after
+// the last flag.
+func (fs *flagSet) Args() []string { return fs.args }
+
+// NArg is the number of positional arguments.
+func (fs *flagSet) NArg() int { return len(fs.args) }
+
+// Arg returns the i'th positional argument, or "".
+func (fs *flagSet) Arg(i int) string {
+	if i < 0 || i >= len(fs.args) {
+		return ""
+	}
+	return fs.args[i]
+}
+
+// source names where the value of flag name came from, for messages: its
+// environment variable ("$H3X_ADDR") when the environment set it, else the
+// flag ("--addr").
+func (fs *flagSet) source(name string) string {
+	if fs.given[name] && !fs.cli[name] && fs.envOf[name] != "" {
+		return "$" + fs.envOf[name]
+	}
+	return "--" + name
+}
+
+// onCLI returns those of names given on the command line, as "--name",
+// and whether they are several.
+func (fs *flagSet) onCLI(names ...string) (list string, several bool) {
+	var given []string
+	for _, n := range names {
+		if fs.cli[n] {
+			given = append(given, "--"+n)
+		}
+	}
+	switch len(given) {
+	case 0:
+		return "", false
+	case 1:
+		return given[0], false
+	}
+	return strings.Join(given[:len(given)-1], ", ") + " and " + given[len(given)-1], true
+}
+
+// ignoredFlags is the usage error for flags given on the command line
+// that would be ignored: "--a and --b are <why>" (or "--a is <why>").
+func (fs *flagSet) ignoredFlags(why string, names ...string) error {
+	list, several := fs.onCLI(names...)
+	if list == "" {
+		return nil
+	}
+	verb := "is"
+	if several {
+		verb = "are"
+	}
+	return usagef("%s %s %s", list, verb, why)
 }
 
 // noArgs fails with a usage error if positional arguments remain.

@@ -35,7 +35,9 @@ as a string (or in base64).
 --count and --rate make a synthetic load (--size bytes of data each); on a
 terminal, long runs show a progress bar. Events refused by the server make
 inject exit with status 1 after the rest are published. A malformed JSON
-line stops inject with status 1; the lines before it are published.`
+line stops inject with status 1; the lines before it are published. So does
+a failure to write the ids (h3x inject ... | head -1): the error says how
+many events were published.`
 
 type injectFlags struct {
 	client                 clientFlags
@@ -86,6 +88,9 @@ func runInject(ctx context.Context, e *cmdEnv, args []string) error {
 	eventFlags := false
 	for _, name := range []string{"type", "message", "data", "meta", "id", "count", "size"} {
 		eventFlags = eventFlags || fs.cli[name]
+	}
+	if fs.cli["data"] && fs.cli["size"] {
+		return usagef("--size makes a body for events without --data: give one of them")
 	}
 	if f.file != "" && eventFlags {
 		return usagef("--file excludes --type, --message, --data, --meta, --id, --count and --size")
@@ -279,7 +284,23 @@ func publishAll(ctx context.Context, e *cmdEnv, c *h3x.Client, src eventSource, 
 			}
 		}
 		out.add(len(res))
-		return out.flush()
+		if err := out.flush(); err != nil {
+			return outputError{err}
+		}
+		return nil
+	}
+	// stoppedAt adds to a failure to write out the ids how many events
+	// were published: inject sends no more, but those published are stored
+	// whether or not their ids were printed.
+	stoppedAt := func(err error) error {
+		n := fmt.Sprintf("%d events were", published)
+		if total > 0 {
+			n = fmt.Sprintf("%d of %d events were", published, total)
+		}
+		if published == 1 {
+			n = strings.Replace(n, "events were", "event was", 1)
+		}
+		return fmt.Errorf("%w (%s published; not all of their ids were printed)", err, n)
 	}
 
 	// stop settles what is in flight, printing the ids stored, and
@@ -289,6 +310,9 @@ func publishAll(ctx context.Context, e *cmdEnv, c *h3x.Client, src eventSource, 
 			if serr := settle(); serr != nil && err == nil {
 				err = serr
 			}
+		}
+		if errors.As(err, new(outputError)) {
+			return stoppedAt(err)
 		}
 		if errors.Is(err, context.Canceled) {
 			return fmt.Errorf("interrupted after %d events were published", published)
@@ -340,13 +364,20 @@ func publishAll(ctx context.Context, e *cmdEnv, c *h3x.Client, src eventSource, 
 		return err
 	}
 	if err := out.finish(); err != nil {
-		return fmt.Errorf("writing ids: %w", err)
+		return stoppedAt(outputError{err})
 	}
 	if refused > 0 {
 		return fmt.Errorf("%d of %d events refused; first: %s", refused, refused+published, firstRefusal)
 	}
 	return nil
 }
+
+// outputError is a failure to write the ids out (a closed pipe, as in
+// "h3x inject ... | head -1").
+type outputError struct{ err error }
+
+func (o outputError) Error() string { return "writing ids: " + o.err.Error() }
+func (o outputError) Unwrap() error { return o.err }
 
 func sleepUntil(ctx context.Context, t time.Time) error {
 	d := time.Until(t)

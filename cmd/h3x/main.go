@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"regexp"
 	"sort"
 	"strings"
 	"syscall"
@@ -122,14 +123,21 @@ func mainUsage(w io.Writer) {
 	for _, c := range commands {
 		fmt.Fprintf(w, "\t%-8s %s\n", c.name, c.summary)
 	}
-	fmt.Fprintf(w, "\nRun \"h3x <command> -h\" for a command's flags. Flags override the H3X_*\nenvironment variables named in their help.\n")
+	fmt.Fprintf(w, "\nRun \"h3x <command> -h\" for a command's flags. Flags override the H3X_*\nenvironment variables named in their help. Flags may come before or after\na command's arguments; \"--\" ends the flags.\n")
 }
 
 // oneLine flattens an error into one line: joined errors are separated by
-// "; ", and the "h3x: " prefixes of wrapped library errors are dropped
-// (the command already names itself).
+// "; ", and the "h3x: " prefixes of library errors are dropped (the
+// command already names itself). A prefix is an "h3x: " that starts the
+// message or a part of it: after "; " or after the ": " of an error that
+// wraps it ("malformed registry: h3x: ..."). Elsewhere "h3x: " is text to
+// keep, such as the end of a path ("open /etc/h3x: no such file").
 func oneLine(err error) string {
 	s := strings.ReplaceAll(err.Error(), "\n", "; ")
-	s = strings.ReplaceAll(s, "h3x: ", "")
+	s = libPrefix.ReplaceAllString(s, "$1")
 	return strings.TrimSpace(s)
 }
+
+// libPrefix matches the "h3x: " prefixes of an error message, repeated or
+// not, and what precedes them.
+var libPrefix = regexp.MustCompile(`(^|: |; )(?:h3x: )+`)

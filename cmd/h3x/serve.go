@@ -30,7 +30,8 @@ Clients are authorized by a registry (format: see h3x.ParseRegistry), given
 as text (--registry or $H3X_REGISTRY) or a file (--registry-file or
 $H3X_REGISTRY_FILE). Without --tls-cert and --tls-key the server makes a
 self-signed development certificate and logs its SHA-256 fingerprint, which
-clients pin with --fingerprint.
+clients pin with --fingerprint: the "ready" line, with the address and the
+fingerprint, is logged whatever --log-level.
 
 With --metrics-addr it serves Prometheus metrics at /metrics: the h3x_*
 metrics listed in the documentation of github.com/h3x-io/h3x/h3xprom, and
@@ -59,7 +60,7 @@ func runServe(ctx context.Context, e *cmdEnv, args []string) error {
 	fs.stringVar(&f.dataDir, "data-dir", "H3X_DATA_DIR", h3x.DefaultDataDir, "`directory` of the Badger queue")
 	fs.stringVar(&f.tlsCert, "tls-cert", "H3X_TLS_CERT", "", "PEM certificate chain `file`")
 	fs.stringVar(&f.tlsKey, "tls-key", "H3X_TLS_KEY", "", "PEM private key `file`")
-	fs.value(f.durability, "durability", "H3X_DURABILITY", "`mode`: fsync (acknowledge a publish once fsynced: survives power loss) or nosync (survives a process kill)")
+	fs.value(f.durability, "durability", "H3X_DURABILITY", "`mode` of the badger queue: fsync (acknowledge a publish once fsynced: survives power loss) or nosync (survives a process kill)")
 	fs.value(f.queue, "queue", "H3X_QUEUE", "queue `kind`: badger (durable, in --data-dir) or memory (lost on exit)")
 	fs.stringVar(&f.metricsAddr, "metrics-addr", "H3X_METRICS_ADDR", "", "serve Prometheus metrics at http://`address`/metrics (TCP host:port)")
 	fs.value(f.logFormat, "log-format", "H3X_LOG_FORMAT", "log `format`: text or json")
@@ -73,17 +74,31 @@ func runServe(ctx context.Context, e *cmdEnv, args []string) error {
 	if err := fs.noArgs(); err != nil {
 		return err
 	}
+	if _, _, err := net.SplitHostPort(f.addr); err != nil {
+		return usagef("%s %q: %v", fs.source("addr"), f.addr, err)
+	}
 	if (f.tlsCert == "") != (f.tlsKey == "") {
+		if !fs.cli["tls-cert"] && !fs.cli["tls-key"] {
+			return usagef("$H3X_TLS_CERT and $H3X_TLS_KEY go together")
+		}
 		return usagef("--tls-cert and --tls-key go together")
 	}
 	if f.maxAttempts <= 0 {
-		return usagef("--max-attempts must be positive")
+		return usagef("%s must be positive", fs.source("max-attempts"))
 	}
 	if f.ackDeadline <= 0 {
-		return usagef("--ack-deadline must be positive")
+		return usagef("%s must be positive", fs.source("ack-deadline"))
 	}
 	if f.shutdownTimeout <= 0 {
 		return usagef("--shutdown-timeout must be positive")
+	}
+	// Flags given on the command line that would be ignored. Their
+	// variables are not refused: $H3X_DATA_DIR may be set for other runs.
+	if f.queue.v == "memory" {
+		if err := fs.ignoredFlags(fmt.Sprintf("for the badger queue, not the memory queue (%s memory)", fs.source("queue")),
+			"data-dir", "durability"); err != nil {
+			return err
+		}
 	}
 
 	logger := newLogger(e, f.logFormat.v, f.logLvl.v)
@@ -162,7 +177,12 @@ func runServe(ctx context.Context, e *cmdEnv, args []string) error {
 	if metricsLn != nil {
 		ready = append(ready, "metrics", "http://"+metricsLn.Addr().String()+"/metrics")
 	}
-	logger.Info("h3x serve: ready", ready...)
+	// The ready line is logged whatever --log-level (at level INFO, in the
+	// --log-format): it tells where the server listens and the fingerprint
+	// that clients pin.
+	rec := slog.NewRecord(time.Now(), slog.LevelInfo, "h3x serve: ready", 0)
+	rec.Add(ready...)
+	logger.Handler().Handle(context.Background(), rec)
 
 	<-ctx.Done()
 	logger.Info("h3x serve: shutting down (a second signal stops at once)")

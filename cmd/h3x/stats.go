@@ -13,8 +13,9 @@ const statsAbout = `
 Stats prints each namespace's counts: events ready, leased, delayed (nacked
 with a delay) and dead-lettered so far, leases expired so far, stored bytes
 and the age of the oldest ready event ("so far": since the server's queue
-was opened). It lists the given namespaces, or every namespace the
-client may consume.
+was opened). It lists the given namespaces (as arguments or --ns; flags
+may also follow them, and every argument after "--" is a namespace), or
+every namespace the client may consume.
 
 It asks over the admin stream of h3x serve (see "go doc ./cmd/h3x"), which
 shows a client only the namespaces it may consume.`

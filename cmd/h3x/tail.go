@@ -15,7 +15,8 @@ const tailAbout = `
 Tail follows namespaces (as arguments or --ns; default: the client's
 explicit consume grants) and prints each delivery as it arrives, as a JSON
 line (the format inject reads, plus "attempt") or, with --format text, a
-line for people.
+line for people. Flags may also follow the namespaces ("h3x tail orders
+--max 1"); every argument after "--" is a namespace.
 
 With --ack (the default) each delivery is acked once it is written out, so
 tail consumes the events. With --no-ack deliveries stay leased to tail

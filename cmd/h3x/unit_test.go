@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -170,5 +171,67 @@ func TestRunInProcess(t *testing.T) {
 	code = run(context.Background(), []string{"help", "nope"}, strings.NewReader(""), &out, &errb, func(string) string { return "" })
 	if code != 2 {
 		t.Errorf("help nope: %d", code)
+	}
+}
+
+// TestFlagsAfterArguments: flags may follow positional arguments (Go's
+// flag package stops at the first one, so "tail orders --max 1" used to
+// follow the namespaces "orders", "--max" and "1"); "--" ends the flags.
+func TestFlagsAfterArguments(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		pos  []string
+		max  int
+		ack  bool
+		ns   []string
+	}{
+		{[]string{"orders", "--max", "1"}, []string{"orders"}, 1, true, nil},
+		{[]string{"--max", "2", "a", "--ns", "b", "c"}, []string{"a", "c"}, 2, true, []string{"b"}},
+		{[]string{"a", "--ack=false", "b", "--max=3"}, []string{"a", "b"}, 3, false, nil},
+		{[]string{"a", "--ack", "b"}, []string{"a", "b"}, 0, true, nil},
+		{[]string{"--max", "4", "--", "-odd", "--max", "5"}, []string{"-odd", "--max", "5"}, 4, true, nil},
+		{[]string{"a", "--", "--"}, []string{"a", "--"}, 0, true, nil},
+		{[]string{"--ns", "--", "x"}, []string{"x"}, 0, true, []string{"--"}}, // a value, as for the flag package
+		{[]string{"-", "--max", "1"}, []string{"-"}, 1, true, nil},
+		{nil, nil, 0, true, nil},
+	} {
+		e := &cmdEnv{name: "test", stdout: new(bytes.Buffer), stderr: new(bytes.Buffer), getenv: func(string) string { return "" }}
+		fs := newFlagSet(e, "", "")
+		var maxN int
+		var ack bool
+		var ns listFlag
+		fs.intVar(&maxN, "max", "", 0, "")
+		fs.boolVar(&ack, "ack", "", true, "")
+		fs.value(&ns, "ns", "", "")
+		if err := fs.parse(tc.args); err != nil {
+			t.Errorf("%q: %v", tc.args, err)
+			continue
+		}
+		if !slices.Equal(fs.Args(), tc.pos) || fs.NArg() != len(tc.pos) || maxN != tc.max || ack != tc.ack || !slices.Equal(ns, tc.ns) {
+			t.Errorf("%q: arguments %q, --max %d, --ack %v, --ns %q; want %q, %d, %v, %q", tc.args, fs.Args(), maxN, ack, ns, tc.pos, tc.max, tc.ack, tc.ns)
+		}
+	}
+}
+
+// TestOneLine: oneLine drops the "h3x: " prefixes of library errors but
+// keeps "h3x: " inside a message: it used to drop every one, and cut the
+// end of paths named h3x ("open /etc/h3x: no such file" became "open
+// /etc/no such file").
+func TestOneLine(t *testing.T) {
+	for in, want := range map[string]string{
+		"h3x: x":      "x",
+		"h3x: h3x: x": "x",
+		"h3x: authenticating: h3x: unauthenticated: y": "authenticating: unauthenticated: y",
+		"malformed registry: h3x: invalid argument: z": "malformed registry: invalid argument: z",
+		"open /etc/h3x: no such file or directory":     "open /etc/h3x: no such file or directory",
+		"h3x: open /var/lib/h3x: permission denied":    "open /var/lib/h3x: permission denied",
+		"mkdir h3x: h3x: denied":                       "mkdir h3x: denied",
+		"first\nh3x: second\n":                         "first; second;",
+		"a\n\nb":                                       "a; ; b",
+		"the h3x: command":                             "the h3x: command",
+	} {
+		if got := oneLine(errors.New(in)); got != want {
+			t.Errorf("oneLine(%q) = %q, want %q", in, got, want)
+		}
 	}
 }
