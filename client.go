@@ -585,6 +585,11 @@ func (c *Client) retryable(ctx context.Context, cc *clientConn, err error) bool 
 	if ctx.Err() != nil || errors.Is(err, ErrClosed) || errors.Is(err, errWrongAnswer) {
 		return false
 	}
+	if errors.Is(err, errUnencodable) {
+		// The request cannot be encoded (a string that is not UTF-8):
+		// it never will be.
+		return false
+	}
 	if errors.Is(err, ErrFrameTooLarge) {
 		// Either end refused a frame as too large: the same request, or
 		// the same answer (an event above WithMaxFrameSize), would be too
@@ -1208,6 +1213,44 @@ func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]S
 		}
 	}
 	k.reason = nackReason(k.reason) // what the server keeps
+	// A delivery whose ID or namespace is not valid UTF-8 (the application
+	// changed its Event) names no event a queue could hold, and would make
+	// the whole request unencodable: it is answered here, and the others
+	// are sent.
+	var unknown map[int]bool
+	send := ds
+	for i, d := range ds {
+		if !utf8.ValidString(d.Event.ID) || !utf8.ValidString(d.Event.Namespace) {
+			if unknown == nil {
+				unknown = make(map[int]bool)
+				send = append([]*Delivery(nil), ds[:i]...)
+			}
+			unknown[i] = true
+		} else if unknown != nil {
+			send = append(send, d)
+		}
+	}
+	res, err := c.settleSent(ctx, k, send)
+	if err != nil || unknown == nil {
+		return res, err
+	}
+	if len(res) != len(send) {
+		return nil, newError(CodeProtocolViolation, "AckResult has %d outcomes for %d settlements", len(res), len(send))
+	}
+	out := make([]SettleResult, len(ds))
+	for i, j := 0, 0; i < len(ds); i++ {
+		if unknown[i] {
+			out[i] = SettleResult{ID: ds[i].Event.ID, Status: SettleUnknown}
+		} else {
+			out[i] = res[j]
+			j++
+		}
+	}
+	return out, nil
+}
+
+// settleSent is settle for deliveries that can all be sent.
+func (c *Client) settleSent(ctx context.Context, k settleGroup, ds []*Delivery) ([]SettleResult, error) {
 	out := make([]SettleResult, 0, len(ds))
 	for start := 0; start < len(ds); {
 		// The answer is read with the client's limit; the request must fit

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
 )
@@ -180,10 +182,19 @@ func errorToWire(err error, requestID uint64) *h3xpb.Error {
 	}
 	return &h3xpb.Error{
 		Code:         h3xpb.ErrorCode(e.Code),
-		Message:      e.Message,
+		Message:      validUTF8(e.Message), // a custom Queue's text, a path: a protobuf string
 		RetryAfterMs: durationMs(e.RetryAfter),
 		RequestId:    requestID,
 	}
+}
+
+// validUTF8 returns s with anything that is not valid UTF-8 replaced by
+// U+FFFD.
+func validUTF8(s string) string {
+	if utf8.ValidString(s) {
+		return s
+	}
+	return strings.ToValidUTF8(s, "\uFFFD")
 }
 
 func durationMs(d time.Duration) uint32 {

@@ -753,7 +753,7 @@ const maxNackReason = 1 << 10
 // by U+FFFD, since it is sent as a protobuf string in dead letters' metadata)
 // and at most maxNackReason bytes.
 func nackReason(reason string) string {
-	return truncateUTF8(strings.ToValidUTF8(reason, "\uFFFD"), maxNackReason)
+	return truncateUTF8(validUTF8(reason), maxNackReason)
 }
 
 // truncateUTF8 returns s cut to at most n bytes without splitting a rune.

@@ -20,15 +20,18 @@ import (
 // Server is an H3X broker. Create one with NewServer, start it with Start,
 // ListenAndServe or Serve, and stop it with Shutdown or Close.
 type Server struct {
-	cfg      serverConfig
-	logger   *slog.Logger
-	queue    Queue
-	registry Registry
-	tlsConf  *tls.Config
-	quicConf *quic.Config
-	fp       string // SHA-256 fingerprint of the leaf certificate
-	devCert  bool   // the certificate is a self-signed development one
-	holderID string // random prefix of this server's lease holders
+	cfg    serverConfig
+	logger *slog.Logger
+	queue  Queue
+	// checksUTF8 is true when queue is a built-in one, which refuses
+	// events that are not valid UTF-8: their leases need no check.
+	checksUTF8 bool
+	registry   Registry
+	tlsConf    *tls.Config
+	quicConf   *quic.Config
+	fp         string // SHA-256 fingerprint of the leaf certificate
+	devCert    bool   // the certificate is a self-signed development one
+	holderID   string // random prefix of this server's lease holders
 
 	limiters limiters
 
@@ -154,6 +157,10 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 			return nil, err
 		}
 		s.queue = q
+	}
+	switch s.queue.(type) {
+	case *memoryQueue, *badgerQueue:
+		s.checksUTF8 = true
 	}
 	return s, nil
 }

@@ -277,6 +277,34 @@ func (c *serverConn) releaseUnsent(b *h3xpb.EventsBatch) {
 	c.settled(refs)
 }
 
+// releaseUnencodable is releaseUnsent for a batch that could not be
+// encoded: an event in it that is not valid UTF-8 (stored by an older
+// version, say) is set aside as setAsideUndeliverable does, with a counted
+// nack and a delay, and the others are given back unseen.
+func (c *serverConn) releaseUnencodable(b *h3xpb.EventsBatch) {
+	var unseen, bad []LeaseRef
+	for _, d := range b.GetEvents() {
+		ref := LeaseRef{ID: d.GetEvent().GetId(), Attempt: int(d.GetAttempt()), Namespace: d.GetEvent().GetNamespace()}
+		ev := eventFromWire(d.GetEvent())
+		if ev.notUTF8() != "" {
+			bad = append(bad, ref)
+			continue
+		}
+		ref.Unseen = true
+		unseen = append(unseen, ref)
+	}
+	if len(unseen) > 0 {
+		c.giveBack(unseen, "batch not delivered")
+	}
+	if len(bad) > 0 {
+		c.logger.Warn("h3x: events cannot be delivered: their text is not valid UTF-8", "events", len(bad))
+		if _, err := c.srv.queue.Nack(c.srv.stopCtx, c.id, bad, undeliverableDelay, "its text is not valid UTF-8"); err != nil {
+			c.logger.Warn("h3x: setting aside events that cannot be delivered", "err", err)
+		}
+	}
+	c.settled(append(unseen, bad...))
+}
+
 // giveBack nacks leases the server took but did not deliver, as unseen:
 // their attempts do not count.
 func (c *serverConn) giveBack(refs []LeaseRef, why string) {

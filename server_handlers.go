@@ -368,15 +368,17 @@ const undeliverableDelay = 30 * time.Second
 //     several leases fit: fitEncoded keeps them within twice the byte
 //     budget, at most the frame size.)
 func (ss *sessionStream) setAsideUndeliverable(rid uint64, leases []Lease) []Lease {
-	keep := leases[:0]
-	for i := range leases {
-		if f := leases[i].Event.notUTF8(); f != "" {
-			ss.setAside(&leases[i], fmt.Sprintf("its %s is not valid UTF-8", f))
-			continue
+	if !ss.c.srv.checksUTF8 {
+		keep := leases[:0]
+		for i := range leases {
+			if f := leases[i].Event.notUTF8(); f != "" {
+				ss.setAside(&leases[i], fmt.Sprintf("its %s is not valid UTF-8", f))
+				continue
+			}
+			keep = append(keep, leases[i])
 		}
-		keep = append(keep, leases[i])
+		leases = keep
 	}
-	leases = keep
 	limit := ss.c.srv.cfg.maxFrameSize
 	if len(leases) != 1 || leaseWireSize(&leases[0]) <= limit {
 		return leases

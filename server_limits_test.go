@@ -931,3 +931,43 @@ func TestUnencodableLeaseIsSetAside(t *testing.T) {
 		t.Fatalf("stats %+v, %v: want the unencodable event set aside (delayed)", stats, err)
 	}
 }
+
+// A batch that cannot be encoded although the queue is trusted to refuse
+// text that is not UTF-8 (an event stored by an older version): the event
+// is set aside with a counted nack, the others are given back unseen, and
+// the fetch is answered (RELIABILITY.md finding 128).
+func TestUnencodableBatchIsAnsweredAndSetAside(t *testing.T) {
+	reg, err := ParseRegistry("alice:orders=alice-token")
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := NewMemoryQueue(QueueOptions{})
+	s, err := NewServer(WithAddr("127.0.0.1:0"), WithQueue(corruptingQueue{q}), WithRegistry(reg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.checksUTF8 = true // as if the queue were built in: no check before encoding
+	if err := s.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	c := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := c.Publish(ctx, Event{ID: "bad", Namespace: "orders"}, Event{ID: "good", Namespace: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	fctx, fcancel := context.WithTimeout(ctx, 4*time.Second)
+	defer fcancel()
+	if _, err := c.Fetch(fctx, 10, "orders"); !errors.Is(err, ErrInternal) {
+		t.Fatalf("fetch of a batch that cannot be encoded: %v, want ErrInternal at once", err)
+	}
+	stats, err := q.Stats(ctx, "orders")
+	if err != nil || len(stats) != 1 || stats[0].Delayed != 1 || stats[0].Ready != 1 {
+		t.Fatalf("stats %+v, %v: want the unencodable event set aside (delayed) and the other ready", stats, err)
+	}
+	ds, err := c.Fetch(fctx, 10, "orders")
+	if err != nil || len(ds) != 1 || ds[0].Event.ID != "good" || ds[0].Attempt() != 1 {
+		t.Fatalf("second fetch: %v %v, want the good event at attempt 1", ds, err)
+	}
+}

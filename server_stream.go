@@ -373,20 +373,33 @@ func (ss *sessionStream) finished(l *lane, r *reply) {
 	l.mu.Unlock()
 }
 
+// answerUnencodable answers the request of m, an answer that could not be
+// encoded, with Error{INTERNAL}.
+func (ss *sessionStream) answerUnencodable(m proto.Message) {
+	var rid uint64
+	if r, ok := m.(interface{ GetRequestId() uint64 }); ok {
+		rid = r.GetRequestId()
+	}
+	ss.fw.write(FrameError, errorToWire(newError(CodeInternal, "the answer could not be encoded"), rid))
+}
+
 // answer writes r's answer and frees its place in the lane.
 func (ss *sessionStream) answer(l *lane, r *reply) {
 	if b, ok := r.msg.(*h3xpb.EventsBatch); ok && len(b.GetEvents()) > 0 {
 		// A batch the stream did not take is given back at once.
-		if err := ss.fw.writeAndWait(r.t, r.msg); err != nil {
+		if err := ss.fw.writeAndWait(r.t, r.msg); errors.Is(err, errUnencodable) {
+			// Not the stream's fault: the request still gets an answer.
+			ss.c.logger.Error("h3x: a batch could not be encoded", "err", err)
+			ss.c.releaseUnencodable(b)
+			ss.answerUnencodable(b)
+		} else if err != nil {
 			ss.c.releaseUnsent(b)
-			if errors.Is(err, errUnencodable) {
-				// Not the stream's fault: the request still gets an answer.
-				ss.c.logger.Error("h3x: a batch could not be encoded", "err", err)
-				ss.fw.write(FrameError, errorToWire(newError(CodeInternal, "the batch could not be encoded"), b.GetRequestId()))
-			}
 		}
-	} else {
-		ss.fw.write(r.t, r.msg)
+	} else if err := ss.fw.write(r.t, r.msg); errors.Is(err, errUnencodable) {
+		// A string from a custom Queue that is not UTF-8, say: the
+		// request still gets an answer.
+		ss.c.logger.Error("h3x: an answer could not be encoded", "frame", r.t, "err", err)
+		ss.answerUnencodable(r.msg)
 	}
 	if r.held > 0 {
 		r.gate.Release(r.held)

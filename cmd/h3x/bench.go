@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"os"
 	"runtime/pprof"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -218,7 +217,7 @@ func runBench(ctx context.Context, e *cmdEnv, args []string) error {
 		return err
 	}
 	if err := h3x.ValidateNamespace(f.ns); err != nil {
-		return usagef("--ns %q: %v", f.ns, strings.TrimPrefix(err.Error(), "h3x: invalid argument: "))
+		return badNamespace(fs.source("ns"), err)
 	}
 
 	res := benchResult{

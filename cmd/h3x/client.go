@@ -231,17 +231,33 @@ func isTimeout(err error) bool {
 func namespacesFrom(fs *flagSet, ns listFlag, args []string) ([]string, error) {
 	var out []string
 	if fs.cli["ns"] || len(args) == 0 {
+		for _, n := range ns {
+			if err := h3x.ValidateNamespace(n); err != nil {
+				return nil, badNamespace(fs.source("ns"), err)
+			}
+		}
 		out = append(out, ns...)
 	}
 	for _, a := range args {
 		var l listFlag
 		l.Set(a)
+		for _, n := range l {
+			if err := h3x.ValidateNamespace(n); err != nil {
+				return nil, badNamespace("", err)
+			}
+		}
 		out = append(out, l...)
 	}
-	for _, n := range out {
-		if err := h3x.ValidateNamespace(n); err != nil {
-			return nil, usagef("namespace %q: %v", n, strings.TrimPrefix(err.Error(), "h3x: invalid argument: "))
-		}
-	}
 	return out, nil
+}
+
+// badNamespace is the usage error for a namespace ValidateNamespace
+// refused (its error quotes the name), given by src ("--ns",
+// "$H3X_NAMESPACE", or "" for an argument).
+func badNamespace(src string, err error) error {
+	msg := strings.TrimPrefix(err.Error(), "h3x: invalid argument: ")
+	if src == "" {
+		return usagef("%s", msg)
+	}
+	return usagef("%s: %s", src, msg)
 }

@@ -116,7 +116,7 @@ func runInject(ctx context.Context, e *cmdEnv, args []string) error {
 		}
 		if f.ns != "" {
 			if err := h3x.ValidateNamespace(f.ns); err != nil {
-				return usagef("--ns %q: %v", f.ns, strings.TrimPrefix(err.Error(), "h3x: invalid argument: "))
+				return badNamespace(fs.source("ns"), err)
 			}
 		}
 		src = newLineSource(r, f.ns)
@@ -125,7 +125,7 @@ func runInject(ctx context.Context, e *cmdEnv, args []string) error {
 			return usagef("--ns is required")
 		}
 		if err := h3x.ValidateNamespace(f.ns); err != nil {
-			return usagef("--ns %q: %v", f.ns, strings.TrimPrefix(err.Error(), "h3x: invalid argument: "))
+			return badNamespace(fs.source("ns"), err)
 		}
 		if f.count == 0 {
 			f.count = 1
