@@ -98,7 +98,10 @@ const ProtocolVersion = 1
 // ALPN is the TLS application protocol negotiated by H3X connections.
 const ALPN = "h3x/1"
 
-// Event is one structured event.
+// Event is one structured event. Its text fields (ID, Namespace, Type,
+// Message and Metadata) must be valid UTF-8, as the wire carries them as
+// protobuf strings: Publish and the built-in queues refuse an event whose
+// text is not (CodeInvalidArgument). Data may hold any bytes.
 type Event struct {
 	// ID identifies the event. Publishing assigns a UUIDv4 when it is empty;
 	// a client-supplied ID published again within the dedup window is stored
