@@ -749,11 +749,17 @@ func TestBadgerLeaseRecordBesideARefusedEnqueue(t *testing.T) {
 	publishTest(t, q, Event{ID: "a", Namespace: "n"})
 
 	gate := make(chan struct{})
+	held := make(chan struct{})
 	tight := q.reserve * 3 / 4 // enough for a group that adds nothing
 	hold := func(ws []bwrite) bool {
 		for _, w := range ws {
 			for _, e := range w.ents {
 				if e.id == "x" {
+					select { // the writer alone runs this hook
+					case <-held:
+					default:
+						close(held)
+					}
 					<-gate // hold the writer in the group of x
 				}
 			}
@@ -775,8 +781,7 @@ func TestBadgerLeaseRecordBesideARefusedEnqueue(t *testing.T) {
 		}
 		t.Fatalf("writer never had %d ops waiting", n)
 	}
-	waitOps(0)
-	time.Sleep(50 * time.Millisecond) // group 1 taken by the writer
+	<-held // group 1 taken by the writer, which waits in it
 	enqErr := make(chan error, 1)
 	go func() {
 		_, err := q.Enqueue(context.Background(), []Event{{ID: "y", Namespace: "other"}})
@@ -1175,8 +1180,11 @@ func TestBadgerUnwrittenRecordThenFailedAck(t *testing.T) {
 		t.Fatal("ack whose commit failed: no error")
 	}
 	undo()
-	waitFor(t, func() bool { q.wmu.Lock(); defer q.wmu.Unlock(); return len(q.wops) == 0 })
-	time.Sleep(100 * time.Millisecond) // the restored record's group written
+	// The restored record's group written: groups complete in order, so
+	// it has once a barrier queued after it has.
+	if w := (*badgerStore)(q).barrier(); w != nil {
+		<-w.done
+	}
 	q2 := openTestBadger(t, copyLive(t, dir), opts)
 	got := leaseAll(t, q2, "h2", 1, "n")
 	if len(got) != 1 || got[0].Attempt <= 1 {

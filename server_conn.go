@@ -958,8 +958,24 @@ func (s *Stream) SetReadDeadline(t time.Time) error { return s.st.SetReadDeadlin
 func (s *Stream) SetWriteDeadline(t time.Time) error { return s.st.SetWriteDeadline(t) }
 
 // CloseWrite finishes the stream's send side: the peer reads io.EOF after
-// the frames written so far.
-func (s *Stream) CloseWrite() error { return s.st.Close() }
+// the frames written so far. If the peer has already stopped reading (a
+// handler that answered and returned, or a stream the server refused), it
+// returns nil, or the error the peer stopped it with (ErrUnknownFrameType
+// for a frame type the server does not serve), as ReadFrame would.
+func (s *Stream) CloseWrite() error {
+	err := s.st.Close()
+	var se *quic.StreamError
+	if err != nil && errors.As(context.Cause(s.st.Context()), &se) && se.Remote {
+		// quic-go's Close fails with "close called for canceled stream"
+		// once a STOP_SENDING has arrived, which only says that the
+		// FIN is not needed.
+		if se.ErrorCode == 0 {
+			return nil
+		}
+		return connError(se)
+	}
+	return err
+}
 
 // Close ends the stream in both directions.
 func (s *Stream) Close() error {

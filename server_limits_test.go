@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
@@ -886,6 +887,23 @@ func TestAnswerCostCountsEveryOutcome(t *testing.T) {
 		if got := answerCost(tc.t, b); got != tc.want {
 			t.Errorf("%v: answerCost %d, want %d", tc.t, got, tc.want)
 		}
+	}
+}
+
+// An event whose id is not its first field (protobuf allows any order) is
+// counted with the longest id it can hold, not the 36 bytes of an assigned
+// UUID: the estimate stays an upper bound.
+func TestAnswerCostOfAnIDWrittenLast(t *testing.T) {
+	var ev []byte
+	ev = protowire.AppendTag(ev, 2, protowire.BytesType) // namespace first
+	ev = protowire.AppendString(ev, "n")
+	ev = protowire.AppendTag(ev, 1, protowire.BytesType) // then the id
+	ev = protowire.AppendString(ev, strings.Repeat("i", 100))
+	var b []byte
+	b = protowire.AppendTag(b, 2, protowire.BytesType) // SendEvent.events
+	b = protowire.AppendBytes(b, ev)
+	if got, want := answerCost(FrameSendEvent, b), int64(112+len(ev)); got != want {
+		t.Errorf("answerCost %d, want %d (the id may be as long as the event's encoding)", got, want)
 	}
 }
 

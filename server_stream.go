@@ -232,10 +232,11 @@ func answerCost(t FrameType, payload []byte) int64 {
 		if t == FrameSendEvent {
 			// The event's id, which encoders write first (field 1), or the
 			// UUID the server assigns: one field read, not the event's all
-			// (it is decoded next anyway).
-			id = 36
+			// (it is decoded next anyway). An event whose first field is
+			// another counts the longest id it may hold.
+			id = max(36, min(MaxEventIDLen, len(f.b)))
 			if g, k := consumeField(f.b); k > 0 && g.num == 1 && g.typ == protowire.BytesType {
-				id = max(id, len(g.b))
+				id = max(36, len(g.b))
 			}
 		}
 		n += perOutcome + int64(id)
