@@ -1230,6 +1230,18 @@ func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]S
 			send = append(send, d)
 		}
 	}
+	if len(send) == 0 {
+		// Nothing to send, but the call is still one of a closed client,
+		// or of an ended ctx.
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		select {
+		case <-c.closed:
+			return nil, ErrClosed
+		default:
+		}
+	}
 	res, err := c.settleSent(ctx, k, send)
 	if err != nil || unknown == nil {
 		return res, err

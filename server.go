@@ -23,8 +23,9 @@ type Server struct {
 	cfg    serverConfig
 	logger *slog.Logger
 	queue  Queue
-	// checksUTF8 is true when queue is a built-in one, which refuses
-	// events that are not valid UTF-8: their leases need no check.
+	// checksUTF8 is true when queue is (or unwraps to) a built-in one,
+	// which refuses events that are not valid UTF-8: their leases need
+	// no check.
 	checksUTF8 bool
 	registry   Registry
 	tlsConf    *tls.Config
@@ -158,8 +159,10 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 		}
 		s.queue = q
 	}
-	switch s.queue.(type) {
+	switch unwrapQueue(s.queue).(type) {
 	case *memoryQueue, *badgerQueue:
+		// A wrapper (Unwrap) that rewrites events is still caught when
+		// its batch fails to encode (releaseUnencodable).
 		s.checksUTF8 = true
 	}
 	return s, nil

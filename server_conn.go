@@ -961,11 +961,14 @@ func (s *Stream) SetWriteDeadline(t time.Time) error { return s.st.SetWriteDeadl
 // the frames written so far. If the peer has already stopped reading (a
 // handler that answered and returned, or a stream the server refused), it
 // returns nil, or the error the peer stopped it with (ErrUnknownFrameType
-// for a frame type the server does not serve), as ReadFrame would.
+// for a frame type the server does not serve), as ReadFrame would. If the
+// connection has ended, it returns the connection's error.
 func (s *Stream) CloseWrite() error {
 	err := s.st.Close()
+	cause := context.Cause(s.st.Context())
 	var se *quic.StreamError
-	if err != nil && errors.As(context.Cause(s.st.Context()), &se) && se.Remote {
+	switch {
+	case err != nil && errors.As(cause, &se) && se.Remote:
 		// quic-go's Close fails with "close called for canceled stream"
 		// once a STOP_SENDING has arrived, which only says that the
 		// FIN is not needed.
@@ -973,6 +976,10 @@ func (s *Stream) CloseWrite() error {
 			return nil
 		}
 		return connError(se)
+	case err == nil && cause != nil && !errors.Is(cause, quic.ErrStreamClosed):
+		// quic-go's Close succeeds, sending nothing, once the connection
+		// has shut the stream down.
+		return connError(cause)
 	}
 	return err
 }

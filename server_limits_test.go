@@ -876,7 +876,7 @@ func TestAnswerCostCountsEveryOutcome(t *testing.T) {
 		{FrameAckEvent, &h3xpb.AckEvent{RequestId: 7, EventIds: ids, Attempts: []uint32{1, 2, 3}, Namespaces: []string{"a", "b", "c"}}, 3*112 + 6},
 		{FrameNackEvent, &h3xpb.NackEvent{RequestId: 7, EventIds: ids, Reason: "r", DelayMs: 5}, 3*112 + 6},
 		{FrameExtendLease, &h3xpb.ExtendLease{RequestId: 7, EventIds: ids, Namespaces: []string{"a", "b", "c"}}, 3*112 + 6},
-		{FrameSendEvent, &h3xpb.SendEvent{RequestId: 7, Events: []*h3xpb.EventPayload{{Namespace: "n"}, {Id: strings.Repeat("i", 40), Namespace: "n"}}}, 2*112 + 36 + 40},
+		{FrameSendEvent, &h3xpb.SendEvent{RequestId: 7, Events: []*h3xpb.EventPayload{{Namespace: "n"}, {Id: strings.Repeat("i", 40), Namespace: "n"}}}, 2*112 + 36 + 45},
 		{FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 7, Namespaces: []string{"a"}, Limit: 10}, 0},
 	}
 	for _, tc := range tests {

@@ -230,14 +230,11 @@ func answerCost(t FrameType, payload []byte) int64 {
 		}
 		id := len(f.b) // an event id
 		if t == FrameSendEvent {
-			// The event's id, which encoders write first (field 1), or the
-			// UUID the server assigns: one field read, not the event's all
-			// (it is decoded next anyway). An event whose first field is
-			// another counts the longest id it may hold.
+			// The event's id, or the UUID the server assigns: at most the
+			// event's encoding, and never more than MaxEventIDLen (a longer
+			// one is refused and not echoed). Nothing is decoded: the id
+			// may be any field of the event, or several (the last counts).
 			id = max(36, min(MaxEventIDLen, len(f.b)))
-			if g, k := consumeField(f.b); k > 0 && g.num == 1 && g.typ == protowire.BytesType {
-				id = max(36, len(g.b))
-			}
 		}
 		n += perOutcome + int64(id)
 		return nil

@@ -1,7 +1,7 @@
 package h3x_test
 
 // Tests from a review as a first-time embedder (thirteenth session;
-// RELIABILITY.md findings 113–119).
+// RELIABILITY.md findings 113–118).
 
 import (
 	"bytes"
