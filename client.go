@@ -1217,12 +1217,12 @@ func (c *Client) settle(ctx context.Context, k settleGroup, ds []*Delivery) ([]S
 	// changed its Event) names no event a queue could hold, and would make
 	// the whole request unencodable: it is answered here, and the others
 	// are sent.
-	var unknown map[int]bool
+	var unknown []bool // by index in ds; nil when every delivery is sent
 	send := ds
 	for i, d := range ds {
 		if !utf8.ValidString(d.Event.ID) || !utf8.ValidString(d.Event.Namespace) {
 			if unknown == nil {
-				unknown = make(map[int]bool)
+				unknown = make([]bool, len(ds))
 				send = append([]*Delivery(nil), ds[:i]...)
 			}
 			unknown[i] = true

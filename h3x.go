@@ -153,8 +153,3 @@ func (e *Event) notUTF8() string {
 	}
 	return ""
 }
-
-// notUTF8Error is the refusal of an event whose field is not valid UTF-8.
-func notUTF8Error(field string) *Error {
-	return newError(CodeInvalidArgument, "the event's %s is not valid UTF-8", field)
-}

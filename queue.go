@@ -143,6 +143,11 @@ type Lease struct {
 	Deadline time.Time // when the lease expires unless acked, nacked or extended
 }
 
+// ref names l's delivery, to settle it.
+func (l *Lease) ref() LeaseRef {
+	return LeaseRef{ID: l.Event.ID, Attempt: l.Attempt, Namespace: l.Event.Namespace}
+}
+
 // LeaseRef names one delivery to settle: the event's ID and the attempt
 // number it was delivered with.
 //

@@ -976,7 +976,7 @@ func refuseUnencodable(ev *Event, res *PublishResult) bool {
 	if f == "" {
 		return false
 	}
-	*res = PublishResult{ID: ev.ID, Status: PublishRefused, Err: notUTF8Error(f)}
+	*res = PublishResult{ID: ev.ID, Status: PublishRefused, Err: newError(CodeInvalidArgument, "the event's %s is not valid UTF-8", f)}
 	return true
 }
 
@@ -1039,7 +1039,7 @@ func (c *queueCore) giveBack(holder string, out []Lease) {
 		// meanwhile (an ack deadline shorter than the record's write), that
 		// attempt does not count either; had the expiry dead-lettered it,
 		// at MaxAttempts, it stays dead-lettered.
-		if e, _ := c.resolve(holder, LeaseRef{ID: l.Event.ID, Namespace: l.Event.Namespace, Attempt: l.Attempt}); e != nil {
+		if e, _ := c.resolve(holder, l.ref()); e != nil {
 			c.nackEntry(e, now, 0, e.reason, true, &fx)
 		}
 	}

@@ -271,10 +271,16 @@ func (c *serverConn) notifyRateLimit(ns string, retryAfter time.Duration, l Rate
 func (c *serverConn) releaseUnsent(b *h3xpb.EventsBatch) {
 	refs := make([]LeaseRef, len(b.GetEvents()))
 	for i, d := range b.GetEvents() {
-		refs[i] = LeaseRef{ID: d.GetEvent().GetId(), Attempt: int(d.GetAttempt()), Namespace: d.GetEvent().GetNamespace(), Unseen: true}
+		refs[i] = deliveryRef(d)
+		refs[i].Unseen = true
 	}
 	c.giveBack(refs, "batch not delivered")
 	c.settled(refs)
+}
+
+// deliveryRef names the delivery d of a batch, to settle it.
+func deliveryRef(d *h3xpb.Delivery) LeaseRef {
+	return LeaseRef{ID: d.GetEvent().GetId(), Attempt: int(d.GetAttempt()), Namespace: d.GetEvent().GetNamespace()}
 }
 
 // releaseUnencodable is releaseUnsent for a batch that could not be
@@ -284,9 +290,8 @@ func (c *serverConn) releaseUnsent(b *h3xpb.EventsBatch) {
 func (c *serverConn) releaseUnencodable(b *h3xpb.EventsBatch) {
 	var unseen, bad []LeaseRef
 	for _, d := range b.GetEvents() {
-		ref := LeaseRef{ID: d.GetEvent().GetId(), Attempt: int(d.GetAttempt()), Namespace: d.GetEvent().GetNamespace()}
-		ev := eventFromWire(d.GetEvent())
-		if ev.notUTF8() != "" {
+		ref := deliveryRef(d)
+		if ev := eventFromWire(d.GetEvent()); ev.notUTF8() != "" {
 			bad = append(bad, ref)
 			continue
 		}
@@ -297,12 +302,21 @@ func (c *serverConn) releaseUnencodable(b *h3xpb.EventsBatch) {
 		c.giveBack(unseen, "batch not delivered")
 	}
 	if len(bad) > 0 {
-		c.logger.Warn("h3x: events cannot be delivered: their text is not valid UTF-8", "events", len(bad))
-		if _, err := c.srv.queue.Nack(c.srv.stopCtx, c.id, bad, undeliverableDelay, "its text is not valid UTF-8"); err != nil {
-			c.logger.Warn("h3x: setting aside events that cannot be delivered", "err", err)
-		}
+		c.setAside(bad, "its text is not valid UTF-8")
 	}
 	c.settled(append(unseen, bad...))
+}
+
+// setAside nacks leases whose events cannot be delivered, for reason, with
+// undeliverableDelay: a counted attempt, so that after MaxAttempts they
+// move to their dead-letter namespace.
+func (c *serverConn) setAside(refs []LeaseRef, reason string) {
+	for _, r := range refs {
+		c.logger.Warn("h3x: an event cannot be delivered: "+reason, "id", r.ID, "namespace", r.Namespace)
+	}
+	if _, err := c.srv.queue.Nack(c.srv.stopCtx, c.id, refs, undeliverableDelay, reason); err != nil {
+		c.logger.Warn("h3x: setting aside events that cannot be delivered", "err", err)
+	}
 }
 
 // giveBack nacks leases the server took but did not deliver, as unseen:
@@ -328,8 +342,9 @@ func (c *serverConn) frameReader(r io.Reader) *frameReader {
 // deliver.
 func (c *serverConn) giveBackLeases(leases []Lease, why string) {
 	refs := make([]LeaseRef, len(leases))
-	for i, l := range leases {
-		refs[i] = LeaseRef{ID: l.Event.ID, Attempt: l.Attempt, Namespace: l.Event.Namespace, Unseen: true}
+	for i := range leases {
+		refs[i] = leases[i].ref()
+		refs[i].Unseen = true
 	}
 	c.giveBack(refs, why)
 }

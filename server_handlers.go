@@ -372,7 +372,7 @@ func (ss *sessionStream) setAsideUndeliverable(rid uint64, leases []Lease) []Lea
 		keep := leases[:0]
 		for i := range leases {
 			if f := leases[i].Event.notUTF8(); f != "" {
-				ss.setAside(&leases[i], fmt.Sprintf("its %s is not valid UTF-8", f))
+				ss.c.setAside([]LeaseRef{leases[i].ref()}, fmt.Sprintf("its %s is not valid UTF-8", f))
 				continue
 			}
 			keep = append(keep, leases[i])
@@ -387,18 +387,8 @@ func (ss *sessionStream) setAsideUndeliverable(rid uint64, leases []Lease) []Lea
 	if n <= limit {
 		return leases
 	}
-	ss.setAside(&leases[0], fmt.Sprintf("its delivery is a frame of %d bytes, larger than this server's maximum frame size of %d", n, limit))
+	ss.c.setAside([]LeaseRef{leases[0].ref()}, fmt.Sprintf("its delivery is a frame of %d bytes, larger than this server's maximum frame size of %d", n, limit))
 	return nil
-}
-
-// setAside nacks l, which cannot be delivered for reason, with
-// undeliverableDelay.
-func (ss *sessionStream) setAside(l *Lease, reason string) {
-	ss.c.logger.Warn("h3x: an event cannot be delivered: "+reason, "id", l.Event.ID, "namespace", l.Event.Namespace)
-	ref := LeaseRef{ID: l.Event.ID, Attempt: l.Attempt, Namespace: l.Event.Namespace}
-	if _, err := ss.c.srv.queue.Nack(ss.c.srv.stopCtx, ss.c.id, []LeaseRef{ref}, undeliverableDelay, reason); err != nil {
-		ss.c.logger.Warn("h3x: setting aside an event that cannot be delivered", "id", l.Event.ID, "err", err)
-	}
 }
 
 // leaseWireSize bounds the encoding of l's Delivery in an EventsBatch from

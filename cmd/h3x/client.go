@@ -54,12 +54,7 @@ func (c *clientFlags) registerCommon(fs *flagSet) {
 
 // src names where the value of flag name came from, for messages: the
 // flag, or the environment variable that set it.
-func (c *clientFlags) src(name string) string {
-	if c.fs == nil {
-		return "--" + name
-	}
-	return c.fs.source(name)
-}
+func (c *clientFlags) src(name string) string { return c.fs.source(name) }
 
 // options checks the flags and returns the client options they give.
 func (c *clientFlags) options(e *cmdEnv) ([]h3x.ClientOption, error) {
@@ -81,7 +76,7 @@ func (c *clientFlags) options(e *cmdEnv) ([]h3x.ClientOption, error) {
 	if n > 1 {
 		// One of them on the command line overrides the environment of
 		// all of them: here they all came from one or the other.
-		if c.fs != nil && !c.fs.cliInGroup("fingerprint") {
+		if !c.fs.cliInGroup("fingerprint") {
 			return nil, usagef("$H3X_FINGERPRINT, $H3X_CA_FILE and $H3X_INSECURE exclude each other (one of --fingerprint, --ca-file and --insecure overrides them all)")
 		}
 		return nil, usagef("--fingerprint, --ca-file and --insecure exclude each other")
@@ -230,23 +225,26 @@ func isTimeout(err error) bool {
 // it.
 func namespacesFrom(fs *flagSet, ns listFlag, args []string) ([]string, error) {
 	var out []string
-	if fs.cli["ns"] || len(args) == 0 {
-		for _, n := range ns {
+	add := func(src string, names []string) error {
+		for _, n := range names {
 			if err := h3x.ValidateNamespace(n); err != nil {
-				return nil, badNamespace(fs.source("ns"), err)
+				return badNamespace(src, err)
 			}
 		}
-		out = append(out, ns...)
+		out = append(out, names...)
+		return nil
+	}
+	if fs.cli["ns"] || len(args) == 0 {
+		if err := add(fs.source("ns"), ns); err != nil {
+			return nil, err
+		}
 	}
 	for _, a := range args {
 		var l listFlag
 		l.Set(a)
-		for _, n := range l {
-			if err := h3x.ValidateNamespace(n); err != nil {
-				return nil, badNamespace("", err)
-			}
+		if err := add("", l); err != nil {
+			return nil, err
 		}
-		out = append(out, l...)
 	}
 	return out, nil
 }

@@ -293,14 +293,15 @@ func publishAll(ctx context.Context, e *cmdEnv, c *h3x.Client, src eventSource, 
 	// were published: inject sends no more, but those published are stored
 	// whether or not their ids were printed.
 	stoppedAt := func(err error) error {
-		n := fmt.Sprintf("%d events were", published)
+		count := fmt.Sprint(published)
 		if total > 0 {
-			n = fmt.Sprintf("%d of %d events were", published, total)
+			count = fmt.Sprintf("%d of %d", published, total)
 		}
+		noun := "events were"
 		if published == 1 {
-			n = strings.Replace(n, "events were", "event was", 1)
+			noun = "event was"
 		}
-		return fmt.Errorf("%w (%s published; not all of their ids were printed)", err, n)
+		return fmt.Errorf("%w (%s %s published; not all of their ids were printed)", err, count, noun)
 	}
 
 	// stop settles what is in flight, printing the ids stored, and
