@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -130,6 +131,10 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	q.txnMaxWrites = min(maxTxnWrites, max(int(maxBatchSize/int64(skl.MaxNodeSize))/3, 1))
 	q.maxValue = int(bo.ValueThreshold) - deadLetterReserve
 	q.core = newQueueCore(opts, (*badgerStore)(q), false)
+	q.segs = newSegStore(dir, opts.Logger, q.fsync)
+	if bo.InMemory {
+		q.segs.disabled.Store(true) // no files: chunks stay in Badger's memory
+	}
 	q.core.recMaxBytes = int(bo.ValueThreshold) / 2
 	df := diskFree
 	q.diskFree.Store(&df)
@@ -139,7 +144,16 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	if vlog, err := logFiles(q.vdir, ".vlog"); err == nil && len(vlog) > 0 {
 		q.vlogFid = vlog[len(vlog)-1]
 	}
-	if err := q.load(); err != nil {
+	if err := q.segs.open(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	err = q.load()
+	if err == nil {
+		err = q.countSegments()
+	}
+	if err != nil {
+		q.segs.close(false)
 		db.Close()
 		return nil, err
 	}
@@ -242,7 +256,8 @@ func (b badgerLogger) Debugf(f string, a ...any)   { b.logf(slog.LevelDebug, f, 
 // Keys:
 //
 //	'e' ns seq   a chunk: the events of ns that one commit adds, from seq on
-//	             (queue_badger_chunk.go; each event encoded by encodeEvent)
+//	             (queue_badger_chunk.go; each event encoded by encodeEvent), or
+//	             a pointer to where it is in a segment file (queue_badger_segment.go)
 //	'a' ns seq   the chunk's ack record: a bitmap of its acknowledged events
 //	'x' ns seq s the marker of the chunk's event s, moved to the dead-letter namespace
 //	'c' ns       the namespace's event count and bytes (written with every change)
@@ -267,7 +282,8 @@ func (b badgerLogger) Debugf(f string, a ...any)   { b.logf(slog.LevelDebug, f, 
 type badgerQueue struct {
 	core   *queueCore
 	db     *badger.DB
-	ts     *tsClock // the versions of its commits and reads (managed mode)
+	segs   *segStore // the files of the enqueued chunks (queue_badger_segment.go)
+	ts     *tsClock  // the versions of its commits and reads (managed mode)
 	dir    string
 	log    *slog.Logger
 	window time.Duration
@@ -391,9 +407,11 @@ const (
 	keyLeaseRec = 'l'
 	keyMeta     = 'm'
 
-	// storageFormat is the version of the layout; 2 stores events in
-	// chunks (queue_badger_chunk.go), 1 stored one key per event.
-	storageFormat = 2
+	// storageFormat is the version of the layout; 3 stores chunks in
+	// segment files (queue_badger_segment.go), 2 stored them in Badger
+	// (queue_badger_chunk.go; opened, and written as 3 from then on), 1
+	// stored one key per event.
+	storageFormat = 3
 	// eventFormat is the first byte of an encoded event.
 	eventFormat = 1
 )
@@ -655,8 +673,15 @@ func (q *badgerQueue) load() error {
 			if len(v) == 1 && v[0] == 1 {
 				return fmt.Errorf("h3x: badger queue in %s: storage format 1 (one key per event, H3X before chunked storage) cannot be opened by this version, which writes format %d; drain the queue with the older version first", q.dir, storageFormat)
 			}
-			if len(v) != 1 || v[0] != storageFormat {
-				return fmt.Errorf("h3x: badger queue in %s: unknown storage format %v", q.dir, v)
+			if len(v) != 1 || (v[0] != storageFormat && v[0] != 2) {
+				return fmt.Errorf("h3x: badger queue in %s: unknown storage format %v (this version writes %d)", q.dir, v, storageFormat)
+			}
+			if v[0] != storageFormat {
+				// Format 2 holds chunks in place, which format 3 reads
+				// too; older versions must not open what follows.
+				if err := txn.Set(metaFormat, []byte{storageFormat}); err != nil {
+					return fmt.Errorf("h3x: badger queue: upgrade format: %w", err)
+				}
 			}
 		}
 		var hwm uint64
@@ -843,7 +868,7 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns, recount bool) ([]*q
 	it := txn.NewIterator(badger.IteratorOptions{Prefix: nsPrefix(keyEvent, ns.name)})
 	for it.Rewind(); it.Valid(); it.Next() {
 		first := keySeq(it.Item().Key())
-		err := it.Item().Value(func(v []byte) error {
+		err := q.withChunk(it.Item(), func(v []byte) error {
 			st, _, err := loadChunk(txn, ns, first, v)
 			if err != nil {
 				return err
@@ -999,7 +1024,7 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 				continue
 			}
 			first := keySeq(rit.Item().Key())
-			err := rit.Item().Value(func(v []byte) error {
+			err := q.withChunk(rit.Item(), func(v []byte) error {
 				var err error
 				cur, curSeqs, err = loadChunk(txn, ns, first, v)
 				return err
@@ -1083,7 +1108,7 @@ func (s *badgerStore) refill(ns *qns, n int) error {
 		// Once started, a chunk is read to its end (as far as the
 		// read-ahead buffer's bounds allow): Badger copies the whole value
 		// of every item an iterator steps on.
-		err := item.Value(func(v []byte) error {
+		err := q.withChunk(item, func(v []byte) error {
 			more, err := q.refillFrom(txn, ns, first, v)
 			loaded += more
 			if err == errReadAheadFull {
@@ -1469,7 +1494,11 @@ type gtxn struct {
 	recs    []recPut  // the lease records it writes
 	recDels []uint64  // the lease records it deletes
 	deltas  map[string]nsCounter
-	err     error
+	// The chunk pointers it writes and those it deletes or replaces
+	// (queue_badger_segment.go), and its version.
+	segPuts, segDrops []segRef
+	v                 uint64
+	err               error
 }
 
 func (g *group) release() {
@@ -1572,7 +1601,7 @@ func (q *badgerQueue) completer() {
 			}
 		}
 		var syncErr error
-		if q.fsync && durable(batch) {
+		if q.fsync && (durable(batch) || dropsSegments(batch)) {
 			q.statSyncs.Add(1)
 			if p := q.syncBroken.Load(); p != nil {
 				syncErr = *p
@@ -1588,6 +1617,7 @@ func (q *badgerQueue) completer() {
 		}
 		clear(batch)
 		q.ts.discard() // what the completed groups shadowed or deleted can go
+		q.segs.removeRetired(q.ts.oldest())
 	}
 }
 
@@ -1598,6 +1628,19 @@ func durable(batch []*group) bool {
 	for _, g := range batch {
 		for _, op := range g.ops {
 			if op.durable {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// dropsSegments reports whether a group of batch deletes or moves a chunk
+// stored in a segment: it is synced before that segment can be removed.
+func dropsSegments(batch []*group) bool {
+	for _, g := range batch {
+		for _, t := range g.txns {
+			if len(t.segDrops) > 0 {
 				return true
 			}
 		}
@@ -1697,6 +1740,7 @@ func (q *badgerQueue) write(ops []*wop, free uint64, ferr error) *group {
 	g.moved = moves
 	q.writeSettled(&b, g, ops, moves)
 	q.writeChunkFixes(&b, g, fixChunks)
+	q.moveChunks(&b) // after the deletions: a chunk deleted is not moved
 	for i := range recPuts {
 		b.item()
 		b.add(bwrite{key: leaseRecKey(recPuts[i].rec.seq), val: encodeLeaseRec(recPuts[i].entries), rec: &recPuts[i]})
@@ -1745,6 +1789,16 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 			p.vals = append(p.vals, op.vals[i])
 		}
 	}
+	// Encode every chunk into one buffer, written to the segment at once.
+	type chunkPlan struct {
+		ns         *qns
+		ents       []*qentry
+		seqs       []uint64
+		bytes      int64
+		start, end int
+	}
+	var plans []chunkPlan
+	buf := q.segs.buf[:0]
 	for _, p := range order {
 		ns := p.ents[0].ns
 		for len(p.ents) > 0 {
@@ -1764,15 +1818,59 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 				seqs[i] = e.seq
 				bytes += int64(e.size)
 			}
-			ch := &qchunk{ns: ns, first: seqs[0], live: n}
-			for _, e := range ents {
-				e.chunk = ch
-			}
-			b.item(ents...)
-			b.add(bwrite{key: b.seqKey(keyEvent, ns.name, ch.first), val: encodeChunk(make([]byte, 0, size), seqs, vals),
-				newID: true, cnt: true, ns: ns.name, count: int64(n), bytes: bytes})
+			start := len(buf)
+			buf = encodeChunk(buf, seqs, vals)
+			plans = append(plans, chunkPlan{ns: ns, ents: ents, seqs: seqs, bytes: bytes, start: start, end: len(buf)})
 			p.ents, p.vals = p.ents[n:], p.vals[n:]
 		}
+	}
+	if len(plans) == 0 {
+		return
+	}
+	sg, off, err := q.segs.appendChunks(buf)
+	var ptrs []byte
+	if err != nil {
+		// Stored in place instead: the values refer to buf until their
+		// commit, so it is not reused.
+		q.segs.buf = nil
+		if !q.segs.broken && err != errSegmentsDisabled {
+			q.segs.broken = true
+			q.log.Error("h3x: badger queue: cannot write a segment; storing chunks in Badger until one can be written", "err", err)
+		}
+	} else {
+		q.segs.buf = buf
+		q.segs.broken = false
+		ptrs = make([]byte, 0, len(plans)*maxSegPtrLen)
+	}
+	for _, pl := range plans {
+		ch := &qchunk{ns: pl.ns, first: pl.seqs[0], live: len(pl.ents)}
+		for _, e := range pl.ents {
+			e.chunk = ch
+		}
+		w := bwrite{key: b.seqKey(keyEvent, pl.ns.name, ch.first), newID: true, cnt: true, ns: pl.ns.name, count: int64(len(pl.ents)), bytes: pl.bytes}
+		if ptrs == nil {
+			w.val = buf[pl.start:pl.end:pl.end]
+		} else {
+			chunk := buf[pl.start:pl.end]
+			r := &segRef{id: chunkID{pl.ns.name, ch.first}, loc: segLoc{seg: sg.id, off: off + uint64(pl.start), n: uint32(len(chunk)), crc: crc32.Checksum(chunk, castagnoli)}}
+			at := len(ptrs)
+			ptrs = encodeSegPtr(ptrs, r.loc)
+			w.val = ptrs[at:len(ptrs):len(ptrs)]
+			w.segPut = r
+			q.segs.storedLocked(r.id, r.loc)
+		}
+		b.item(pl.ents...)
+		b.add(w)
+	}
+}
+
+// moveChunks writes the pointers of the chunks planMoves moved out of
+// mostly settled segments.
+func (q *badgerQueue) moveChunks(b *txnBuilder) {
+	for _, m := range q.segs.planMoves() {
+		b.item()
+		b.add(bwrite{key: b.seqKey(keyEvent, m.id.ns, m.id.first), val: encodeSegPtr(make([]byte, 0, maxSegPtrLen), m.to),
+			segPut: &segRef{m.id, m.to}, segDrop: &segRef{m.id, m.from}})
 	}
 }
 
@@ -1901,7 +1999,11 @@ func (q *badgerQueue) writeChunkFixes(b *txnBuilder, g *group, chunks []*qchunk)
 			b.add(bwrite{key: b.seqKey(keyAcks, name, f.ch.first), val: f.acked})
 			continue
 		}
-		b.add(bwrite{key: b.seqKey(keyEvent, name, f.ch.first), del: true})
+		w := bwrite{key: b.seqKey(keyEvent, name, f.ch.first), del: true}
+		if l, ok := q.segs.dropping(chunkID{name, f.ch.first}); ok {
+			w.segDrop = &segRef{chunkID{name, f.ch.first}, l}
+		}
+		b.add(w)
 		b.add(bwrite{key: b.seqKey(keyAcks, name, f.ch.first), del: true})
 		for _, seq := range f.moved {
 			b.add(bwrite{key: movedKey(nil, name, f.ch.first, seq), del: true})
@@ -1936,6 +2038,9 @@ func (q *badgerQueue) complete(g *group, syncErr error) {
 			fix[name] = f
 		}
 		q.log.Error("h3x: badger queue: commit failed", "err", t.err)
+	}
+	for _, t := range g.txns {
+		q.segs.done(t.segPuts, t.segDrops, t.v, t.err == nil && syncErr == nil)
 	}
 	errOf := func(e *qentry) error {
 		if g.diskErr != nil {
@@ -2284,6 +2389,9 @@ type bwrite struct {
 	ents   []*qentry // the entries of the item the write begins (nil for its other writes)
 	rec    *recPut   // the lease record it writes, written again if its commit fails
 	recDel uint64    // the lease record it deletes (0: none), deleted again if its commit fails
+	// segPut is the chunk pointer it writes, segDrop the one it deletes
+	// or replaces (nil: none).
+	segPut, segDrop *segRef
 
 	ns           string
 	count, bytes int64
@@ -2444,6 +2552,12 @@ func (b *txnBuilder) record() *gtxn {
 		if w.recDel != 0 {
 			t.recDels = append(t.recDels, w.recDel)
 		}
+		if w.segPut != nil {
+			t.segPuts = append(t.segPuts, *w.segPut)
+		}
+		if w.segDrop != nil {
+			t.segDrops = append(t.segDrops, *w.segDrop)
+		}
 	}
 	for name, c := range b.touched {
 		// A failed commit's changes are taken back from the writer's
@@ -2531,6 +2645,7 @@ func (b *txnBuilder) commit() {
 		g.release()
 	} else {
 		v := b.q.ts.next()
+		t.v = v
 		txn.CommitAt(v, func(err error) {
 			t.err = err
 			b.q.ts.done(v)
@@ -2647,9 +2762,13 @@ func (q *badgerQueue) Close() error {
 			q.walFile = nil
 		}
 		q.syncMu.Unlock()
-		if err := q.db.Close(); err != nil {
+		err := q.db.Close()
+		if err != nil {
 			q.closeErr = fmt.Errorf("h3x: close badger queue: %w", err)
 		}
+		// Badger's Close wrote everything out: the segments no pointer
+		// names can go (unless it failed).
+		q.segs.close(err == nil)
 	})
 	return q.closeErr
 }
@@ -2719,7 +2838,16 @@ func (q *badgerQueue) valueLogGC() error {
 func (q *badgerQueue) syncFiles() error {
 	q.syncMu.Lock()
 	defer q.syncMu.Unlock()
-	return q.syncFilesLocked()
+	segs := q.segs.dirtyFiles()
+	if len(segs) == 0 {
+		return q.syncFilesLocked()
+	}
+	// The segments and Badger's files at once: two device flushes that
+	// overlap cost about one.
+	segErr := make(chan error, 1)
+	go func() { segErr <- q.segs.syncFiles(segs) }()
+	err := q.syncFilesLocked()
+	return errors.Join(err, <-segErr)
 }
 
 func (q *badgerQueue) syncFilesLocked() error {

@@ -340,7 +340,7 @@ func (q *badgerQueue) readStoredEvent(txn *badger.Txn, e *qentry) ([]byte, error
 		return nil, err
 	}
 	var val []byte
-	err = item.Value(func(v []byte) error {
+	err = q.withChunk(item, func(v []byte) error {
 		ev, err := chunkEvent(v, e.chunk.first, e.seq)
 		if err == nil {
 			val = append([]byte(nil), ev...)

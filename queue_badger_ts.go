@@ -115,6 +115,18 @@ func (t *tsClock) discard() {
 	t.db.SetDiscardTs(d)
 }
 
+// oldest returns the version of the oldest read still open, or the applied
+// version if none is: no read, open or to come, sees less than that.
+func (t *tsClock) oldest() uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	d := t.applied
+	for v := range t.readers {
+		d = min(d, v)
+	}
+	return d
+}
+
 // view runs fn in a read-only transaction at the applied version.
 func (t *tsClock) view(fn func(*badger.Txn) error) error {
 	txn := t.read()

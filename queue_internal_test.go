@@ -418,6 +418,7 @@ func TestBadgerQueueTxnSplit(t *testing.T) {
 		o.ValueThreshold = 100 << 10 // events stay in the LSM tree, so they count fully
 	}}
 	q := openTestBadger(t, dir, opts)
+	q.segs.disabled.Store(true) // the chunks in Badger, as when no segment can be written
 	var evs []Event
 	for i := range 100 {
 		evs = append(evs, Event{ID: fmt.Sprintf("big-%03d", i), Namespace: "n", Data: make([]byte, 10<<10)})
@@ -1119,6 +1120,7 @@ func TestBadgerChunkFitsATableBlock(t *testing.T) {
 	}
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{})
+	q.segs.disabled.Store(true) // the chunks in Badger, as when no segment can be written
 	data := bytes.Repeat([]byte{'x'}, 1000)
 	var evs []Event
 	for i := range 1000 {

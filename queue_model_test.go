@@ -810,7 +810,8 @@ func copyLive(t *testing.T, src string) string {
 	return ""
 }
 
-// dirState lists a directory's files, with the manifest's size.
+// dirState lists a directory's files and subdirectories' files, with the
+// manifest's size.
 func dirState(dir string) (string, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -819,6 +820,13 @@ func dirState(dir string) (string, error) {
 	var state string
 	for _, e := range ents {
 		state += e.Name() + " "
+		if e.IsDir() {
+			sub, err := dirState(filepath.Join(dir, e.Name()))
+			if err != nil {
+				return "", err
+			}
+			state += "[" + sub + "] "
+		}
 		if e.Name() == "MANIFEST" {
 			if fi, err := e.Info(); err == nil {
 				state += strconv.FormatInt(fi.Size(), 10) + " "
@@ -828,14 +836,18 @@ func dirState(dir string) (string, error) {
 	return state, nil
 }
 
-// copyFiles copies the files of directory src into dst.
+// copyFiles copies the files of directory src into dst, then its
+// subdirectories (the segments: written before the Badger commits that
+// point into them, so copied after those).
 func copyFiles(src, dst string) error {
 	ents, err := os.ReadDir(src)
 	if err != nil {
 		return err
 	}
+	var dirs []string
 	for _, e := range ents {
 		if e.IsDir() {
+			dirs = append(dirs, e.Name())
 			continue
 		}
 		b, err := os.ReadFile(filepath.Join(src, e.Name()))
@@ -843,6 +855,14 @@ func copyFiles(src, dst string) error {
 			return err
 		}
 		if err := os.WriteFile(filepath.Join(dst, e.Name()), b, 0o644); err != nil {
+			return err
+		}
+	}
+	for _, d := range dirs {
+		if err := os.MkdirAll(filepath.Join(dst, d), 0o755); err != nil {
+			return err
+		}
+		if err := copyFiles(filepath.Join(src, d), filepath.Join(dst, d)); err != nil {
 			return err
 		}
 	}
