@@ -32,9 +32,9 @@ import (
 // Defaults (the zero QueueOptions): DurabilityFsync, a 2-minute dedup
 // window, dead-lettering after 10 attempts, no per-namespace limits, no
 // logging. Badger is tuned for embedding: a process holding a backlog of a
-// million 256-byte events has about 80–140 MB of RSS once the queue has
-// been idle for 30–40 s (on Linux; see badgerOptions); opts.Badger can
-// change any Badger option afterwards.
+// million 256-byte events has about 95–120 MB of RSS, and the one that has
+// just published it peaked at about 165 MB (on Linux; see badgerOptions);
+// opts.Badger can change any Badger option afterwards.
 //
 // What survives what:
 //
@@ -72,10 +72,16 @@ import (
 // of which IDs have left it. Either answer changes nothing.
 //
 // Storage: the events one group commit adds to a namespace are stored
-// together, as one Badger value of up to 1,024 events, and acks as a bitmap
-// per such value. This is storage format 2: a directory written
-// in format 1 (by H3X before 2026-11-26) is refused with an error saying
-// so; drain it with the version that wrote it.
+// together, as one chunk of up to 1,024 events, appended to a segment file
+// in dir/segments; Badger holds where each chunk is, its acks (a bitmap per
+// chunk), the counters, the lease records and the dedup records. A
+// segment's file is removed once none of its chunks is left; the live
+// chunks of a full segment that is mostly settled are moved out, so the
+// segments hold at most about four times the live events' bytes, plus the
+// segment being written (32 MiB). This is storage format 3: a directory of
+// format 2 (chunks in Badger, H3X before 2026-11-27) opens and is format 3
+// from then on; one of format 1 (before 2026-11-26) is refused with an
+// error saying so; drain it with the version that wrote it.
 //
 // With DurabilityFsync, a failed sync is final for this run: the group gets
 // the error, and every later durable write fails with it until the queue is
@@ -172,30 +178,30 @@ var _ Queue = (*badgerQueue)(nil)
 
 // badgerOptions are H3X's Badger defaults: small caches and tables, no
 // compression (event payloads are mostly incompressible or already
-// compressed by their producers). Event values are stored in the LSM tree
-// itself, never in the value log (see inlineThreshold), so the value-log
-// files are the minimum size and the memtables larger (32 MB: with 8 MB,
-// flushes and compactions of the values halved throughput), and the table
-// blocks larger (see maxChunkBytes). Measured with a backlog of a million
-// 256-byte events (H3X_RSS=1 go test -run TestQueueBadgerRSS): a process
-// that opens it has 126–127 MB of RSS (about 90 MB anonymous), 130 MB
-// after leasing and acking 10,000 of it; one that opens it after a kill -9
-// (and so reads all of it once, see load) 87–108 MB once idle for 30 s.
-// The process that has just published it at full speed peaks at 0.82–0.86
-// GB while Badger flushes and compacts: Badger keeps up to eight
-// table-builder buffer sets (a memtable flush's is about 60 MB with these
-// options) and gives one back every 2 s without flushes or compactions,
-// and the Go runtime returns freed memory over the following seconds; it
-// holds 134–136 MB after 40 s idle. (GOMEMLIMIT trims only the collector's
-// headroom of the peak: the buffers are live.) Badger memory-maps
-// its table files, so the pages a process has written or read count in its
-// RSS as file-backed memory (300 MB for the publishing process); the
-// trimmer (queue_badger_trim.go) gives them back while the queue reads none.
+// compressed by their producers). The events' chunks are in segment files
+// (queue_badger_segment.go); the values Badger holds (chunk pointers, ack
+// records, lease records, and chunks only when a segment cannot be written
+// or for dead letters) stay in the LSM tree, never in the value log (see
+// inlineThreshold), so the value-log files are the minimum size, and the
+// table blocks fit a chunk (see maxChunkBytes). Measured with a backlog of
+// a million 256-byte events (H3X_RSS=1 go test -run TestQueueBadgerRSS,
+// 2026-11-27): the process that publishes it at full speed peaks at 166 MB
+// of RSS and holds 96–116 MB once idle; one that opens it holds 118 MB,
+// 120 MB after leasing and acking 10,000 of it; one that opens it after a
+// kill -9 (and so reads all of it once, see load) peaks at 156 MB and
+// holds 83–94 MB once idle for 30 s. (Before the segments, when the chunks
+// went through Badger's memtables, flushes and compactions, the publishing
+// process peaked at 0.82–0.86 GB: Badger's table builders.) Badger
+// memory-maps its table files, so the pages a process has written or read
+// count in its RSS as file-backed memory; the trimmer
+// (queue_badger_trim.go) gives them back while the queue reads none. The
+// segments are read with pread, through the page cache, which is not the
+// process's RSS.
 func badgerOptions(dir string, opts QueueOptions) badger.Options {
 	bo := badger.DefaultOptions(dir)
 	bo.Logger = badgerLogger{opts.Logger}
 	bo.SyncWrites = false      // DurabilityFsync syncs once per run of commits (see syncFiles)
-	bo.MemTableSize = 32 << 20 // values are in the LSM tree: bigger memtables, fewer flushes and compactions
+	bo.MemTableSize = 32 << 20 // fewer flushes and compactions of the lease, ack and dedup records
 	bo.NumMemtables = 2
 	bo.BlockCacheSize = 16 << 20
 	bo.IndexCacheSize = 8 << 20

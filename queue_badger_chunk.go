@@ -9,10 +9,12 @@ import (
 )
 
 // Chunks. The Badger queue stores the events that one group commit adds to a
-// namespace as one value, a chunk, under the key of the chunk's first event
-// ('e' ns first), so Badger's per-entry work (write-ahead log record,
-// skiplist insert, table entry, compaction) is paid once per group and
-// namespace rather than once per event. Events are acknowledged one by one,
+// namespace as one value, a chunk, in a segment file, with a pointer to it
+// under the key of the chunk's first event ('e' ns first;
+// queue_badger_segment.go), so Badger's per-entry work (write-ahead log
+// record, skiplist insert, table entry, compaction) is paid once per group
+// and namespace rather than once per event, on a pointer rather than the
+// events. Events are acknowledged one by one,
 // so a chunk has an ack record ('a' ns first): a bitmap over its sequence
 // numbers, rewritten whole by every group commit that acknowledges events of
 // the chunk. An event moved to its dead-letter namespace gets a marker of
@@ -59,6 +61,9 @@ const maxChunkEvents = 1024
 // events, against 0.75–0.80 GB with these sizes; TestQueueBadgerRSS).
 // Larger blocks cost reads little: the tables are not compressed, so Badger
 // uses a block in place in the table's memory map, without copying it.
+// (Chunks are in Badger's tables only when a segment cannot be written,
+// for dead letters, and in directories of storage format 2; see
+// queue_badger_segment.go.)
 const (
 	maxChunkBytes  = 128 << 10
 	tableBlockSize = 2 * maxChunkBytes

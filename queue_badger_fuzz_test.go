@@ -7,7 +7,7 @@ import (
 
 // FuzzStorageDecoders feeds arbitrary bytes to every decoder of the Badger
 // queue's stored records (events, chunks, lease records, dedup keys, dead
-// letter markers): none
+// letter markers, chunk pointers and chunk keys): none
 // may panic, and what decodes re-encodes to a value that decodes the same.
 //
 //	go test -run '^$' -fuzz FuzzStorageDecoders -fuzztime 1m .
@@ -20,6 +20,8 @@ func FuzzStorageDecoders(f *testing.F) {
 	for _, k := range groupKeys(9, 42, []string{ev.ID, "custom-id"}) {
 		f.Add(k, uint64(9))
 	}
+	f.Add(encodeSegPtr(nil, segLoc{seg: 3, off: 1 << 20, n: 4096, crc: 0xc0ffee}), uint64(0))
+	f.Add(seqKey(keyEvent, "orders", 7), uint64(7))
 	f.Add([]byte{}, uint64(0))
 	f.Fuzz(func(t *testing.T, b []byte, first uint64) {
 		if ev, enq, err := decodeEvent(b); err == nil {
@@ -50,6 +52,16 @@ func FuzzStorageDecoders(f *testing.F) {
 			}
 		}
 		decodeGroupKey(b)
+		if l, err := decodeSegPtr(b); err == nil {
+			if again, err := decodeSegPtr(encodeSegPtr(nil, l)); err != nil || again != l {
+				t.Fatalf("chunk pointer does not round-trip: %+v / %+v, %v", l, again, err)
+			}
+		}
+		if ns, seq, ok := decodeSeqKey(b, keyEvent); ok {
+			if again := seqKey(keyEvent, ns, seq); string(again) != string(b) {
+				t.Fatalf("chunk key does not round-trip: %q / %q", b, again)
+			}
+		}
 		if ns, f, seq, ok := decodeMovedKey(b); ok {
 			if again := movedKey(nil, ns, f, seq); string(again) != string(b) {
 				t.Fatalf("moved key does not round-trip: %q / %q", b, again)

@@ -92,6 +92,9 @@ func encodeSegPtr(b []byte, l segLoc) []byte {
 func isSegPtr(v []byte) bool { return len(v) > 0 && v[0] == segPtrTag }
 
 func decodeSegPtr(v []byte) (segLoc, error) {
+	if !isSegPtr(v) {
+		return segLoc{}, fmt.Errorf("chunk pointer: %w", errCorrupt)
+	}
 	d := decoder{b: v[1:]}
 	l := segLoc{seg: d.uvarint(), off: d.uvarint()}
 	n := d.uvarint()
