@@ -1824,8 +1824,10 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 				seqs[i] = e.seq
 				bytes += int64(e.size)
 			}
+			buf = appendRecordHeader(buf, ns.name, seqs[0])
 			start := len(buf)
 			buf = encodeChunk(buf, seqs, vals)
+			setRecordLen(buf, start)
 			plans = append(plans, chunkPlan{ns: ns, ents: ents, seqs: seqs, bytes: bytes, start: start, end: len(buf)})
 			p.ents, p.vals = p.ents[n:], p.vals[n:]
 		}
@@ -1833,7 +1835,7 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 	if len(plans) == 0 {
 		return
 	}
-	sg, off, err := q.segs.appendChunks(buf)
+	sg, off, err := q.segs.appendRecords(buf)
 	var ptrs []byte
 	if err != nil {
 		// Stored in place instead: the values refer to buf until their
@@ -1847,6 +1849,8 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 		q.segs.buf = buf
 		q.segs.broken = false
 		ptrs = make([]byte, 0, len(plans)*maxSegPtrLen)
+		q.segs.mu.Lock()
+		defer q.segs.mu.Unlock()
 	}
 	for _, pl := range plans {
 		ch := &qchunk{ns: pl.ns, first: pl.seqs[0], live: len(pl.ents)}
@@ -1863,7 +1867,7 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 			ptrs = encodeSegPtr(ptrs, r.loc)
 			w.val = ptrs[at:len(ptrs):len(ptrs)]
 			w.segPut = r
-			q.segs.storedLocked(r.id, r.loc)
+			q.segs.stored(r.loc)
 		}
 		b.item(pl.ents...)
 		b.add(w)
@@ -1873,7 +1877,7 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 // moveChunks writes the pointers of the chunks planMoves moved out of
 // mostly settled segments.
 func (q *badgerQueue) moveChunks(b *txnBuilder) {
-	for _, m := range q.segs.planMoves() {
+	for _, m := range q.planMoves() {
 		b.item()
 		b.add(bwrite{key: b.seqKey(keyEvent, m.id.ns, m.id.first), val: encodeSegPtr(make([]byte, 0, maxSegPtrLen), m.to),
 			segPut: &segRef{m.id, m.to}, segDrop: &segRef{m.id, m.from}})
@@ -1998,6 +2002,12 @@ func (q *badgerQueue) writeChunkFixes(b *txnBuilder, g *group, chunks []*qchunk)
 		fixes = append(fixes, f)
 	}
 	c.mu.Unlock()
+	var txn *badger.Txn // to read the pointers of the chunks deleted
+	defer func() {
+		if txn != nil {
+			q.ts.end(txn)
+		}
+	}()
 	for _, f := range fixes {
 		name := f.ch.ns.name
 		b.item()
@@ -2006,8 +2016,15 @@ func (q *badgerQueue) writeChunkFixes(b *txnBuilder, g *group, chunks []*qchunk)
 			continue
 		}
 		w := bwrite{key: b.seqKey(keyEvent, name, f.ch.first), del: true}
-		if l, ok := q.segs.dropping(chunkID{name, f.ch.first}); ok {
-			w.segDrop = &segRef{chunkID{name, f.ch.first}, l}
+		if txn == nil {
+			txn = q.ts.read()
+		}
+		id := chunkID{name, f.ch.first}
+		if l, ok := q.chunkLoc(txn, id); ok {
+			w.segDrop = &segRef{id, l}
+			q.segs.mu.Lock()
+			q.segs.pend(id, false, segLoc{})
+			q.segs.mu.Unlock()
 		}
 		b.add(w)
 		b.add(bwrite{key: b.seqKey(keyAcks, name, f.ch.first), del: true})

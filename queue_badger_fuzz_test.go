@@ -7,7 +7,7 @@ import (
 
 // FuzzStorageDecoders feeds arbitrary bytes to every decoder of the Badger
 // queue's stored records (events, chunks, lease records, dedup keys, dead
-// letter markers, chunk pointers and chunk keys): none
+// letter markers, chunk pointers, chunk keys and segment records): none
 // may panic, and what decodes re-encodes to a value that decodes the same.
 //
 //	go test -run '^$' -fuzz FuzzStorageDecoders -fuzztime 1m .
@@ -22,6 +22,11 @@ func FuzzStorageDecoders(f *testing.F) {
 	}
 	f.Add(encodeSegPtr(nil, segLoc{seg: 3, off: 1 << 20, n: 4096, crc: 0xc0ffee}), uint64(0))
 	f.Add(seqKey(keyEvent, "orders", 7), uint64(7))
+	rec := appendRecordHeader(nil, "orders", 7)
+	at := len(rec)
+	rec = encodeChunk(rec, []uint64{7}, [][]byte{val})
+	setRecordLen(rec, at)
+	f.Add(rec, uint64(7))
 	f.Add([]byte{}, uint64(0))
 	f.Fuzz(func(t *testing.T, b []byte, first uint64) {
 		if ev, enq, err := decodeEvent(b); err == nil {
@@ -55,6 +60,17 @@ func FuzzStorageDecoders(f *testing.F) {
 		if l, err := decodeSegPtr(b); err == nil {
 			if again, err := decodeSegPtr(encodeSegPtr(nil, l)); err != nil || again != l {
 				t.Fatalf("chunk pointer does not round-trip: %+v / %+v, %v", l, again, err)
+			}
+		}
+		if id, at, n, need, bad := parseRecord(b); !bad && need == 0 {
+			if at+n > len(b) || n <= 0 {
+				t.Fatalf("segment record at %d, %d bytes, in %d", at, n, len(b))
+			}
+			again := appendRecordHeader(nil, id.ns, id.first)
+			again = append(again, b[at:at+n]...)
+			setRecordLen(again, len(again)-n)
+			if string(again) != string(b[:at+n]) {
+				t.Fatalf("segment record does not round-trip: %q / %q", b[:at+n], again)
 			}
 		}
 		if ns, seq, ok := decodeSeqKey(b, keyEvent); ok {

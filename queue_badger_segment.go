@@ -1,6 +1,7 @@
 package h3x
 
 import (
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -35,14 +36,22 @@ import (
 //
 // Space comes back a segment at a time. A segment is removed once no chunk
 // key points into it (its pointers deleted with their chunks, or moved) and
-// no read still open could follow an older pointer into it (see tsClock.oldest).
-// So that a few long-lived chunks (a namespace nobody consumes, sharing the
-// segments of busy ones) do not keep whole segments, the writer moves the
-// chunks of a full segment that is mostly settled (less than a quarter of
-// its bytes live) to the segment being written, a bounded amount per group:
-// the disk holds at most about four times the live chunks' bytes, plus the
-// segment being written, and moving adds at most a third to the bytes
-// written.
+// no read still open could follow an older pointer into it (see
+// tsClock.oldest). So that a few long-lived chunks (a namespace nobody
+// consumes, sharing the segments of busy ones) do not keep whole segments,
+// the writer moves the live chunks of a full segment that is mostly settled
+// (less than a quarter of its bytes live) to the segment being written, a
+// bounded amount per group (planMoves): the disk holds at most about four
+// times the live chunks' bytes, plus the segment being written, and moving
+// adds at most a third to the bytes written. It finds them by reading the
+// segment (each chunk is written with its namespace and first sequence
+// number) and keeps those whose pointer in Badger still names that copy.
+//
+// Nothing per chunk is kept in memory (the backlog is on disk): a segment
+// has a count of the pointers that may name it and of their bytes, and the
+// writer knows which chunks have a deletion or move in flight (pending);
+// any other chunk's pointer it reads from Badger, where every earlier
+// change of it has been applied.
 //
 // Failures only ever keep space: a commit that fails leaves the references
 // it would have added or dropped counted, so nothing a pointer may name is
@@ -118,16 +127,79 @@ type segRef struct {
 	loc segLoc
 }
 
+// A segment is a sequence of records, one per chunk:
+//
+//	uvarint len(ns), ns, 8 bytes first (big-endian), 4 bytes len(chunk), the chunk
+//
+// so that the writer can find the chunks of a segment to move them by
+// reading the segment (planMoves); a pointer names the chunk's bytes.
+
+// appendRecordHeader appends the header of the record of chunk first of ns,
+// with the chunk's length to fill in (setRecordLen) once it is encoded.
+func appendRecordHeader(b []byte, ns string, first uint64) []byte {
+	b = binary.AppendUvarint(b, uint64(len(ns)))
+	b = append(b, ns...)
+	b = binary.BigEndian.AppendUint64(b, first)
+	return append(b, 0, 0, 0, 0)
+}
+
+// setRecordLen fills in the length of the chunk that starts at chunkStart
+// and ends at the end of b.
+func setRecordLen(b []byte, chunkStart int) {
+	binary.BigEndian.PutUint32(b[chunkStart-4:chunkStart], uint32(len(b)-chunkStart))
+}
+
+// parseRecord reads the record at the start of b: its chunk's ID, where the
+// chunk starts in b and how long it is. ok is false if b holds only part
+// of it (need: how many bytes it needs, if known) or bad if it cannot be
+// a record.
+func parseRecord(b []byte) (id chunkID, at, n int, need int, bad bool) {
+	nsLen, w := binary.Uvarint(b)
+	if w < 0 || nsLen > maxRecordNS {
+		return chunkID{}, 0, 0, 0, true
+	}
+	if w == 0 || len(b) < w+int(nsLen)+12 {
+		return chunkID{}, 0, 0, w + int(nsLen) + 12 + binary.MaxVarintLen64, false
+	}
+	at = w + int(nsLen) + 12
+	n = int(binary.BigEndian.Uint32(b[at-4 : at]))
+	if n == 0 || n > maxRecordChunk {
+		return chunkID{}, 0, 0, 0, true
+	}
+	if len(b) < at+n {
+		return chunkID{}, 0, 0, at + n, false
+	}
+	return chunkID{string(b[w : w+int(nsLen)]), binary.BigEndian.Uint64(b[at-12 : at-4])}, at, n, 0, false
+}
+
+const (
+	maxRecordNS    = 64 << 10
+	maxRecordChunk = 16 << 20
+)
+
+// segment is one segment file. Guarded by segStore.mu.
 type segment struct {
-	id     uint64
-	f      *os.File // nil until opened (read) or created (written)
-	size   int64    // bytes in the file
-	live   int64    // bytes of the chunks the writer's view has in it
-	refs   int      // chunk keys that may point into it
-	chunks map[chunkID]segLoc
+	id   uint64
+	f    *os.File // nil until opened (read) or created (written)
+	size int64    // bytes in the file
+	// live is the bytes of the chunks pointers name (counted when a
+	// pointer is written, taken off once its deletion or move is
+	// durable); refs is the pointers that may name it, likewise.
+	live   int64
+	refs   int
 	sealed bool   // no longer written
 	dirty  bool   // written since the last sync
 	gone   uint64 // its last reference dropped at this version (0: not yet)
+	// scan is how far planMoves has read it looking for chunks to move;
+	// scanned, that it read to the end (or to something it cannot read).
+	scan    int64
+	scanned bool
+}
+
+// pendingChunk counts the changes of one chunk's pointer in flight.
+type pendingChunk struct {
+	moves, deletes int
+	to             segLoc // where the last move in flight takes it
 }
 
 // segStore is a badgerQueue's segments.
@@ -140,23 +212,22 @@ type segStore struct {
 	segs   map[uint64]*segment
 	active *segment
 	nextID uint64
-	// where is the writer's view of each chunk stored in a segment: set
-	// when its pointer is written, removed when its deletion is. The
-	// chunks a segment's commits have confirmed (and the writer has not
-	// deleted or moved since) are also in that segment's chunks: only
-	// those are moved.
-	where   map[chunkID]segLoc
+	// pending holds the chunks whose deletion or move the writer has
+	// written and whose commit has not completed: it reads the others'
+	// pointers from Badger (chunkLoc).
+	pending map[chunkID]*pendingChunk
 	retired []*segment // no references left, removed once no read can follow one
-	buf     []byte     // the writer's chunk buffer
-	broken  bool       // logged once: a segment could not be written
+	buf     []byte     // the writer's buffer (writer-owned)
+	broken  bool       // logged once: a segment could not be written (writer-owned)
 
-	// disabled, a test hook, stores every chunk in Badger.
+	// disabled, a test hook (and for Badger in memory), stores every
+	// chunk in Badger.
 	disabled atomic.Bool
 }
 
 func newSegStore(dir string, log *slog.Logger, fsync bool) *segStore {
 	return &segStore{dir: filepath.Join(dir, segmentsDir), log: log, fsync: fsync,
-		segs: make(map[uint64]*segment), where: make(map[chunkID]segLoc), nextID: 1}
+		segs: make(map[uint64]*segment), pending: make(map[chunkID]*pendingChunk), nextID: 1}
 }
 
 func segmentPath(dir string, id uint64) string {
@@ -184,23 +255,18 @@ func (s *segStore) open() error {
 		if err != nil {
 			return fmt.Errorf("h3x: badger queue: %w", err)
 		}
-		s.segs[id] = &segment{id: id, size: info.Size(), sealed: true, chunks: make(map[chunkID]segLoc)}
+		s.segs[id] = &segment{id: id, size: info.Size(), sealed: true}
 		s.nextID = max(s.nextID, id+1)
 	}
 	return nil
 }
 
-// count records, at open, that chunk id's stored pointer names l.
-func (s *segStore) count(id chunkID, l segLoc) {
-	sg := s.segs[l.seg]
-	if sg == nil {
-		return // missing: reading the chunk reports it
-	}
-	sg.refs++
-	sg.gone = 0
-	sg.live += int64(l.n)
-	sg.chunks[id] = l
-	s.where[id] = l
+// count records, at open, a stored pointer to l.
+func (s *segStore) count(l segLoc) {
+	if sg := s.segs[l.seg]; sg != nil {
+		sg.refs++
+		sg.live += int64(l.n)
+	} // missing: reading the chunk reports it
 }
 
 // removeUnused removes, at open, the segments no pointer names.
@@ -270,10 +336,12 @@ func (s *segStore) reader(id uint64) (*os.File, error) {
 	return sg.f, nil
 }
 
-// appendChunks writes buf, the encoded chunks of one group (or the chunks
-// it moves), to the segment being written, and returns where it starts.
-// Writer-owned.
-func (s *segStore) appendChunks(buf []byte) (*segment, uint64, error) {
+var errSegmentsDisabled = errors.New("segments disabled")
+
+// appendRecords writes buf, the records of one group's chunks (or of the
+// chunks it moves), to the segment being written, and returns where it
+// starts. Writer-owned.
+func (s *segStore) appendRecords(buf []byte) (*segment, uint64, error) {
 	if s.disabled.Load() {
 		return nil, 0, errSegmentsDisabled
 	}
@@ -293,24 +361,21 @@ func (s *segStore) appendChunks(buf []byte) (*segment, uint64, error) {
 		}
 	}
 	off := sg.size
-	if _, err := sg.f.WriteAt(buf, off); err != nil {
-		// Whatever part of it was written stays unreferenced; the next
-		// group starts a new segment.
-		s.mu.Lock()
-		sg.size += int64(len(buf))
+	_, err := sg.f.WriteAt(buf, off)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sg.size += int64(len(buf))
+	if err != nil {
+		// Whatever part of it was written is named by no pointer; the
+		// next group starts a new segment.
 		sg.sealed = true
 		s.active = nil
-		s.mu.Unlock()
+		s.retireIfUnused(sg)
 		return nil, 0, err
 	}
-	s.mu.Lock()
-	sg.size += int64(len(buf))
 	sg.dirty = true
-	s.mu.Unlock()
 	return sg, uint64(off), nil
 }
-
-var errSegmentsDisabled = errors.New("segments disabled")
 
 // create starts the next segment.
 func (s *segStore) create() (*segment, error) {
@@ -328,18 +393,15 @@ func (s *segStore) create() (*segment, error) {
 	if s.fsync {
 		// The new name must survive a crash before anything in it is
 		// acknowledged (the file's data is synced by syncFiles).
-		if err := syncPathFn(s.dir); err != nil {
-			f.Close()
-			os.Remove(f.Name())
-			return nil, err
-		}
-		if err := syncPathFn(filepath.Dir(s.dir)); err != nil {
-			f.Close()
-			os.Remove(f.Name())
-			return nil, err
+		for _, d := range []string{s.dir, filepath.Dir(s.dir)} {
+			if err := syncPathFn(d); err != nil {
+				f.Close()
+				os.Remove(f.Name())
+				return nil, err
+			}
 		}
 	}
-	sg := &segment{id: id, f: f, chunks: make(map[chunkID]segLoc)}
+	sg := &segment{id: id, f: f}
 	s.mu.Lock()
 	s.segs[id] = sg
 	s.active = sg
@@ -347,73 +409,61 @@ func (s *segStore) create() (*segment, error) {
 	return sg, nil
 }
 
-// storedLocked is stored, taking s.mu.
-func (s *segStore) storedLocked(id chunkID, l segLoc) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.stored(id, l)
-}
-
-// stored records that the writer has written chunk id's pointer to l.
-// Writer-owned; s.mu held.
-func (s *segStore) stored(id chunkID, l segLoc) {
+// stored counts a pointer to l the writer is writing. Caller holds s.mu.
+func (s *segStore) stored(l segLoc) {
 	sg := s.segs[l.seg]
 	sg.refs++
 	sg.live += int64(l.n)
-	s.where[id] = l
 }
 
-// dropping returns where chunk id is stored, if in a segment, and takes it
-// out of the writer's view: its deletion is being written. Writer-owned.
-func (s *segStore) dropping(id chunkID) (segLoc, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	l, ok := s.where[id]
-	if !ok {
-		return segLoc{}, false
+// pend records a change in flight of chunk id's pointer: a deletion, or
+// (move) a move to to. Caller holds s.mu.
+func (s *segStore) pend(id chunkID, move bool, to segLoc) {
+	p := s.pending[id]
+	if p == nil {
+		p = &pendingChunk{}
+		s.pending[id] = p
 	}
-	delete(s.where, id)
-	if sg := s.segs[l.seg]; sg != nil {
-		sg.live -= int64(l.n)
-		delete(sg.chunks, id)
+	if move {
+		p.moves++
+		p.to = to
+	} else {
+		p.deletes++
 	}
-	return l, true
 }
 
 // done applies what a transaction of version v did to the segments, once
 // it is durable (ok) or has failed (!ok: every reference it added or would
-// have dropped stays counted; what it wrote is not moved).
+// have dropped stays counted, so nothing it may have written a pointer to is
+// removed; the next open counts them again).
 func (s *segStore) done(puts, drops []segRef, v uint64, ok bool) {
 	if len(puts) == 0 && len(drops) == 0 {
 		return
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, r := range puts {
-		if !ok {
-			if s.where[r.id] == r.loc {
-				// Not confirmed: never moved, and its deletion (if it
-				// was written after all) finds nothing to drop.
-				delete(s.where, r.id)
-				if sg := s.segs[r.loc.seg]; sg != nil {
-					sg.live -= int64(r.loc.n)
-				}
+	for _, r := range drops {
+		// A drop with a put of the same chunk is a move; alone, a deletion.
+		move := slices.ContainsFunc(puts, func(p segRef) bool { return p.id == r.id })
+		if p := s.pending[r.id]; p != nil {
+			if move {
+				p.moves--
+			} else {
+				p.deletes--
 			}
+			if p.moves <= 0 && p.deletes <= 0 {
+				delete(s.pending, r.id)
+			}
+		}
+		if !ok {
 			continue
 		}
-		if s.where[r.id] == r.loc {
-			s.segs[r.loc.seg].chunks[r.id] = r.loc
-		}
-	}
-	if !ok {
-		return
-	}
-	for _, r := range drops {
 		sg := s.segs[r.loc.seg]
 		if sg == nil {
 			continue
 		}
 		sg.refs--
+		sg.live -= int64(r.loc.n)
 		if sg.refs == 0 {
 			sg.gone = v
 			s.retireIfUnused(sg)
@@ -440,9 +490,6 @@ func (s *segStore) removeRetired(oldest uint64) {
 	s.mu.Lock()
 	var gone []*segment
 	s.retired = slices.DeleteFunc(s.retired, func(sg *segment) bool {
-		if sg.refs != 0 {
-			return true // named again? never: a moved chunk goes to the active segment
-		}
 		if sg.gone > oldest {
 			return false
 		}
@@ -461,20 +508,71 @@ func (s *segStore) removeRetired(oldest uint64) {
 	}
 }
 
-// relocation is the move of one chunk, planned by the writer.
-type relocation struct {
-	id       chunkID
-	from, to segLoc
+// chunkLoc returns where the pointer of chunk id names, if it is stored in a
+// segment and neither being deleted already nor unreadable: the
+// destination of a move in flight, or else the pointer Badger holds (every
+// earlier commit of it has been applied: a chunk is deleted only after it
+// landed, and moves are in pending until they complete). Writer-owned.
+func (q *badgerQueue) chunkLoc(txn *badger.Txn, id chunkID) (segLoc, bool) {
+	s := q.segs
+	s.mu.RLock()
+	p := s.pending[id]
+	var to segLoc
+	var busy, moving bool
+	if p != nil {
+		busy = p.deletes > 0
+		moving = p.moves > 0
+		to = p.to
+	}
+	s.mu.RUnlock()
+	if busy {
+		return segLoc{}, false
+	}
+	if moving {
+		return to, true
+	}
+	return storedLoc(txn, id)
 }
 
-// planMoves picks up to relocateBudget bytes of chunks to move out of full
-// segments that are mostly settled, reads them, and appends them to the
-// segment being written. Writer-owned.
-func (s *segStore) planMoves() []relocation {
+// storedLoc reads the pointer Badger holds for chunk id (false: none, the
+// chunk is stored in place, or it cannot be read).
+func storedLoc(txn *badger.Txn, id chunkID) (segLoc, bool) {
+	item, err := txn.Get(seqKey(keyEvent, id.ns, id.first))
+	if err != nil {
+		return segLoc{}, false
+	}
+	var l segLoc
+	ok := false
+	item.Value(func(v []byte) error {
+		if isSegPtr(v) {
+			var err error
+			l, err = decodeSegPtr(v)
+			ok = err == nil
+		}
+		return nil
+	})
+	return l, ok
+}
+
+// Bounds of what planMoves does for one group.
+const (
+	moveMaxChunks  = 256       // chunks moved
+	moveMaxRecords = 1024      // records read
+	moveWindow     = 256 << 10 // bytes read at once
+)
+
+// planMoves reads on through full segments that are mostly settled and
+// picks up to relocateBudget bytes (moveMaxChunks chunks) of chunks that
+// are still live there, and appends them to the segment being written:
+// the moves for the writer to write. A chunk is live if Badger's pointer
+// (read at the applied version) names it and no change of it is in
+// flight. Writer-owned.
+func (q *badgerQueue) planMoves() []relocation {
+	s := q.segs
 	s.mu.RLock()
 	var victims []*segment
 	for _, sg := range s.segs {
-		if sg.sealed && sg != s.active && len(sg.chunks) > 0 && sg.live*relocateBelow < sg.size {
+		if sg.sealed && sg != s.active && !sg.scanned && sg.refs > 0 && sg.live*relocateBelow < sg.size {
 			victims = append(victims, sg)
 		}
 	}
@@ -483,35 +581,91 @@ func (s *segStore) planMoves() []relocation {
 		return nil
 	}
 	slices.SortFunc(victims, func(a, b *segment) int { return cmpUint64(a.id, b.id) })
+	txn := q.ts.read()
+	defer q.ts.end(txn)
 	var moves []relocation
 	buf := s.buf[:0]
+	records := 0
+	window := make([]byte, moveWindow)
 	for _, sg := range victims {
-		s.mu.RLock()
-		var ids []segRef
-		for id, l := range sg.chunks {
-			ids = append(ids, segRef{id, l})
+		f, err := s.reader(sg.id)
+		if err != nil {
+			s.mu.Lock()
+			sg.scanned = true
+			if s.segs[sg.id] == sg {
+				q.log.Error("h3x: badger queue: cannot read a segment to move its chunks; it stays", "segment", sg.id, "err", err)
+			}
+			s.mu.Unlock()
+			continue
 		}
+		s.mu.RLock()
+		pos, size := sg.scan, sg.size
 		s.mu.RUnlock()
-		slices.SortFunc(ids, func(a, b segRef) int { return cmpUint64(a.loc.off, b.loc.off) })
-		for _, r := range ids {
-			if len(buf) >= relocateBudget {
+		var win []byte // window holds the file from winAt
+		winAt := int64(-1)
+		for pos < size && records < moveMaxRecords && len(moves) < moveMaxChunks && len(buf) < relocateBudget {
+			rel := pos - winAt
+			if winAt < 0 || rel >= int64(len(win)) {
+				winAt, rel = pos, 0
+				win, err = readWindow(f, window, pos, size)
+				if err != nil {
+					break
+				}
+			}
+			id, at, n, need, bad := parseRecord(win[rel:])
+			if bad {
+				err = errCorrupt
 				break
 			}
-			err := s.read(r.loc, func(b []byte) error {
-				buf = append(buf, b...)
-				return nil
-			})
-			if err != nil {
-				// Not tried again: the chunk and its segment stay.
-				s.log.Error("h3x: badger queue: cannot move a chunk out of its segment; it stays", "segment", r.loc.seg, "err", err)
-				s.mu.Lock()
-				delete(sg.chunks, r.id)
-				s.mu.Unlock()
+			if need > 0 {
+				if winAt != pos {
+					winAt = -1 // read again from this record
+					continue
+				}
+				// Larger than the window: read it whole.
+				win, err = readWindow(f, make([]byte, need), pos, size)
+				if err != nil || len(win) < need {
+					err = cmp.Or(err, errCorrupt) // cut short: a write that failed
+					break
+				}
 				continue
 			}
-			moves = append(moves, relocation{id: r.id, from: r.loc, to: segLoc{n: r.loc.n, crc: r.loc.crc}})
+			records++
+			rec := win[rel : rel+int64(at+n)]
+			chunk := rec[at:]
+			loc := segLoc{seg: sg.id, off: uint64(pos) + uint64(at), n: uint32(n)}
+			pos += int64(at + n)
+			s.mu.RLock()
+			_, busy := s.pending[id]
+			s.mu.RUnlock()
+			if busy {
+				continue // being deleted (a chunk is moved only by this writer)
+			}
+			cur, ok := storedLoc(txn, id)
+			if !ok || cur.seg != loc.seg || cur.off != loc.off || cur.n != loc.n {
+				continue // settled, or not this copy
+			}
+			if crc32.Checksum(chunk, castagnoli) != cur.crc {
+				q.log.Error("h3x: badger queue: a chunk to move fails its checksum; it stays", "segment", sg.id, "namespace", id.ns)
+				continue
+			}
+			loc.crc = cur.crc
+			start := len(buf)
+			buf = append(buf, rec...)
+			moves = append(moves, relocation{id: id, from: loc, to: segLoc{off: uint64(start + at), n: loc.n, crc: loc.crc}})
 		}
-		if len(buf) >= relocateBudget {
+		s.mu.Lock()
+		sg.scan = pos
+		if pos >= size || err != nil {
+			sg.scanned = true
+			// (A segment whose last chunk was settled meanwhile may have
+			// been removed under the read: nothing to say then.)
+			if err != nil && s.segs[sg.id] == sg {
+				q.log.Warn("h3x: badger queue: stopped reading a segment for chunks to move", "segment", sg.id, "at", pos, "err", err)
+			}
+		}
+		s.mu.Unlock()
+		if records >= moveMaxRecords || len(moves) >= moveMaxChunks || len(buf) >= relocateBudget {
 			break
 		}
 	}
@@ -519,23 +673,38 @@ func (s *segStore) planMoves() []relocation {
 	if len(moves) == 0 {
 		return nil
 	}
-	to, off, err := s.appendChunks(buf)
+	to, off, err := s.appendRecords(buf)
 	if err != nil {
-		s.log.Error("h3x: badger queue: cannot move chunks out of a mostly settled segment", "err", err)
+		q.log.Error("h3x: badger queue: cannot move chunks out of a mostly settled segment", "err", err)
 		return nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for i := range moves {
 		m := &moves[i]
-		m.to.seg, m.to.off = to.id, off
-		off += uint64(m.to.n)
-		from := s.segs[m.from.seg]
-		from.live -= int64(m.from.n)
-		delete(from.chunks, m.id)
-		s.stored(m.id, m.to)
+		m.to.seg = to.id
+		m.to.off += off
+		s.stored(m.to)
+		s.pend(m.id, true, m.to)
 	}
 	return moves
+}
+
+// readWindow reads into buf from the file at pos, up to size: what it could
+// read.
+func readWindow(f *os.File, buf []byte, pos, size int64) ([]byte, error) {
+	buf = buf[:min(int64(len(buf)), size-pos)]
+	n, err := f.ReadAt(buf, pos)
+	if n == len(buf) {
+		err = nil
+	}
+	return buf[:n], err
+}
+
+// relocation is the move of one chunk, planned by the writer.
+type relocation struct {
+	id       chunkID
+	from, to segLoc
 }
 
 func cmpUint64(a, b uint64) int {
@@ -629,7 +798,7 @@ func (q *badgerQueue) countSegments() error {
 			if item.ValueSize() > maxSegPtrLen {
 				continue // a chunk stored in place
 			}
-			ns, first, ok := decodeSeqKey(item.Key(), keyEvent)
+			ns, _, ok := decodeSeqKey(item.Key(), keyEvent)
 			if !ok {
 				continue
 			}
@@ -642,7 +811,7 @@ func (q *badgerQueue) countSegments() error {
 					q.log.Warn("h3x: badger queue: unreadable chunk pointer", "namespace", ns, "err", err)
 					return nil
 				}
-				s.count(chunkID{ns, first}, l)
+				s.count(l)
 				return nil
 			})
 			if err != nil {

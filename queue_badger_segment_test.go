@@ -151,6 +151,13 @@ func TestBadgerSegmentsRemovedOnceSettled(t *testing.T) {
 	if files := segmentFiles(t, dir); len(files) > 1 {
 		t.Fatalf("%d segment files left after acknowledging everything: %v", len(files), files)
 	}
+	// Nothing of the chunks is kept in memory once their changes are done.
+	q.segs.mu.RLock()
+	pending := len(q.segs.pending)
+	q.segs.mu.RUnlock()
+	if pending != 0 {
+		t.Errorf("%d chunk changes still pending", pending)
+	}
 	q = reopenTestBadger(t, q, dir, QueueOptions{Durability: DurabilityNoSync})
 	if st, err := q.Stats(context.Background(), "n"); err != nil || st[0].Ready != 0 {
 		t.Fatalf("after reopen: %+v %v", st, err)

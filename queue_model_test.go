@@ -37,7 +37,8 @@ import (
 //     follows injected failures, deliveries made during them are excused);
 //   - at the end, with failures off, every stored event is delivered and
 //     acked (draining every namespace), and the stats show nothing left;
-//     for the Badger queue, no lease record is left after Close.
+//     for the Badger queue, no lease record is left after Close, and no
+//     segment file once it has been opened again.
 //
 // H3X_MODEL_SEEDS sets how many seeds run per queue (default 6);
 // H3X_MODEL_STEPS the operations per seed (default 400).
@@ -71,6 +72,12 @@ func TestQueueModel(t *testing.T) {
 	})
 	t.Run("badger", func(t *testing.T) { testBadgerModel(t, opts, seeds, steps) })
 	t.Run("badger-limited", func(t *testing.T) { testBadgerModel(t, limited, seeds, steps) })
+	// Segments of 4 KiB: segments are started, emptied, removed and their
+	// live chunks moved all the time.
+	t.Run("badger-small-segments", func(t *testing.T) {
+		withSegmentSize(t, 4<<10)
+		testBadgerModel(t, opts, seeds, steps)
+	})
 }
 
 func testBadgerModel(t *testing.T, opts QueueOptions, seeds, steps int) {
@@ -130,6 +137,18 @@ func testBadgerModel(t *testing.T, opts QueueOptions, seeds, steps int) {
 			// left (a failed write or deletion of one is retried).
 			if n := storedPrefix(t, dir, []byte{keyLeaseRec}); n != 0 {
 				t.Errorf("seed %d: every event settled, %d lease records left after Close", seed, n)
+			}
+			// And no segment is left once the directory has been opened
+			// again (references a failed commit kept are counted anew).
+			q, err = OpenBadgerQueue(dir, bopts)
+			if err != nil {
+				t.Fatalf("seed %d: open after the run: %v", seed, err)
+			}
+			if err := q.Close(); err != nil {
+				t.Fatalf("seed %d: close after the run: %v", seed, err)
+			}
+			if files := segmentFiles(t, dir); len(files) != 0 {
+				t.Errorf("seed %d: every event settled, segments left: %v", seed, files)
 			}
 		}
 		t.Logf("%+v", total)
