@@ -137,7 +137,10 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	q.txnMaxWrites = min(maxTxnWrites, max(int(maxBatchSize/int64(skl.MaxNodeSize))/3, 1))
 	q.maxValue = int(bo.ValueThreshold) - deadLetterReserve
 	q.core = newQueueCore(opts, (*badgerStore)(q), false)
-	q.segs = newSegStore(dir, opts.Logger, q.fsync)
+	// The segments go with Badger's own files, in the directory Badger
+	// locks.
+	q.segs = newSegStore(bo.Dir, opts.Logger, opts.Durability == DurabilityFsync,
+		opts.Durability == DurabilityFsync && bo.SyncWrites, func(err error) { q.noteSyncFailure(err) })
 	if bo.InMemory {
 		q.segs.disabled.Store(true) // no files: chunks stay in Badger's memory
 	}
@@ -370,6 +373,8 @@ type badgerQueue struct {
 	// acknowledged as durable until the queue is reopened (Linux reports a
 	// writeback error once and marks the pages clean).
 	syncBroken atomic.Pointer[error]
+	// closing is set by Close before its last group (writer-owned by then).
+	closing bool
 
 	statGroups, statOps, statTxns atomic.Int64 // group commits, the requests and transactions in them
 	statSyncs                     atomic.Int64 // fsync rounds (DurabilityFsync)
@@ -907,6 +912,12 @@ func (q *badgerQueue) sweepSettled(txn *badger.Txn, ns *qns, recount bool) ([]*q
 			}
 			return err
 		})
+		if errors.Is(err, errLostChunk) {
+			// Deleted with the settled chunks: whatever it held is lost.
+			q.logLostChunk(ns, first, err)
+			dead = append(dead, newStoredChunk(ns, first, nil, nil, ns.movedOut[first]))
+			continue
+		}
 		if err != nil {
 			it.Close()
 			return nil, fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
@@ -1035,6 +1046,10 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 				cur, curSeqs, err = loadChunk(txn, ns, first, v)
 				return err
 			})
+			if errors.Is(err, errLostChunk) {
+				cur = nil // set aside by the sweep, or when a read reaches it
+				continue
+			}
 			if err != nil {
 				return fmt.Errorf("h3x: badger queue: load lease records: %w", err)
 			}
@@ -1124,6 +1139,17 @@ func (s *badgerStore) refill(ns *qns, n int) error {
 			}
 			return err
 		})
+		if errors.Is(err, errLostChunk) {
+			// Set aside: deleted with the next group, and counted out at
+			// the next open (the counts include its events until then).
+			q.logLostChunk(ns, first, err)
+			q.commitFailed.Store(true)
+			if ns.chunks[first] == nil {
+				q.deferFix(nil, []*qchunk{newStoredChunk(ns, first, nil, nil, ns.movedOut[first])})
+			}
+			ns.diskNext = max(ns.diskNext, first+1)
+			err = nil
+		}
 		if err != nil {
 			return fmt.Errorf("h3x: badger queue: read %s: %w", ns.name, err)
 		}
@@ -1142,6 +1168,14 @@ func (s *badgerStore) refill(ns *qns, n int) error {
 }
 
 var errReadAheadFull = errors.New("read-ahead buffer full")
+
+// logLostChunk reports a chunk set aside because it is not in its segment
+// (errLostChunk): after a kernel crash or power loss, the tail of what was
+// written without a sync (DurabilityNoSync, or a publish not yet
+// acknowledged), or damage to the segment files.
+func (q *badgerQueue) logLostChunk(ns *qns, first uint64, err error) {
+	q.log.Error("h3x: badger queue: events lost: a chunk is not in its segment file; set aside", "namespace", ns.name, "first_seq", first, "err", err)
+}
 
 // refillFrom adds the fresh events of ns in chunk first (v, valid only
 // during the call) from diskNext on to its read-ahead buffer, as far as its
@@ -1611,11 +1645,8 @@ func (q *badgerQueue) completer() {
 			q.statSyncs.Add(1)
 			if p := q.syncBroken.Load(); p != nil {
 				syncErr = *p
-			} else if syncErr = q.syncFiles(); syncErr != nil {
-				syncErr = storageError("sync", fmt.Errorf("%w (writes are not durable until the queue is reopened)", syncErr))
-				q.syncBroken.Store(&syncErr)
-				q.commitFailed.Store(true)
-				q.log.Error("h3x: badger queue: sync failed", "err", syncErr)
+			} else if err := q.syncFiles(); err != nil {
+				syncErr = q.noteSyncFailure(err)
 			}
 		}
 		for _, g := range batch {
@@ -1625,6 +1656,19 @@ func (q *badgerQueue) completer() {
 		q.ts.discard() // what the completed groups shadowed or deleted can go
 		q.segs.removeRetired(q.ts.oldest())
 	}
+}
+
+// noteSyncFailure records a failed sync: after it, nothing is acknowledged
+// as durable until the queue is reopened (see syncBroken). It returns the
+// error the writes it affects get.
+func (q *badgerQueue) noteSyncFailure(err error) error {
+	e := storageError("sync", fmt.Errorf("%w (writes are not durable until the queue is reopened)", err))
+	if !q.syncBroken.CompareAndSwap(nil, &e) {
+		e = *q.syncBroken.Load()
+	}
+	q.commitFailed.Store(true)
+	q.log.Error("h3x: badger queue: sync failed", "err", err)
+	return e
 }
 
 // durable reports whether someone waits for a group of batch to be durable.
@@ -1877,6 +1921,9 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 // moveChunks writes the pointers of the chunks planMoves moved out of
 // mostly settled segments.
 func (q *badgerQueue) moveChunks(b *txnBuilder) {
+	if q.closing {
+		return // nothing would sync the moved copies before Close removes the old ones
+	}
 	for _, m := range q.planMoves() {
 		b.item()
 		b.add(bwrite{key: b.seqKey(keyEvent, m.id.ns, m.id.first), val: encodeSegPtr(make([]byte, 0, maxSegPtrLen), m.to),
@@ -2689,10 +2736,18 @@ func (q *badgerQueue) writeLastFixes() {
 	if !q.fixesPending() {
 		return
 	}
+	q.closing = true
 	free, ferr := (*q.diskFree.Load())(q.dir)
 	g := q.write(nil, free, ferr)
 	<-g.done
-	q.complete(g, nil)
+	var syncErr error
+	if q.fsync && dropsSegments([]*group{g}) {
+		// Before a segment its deletions emptied can go.
+		if err := q.syncFiles(); err != nil {
+			syncErr = q.noteSyncFailure(err)
+		}
+	}
+	q.complete(g, syncErr)
 }
 
 // markClean writes metaClean, at Close, if every correction of the

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -194,6 +195,8 @@ type segment struct {
 	// scanned, that it read to the end (or to something it cannot read).
 	scan    int64
 	scanned bool
+	users   int  // reads using f
+	reading bool // f is open for reading only (counted in segStore.readers)
 }
 
 // pendingChunk counts the changes of one chunk's pointer in flight.
@@ -204,9 +207,14 @@ type pendingChunk struct {
 
 // segStore is a badgerQueue's segments.
 type segStore struct {
-	dir   string
-	log   *slog.Logger
-	fsync bool
+	dir string
+	log *slog.Logger
+	// durable: DurabilityFsync (a new segment's name is synced at once);
+	// syncEach: and Badger syncs each commit itself (the escape hatch's
+	// SyncWrites), so each write is synced before its commit.
+	durable, syncEach bool
+	// syncFailed reports a failed sync (the queue's syncBroken).
+	syncFailed func(error)
 
 	mu     sync.RWMutex
 	segs   map[uint64]*segment
@@ -217,6 +225,7 @@ type segStore struct {
 	// pointers from Badger (chunkLoc).
 	pending map[chunkID]*pendingChunk
 	retired []*segment // no references left, removed once no read can follow one
+	readers int        // files open for reading only (at most maxOpenSegments)
 	buf     []byte     // the writer's buffer (writer-owned)
 	broken  bool       // logged once: a segment could not be written (writer-owned)
 
@@ -225,9 +234,23 @@ type segStore struct {
 	disabled atomic.Bool
 }
 
-func newSegStore(dir string, log *slog.Logger, fsync bool) *segStore {
-	return &segStore{dir: filepath.Join(dir, segmentsDir), log: log, fsync: fsync,
+func newSegStore(dir string, log *slog.Logger, durable, syncEach bool, syncFailed func(error)) *segStore {
+	return &segStore{dir: filepath.Join(dir, segmentsDir), log: log, durable: durable, syncEach: syncEach, syncFailed: syncFailed,
 		segs: make(map[uint64]*segment), pending: make(map[chunkID]*pendingChunk), nextID: 1}
+}
+
+// maxOpenSegments bounds the files kept open for reading full segments;
+// beyond it, one not in use is closed (reopened when read again).
+const maxOpenSegments = 64
+
+// errLostChunk says a chunk is not where its pointer says: its segment is
+// missing, shorter, or holds other bytes (a crash before the segment was
+// written back, or damage). Such a chunk is set aside (see
+// badgerQueue.lostChunk), never delivered.
+var errLostChunk = errors.New("chunk not in its segment")
+
+func lostChunk(l segLoc, what string, err error) error {
+	return fmt.Errorf("segment %d at %d: %s: %w", l.seg, l.off, what, errors.Join(errLostChunk, errCorrupt, err))
 }
 
 func segmentPath(dir string, id uint64) string {
@@ -274,9 +297,7 @@ func (s *segStore) removeUnused() {
 	for id, sg := range s.segs {
 		if sg.refs == 0 {
 			delete(s.segs, id)
-			if sg.f != nil {
-				sg.f.Close()
-			}
+			s.closeFile(sg)
 			if err := os.Remove(segmentPath(s.dir, id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				s.log.Warn("h3x: badger queue: cannot remove an unused segment", "segment", id, "err", err)
 			}
@@ -286,21 +307,25 @@ func (s *segStore) removeUnused() {
 
 // read calls fn with the chunk l names, valid only during the call.
 func (s *segStore) read(l segLoc, fn func([]byte) error) error {
-	f, err := s.reader(l.seg)
+	f, release, err := s.reader(l.seg)
 	if err != nil {
 		return err
 	}
+	defer release()
 	bp := readBufs.Get().(*[]byte)
 	defer readBufs.Put(bp)
 	if cap(*bp) < int(l.n) {
 		*bp = make([]byte, l.n)
 	}
 	buf := (*bp)[:l.n]
-	if _, err := f.ReadAt(buf, int64(l.off)); err != nil {
-		return fmt.Errorf("segment %d at %d: %w", l.seg, l.off, errors.Join(err, errCorrupt))
+	if n, err := f.ReadAt(buf, int64(l.off)); n < len(buf) {
+		if errors.Is(err, io.EOF) {
+			return lostChunk(l, "cut short", err)
+		}
+		return fmt.Errorf("segment %d at %d: %w", l.seg, l.off, err)
 	}
 	if crc32.Checksum(buf, castagnoli) != l.crc {
-		return fmt.Errorf("segment %d at %d: checksum mismatch: %w", l.seg, l.off, errCorrupt)
+		return lostChunk(l, "checksum mismatch", nil)
 	}
 	return fn(buf)
 }
@@ -308,32 +333,43 @@ func (s *segStore) read(l segLoc, fn func([]byte) error) error {
 // readBufs are the buffers chunks are read into (fn never keeps one).
 var readBufs = sync.Pool{New: func() any { return new([]byte) }}
 
-// reader returns the open file of segment id. A file stays open until the
-// segment is removed, which waits for every read that could name it.
-func (s *segStore) reader(id uint64) (*os.File, error) {
-	s.mu.RLock()
-	sg := s.segs[id]
-	var f *os.File
-	if sg != nil {
-		f = sg.f
-	}
-	s.mu.RUnlock()
-	if f != nil {
-		return f, nil
-	}
-	if sg == nil {
-		return nil, fmt.Errorf("segment %d is missing: %w", id, errCorrupt)
-	}
+// reader returns the open file of segment id, and a release for when the
+// read is done. A file in use stays open; one open only for reading is
+// closed when more than maxOpenSegments are, and not in use.
+func (s *segStore) reader(id uint64) (*os.File, func(), error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	sg := s.segs[id]
+	if sg == nil {
+		return nil, nil, fmt.Errorf("segment %d is missing: %w", id, errors.Join(errLostChunk, errCorrupt))
+	}
 	if sg.f == nil {
 		f, err := os.Open(segmentPath(s.dir, id))
-		if err != nil {
-			return nil, fmt.Errorf("segment %d: %w", id, errors.Join(err, errCorrupt))
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, nil, fmt.Errorf("segment %d: %w", id, errors.Join(errLostChunk, errCorrupt, err))
 		}
-		sg.f = f
+		if err != nil {
+			return nil, nil, fmt.Errorf("segment %d: %w", id, err)
+		}
+		sg.f, sg.reading = f, true
+		s.readers++
+		if s.readers > maxOpenSegments {
+			for _, o := range s.segs {
+				if o.reading && o.users == 0 && o != sg {
+					o.f.Close()
+					o.f, o.reading = nil, false
+					s.readers--
+					break
+				}
+			}
+		}
 	}
-	return sg.f, nil
+	sg.users++
+	return sg.f, func() {
+		s.mu.Lock()
+		sg.users--
+		s.mu.Unlock()
+	}, nil
 }
 
 var errSegmentsDisabled = errors.New("segments disabled")
@@ -362,6 +398,11 @@ func (s *segStore) appendRecords(buf []byte) (*segment, uint64, error) {
 	}
 	off := sg.size
 	_, err := sg.f.WriteAt(buf, off)
+	if err == nil && s.syncEach {
+		if err = fdatasyncFn(sg.f); err != nil {
+			s.syncFailed(err)
+		}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	sg.size += int64(len(buf))
@@ -390,7 +431,7 @@ func (s *segStore) create() (*segment, error) {
 	if err != nil {
 		return nil, err
 	}
-	if s.fsync {
+	if s.durable {
 		// The new name must survive a crash before anything in it is
 		// acknowledged (the file's data is synced by syncFiles).
 		for _, d := range []string{s.dir, filepath.Dir(s.dir)} {
@@ -495,13 +536,11 @@ func (s *segStore) removeRetired(oldest uint64) {
 		}
 		gone = append(gone, sg)
 		delete(s.segs, sg.id)
+		s.closeFile(sg)
 		return true
 	})
 	s.mu.Unlock()
 	for _, sg := range gone {
-		if sg.f != nil {
-			sg.f.Close()
-		}
 		if err := os.Remove(segmentPath(s.dir, sg.id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			s.log.Warn("h3x: badger queue: cannot remove a segment", "segment", sg.id, "err", err)
 		}
@@ -588,7 +627,7 @@ func (q *badgerQueue) planMoves() []relocation {
 	records := 0
 	window := make([]byte, moveWindow)
 	for _, sg := range victims {
-		f, err := s.reader(sg.id)
+		f, release, err := s.reader(sg.id)
 		if err != nil {
 			s.mu.Lock()
 			sg.scanned = true
@@ -654,6 +693,7 @@ func (q *badgerQueue) planMoves() []relocation {
 			buf = append(buf, rec...)
 			moves = append(moves, relocation{id: id, from: loc, to: segLoc{off: uint64(start + at), n: loc.n, crc: loc.crc}})
 		}
+		release()
 		s.mu.Lock()
 		sg.scan = pos
 		if pos >= size || err != nil {
@@ -674,6 +714,14 @@ func (q *badgerQueue) planMoves() []relocation {
 		return nil
 	}
 	to, off, err := s.appendRecords(buf)
+	if err == nil && !s.syncEach {
+		// The moved copies must be on disk before a pointer names them:
+		// the events were acknowledged long ago, and the old copies go
+		// once the pointers are durable.
+		if err = fdatasyncFn(to.f); err != nil {
+			s.syncFailed(err)
+		}
+	}
 	if err != nil {
 		q.log.Error("h3x: badger queue: cannot move chunks out of a mostly settled segment", "err", err)
 		return nil
@@ -761,11 +809,20 @@ func (s *segStore) close(removeRetired bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, sg := range s.segs {
-		if sg.f != nil {
-			sg.f.Close()
-			sg.f = nil
-		}
+		s.closeFile(sg)
 	}
+}
+
+// closeFile closes sg's file, if open. Caller holds s.mu.
+func (s *segStore) closeFile(sg *segment) {
+	if sg.f == nil {
+		return
+	}
+	sg.f.Close()
+	if sg.reading {
+		s.readers--
+	}
+	sg.f, sg.reading = nil, false
 }
 
 // withChunk calls fn with the chunk stored in item: in place, or read from
@@ -822,6 +879,13 @@ func (q *badgerQueue) countSegments() error {
 	})
 	if err != nil {
 		return fmt.Errorf("h3x: badger queue: count segment references: %w", err)
+	}
+	if s.durable {
+		// What load deleted (writeRepairs) must be on disk before the
+		// segments its pointers named go.
+		if err := q.db.Sync(); err != nil {
+			return fmt.Errorf("h3x: badger queue: sync before removing unused segments: %w", err)
+		}
 	}
 	s.removeUnused()
 	return nil

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -204,41 +205,77 @@ func TestBadgerSegmentsMoveLongLivedChunks(t *testing.T) {
 	}
 }
 
-// TestBadgerSegmentDamageIsReported: a chunk whose bytes changed on disk
-// fails its read with errCorrupt (checksum), rather than delivering other
-// bytes; a missing segment likewise.
-func TestBadgerSegmentDamageIsReported(t *testing.T) {
+// TestBadgerSegmentDamageIsSetAside: a chunk whose bytes changed on disk
+// (checksum), or whose segment is gone, is never delivered: it is logged as
+// lost and set aside, and the namespace's other events are still delivered
+// (after a clean close, and after a crash, whose open recounts).
+func TestBadgerSegmentDamageIsSetAside(t *testing.T) {
 	for _, damage := range []string{"flip", "remove"} {
-		t.Run(damage, func(t *testing.T) {
-			dir := t.TempDir()
-			q := openTestBadger(t, dir, QueueOptions{})
-			publishTest(t, q, segTestEvents("n", 10, 100)...)
-			if err := q.Close(); err != nil {
-				t.Fatal(err)
-			}
-			for name := range segmentFiles(t, dir) {
-				path := filepath.Join(dir, segmentsDir, name)
+		for _, crash := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/crash=%v", damage, crash), func(t *testing.T) {
+				withSegmentSize(t, 1) // a segment per group
+				dir := t.TempDir()
+				q := openTestBadger(t, dir, QueueOptions{})
+				bad := segTestEvents("n", 10, 100)
+				publishTest(t, q, bad...) // segment 1
+				good := segTestEvents("n", 10, 100)
+				for i := range good {
+					good[i].ID = "good-" + good[i].ID
+				}
+				publishTest(t, q, good...) // segment 2
+				if crash {
+					dir = copyLive(t, dir)
+				}
+				if err := q.Close(); err != nil {
+					t.Fatal(err)
+				}
+				path := filepath.Join(dir, segmentsDir, fmt.Sprintf("%012d%s", 1, segmentSuffix))
 				if damage == "remove" {
 					if err := os.Remove(path); err != nil {
 						t.Fatal(err)
 					}
-					continue
+				} else {
+					b, err := os.ReadFile(path)
+					if err != nil {
+						t.Fatal(err)
+					}
+					b[len(b)/2] ^= 0xff
+					if err := os.WriteFile(path, b, 0o644); err != nil {
+						t.Fatal(err)
+					}
 				}
-				b, err := os.ReadFile(path)
+				h := &captureHandler{}
+				opts := QueueOptions{Logger: slog.New(h)}
+				q = openTestBadger(t, dir, opts)
+				ls, err := q.Lease(context.Background(), LeaseRequest{Holder: "h", Namespaces: []string{"n"}, Limit: 100, AckDeadline: time.Minute})
 				if err != nil {
+					t.Fatalf("Lease with a damaged chunk: %v", err)
+				}
+				checkLeased(t, ls, good)
+				h.mu.Lock()
+				logged := false
+				for _, r := range h.recs {
+					logged = logged || (r.Level == slog.LevelError && strings.Contains(r.Message, "events lost"))
+				}
+				h.mu.Unlock()
+				if !logged {
+					t.Error("the lost chunk was not logged as an error")
+				}
+				ackAll(t, q, "h", ls)
+				// Reopened, the lost chunk is gone and counted out.
+				q = reopenTestBadger(t, q, dir, opts)
+				st, err := q.Stats(context.Background(), "n")
+				if err != nil || st[0].Ready != 0 || st[0].Leased != 0 {
+					t.Fatalf("after reopening: %+v, %v", st, err)
+				}
+				if err := q.Close(); err != nil {
 					t.Fatal(err)
 				}
-				b[len(b)/2] ^= 0xff
-				if err := os.WriteFile(path, b, 0o644); err != nil {
-					t.Fatal(err)
+				if n := storedKeys(t, dir, keyEvent, "n"); n != 0 {
+					t.Errorf("%d chunks of n still stored", n)
 				}
-			}
-			q = openTestBadger(t, dir, QueueOptions{})
-			_, err := q.Lease(context.Background(), LeaseRequest{Holder: "h", Namespaces: []string{"n"}, Limit: 10, AckDeadline: time.Minute})
-			if !errors.Is(err, errCorrupt) {
-				t.Fatalf("Lease of a damaged chunk: %v, want errCorrupt", err)
-			}
-		})
+			})
+		}
 	}
 }
 
