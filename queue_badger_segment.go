@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/dgraph-io/badger/v4"
 )
@@ -41,7 +42,8 @@ import (
 // tsClock.oldest). So that a few long-lived chunks (a namespace nobody
 // consumes, sharing the segments of busy ones) do not keep whole segments,
 // the writer moves the live chunks of a full segment that is mostly settled
-// (less than a quarter of its bytes live) to the segment being written, a
+// (less than a quarter of its bytes live, and none settled for moveQuiet:
+// not one being consumed) to the segment being written, a
 // bounded amount per group (planMoves): the disk holds at most about four
 // times the live chunks' bytes, plus the segment being written, and moving
 // adds at most a third to the bytes written. It finds them by reading the
@@ -79,6 +81,12 @@ const (
 // segmentSize is the size at which the segment being written is closed and
 // the next started (a variable for tests).
 var segmentSize int64 = 32 << 20
+
+// moveQuiet is how long a mostly settled segment's live bytes must not have
+// gone down before its chunks are moved: a segment being consumed settles
+// by itself, moving its tail would copy what is about to be acked (a
+// variable for tests).
+var moveQuiet = 10 * time.Second
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
@@ -197,6 +205,9 @@ type segment struct {
 	scanned bool
 	users   int  // reads using f
 	reading bool // f is open for reading only (counted in segStore.readers)
+	// settled is when its live bytes last went down: its chunks are
+	// moved only once that has not happened for moveQuiet.
+	settled time.Time
 }
 
 // pendingChunk counts the changes of one chunk's pointer in flight.
@@ -481,6 +492,7 @@ func (s *segStore) done(puts, drops []segRef, v uint64, ok bool) {
 	if len(puts) == 0 && len(drops) == 0 {
 		return
 	}
+	now := time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, r := range drops {
@@ -505,6 +517,7 @@ func (s *segStore) done(puts, drops []segRef, v uint64, ok bool) {
 		}
 		sg.refs--
 		sg.live -= int64(r.loc.n)
+		sg.settled = now
 		if sg.refs == 0 {
 			sg.gone = v
 			s.retireIfUnused(sg)
@@ -608,10 +621,11 @@ const (
 // flight. Writer-owned.
 func (q *badgerQueue) planMoves() []relocation {
 	s := q.segs
+	now := time.Now()
 	s.mu.RLock()
 	var victims []*segment
 	for _, sg := range s.segs {
-		if sg.sealed && sg != s.active && !sg.scanned && sg.refs > 0 && sg.live*relocateBelow < sg.size {
+		if sg.sealed && sg != s.active && !sg.scanned && sg.refs > 0 && sg.live*relocateBelow < sg.size && now.Sub(sg.settled) >= moveQuiet {
 			victims = append(victims, sg)
 		}
 	}

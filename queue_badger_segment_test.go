@@ -43,11 +43,12 @@ func segmentBytes(t *testing.T, dir string) (total int64) {
 	return total
 }
 
-// withSegmentSize sets segmentSize for the test.
+// withSegmentSize sets segmentSize for the test, and moves chunks out of
+// mostly settled segments without waiting for moveQuiet.
 func withSegmentSize(t *testing.T, n int64) {
-	old := segmentSize
-	segmentSize = n
-	t.Cleanup(func() { segmentSize = old })
+	oldSize, oldQuiet := segmentSize, moveQuiet
+	segmentSize, moveQuiet = n, 0
+	t.Cleanup(func() { segmentSize, moveQuiet = oldSize, oldQuiet })
 }
 
 // storedPointers counts the chunk keys of namespace ns that hold a pointer
