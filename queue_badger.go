@@ -73,12 +73,15 @@ import (
 //
 // Storage: the events one group commit adds to a namespace are stored
 // together, as one chunk of up to 1,024 events, appended to a segment file
-// in dir/segments; Badger holds where each chunk is, its acks (a bitmap per
-// chunk), the counters, the lease records and the dedup records. A
-// segment's file is removed once none of its chunks is left; the live
-// chunks of a full segment that is mostly settled are moved out, so the
-// segments hold at most about four times the live events' bytes, plus the
-// segment being written (32 MiB). This is storage format 3: a directory of
+// in the segments directory under Badger's directory (dir, unless
+// opts.Badger moves it); Badger holds where each chunk is, its acks (a
+// bitmap per chunk), the counters, the lease records and the dedup
+// records. A segment's file is removed once none of its chunks is left;
+// the live chunks of a full segment that is mostly settled and no longer
+// being consumed are moved out, so the segments hold at most about four
+// times the live events' bytes, plus the segment being written (32 MiB). A
+// chunk that is not in its segment (after a kernel crash, what was not yet
+// synced; or damage) is logged as lost and set aside, never delivered. This is storage format 3: a directory of
 // format 2 (chunks in Badger, H3X before 2026-11-27) opens and is format 3
 // from then on; one of format 1 (before 2026-11-26) is refused with an
 // error saying so; drain it with the version that wrote it.
@@ -1654,8 +1657,20 @@ func (q *badgerQueue) completer() {
 		}
 		clear(batch)
 		q.ts.discard() // what the completed groups shadowed or deleted can go
-		q.segs.removeRetired(q.ts.oldest())
+		q.segs.removeRetired(q.ts.oldest(), q.syncBeforeRemoval)
 	}
+}
+
+// syncBeforeRemoval makes the deletions and moves that emptied segments
+// durable before those segments are removed. With DurabilityFsync they are
+// already (see dropsSegments); without, a kernel crash could otherwise
+// bring back a pointer into a removed segment, losing an event acknowledged
+// long before (a moved one). One sync per removal: once a segment.
+func (q *badgerQueue) syncBeforeRemoval() error {
+	if q.fsync {
+		return nil
+	}
+	return q.syncFiles()
 }
 
 // noteSyncFailure records a failed sync: after it, nothing is acknowledged
@@ -1912,6 +1927,7 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 			w.val = ptrs[at:len(ptrs):len(ptrs)]
 			w.segPut = r
 			q.segs.stored(r.loc)
+			q.segs.pend(r.id, pendPut, segLoc{})
 		}
 		b.item(pl.ents...)
 		b.add(w)
@@ -2049,12 +2065,8 @@ func (q *badgerQueue) writeChunkFixes(b *txnBuilder, g *group, chunks []*qchunk)
 		fixes = append(fixes, f)
 	}
 	c.mu.Unlock()
-	var txn *badger.Txn // to read the pointers of the chunks deleted
-	defer func() {
-		if txn != nil {
-			q.ts.end(txn)
-		}
-	}()
+	fr := freshRead{q: q} // to read the pointers of the chunks deleted
+	defer fr.end()
 	for _, f := range fixes {
 		name := f.ch.ns.name
 		b.item()
@@ -2063,14 +2075,11 @@ func (q *badgerQueue) writeChunkFixes(b *txnBuilder, g *group, chunks []*qchunk)
 			continue
 		}
 		w := bwrite{key: b.seqKey(keyEvent, name, f.ch.first), del: true}
-		if txn == nil {
-			txn = q.ts.read()
-		}
 		id := chunkID{name, f.ch.first}
-		if l, ok := q.chunkLoc(txn, id); ok {
+		if l, ok := fr.chunkLoc(id); ok {
 			w.segDrop = &segRef{id, l}
 			q.segs.mu.Lock()
-			q.segs.pend(id, false, segLoc{})
+			q.segs.pend(id, pendDelete, segLoc{})
 			q.segs.mu.Unlock()
 		}
 		b.add(w)

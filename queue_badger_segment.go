@@ -212,9 +212,16 @@ type segment struct {
 
 // pendingChunk counts the changes of one chunk's pointer in flight.
 type pendingChunk struct {
-	moves, deletes int
-	to             segLoc // where the last move in flight takes it
+	puts, moves, deletes int
+	to                   segLoc // where the last move in flight takes it
 }
+
+// The kinds of change of a chunk's pointer.
+const (
+	pendPut = iota // written
+	pendMove
+	pendDelete
+)
 
 // segStore is a badgerQueue's segments.
 type segStore struct {
@@ -231,14 +238,18 @@ type segStore struct {
 	segs   map[uint64]*segment
 	active *segment
 	nextID uint64
-	// pending holds the chunks whose deletion or move the writer has
-	// written and whose commit has not completed: it reads the others'
-	// pointers from Badger (chunkLoc).
-	pending map[chunkID]*pendingChunk
-	retired []*segment // no references left, removed once no read can follow one
-	readers int        // files open for reading only (at most maxOpenSegments)
-	buf     []byte     // the writer's buffer (writer-owned)
-	broken  bool       // logged once: a segment could not be written (writer-owned)
+	// pending holds the chunks whose pointer the writer has written,
+	// moved or deleted and whose commit has not completed; changedAt, the
+	// version of each chunk's last completed change, until every open read
+	// is at least as new (removeRetired prunes it). The writer reads any
+	// other chunk's pointer from Badger, with a read that is not older
+	// than its last change (freshLoc).
+	pending   map[chunkID]*pendingChunk
+	changedAt map[chunkID]uint64
+	retired   []*segment // no references left, removed once no read can follow one
+	readers   int        // files open for reading only (at most maxOpenSegments)
+	buf       []byte     // the writer's buffer (writer-owned)
+	broken    bool       // logged once: a segment could not be written (writer-owned)
 
 	// disabled, a test hook (and for Badger in memory), stores every
 	// chunk in Badger.
@@ -247,7 +258,7 @@ type segStore struct {
 
 func newSegStore(dir string, log *slog.Logger, durable, syncEach bool, syncFailed func(error)) *segStore {
 	return &segStore{dir: filepath.Join(dir, segmentsDir), log: log, durable: durable, syncEach: syncEach, syncFailed: syncFailed,
-		segs: make(map[uint64]*segment), pending: make(map[chunkID]*pendingChunk), nextID: 1}
+		segs: make(map[uint64]*segment), pending: make(map[chunkID]*pendingChunk), changedAt: make(map[chunkID]uint64), nextID: 1}
 }
 
 // maxOpenSegments bounds the files kept open for reading full segments;
@@ -300,6 +311,7 @@ func (s *segStore) count(l segLoc) {
 	if sg := s.segs[l.seg]; sg != nil {
 		sg.refs++
 		sg.live += int64(l.n)
+		sg.settled = time.Now() // being consumed, maybe: see moveQuiet
 	} // missing: reading the chunk reports it
 }
 
@@ -364,16 +376,7 @@ func (s *segStore) reader(id uint64) (*os.File, func(), error) {
 		}
 		sg.f, sg.reading = f, true
 		s.readers++
-		if s.readers > maxOpenSegments {
-			for _, o := range s.segs {
-				if o.reading && o.users == 0 && o != sg {
-					o.f.Close()
-					o.f, o.reading = nil, false
-					s.readers--
-					break
-				}
-			}
-		}
+		s.evict(sg)
 	}
 	sg.users++
 	return sg.f, func() {
@@ -395,9 +398,7 @@ func (s *segStore) appendRecords(buf []byte) (*segment, uint64, error) {
 	s.mu.Lock()
 	sg := s.active
 	if sg != nil && sg.size >= segmentSize {
-		sg.sealed = true
-		s.active = nil
-		s.retireIfUnused(sg)
+		s.seal(sg)
 		sg = nil
 	}
 	s.mu.Unlock()
@@ -420,9 +421,7 @@ func (s *segStore) appendRecords(buf []byte) (*segment, uint64, error) {
 	if err != nil {
 		// Whatever part of it was written is named by no pointer; the
 		// next group starts a new segment.
-		sg.sealed = true
-		s.active = nil
-		s.retireIfUnused(sg)
+		s.seal(sg)
 		return nil, 0, err
 	}
 	sg.dirty = true
@@ -461,6 +460,44 @@ func (s *segStore) create() (*segment, error) {
 	return sg, nil
 }
 
+// seal ends the writing of sg, the active segment. Its file is kept open
+// for reading only as other full segments' are (maxOpenSegments) once
+// nothing in it waits for a sync: with DurabilityFsync, a sync must go
+// through a descriptor open before a writeback error, so a dirty file stays
+// open until syncFiles has synced it. Caller holds s.mu.
+func (s *segStore) seal(sg *segment) {
+	sg.sealed = true
+	s.active = nil
+	if !s.durable || !sg.dirty {
+		s.readOnly(sg)
+	}
+	s.retireIfUnused(sg)
+}
+
+// readOnly counts sg's open file among those kept for reading, closing
+// another if there are too many. Caller holds s.mu.
+func (s *segStore) readOnly(sg *segment) {
+	if sg.f == nil || sg.reading {
+		return
+	}
+	sg.reading = true
+	s.readers++
+	s.evict(sg)
+}
+
+// evict closes files kept for reading that no read uses, other than keep,
+// while there are more than maxOpenSegments. Caller holds s.mu.
+func (s *segStore) evict(keep *segment) {
+	for _, o := range s.segs {
+		if s.readers <= maxOpenSegments {
+			return
+		}
+		if o.reading && o.users == 0 && o != keep {
+			s.closeFile(o)
+		}
+	}
+}
+
 // stored counts a pointer to l the writer is writing. Caller holds s.mu.
 func (s *segStore) stored(l segLoc) {
 	sg := s.segs[l.seg]
@@ -468,19 +505,43 @@ func (s *segStore) stored(l segLoc) {
 	sg.live += int64(l.n)
 }
 
-// pend records a change in flight of chunk id's pointer: a deletion, or
-// (move) a move to to. Caller holds s.mu.
-func (s *segStore) pend(id chunkID, move bool, to segLoc) {
+// pend records a change in flight of chunk id's pointer (pendPut,
+// pendMove to to, pendDelete). Caller holds s.mu.
+func (s *segStore) pend(id chunkID, kind int, to segLoc) {
 	p := s.pending[id]
 	if p == nil {
 		p = &pendingChunk{}
 		s.pending[id] = p
 	}
-	if move {
+	switch kind {
+	case pendPut:
+		p.puts++
+	case pendMove:
 		p.moves++
 		p.to = to
-	} else {
+	default:
 		p.deletes++
+	}
+}
+
+// unpend records that a change of chunk id's pointer, of version v (0: never
+// committed), has completed or failed. Caller holds s.mu.
+func (s *segStore) unpend(id chunkID, kind int, v uint64) {
+	if p := s.pending[id]; p != nil {
+		switch kind {
+		case pendPut:
+			p.puts--
+		case pendMove:
+			p.moves--
+		default:
+			p.deletes--
+		}
+		if p.puts <= 0 && p.moves <= 0 && p.deletes <= 0 {
+			delete(s.pending, id)
+		}
+	}
+	if v > s.changedAt[id] {
+		s.changedAt[id] = v
 	}
 }
 
@@ -495,18 +556,18 @@ func (s *segStore) done(puts, drops []segRef, v uint64, ok bool) {
 	now := time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	// A put and a drop of the same chunk are a move; a put alone, a new
+	// chunk; a drop alone, a deletion.
+	for _, r := range puts {
+		if !slices.ContainsFunc(drops, func(d segRef) bool { return d.id == r.id }) {
+			s.unpend(r.id, pendPut, v)
+		}
+	}
 	for _, r := range drops {
-		// A drop with a put of the same chunk is a move; alone, a deletion.
-		move := slices.ContainsFunc(puts, func(p segRef) bool { return p.id == r.id })
-		if p := s.pending[r.id]; p != nil {
-			if move {
-				p.moves--
-			} else {
-				p.deletes--
-			}
-			if p.moves <= 0 && p.deletes <= 0 {
-				delete(s.pending, r.id)
-			}
+		if slices.ContainsFunc(puts, func(p segRef) bool { return p.id == r.id }) {
+			s.unpend(r.id, pendMove, v)
+		} else {
+			s.unpend(r.id, pendDelete, v)
 		}
 		if !ok {
 			continue
@@ -539,8 +600,26 @@ func (s *segStore) retireIfUnused(sg *segment) {
 // removeRetired removes the retired segments that no open read can name:
 // oldest is the version of the oldest read still open (or the applied
 // version if none is), and a read at or after the version that dropped a
-// segment's last reference does not see it.
-func (s *segStore) removeRetired(oldest uint64) {
+// segment's last reference does not see it. beforeRemove (if not nil) runs
+// first when there is one to remove; if it fails, they stay.
+func (s *segStore) removeRetired(oldest uint64, beforeRemove func() error) {
+	s.mu.Lock()
+	for id, v := range s.changedAt {
+		if v <= oldest {
+			delete(s.changedAt, id)
+		}
+	}
+	ready := slices.ContainsFunc(s.retired, func(sg *segment) bool { return sg.gone <= oldest })
+	s.mu.Unlock()
+	if !ready {
+		return
+	}
+	if beforeRemove != nil {
+		if err := beforeRemove(); err != nil {
+			s.log.Warn("h3x: badger queue: segments kept: the deletions that emptied them could not be synced", "err", err)
+			return
+		}
+	}
 	s.mu.Lock()
 	var gone []*segment
 	s.retired = slices.DeleteFunc(s.retired, func(sg *segment) bool {
@@ -560,30 +639,59 @@ func (s *segStore) removeRetired(oldest uint64) {
 	}
 }
 
-// chunkLoc returns where the pointer of chunk id names, if it is stored in a
-// segment and neither being deleted already nor unreadable: the
-// destination of a move in flight, or else the pointer Badger holds (every
-// earlier commit of it has been applied: a chunk is deleted only after it
-// landed, and moves are in pending until they complete). Writer-owned.
-func (q *badgerQueue) chunkLoc(txn *badger.Txn, id chunkID) (segLoc, bool) {
-	s := q.segs
-	s.mu.RLock()
-	p := s.pending[id]
-	var to segLoc
-	var busy, moving bool
-	if p != nil {
-		busy = p.deletes > 0
-		moving = p.moves > 0
-		to = p.to
+// freshRead reads chunk pointers for the writer at the applied version,
+// starting a newer read when the current one is older than a chunk's last
+// completed change (see segStore.changedAt). Writer-owned; end it with
+// end.
+type freshRead struct {
+	q   *badgerQueue
+	txn *badger.Txn
+}
+
+func (r *freshRead) end() {
+	if r.txn != nil {
+		r.q.ts.end(r.txn)
+		r.txn = nil
 	}
-	s.mu.RUnlock()
-	if busy {
+}
+
+// state reports chunk id's changes in flight (nil: none) and whether the
+// read, started afresh if needed, is as new as its last completed change.
+func (r *freshRead) state(id chunkID) (p pendingChunk, inFlight, fresh bool) {
+	s := r.q.segs
+	for try := 0; ; try++ {
+		if r.txn == nil {
+			r.txn = r.q.ts.read()
+		}
+		s.mu.RLock()
+		pp, changed := s.pending[id], s.changedAt[id]
+		if pp != nil {
+			p = *pp
+		}
+		s.mu.RUnlock()
+		if pp != nil || changed <= r.txn.ReadTs() {
+			return p, pp != nil, true
+		}
+		if try > 0 {
+			return p, false, false // the applied version is behind it: try later
+		}
+		r.end() // a newer read sees it
+	}
+}
+
+// chunkLoc returns where the pointer of chunk id names, for its deletion:
+// the destination of a move in flight, or else the pointer Badger holds;
+// false if it is stored in place, already being deleted, or not known for
+// sure (its reference then stays counted until the next open).
+func (r *freshRead) chunkLoc(id chunkID) (segLoc, bool) {
+	p, inFlight, fresh := r.state(id)
+	switch {
+	case !fresh || p.deletes > 0 || p.puts > 0:
 		return segLoc{}, false
+	case inFlight && p.moves > 0:
+		return p.to, true
 	}
-	if moving {
-		return to, true
-	}
-	return storedLoc(txn, id)
+	return storedLoc(r.txn, id)
 }
 
 // storedLoc reads the pointer Badger holds for chunk id (false: none, the
@@ -634,8 +742,8 @@ func (q *badgerQueue) planMoves() []relocation {
 		return nil
 	}
 	slices.SortFunc(victims, func(a, b *segment) int { return cmpUint64(a.id, b.id) })
-	txn := q.ts.read()
-	defer q.ts.end(txn)
+	fr := freshRead{q: q}
+	defer fr.end()
 	var moves []relocation
 	buf := s.buf[:0]
 	records := 0
@@ -656,6 +764,7 @@ func (q *badgerQueue) planMoves() []relocation {
 		s.mu.RUnlock()
 		var win []byte // window holds the file from winAt
 		winAt := int64(-1)
+		stop := false
 		for pos < size && records < moveMaxRecords && len(moves) < moveMaxChunks && len(buf) < relocateBudget {
 			rel := pos - winAt
 			if winAt < 0 || rel >= int64(len(win)) {
@@ -683,18 +792,18 @@ func (q *badgerQueue) planMoves() []relocation {
 				}
 				continue
 			}
+			if _, inFlight, fresh := fr.state(id); inFlight || !fresh {
+				// Being written or deleted, or changed after what can be
+				// read yet: read on from here with a later group.
+				stop = true
+				break
+			}
 			records++
 			rec := win[rel : rel+int64(at+n)]
 			chunk := rec[at:]
 			loc := segLoc{seg: sg.id, off: uint64(pos) + uint64(at), n: uint32(n)}
 			pos += int64(at + n)
-			s.mu.RLock()
-			_, busy := s.pending[id]
-			s.mu.RUnlock()
-			if busy {
-				continue // being deleted (a chunk is moved only by this writer)
-			}
-			cur, ok := storedLoc(txn, id)
+			cur, ok := storedLoc(fr.txn, id)
 			if !ok || cur.seg != loc.seg || cur.off != loc.off || cur.n != loc.n {
 				continue // settled, or not this copy
 			}
@@ -719,7 +828,7 @@ func (q *badgerQueue) planMoves() []relocation {
 			}
 		}
 		s.mu.Unlock()
-		if records >= moveMaxRecords || len(moves) >= moveMaxChunks || len(buf) >= relocateBudget {
+		if stop || records >= moveMaxRecords || len(moves) >= moveMaxChunks || len(buf) >= relocateBudget {
 			break
 		}
 	}
@@ -747,7 +856,7 @@ func (q *badgerQueue) planMoves() []relocation {
 		m.to.seg = to.id
 		m.to.off += off
 		s.stored(m.to)
-		s.pend(m.id, true, m.to)
+		s.pend(m.id, pendMove, m.to)
 	}
 	return moves
 }
@@ -811,6 +920,13 @@ func (s *segStore) syncFiles(d []*segment) error {
 			return fmt.Errorf("segment %d: %w", sg.id, err)
 		}
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, sg := range d {
+		if sg.sealed && !sg.dirty {
+			s.readOnly(sg)
+		}
+	}
 	return nil
 }
 
@@ -818,7 +934,7 @@ func (s *segStore) syncFiles(d []*segment) error {
 // segments (nothing reads any more).
 func (s *segStore) close(removeRetired bool) {
 	if removeRetired {
-		s.removeRetired(^uint64(0))
+		s.removeRetired(^uint64(0), nil)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
