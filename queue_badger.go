@@ -1661,16 +1661,19 @@ func (q *badgerQueue) completer() {
 	}
 }
 
-// syncBeforeRemoval makes the deletions and moves that emptied segments
-// durable before those segments are removed. With DurabilityFsync they are
-// already (see dropsSegments); without, a kernel crash could otherwise
-// bring back a pointer into a removed segment, losing an event acknowledged
-// long before (a moved one). One sync per removal: once a segment.
+// syncBeforeRemoval makes the moves that emptied segments durable before
+// those segments are removed. With DurabilityFsync they are already (see
+// dropsSegments); without, a kernel crash could otherwise bring back a
+// pointer into a removed segment, losing an event acknowledged long before.
+// Badger's files only: the moved copies were synced before their pointers
+// were written (planMoves). Moves are rare (see moveQuiet).
 func (q *badgerQueue) syncBeforeRemoval() error {
 	if q.fsync {
 		return nil
 	}
-	return q.syncFiles()
+	q.syncMu.Lock()
+	defer q.syncMu.Unlock()
+	return q.syncFilesLocked()
 }
 
 // noteSyncFailure records a failed sync: after it, nothing is acknowledged

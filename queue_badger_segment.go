@@ -207,7 +207,8 @@ type segment struct {
 	reading bool // f is open for reading only (counted in segStore.readers)
 	// settled is when its live bytes last went down: its chunks are
 	// moved only once that has not happened for moveQuiet.
-	settled time.Time
+	settled  time.Time
+	movedOut bool // chunks were moved out of it (see removeRetired)
 }
 
 // pendingChunk counts the changes of one chunk's pointer in flight.
@@ -564,7 +565,8 @@ func (s *segStore) done(puts, drops []segRef, v uint64, ok bool) {
 		}
 	}
 	for _, r := range drops {
-		if slices.ContainsFunc(puts, func(p segRef) bool { return p.id == r.id }) {
+		move := slices.ContainsFunc(puts, func(p segRef) bool { return p.id == r.id })
+		if move {
 			s.unpend(r.id, pendMove, v)
 		} else {
 			s.unpend(r.id, pendDelete, v)
@@ -579,6 +581,7 @@ func (s *segStore) done(puts, drops []segRef, v uint64, ok bool) {
 		sg.refs--
 		sg.live -= int64(r.loc.n)
 		sg.settled = now
+		sg.movedOut = sg.movedOut || move
 		if sg.refs == 0 {
 			sg.gone = v
 			s.retireIfUnused(sg)
@@ -601,7 +604,10 @@ func (s *segStore) retireIfUnused(sg *segment) {
 // oldest is the version of the oldest read still open (or the applied
 // version if none is), and a read at or after the version that dropped a
 // segment's last reference does not see it. beforeRemove (if not nil) runs
-// first when there is one to remove; if it fails, they stay.
+// first when one to remove had chunks moved out of it (the new pointers
+// must be durable before the old copies go; a deletion that a crash undoes
+// only brings back a chunk whose events were all settled, which the next
+// open sets aside); if it fails, they stay.
 func (s *segStore) removeRetired(oldest uint64, beforeRemove func() error) {
 	s.mu.Lock()
 	for id, v := range s.changedAt {
@@ -610,11 +616,12 @@ func (s *segStore) removeRetired(oldest uint64, beforeRemove func() error) {
 		}
 	}
 	ready := slices.ContainsFunc(s.retired, func(sg *segment) bool { return sg.gone <= oldest })
+	moved := slices.ContainsFunc(s.retired, func(sg *segment) bool { return sg.gone <= oldest && sg.movedOut })
 	s.mu.Unlock()
 	if !ready {
 		return
 	}
-	if beforeRemove != nil {
+	if beforeRemove != nil && moved {
 		if err := beforeRemove(); err != nil {
 			s.log.Warn("h3x: badger queue: segments kept: the deletions that emptied them could not be synced", "err", err)
 			return
