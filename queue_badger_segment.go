@@ -209,6 +209,9 @@ type segment struct {
 	// moved only once that has not happened for moveQuiet.
 	settled  time.Time
 	movedOut bool // chunks were moved out of it (see removeRetired)
+	// nameSynced: its directory entry has been synced (at creation with
+	// DurabilityFsync; before the first moved copies land in it otherwise).
+	nameSynced bool
 }
 
 // pendingChunk counts the changes of one chunk's pointer in flight.
@@ -309,6 +312,7 @@ func (s *segStore) open() error {
 
 // count records, at open, a stored pointer to l.
 func (s *segStore) count(l segLoc) {
+	s.nextID = max(s.nextID, l.seg+1) // never reuse a number a pointer names, even a missing segment's
 	if sg := s.segs[l.seg]; sg != nil {
 		sg.refs++
 		sg.live += int64(l.n)
@@ -425,7 +429,7 @@ func (s *segStore) appendRecords(buf []byte) (*segment, uint64, error) {
 		s.seal(sg)
 		return nil, 0, err
 	}
-	sg.dirty = true
+	sg.dirty = !s.syncEach // synced already if syncEach
 	return sg, uint64(off), nil
 }
 
@@ -453,7 +457,7 @@ func (s *segStore) create() (*segment, error) {
 			}
 		}
 	}
-	sg := &segment{id: id, f: f}
+	sg := &segment{id: id, f: f, nameSynced: s.durable}
 	s.mu.Lock()
 	s.segs[id] = sg
 	s.active = sg
@@ -580,7 +584,9 @@ func (s *segStore) done(puts, drops []segRef, v uint64, ok bool) {
 		}
 		sg.refs--
 		sg.live -= int64(r.loc.n)
-		sg.settled = now
+		if !move {
+			sg.settled = now // (moving its chunks out is not consumption)
+		}
 		sg.movedOut = sg.movedOut || move
 		if sg.refs == 0 {
 			sg.gone = v
@@ -752,6 +758,12 @@ func (q *badgerQueue) planMoves() []relocation {
 	fr := freshRead{q: q}
 	defer fr.end()
 	var moves []relocation
+	type scanMark struct {
+		sg      *segment
+		scan    int64
+		scanned bool
+	}
+	var undo []scanMark
 	buf := s.buf[:0]
 	records := 0
 	window := make([]byte, moveWindow)
@@ -825,6 +837,7 @@ func (q *badgerQueue) planMoves() []relocation {
 		}
 		release()
 		s.mu.Lock()
+		undo = append(undo, scanMark{sg, sg.scan, sg.scanned})
 		sg.scan = pos
 		if pos >= size || err != nil {
 			sg.scanned = true
@@ -843,6 +856,16 @@ func (q *badgerQueue) planMoves() []relocation {
 	if len(moves) == 0 {
 		return nil
 	}
+	// If the copies cannot be written, the scan goes back to them.
+	defer func() {
+		if moves == nil {
+			s.mu.Lock()
+			for _, u := range undo {
+				u.sg.scan, u.sg.scanned = u.scan, u.scanned
+			}
+			s.mu.Unlock()
+		}
+	}()
 	to, off, err := s.appendRecords(buf)
 	if err == nil && !s.syncEach {
 		// The moved copies must be on disk before a pointer names them:
@@ -852,8 +875,19 @@ func (q *badgerQueue) planMoves() []relocation {
 			s.syncFailed(err)
 		}
 	}
+	if err == nil && !to.nameSynced {
+		// And the file's name, for the same reason.
+		for _, d := range []string{s.dir, filepath.Dir(s.dir)} {
+			if err = syncPathFn(d); err != nil {
+				s.syncFailed(err)
+				break
+			}
+		}
+		to.nameSynced = err == nil
+	}
 	if err != nil {
 		q.log.Error("h3x: badger queue: cannot move chunks out of a mostly settled segment", "err", err)
+		moves = nil // (the deferred undo)
 		return nil
 	}
 	s.mu.Lock()
@@ -895,46 +929,50 @@ func cmpUint64(a, b uint64) int {
 	return 0
 }
 
-// dirtyFiles returns the files written since the last sync, and marks them
-// clean (markDirty puts them back if the sync fails).
-func (s *segStore) dirtyFiles() []*segment {
+// segSync is a segment's file taken for a sync, pinned (users) so that
+// it is not closed meanwhile.
+type segSync struct {
+	sg *segment
+	f  *os.File
+}
+
+// dirtyFiles returns the files written since the last sync, pinned, and
+// marks them clean (syncFiles puts them back if the sync fails).
+func (s *segStore) dirtyFiles() []segSync {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var d []*segment
+	var d []segSync
 	for _, sg := range s.segs {
 		if sg.dirty && sg.f != nil {
 			sg.dirty = false
-			d = append(d, sg)
+			sg.users++
+			d = append(d, segSync{sg, sg.f})
 		}
 	}
 	return d
 }
 
-func (s *segStore) markDirty(d []*segment) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for _, sg := range d {
-		sg.dirty = true
-	}
-}
-
-// syncFiles fdatasyncs d, from dirtyFiles; if one fails, all of them are
-// synced again next time.
-func (s *segStore) syncFiles(d []*segment) error {
-	for _, sg := range d {
-		if err := fdatasyncFn(sg.f); err != nil {
-			s.markDirty(d)
-			return fmt.Errorf("segment %d: %w", sg.id, err)
+// syncFiles fdatasyncs d, from dirtyFiles, and unpins them; if one fails,
+// all of them are synced again next time.
+func (s *segStore) syncFiles(d []segSync) error {
+	var err error
+	for _, x := range d {
+		if err = fdatasyncFn(x.f); err != nil {
+			err = fmt.Errorf("segment %d: %w", x.sg.id, err)
+			break
 		}
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for _, sg := range d {
-		if sg.sealed && !sg.dirty {
-			s.readOnly(sg)
+	for _, x := range d {
+		x.sg.users--
+		if err != nil {
+			x.sg.dirty = true
+		} else if x.sg.sealed && !x.sg.dirty {
+			s.readOnly(x.sg)
 		}
 	}
-	return nil
+	return err
 }
 
 // close closes the files and, with removeRetired, removes the retired
