@@ -668,8 +668,9 @@ func (r *freshRead) end() {
 	}
 }
 
-// state reports chunk id's changes in flight (nil: none) and whether the
-// read, started afresh if needed, is as new as its last completed change.
+// state reports chunk id's changes in flight (inFlight: any) and whether
+// the read, started afresh if needed, is as new as its last completed
+// change.
 func (r *freshRead) state(id chunkID) (p pendingChunk, inFlight, fresh bool) {
 	s := r.q.segs
 	for try := 0; ; try++ {
@@ -754,7 +755,7 @@ func (q *badgerQueue) planMoves() []relocation {
 	if len(victims) == 0 {
 		return nil
 	}
-	slices.SortFunc(victims, func(a, b *segment) int { return cmpUint64(a.id, b.id) })
+	slices.SortFunc(victims, func(a, b *segment) int { return cmp.Compare(a.id, b.id) })
 	fr := freshRead{q: q}
 	defer fr.end()
 	var moves []relocation
@@ -917,16 +918,6 @@ func readWindow(f *os.File, buf []byte, pos, size int64) ([]byte, error) {
 type relocation struct {
 	id       chunkID
 	from, to segLoc
-}
-
-func cmpUint64(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // segSync is a segment's file taken for a sync, pinned (users) so that
