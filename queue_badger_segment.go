@@ -1010,9 +1010,11 @@ func (q *badgerQueue) withChunk(item *badger.Item, fn func(v []byte) error) erro
 // removes the segments none names.
 func (q *badgerQueue) countSegments() error {
 	s := q.segs
-	if len(s.segs) == 0 {
+	if s.disabled.Load() {
 		return nil
 	}
+	// Counted even when no segment file is there: the pointers' segment
+	// numbers are never reused (count).
 	err := q.ts.view(func(txn *badger.Txn) error {
 		it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyEvent}})
 		defer it.Close()
