@@ -81,10 +81,11 @@ import (
 // being consumed are moved out, so the segments hold at most about four
 // times the live events' bytes, plus the segment being written (32 MiB). A
 // chunk that is not in its segment (after a kernel crash, what was not yet
-// synced; or damage) is logged as lost and set aside, never delivered. This is storage format 3: a directory of
-// format 2 (chunks in Badger, H3X before 2026-11-27) opens and is format 3
-// from then on; one of format 1 (before 2026-11-26) is refused with an
-// error saying so; drain it with the version that wrote it.
+// synced; or damage) is logged as lost and set aside, never delivered.
+// This is storage format 3: a directory of format 2 (chunks in Badger, H3X
+// before 2026-11-27) opens and is format 3 from then on; one of format 1
+// (before 2026-11-26) is refused with an error saying so; drain it with
+// the version that wrote it.
 //
 // With DurabilityFsync, a failed sync is final for this run: the group gets
 // the error, and every later durable write fails with it until the queue is
