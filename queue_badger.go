@@ -1912,8 +1912,6 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 		q.segs.buf = buf
 		q.segs.broken = false
 		ptrs = make([]byte, 0, len(plans)*maxSegPtrLen)
-		q.segs.mu.Lock()
-		defer q.segs.mu.Unlock()
 	}
 	for _, pl := range plans {
 		ch := &qchunk{ns: pl.ns, first: pl.seqs[0], live: len(pl.ents)}
@@ -1925,13 +1923,12 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 			w.val = buf[pl.start:pl.end:pl.end]
 		} else {
 			chunk := buf[pl.start:pl.end]
-			r := &segRef{id: chunkID{pl.ns.name, ch.first}, loc: segLoc{seg: sg.id, off: off + uint64(pl.start), n: uint32(len(chunk)), crc: crc32.Checksum(chunk, castagnoli)}}
+			r := &segRef{id: chunkID{pl.ns.name, ch.first}, loc: segLoc{seg: sg.id, off: off + uint64(pl.start), n: uint32(len(chunk)), crc: crc32.Checksum(chunk, castagnoli)}, kind: pendPut}
 			at := len(ptrs)
 			ptrs = encodeSegPtr(ptrs, r.loc)
 			w.val = ptrs[at:len(ptrs):len(ptrs)]
 			w.segPut = r
-			q.segs.stored(r.loc)
-			q.segs.pend(r.id, pendPut, segLoc{})
+			q.segs.storing(*r)
 		}
 		b.item(pl.ents...)
 		b.add(w)
@@ -1947,7 +1944,7 @@ func (q *badgerQueue) moveChunks(b *txnBuilder) {
 	for _, m := range q.planMoves() {
 		b.item()
 		b.add(bwrite{key: b.seqKey(keyEvent, m.id.ns, m.id.first), val: encodeSegPtr(make([]byte, 0, maxSegPtrLen), m.to),
-			segPut: &segRef{m.id, m.to}, segDrop: &segRef{m.id, m.from}})
+			segPut: &segRef{m.id, m.to, pendMove}, segDrop: &segRef{m.id, m.from, pendMove}})
 	}
 }
 
@@ -2081,7 +2078,7 @@ func (q *badgerQueue) writeChunkFixes(b *txnBuilder, g *group, chunks []*qchunk)
 		w := bwrite{key: b.seqKey(keyEvent, name, f.ch.first), del: true}
 		id := chunkID{name, f.ch.first}
 		if l, ok := fr.chunkLoc(id); ok {
-			w.segDrop = &segRef{id, l}
+			w.segDrop = &segRef{id, l, pendDelete}
 			q.segs.mu.Lock()
 			q.segs.pend(id, pendDelete, segLoc{})
 			q.segs.mu.Unlock()

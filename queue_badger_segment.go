@@ -130,10 +130,12 @@ type chunkID struct {
 }
 
 // segRef is a chunk's pointer into a segment, written or dropped by a
-// transaction.
+// transaction, as part of kind of change (pendPut, pendMove: a move writes
+// one and drops one, pendDelete).
 type segRef struct {
-	id  chunkID
-	loc segLoc
+	id   chunkID
+	loc  segLoc
+	kind int
 }
 
 // A segment is a sequence of records, one per chunk:
@@ -503,11 +505,15 @@ func (s *segStore) evict(keep *segment) {
 	}
 }
 
-// stored counts a pointer to l the writer is writing. Caller holds s.mu.
-func (s *segStore) stored(l segLoc) {
-	sg := s.segs[l.seg]
+// storing counts the pointer r (a put or a move's put) the writer is
+// writing, and records it in flight.
+func (s *segStore) storing(r segRef) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sg := s.segs[r.loc.seg]
 	sg.refs++
-	sg.live += int64(l.n)
+	sg.live += int64(r.loc.n)
+	s.pend(r.id, r.kind, r.loc)
 }
 
 // pend records a change in flight of chunk id's pointer (pendPut,
@@ -561,20 +567,14 @@ func (s *segStore) done(puts, drops []segRef, v uint64, ok bool) {
 	now := time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	// A put and a drop of the same chunk are a move; a put alone, a new
-	// chunk; a drop alone, a deletion.
 	for _, r := range puts {
-		if !slices.ContainsFunc(drops, func(d segRef) bool { return d.id == r.id }) {
+		if r.kind == pendPut { // (a move is counted once, with its drop)
 			s.unpend(r.id, pendPut, v)
 		}
 	}
 	for _, r := range drops {
-		move := slices.ContainsFunc(puts, func(p segRef) bool { return p.id == r.id })
-		if move {
-			s.unpend(r.id, pendMove, v)
-		} else {
-			s.unpend(r.id, pendDelete, v)
-		}
+		s.unpend(r.id, r.kind, v)
+		move := r.kind == pendMove
 		if !ok {
 			continue
 		}
@@ -891,14 +891,11 @@ func (q *badgerQueue) planMoves() []relocation {
 		moves = nil // (the deferred undo)
 		return nil
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	for i := range moves {
 		m := &moves[i]
 		m.to.seg = to.id
 		m.to.off += off
-		s.stored(m.to)
-		s.pend(m.id, pendMove, m.to)
+		s.storing(segRef{m.id, m.to, pendMove})
 	}
 	return moves
 }

@@ -4,6 +4,7 @@ package h3x
 // RELIABILITY.md). A segment's bytes and Badger's pointer to them reach the
 // disk in no fixed order unless synced: these tests simulate a power loss by
 // cutting the segment files back to what fdatasync covered.
+// Each test's comment tells the defect as it was before its fix.
 
 import (
 	"context"

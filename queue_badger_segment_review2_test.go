@@ -1,6 +1,7 @@
 package h3x
 
-// Second review of segment storage (RELIABILITY.md findings 142-144).
+// Second review of segment storage (RELIABILITY.md findings 142-144). Each
+// test's comment tells the defect as it was before its fix.
 
 import (
 	"context"
@@ -41,16 +42,61 @@ func segmentFDs(t *testing.T, dir string) int {
 // publishes a backlog holds one descriptor per segment of it (1,024 for
 // 32 GiB), the exhaustion finding 140 fixed for the reading side.
 func TestBadgerSegmentWrittenFilesOpenBounded(t *testing.T) {
-	withSegmentSize(t, 1) // a segment per group, standing in for 32 MiB each
+	checkWrittenFilesBounded(t, QueueOptions{Durability: DurabilityNoSync}, 300)
+}
+
+// checkWrittenFilesBounded publishes n groups with opts, each in a segment
+// of its own (standing in for 32 MiB each), and checks that the files the
+// queue keeps open on them stay within maxOpenSegments.
+func checkWrittenFilesBounded(t *testing.T, opts QueueOptions, n int) {
+	t.Helper()
+	withSegmentSize(t, 1)
 	dir := t.TempDir()
-	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync})
-	for i := range 300 {
+	q := openTestBadger(t, dir, opts)
+	for i := range n {
 		publishTest(t, q, Event{ID: fmt.Sprintf("e%03d", i), Namespace: "n", Data: []byte("x")})
 	}
 	segs, fds := len(segmentFiles(t, dir)), segmentFDs(t, dir)
 	t.Logf("segments %d; descriptors open on them %d (maxOpenSegments %d)", segs, fds, maxOpenSegments)
 	if fds > maxOpenSegments+2 {
 		t.Fatalf("a queue that wrote %d segments (backlog unread) holds %d descriptors on them", segs, fds)
+	}
+}
+
+// heldRead is a read started when the first write match accepts is
+// committed, and kept open (as a slow planMoves' own read may still be open
+// once that commit has completed): at is its version.
+type heldRead struct {
+	q    *badgerQueue
+	once sync.Once
+	txn  *badger.Txn
+	at   uint64
+}
+
+// holdReadAtCommit watches the queue's commits (its failCommit hook, which
+// fails none) for the first write match accepts; stopWatching ends it.
+func holdReadAtCommit(t *testing.T, q *badgerQueue, match func(bwrite) bool) *heldRead {
+	h := &heldRead{q: q}
+	hook := func(ws []bwrite) bool {
+		for _, w := range ws {
+			if match(w) {
+				h.once.Do(func() { h.txn = q.ts.read(); h.at = h.txn.ReadTs() })
+			}
+		}
+		return false
+	}
+	q.failCommit.Store(&hook)
+	t.Cleanup(h.end)
+	return h
+}
+
+func (h *heldRead) stopWatching() { h.q.failCommit.Store(nil) }
+
+// end ends the read, if open.
+func (h *heldRead) end() {
+	if h.txn != nil {
+		h.q.ts.end(h.txn)
+		h.txn = nil
 	}
 }
 
@@ -104,29 +150,12 @@ func TestBadgerSegmentMoveOfChunkBeingDeleted(t *testing.T) {
 	}
 	// Remember the applied version when the group deleting d's chunk is
 	// sent (what a read started then sees).
-	var before uint64
-	var held *badger.Txn
-	defer func() {
-		if held != nil {
-			q.ts.end(held)
-		}
-	}()
-	var once sync.Once
-	hook := func(ws []bwrite) bool {
-		for _, w := range ws {
-			if w.del && w.segDrop != nil && w.segDrop.id.ns == "d" {
-				// A read started now, still open when the deletion
-				// has completed (as planMoves' own read may be).
-				once.Do(func() { held = q.ts.read(); before = held.ReadTs() })
-			}
-		}
-		return false
-	}
-	q.failCommit.Store(&hook)
+	held := holdReadAtCommit(t, q, func(w bwrite) bool { return w.del && w.segDrop != nil && w.segDrop.id.ns == "d" })
 	ackAll(t, q, "h", dl)
 	pub("t", 2, 1)
 	pub("t", 3, 1)
-	q.failCommit.Store(nil)
+	held.stopWatching()
+	before := held.at
 	if before == 0 {
 		t.Fatal("d's chunk was not deleted")
 	}
@@ -230,25 +259,10 @@ func TestBadgerSegmentSealedTailNeverMoved(t *testing.T) {
 	pub("x", 0, 60<<10) // segment 1, to settle
 	ackAll(t, q, "h", leaseAll(t, q, "h", 10, "x"))
 	pub("t", 0, 1) // deletes x
-	var before uint64
-	var held *badger.Txn
-	defer func() {
-		if held != nil {
-			q.ts.end(held)
-		}
-	}()
-	var once sync.Once
-	hook := func(ws []bwrite) bool {
-		for _, w := range ws {
-			if w.segPut != nil && w.segPut.id.ns == "k" {
-				once.Do(func() { held = q.ts.read(); before = held.ReadTs() })
-			}
-		}
-		return false
-	}
-	q.failCommit.Store(&hook)
+	held := holdReadAtCommit(t, q, func(w bwrite) bool { return w.segPut != nil && w.segPut.id.ns == "k" })
 	pub("k", 0, 8<<10) // segment 1's last chunk, long-lived: fills it
-	q.failCommit.Store(nil)
+	held.stopWatching()
+	before := held.at
 	q.ts.mu.Lock()
 	if os.Getenv("H3X_R2_CONTROL") == "" {
 		q.ts.applied = before
@@ -260,8 +274,7 @@ func TestBadgerSegmentSealedTailNeverMoved(t *testing.T) {
 	}
 	// Once the old read has ended, the next group's completion removes
 	// segment 1 if k was moved.
-	q.ts.end(held)
-	held = nil
+	held.end()
 	pub("t", 6, 1)
 	// (Removed by the completer just after it answers the group.)
 	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {

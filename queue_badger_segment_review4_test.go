@@ -1,6 +1,7 @@
 package h3x
 
 // Fourth review of segment storage (RELIABILITY.md finding 151).
+// Each test's comment tells the defect as it was before its fix.
 
 import (
 	"os"
