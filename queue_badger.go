@@ -1608,48 +1608,51 @@ func (q *badgerQueue) partition(ops []*wop, free uint64, ferr error) [][]*wop {
 	return [][]*wop{other, adding}
 }
 
-// completer is stage two. With DurabilityFsync it syncs (see syncFiles)
-// once for every run of groups whose commits are done, and answers them
-// after: one sync covers every group committed before it started, however
-// many, while the writer goes on committing the next ones.
+// completer is stage two. With DurabilityFsync it syncs once for every run
+// of groups queued to it, and answers them after: one sync covers every
+// group written before it started, however many, while the writer goes on
+// with the next ones. The groups' segment writes are done when they are
+// queued (write makes them first), so the segments' sync starts at once,
+// alongside the commits still running; Badger's log is synced once they
+// are done (see syncFiles).
 func (q *badgerQueue) completer() {
 	defer close(q.completerDone)
-	var next *group
 	var batch []*group
 	for {
-		g := next
-		next = nil
-		if g == nil {
-			var ok bool
-			if g, ok = <-q.inflight; !ok {
-				return
-			}
+		g, ok := <-q.inflight
+		if !ok {
+			return
 		}
-		<-g.done
 		batch = append(batch[:0], g)
 	gather:
-		for next == nil {
+		for {
 			select {
 			case g2, ok := <-q.inflight:
 				if !ok {
 					break gather
 				}
-				select {
-				case <-g2.done:
-					batch = append(batch, g2)
-				default:
-					next = g2
-				}
+				batch = append(batch, g2)
 			default:
 				break gather
 			}
 		}
+		sync := q.fsync && (durable(batch) || dropsSegments(batch))
+		var segSync <-chan error
+		if sync && q.syncBroken.Load() == nil {
+			segSync = q.startSegmentSync()
+		}
+		for _, g := range batch {
+			<-g.done
+		}
 		var syncErr error
-		if q.fsync && (durable(batch) || dropsSegments(batch)) {
+		if sync {
 			q.statSyncs.Add(1)
 			if p := q.syncBroken.Load(); p != nil {
 				syncErr = *p
-			} else if err := q.syncFiles(); err != nil {
+				if segSync != nil {
+					<-segSync
+				}
+			} else if err := q.syncFiles(segSync); err != nil {
 				syncErr = q.noteSyncFailure(err)
 			}
 		}
@@ -2753,7 +2756,7 @@ func (q *badgerQueue) writeLastFixes() {
 	var syncErr error
 	if q.fsync && dropsSegments([]*group{g}) {
 		// Before a segment its deletions emptied can go.
-		if err := q.syncFiles(); err != nil {
+		if err := q.syncFiles(q.startSegmentSync()); err != nil {
 			syncErr = q.noteSyncFailure(err)
 		}
 	}
@@ -2923,19 +2926,35 @@ func (q *badgerQueue) valueLogGC() error {
 // full value-log file) may still hold unsynced commits, so syncFiles syncs
 // those too, and the directory when new files appeared.
 
-func (q *badgerQueue) syncFiles() error {
-	q.syncMu.Lock()
-	defer q.syncMu.Unlock()
+// startSegmentSync starts the fdatasync of the segments written since the
+// last, and returns its outcome's channel (nil: none to sync). The caller
+// receives from it (syncFiles does).
+func (q *badgerQueue) startSegmentSync() <-chan error {
 	segs := q.segs.dirtyFiles()
 	if len(segs) == 0 {
-		return q.syncFilesLocked()
+		return nil
 	}
-	// The segments and Badger's files at once: two device flushes that
-	// overlap cost about one.
-	segErr := make(chan error, 1)
-	go func() { segErr <- q.segs.syncFiles(segs) }()
+	// A goroutine of its own, started before the completer waits for the
+	// commits: one started just before the completer's own fdatasync
+	// waited for a processor about as long as the fdatasync took (about
+	// 0.3 ms with 256 publishers), the completer holding its processor
+	// through the system call.
+	done := make(chan error, 1)
+	go func() { done <- q.segs.syncFiles(segs) }()
+	return done
+}
+
+// syncFiles syncs Badger's files (see syncFilesLocked) and joins segSync,
+// the segments' sync from startSegmentSync (nil: none): two device flushes
+// that overlap cost about one.
+func (q *badgerQueue) syncFiles(segSync <-chan error) error {
+	q.syncMu.Lock()
 	err := q.syncFilesLocked()
-	return errors.Join(err, <-segErr)
+	q.syncMu.Unlock()
+	if segSync != nil {
+		err = errors.Join(err, <-segSync)
+	}
+	return err
 }
 
 func (q *badgerQueue) syncFilesLocked() error {
