@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -159,6 +160,96 @@ func TestDedupIndexCapacity(t *testing.T) {
 			t.Fatalf("other-%d seen but never added", i)
 		}
 	}
+}
+
+// TestDedupTable checks the dedup index's hash table against a map, with
+// keys drawn from a few home slots so that runs are long and wrap around
+// the end of the table, through growth, replacement and deletions.
+func TestDedupTable(t *testing.T) {
+	for _, seed := range []uint64{1, 2, 3, 4} {
+		rng := rand.New(rand.NewPCG(seed, 0))
+		var tab dedupTable
+		model := make(map[uint64][2]uint64)
+		keys := []uint64{}
+		for step := range 20000 {
+			var k uint64
+			switch {
+			case len(keys) > 0 && rng.IntN(3) == 0:
+				k = keys[rng.IntN(len(keys))]
+			case rng.IntN(2) == 0:
+				k = ^uint64(0) - rng.Uint64N(1<<20) // home slots at the very end: runs wrap
+			default:
+				k = rng.Uint64() | 1
+			}
+			switch op := rng.IntN(10); {
+			case op < 6:
+				fp, val := uint16(rng.Uint32()), rng.Uint32()
+				_, had := model[k]
+				if added := tab.put(k, fp, val); added == had {
+					t.Fatalf("seed %d step %d: put(%x) added=%v, model had=%v", seed, step, k, added, had)
+				}
+				if !had {
+					keys = append(keys, k)
+				}
+				model[k] = [2]uint64{uint64(fp), uint64(val)}
+			case op < 9:
+				j, ok := tab.find(k)
+				if ok {
+					tab.remove(j)
+				}
+				if _, had := model[k]; had != ok {
+					t.Fatalf("seed %d step %d: find(%x) = %v, model %v", seed, step, k, ok, had)
+				}
+				delete(model, k)
+			default:
+				if j, ok := tab.find(k); ok {
+					tab.setGone(j, true)
+					m := model[k]
+					m[1] |= dedupGoneBit
+					model[k] = m
+				}
+			}
+			if step%997 == 0 || step == 19999 {
+				if tab.n != len(model) {
+					t.Fatalf("seed %d step %d: %d entries, model %d", seed, step, tab.n, len(model))
+				}
+				for k, m := range model {
+					j, ok := tab.find(k)
+					if !ok || uint64(tab.fps[j]) != m[0] || uint64(tab.vals[j]) != m[1] {
+						t.Fatalf("seed %d step %d: entry %x lost or changed (found %v)", seed, step, k, ok)
+					}
+				}
+				if tab.n > 0 && tab.n*5 > len(tab.keys)*4 {
+					t.Fatalf("seed %d step %d: %d entries in %d slots", seed, step, tab.n, len(tab.keys))
+				}
+			}
+		}
+	}
+}
+
+// TestDedupIndexMemory: the index's heap per remembered ID, at sizes a busy
+// queue holds (the Go map it replaced took 36 bytes at 1,000,000).
+func TestDedupIndexMemory(t *testing.T) {
+	if testing.Short() {
+		t.Skip("allocates 1,000,000 IDs")
+	}
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	d := newDedupIndex(2*time.Minute, dedupMaxIDs, slog.New(slog.DiscardHandler))
+	t0 := time.Now().UnixNano()
+	const n = 1000000
+	for i := range n {
+		d.addKey(dedupKey{k: uint64(i)*0x9e3779b97f4a7c15 | 1, fp: uint64(i)}, t0+int64(i)*5000)
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	per := float64(after.HeapAlloc-before.HeapAlloc) / n
+	t.Logf("%.1f bytes per remembered ID (%d generations)", per, len(d.gens))
+	if per > 24 {
+		t.Errorf("%.1f bytes per remembered ID; want at most 24 (14 a slot, at least 53%% full)", per)
+	}
+	runtime.KeepAlive(d)
 }
 
 func TestEventCodec(t *testing.T) {
