@@ -192,11 +192,13 @@ var _ Queue = (*badgerQueue)(nil)
 // inlineThreshold), so the value-log files are the minimum size, and the
 // table blocks fit a chunk (see maxChunkBytes). Measured with a backlog of
 // a million 256-byte events (H3X_RSS=1 go test -run TestQueueBadgerRSS,
-// 2026-11-27): the process that publishes it at full speed peaks at 166 MB
-// of RSS and holds 96–116 MB once idle; one that opens it holds 118 MB,
-// 120 MB after leasing and acking 10,000 of it; one that opens it after a
-// kill -9 (and so reads all of it once, see load) peaks at 156 MB and
-// holds 83–94 MB once idle for 30 s. (Before the segments, when the chunks
+// 2026-11-27, the fifteenth session): the process that publishes it at
+// full speed peaks at 138 MB of RSS (VmHWM) and holds 76–105 MB once idle;
+// one that opens it holds 95 MB, 98 MB after leasing and acking 10,000 of
+// it; one that opens it after a kill -9 (and so reads all of it once, see
+// load) peaks at 120 MB and holds 62–118 MB. The peak is the Go heap
+// (54 MB once publishing is done: the memtable's arena, about 31 MB, and
+// the dedup index, about 20 MB) with the collector's headroom. (Before the segments, when the chunks
 // went through Badger's memtables, flushes and compactions, the publishing
 // process peaked at 0.82–0.86 GB: Badger's table builders.) Badger
 // memory-maps its table files, so the pages a process has written or read
@@ -207,8 +209,12 @@ var _ Queue = (*badgerQueue)(nil)
 func badgerOptions(dir string, opts QueueOptions) badger.Options {
 	bo := badger.DefaultOptions(dir)
 	bo.Logger = badgerLogger{opts.Logger}
-	bo.SyncWrites = false      // DurabilityFsync syncs once per run of commits (see syncFiles)
-	bo.MemTableSize = 32 << 20 // fewer flushes and compactions of the lease, ack and dedup records
+	bo.SyncWrites = false // DurabilityFsync syncs once per run of commits (see syncFiles)
+	// The memtable's arena (MemTableSize and the largest batch, 31 MB) is
+	// allocated whole, half a publishing process's heap: 32 MB peaked 12 MB
+	// higher in RSS with no faster enqueue or lease+ack (A/B, 4 runs
+	// each); 16 MB peaked higher (more flushes and tables).
+	bo.MemTableSize = 24 << 20
 	bo.NumMemtables = 2
 	bo.BlockCacheSize = 16 << 20
 	bo.IndexCacheSize = 8 << 20
