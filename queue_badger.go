@@ -1642,32 +1642,44 @@ func (q *badgerQueue) completer() {
 				break gather
 			}
 		}
-		sync := q.fsync && (durable(batch) || dropsSegments(batch))
-		var segSync <-chan error
-		if sync && q.syncBroken.Load() == nil {
-			segSync = q.startSegmentSync()
-		}
-		for _, g := range batch {
-			<-g.done
-		}
-		var syncErr error
-		if sync {
-			q.statSyncs.Add(1)
-			if p := q.syncBroken.Load(); p != nil {
-				syncErr = *p
-				if segSync != nil {
-					<-segSync
-				}
-			} else if err := q.syncFiles(segSync); err != nil {
-				syncErr = q.noteSyncFailure(err)
+		if q.fsync && (durable(batch) || dropsSegments(batch)) {
+			q.syncAndComplete(batch)
+		} else {
+			// Nothing to sync: each group is answered as soon as its
+			// commit is done, not after the later ones'.
+			for _, g := range batch {
+				<-g.done
+				q.complete(g, nil)
 			}
-		}
-		for _, g := range batch {
-			q.complete(g, syncErr)
 		}
 		clear(batch)
 		q.ts.discard() // what the completed groups shadowed or deleted can go
 		q.segs.removeRetired(q.ts.oldest(), q.syncBeforeRemoval)
+	}
+}
+
+// syncAndComplete syncs for batch, once its commits are done, and answers
+// its groups. The segments' sync starts first, alongside the commits.
+func (q *badgerQueue) syncAndComplete(batch []*group) {
+	q.statSyncs.Add(1)
+	var segSync <-chan error
+	if q.syncBroken.Load() == nil {
+		segSync = q.startSegmentSync()
+	}
+	for _, g := range batch {
+		<-g.done
+	}
+	var syncErr error
+	if p := q.syncBroken.Load(); p != nil {
+		syncErr = *p
+		if segSync != nil {
+			<-segSync
+		}
+	} else if err := q.syncFiles(segSync); err != nil {
+		syncErr = q.noteSyncFailure(err)
+	}
+	for _, g := range batch {
+		q.complete(g, syncErr)
 	}
 }
 
