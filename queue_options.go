@@ -40,9 +40,9 @@ type QueueOptions struct {
 	// deduplication. Default DefaultDedupWindow (2 minutes); negative
 	// disables deduplication.
 	//
-	// The built-in queues keep the window's IDs in memory as 96-bit
-	// fingerprints, about 30 bytes each, and at most 2,097,152 of them
-	// (about 60 MB): enough for a 2-minute window up to ~17,000 events/s.
+	// The built-in queues keep the window's IDs in memory as 80-bit
+	// fingerprints, about 20 bytes each, and at most 2,097,152 of them
+	// (40–60 MB): enough for a 2-minute window up to ~17,000 events/s.
 	// Publishing faster than that shortens the effective window to the
 	// newest 2 million IDs; a retry older than that is stored again (a
 	// duplicate, which at-least-once consumers handle), never lost, and no

@@ -7,8 +7,8 @@ import (
 	"time"
 )
 
-// dedupMaxIDs bounds the IDs the dedup index remembers (about 30 bytes
-// each, so about 60 MB at most). A queue publishing faster than
+// dedupMaxIDs bounds the IDs the dedup index remembers (about 20 bytes
+// each, so 40–60 MB at most). A queue publishing faster than
 // dedupMaxIDs per DedupWindow (17,000 events/s for the default 2 minutes)
 // forgets the oldest IDs early: its effective window shrinks to
 // dedupMaxIDs / rate. A retry that arrives after that is stored again,
