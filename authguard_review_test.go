@@ -107,10 +107,14 @@ func guardRecord(s *Server) (authFailures, bool) {
 
 // waitGuardPending waits until the guard's record of 127.0.0.1 counts n attempts
 // admitted and undecided.
+// waitGuardPending waits until the guard counts at least n attempts
+// waiting their turns. (Exactly n flaked under load: the first turn could
+// run before the last attempt arrived, so the count never sat at n for a
+// poll to see it.)
 func waitGuardPending(t *testing.T, s *Server, n int) {
 	t.Helper()
 	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(2 * time.Millisecond) {
-		if f, ok := guardRecord(s); ok && f.pending == n {
+		if f, ok := guardRecord(s); ok && f.pending >= n {
 			return
 		}
 	}
@@ -222,7 +226,7 @@ func TestAuthRefusalIsRetriedByReconnectingClient(t *testing.T) {
 	for range 5 {
 		startAuth(t, s, "alice", "wrong")
 	}
-	waitGuardPending(t, s, 4) // turns at 0.1 to 1.5 s; the fifth (3.1 s) is refused
+	waitGuardPending(t, s, 3) // turns at 0.1 to 1.5 s; the fifth (3.1 s) is refused
 
 	// The legitimate client's connection drops (a network blip).
 	dropClientConns(s, "alice")
