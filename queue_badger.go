@@ -1677,6 +1677,11 @@ func (q *badgerQueue) syncAndComplete(batch []*group) {
 		}
 	} else if err := q.syncFiles(segSync); err != nil {
 		syncErr = q.noteSyncFailure(err)
+	} else if p := q.syncBroken.Load(); p != nil {
+		// Another sync of a segment failed meanwhile (the writer's, of
+		// moved copies): the error it got may have been the one for
+		// these groups' bytes (see segStore.syncFile).
+		syncErr = *p
 	}
 	for _, g := range batch {
 		q.complete(g, syncErr)

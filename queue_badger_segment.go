@@ -239,6 +239,9 @@ type segStore struct {
 	durable, syncEach bool
 	// syncFailed reports a failed sync (the queue's syncBroken).
 	syncFailed func(error)
+	// syncLock is held around each fdatasync of a segment and the
+	// recording of its failure (see syncFile).
+	syncLock sync.Mutex
 
 	mu     sync.RWMutex
 	segs   map[uint64]*segment
@@ -418,9 +421,7 @@ func (s *segStore) appendRecords(buf []byte) (*segment, uint64, error) {
 	off := sg.size
 	_, err := sg.f.WriteAt(buf, off)
 	if err == nil && s.syncEach {
-		if err = fdatasyncFn(sg.f); err != nil {
-			s.syncFailed(err)
-		}
+		err = s.syncFile(sg.f)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -872,9 +873,7 @@ func (q *badgerQueue) planMoves() []relocation {
 		// The moved copies must be on disk before a pointer names them:
 		// the events were acknowledged long ago, and the old copies go
 		// once the pointers are durable.
-		if err = fdatasyncFn(to.f); err != nil {
-			s.syncFailed(err)
-		}
+		err = s.syncFile(to.f)
 	}
 	if err == nil && !to.nameSynced {
 		// And the file's name, for the same reason.
@@ -940,12 +939,37 @@ func (s *segStore) dirtyFiles() []segSync {
 	return d
 }
 
+// testHookSegmentSync, set by tests, runs as syncFiles starts (to hold
+// the completer's sync of the segments back, as a goroutine waiting for a
+// processor is).
+var testHookSegmentSync func()
+
+// syncFile fdatasyncs f, a segment, and records a failure (syncFailed)
+// before another sync of a segment can start. Linux reports a write-back
+// error once per open file: when the writer's sync of moved copies
+// (planMoves) gets it, the completer's sync of the same file, which also
+// covers publishes, then succeeds; with both under syncLock, a sync that
+// succeeds after the other's failure finds it recorded (syncAndComplete
+// checks once its sync is done).
+func (s *segStore) syncFile(f *os.File) error {
+	s.syncLock.Lock()
+	defer s.syncLock.Unlock()
+	err := fdatasyncFn(f)
+	if err != nil {
+		s.syncFailed(err)
+	}
+	return err
+}
+
 // syncFiles fdatasyncs d, from dirtyFiles, and unpins them; if one fails,
 // all of them are synced again next time.
 func (s *segStore) syncFiles(d []segSync) error {
+	if testHookSegmentSync != nil {
+		testHookSegmentSync()
+	}
 	var err error
 	for _, x := range d {
-		if err = fdatasyncFn(x.f); err != nil {
+		if err = s.syncFile(x.f); err != nil {
 			err = fmt.Errorf("segment %d: %w", x.sg.id, err)
 			break
 		}
