@@ -211,9 +211,12 @@ func badgerOptions(dir string, opts QueueOptions) badger.Options {
 	bo.Logger = badgerLogger{opts.Logger}
 	bo.SyncWrites = false // DurabilityFsync syncs once per run of commits (see syncFiles)
 	// The memtable's arena (MemTableSize and the largest batch, 31 MB) is
-	// allocated whole, half a publishing process's heap: 32 MB peaked 12 MB
-	// higher in RSS with no faster enqueue or lease+ack (A/B, 4 runs
-	// each); 16 MB peaked higher (more flushes and tables).
+	// allocated whole, half a publishing process's heap. 32 MiB peaked 12
+	// MB higher with a million-event backlog (above issue 3's 150 MB) and
+	// 58 MiB higher in the side-by-side server run at 600,000 events, where
+	// it published 8% faster with a lower p99 around flushes (BENCHMARKS.md,
+	// "Latest run"): a memory default, which QueueOptions.Badger can
+	// change. 16 MiB peaked higher (more flushes and tables).
 	bo.MemTableSize = 24 << 20
 	bo.NumMemtables = 2
 	bo.BlockCacheSize = 16 << 20
