@@ -198,9 +198,10 @@ var _ Queue = (*badgerQueue)(nil)
 // it; one that opens it after a kill -9 (and so reads all of it once, see
 // load) peaks at 120 MB and holds 62–118 MB. The peak is the Go heap
 // (54 MB once publishing is done: the memtable's arena, about 31 MB, and
-// the dedup index, about 20 MB) with the collector's headroom. (Before the segments, when the chunks
-// went through Badger's memtables, flushes and compactions, the publishing
-// process peaked at 0.82–0.86 GB: Badger's table builders.) Badger
+// the dedup index, about 20 MB) with the collector's headroom. (Before
+// the segments, when the chunks went through Badger's memtables, flushes
+// and compactions, the publishing process peaked at 0.82–0.86 GB:
+// Badger's table builders.) Badger
 // memory-maps its table files, so the pages a process has written or read
 // count in its RSS as file-backed memory; the trimmer
 // (queue_badger_trim.go) gives them back while the queue reads none. The

@@ -116,17 +116,9 @@ func TestReview15MoveSyncFailureAfterCheck(t *testing.T) {
 	}
 	defer func() { testHookSegmentSync = nil }()
 
-	xErr := make(chan error, 1)
-	go func() {
-		_, err := q.Enqueue(ctx, []Event{{ID: "x", Namespace: "x", Data: make([]byte, 100)}})
-		xErr <- err
-	}()
+	xErr := enqueueAsync(ctx, q, Event{ID: "x", Namespace: "x", Data: make([]byte, 100)})
 	time.Sleep(time.Until(settledAt.Add(moveQuiet + 50*time.Millisecond)))
-	yErr := make(chan error, 1)
-	go func() {
-		_, err := q.Enqueue(ctx, []Event{{ID: "y", Namespace: "y", Data: make([]byte, 100)}})
-		yErr <- err
-	}()
+	yErr := enqueueAsync(ctx, q, Event{ID: "y", Namespace: "y", Data: make([]byte, 100)})
 	var errX error
 	select {
 	case errX = <-xErr:
@@ -151,4 +143,15 @@ func TestReview15MoveSyncFailureAfterCheck(t *testing.T) {
 	if !errors.Is(errX, syscall.EIO) && errX != nil {
 		t.Logf("x: %v", errX)
 	}
+}
+
+// enqueueAsync enqueues evs in a goroutine of its own and returns where its
+// error arrives.
+func enqueueAsync(ctx context.Context, q Queue, evs ...Event) <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		_, err := q.Enqueue(ctx, evs)
+		done <- err
+	}()
+	return done
 }
