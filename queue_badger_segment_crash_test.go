@@ -162,10 +162,7 @@ func TestBadgerSegmentRemovedAtOpenAfterRepairSynced(t *testing.T) {
 	q := openTestBadger(t, dir, opts)
 	a := segTestEvents("n", 3, 100)
 	publishTest(t, q, a...) // segment 1
-	b := segTestEvents("n", 3, 100)
-	for i := range b {
-		b[i].ID = "b-" + b[i].ID
-	}
+	b := segTestEventsIDs("b-", "n", 3, 100)
 	publishTest(t, q, b...) // segment 2
 	// The chunk deletion after the acks never commits in this run (as if
 	// the process were killed before its group): the acks are durable,
@@ -223,10 +220,7 @@ func TestBadgerSegmentLostTailIsSetAside(t *testing.T) {
 		syncedA[k] = v
 	}
 	tr.mu.Unlock()
-	b := segTestEvents("n", 3, 100)
-	for i := range b {
-		b[i].ID = "b-" + b[i].ID
-	}
+	b := segTestEventsIDs("b-", "n", 3, 100)
 	publishTest(t, q, b...)
 	crashed := copyLive(t, dir)
 	q.Close()

@@ -79,9 +79,15 @@ func storedPointers(t *testing.T, dir, ns string) (pointers, inPlace int) {
 }
 
 func segTestEvents(ns string, n, size int) []Event {
+	return segTestEventsIDs("", ns, n, size)
+}
+
+// segTestEventsIDs is segTestEvents with prefix before every ID (a second
+// batch of the same namespace).
+func segTestEventsIDs(prefix, ns string, n, size int) []Event {
 	evs := make([]Event, n)
 	for i := range evs {
-		evs[i] = Event{ID: fmt.Sprintf("%s-%05d", ns, i), Namespace: ns, Data: bytes.Repeat([]byte{byte('a' + i%26)}, size)}
+		evs[i] = Event{ID: fmt.Sprintf("%s%s-%05d", prefix, ns, i), Namespace: ns, Data: bytes.Repeat([]byte{byte('a' + i%26)}, size)}
 	}
 	return evs
 }
@@ -219,10 +225,7 @@ func TestBadgerSegmentDamageIsSetAside(t *testing.T) {
 				q := openTestBadger(t, dir, QueueOptions{})
 				bad := segTestEvents("n", 10, 100)
 				publishTest(t, q, bad...) // segment 1
-				good := segTestEvents("n", 10, 100)
-				for i := range good {
-					good[i].ID = "good-" + good[i].ID
-				}
+				good := segTestEventsIDs("good-", "n", 10, 100)
 				publishTest(t, q, good...) // segment 2
 				if crash {
 					dir = copyLive(t, dir)
