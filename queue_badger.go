@@ -1657,8 +1657,9 @@ func (q *badgerQueue) completer() {
 			}
 		}
 		clear(batch)
-		q.ts.discard() // what the completed groups shadowed or deleted can go
-		q.segs.removeRetired(q.ts.oldest(), q.syncBeforeRemoval)
+		// What the completed groups shadowed or deleted can go, and the
+		// segments no read can reach.
+		q.segs.removeRetired(q.ts.discard(), q.syncBeforeRemoval)
 	}
 }
 
@@ -1702,9 +1703,7 @@ func (q *badgerQueue) syncBeforeRemoval() error {
 	if q.fsync {
 		return nil
 	}
-	q.syncMu.Lock()
-	defer q.syncMu.Unlock()
-	return q.syncFilesLocked()
+	return q.syncFiles(nil)
 }
 
 // noteSyncFailure records a failed sync: after it, nothing is acknowledged
@@ -2109,9 +2108,7 @@ func (q *badgerQueue) writeChunkFixes(b *txnBuilder, g *group, chunks []*qchunk)
 		id := chunkID{name, f.ch.first}
 		if l, ok := fr.chunkLoc(id); ok {
 			w.segDrop = &segRef{id, l, pendDelete}
-			q.segs.mu.Lock()
-			q.segs.pend(id, pendDelete, segLoc{})
-			q.segs.mu.Unlock()
+			q.segs.deleting(id)
 		}
 		b.add(w)
 		b.add(bwrite{key: b.seqKey(keyAcks, name, f.ch.first), del: true})

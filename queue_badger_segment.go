@@ -148,8 +148,7 @@ type segRef struct {
 // appendRecordHeader appends the header of the record of chunk first of ns,
 // with the chunk's length to fill in (setRecordLen) once it is encoded.
 func appendRecordHeader(b []byte, ns string, first uint64) []byte {
-	b = binary.AppendUvarint(b, uint64(len(ns)))
-	b = append(b, ns...)
+	b = appendString(b, ns)
 	b = binary.BigEndian.AppendUint64(b, first)
 	return append(b, 0, 0, 0, 0)
 }
@@ -258,6 +257,7 @@ type segStore struct {
 	retired   []*segment // no references left, removed once no read can follow one
 	readers   int        // files open for reading only (at most maxOpenSegments)
 	buf       []byte     // the writer's buffer (writer-owned)
+	window    []byte     // planMoves' read buffer (writer-owned)
 	broken    bool       // logged once: a segment could not be written (writer-owned)
 
 	// disabled, a test hook (and for Badger in memory), stores every
@@ -436,6 +436,17 @@ func (s *segStore) appendRecords(buf []byte) (*segment, uint64, error) {
 	return sg, uint64(off), nil
 }
 
+// syncNames syncs the segments directory and its parent, so that the names
+// of the segments created in it (and the directory's own) survive a crash.
+func (s *segStore) syncNames() error {
+	for _, d := range []string{s.dir, filepath.Dir(s.dir)} {
+		if err := syncPathFn(d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // create starts the next segment.
 func (s *segStore) create() (*segment, error) {
 	if err := os.MkdirAll(s.dir, 0o755); err != nil {
@@ -452,12 +463,10 @@ func (s *segStore) create() (*segment, error) {
 	if s.durable {
 		// The new name must survive a crash before anything in it is
 		// acknowledged (the file's data is synced by syncFiles).
-		for _, d := range []string{s.dir, filepath.Dir(s.dir)} {
-			if err := syncPathFn(d); err != nil {
-				f.Close()
-				os.Remove(f.Name())
-				return nil, err
-			}
+		if err := s.syncNames(); err != nil {
+			f.Close()
+			os.Remove(f.Name())
+			return nil, err
 		}
 	}
 	sg := &segment{id: id, f: f, nameSynced: s.durable}
@@ -515,6 +524,13 @@ func (s *segStore) storing(r segRef) {
 	sg.refs++
 	sg.live += int64(r.loc.n)
 	s.pend(r.id, r.kind, r.loc)
+}
+
+// deleting records the deletion of chunk id's pointer in flight.
+func (s *segStore) deleting(id chunkID) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pend(id, pendDelete, segLoc{})
 }
 
 // pend records a change in flight of chunk id's pointer (pendPut,
@@ -768,7 +784,10 @@ func (q *badgerQueue) planMoves() []relocation {
 	var undo []scanMark
 	buf := s.buf[:0]
 	records := 0
-	window := make([]byte, moveWindow)
+	if s.window == nil {
+		s.window = make([]byte, moveWindow)
+	}
+	window := s.window
 	for _, sg := range victims {
 		f, release, err := s.reader(sg.id)
 		if err != nil {
@@ -877,11 +896,8 @@ func (q *badgerQueue) planMoves() []relocation {
 	}
 	if err == nil && !to.nameSynced {
 		// And the file's name, for the same reason.
-		for _, d := range []string{s.dir, filepath.Dir(s.dir)} {
-			if err = syncPathFn(d); err != nil {
-				s.syncFailed(err)
-				break
-			}
+		if err = s.syncNames(); err != nil {
+			s.syncFailed(err)
 		}
 		to.nameSynced = err == nil
 	}

@@ -100,7 +100,8 @@ func (t *tsClock) end(txn *badger.Txn) {
 
 // discard lets compactions drop the versions no read can need: those
 // shadowed at or below the applied version, or below the oldest open read.
-func (t *tsClock) discard() {
+// It returns that version: no read, open or to come, sees less than it.
+func (t *tsClock) discard() uint64 {
 	t.mu.Lock()
 	d := t.applied
 	for v := range t.readers {
@@ -108,22 +109,11 @@ func (t *tsClock) discard() {
 	}
 	if d <= t.discardedAt {
 		t.mu.Unlock()
-		return
+		return d
 	}
 	t.discardedAt = d
 	t.mu.Unlock()
 	t.db.SetDiscardTs(d)
-}
-
-// oldest returns the version of the oldest read still open, or the applied
-// version if none is: no read, open or to come, sees less than that.
-func (t *tsClock) oldest() uint64 {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	d := t.applied
-	for v := range t.readers {
-		d = min(d, v)
-	}
 	return d
 }
 
