@@ -124,6 +124,7 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		log:           opts.Logger,
 		window:        opts.DedupWindow,
 		fsync:         opts.Durability == DurabilityFsync && !bo.SyncWrites,
+		inlineBelow:   fsyncInlineBytes,
 		bdir:          bo.Dir,
 		vdir:          bo.ValueDir,
 		counters:      make(map[string]*nsCounter),
@@ -311,6 +312,10 @@ type badgerQueue struct {
 	log    *slog.Logger
 	window time.Duration
 	fsync  bool
+	// inlineBelow is, with fsync, the size under which a group's new
+	// chunks are stored in Badger rather than in a segment
+	// (fsyncInlineBytes when opened).
+	inlineBelow int
 
 	// counters are the namespaces' counts as the writer has written them.
 	// Writer-owned (and load, before the writer starts).
@@ -1530,6 +1535,20 @@ func (q *badgerQueue) enqueueFitting(ctx context.Context, events []Event) ([]Pub
 // the previous one. pipelineDepth bounds the groups in flight.
 const pipelineDepth = 4
 
+// fsyncInlineBytes: with DurabilityFsync, a group whose new chunks encode
+// to fewer bytes than this stores them in Badger, as values, rather than in
+// a segment. Its sync round is then one fdatasync (Badger's log) instead of
+// two in parallel (the segment's and the log's, each committing the
+// file system's journal), which at low rates is most of a publish's wait:
+// 5,000 single-event publishes a second, with a consumer, had a round of
+// 350–410 µs against 570–670 and an Enqueue p50 of 0.65–0.83 ms against
+// 1.1–1.3 ms (BENCHMARKS.md, "The sixteenth session"). Small groups are
+// what a low rate makes; a busy queue's groups are larger and go to the
+// segments, whose syncs the many events of a round share, and which keep
+// the bulk of the bytes out of Badger's tree. A variable so that tests can
+// make every group use a segment.
+var fsyncInlineBytes = 16 << 10
+
 // group is one group commit.
 type group struct {
 	n       uint64 // its number, in acceptance order
@@ -1927,20 +1946,28 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 	if len(plans) == 0 {
 		return
 	}
-	sg, off, err := q.segs.appendRecords(buf)
+	var sg *segment
+	var off uint64
 	var ptrs []byte
-	if err != nil {
-		// Stored in place instead: the values refer to buf until their
-		// commit, so it is not reused.
-		q.segs.buf = nil
-		if !q.segs.broken && err != errSegmentsDisabled {
-			q.segs.broken = true
-			q.log.Error("h3x: badger queue: cannot write a segment; storing chunks in Badger until one can be written", "err", err)
+	inline := q.fsync && len(buf) < q.inlineBelow
+	if !inline {
+		var err error
+		if sg, off, err = q.segs.appendRecords(buf); err != nil {
+			inline = true
+			if !q.segs.broken && err != errSegmentsDisabled {
+				q.segs.broken = true
+				q.log.Error("h3x: badger queue: cannot write a segment; storing chunks in Badger until one can be written", "err", err)
+			}
+		} else {
+			q.segs.buf = buf
+			q.segs.broken = false
+			ptrs = make([]byte, 0, len(plans)*maxSegPtrLen)
 		}
-	} else {
-		q.segs.buf = buf
-		q.segs.broken = false
-		ptrs = make([]byte, 0, len(plans)*maxSegPtrLen)
+	}
+	if inline {
+		// Stored in place: the values refer to buf until their commit, so
+		// it is not reused.
+		q.segs.buf = nil
 	}
 	for _, pl := range plans {
 		ch := &qchunk{ns: pl.ns, first: pl.seqs[0], live: len(pl.ents)}

@@ -76,6 +76,7 @@ func (tr *syncTracker) powerLoss(t *testing.T, dir string) (lost map[string]int6
 // power loss following a clean Close, an event acknowledged long before is
 // gone.
 func TestBadgerSegmentCloseSyncsBeforeRemoving(t *testing.T) {
+	segmentsOnly(t)
 	withSegmentSize(t, 4096)
 	tr := trackSegmentSyncs(t)
 	dir := t.TempDir()
@@ -120,6 +121,7 @@ func TestBadgerSegmentCloseSyncsBeforeRemoving(t *testing.T) {
 // publish's bytes are only in the page cache, while Badger's pointer to
 // them is synced.
 func TestBadgerSegmentSyncWritesEscapeHatch(t *testing.T) {
+	segmentsOnly(t)
 	tr := trackSegmentSyncs(t)
 	dir := t.TempDir()
 	opts := QueueOptions{Durability: DurabilityFsync, Badger: func(o *badger.Options) { o.SyncWrites = true }}
@@ -156,6 +158,7 @@ func copyDirFiles(t *testing.T, src string) string {
 // pointer comes back, its segment does not, and the namespace can no
 // longer be read (events acknowledged-as-published after it included).
 func TestBadgerSegmentRemovedAtOpenAfterRepairSynced(t *testing.T) {
+	segmentsOnly(t)
 	withSegmentSize(t, 1) // every group starts a segment of its own
 	dir := t.TempDir()
 	opts := QueueOptions{Durability: DurabilityFsync}
@@ -208,6 +211,7 @@ func TestBadgerSegmentRemovedAtOpenAfterRepairSynced(t *testing.T) {
 // never delivered. (With chunks in Badger's log this could not happen:
 // replay drops a torn entry.)
 func TestBadgerSegmentLostTailIsSetAside(t *testing.T) {
+	segmentsOnly(t)
 	tr := trackSegmentSyncs(t)
 	dir := t.TempDir()
 	opts := QueueOptions{Durability: DurabilityFsync}
@@ -258,6 +262,7 @@ func TestBadgerSegmentLostTailIsSetAside(t *testing.T) {
 // there, and the next open removes the old segment (no pointer names it):
 // an event acknowledged long before is lost.
 func TestBadgerSegmentMoveSyncedBeforePointer(t *testing.T) {
+	segmentsOnly(t)
 	withSegmentSize(t, 4096)
 	tr := trackSegmentSyncs(t)
 	dir := t.TempDir()
@@ -323,6 +328,7 @@ func TestBadgerSegmentMoveSyncedBeforePointer(t *testing.T) {
 // the second removes the first's segments (no pointer in its own Badger
 // names them), and the first queue's acknowledged events are lost.
 func TestBadgerSegmentsInBadgerDir(t *testing.T) {
+	segmentsOnly(t)
 	base := t.TempDir()
 	aDir, bDir := filepath.Join(base, "a"), filepath.Join(base, "b")
 	optsFor := func(d string) QueueOptions {
@@ -359,6 +365,7 @@ func openFDs(t *testing.T) int {
 // the recount at open reads every chunk: one descriptor per segment of the
 // whole backlog, 1 per 32 MiB by default).
 func TestBadgerSegmentFilesOpenBounded(t *testing.T) {
+	segmentsOnly(t)
 	withSegmentSize(t, 1) // a segment per group, standing in for 32 MiB each
 	dir := t.TempDir()
 	opts := QueueOptions{Durability: DurabilityNoSync}

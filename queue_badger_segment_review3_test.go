@@ -26,6 +26,7 @@ import (
 // (syncBroken) and fails that publish and every later durable write until
 // reopened, with a healthy disk.
 func TestBadgerSegmentSyncOfEvictedFile(t *testing.T) {
+	segmentsOnly(t)
 	withSegmentSize(t, 1) // a segment per group
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityFsync})
@@ -142,6 +143,7 @@ func TestBadgerSegmentSyncOfEvictedFile(t *testing.T) {
 // syncFiles), so every segment this run wrote keeps its descriptor until
 // removed.
 func TestBadgerSegmentWrittenFilesOpenBoundedSyncWrites(t *testing.T) {
+	segmentsOnly(t)
 	checkWrittenFilesBounded(t, QueueOptions{Durability: DurabilityFsync, Badger: func(o *badger.Options) { o.SyncWrites = true }}, maxOpenSegments+40)
 }
 
@@ -156,6 +158,7 @@ func TestBadgerSegmentWrittenFilesOpenBoundedSyncWrites(t *testing.T) {
 // leave the new pointer naming a segment file that does not exist, losing
 // an event acknowledged long before: what finding 145 was to prevent.
 func TestBadgerSegmentMoveDestinationNameSynced(t *testing.T) {
+	segmentsOnly(t)
 	withSegmentSize(t, 4096)
 	dir := t.TempDir()
 	segDir := filepath.Join(dir, segmentsDir)
@@ -227,6 +230,7 @@ func TestBadgerSegmentMoveDestinationNameSynced(t *testing.T) {
 // settled segment stays until the next open. (Here the write failure is
 // injected by disabling segments for one group.)
 func TestBadgerSegmentMoveRetriedAfterWriteFailure(t *testing.T) {
+	segmentsOnly(t)
 	withSegmentSize(t, 4096)
 	moveQuiet = time.Hour
 	dir := t.TempDir()
@@ -274,6 +278,7 @@ func TestBadgerSegmentMoveRetriedAfterWriteFailure(t *testing.T) {
 // name it, so the new segment is removed while an acknowledged event is
 // still in it.
 func TestBadgerSegmentIDReusedAfterLoss(t *testing.T) {
+	segmentsOnly(t)
 	withSegmentSize(t, 1) // a segment per group
 	dir := t.TempDir()
 	opts := QueueOptions{Durability: DurabilityNoSync}

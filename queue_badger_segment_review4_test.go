@@ -17,6 +17,7 @@ import (
 // segment 1) then drops a reference of the NEW segment 1, which is
 // retired and removed while a live chunk is in it.
 func TestBadgerSegmentNumberReusedWhenAllMissing(t *testing.T) {
+	segmentsOnly(t)
 	withSegmentSize(t, 1) // a segment per group
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{})
@@ -51,6 +52,7 @@ func TestBadgerSegmentNumberReusedWhenAllMissing(t *testing.T) {
 // segments, closed (twice), and a failed open (segments path is a file),
 // leave no descriptor open.
 func TestBadgerSegmentOpenCloseLeaksNoFiles(t *testing.T) {
+	segmentsOnly(t)
 	withSegmentSize(t, 1)
 	base := openFDs(t)
 	dir := t.TempDir()

@@ -108,6 +108,7 @@ func checkLeased(t *testing.T, ls []Lease, want []Event) {
 // Badger holds pointers to them; the events read back intact, also after
 // a reopen, in both durability modes.
 func TestBadgerSegmentsHoldTheChunks(t *testing.T) {
+	segmentsOnly(t)
 	for _, d := range []Durability{DurabilityFsync, DurabilityNoSync} {
 		t.Run(fmt.Sprint(d), func(t *testing.T) {
 			dir := t.TempDir()
@@ -136,6 +137,7 @@ func TestBadgerSegmentsHoldTheChunks(t *testing.T) {
 // TestBadgerSegmentsRemovedOnceSettled: once every chunk in a segment is
 // acknowledged, the segment's file is removed; the one being written stays.
 func TestBadgerSegmentsRemovedOnceSettled(t *testing.T) {
+	segmentsOnly(t)
 	withSegmentSize(t, 64<<10)
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync})
@@ -178,6 +180,7 @@ func TestBadgerSegmentsRemovedOnceSettled(t *testing.T) {
 // total stays within a bound of what is live, and the moved events read
 // back intact, also after a reopen.
 func TestBadgerSegmentsMoveLongLivedChunks(t *testing.T) {
+	segmentsOnly(t)
 	for _, d := range []Durability{DurabilityFsync, DurabilityNoSync} {
 		t.Run(fmt.Sprint(d), func(t *testing.T) {
 			withSegmentSize(t, 64<<10)
@@ -217,6 +220,7 @@ func TestBadgerSegmentsMoveLongLivedChunks(t *testing.T) {
 // lost and set aside, and the namespace's other events are still delivered
 // (after a clean close, and after a crash, whose open recounts).
 func TestBadgerSegmentDamageIsSetAside(t *testing.T) {
+	segmentsOnly(t)
 	for _, damage := range []string{"flip", "remove"} {
 		for _, crash := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/crash=%v", damage, crash), func(t *testing.T) {
@@ -287,6 +291,7 @@ func TestBadgerSegmentDamageIsSetAside(t *testing.T) {
 // written, the group's chunks are stored in Badger itself and the publish
 // succeeds; the next group starts a new segment.
 func TestBadgerSegmentWriteFailureStoresInBadger(t *testing.T) {
+	segmentsOnly(t)
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{})
 	first := segTestEvents("a", 5, 100)
@@ -331,6 +336,7 @@ func TestBadgerSegmentWriteFailureStoresInBadger(t *testing.T) {
 // TestBadgerSegmentSyncFailureFailsThePublish: with DurabilityFsync, a
 // publish whose segment cannot be synced is not acknowledged as durable.
 func TestBadgerSegmentSyncFailureFailsThePublish(t *testing.T) {
+	segmentsOnly(t)
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityFsync})
 	injected := errors.New("injected segment sync failure")
@@ -351,6 +357,7 @@ func TestBadgerSegmentSyncFailureFailsThePublish(t *testing.T) {
 // its chunks read back, and it is format 3 from then on; a later format is
 // refused by name.
 func TestBadgerFormat2Opens(t *testing.T) {
+	segmentsOnly(t)
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{})
 	q.segs.disabled.Store(true) // as format 2 stored them
@@ -390,6 +397,7 @@ func TestBadgerFormat2Opens(t *testing.T) {
 }
 
 func TestSegPtrCodec(t *testing.T) {
+	segmentsOnly(t)
 	l := segLoc{seg: 7, off: 1 << 40, n: 12345, crc: 0xdeadbeef}
 	v := encodeSegPtr(nil, l)
 	if len(v) > maxSegPtrLen || !isSegPtr(v) {
@@ -406,4 +414,14 @@ func TestSegPtrCodec(t *testing.T) {
 	if ns, seq, ok := decodeSeqKey(seqKey(keyEvent, "orders", 42), keyEvent); !ok || ns != "orders" || seq != 42 {
 		t.Errorf("decodeSeqKey: %q %d %v", ns, seq, ok)
 	}
+}
+
+// segmentsOnly makes every group of the test's Badger queues store its
+// chunks in a segment, however small (with DurabilityFsync, small groups
+// are stored in Badger: fsyncInlineBytes). For the tests of the segments
+// themselves.
+func segmentsOnly(t testing.TB) {
+	old := fsyncInlineBytes
+	fsyncInlineBytes = 0
+	t.Cleanup(func() { fsyncInlineBytes = old })
 }

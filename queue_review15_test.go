@@ -45,6 +45,7 @@ func calledFrom(fn string) bool {
 // waiting for a processor); the next group's planMoves copies a chunk into
 // S2 and its fdatasync fails; X's publish must not succeed.
 func TestReview15MoveSyncFailureAfterCheck(t *testing.T) {
+	segmentsOnly(t)
 	withSegmentSize(t, 4096)
 	moveQuiet = 400 * time.Millisecond
 	dir := t.TempDir()

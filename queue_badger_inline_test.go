@@ -1,0 +1,120 @@
+package h3x
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+)
+
+// TestBadgerFsyncSmallGroupsStoredInBadger: with DurabilityFsync, a group
+// whose chunks encode to fewer than fsyncInlineBytes is stored in Badger
+// itself, so that its sync round is Badger's log alone: no segment file is
+// written or synced for it. A larger group goes to a segment, and so does
+// every group without DurabilityFsync (nothing is synced per round there).
+// The events read back intact in each case, also after a reopen, and
+// acking them leaves nothing stored.
+func TestBadgerFsyncSmallGroupsStoredInBadger(t *testing.T) {
+	small := 5 * 100                // five events of 100 bytes: a chunk of about 0.7 KiB
+	large := fsyncInlineBytes / 100 // enough 200-byte events to be well over the limit
+	tests := []struct {
+		name         string
+		durability   Durability
+		events, size int
+		inPlace      bool // stored in Badger, not in a segment
+	}{
+		{"fsync/small", DurabilityFsync, 5, small / 5, true},
+		{"fsync/large", DurabilityFsync, large, 200, false},
+		{"nosync/small", DurabilityNoSync, 5, small / 5, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var segSyncs atomic.Int64
+			fdatasyncFn = func(f *os.File) error {
+				if strings.HasSuffix(f.Name(), segmentSuffix) {
+					segSyncs.Add(1)
+				}
+				return fdatasync(f)
+			}
+			t.Cleanup(func() { fdatasyncFn = fdatasync })
+			dir := t.TempDir()
+			opts := QueueOptions{Durability: tc.durability}
+			q := openTestBadger(t, dir, opts)
+			evs := segTestEvents("n", tc.events, tc.size)
+			publishTest(t, q, evs...)
+			checkLeased(t, leaseAll(t, q, "h", tc.events, "n"), evs)
+			if err := q.Close(); err != nil {
+				t.Fatal(err)
+			}
+			files := segmentFiles(t, dir)
+			ptrs, inPlace := storedPointers(t, dir, "n")
+			if tc.inPlace {
+				if ptrs != 0 || inPlace != 1 || len(files) != 0 || segSyncs.Load() != 0 {
+					t.Errorf("%d pointers, %d chunks in place, segment files %v, %d segment syncs; want the chunk in place and no segment written or synced",
+						ptrs, inPlace, files, segSyncs.Load())
+				}
+			} else if ptrs == 0 || inPlace != 0 || len(files) == 0 {
+				t.Errorf("%d pointers, %d chunks in place, segment files %v; want the chunks in a segment", ptrs, inPlace, files)
+			}
+			if tc.durability == DurabilityFsync && !tc.inPlace && segSyncs.Load() == 0 {
+				t.Error("the segment was never synced")
+			}
+
+			// Reopened: the events are there to lease again (their leases
+			// ended with the queue), and acked they are gone.
+			q = openTestBadger(t, dir, opts)
+			ls := leaseAll(t, q, "h", tc.events, "n")
+			checkLeased(t, ls, evs)
+			refs := make([]LeaseRef, len(ls))
+			for i, l := range ls {
+				refs[i] = LeaseRef{ID: l.Event.ID, Attempt: l.Attempt}
+			}
+			res, err := q.Ack(context.Background(), "h", refs)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, r := range res {
+				if r.Status != SettleOK {
+					t.Fatalf("ack %d: %v", i, r.Status)
+				}
+			}
+			if err := q.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if n := storedKeys(t, dir, keyEvent, "n"); n != 0 {
+				t.Errorf("%d chunks of n still stored after acking them all", n)
+			}
+		})
+	}
+}
+
+// TestBadgerFsyncInlineLimit: the limit is on a group's encoded chunks,
+// from either side of it.
+func TestBadgerFsyncInlineLimit(t *testing.T) {
+	for _, limit := range []int{0, 1 << 10, 1 << 20} {
+		t.Run(fmt.Sprint(limit), func(t *testing.T) {
+			old := fsyncInlineBytes
+			fsyncInlineBytes = limit
+			t.Cleanup(func() { fsyncInlineBytes = old })
+			dir := t.TempDir()
+			q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityFsync})
+			evs := segTestEvents("n", 10, 200) // about 2.5 KiB encoded
+			publishTest(t, q, evs...)
+			if err := q.Close(); err != nil {
+				t.Fatal(err)
+			}
+			ptrs, inPlace := storedPointers(t, dir, "n")
+			if wantInPlace := limit > 4<<10; (inPlace == 1) != wantInPlace || ptrs+inPlace != 1 {
+				t.Errorf("limit %d: %d pointers, %d in place; want in place: %v", limit, ptrs, inPlace, wantInPlace)
+			}
+			if _, err := os.Stat(filepath.Join(dir, segmentsDir)); limit > 4<<10 && err == nil {
+				if files := segmentFiles(t, dir); len(files) != 0 {
+					t.Errorf("segment files %v for a group stored in place", files)
+				}
+			}
+		})
+	}
+}
