@@ -124,7 +124,6 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		log:           opts.Logger,
 		window:        opts.DedupWindow,
 		fsync:         opts.Durability == DurabilityFsync && !bo.SyncWrites,
-		inlineBelow:   fsyncInlineBytes,
 		bdir:          bo.Dir,
 		vdir:          bo.ValueDir,
 		counters:      make(map[string]*nsCounter),
@@ -141,6 +140,10 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	q.txnMaxBytes = maxBatchSize / 3
 	q.txnMaxWrites = min(maxTxnWrites, max(int(maxBatchSize/int64(skl.MaxNodeSize))/3, 1))
 	q.maxValue = int(bo.ValueThreshold) - deadLetterReserve
+	// A chunk stored in Badger goes in one transaction with its dedup
+	// record (every ID again), neither of which can be split: with a small
+	// MemTableSize, 16 KiB of them could exceed Badger's batch limit.
+	q.inlineBelow = min(fsyncInlineBytes, int(q.txnMaxBytes))
 	q.core = newQueueCore(opts, (*badgerStore)(q), false)
 	// The segments go with Badger's own files, in the directory Badger
 	// locks.
@@ -314,7 +317,7 @@ type badgerQueue struct {
 	fsync  bool
 	// inlineBelow is, with fsync, the size under which a group's new
 	// chunks are stored in Badger rather than in a segment
-	// (fsyncInlineBytes when opened).
+	// (fsyncInlineBytes, or less with a small MemTableSize).
 	inlineBelow int
 
 	// counters are the namespaces' counts as the writer has written them.

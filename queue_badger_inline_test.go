@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+
+	"github.com/dgraph-io/badger/v4"
 )
 
 // TestBadgerFsyncSmallGroupsStoredInBadger: with DurabilityFsync, a group
@@ -115,6 +117,29 @@ func TestBadgerFsyncInlineLimit(t *testing.T) {
 					t.Errorf("segment files %v for a group stored in place", files)
 				}
 			}
+		})
+	}
+}
+
+// TestBadgerFsyncInlineSmallMemtable: with a small MemTableSize, Badger's
+// batch limit is small too; a group stored in Badger goes in one
+// transaction with its dedup record (every ID again), and neither can be
+// split. A group of long IDs under 16 KiB used to exceed the limit and fail
+// every time it was published (found by the sixteenth session's review);
+// such a group now goes to a segment.
+func TestBadgerFsyncInlineSmallMemtable(t *testing.T) {
+	for _, mt := range []int64{64 << 10, 128 << 10, 1 << 20} {
+		t.Run(fmt.Sprint(mt), func(t *testing.T) {
+			q := openTestBadger(t, t.TempDir(), QueueOptions{Durability: DurabilityFsync,
+				Badger: func(o *badger.Options) { o.MemTableSize = mt }})
+			var evs []Event
+			for i, total := 0, 0; total < min(q.maxValue, fsyncInlineBytes)-1000; i++ {
+				ev := Event{ID: fmt.Sprintf("%s-%04d", strings.Repeat("x", 500), i), Namespace: "n", Data: []byte("d")}
+				evs = append(evs, ev)
+				total += encodedLen(&ev) + 4
+			}
+			publishTest(t, q, evs...)
+			checkLeased(t, leaseAll(t, q, "h", len(evs), "n"), evs)
 		})
 	}
 }
