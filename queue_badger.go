@@ -1548,7 +1548,10 @@ const pipelineDepth = 4
 // 1.1–1.3 ms (BENCHMARKS.md, "The sixteenth session"). Small groups are
 // what a low rate makes; a busy queue's groups are larger and go to the
 // segments, whose syncs the many events of a round share, and which keep
-// the bulk of the bytes out of Badger's tree. A variable so that tests can
+// the bulk of the bytes out of Badger's tree. The cost: the bytes go
+// through Badger's memtable, which then flushes more often, and a flush
+// holds the next sync for 50–80 ms here (the p99 of minute-long runs at
+// that rate rose from 17–26 to 35–37 ms). A variable so that tests can
 // make every group use a segment.
 var fsyncInlineBytes = 16 << 10
 
