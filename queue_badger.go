@@ -191,8 +191,9 @@ var _ Queue = (*badgerQueue)(nil)
 // compression (event payloads are mostly incompressible or already
 // compressed by their producers). The events' chunks are in segment files
 // (queue_badger_segment.go); the values Badger holds (chunk pointers, ack
-// records, lease records, and chunks only when a segment cannot be written
-// or for dead letters) stay in the LSM tree, never in the value log (see
+// records, lease records, and chunks only for dead letters, for small groups
+// with DurabilityFsync (fsyncInlineBytes) or when a segment cannot be
+// written) stay in the LSM tree, never in the value log (see
 // inlineThreshold), so the value-log files are the minimum size, and the
 // table blocks fit a chunk (see maxChunkBytes). Measured with a backlog of
 // a million 256-byte events (H3X_RSS=1 go test -run TestQueueBadgerRSS,
