@@ -14,7 +14,6 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/google/uuid"
 	"github.com/quic-go/quic-go"
 	"google.golang.org/protobuf/proto"
 
@@ -872,7 +871,7 @@ func assignIDs(events []Event) []string {
 	ids := make([]string, len(events))
 	for i := range events {
 		if events[i].ID == "" {
-			events[i].ID = uuid.NewString()
+			events[i].ID = newUUIDv4()
 		}
 		ids[i] = events[i].ID
 	}
