@@ -221,8 +221,9 @@ func badgerOptions(dir string, opts QueueOptions) badger.Options {
 	// MB higher with a million-event backlog (above issue 3's 150 MB) and
 	// 58 MiB higher in the side-by-side server run at 600,000 events, where
 	// it published 8% faster with a lower p99 around flushes (BENCHMARKS.md,
-	// "Latest run"): a memory default, which QueueOptions.Badger can
-	// change. 16 MiB peaked higher (more flushes and tables).
+	// the fifteenth session's run): a memory default, which
+	// QueueOptions.Badger can change. 16 MiB peaked higher (more flushes
+	// and tables).
 	bo.MemTableSize = 24 << 20
 	bo.NumMemtables = 2
 	bo.BlockCacheSize = 16 << 20
