@@ -143,7 +143,9 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 	// A chunk stored in Badger goes in one transaction with its dedup
 	// record (every ID again), neither of which can be split: with a small
 	// MemTableSize, 16 KiB of them could exceed Badger's batch limit.
-	q.inlineBelow = min(fsyncInlineBytes, int(q.txnMaxBytes))
+	if q.fsync {
+		q.inlineBelow = min(fsyncInlineBytes, int(q.txnMaxBytes))
+	}
 	q.core = newQueueCore(opts, (*badgerStore)(q), false)
 	// The segments go with Badger's own files, in the directory Badger
 	// locks.
@@ -317,9 +319,9 @@ type badgerQueue struct {
 	log    *slog.Logger
 	window time.Duration
 	fsync  bool
-	// inlineBelow is, with fsync, the size under which a group's new
-	// chunks are stored in Badger rather than in a segment
-	// (fsyncInlineBytes, or less with a small MemTableSize).
+	// inlineBelow is the size under which a group's new chunks are
+	// stored in Badger rather than in a segment: fsyncInlineBytes (or
+	// less, with a small MemTableSize) with fsync, 0 without.
 	inlineBelow int
 
 	// counters are the namespaces' counts as the writer has written them.
@@ -1954,10 +1956,11 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 	if len(plans) == 0 {
 		return
 	}
+	q.segs.buf = buf // the writer's, for the next group
 	var sg *segment
 	var off uint64
 	var ptrs []byte
-	inline := q.fsync && len(buf) < q.inlineBelow
+	inline := len(buf) < q.inlineBelow
 	if !inline {
 		var err error
 		if sg, off, err = q.segs.appendRecords(buf); err != nil {
@@ -1967,15 +1970,14 @@ func (q *badgerQueue) writeChunks(b *txnBuilder, ops []*wop) {
 				q.log.Error("h3x: badger queue: cannot write a segment; storing chunks in Badger until one can be written", "err", err)
 			}
 		} else {
-			q.segs.buf = buf
 			q.segs.broken = false
 			ptrs = make([]byte, 0, len(plans)*maxSegPtrLen)
 		}
 	}
 	if inline {
-		// Stored in place: the values refer to buf until their commit, so
-		// it is not reused.
-		q.segs.buf = nil
+		// Stored in place: the values keep their bytes until their
+		// commit, so they get a copy of their own.
+		buf = slices.Clone(buf)
 	}
 	for _, pl := range plans {
 		ch := &qchunk{ns: pl.ns, first: pl.seqs[0], live: len(pl.ents)}
