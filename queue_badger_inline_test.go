@@ -6,7 +6,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 
 	"github.com/dgraph-io/badger/v4"
@@ -33,14 +32,7 @@ func TestBadgerFsyncSmallGroupsStoredInBadger(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			var segSyncs atomic.Int64
-			fdatasyncFn = func(f *os.File) error {
-				if strings.HasSuffix(f.Name(), segmentSuffix) {
-					segSyncs.Add(1)
-				}
-				return fdatasync(f)
-			}
-			t.Cleanup(func() { fdatasyncFn = fdatasync })
+			syncs := trackSegmentSyncs(t)
 			dir := t.TempDir()
 			opts := QueueOptions{Durability: tc.durability}
 			q := openTestBadger(t, dir, opts)
@@ -52,15 +44,18 @@ func TestBadgerFsyncSmallGroupsStoredInBadger(t *testing.T) {
 			}
 			files := segmentFiles(t, dir)
 			ptrs, inPlace := storedPointers(t, dir, "n")
+			syncs.mu.Lock()
+			segSyncs := len(syncs.synced) // segments synced
+			syncs.mu.Unlock()
 			if tc.inPlace {
-				if ptrs != 0 || inPlace != 1 || len(files) != 0 || segSyncs.Load() != 0 {
-					t.Errorf("%d pointers, %d chunks in place, segment files %v, %d segment syncs; want the chunk in place and no segment written or synced",
-						ptrs, inPlace, files, segSyncs.Load())
+				if ptrs != 0 || inPlace != 1 || len(files) != 0 || segSyncs != 0 {
+					t.Errorf("%d pointers, %d chunks in place, segment files %v, %d segments synced; want the chunk in place and no segment written or synced",
+						ptrs, inPlace, files, segSyncs)
 				}
 			} else if ptrs == 0 || inPlace != 0 || len(files) == 0 {
 				t.Errorf("%d pointers, %d chunks in place, segment files %v; want the chunks in a segment", ptrs, inPlace, files)
 			}
-			if tc.durability == DurabilityFsync && !tc.inPlace && segSyncs.Load() == 0 {
+			if tc.durability == DurabilityFsync && !tc.inPlace && segSyncs == 0 {
 				t.Error("the segment was never synced")
 			}
 
