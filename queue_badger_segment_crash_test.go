@@ -365,7 +365,6 @@ func openFDs(t *testing.T) int {
 // the recount at open reads every chunk: one descriptor per segment of the
 // whole backlog, 1 per 32 MiB by default).
 func TestBadgerSegmentFilesOpenBounded(t *testing.T) {
-	segmentsOnly(t)
 	withSegmentSize(t, 1) // a segment per group, standing in for 32 MiB each
 	dir := t.TempDir()
 	opts := QueueOptions{Durability: DurabilityNoSync}

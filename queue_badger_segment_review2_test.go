@@ -42,7 +42,6 @@ func segmentFDs(t *testing.T, dir string) int {
 // publishes a backlog holds one descriptor per segment of it (1,024 for
 // 32 GiB), the exhaustion finding 140 fixed for the reading side.
 func TestBadgerSegmentWrittenFilesOpenBounded(t *testing.T) {
-	segmentsOnly(t)
 	checkWrittenFilesBounded(t, QueueOptions{Durability: DurabilityNoSync}, 300)
 }
 
@@ -126,7 +125,6 @@ func (h *heldRead) end() {
 // it, as it was when the deletion was sent): what a planMoves whose read
 // began before the deletion was applied sees, once the deletion completed.
 func TestBadgerSegmentMoveOfChunkBeingDeleted(t *testing.T) {
-	segmentsOnly(t)
 	withSegmentSize(t, 64<<10)
 	moveQuiet = time.Hour // nothing moves while it is set up
 	dir := t.TempDir()
@@ -251,7 +249,6 @@ func segDump(q *badgerQueue) string {
 // group's read starts at the version applied when the last chunk's group
 // was sent.
 func TestBadgerSegmentSealedTailNeverMoved(t *testing.T) {
-	segmentsOnly(t)
 	withSegmentSize(t, 64<<10)
 	moveQuiet = time.Hour
 	dir := t.TempDir()

@@ -158,7 +158,6 @@ func TestBadgerSegmentWrittenFilesOpenBoundedSyncWrites(t *testing.T) {
 // leave the new pointer naming a segment file that does not exist, losing
 // an event acknowledged long before: what finding 145 was to prevent.
 func TestBadgerSegmentMoveDestinationNameSynced(t *testing.T) {
-	segmentsOnly(t)
 	withSegmentSize(t, 4096)
 	dir := t.TempDir()
 	segDir := filepath.Join(dir, segmentsDir)
@@ -230,7 +229,6 @@ func TestBadgerSegmentMoveDestinationNameSynced(t *testing.T) {
 // settled segment stays until the next open. (Here the write failure is
 // injected by disabling segments for one group.)
 func TestBadgerSegmentMoveRetriedAfterWriteFailure(t *testing.T) {
-	segmentsOnly(t)
 	withSegmentSize(t, 4096)
 	moveQuiet = time.Hour
 	dir := t.TempDir()
@@ -278,7 +276,6 @@ func TestBadgerSegmentMoveRetriedAfterWriteFailure(t *testing.T) {
 // name it, so the new segment is removed while an acknowledged event is
 // still in it.
 func TestBadgerSegmentIDReusedAfterLoss(t *testing.T) {
-	segmentsOnly(t)
 	withSegmentSize(t, 1) // a segment per group
 	dir := t.TempDir()
 	opts := QueueOptions{Durability: DurabilityNoSync}

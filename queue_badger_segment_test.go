@@ -137,7 +137,6 @@ func TestBadgerSegmentsHoldTheChunks(t *testing.T) {
 // TestBadgerSegmentsRemovedOnceSettled: once every chunk in a segment is
 // acknowledged, the segment's file is removed; the one being written stays.
 func TestBadgerSegmentsRemovedOnceSettled(t *testing.T) {
-	segmentsOnly(t)
 	withSegmentSize(t, 64<<10)
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync})
@@ -397,7 +396,6 @@ func TestBadgerFormat2Opens(t *testing.T) {
 }
 
 func TestSegPtrCodec(t *testing.T) {
-	segmentsOnly(t)
 	l := segLoc{seg: 7, off: 1 << 40, n: 12345, crc: 0xdeadbeef}
 	v := encodeSegPtr(nil, l)
 	if len(v) > maxSegPtrLen || !isSegPtr(v) {
