@@ -22,7 +22,9 @@ type runResult struct {
 	consRate  float64 // events/s
 	p50, p99  time.Duration
 	latN      int
-	hwmKiB    int64 // peak RSS of the server
+	// latAchieved is the rate the latency run's publisher kept up (events/s).
+	latAchieved float64
+	hwmKiB      int64 // peak RSS of the server
 	// anonKiB and fileKiB split the server's RSS at the end of the run.
 	anonKiB, fileKiB int64
 	// CPU time per event (user+system) of the server process and of the
@@ -151,9 +153,13 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 		prof = captureProfiles(h.srv.pprofAddr, cfg.latWarm+cfg.latDur, filepath.Join(profileDir, tag+"-latency"))
 	}
 	s0, c0 = procCPU(t.PID()), selfCPU()
-	lat, err := t.Latency(ctx, cfg.latRate, cfg.latWarm, cfg.latDur)
+	lat, achieved, err := t.Latency(ctx, cfg.latRate, cfg.latWarm, cfg.latDur)
 	if err != nil {
 		return r, fmt.Errorf("latency: %w", err)
+	}
+	r.latAchieved = achieved
+	if achieved < 0.98*float64(cfg.latRate) {
+		log.Printf("%s: the latency run's publisher fell behind: %.0f events/s of %d (its latencies count from the schedule)", tag, achieved, cfg.latRate)
 	}
 	if sent := time.Duration(float64(cfg.latRate) * (cfg.latWarm + cfg.latDur).Seconds()); sent > 0 {
 		r.latSrvCPU = (procCPU(t.PID()) - s0) / sent

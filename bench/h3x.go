@@ -219,13 +219,13 @@ func (t *h3xTarget) Consume(ctx context.Context, n int) (time.Duration, error) {
 	return time.Since(start), nil
 }
 
-func (t *h3xTarget) Latency(ctx context.Context, rate int, warm, d time.Duration) ([]time.Duration, error) {
+func (t *h3xTarget) Latency(ctx context.Context, rate int, warm, d time.Duration) ([]time.Duration, float64, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	col := newLatencyCollector(rate, warm, d)
 	sub, err := t.lat.Subscribe(ctx, []string{"lat"}, h3x.SubscribeOptions{})
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer sub.Close()
 	go func() {
@@ -234,12 +234,14 @@ func (t *h3xTarget) Latency(ctx context.Context, rate int, warm, d time.Duration
 			d.Ack()
 		}
 	}()
-	_, err = pace(ctx, rate, warm+d, func(i int, at time.Time) error {
+	var achieved float64
+	_, achieved, err = pace(ctx, rate, warm+d, func(i int, at time.Time) error {
 		t.pub.PublishAsync(ctx, h3x.Event{Namespace: "lat", Type: "bench", Data: latencyPayload(i, at)})
 		return nil
 	})
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	return col.wait(ctx)
+	lat, err := col.wait(ctx)
+	return lat, achieved, err
 }

@@ -171,12 +171,12 @@ func (t *natsTarget) Consume(ctx context.Context, n int) (time.Duration, error) 
 	}
 }
 
-func (t *natsTarget) Latency(ctx context.Context, rate int, warm, d time.Duration) ([]time.Duration, error) {
+func (t *natsTarget) Latency(ctx context.Context, rate int, warm, d time.Duration) ([]time.Duration, float64, error) {
 	cons, err := t.sub.CreateOrUpdateConsumer(ctx, "S_lat", jetstream.ConsumerConfig{
 		Durable: "lat", AckPolicy: jetstream.AckExplicitPolicy,
 	})
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	col := newLatencyCollector(rate, warm, d)
 	cc, err := cons.Consume(func(m jetstream.Msg) {
@@ -184,10 +184,11 @@ func (t *natsTarget) Latency(ctx context.Context, rate int, warm, d time.Duratio
 		m.Ack()
 	})
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	defer cc.Stop()
-	_, err = pace(ctx, rate, warm+d, func(i int, at time.Time) error {
+	var achieved float64
+	_, achieved, err = pace(ctx, rate, warm+d, func(i int, at time.Time) error {
 		data := latencyPayload(i, at)
 		for {
 			_, err := t.pub.PublishAsync("lat", data)
@@ -202,7 +203,8 @@ func (t *natsTarget) Latency(ctx context.Context, rate int, warm, d time.Duratio
 		}
 	})
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
-	return col.wait(ctx)
+	lat, err := col.wait(ctx)
+	return lat, achieved, err
 }

@@ -162,7 +162,7 @@ func (t *redisTarget) Consume(ctx context.Context, n int) (time.Duration, error)
 	return time.Since(start), nil
 }
 
-func (t *redisTarget) Latency(ctx context.Context, rate int, warm, d time.Duration) ([]time.Duration, error) {
+func (t *redisTarget) Latency(ctx context.Context, rate int, warm, d time.Duration) ([]time.Duration, float64, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	col := newLatencyCollector(rate, warm, d)
@@ -192,7 +192,7 @@ func (t *redisTarget) Latency(ctx context.Context, rate int, warm, d time.Durati
 	sem := make(chan struct{}, 32)
 	var inflight sync.WaitGroup
 	var failed atomic.Int64
-	_, err := pace(ctx, rate, warm+d, func(i int, at time.Time) error {
+	_, achieved, err := pace(ctx, rate, warm+d, func(i int, at time.Time) error {
 		data := latencyPayload(i, at)
 		sem <- struct{}{}
 		inflight.Go(func() {
@@ -205,10 +205,11 @@ func (t *redisTarget) Latency(ctx context.Context, rate int, warm, d time.Durati
 	})
 	inflight.Wait()
 	if err != nil {
-		return nil, err
+		return nil, 0, err
 	}
 	if n := failed.Load(); n > 0 {
-		return nil, fmt.Errorf("latency: %d XADDs failed", n)
+		return nil, 0, fmt.Errorf("latency: %d XADDs failed", n)
 	}
-	return col.wait(ctx)
+	lat, err := col.wait(ctx)
+	return lat, achieved, err
 }

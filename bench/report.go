@@ -55,6 +55,7 @@ var metrics = []metric{
 	{"consume+ack", "events/s", true, func(r runResult) float64 { return r.consRate }, rate},
 	{"publish→delivery p50", "µs", false, func(r runResult) float64 { return float64(r.p50) / float64(time.Microsecond) }, micros},
 	{"publish→delivery p99", "µs", false, func(r runResult) float64 { return float64(r.p99) / float64(time.Microsecond) }, micros},
+	{"latency run: rate the publisher kept", "events/s", true, func(r runResult) float64 { return r.latAchieved }, rate},
 	{"server peak RSS", "MiB", false, func(r runResult) float64 { return float64(r.hwmKiB) / 1024 }, mib},
 	{"server RSS at the end: anonymous", "MiB", false, func(r runResult) float64 { return float64(r.anonKiB) / 1024 }, mib},
 	{"server RSS at the end: file-backed (mmap)", "MiB", false, func(r runResult) float64 { return float64(r.fileKiB) / 1024 }, mib},
@@ -67,6 +68,16 @@ var metrics = []metric{
 }
 
 func cpuUS(v float64) string { return fmt.Sprintf("%.1f", v) }
+
+// metricNamed returns the metric of the table row name.
+func metricNamed(name string) metric {
+	for _, m := range metrics {
+		if m.name == name {
+			return m
+		}
+	}
+	panic("bench: no metric " + name)
+}
 
 func (res *results) stat(cls class, sys string, m metric) (stat, bool) {
 	runs := res.runs[key{cls, sys}]
@@ -143,7 +154,9 @@ func capitalize(s string) string { return strings.ToUpper(s[:1]) + s[1:] }
 // writeTargets checks the targets against this run.
 func writeTargets(w io.Writer, cfg *config, env envInfo, res *results) {
 	p := func(format string, a ...any) { fmt.Fprintf(w, format, a...) }
-	pub, cons, p50, p99, rss := metrics[0], metrics[1], metrics[2], metrics[3], metrics[4]
+	pub, cons := metricNamed("publish"), metricNamed("consume+ack")
+	p50, p99 := metricNamed("publish→delivery p50"), metricNamed("publish→delivery p99")
+	rss := metricNamed("server peak RSS")
 	type check struct {
 		what string
 		cls  class

@@ -48,8 +48,9 @@ type target interface {
 	Consume(ctx context.Context, n int) (time.Duration, error)
 	// Latency publishes on a separate subject at rate events/s for warm+d
 	// while a consumer receives and acks them, and returns the
-	// publish→delivery latencies of the events sent after warm.
-	Latency(ctx context.Context, rate int, warm, d time.Duration) ([]time.Duration, error)
+	// publish→delivery latencies of the events sent after warm, and the
+	// rate the publisher achieved (see pace).
+	Latency(ctx context.Context, rate int, warm, d time.Duration) ([]time.Duration, float64, error)
 	// Close closes the clients and stops the server.
 	Close()
 }
@@ -93,9 +94,11 @@ func latencyOf(b []byte) (lat time.Duration, seq int, ok bool) {
 
 // pace calls send(i, at) for i = 0.. at rate per second for total, each at
 // its scheduled time at: a late send goes at once and does not shift the
-// schedule. It fails if the sends fell behind (the achieved rate below 98%
-// of rate): the run would not measure the rate it claims.
-func pace(ctx context.Context, rate int, total time.Duration, send func(i int, at time.Time) error) (int, error) {
+// schedule. It returns the sends made and the rate achieved. A system whose
+// publisher cannot keep up (a JetStream that fsyncs every message, say)
+// falls behind: the run goes on, its latencies count from the scheduled
+// times (so the lag is in them), and the report shows the rate achieved.
+func pace(ctx context.Context, rate int, total time.Duration, send func(i int, at time.Time) error) (int, float64, error) {
 	interval := time.Second / time.Duration(rate)
 	n := int(total / interval)
 	start := time.Now()
@@ -105,16 +108,13 @@ func pace(ctx context.Context, rate int, total time.Duration, send func(i int, a
 			time.Sleep(w)
 		}
 		if err := ctx.Err(); err != nil {
-			return i, err
+			return i, 0, err
 		}
 		if err := send(i, at); err != nil {
-			return i, err
+			return i, 0, err
 		}
 	}
-	if el := time.Since(start); n > 0 && float64(n)/el.Seconds() < 0.98*float64(rate) {
-		return n, fmt.Errorf("latency: the publisher achieved %.0f events/s of %d", float64(n)/el.Seconds(), rate)
-	}
-	return n, nil
+	return n, float64(n) / time.Since(start).Seconds(), nil
 }
 
 // latencyCollector gathers the latencies of events sent after the warm-up.
