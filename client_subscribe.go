@@ -511,7 +511,8 @@ type settleOp struct {
 
 // acker batches Delivery.Ack, Nack and Extend into few AckEvent, NackEvent
 // and ExtendLease frames: a batch goes out when full, after the flush
-// interval, or on Close.
+// interval, or on Close, while up to ackBatchesInFlight earlier batches
+// wait for their answers.
 type acker struct {
 	c        *Client
 	ch       chan settleOp
@@ -613,43 +614,75 @@ func (a *acker) flushAndStop(timeout time.Duration) {
 	a.cancelSend()
 }
 
+// ackBatchesInFlight bounds the batches of settlements sent and not yet
+// answered. One at a time held a consumer to a batch per round trip, and
+// each round trip waits for the server's commit (and, with
+// DurabilityFsync, its sync): 256 acks per 2–4 ms on a two-core machine,
+// below what one subscription consumes. Batches name different deliveries,
+// so their order does not matter (an Extend answered after its delivery's
+// ack is stale, which changes nothing).
+const ackBatchesInFlight = 4
+
 func (a *acker) run() {
 	defer close(a.stopped)
 	var pending []settleOp
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
-	var stopErrs []error
-	var sinceFlush []error // failed sends since the last Flush, which reports them
-	flush := func() error {
+	var (
+		sending    sync.WaitGroup // the batches in flight
+		slots      = make(chan struct{}, ackBatchesInFlight)
+		errMu      sync.Mutex // guards the two below, appended to by the sends
+		stopErrs   []error    // failed sends once Close waits, which it reports
+		sinceFlush []error    // failed sends since the last Flush, which reports them
+	)
+	flush := func() {
 		if len(pending) == 0 {
-			return nil
+			return
 		}
-		// After flushAndStop, its timeout ends every send (a.sends).
-		ctx, cancel := context.WithTimeout(a.sends, time.Minute)
-		err := a.send(ctx, pending)
-		cancel()
-		pending = pending[:0]
-		if err != nil && a.isStopping() { // Close is waiting: it reports this
-			stopErrs = append(stopErrs, err)
-		}
-		if err != nil && len(sinceFlush) < 8 {
-			sinceFlush = append(sinceFlush, err)
-		}
-		return err
+		batch := pending
+		pending = nil
+		slots <- struct{}{} // waits while ackBatchesInFlight are out (and add, behind, waits too)
+		sending.Add(1)
+		go func() {
+			defer func() {
+				<-slots
+				sending.Done()
+			}()
+			// After flushAndStop, its timeout ends every send (a.sends).
+			ctx, cancel := context.WithTimeout(a.sends, time.Minute)
+			err := a.send(ctx, batch)
+			cancel()
+			if err == nil {
+				return
+			}
+			errMu.Lock()
+			defer errMu.Unlock()
+			if a.isStopping() { // Close is waiting: it reports this
+				stopErrs = append(stopErrs, err)
+			}
+			if len(sinceFlush) < 8 {
+				sinceFlush = append(sinceFlush, err)
+			}
+		}()
 	}
 	for {
 		select {
 		case op, ok := <-a.ch:
 			if !ok {
 				flush()
+				sending.Wait()
 				a.lastErr = errors.Join(stopErrs...)
 				return
 			}
 			if op.flush != nil {
+				// Answered once every batch before it is.
 				timer.Stop()
 				flush()
+				sending.Wait()
+				errMu.Lock()
 				op.flush <- errors.Join(sinceFlush...)
 				sinceFlush = nil
+				errMu.Unlock()
 				continue
 			}
 			if len(pending) == 0 {

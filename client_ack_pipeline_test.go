@@ -1,0 +1,73 @@
+package h3x
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+)
+
+// heldAcks holds every Ack until release is closed; each call announces
+// itself on entered first.
+type heldAcks struct {
+	Queue
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (q *heldAcks) Ack(ctx context.Context, holder string, refs []LeaseRef) ([]SettleResult, error) {
+	q.entered <- struct{}{}
+	<-q.release
+	return q.Queue.Ack(ctx, holder, refs)
+}
+
+// The acker sent one batch at a time and waited for its answer, which
+// waits for the server's commit (and sync): a consumer acking faster than
+// that was held to one batch per round trip. Batches now go out while
+// earlier ones are unanswered, up to ackBatchesInFlight, and Flush still
+// answers only once every batch before it is answered.
+func TestAckBatchesPipelined(t *testing.T) {
+	q := &heldAcks{Queue: NewMemoryQueue(QueueOptions{}), entered: make(chan struct{}, 16), release: make(chan struct{})}
+	var released sync.Once
+	release := func() { released.Do(func() { close(q.release) }) }
+	s := testServer(t, WithQueue(q))
+	t.Cleanup(release) // before the server's Close, which waits for the held acks
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := mustDial(t, s, "alice", "alice-token", WithAckFlush(2, time.Hour)) // a batch per two acks
+	batches := ackBatchesInFlight
+	if batches < 2 {
+		t.Fatalf("ackBatchesInFlight is %d: batches are not pipelined", batches)
+	}
+	publishOrders(ctx, t, c, 2*batches)
+	ds, err := c.Fetch(ctx, 2*batches, "orders")
+	if err != nil || len(ds) != 2*batches {
+		t.Fatalf("fetch: %d deliveries, %v", len(ds), err)
+	}
+	for _, d := range ds {
+		if err := d.Ack(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flushed := make(chan error, 1)
+	go func() { flushed <- c.Flush(ctx) }()
+	for i := range batches {
+		select {
+		case <-q.entered:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d ack batches reached the queue while the first was unanswered, want %d", i, batches)
+		}
+	}
+	select {
+	case err := <-flushed:
+		t.Fatalf("Flush returned (%v) before the batches were answered", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	release()
+	if err := <-flushed; err != nil {
+		t.Fatalf("Flush: %v", err)
+	}
+	if n := countQueued(t, s, 300*time.Millisecond); n != 0 {
+		t.Errorf("%d events left after every ack was answered", n)
+	}
+}
