@@ -193,7 +193,7 @@ func WithPublishBuffer(n int) ClientOption {
 
 // WithAckFlush sets how Delivery.Ack, Nack and Extend are batched: a batch
 // goes out when it holds size settlements or interval after its first one,
-// and on Close; up to four batches wait for their answers at once (beyond,
+// and on Close; up to eight batches wait for their answers at once (beyond,
 // Ack, Nack and Extend wait). Default DefaultAckFlushSize (256) and
 // DefaultAckFlushInterval (5 ms).
 func WithAckFlush(size int, interval time.Duration) ClientOption {

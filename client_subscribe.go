@@ -621,7 +621,7 @@ func (a *acker) flushAndStop(timeout time.Duration) {
 // below what one subscription consumes. Batches name different deliveries,
 // so their order does not matter (an Extend answered after its delivery's
 // ack is stale, which changes nothing).
-const ackBatchesInFlight = 4
+const ackBatchesInFlight = 8
 
 func (a *acker) run() {
 	defer close(a.stopped)
