@@ -193,9 +193,10 @@ func WithPublishBuffer(n int) ClientOption {
 
 // WithAckFlush sets how Delivery.Ack, Nack and Extend are batched: a batch
 // goes out when it holds size settlements or interval after its first one,
-// and on Close; up to eight batches wait for their answers at once (beyond,
-// Ack, Nack and Extend wait). Default DefaultAckFlushSize (256) and
-// DefaultAckFlushInterval (5 ms).
+// and on Close. Up to eight batches wait for their answers at once, and 4 ×
+// size settlements more queue behind them before Ack, Nack and Extend
+// wait. Default DefaultAckFlushSize (256) and DefaultAckFlushInterval
+// (5 ms).
 func WithAckFlush(size int, interval time.Duration) ClientOption {
 	return clientOptionFunc(func(c *clientConfig) { c.ackFlushSize, c.ackInterval = size, interval })
 }
@@ -1076,8 +1077,9 @@ func (d *Delivery) markSettled() bool {
 // the lease has meanwhile passed to another consumer, the server reports it
 // stale and the event is delivered again: never lost, never acked for
 // someone else. It returns an error only if the delivery was already settled
-// or the client is closed. While 4 × the flush size of settlements wait to
-// be sent (the server unreachable, say), it waits for room, or for Close.
+// or the client is closed. While 4 × the flush size of settlements wait
+// behind the batches in flight (the server unreachable, say), it waits for
+// room, or for Close.
 func (d *Delivery) Ack() error {
 	if err := d.settleOnce(); err != nil {
 		return err

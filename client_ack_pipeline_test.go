@@ -71,3 +71,57 @@ func TestAckBatchesPipelined(t *testing.T) {
 		t.Errorf("%d events left after every ack was answered", n)
 	}
 }
+
+// heldExtends holds every Extend until release is closed; each call sends
+// its duration on entered first.
+type heldExtends struct {
+	Queue
+	entered chan time.Duration
+	release chan struct{}
+}
+
+func (q *heldExtends) Extend(ctx context.Context, holder string, refs []LeaseRef, d time.Duration) ([]SettleResult, error) {
+	q.entered <- d
+	<-q.release
+	return q.Queue.Extend(ctx, holder, refs, d)
+}
+
+// Two Extends of one delivery in batches in flight at once could be
+// applied in either order, leaving the server with the older deadline
+// while Delivery.Deadline reports the newer one. A batch holding an Extend
+// now waits for the batches before it.
+func TestAckBatchesKeepExtendsInOrder(t *testing.T) {
+	q := &heldExtends{Queue: NewMemoryQueue(QueueOptions{}), entered: make(chan time.Duration, 4), release: make(chan struct{})}
+	var released sync.Once
+	release := func() { released.Do(func() { close(q.release) }) }
+	s := testServer(t, WithQueue(q))
+	t.Cleanup(release)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := mustDial(t, s, "alice", "alice-token", WithAckFlush(1, time.Hour)) // a batch per settlement
+	publishOrders(ctx, t, c, 1)
+	ds, err := c.Fetch(ctx, 1, "orders")
+	if err != nil || len(ds) != 1 {
+		t.Fatalf("fetch: %d deliveries, %v", len(ds), err)
+	}
+	for _, d := range []time.Duration{time.Minute, 2 * time.Minute} {
+		if err := ds[0].Extend(d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := <-q.entered; got != time.Minute {
+		t.Fatalf("first Extend applied: %v, want 1m", got)
+	}
+	select {
+	case got := <-q.entered:
+		t.Fatalf("second Extend (%v) sent while the first was unanswered", got)
+	case <-time.After(200 * time.Millisecond):
+	}
+	release()
+	if got := <-q.entered; got != 2*time.Minute {
+		t.Fatalf("second Extend applied: %v, want 2m", got)
+	}
+	if err := c.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+}

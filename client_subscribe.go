@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -618,9 +619,12 @@ func (a *acker) flushAndStop(timeout time.Duration) {
 // answered. One at a time held a consumer to a batch per round trip, and
 // each round trip waits for the server's commit (and, with
 // DurabilityFsync, its sync): 256 acks per 2–4 ms on a two-core machine,
-// below what one subscription consumes. Batches name different deliveries,
-// so their order does not matter (an Extend answered after its delivery's
-// ack is stale, which changes nothing).
+// below what one subscription consumes. The server may apply batches in
+// flight in any order, which changes nothing for settlements (a delivery
+// is settled once; an Extend applied after its delivery's Ack or Nack is
+// answered unknown or stale): only two Extends of one delivery must keep
+// their order, so a batch holding an Extend goes out once every batch
+// before it is answered.
 const ackBatchesInFlight = 8
 
 func (a *acker) run() {
@@ -641,6 +645,9 @@ func (a *acker) run() {
 		}
 		batch := pending
 		pending = nil
+		if slices.ContainsFunc(batch, func(op settleOp) bool { return op.kind == FrameExtendLease }) {
+			sending.Wait() // an earlier Extend of the same delivery is applied first
+		}
 		slots <- struct{}{} // waits while ackBatchesInFlight are out (and add, behind, waits too)
 		sending.Add(1)
 		go func() {
