@@ -234,8 +234,7 @@ func (t *h3xTarget) Latency(ctx context.Context, rate int, warm, d time.Duration
 			d.Ack()
 		}
 	}()
-	var achieved float64
-	_, achieved, err = pace(ctx, rate, warm+d, func(i int, at time.Time) error {
+	_, achieved, err := pace(ctx, rate, warm+d, func(i int, at time.Time) error {
 		t.pub.PublishAsync(ctx, h3x.Event{Namespace: "lat", Type: "bench", Data: latencyPayload(i, at)})
 		return nil
 	})

@@ -187,8 +187,7 @@ func (t *natsTarget) Latency(ctx context.Context, rate int, warm, d time.Duratio
 		return nil, 0, err
 	}
 	defer cc.Stop()
-	var achieved float64
-	_, achieved, err = pace(ctx, rate, warm+d, func(i int, at time.Time) error {
+	_, achieved, err := pace(ctx, rate, warm+d, func(i int, at time.Time) error {
 		data := latencyPayload(i, at)
 		for {
 			_, err := t.pub.PublishAsync("lat", data)
