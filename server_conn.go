@@ -149,6 +149,19 @@ func (c *serverConn) findUnacked(ref LeaseRef) *unackedDelivery {
 // unackedMu is held.
 func (c *serverConn) forgetWhere(id string, drop func(*unackedDelivery) bool) {
 	link := c.unacked[id]
+	if link == nil {
+		return
+	}
+	if link = c.dropFrom(link, drop); link == nil {
+		delete(c.unacked, id)
+	} else {
+		c.unacked[id] = link
+	}
+}
+
+// dropFrom removes from the list link the deliveries for which drop is
+// true, and returns what is left of it. unackedMu is held.
+func (c *serverConn) dropFrom(link *unackedDelivery, drop func(*unackedDelivery) bool) *unackedDelivery {
 	var prev *unackedDelivery
 	for d := link; d != nil; d = d.next {
 		if !drop(d) {
@@ -163,11 +176,7 @@ func (c *serverConn) forgetWhere(id string, drop func(*unackedDelivery) bool) {
 			prev.next = d.next
 		}
 	}
-	if link == nil {
-		delete(c.unacked, id)
-	} else {
-		c.unacked[id] = link
-	}
+	return link
 }
 
 // forgetOne removes the first delivery of ref's id that ref names.
@@ -428,12 +437,17 @@ func (c *serverConn) delivered(ss *sessionStream, leases []Lease, reserved int) 
 	}
 	for i := range leases {
 		l := &leases[i]
-		// The same event delivered again: its earlier delivery here is
-		// stale (the queue leased it again, so that lease had ended).
-		c.forgetWhere(l.Event.ID, func(d *unackedDelivery) bool {
-			return d.namespace == l.Event.Namespace && d.attempt < l.Attempt
-		})
-		c.unacked[l.Event.ID] = &unackedDelivery{deadline: l.Deadline, namespace: l.Event.Namespace, attempt: l.Attempt, ss: ss, next: c.unacked[l.Event.ID]}
+		// One lookup and one store per delivery (the map is read on every
+		// delivery and every settlement).
+		link := c.unacked[l.Event.ID]
+		if link != nil {
+			// The same event delivered again: its earlier delivery here is
+			// stale (the queue leased it again, so that lease had ended).
+			link = c.dropFrom(link, func(d *unackedDelivery) bool {
+				return d.namespace == l.Event.Namespace && d.attempt < l.Attempt
+			})
+		}
+		c.unacked[l.Event.ID] = &unackedDelivery{deadline: l.Deadline, namespace: l.Event.Namespace, attempt: l.Attempt, ss: ss, next: link}
 		c.nUnacked++
 		ss.unacked++
 	}
