@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/h3x-io/h3x/proto/h3xpb"
 )
 
@@ -633,12 +635,12 @@ func (a *acker) run() {
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
 	var (
-		sending    sync.WaitGroup // the batches in flight
-		slots      = make(chan struct{}, ackBatchesInFlight)
-		errMu      sync.Mutex // guards the two below, appended to by the sends
-		stopErrs   []error    // failed sends once Close waits, which it reports
-		sinceFlush []error    // failed sends since the last Flush, which reports them
+		sending    errgroup.Group // the batches in flight; its sends report nil
+		errMu      sync.Mutex     // guards the two below, appended to by the sends
+		stopErrs   []error        // failed sends once Close waits, which it reports
+		sinceFlush []error        // failed sends since the last Flush, which reports them
 	)
+	sending.SetLimit(ackBatchesInFlight) // Go waits beyond (and add, behind, waits too)
 	flush := func() {
 		if len(pending) == 0 {
 			return
@@ -648,19 +650,13 @@ func (a *acker) run() {
 		if slices.ContainsFunc(batch, func(op settleOp) bool { return op.kind == FrameExtendLease }) {
 			sending.Wait() // an earlier Extend of the same delivery is applied first
 		}
-		slots <- struct{}{} // waits while ackBatchesInFlight are out (and add, behind, waits too)
-		sending.Add(1)
-		go func() {
-			defer func() {
-				<-slots
-				sending.Done()
-			}()
+		sending.Go(func() error {
 			// After flushAndStop, its timeout ends every send (a.sends).
 			ctx, cancel := context.WithTimeout(a.sends, time.Minute)
 			err := a.send(ctx, batch)
 			cancel()
 			if err == nil {
-				return
+				return nil
 			}
 			errMu.Lock()
 			defer errMu.Unlock()
@@ -670,7 +666,8 @@ func (a *acker) run() {
 			if len(sinceFlush) < 8 {
 				sinceFlush = append(sinceFlush, err)
 			}
-		}()
+			return nil
+		})
 	}
 	for {
 		select {
