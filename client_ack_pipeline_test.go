@@ -7,18 +7,36 @@ import (
 	"time"
 )
 
-// heldAcks holds every Ack until release is closed; each call announces
-// itself on entered first.
-type heldAcks struct {
+// heldSettlements holds every Ack and Extend until open is called; each
+// call first sends on entered what it is: "ack", or the extension's
+// duration.
+type heldSettlements struct {
 	Queue
-	entered chan struct{}
+	entered chan string
 	release chan struct{}
+	once    sync.Once
 }
 
-func (q *heldAcks) Ack(ctx context.Context, holder string, refs []LeaseRef) ([]SettleResult, error) {
-	q.entered <- struct{}{}
+func newHeldSettlements() *heldSettlements {
+	return &heldSettlements{Queue: NewMemoryQueue(QueueOptions{}), entered: make(chan string, 16), release: make(chan struct{})}
+}
+
+// open lets every held call and every later one through.
+func (q *heldSettlements) open() { q.once.Do(func() { close(q.release) }) }
+
+func (q *heldSettlements) hold(what string) {
+	q.entered <- what
 	<-q.release
+}
+
+func (q *heldSettlements) Ack(ctx context.Context, holder string, refs []LeaseRef) ([]SettleResult, error) {
+	q.hold("ack")
 	return q.Queue.Ack(ctx, holder, refs)
+}
+
+func (q *heldSettlements) Extend(ctx context.Context, holder string, refs []LeaseRef, d time.Duration) ([]SettleResult, error) {
+	q.hold(d.String())
+	return q.Queue.Extend(ctx, holder, refs, d)
 }
 
 // The acker sent one batch at a time and waited for its answer, which
@@ -27,11 +45,9 @@ func (q *heldAcks) Ack(ctx context.Context, holder string, refs []LeaseRef) ([]S
 // earlier ones are unanswered, up to ackBatchesInFlight, and Flush still
 // answers only once every batch before it is answered.
 func TestAckBatchesPipelined(t *testing.T) {
-	q := &heldAcks{Queue: NewMemoryQueue(QueueOptions{}), entered: make(chan struct{}, 16), release: make(chan struct{})}
-	var released sync.Once
-	release := func() { released.Do(func() { close(q.release) }) }
+	q := newHeldSettlements()
 	s := testServer(t, WithQueue(q))
-	t.Cleanup(release) // before the server's Close, which waits for the held acks
+	t.Cleanup(q.open) // before the server's Close, which waits for the held acks
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c := mustDial(t, s, "alice", "alice-token", WithAckFlush(2, time.Hour)) // a batch per two acks
@@ -63,7 +79,7 @@ func TestAckBatchesPipelined(t *testing.T) {
 		t.Fatalf("Flush returned (%v) before the batches were answered", err)
 	case <-time.After(50 * time.Millisecond):
 	}
-	release()
+	q.open()
 	if err := <-flushed; err != nil {
 		t.Fatalf("Flush: %v", err)
 	}
@@ -72,30 +88,14 @@ func TestAckBatchesPipelined(t *testing.T) {
 	}
 }
 
-// heldExtends holds every Extend until release is closed; each call sends
-// its duration on entered first.
-type heldExtends struct {
-	Queue
-	entered chan time.Duration
-	release chan struct{}
-}
-
-func (q *heldExtends) Extend(ctx context.Context, holder string, refs []LeaseRef, d time.Duration) ([]SettleResult, error) {
-	q.entered <- d
-	<-q.release
-	return q.Queue.Extend(ctx, holder, refs, d)
-}
-
 // Two Extends of one delivery in batches in flight at once could be
 // applied in either order, leaving the server with the older deadline
 // while Delivery.Deadline reports the newer one. A batch holding an Extend
 // now waits for the batches before it.
 func TestAckBatchesKeepExtendsInOrder(t *testing.T) {
-	q := &heldExtends{Queue: NewMemoryQueue(QueueOptions{}), entered: make(chan time.Duration, 4), release: make(chan struct{})}
-	var released sync.Once
-	release := func() { released.Do(func() { close(q.release) }) }
+	q := newHeldSettlements()
 	s := testServer(t, WithQueue(q))
-	t.Cleanup(release)
+	t.Cleanup(q.open)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c := mustDial(t, s, "alice", "alice-token", WithAckFlush(1, time.Hour)) // a batch per settlement
@@ -109,7 +109,7 @@ func TestAckBatchesKeepExtendsInOrder(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if got := <-q.entered; got != time.Minute {
+	if got := <-q.entered; got != time.Minute.String() {
 		t.Fatalf("first Extend applied: %v, want 1m", got)
 	}
 	select {
@@ -117,8 +117,8 @@ func TestAckBatchesKeepExtendsInOrder(t *testing.T) {
 		t.Fatalf("second Extend (%v) sent while the first was unanswered", got)
 	case <-time.After(200 * time.Millisecond):
 	}
-	release()
-	if got := <-q.entered; got != 2*time.Minute {
+	q.open()
+	if got := <-q.entered; got != (2 * time.Minute).String() {
 		t.Fatalf("second Extend applied: %v, want 2m", got)
 	}
 	if err := c.Flush(ctx); err != nil {

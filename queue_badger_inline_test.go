@@ -1,7 +1,6 @@
 package h3x
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -64,19 +63,7 @@ func TestBadgerFsyncSmallGroupsStoredInBadger(t *testing.T) {
 			q = openTestBadger(t, dir, opts)
 			ls := leaseAll(t, q, "h", tc.events, "n")
 			checkLeased(t, ls, evs)
-			refs := make([]LeaseRef, len(ls))
-			for i, l := range ls {
-				refs[i] = LeaseRef{ID: l.Event.ID, Attempt: l.Attempt}
-			}
-			res, err := q.Ack(context.Background(), "h", refs)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for i, r := range res {
-				if r.Status != SettleOK {
-					t.Fatalf("ack %d: %v", i, r.Status)
-				}
-			}
+			ackAll(t, q, "h", ls)
 			if err := q.Close(); err != nil {
 				t.Fatal(err)
 			}
@@ -92,9 +79,7 @@ func TestBadgerFsyncSmallGroupsStoredInBadger(t *testing.T) {
 func TestBadgerFsyncInlineLimit(t *testing.T) {
 	for _, limit := range []int{0, 1 << 10, 1 << 20} {
 		t.Run(fmt.Sprint(limit), func(t *testing.T) {
-			old := fsyncInlineBytes
-			fsyncInlineBytes = limit
-			t.Cleanup(func() { fsyncInlineBytes = old })
+			withInlineBytes(t, limit)
 			dir := t.TempDir()
 			q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityFsync})
 			evs := segTestEvents("n", 10, 200) // about 2.5 KiB encoded

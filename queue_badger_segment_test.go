@@ -418,8 +418,11 @@ func TestSegPtrCodec(t *testing.T) {
 // chunks in a segment, however small (with DurabilityFsync, small groups
 // are stored in Badger: fsyncInlineBytes). For the tests of the segments
 // themselves.
-func segmentsOnly(t testing.TB) {
+func segmentsOnly(t testing.TB) { withInlineBytes(t, 0) }
+
+// withInlineBytes sets fsyncInlineBytes for the test.
+func withInlineBytes(t testing.TB, n int) {
 	old := fsyncInlineBytes
-	fsyncInlineBytes = 0
+	fsyncInlineBytes = n
 	t.Cleanup(func() { fsyncInlineBytes = old })
 }
