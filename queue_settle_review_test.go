@@ -245,3 +245,27 @@ func TestQueuesRefuseTextThatIsNotUTF8(t *testing.T) {
 		})
 	}
 }
+
+// An ID acked twice in one call: the second is SettleUnknown (the event is
+// gone), in both queues. The Badger queue marks acked IDs gone in its dedup
+// index once per call (markGone), so its answer for an ID it has not
+// delivered since it opened must see the marks of the same call's acks.
+func TestAckTwiceInOneCallIsUnknown(t *testing.T) {
+	for _, tc := range bothQueues() {
+		t.Run(tc.name, func(t *testing.T) {
+			q := tc.open(t, QueueOptions{})
+			rqEnq(t, q, Event{ID: "x", Namespace: "a"}, Event{ID: "y", Namespace: "a"})
+			rqLease(t, q, "h", "a", 2, time.Minute)
+			res, err := q.Ack(context.Background(), "h", []LeaseRef{{ID: "x", Attempt: 1}, {ID: "y", Attempt: 1}, {ID: "x", Attempt: 1}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := []SettleStatus{SettleOK, SettleOK, SettleUnknown}
+			for i, r := range res {
+				if r.Status != want[i] {
+					t.Errorf("settlement %d (%s): %v, want %v", i, r.ID, r.Status, want[i])
+				}
+			}
+		})
+	}
+}

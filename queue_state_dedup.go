@@ -47,6 +47,8 @@ type dedupIndex struct {
 	seed2  maphash.Seed
 	log    *slog.Logger
 	warned bool
+
+	readSum uint64 // a sum of what readAhead read (unused: it keeps the loads)
 }
 
 type dedupGen struct {
@@ -195,7 +197,10 @@ func (d *dedupIndex) setGoneIn(g *dedupGen, key dedupKey, gone bool) {
 // setGone sets or clears the gone mark of the ID of key (its event left
 // the queue: acked or dead-lettered).
 func (d *dedupIndex) setGone(key dedupKey, gone bool) {
-	now := d.tick(time.Now().UnixNano())
+	d.setGoneAt(key, gone, d.tick(time.Now().UnixNano()))
+}
+
+func (d *dedupIndex) setGoneAt(key dedupKey, gone bool, now int64) {
 	if g, j, ok := d.findKey(key.k, key.fp, now); ok {
 		g.t.setGone(j, gone)
 	}
@@ -208,6 +213,67 @@ func (d *dedupIndex) forgetKey(key dedupKey) {
 		g.t.remove(j)
 		d.n--
 	}
+}
+
+// goneMark is an ID for markAllGone: its key, and the generation addKey put
+// it in if known.
+type goneMark struct {
+	key dedupKey
+	gen *dedupGen
+}
+
+// The tables are megabytes large and a lookup starts at a random slot, so
+// each is a cache miss (and a TLB miss), which the processor waits for one
+// lookup after the other when a loop does more between them than look up.
+// The calls that look up many IDs at once (markAllGone, keysOf) first only
+// read each ID's home slot in the tables it may be in: a short loop of
+// independent loads, whose misses the processor overlaps. The lookups then
+// find those slots in the cache. (In the consume path's profile, marking
+// acked IDs one at a time took 10% of the server's CPU.)
+
+// readAhead reads k's home slot in g, or in every generation if g is nil,
+// and returns a sum of what it read.
+func (d *dedupIndex) readAhead(k uint64, g *dedupGen) uint64 {
+	if g != nil {
+		return g.t.touchHome(k)
+	}
+	var sum uint64
+	for _, g := range d.gens {
+		sum += g.t.touchHome(k)
+	}
+	return sum
+}
+
+// markAllGone sets the gone marks of many IDs, as setGoneIn does for each.
+func (d *dedupIndex) markAllGone(marks []goneMark) {
+	var sum uint64
+	for _, m := range marks {
+		sum += d.readAhead(m.key.k, m.gen)
+	}
+	d.readSum = sum // keeps the loads
+	now := d.tick(time.Now().UnixNano())
+	for _, m := range marks {
+		if m.gen != nil {
+			d.setGoneIn(m.gen, m.key, true)
+		} else {
+			d.setGoneAt(m.key, true, now)
+		}
+	}
+}
+
+// keysOf appends the keys of evs' IDs to dst, for seen and addKey, and reads
+// their slots ahead.
+func (d *dedupIndex) keysOf(dst []dedupKey, evs []Event) []dedupKey {
+	start := len(dst)
+	for i := range evs {
+		dst = append(dst, d.keyOf(evs[i].ID))
+	}
+	var sum uint64
+	for _, key := range dst[start:] {
+		sum += d.readAhead(key.k, nil)
+	}
+	d.readSum = sum
+	return dst
 }
 
 // dedupTable is an open-addressing hash table with linear probing, from a
@@ -231,6 +297,16 @@ const dedupTableMin = 64
 func (t *dedupTable) home(k uint64) int {
 	hi, _ := bits.Mul64(k, uint64(len(t.keys)))
 	return int(hi)
+}
+
+// touchHome reads k's home slot (nothing for an empty table) and returns
+// a sum of what it read (dedupIndex.readAhead).
+func (t *dedupTable) touchHome(k uint64) uint64 {
+	if len(t.keys) == 0 {
+		return 0
+	}
+	j := t.home(k)
+	return t.keys[j] + uint64(t.fps[j]) + uint64(t.vals[j])
 }
 
 // find returns the slot holding k.
