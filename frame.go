@@ -258,7 +258,10 @@ func decodeFrame(t FrameType, payload []byte) (proto.Message, error) {
 func appendFrame(dst []byte, t FrameType, m proto.Message) ([]byte, error) {
 	start := len(dst)
 	dst = append(dst, byte(t), 0, 0, 0, 0)
-	out, err := proto.MarshalOptions{Deterministic: true}.MarshalAppend(dst, m)
+	out, ok, err := marshalFast(dst, m)
+	if !ok {
+		out, err = proto.MarshalOptions{Deterministic: true}.MarshalAppend(dst, m)
+	}
 	if err != nil {
 		// Nothing was appended: the message cannot be encoded (a string
 		// that is not valid UTF-8), whatever the stream.

@@ -1,0 +1,201 @@
+package h3x
+
+import (
+	"errors"
+	"slices"
+	"unicode/utf8"
+
+	"github.com/h3x-io/h3x/proto/h3xpb"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+)
+
+// Hand-written encoders for the two messages that carry events in bulk:
+// EventsBatch (the server, per delivery) and SendEvent (the client, per
+// publish). They write the bytes proto.MarshalOptions{Deterministic: true}
+// writes (fields in number order, zero values left out, map entries sorted
+// by key with both key and value written, unknown fields last), and refuse
+// what it refuses (a string field that is not valid UTF-8), a contract
+// TestWireEncodersMatchProto and FuzzWireEncoders check against it. What
+// they save is protobuf's reflection-driven size and marshal passes: in the
+// consume path's profile, marshalling batches took a tenth of the server's
+// CPU.
+
+// marshalFast appends the encoding of m to dst if m is one of the messages
+// with a hand-written encoder; ok is false for the others (nothing is
+// appended). On an error, dst is returned as it was.
+func marshalFast(dst []byte, m proto.Message) (out []byte, ok bool, err error) {
+	switch m := m.(type) {
+	case *h3xpb.EventsBatch:
+		out, err = appendEventsBatch(dst, m)
+	case *h3xpb.SendEvent:
+		out, err = appendSendEvent(dst, m)
+	default:
+		return dst, false, nil
+	}
+	if err != nil {
+		return dst, true, err
+	}
+	return out, true, nil
+}
+
+// errNotUTF8 is the hand-written encoders' error for a string field that is
+// not valid UTF-8 (what proto.Marshal refuses in a proto3 string).
+var errNotUTF8 = errors.New("string field contains invalid UTF-8")
+
+func appendEventsBatch(b []byte, m *h3xpb.EventsBatch) ([]byte, error) {
+	var err error
+	for _, d := range m.Events {
+		psize := 0
+		if d.Event != nil {
+			psize = payloadSize(d.Event)
+		}
+		b = appendTag(b, 1, protowire.BytesType)
+		b = appendVarint(b, uint64(deliverySize(d, psize)))
+		if b, err = appendDelivery(b, d, psize); err != nil {
+			return b, err
+		}
+	}
+	b = appendUint64Field(b, 2, m.RequestId)
+	return append(b, m.ProtoReflect().GetUnknown()...), nil
+}
+
+func appendSendEvent(b []byte, m *h3xpb.SendEvent) ([]byte, error) {
+	b = appendUint64Field(b, 1, m.RequestId)
+	var err error
+	for _, p := range m.Events {
+		b = appendTag(b, 2, protowire.BytesType)
+		b = appendVarint(b, uint64(payloadSize(p)))
+		if b, err = appendPayload(b, p); err != nil {
+			return b, err
+		}
+	}
+	return append(b, m.ProtoReflect().GetUnknown()...), nil
+}
+
+// deliverySize is the size of d, whose event's is psize.
+func deliverySize(d *h3xpb.Delivery, psize int) int {
+	n := 0
+	if d.Event != nil {
+		n += 1 + sizeBytes(psize)
+	}
+	n += sizeUint64Field(uint64(d.Attempt)) + sizeUint64Field(uint64(d.LeaseDeadlineMs))
+	return n + len(d.ProtoReflect().GetUnknown())
+}
+
+func appendDelivery(b []byte, d *h3xpb.Delivery, psize int) ([]byte, error) {
+	if d.Event != nil {
+		b = appendTag(b, 1, protowire.BytesType)
+		b = appendVarint(b, uint64(psize))
+		var err error
+		if b, err = appendPayload(b, d.Event); err != nil {
+			return b, err
+		}
+	}
+	b = appendUint64Field(b, 2, uint64(d.Attempt))
+	b = appendUint64Field(b, 3, uint64(d.LeaseDeadlineMs))
+	return append(b, d.ProtoReflect().GetUnknown()...), nil
+}
+
+func payloadSize(p *h3xpb.EventPayload) int {
+	n := sizeBytesField(len(p.Id)) + sizeBytesField(len(p.Namespace)) + sizeBytesField(len(p.Type)) + sizeBytesField(len(p.Message)) +
+		sizeBytesField(len(p.Data)) + sizeUint64Field(uint64(p.Timestamp))
+	for k, v := range p.Metadata {
+		n += 1 + sizeBytes(metadataEntrySize(k, v))
+	}
+	return n + len(p.ProtoReflect().GetUnknown())
+}
+
+func metadataEntrySize(k, v string) int { return 2 + sizeBytes(len(k)) + sizeBytes(len(v)) }
+
+func appendPayload(b []byte, p *h3xpb.EventPayload) ([]byte, error) {
+	for _, s := range [...]string{p.Id, p.Namespace, p.Type, p.Message} {
+		if !utf8.ValidString(s) {
+			return b, errNotUTF8
+		}
+	}
+	b = appendStringField(b, 1, p.Id)
+	b = appendStringField(b, 2, p.Namespace)
+	b = appendStringField(b, 3, p.Type)
+	b = appendStringField(b, 4, p.Message)
+	if len(p.Data) > 0 {
+		b = appendTag(b, 5, protowire.BytesType)
+		b = appendVarint(b, uint64(len(p.Data)))
+		b = append(b, p.Data...)
+	}
+	b = appendUint64Field(b, 6, uint64(p.Timestamp))
+	if len(p.Metadata) > 0 {
+		keys := make([]string, 0, len(p.Metadata))
+		for k := range p.Metadata {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		for _, k := range keys {
+			v := p.Metadata[k]
+			if !utf8.ValidString(k) || !utf8.ValidString(v) {
+				return b, errNotUTF8
+			}
+			b = appendTag(b, 7, protowire.BytesType)
+			b = appendVarint(b, uint64(metadataEntrySize(k, v)))
+			b = appendTag(b, 1, protowire.BytesType)
+			b = appendVarint(b, uint64(len(k)))
+			b = append(b, k...)
+			b = appendTag(b, 2, protowire.BytesType)
+			b = appendVarint(b, uint64(len(v)))
+			b = append(b, v...)
+		}
+	}
+	return append(b, p.ProtoReflect().GetUnknown()...), nil
+}
+
+// sizeBytes is the size of a length-delimited value of n bytes, with its
+// length (not its tag).
+func sizeBytes(n int) int { return protowire.SizeVarint(uint64(n)) + n }
+
+// sizeBytesField is the size of a string or bytes field of n bytes
+// numbered 1 to 15 (a one-byte tag); 0 when empty, as proto3 leaves it out.
+func sizeBytesField(n int) int {
+	if n == 0 {
+		return 0
+	}
+	return 1 + sizeBytes(n)
+}
+
+// sizeUint64Field is the size of a varint field numbered 1 to 15; 0 when
+// zero, as proto3 leaves it out.
+func sizeUint64Field(v uint64) int {
+	if v == 0 {
+		return 0
+	}
+	return 1 + protowire.SizeVarint(v)
+}
+
+func appendStringField(b []byte, num protowire.Number, s string) []byte {
+	if s == "" {
+		return b
+	}
+	b = appendTag(b, num, protowire.BytesType)
+	b = appendVarint(b, uint64(len(s)))
+	return append(b, s...)
+}
+
+func appendUint64Field(b []byte, num protowire.Number, v uint64) []byte {
+	if v == 0 {
+		return b
+	}
+	b = appendTag(b, num, protowire.VarintType)
+	return appendVarint(b, v)
+}
+
+// appendTag appends the tag of a field numbered 1 to 15 (one byte).
+func appendTag(b []byte, num protowire.Number, typ protowire.Type) []byte {
+	return append(b, byte(num)<<3|byte(typ))
+}
+
+// appendVarint is protowire.AppendVarint with the one-byte case first.
+func appendVarint(b []byte, v uint64) []byte {
+	if v < 0x80 {
+		return append(b, byte(v))
+	}
+	return protowire.AppendVarint(b, v)
+}
