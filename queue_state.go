@@ -655,12 +655,10 @@ func (c *queueCore) remove(e *qentry, fx *effects) {
 }
 
 // markGone marks the dedup entries of the entries acked since the last call
-// gone (for dedupIndex.stored). settle calls it once for all of a call's acks
-// rather than in remove for each: each mark is a lookup at a random place in
-// a table of megabytes, and lookups that follow one another in a short loop
-// wait for memory together rather than one after the other (in the consume
-// path's profile, marking one at a time cost 10% of the server's CPU).
-// Whatever reads the marks (resolve) calls it first.
+// gone (for dedupIndex.stored). settle calls it once for all of a call's
+// acks rather than remove for each, so that their lookups wait for memory
+// together (dedupIndex.markAllGone); what reads the marks (storedUnsettled)
+// calls it first.
 func (c *queueCore) markGone() {
 	if len(c.goneUnmarked) == 0 {
 		return
