@@ -46,6 +46,10 @@ var errNotUTF8 = errors.New("string field contains invalid UTF-8")
 func appendEventsBatch(b []byte, m *h3xpb.EventsBatch) ([]byte, error) {
 	var err error
 	for _, d := range m.Events {
+		if d == nil { // an empty message, as proto writes a nil element
+			b = append(appendTag(b, 1, protowire.BytesType), 0)
+			continue
+		}
 		psize := 0
 		if d.Event != nil {
 			psize = payloadSize(d.Event)
@@ -64,6 +68,10 @@ func appendSendEvent(b []byte, m *h3xpb.SendEvent) ([]byte, error) {
 	b = appendUint64Field(b, 1, m.RequestId)
 	var err error
 	for _, p := range m.Events {
+		if p == nil {
+			b = append(appendTag(b, 2, protowire.BytesType), 0)
+			continue
+		}
 		b = appendTag(b, 2, protowire.BytesType)
 		b = appendVarint(b, uint64(payloadSize(p)))
 		if b, err = appendPayload(b, p); err != nil {
