@@ -247,9 +247,10 @@ func TestQueuesRefuseTextThatIsNotUTF8(t *testing.T) {
 }
 
 // An ID acked twice in one call: the second is SettleUnknown (the event is
-// gone), in both queues. The Badger queue marks acked IDs gone in its dedup
-// index once per call (markGone), so its answer for an ID it has not
-// delivered since it opened must see the marks of the same call's acks.
+// gone), in both queues. Once acked, the Badger queue no longer holds the
+// ID in its index of delivered entries, so it answers the second from its
+// dedup index, whose gone marks it sets once per call (markGone): that
+// answer must see the marks of the same call's acks.
 func TestAckTwiceInOneCallIsUnknown(t *testing.T) {
 	for _, tc := range bothQueues() {
 		t.Run(tc.name, func(t *testing.T) {

@@ -891,7 +891,8 @@ func (c *queueCore) arrivingIn(names []string) bool {
 }
 
 // storedUnsettled reports whether the dedup index knows id as published
-// within its window and not acked (or dead-lettered) since.
+// within its window and not acked since (a dead-lettered event's ID is
+// marked once its dead letter is acked).
 func (c *queueCore) storedUnsettled(id string) bool {
 	c.markGone()
 	return c.dedup.stored(id, time.Now().UnixNano())

@@ -23,12 +23,18 @@ import (
 
 // marshalFast appends the encoding of m to dst if m is one of the messages
 // with a hand-written encoder; ok is false for the others (nothing is
-// appended). On an error, dst is returned as it was.
+// appended). On an error, dst is returned with its length as it was.
 func marshalFast(dst []byte, m proto.Message) (out []byte, ok bool, err error) {
 	switch m := m.(type) {
 	case *h3xpb.EventsBatch:
+		if m == nil {
+			return dst, true, nil // an empty message, as proto writes a nil one
+		}
 		out, err = appendEventsBatch(dst, m)
 	case *h3xpb.SendEvent:
+		if m == nil {
+			return dst, true, nil
+		}
 		out, err = appendSendEvent(dst, m)
 	default:
 		return dst, false, nil

@@ -56,6 +56,8 @@ func TestWireEncodersMatchProto(t *testing.T) {
 		}},
 		&h3xpb.EventsBatch{Events: []*h3xpb.Delivery{nil, {Attempt: 1}, nil}}, // nil elements: empty messages
 		&h3xpb.SendEvent{Events: []*h3xpb.EventPayload{nil, {Id: "x"}}},
+		(*h3xpb.EventsBatch)(nil), // typed nil messages: nothing
+		(*h3xpb.SendEvent)(nil),
 		&h3xpb.SendEvent{},
 		&h3xpb.SendEvent{RequestId: 42, Events: []*h3xpb.EventPayload{full, {}, unknown, {Id: "x", Data: []byte{}}}},
 		// Not valid UTF-8: refused, as proto.Marshal refuses it.
