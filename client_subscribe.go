@@ -516,46 +516,109 @@ type settleOp struct {
 // and ExtendLease frames: a batch goes out when full, after the flush
 // interval, or on Close, while up to ackBatchesInFlight earlier batches
 // wait for their answers.
+//
+// Settlements wait in a queue guarded by mu, which run takes whole when it
+// has a batch to send. add wakes run only when the queue needs it (its
+// first settlement, which starts the interval; a full batch; a Flush
+// marker): a channel send and a wake-up of run for every settlement cost
+// the consumer more than the rest of Delivery.Ack.
 type acker struct {
-	c        *Client
-	ch       chan settleOp
-	stopped  chan struct{}
-	stopping chan struct{} // closed when flushAndStop starts
+	c       *Client
+	wake    chan struct{} // (one slot) run has something to look at
+	stopped chan struct{}
 	// sends is the context of every send: flushAndStop cancels it once its
 	// timeout has passed, so that no send outlives Close's bound.
 	sends      context.Context
 	cancelSend context.CancelFunc
-	adding     sync.WaitGroup // add calls between their stopping check and their send
-	mu         sync.Mutex     // guards subs; orders add's adding.Add before flushAndStop's adding.Wait
-	subs       map[*Subscription]struct{}
-	lastErr    error // the errors of the flushes since flushAndStop started, for Close
+
+	mu       sync.Mutex
+	queue    []settleOp    // not yet taken by run, in the order added
+	flushes  int           // Flush markers in queue
+	room     chan struct{} // closed when run takes the queue; made by an add waiting for room
+	stopping chan struct{} // closed when flushAndStop starts
+	subs     map[*Subscription]struct{}
+
+	lastErr error // the errors of the flushes since flushAndStop started, for Close
 }
 
 func newAcker(c *Client) *acker {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &acker{c: c, ch: make(chan settleOp, 4*c.cfg.ackFlushSize), stopped: make(chan struct{}), stopping: make(chan struct{}),
+	return &acker{c: c, wake: make(chan struct{}, 1), stopped: make(chan struct{}), stopping: make(chan struct{}),
 		sends: ctx, cancelSend: cancel, subs: make(map[*Subscription]struct{})}
 }
+
+// maxQueued is how many settlements add queues before it waits for run to
+// take them (run takes them as its batches in flight allow).
+func (a *acker) maxQueued() int { return 4 * a.c.cfg.ackFlushSize }
 
 // add queues op for the next batch. It waits while the queue is full (the
 // batches before it are being sent), until ctx ends or the acker stops.
 func (a *acker) add(ctx context.Context, op settleOp) error {
 	a.mu.Lock()
-	if a.isStopping() {
+	for {
+		if a.isStopping() {
+			a.mu.Unlock()
+			return ErrClosed
+		}
+		if len(a.queue) < a.maxQueued() {
+			break
+		}
+		if a.room == nil {
+			a.room = make(chan struct{})
+		}
+		room := a.room
 		a.mu.Unlock()
-		return ErrClosed
+		select {
+		case <-room:
+		case <-a.stopping:
+			return ErrClosed
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		a.mu.Lock()
 	}
-	a.adding.Add(1)
+	a.queue = append(a.queue, op)
+	n := len(a.queue)
+	if op.flush != nil {
+		a.flushes++
+	}
 	a.mu.Unlock()
-	defer a.adding.Done()
-	select {
-	case a.ch <- op:
-		return nil
-	case <-a.stopping:
-		return ErrClosed
-	case <-ctx.Done():
-		return ctx.Err()
+	if n == 1 || n == a.c.cfg.ackFlushSize || op.flush != nil {
+		select {
+		case a.wake <- struct{}{}:
+		default: // run has a wake-up pending, and looks at the queue after it
+		}
 	}
+	return nil
+}
+
+// take returns what run should send now: the whole queue if a Flush waits,
+// the interval has passed (due) or the acker is stopping; else its full
+// batches, if any. It also reports whether settlements are left waiting.
+func (a *acker) take(due bool) (ops []settleOp, waiting, stopping bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	stopping = a.isStopping()
+	n, size := len(a.queue), a.c.cfg.ackFlushSize
+	k := n
+	if !due && !stopping && a.flushes == 0 {
+		k = n - n%size
+	}
+	if k == 0 {
+		return nil, n > 0, stopping
+	}
+	ops = a.queue[:k:k] // add appends only beyond it
+	if a.queue = a.queue[k:]; len(a.queue) == 0 {
+		a.queue = nil
+	}
+	if k == n {
+		a.flushes = 0
+	}
+	if a.room != nil {
+		close(a.room)
+		a.room = nil
+	}
+	return ops, len(a.queue) > 0, stopping
 }
 
 func (a *acker) addSub(s *Subscription) {
@@ -604,14 +667,16 @@ func (a *acker) flushAndStop(timeout time.Duration) {
 	a.mu.Lock()
 	first := !a.isStopping()
 	if first {
-		close(a.stopping)
+		close(a.stopping) // nothing is queued after this
 	}
 	a.mu.Unlock()
 	if first {
-		a.adding.Wait() // nobody sends on ch after this
 		stop := time.AfterFunc(timeout, a.cancelSend)
 		defer stop.Stop()
-		close(a.ch)
+		select {
+		case a.wake <- struct{}{}:
+		default:
+		}
 	}
 	<-a.stopped
 	a.cancelSend()
@@ -631,9 +696,9 @@ const ackBatchesInFlight = 8
 
 func (a *acker) run() {
 	defer close(a.stopped)
-	var pending []settleOp
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
+	armed := false // timer runs: settlements wait for the interval
 	var (
 		sending    errgroup.Group // the batches in flight; its sends report nil
 		errMu      sync.Mutex     // guards the two below, appended to by the sends
@@ -641,12 +706,10 @@ func (a *acker) run() {
 		sinceFlush []error        // failed sends since the last Flush, which reports them
 	)
 	sending.SetLimit(ackBatchesInFlight) // Go waits beyond (and add, behind, waits too)
-	flush := func() {
-		if len(pending) == 0 {
+	send := func(batch []settleOp) {
+		if len(batch) == 0 {
 			return
 		}
-		batch := pending
-		pending = nil
 		if slices.ContainsFunc(batch, func(op settleOp) bool { return op.kind == FrameExtendLease }) {
 			sending.Wait() // an earlier Extend of the same delivery is applied first
 		}
@@ -669,36 +732,50 @@ func (a *acker) run() {
 			return nil
 		})
 	}
+	due := false
 	for {
+		ops, waiting, stopping := a.take(due)
+		due = false
+		if ops != nil {
+			if armed {
+				timer.Stop()
+				armed = false
+			}
+			// In batches of at most the flush size; a Flush marker is
+			// answered once every batch before it is.
+			start := 0
+			for i, op := range ops {
+				switch {
+				case op.flush != nil:
+					send(ops[start:i])
+					start = i + 1
+					sending.Wait()
+					errMu.Lock()
+					op.flush <- errors.Join(sinceFlush...)
+					sinceFlush = nil
+					errMu.Unlock()
+				case i+1-start == a.c.cfg.ackFlushSize:
+					send(ops[start : i+1])
+					start = i + 1
+				}
+			}
+			send(ops[start:])
+			continue // more may have been queued meanwhile
+		}
+		if stopping {
+			sending.Wait()
+			a.lastErr = errors.Join(stopErrs...)
+			return
+		}
+		if waiting && !armed {
+			timer.Reset(a.c.cfg.ackInterval)
+			armed = true
+		}
 		select {
-		case op, ok := <-a.ch:
-			if !ok {
-				flush()
-				sending.Wait()
-				a.lastErr = errors.Join(stopErrs...)
-				return
-			}
-			if op.flush != nil {
-				// Answered once every batch before it is.
-				timer.Stop()
-				flush()
-				sending.Wait()
-				errMu.Lock()
-				op.flush <- errors.Join(sinceFlush...)
-				sinceFlush = nil
-				errMu.Unlock()
-				continue
-			}
-			if len(pending) == 0 {
-				timer.Reset(a.c.cfg.ackInterval)
-			}
-			pending = append(pending, op)
-			if len(pending) >= a.c.cfg.ackFlushSize {
-				timer.Stop()
-				flush()
-			}
+		case <-a.wake:
 		case <-timer.C:
-			flush()
+			armed = false
+			due = true
 		}
 	}
 }
