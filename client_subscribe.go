@@ -517,11 +517,12 @@ type settleOp struct {
 // interval, or on Close, while up to ackBatchesInFlight earlier batches
 // wait for their answers.
 //
-// Settlements wait in a queue guarded by mu, which run takes whole when it
-// has a batch to send. add wakes run only when the queue needs it (its
-// first settlement, which starts the interval; a full batch; a Flush
-// marker): a channel send and a wake-up of run for every settlement cost
-// the consumer more than the rest of Delivery.Ack.
+// Settlements wait in a queue guarded by mu, from which run takes a batch
+// at a time (everything, on the interval, a Flush or Close). add wakes run
+// only when the queue needs it (its first settlement, which starts the
+// interval; a full batch; a Flush marker): a channel send and a wake-up
+// of run for every settlement cost the consumer more than the rest of
+// Delivery.Ack.
 type acker struct {
 	c       *Client
 	wake    chan struct{} // (one slot) run has something to look at
@@ -534,7 +535,7 @@ type acker struct {
 	mu       sync.Mutex
 	queue    []settleOp    // not yet taken by run, in the order added
 	flushes  int           // Flush markers in queue
-	room     chan struct{} // closed when run takes the queue; made by an add waiting for room
+	room     chan struct{} // closed when run takes from the queue; made by an add waiting for room
 	stopping chan struct{} // closed when flushAndStop starts
 	subs     map[*Subscription]struct{}
 
@@ -548,7 +549,9 @@ func newAcker(c *Client) *acker {
 }
 
 // maxQueued is how many settlements add queues before it waits for run to
-// take them (run takes them as its batches in flight allow).
+// take some: run takes a batch when it can send one (when fewer than
+// ackBatchesInFlight are unanswered), so at most 4 × size settlements
+// queue behind the batches in flight and the one run holds.
 func (a *acker) maxQueued() int { return 4 * a.c.cfg.ackFlushSize }
 
 // add queues op for the next batch. It waits while the queue is full (the
@@ -593,8 +596,8 @@ func (a *acker) add(ctx context.Context, op settleOp) error {
 }
 
 // take returns what run should send now: the whole queue if a Flush waits,
-// the interval has passed (due) or the acker is stopping; else its full
-// batches, if any. It also reports whether settlements are left waiting.
+// the interval has passed (due) or the acker is stopping; else its first
+// batch, if full. It also reports whether settlements are left waiting.
 func (a *acker) take(due bool) (ops []settleOp, waiting, stopping bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -602,7 +605,7 @@ func (a *acker) take(due bool) (ops []settleOp, waiting, stopping bool) {
 	n, size := len(a.queue), a.c.cfg.ackFlushSize
 	k := n
 	if !due && !stopping && a.flushes == 0 {
-		k = n - n%size
+		k = min(n-n%size, size) // a batch at a time: room for add as batches go
 	}
 	if k == 0 {
 		return nil, n > 0, stopping
