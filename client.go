@@ -758,7 +758,7 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 	wire := eventsToWire(events)
 	sizes := make([]int, len(events))
 	for i := range wire {
-		sizes[i] = proto.Size(wire[i]) + 8
+		sizes[i] = payloadSize(wire[i]) + 8 // proto.Size's figure (wire_encode.go)
 	}
 	results := make([]PublishResult, len(events))
 	todo := make([]int, 0, len(events))

@@ -33,6 +33,13 @@ func checkWireEncoder(t *testing.T, m proto.Message) {
 	if !bytes.HasPrefix(got, prefix) || !bytes.Equal(got[len(prefix):], want) {
 		t.Fatalf("%v encoded differently:\nproto.Marshal: % x\nhand-written:  % x", m, want, got[len(prefix):])
 	}
+	if se, ok := m.(*h3xpb.SendEvent); ok { // Publish sizes its chunks with payloadSize
+		for _, p := range se.GetEvents() {
+			if p != nil && payloadSize(p) != proto.Size(p) {
+				t.Fatalf("payloadSize(%v) = %d, proto.Size %d", p, payloadSize(p), proto.Size(p))
+			}
+		}
+	}
 }
 
 func TestWireEncodersMatchProto(t *testing.T) {
