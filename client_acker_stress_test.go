@@ -14,8 +14,11 @@ import (
 // Stress tests of the acker's queue (client_subscribe.go): many goroutines
 // settling and flushing against a real server, for lost wake-ups, a Flush
 // answered before what was queued before it, settlements dropped around
-// Close, and the bound on what queues. (Each was checked to fail on a
-// version of the acker broken in the way it looks for.)
+// Close, and the bound on what queues. (The acker was broken four ways, no
+// wake-up for a full batch, Flush answered before its batches, Close
+// leaving the remainder, the timer left armed, and the matching test failed
+// each time; TestAckerQueuedBound fails if the acker takes every full batch
+// at once.)
 
 // recordingQueue records, after the inner queue has applied them, the IDs
 // of every ack, nack and extension, and may hold each call a little so that
