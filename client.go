@@ -195,8 +195,8 @@ func WithPublishBuffer(n int) ClientOption {
 // goes out when it holds size settlements or interval after its first one,
 // and on Close. Up to eight batches wait for their answers at once, a ninth
 // waits to be sent, and 4 × size settlements more queue behind them before
-// Ack, Nack and Extend wait. Default DefaultAckFlushSize (256) and DefaultAckFlushInterval
-// (5 ms).
+// Ack, Nack and Extend wait. Default DefaultAckFlushSize (256) and
+// DefaultAckFlushInterval (5 ms).
 func WithAckFlush(size int, interval time.Duration) ClientOption {
 	return clientOptionFunc(func(c *clientConfig) { c.ackFlushSize, c.ackInterval = size, interval })
 }

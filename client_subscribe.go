@@ -587,12 +587,18 @@ func (a *acker) add(ctx context.Context, op settleOp) error {
 	}
 	a.mu.Unlock()
 	if n == 1 || n == a.c.cfg.ackFlushSize || op.flush != nil {
-		select {
-		case a.wake <- struct{}{}:
-		default: // run has a wake-up pending, and looks at the queue after it
-		}
+		a.signal()
 	}
 	return nil
+}
+
+// signal wakes run, unless a wake-up is pending already (run looks at the
+// queue after it).
+func (a *acker) signal() {
+	select {
+	case a.wake <- struct{}{}:
+	default:
+	}
 }
 
 // take returns what run should send now: the whole queue if a Flush waits,
@@ -676,10 +682,7 @@ func (a *acker) flushAndStop(timeout time.Duration) {
 	if first {
 		stop := time.AfterFunc(timeout, a.cancelSend)
 		defer stop.Stop()
-		select {
-		case a.wake <- struct{}{}:
-		default:
-		}
+		a.signal()
 	}
 	<-a.stopped
 	a.cancelSend()

@@ -243,10 +243,9 @@ type queueCore struct {
 	timer    *time.Timer
 	timerAt  int64
 	waiterCt int
-	// goneUnmarked holds the entries acked since the last markGone, whose
-	// dedup entries are not marked gone yet.
-	goneUnmarked []*qentry
-	goneMarks    []goneMark // markGone's buffer
+	// goneUnmarked holds the dedup keys of the entries acked since the last
+	// markGone, not marked gone yet.
+	goneUnmarked []goneMark
 	acceptKeys   []dedupKey // accept's buffer
 	// waiting holds the Wait calls per namespace name, kept apart from nss
 	// so that waiting on a name (any valid name a client may consume)
@@ -649,7 +648,7 @@ func (c *queueCore) remove(e *qentry, fx *effects) {
 	e.ns.count--
 	e.ns.bytes -= int64(e.size)
 	if c.dedup != nil && !c.indexAll {
-		c.goneUnmarked = append(c.goneUnmarked, e)
+		c.goneUnmarked = append(c.goneUnmarked, goneMark{key: c.dedupKeyOf(e), gen: e.dgen})
 	}
 	fx.deletes = append(fx.deletes, e)
 }
@@ -663,15 +662,9 @@ func (c *queueCore) markGone() {
 	if len(c.goneUnmarked) == 0 {
 		return
 	}
-	marks := c.goneMarks[:0]
-	for i, e := range c.goneUnmarked {
-		marks = append(marks, goneMark{key: c.dedupKeyOf(e), gen: e.dgen})
-		c.goneUnmarked[i] = nil
-	}
+	c.dedup.markAllGone(c.goneUnmarked)
+	clear(c.goneUnmarked) // keeps no generation alive
 	c.goneUnmarked = c.goneUnmarked[:0]
-	c.dedup.markAllGone(marks)
-	clear(marks)
-	c.goneMarks = marks[:0]
 }
 
 // deadLetterRoom reports whether the dead-letter namespace dst has room for

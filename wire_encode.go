@@ -78,9 +78,7 @@ func appendSendEvent(b []byte, m *h3xpb.SendEvent) ([]byte, error) {
 			b = append(appendTag(b, 2, protowire.BytesType), 0)
 			continue
 		}
-		b = appendTag(b, 2, protowire.BytesType)
-		b = appendVarint(b, uint64(payloadSize(p)))
-		if b, err = appendPayload(b, p); err != nil {
+		if b, err = appendPayloadField(b, 2, p, payloadSize(p)); err != nil {
 			return b, err
 		}
 	}
@@ -99,10 +97,8 @@ func deliverySize(d *h3xpb.Delivery, psize int) int {
 
 func appendDelivery(b []byte, d *h3xpb.Delivery, psize int) ([]byte, error) {
 	if d.Event != nil {
-		b = appendTag(b, 1, protowire.BytesType)
-		b = appendVarint(b, uint64(psize))
 		var err error
-		if b, err = appendPayload(b, d.Event); err != nil {
+		if b, err = appendPayloadField(b, 1, d.Event, psize); err != nil {
 			return b, err
 		}
 	}
@@ -118,6 +114,13 @@ func payloadSize(p *h3xpb.EventPayload) int {
 		n += 1 + sizeBytes(metadataEntrySize(k, v))
 	}
 	return n + len(p.ProtoReflect().GetUnknown())
+}
+
+// appendPayloadField appends p, of psize bytes, as the field numbered num.
+func appendPayloadField(b []byte, num protowire.Number, p *h3xpb.EventPayload, psize int) ([]byte, error) {
+	b = appendTag(b, num, protowire.BytesType)
+	b = appendVarint(b, uint64(psize))
+	return appendPayload(b, p)
 }
 
 func metadataEntrySize(k, v string) int { return 2 + sizeBytes(len(k)) + sizeBytes(len(v)) }
@@ -206,7 +209,8 @@ func appendTag(b []byte, num protowire.Number, typ protowire.Type) []byte {
 	return append(b, byte(num)<<3|byte(typ))
 }
 
-// appendVarint is protowire.AppendVarint with the one-byte case first.
+// appendVarint is protowire.AppendVarint with its one-byte case inlined
+// (protowire's is too large to inline).
 func appendVarint(b []byte, v uint64) []byte {
 	if v < 0x80 {
 		return append(b, byte(v))
