@@ -155,7 +155,8 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		q.segs.disabled.Store(true) // no files: chunks stay in Badger's memory
 	}
 	q.core.recMaxBytes = int(bo.ValueThreshold) / 2
-	df := diskFree
+	q.freeSpace = newFreeSpaceReader(diskFree, 2*q.reserve, time.Now)
+	df := q.freeSpace.read
 	q.diskFree.Store(&df)
 	if mem, err := logFiles(q.bdir, ".mem"); err == nil && len(mem) > 0 {
 		q.memFid = mem[len(mem)-1]
@@ -365,8 +366,9 @@ type badgerQueue struct {
 	// reading the new tables again).
 	enqueued atomic.Int64
 
-	reserve  uint64
-	diskFree atomic.Pointer[func(dir string) (uint64, error)] // a test hook
+	reserve   uint64
+	freeSpace *freeSpaceReader                                 // diskFree's readings, shared by the writer's rounds
+	diskFree  atomic.Pointer[func(dir string) (uint64, error)] // freeSpace.read, or a test's hook
 	// failCommit, a test hook, fails the transactions it returns true for.
 	failCommit atomic.Pointer[func(writes []bwrite) bool]
 	ballast    *ballast // queue_badger_ballast.go; nil without free-space figures
