@@ -73,12 +73,29 @@ func TestWireEncodersMatchProto(t *testing.T) {
 		&h3xpb.EventsBatch{Events: []*h3xpb.Delivery{{Event: &h3xpb.EventPayload{Type: "a\x80"}}}},
 		&h3xpb.EventsBatch{Events: []*h3xpb.Delivery{{Event: &h3xpb.EventPayload{Metadata: map[string]string{"\xfe": "v"}}}}},
 		&h3xpb.EventsBatch{Events: []*h3xpb.Delivery{{Event: &h3xpb.EventPayload{Data: []byte("\xff is fine in bytes")}}}},
+		// Acks and their answers.
+		(*h3xpb.AckEvent)(nil),
+		(*h3xpb.AckResult)(nil),
+		&h3xpb.AckEvent{},
+		&h3xpb.AckEvent{RequestId: 1 << 63, EventIds: []string{"a", "", long}, Attempts: []uint32{1, 0, 1<<32 - 1}, Namespaces: []string{"orders", "", "x"}},
+		&h3xpb.AckEvent{EventIds: []string{"only ids"}},
+		&h3xpb.AckEvent{Attempts: []uint32{0}}, // a packed field of one zero
+		ackEventUnknown(),
+		&h3xpb.AckEvent{EventIds: []string{"ok", "\xff"}},
+		&h3xpb.AckEvent{EventIds: []string{"ok"}, Namespaces: []string{"\xc3"}},
+		&h3xpb.AckResult{},
+		&h3xpb.AckResult{RequestId: 7, Outcomes: []*h3xpb.SettleOutcome{
+			{Id: "a", Status: h3xpb.SettleStatus_SETTLE_STATUS_OK}, {}, nil, {Id: long, Status: h3xpb.SettleStatus_SETTLE_STATUS_STALE},
+			{Id: "neg", Status: h3xpb.SettleStatus(-1)}, // ten-byte varint, as proto writes a negative enum
+			settleOutcomeUnknown(),
+		}},
+		&h3xpb.AckResult{Outcomes: []*h3xpb.SettleOutcome{{Id: "a\x80"}}},
 	} {
 		checkWireEncoder(t, m)
 	}
 	// The decoders' seed payloads, decoded by proto (unknown fields kept).
 	for name, seed := range wireDecoderSeeds(t) {
-		for _, m := range []proto.Message{&h3xpb.EventsBatch{}, &h3xpb.SendEvent{}} {
+		for _, m := range []proto.Message{&h3xpb.EventsBatch{}, &h3xpb.SendEvent{}, &h3xpb.AckEvent{}, &h3xpb.AckResult{}} {
 			if proto.Unmarshal(seed.payload, m) == nil {
 				t.Run(name, func(t *testing.T) { checkWireEncoder(t, m) })
 			}
@@ -86,15 +103,29 @@ func TestWireEncodersMatchProto(t *testing.T) {
 	}
 }
 
+func ackEventUnknown() *h3xpb.AckEvent {
+	m := &h3xpb.AckEvent{EventIds: []string{"u"}, RequestId: 2}
+	m.ProtoReflect().SetUnknown(protowire.AppendVarint(protowire.AppendTag(nil, 9, protowire.VarintType), 7))
+	return m
+}
+
+func settleOutcomeUnknown() *h3xpb.SettleOutcome {
+	o := &h3xpb.SettleOutcome{Id: "u", Status: h3xpb.SettleStatus_SETTLE_STATUS_UNKNOWN}
+	o.ProtoReflect().SetUnknown(protowire.AppendString(protowire.AppendTag(nil, 20, protowire.BytesType), "x"))
+	return o
+}
+
 // FuzzWireEncoders checks the hand-written encoders against
 // proto.Marshal on the messages proto.Unmarshal makes of arbitrary
 // payloads (unknown fields included).
 func FuzzWireEncoders(f *testing.F) {
 	f.Fuzz(func(t *testing.T, pick byte, payload []byte) {
-		var m proto.Message = &h3xpb.EventsBatch{}
-		if pick%2 == 1 {
-			m = &h3xpb.SendEvent{}
-		}
+		m := [...]func() proto.Message{
+			func() proto.Message { return &h3xpb.EventsBatch{} },
+			func() proto.Message { return &h3xpb.SendEvent{} },
+			func() proto.Message { return &h3xpb.AckEvent{} },
+			func() proto.Message { return &h3xpb.AckResult{} },
+		}[pick%4]()
 		if proto.Unmarshal(payload, m) != nil {
 			return
 		}
@@ -121,4 +152,32 @@ func BenchmarkMarshalEventsBatch(b *testing.B) {
 			buf, _ = appendEventsBatch(buf[:0], batch)
 		}
 	})
+}
+
+// BenchmarkMarshalAcks: an AckEvent of 256 deliveries and its AckResult,
+// by proto.Marshal and by the hand-written encoders.
+func BenchmarkMarshalAcks(b *testing.B) {
+	ack := &h3xpb.AckEvent{RequestId: 1}
+	res := &h3xpb.AckResult{RequestId: 1}
+	for range 256 {
+		id := newUUIDv4()
+		ack.EventIds = append(ack.EventIds, id)
+		ack.Attempts = append(ack.Attempts, 1)
+		ack.Namespaces = append(ack.Namespaces, "bench")
+		res.Outcomes = append(res.Outcomes, &h3xpb.SettleOutcome{Id: id, Status: h3xpb.SettleStatus_SETTLE_STATUS_OK})
+	}
+	buf := make([]byte, 0, 64<<10)
+	for _, m := range []proto.Message{ack, res} {
+		name := string(m.ProtoReflect().Descriptor().Name())
+		b.Run(name+"/proto", func(b *testing.B) {
+			for range b.N {
+				buf, _ = proto.MarshalOptions{Deterministic: true}.MarshalAppend(buf[:0], m)
+			}
+		})
+		b.Run(name+"/hand-written", func(b *testing.B) {
+			for range b.N {
+				buf, _, _ = marshalFast(buf[:0], m)
+			}
+		})
+	}
 }
