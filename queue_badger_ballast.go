@@ -17,7 +17,8 @@ import (
 // (sparse files). When the filesystem is full, the page fault that would
 // allocate a block of such a file cannot be served and the process gets
 // SIGBUS, which Go cannot recover. The queue's free-space checks (at each
-// write group) protect against its own writes, not against another process
+// write group; a reading well above the reserve stands for 10 ms, see
+// freeSpaceReader) protect against its own writes, not against another process
 // filling the disk between two checks. Two measures narrow that window:
 //
 //   - Preallocation: the newest .mem and .vlog files are fallocate'd as soon

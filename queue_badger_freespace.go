@@ -35,9 +35,9 @@ func newFreeSpaceReader(read func(dir string) (uint64, error), near uint64, now 
 
 // read returns the bytes available on dir's filesystem, as read1 does.
 func (r *freeSpaceReader) read(dir string) (uint64, error) {
-	now := r.now()
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	now := r.now() // under mu: a reading is never older than it says
 	if r.ok && r.dir == dir && r.free >= r.near {
 		if age := now.Sub(r.at); age >= 0 && age < freeSpaceMaxAge {
 			return r.free, nil

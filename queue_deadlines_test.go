@@ -129,3 +129,26 @@ func firstLive(es []*qentry) int {
 	}
 	return -1
 }
+
+// TestDeadlinesLetGoOfAPeak: once most entries of a large FIFO are gone,
+// its array is replaced by a small one (it held 8 bytes per entry of the
+// peak).
+func TestDeadlinesLetGoOfAPeak(t *testing.T) {
+	var d deadlines
+	d.heap.byWhen = true
+	const n = 100000
+	es := make([]*qentry, n)
+	for i := range es {
+		es[i] = &qentry{seq: uint64(i + 1), when: int64(i), idx: -1}
+		d.push(es[i])
+	}
+	for _, e := range es[:n-1] {
+		d.remove(e)
+	}
+	if d.len() != 1 || d.min() != es[n-1] {
+		t.Fatalf("len %d, min %v", d.len(), d.min())
+	}
+	if cap(d.fifo) > 1024 {
+		t.Fatalf("one entry left in a FIFO of capacity %d", cap(d.fifo))
+	}
+}

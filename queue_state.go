@@ -1593,7 +1593,7 @@ func (h *entryHeap) down(i0 int) bool {
 // its front moves no entry: e.idx is -2-position, fifo[0] is at position
 // base. A removed entry leaves a nil; nils at the front are dropped at
 // once, and the others when they outnumber the entries (a compaction,
-// paid for by the removals before it).
+// paid for by the removals before it), as is room left after a peak.
 type deadlines struct {
 	heap entryHeap // out of order entries (byWhen)
 	fifo []*qentry // in (when, seq) order; nil: removed; fifo[0] != nil if live > 0
@@ -1666,7 +1666,10 @@ func (d *deadlines) remove(e *qentry) {
 		d.fifo = d.fifo[1:]
 		d.base++
 	}
-	if len(d.fifo)-d.live > d.live+32 {
+	// Compact when the nils outnumber the entries, or when the slice
+	// holds much more room than it needs (after a peak), so that its
+	// array goes.
+	if len(d.fifo)-d.live > d.live+32 || (cap(d.fifo) > 1024 && len(d.fifo) < cap(d.fifo)/4) {
 		d.compact()
 	}
 }
