@@ -326,3 +326,65 @@ func TestWireDecodersAllocateNoMoreThanProtobuf(t *testing.T) {
 		}
 	}
 }
+
+// TestEchoedIDsShareOneCopy: the IDs of a SendResult or AckResult cost one
+// allocation a frame, not one each, and decode to what protobuf gives.
+func TestEchoedIDsShareOneCopy(t *testing.T) {
+	sr := &h3xpb.SendResult{RequestId: 1}
+	ar := &h3xpb.AckResult{RequestId: 1}
+	for range 256 {
+		id := newUUIDv4()
+		sr.Outcomes = append(sr.Outcomes, &h3xpb.PublishOutcome{Id: id, Status: h3xpb.PublishStatus_PUBLISH_STATUS_STORED})
+		ar.Outcomes = append(ar.Outcomes, &h3xpb.SettleOutcome{Id: id, Status: h3xpb.SettleStatus_SETTLE_STATUS_OK})
+	}
+	for _, m := range []proto.Message{sr, ar} {
+		payload, err := proto.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := m.ProtoReflect().New().Interface()
+		if err := unmarshalPayload(FrameSendResult, payload, got); err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(got, m) {
+			t.Fatalf("%T decoded differently", m)
+		}
+		allocs := testing.AllocsPerRun(20, func() {
+			if _, err := unmarshalFast(payload, got); err != nil {
+				t.Fatal(err)
+			}
+		})
+		// The outcomes' slab and pointers, and one copy of the frame: not
+		// one string per ID.
+		if allocs > 16 {
+			t.Fatalf("%T of 256 IDs: %.0f allocations", m, allocs)
+		}
+	}
+}
+
+func TestEchoStringsOutsideThePayload(t *testing.T) {
+	b := []byte("0123456789")
+	e := echoStrings{b: b}
+	first, _ := e.str(b[2:5])
+	for _, tc := range []struct {
+		sub  []byte
+		want string
+	}{
+		{b[2:5], "234"},
+		{b[7:], "789"},
+		{[]byte("234"), "234"}, // not a slice of b: a copy
+		{b[3:3], ""},
+	} {
+		got, err := e.str(tc.sub)
+		if err != nil || got != tc.want {
+			t.Fatalf("str(%q) = %q, %v", tc.sub, got, err)
+		}
+	}
+	if _, err := e.str([]byte{0xff}); err == nil {
+		t.Fatal("invalid UTF-8 accepted")
+	}
+	b[2] = 'x' // as the frame reader reuses its buffer: a string handed out is a copy's
+	if first != "234" {
+		t.Fatalf("after the payload changed: %q", first)
+	}
+}
