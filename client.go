@@ -1313,7 +1313,13 @@ func (c *Client) settleOnce(ctx context.Context, k settleGroup, ds []*Delivery) 
 	res := ans.msg.(*h3xpb.AckResult)
 	out := make([]SettleResult, len(res.GetOutcomes()))
 	for i, o := range res.GetOutcomes() {
-		out[i] = SettleResult{ID: o.GetId(), Status: SettleStatus(o.GetStatus())}
+		id := o.GetId()
+		if i < len(ds) && ds[i].Event.ID == id {
+			// The caller's own string: a kept result keeps nothing of the
+			// answer (its echoed IDs share one copy of it).
+			id = ds[i].Event.ID
+		}
+		out[i] = SettleResult{ID: id, Status: SettleStatus(o.GetStatus())}
 	}
 	return out, nil
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // Regression (chaos suite): a subscriber that settled its deliveries with
@@ -103,5 +104,36 @@ func TestFailedSyncAckReleasesSubscriptionCredit(t *testing.T) {
 	// Retrying the failed ack still applies it.
 	if res, err := c.Ack(ctx, d); err != nil || res[0].Status != SettleOK {
 		t.Fatalf("retried Ack: %v %v", res, err)
+	}
+}
+
+// TestSettleResultsKeepNoAnswer: Client.Ack's results name their
+// deliveries with the deliveries' own ID strings, not the answer's echoed
+// IDs (which share one copy of the answer's frame).
+func TestSettleResultsKeepNoAnswer(t *testing.T) {
+	srv := testServer(t)
+	c := mustDial(t, srv, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for i := range 3 {
+		if _, err := c.Publish(ctx, Event{Namespace: "orders", Message: fmt.Sprint(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ds, err := c.Fetch(ctx, 3, "orders")
+	if err != nil || len(ds) != 3 {
+		t.Fatalf("Fetch: %d deliveries, %v", len(ds), err)
+	}
+	res, err := c.Ack(ctx, ds...)
+	if err != nil || len(res) != 3 {
+		t.Fatalf("Ack: %v, %v", res, err)
+	}
+	for i, r := range res {
+		if r.Status != SettleOK || r.ID != ds[i].Event.ID {
+			t.Fatalf("result %d: %+v for %s", i, r, ds[i].Event.ID)
+		}
+		if unsafe.StringData(r.ID) != unsafe.StringData(ds[i].Event.ID) {
+			t.Fatalf("result %d's ID is not the delivery's string", i)
+		}
 	}
 }
