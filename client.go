@@ -1145,7 +1145,7 @@ func (c *Client) Fetch(ctx context.Context, max int, namespaces ...string) ([]*D
 		if err != nil {
 			return nil, err
 		}
-		if out := c.deliveries(ans.msg.(*h3xpb.EventsBatch), nil); len(out) > 0 {
+		if out := c.own(ans.ds, nil); len(out) > 0 {
 			return out, nil
 		}
 		if err := ctx.Err(); err != nil {
@@ -1157,16 +1157,13 @@ func (c *Client) Fetch(ctx context.Context, max int, namespaces ...string) ([]*D
 	}
 }
 
-// deliveries converts a fetch's answer.
-func (c *Client) deliveries(batch *h3xpb.EventsBatch, sub *Subscription) []*Delivery {
-	if len(batch.GetEvents()) == 0 {
-		return nil
+// own makes ds, deliveries decoded by a stream's reader, this client's
+// (and sub's, if not nil), and returns them.
+func (c *Client) own(ds []*Delivery, sub *Subscription) []*Delivery {
+	for _, d := range ds {
+		d.client, d.sub = c, sub
 	}
-	out := make([]*Delivery, len(batch.GetEvents()))
-	for i, d := range batch.GetEvents() {
-		out[i] = &Delivery{Event: eventFromWire(d.GetEvent()), attempt: int(d.GetAttempt()), deadline: time.UnixMilli(d.GetLeaseDeadlineMs()), client: c, sub: sub}
-	}
-	return out
+	return ds
 }
 
 // fetchMaxBytes is the byte budget of a fetch: batches the client can read

@@ -335,8 +335,13 @@ type rpcStream struct {
 
 type rpcAnswer struct {
 	t   FrameType
-	msg proto.Message
+	msg proto.Message // an EventsBatch's holds only its request id: see ds
 	err error
+
+	// ds is an EventsBatch's deliveries, decoded by the stream's reader
+	// (decodeDeliveries); the caller sets their client and subscription
+	// (Client.own).
+	ds []*Delivery
 
 	rest []*Delivery // set by a subscription's hook: deliveries it could not hand out
 }
@@ -469,7 +474,19 @@ func (s *rpcStream) readLoop() {
 			failure = fmt.Errorf("%w: %w", errStreamFailed, connError(err))
 			break
 		}
-		msg, err := decodeFrame(t, payload)
+		var msg proto.Message
+		var ds []*Delivery
+		if t == FrameEventsBatch {
+			// Straight into deliveries, without the messages in between.
+			var rid uint64
+			rid, ds, err = decodeDeliveries(payload)
+			if err != nil {
+				err = malformedPayload(t)
+			}
+			msg = &h3xpb.EventsBatch{RequestId: rid}
+		} else {
+			msg, err = decodeFrame(t, payload)
+		}
 		if err != nil {
 			failure = err
 			break
@@ -480,7 +497,7 @@ func (s *rpcStream) readLoop() {
 		case *h3xpb.SendResult:
 			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m}
 		case *h3xpb.EventsBatch:
-			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m}
+			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m, ds: ds}
 		case *h3xpb.AckResult:
 			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m}
 		case *h3xpb.Error:
@@ -635,8 +652,8 @@ func (cc *clientConn) giveBackAbandoned(s *rpcStream, ch <-chan rpcAnswer) {
 	case <-cc.qc.Context().Done():
 		return // the connection is gone: the server ended its leases
 	}
-	if b, ok := a.msg.(*h3xpb.EventsBatch); ok && a.err == nil {
-		cc.client.giveBackUnseen(context.Background(), cc.client.deliveries(b, nil), "fetch abandoned")
+	if a.t == FrameEventsBatch && a.err == nil {
+		cc.client.giveBackUnseen(context.Background(), cc.client.own(a.ds, nil), "fetch abandoned")
 	}
 }
 

@@ -362,7 +362,7 @@ func (s *Subscription) run(ctx context.Context) {
 // What it cannot hand out once the subscription ends is left in a.rest, to
 // be given back.
 func (s *Subscription) handOut(a *rpcAnswer, n int, claimed *atomic.Bool) {
-	ds := s.client.deliveries(a.msg.(*h3xpb.EventsBatch), s) // checked by the stream's reader
+	ds := s.client.own(a.ds, s)
 	if !claimed.CompareAndSwap(false, true) {
 		// drop has given the poll's credits back and moved on: nobody reads
 		// this answer, so hand nothing out and give the deliveries back.

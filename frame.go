@@ -234,9 +234,15 @@ func unmarshalPayload(t FrameType, payload []byte, m proto.Message) error {
 		err = proto.Unmarshal(payload, m)
 	}
 	if err != nil {
-		return &Error{Code: CodeProtocolViolation, Message: fmt.Sprintf("malformed %v payload", t), cause: ErrMalformedPayload}
+		return malformedPayload(t)
 	}
 	return nil
+}
+
+// malformedPayload is the error for a frame of type t whose payload does
+// not decode.
+func malformedPayload(t FrameType) error {
+	return &Error{Code: CodeProtocolViolation, Message: fmt.Sprintf("malformed %v payload", t), cause: ErrMalformedPayload}
 }
 
 // decodeFrame decodes a protocol frame's payload into a new message of its

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"reflect"
 	"runtime"
 	"testing"
+	"time"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
 	"google.golang.org/protobuf/encoding/protowire"
@@ -42,6 +44,9 @@ func checkWireDecoder(t *testing.T, ft FrameType, payload []byte) {
 	if (wantErr == nil) != (gotErr == nil) {
 		t.Fatalf("%v % x: proto.Unmarshal: %v; hand-written: %v", ft, payload, wantErr, gotErr)
 	}
+	if ft == FrameEventsBatch {
+		checkDecodeDeliveries(t, payload, want.(*h3xpb.EventsBatch), wantErr)
+	}
 	if wantErr != nil {
 		return
 	}
@@ -59,6 +64,33 @@ func checkWireDecoder(t *testing.T, ft FrameType, payload []byte) {
 	m := newMessage(ft)
 	if err := unmarshalPayload(ft, payload, m); err != nil || !proto.Equal(want, m) {
 		t.Fatalf("unmarshalPayload(%v): %v, %v", ft, m, err)
+	}
+}
+
+// checkDecodeDeliveries checks that decodeDeliveries fails where
+// proto.Unmarshal fails, and otherwise gives the deliveries the client made
+// of protobuf's message (deliveries), none sharing memory with the payload.
+func checkDecodeDeliveries(t *testing.T, payload []byte, want *h3xpb.EventsBatch, wantErr error) {
+	t.Helper()
+	buf := bytes.Clone(payload)
+	rid, ds, err := decodeDeliveries(buf)
+	if (wantErr == nil) != (err == nil) {
+		t.Fatalf("EventsBatch % x: proto.Unmarshal: %v; decodeDeliveries: %v", payload, wantErr, err)
+	}
+	if wantErr != nil {
+		return
+	}
+	for i := range buf {
+		buf[i] = 0xa5
+	}
+	if rid != want.GetRequestId() || len(ds) != len(want.GetEvents()) {
+		t.Fatalf("EventsBatch % x: request %d and %d deliveries, want %d and %d", payload, rid, len(ds), want.GetRequestId(), len(want.GetEvents()))
+	}
+	for i, w := range want.GetEvents() {
+		d := ds[i]
+		if !reflect.DeepEqual(d.Event, eventFromWire(w.GetEvent())) || d.attempt != int(w.GetAttempt()) || !d.deadline.Equal(time.UnixMilli(w.GetLeaseDeadlineMs())) {
+			t.Fatalf("EventsBatch % x: delivery %d is %+v (attempt %d, deadline %v); protobuf's %v", payload, i, d.Event, d.attempt, d.deadline, w)
+		}
 	}
 }
 
