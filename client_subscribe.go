@@ -381,6 +381,20 @@ func (s *Subscription) handOut(a *rpcAnswer, n int, claimed *atomic.Bool) {
 	default:
 	}
 	for i, d := range ds {
+		// While the channel has room, two checks that do not block: a
+		// select of two cases per delivery (runtime.selectgo) was 2.4% of
+		// a consumer's CPU.
+		select {
+		case <-s.pushStop:
+			a.rest = ds[i:]
+			return
+		default:
+		}
+		select {
+		case s.ch <- d:
+			continue
+		default:
+		}
 		select {
 		case s.ch <- d:
 		case <-s.pushStop:
