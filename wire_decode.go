@@ -71,14 +71,22 @@ type wireField struct {
 // (The decoders keep their position in a local slice and take fields by
 // value: no pointer writes, so no write barriers while the collector runs.)
 func consumeField(b []byte) (wireField, int) {
-	// The usual case first: a one-byte tag (fields 1 to 15), then a one-byte
-	// varint or a length of one or two bytes.
+	// The usual case first: a one-byte tag (fields 1 to 15), then a varint
+	// (timestamps and deadlines take five and six bytes) or a length of
+	// one or two bytes.
 	if len(b) >= 2 && b[0] < 0x80 && b[0] >= 8 {
 		f := wireField{num: protowire.Number(b[0] >> 3), typ: protowire.Type(b[0] & 7)}
 		switch {
 		case f.typ == protowire.VarintType && b[1] < 0x80:
 			f.v = uint64(b[1])
 			return f, 2
+		case f.typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b[1:])
+			if n < 0 {
+				return wireField{}, -1
+			}
+			f.v = v
+			return f, 1 + n
 		case f.typ == protowire.BytesType && b[1] < 0x80:
 			if end := 2 + int(b[1]); end <= len(b) {
 				f.b = b[2:end]
