@@ -66,15 +66,7 @@ func TestSyncAckReleasesSubscriptionCredit(t *testing.T) {
 // outage) the subscription stalled for good. The deliveries now count as
 // settled whatever the outcome; a second Client.Ack retries the ack.
 func TestFailedSyncAckReleasesSubscriptionCredit(t *testing.T) {
-	srv := testServer(t)
-	c := mustDial(t, srv, "alice", "alice-token")
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for i := range 3 {
-		if _, err := c.Publish(ctx, Event{Namespace: "orders", Message: fmt.Sprint(i)}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	c, ctx := aliceWithOrders(t, 3)
 	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{MaxUnacked: 1})
 	if err != nil {
 		t.Fatal(err)
@@ -111,15 +103,7 @@ func TestFailedSyncAckReleasesSubscriptionCredit(t *testing.T) {
 // deliveries with the deliveries' own ID strings, not the answer's echoed
 // IDs (which share one copy of the answer's frame).
 func TestSettleResultsKeepNoAnswer(t *testing.T) {
-	srv := testServer(t)
-	c := mustDial(t, srv, "alice", "alice-token")
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	for i := range 3 {
-		if _, err := c.Publish(ctx, Event{Namespace: "orders", Message: fmt.Sprint(i)}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	c, ctx := aliceWithOrders(t, 3)
 	ds, err := c.Fetch(ctx, 3, "orders")
 	if err != nil || len(ds) != 3 {
 		t.Fatalf("Fetch: %d deliveries, %v", len(ds), err)
@@ -136,4 +120,15 @@ func TestSettleResultsKeepNoAnswer(t *testing.T) {
 			t.Fatalf("result %d's ID is not the delivery's string", i)
 		}
 	}
+}
+
+// aliceWithOrders starts a server, dials it as alice and publishes n events
+// to "orders"; the context ends with the test (at most 10 s).
+func aliceWithOrders(t *testing.T, n int) (*Client, context.Context) {
+	t.Helper()
+	c := mustDial(t, testServer(t), "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	publishOrders(ctx, t, c, n)
+	return c, ctx
 }
