@@ -12,8 +12,9 @@ import (
 // Hand-written decoders for the messages that carry events and
 // settlements, the ones a busy connection decodes per event: SendEvent (the
 // server, per publish), SendResult (the client, per publish), EventsBatch
-// (the client, per delivery), AckEvent (the server, per ack) and AckResult
-// (the client, per ack). They accept exactly what proto.Unmarshal accepts
+// (the client, per delivery, decodes it straight into its deliveries with
+// decodeDeliveries, wire_deliveries.go), AckEvent (the server, per ack) and
+// AckResult (the client, per ack). They accept exactly what proto.Unmarshal accepts
 // and give the same messages (unknown fields are skipped, not kept: nothing
 // re-encodes a received message), a contract FuzzWireDecoders checks
 // against proto.Unmarshal. What they save is protobuf's reflection-driven

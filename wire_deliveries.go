@@ -8,7 +8,7 @@ import (
 )
 
 // decodeDeliveries decodes an EventsBatch payload straight into the
-// client's deliveries, as decodeEventsBatch and then deliveries would
+// client's deliveries: what decodeEventsBatch gives, each message converted
 // (the same fields, the same refusals), without the protobuf messages in
 // between: a consumer allocated a Delivery and an EventPayload message
 // for every event only to copy them into its own Delivery. Each event is
