@@ -335,7 +335,7 @@ type rpcStream struct {
 
 type rpcAnswer struct {
 	t   FrameType
-	msg proto.Message // an EventsBatch's holds only its request id: see ds
+	msg proto.Message // nil for an EventsBatch: see ds
 	err error
 
 	// ds is an EventsBatch's deliveries, decoded by the stream's reader
@@ -459,6 +459,36 @@ func (s *rpcStream) forget(id uint64) {
 	s.mu.Unlock()
 }
 
+// decodeAnswer decodes an answer frame into its request id and the answer
+// for its caller, or returns the failure that ends the stream.
+func decodeAnswer(t FrameType, payload []byte) (uint64, rpcAnswer, error) {
+	if t == FrameEventsBatch {
+		// Straight into deliveries, without the messages in between.
+		id, ds, err := decodeDeliveries(payload)
+		if err != nil {
+			return 0, rpcAnswer{}, malformedPayload(t)
+		}
+		return id, rpcAnswer{t: t, ds: ds}, nil
+	}
+	msg, err := decodeFrame(t, payload)
+	if err != nil {
+		return 0, rpcAnswer{}, err
+	}
+	switch m := msg.(type) {
+	case *h3xpb.SendResult:
+		return m.GetRequestId(), rpcAnswer{t: t, msg: m}, nil
+	case *h3xpb.AckResult:
+		return m.GetRequestId(), rpcAnswer{t: t, msg: m}, nil
+	case *h3xpb.Error:
+		ans := rpcAnswer{t: t, err: errorFromWire(m)}
+		if m.GetRequestId() == 0 {
+			return 0, ans, fmt.Errorf("%w: %w", errStreamFailed, ans.err)
+		}
+		return m.GetRequestId(), ans, nil
+	}
+	return 0, rpcAnswer{}, newError(CodeProtocolViolation, "unexpected %v frame", t)
+}
+
 // readLoop delivers answers to their callers until the stream ends; then it
 // fails every pending call.
 func (s *rpcStream) readLoop() {
@@ -474,41 +504,9 @@ func (s *rpcStream) readLoop() {
 			failure = fmt.Errorf("%w: %w", errStreamFailed, connError(err))
 			break
 		}
-		var msg proto.Message
-		var ds []*Delivery
-		if t == FrameEventsBatch {
-			// Straight into deliveries, without the messages in between.
-			var rid uint64
-			rid, ds, err = decodeDeliveries(payload)
-			if err != nil {
-				err = malformedPayload(t)
-			}
-			msg = &h3xpb.EventsBatch{RequestId: rid}
-		} else {
-			msg, err = decodeFrame(t, payload)
-		}
-		if err != nil {
-			failure = err
-			break
-		}
 		var id uint64
 		var ans rpcAnswer
-		switch m := msg.(type) {
-		case *h3xpb.SendResult:
-			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m}
-		case *h3xpb.EventsBatch:
-			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m, ds: ds}
-		case *h3xpb.AckResult:
-			id, ans = m.GetRequestId(), rpcAnswer{t: t, msg: m}
-		case *h3xpb.Error:
-			id, ans = m.GetRequestId(), rpcAnswer{t: t, err: errorFromWire(m)}
-			if id == 0 {
-				failure = fmt.Errorf("%w: %w", errStreamFailed, ans.err)
-			}
-		default:
-			failure = newError(CodeProtocolViolation, "unexpected %v frame", t)
-		}
-		if failure != nil {
+		if id, ans, failure = decodeAnswer(t, payload); failure != nil {
 			break
 		}
 		s.mu.Lock()
