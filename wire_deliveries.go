@@ -45,25 +45,9 @@ func decodeDeliveries(b []byte) (uint64, []*Delivery, error) {
 // decodeDelivery decodes one encoded Delivery, its event through p.
 func decodeDelivery(b []byte, p *h3xpb.EventPayload, in *interner) (*Delivery, error) {
 	*p = h3xpb.EventPayload{}
-	var attempt uint32
-	var deadline int64
-	for len(b) > 0 {
-		f, n := consumeField(b)
-		if n < 0 {
-			return nil, errWire
-		}
-		b = b[n:]
-		switch {
-		case f.num == 1 && f.typ == protowire.BytesType:
-			// Merged, as protobuf merges a message field that occurs twice.
-			if err := decodeEventPayload(f.b, p, in); err != nil {
-				return nil, err
-			}
-		case f.num == 2 && f.typ == protowire.VarintType:
-			attempt = uint32(f.v)
-		case f.num == 3 && f.typ == protowire.VarintType:
-			deadline = int64(f.v)
-		}
+	attempt, deadline, err := decodeDeliveryFields(b, func() *h3xpb.EventPayload { return p }, in)
+	if err != nil {
+		return nil, err
 	}
 	return &Delivery{Event: eventFromWire(p), attempt: int(attempt), deadline: time.UnixMilli(deadline)}, nil
 }
