@@ -1505,8 +1505,8 @@ func (h *entryHeap) len() int     { return len(h.s) }
 func (h *entryHeap) min() *qentry { return h.s[0] }
 func (h *entryHeap) less(i, j int) bool {
 	a, b := h.s[i], h.s[j]
-	if h.byWhen && a.when != b.when {
-		return a.when < b.when
+	if h.byWhen {
+		return before(a, b)
 	}
 	return a.seq < b.seq
 }
@@ -1622,16 +1622,19 @@ func (d *deadlines) min() *qentry {
 	return d.heap.min()
 }
 
-// before reports whether a comes before b (the timers' heap order).
-func before(a, b *qentry) bool {
-	if a.when != b.when {
-		return a.when < b.when
+// before reports whether a comes before b in the timers' order: by when,
+// then sequence number.
+func before(a, b *qentry) bool { return keyBefore(a.when, a.seq, b.when, b.seq) }
+
+func keyBefore(aWhen int64, aSeq uint64, bWhen int64, bSeq uint64) bool {
+	if aWhen != bWhen {
+		return aWhen < bWhen
 	}
-	return a.seq < b.seq
+	return aSeq < bSeq
 }
 
 func (d *deadlines) push(e *qentry) {
-	if d.live > 0 && (e.when < d.lastWhen || (e.when == d.lastWhen && e.seq < d.lastSeq)) {
+	if d.live > 0 && keyBefore(e.when, e.seq, d.lastWhen, d.lastSeq) {
 		d.heap.push(e)
 		return
 	}

@@ -200,6 +200,10 @@ func (d *dedupIndex) setGone(key dedupKey, gone bool) {
 	d.setGoneAt(key, gone, d.tick(time.Now().UnixNano()))
 }
 
+// setGoneAt is setGone with the clock read by the caller: markAllGone
+// reads it once for all its IDs whose generation is not known, which are
+// most of a backlog's (the Badger queue's read-ahead makes entries
+// without it).
 func (d *dedupIndex) setGoneAt(key dedupKey, gone bool, now int64) {
 	if g, j, ok := d.findKey(key.k, key.fp, now); ok {
 		g.t.setGone(j, gone)
