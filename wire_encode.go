@@ -28,25 +28,13 @@ import (
 func marshalFast(dst []byte, m proto.Message) (out []byte, ok bool, err error) {
 	switch m := m.(type) {
 	case *h3xpb.EventsBatch:
-		if m == nil {
-			return dst, true, nil // an empty message, as proto writes a nil one
-		}
-		out, err = appendEventsBatch(dst, m)
+		out, err = appendNonNil(dst, m, appendEventsBatch)
 	case *h3xpb.SendEvent:
-		if m == nil {
-			return dst, true, nil
-		}
-		out, err = appendSendEvent(dst, m)
+		out, err = appendNonNil(dst, m, appendSendEvent)
 	case *h3xpb.AckEvent:
-		if m == nil {
-			return dst, true, nil
-		}
-		out, err = appendAckEvent(dst, m)
+		out, err = appendNonNil(dst, m, appendAckEvent)
 	case *h3xpb.AckResult:
-		if m == nil {
-			return dst, true, nil
-		}
-		out, err = appendAckResult(dst, m)
+		out, err = appendNonNil(dst, m, appendAckResult)
 	default:
 		return dst, false, nil
 	}
@@ -56,6 +44,21 @@ func marshalFast(dst []byte, m proto.Message) (out []byte, ok bool, err error) {
 	return out, true, nil
 }
 
+// appendNonNil appends m with encode, or nothing for a nil m (an empty
+// message, as proto writes a nil one).
+func appendNonNil[T any](dst []byte, m *T, encode func([]byte, *T) ([]byte, error)) ([]byte, error) {
+	if m == nil {
+		return dst, nil
+	}
+	return encode(dst, m)
+}
+
+// appendEmptyMessage appends an empty message as the field numbered num,
+// as proto writes a nil element of a repeated message field.
+func appendEmptyMessage(b []byte, num protowire.Number) []byte {
+	return append(appendTag(b, num, protowire.BytesType), 0)
+}
+
 // errNotUTF8 is the hand-written encoders' error for a string field that is
 // not valid UTF-8 (what proto.Marshal refuses in a proto3 string).
 var errNotUTF8 = errors.New("string field contains invalid UTF-8")
@@ -63,8 +66,8 @@ var errNotUTF8 = errors.New("string field contains invalid UTF-8")
 func appendEventsBatch(b []byte, m *h3xpb.EventsBatch) ([]byte, error) {
 	var err error
 	for _, d := range m.Events {
-		if d == nil { // an empty message, as proto writes a nil element
-			b = append(appendTag(b, 1, protowire.BytesType), 0)
+		if d == nil {
+			b = appendEmptyMessage(b, 1)
 			continue
 		}
 		psize := 0
@@ -86,7 +89,7 @@ func appendSendEvent(b []byte, m *h3xpb.SendEvent) ([]byte, error) {
 	var err error
 	for _, p := range m.Events {
 		if p == nil {
-			b = append(appendTag(b, 2, protowire.BytesType), 0)
+			b = appendEmptyMessage(b, 2)
 			continue
 		}
 		if b, err = appendPayloadField(b, 2, p, payloadSize(p)); err != nil {
@@ -123,7 +126,7 @@ func appendAckResult(b []byte, m *h3xpb.AckResult) ([]byte, error) {
 	b = appendUint64Field(b, 1, m.RequestId)
 	for _, o := range m.Outcomes {
 		if o == nil {
-			b = append(appendTag(b, 2, protowire.BytesType), 0)
+			b = appendEmptyMessage(b, 2)
 			continue
 		}
 		if !utf8.ValidString(o.Id) {
