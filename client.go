@@ -797,7 +797,9 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 			}
 			chunk := todo[start:end]
 			ans, err := c.call(ctx, streamPublish, FrameSendEvent, func(id uint64) proto.Message {
-				m := &h3xpb.SendEvent{RequestId: id, Events: make([]*h3xpb.EventPayload, len(chunk))}
+				// Every event has its ID (assignIDs): the outcomes of stored
+				// ones would tell the client nothing.
+				m := &h3xpb.SendEvent{RequestId: id, Events: make([]*h3xpb.EventPayload, len(chunk)), OmitStored: true}
 				for j, i := range chunk {
 					m.Events[j] = wire[i]
 				}
@@ -818,11 +820,15 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 			}
 			start = end
 			res := ans.msg.(*h3xpb.SendResult) // the type is checked by the stream's reader
-			if len(res.GetOutcomes()) != len(chunk) {
-				return nil, newError(CodeProtocolViolation, "SendResult has %d outcomes for %d events", len(res.GetOutcomes()), len(chunk))
+			omitted := res.GetStoredOmitted()
+			if omitted > uint32(len(chunk)) || len(res.GetOutcomes()) != len(chunk)-int(omitted) {
+				return nil, newError(CodeProtocolViolation, "SendResult has %d outcomes and %d omitted for %d events", len(res.GetOutcomes()), omitted, len(chunk))
+			}
+			for _, i := range chunk[:omitted] {
+				results[i] = PublishResult{ID: events[i].ID, Status: PublishStored}
 			}
 			for j, o := range res.GetOutcomes() {
-				i := chunk[j]
+				i := chunk[int(omitted)+j]
 				// The server leaves out an ID it refuses for its length
 				// (PROTOCOL.md §7); the result still names the event.
 				r := PublishResult{ID: events[i].ID, Status: PublishStatus(o.GetStatus())}

@@ -444,3 +444,90 @@ func TestClientResetsStreamOnUnexpectedFrame(t *testing.T) {
 		t.Fatal("the client did not reset the stream")
 	}
 }
+
+// The client asks for stored outcomes to be omitted (it sets every ID) and
+// takes a SendResult either way: with every outcome (a server that
+// predates omit_stored), with the leading stored ones omitted, or with
+// counts that do not add up (a protocol violation).
+func TestPublishTakesOmittedStoredOutcomes(t *testing.T) {
+	stored := &h3xpb.PublishOutcome{Status: h3xpb.PublishStatus_PUBLISH_STATUS_STORED}
+	denied := &h3xpb.PublishOutcome{Status: h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED, Code: h3xpb.ErrorCode_ERROR_CODE_PERMISSION_DENIED, Message: "no"}
+	tests := []struct {
+		name      string
+		omitted   uint32
+		outcomes  []*h3xpb.PublishOutcome
+		want      []PublishStatus
+		violation bool
+	}{
+		{"every outcome", 0, []*h3xpb.PublishOutcome{stored, stored, stored}, []PublishStatus{PublishStored, PublishStored, PublishStored}, false},
+		{"all omitted", 3, nil, []PublishStatus{PublishStored, PublishStored, PublishStored}, false},
+		{"one omitted", 1, []*h3xpb.PublishOutcome{denied, stored}, []PublishStatus{PublishStored, PublishRefused, PublishStored}, false},
+		{"too many omitted", 4, nil, nil, true},
+		{"one outcome too many", 1, []*h3xpb.PublishOutcome{stored, stored, stored}, nil, true},
+		{"one outcome short", 1, []*h3xpb.PublishOutcome{stored}, nil, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			asked := make(chan bool, 1)
+			addr := fakeServer(t, func(qc *quic.Conn) {
+				if _, err := fakeAuth(qc); err != nil {
+					return
+				}
+				st, err := qc.AcceptStream(context.Background())
+				if err != nil {
+					return
+				}
+				var req h3xpb.SendEvent
+				if err := newFrameReader(st, DefaultMaxFrameSize).readMessage(FrameSendEvent, &req); err != nil {
+					return
+				}
+				asked <- req.GetOmitStored()
+				res := &h3xpb.SendResult{RequestId: req.GetRequestId(), StoredOmitted: tt.omitted}
+				for j, o := range tt.outcomes {
+					o := proto.Clone(o).(*h3xpb.PublishOutcome)
+					if k := int(tt.omitted) + j; k < len(req.GetEvents()) {
+						o.Id = req.GetEvents()[k].GetId()
+					}
+					res.Outcomes = append(res.Outcomes, o)
+				}
+				b, _ := appendFrame(nil, FrameSendResult, res)
+				st.Write(b)
+				<-qc.Context().Done()
+			})
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			c, err := Dial(ctx, addr, WithCredentials("alice", "x"), WithInsecureSkipVerify())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			events := []Event{{ID: "own-id", Namespace: "orders"}, {Namespace: "orders"}, {Namespace: "orders"}}
+			results, err := c.Publish(ctx, events...)
+			select {
+			case omit := <-asked:
+				if !omit {
+					t.Error("the SendEvent did not set omit_stored")
+				}
+			case <-ctx.Done():
+				t.Fatalf("the server got no SendEvent (Publish: %v)", err)
+			}
+			if tt.violation {
+				if !errors.Is(err, ErrProtocolViolation) {
+					t.Fatalf("got %v, %v; want a protocol violation", results, err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, r := range results {
+				if r.Status != tt.want[i] || r.ID != events[i].ID || r.ID == "" {
+					t.Errorf("result %d: %+v, want %v with ID %q", i, r, tt.want[i], events[i].ID)
+				}
+				if (r.Err != nil) != (r.Status == PublishRefused) {
+					t.Errorf("result %d: status %v with error %v", i, r.Status, r.Err)
+				}
+			}
+		})
+	}
+}

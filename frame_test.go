@@ -114,9 +114,11 @@ func goldenMessages() map[FrameType]proto.Message {
 				exampleEvent(),
 				{Namespace: "payments", Type: "payment.failed", Data: []byte{0x00, 0x01, 0xfe, 0xff}},
 			},
+			OmitStored: true,
 		},
 		FrameSendResult: &h3xpb.SendResult{
-			RequestId: 1,
+			RequestId:     1,
+			StoredOmitted: 1, // the first event of four: stored with its own id
 			Outcomes: []*h3xpb.PublishOutcome{
 				{Id: exampleID1, Status: h3xpb.PublishStatus_PUBLISH_STATUS_STORED},
 				{Id: exampleID2, Status: h3xpb.PublishStatus_PUBLISH_STATUS_DUPLICATE},

@@ -334,3 +334,60 @@ func TestSendResultInvalidNamespaceLongIDFitsFrame(t *testing.T) {
 	}
 	t.Logf("answer %v, %d bytes", ft, len(payload))
 }
+
+// §6.2, omitted outcomes: with SendEvent.omit_stored set, the server leaves
+// out the outcomes of the leading events stored with the ids they carried,
+// and counts them in stored_omitted; an event without an id, a duplicate
+// or a refusal ends the run. Without the flag every outcome is sent.
+func TestSendResultOmitsLeadingStoredOutcomes(t *testing.T) {
+	s := testServerWith(t, "alice:*=alice-token")
+	rc := rawDial(t, s)
+	rc.authWith(&h3xpb.Auth{ClientId: "alice", Token: "alice-token"})
+	ev := func(id string) *h3xpb.EventPayload {
+		return &h3xpb.EventPayload{Id: id, Namespace: "orders", Type: "t"}
+	}
+	stored, dup, refused := h3xpb.PublishStatus_PUBLISH_STATUS_STORED, h3xpb.PublishStatus_PUBLISH_STATUS_DUPLICATE, h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED
+	tests := []struct {
+		name     string
+		events   []*h3xpb.EventPayload
+		omit     bool
+		omitted  uint32
+		outcomes []h3xpb.PublishStatus // of the events after the omitted ones
+	}{
+		{"not asked", []*h3xpb.EventPayload{ev("a1"), ev("a2"), ev("a3")}, false, 0, []h3xpb.PublishStatus{stored, stored, stored}},
+		{"all stored", []*h3xpb.EventPayload{ev("b1"), ev("b2"), ev("b3")}, true, 3, nil},
+		{"one without an id", []*h3xpb.EventPayload{ev("c1"), ev(""), ev("c3")}, true, 1, []h3xpb.PublishStatus{stored, stored}},
+		{"a refusal", []*h3xpb.EventPayload{ev("d1"), ev("d2"), {Id: "d3", Namespace: "not valid!"}, ev("d4")}, true, 2, []h3xpb.PublishStatus{refused, stored}},
+		{"a duplicate first", []*h3xpb.EventPayload{ev("b1"), ev("e2")}, true, 0, []h3xpb.PublishStatus{dup, stored}},
+		{"refused first", []*h3xpb.EventPayload{{Id: "f1"}, ev("f2")}, true, 0, []h3xpb.PublishStatus{refused, stored}},
+		{"nothing", nil, true, 0, nil},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rid := uint64(i + 1)
+			ft, payload, err := rc.request(frameBytes(t, FrameSendEvent, &h3xpb.SendEvent{RequestId: rid, Events: tt.events, OmitStored: tt.omit}), DefaultMaxFrameSize)
+			if err != nil || ft != FrameSendResult {
+				t.Fatalf("answer %v, %v", ft, err)
+			}
+			var res h3xpb.SendResult
+			if err := proto.Unmarshal(payload, &res); err != nil {
+				t.Fatal(err)
+			}
+			if res.GetRequestId() != rid || res.GetStoredOmitted() != tt.omitted || len(res.GetOutcomes()) != len(tt.outcomes) {
+				t.Fatalf("got %v, want request %d, %d omitted and %d outcomes", &res, rid, tt.omitted, len(tt.outcomes))
+			}
+			for j, o := range res.GetOutcomes() {
+				sent := tt.events[int(tt.omitted)+j]
+				if o.GetStatus() != tt.outcomes[j] {
+					t.Errorf("outcome %d: %v, want %v", j, o.GetStatus(), tt.outcomes[j])
+				}
+				if sent.GetId() != "" && o.GetId() != sent.GetId() {
+					t.Errorf("outcome %d names %q, want %q", j, o.GetId(), sent.GetId())
+				}
+				if sent.GetId() == "" && o.GetStatus() == stored && o.GetId() == "" {
+					t.Errorf("outcome %d: the id assigned is not reported", j)
+				}
+			}
+		})
+	}
+}

@@ -59,24 +59,31 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 		if err == nil && len(results) != len(events) {
 			err = newError(CodeInternal, "queue returned %d results for %d events", len(results), len(events))
 		}
+		omitted := 0
+		if err == nil && m.GetOmitStored() {
+			omitted = storedOmittable(m.GetEvents(), index, results)
+			res.StoredOmitted = uint32(omitted)
+		}
 		var slab []h3xpb.PublishOutcome // one allocation for the answer's outcomes
 		if err == nil {
-			slab = make([]h3xpb.PublishOutcome, len(index))
+			slab = make([]h3xpb.PublishOutcome, len(index)-omitted)
 		}
-		for j, i := range index {
+		for j, i := range index[omitted:] {
+			j += omitted
 			if err != nil {
 				c.logger.Error("h3x: enqueue failed", "err", err)
 				res.Outcomes[i] = refusedOutcome(events[j].ID, asRetryable(err))
 				continue
 			}
 			r := results[j]
-			o := &slab[j]
+			o := &slab[j-omitted]
 			o.Id, o.Status = r.ID, h3xpb.PublishStatus(r.Status)
 			if r.Status == PublishRefused {
 				o = refusedOutcome(r.ID, r.Err)
 			}
 			res.Outcomes[i] = o
 		}
+		res.Outcomes = res.Outcomes[omitted:]
 	}
 	if hasRefusal(res) && proto.Size(res) > c.srv.cfg.maxFrameSize {
 		// Only refusal messages can take the answer past the frame size
@@ -86,6 +93,19 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 		}
 	}
 	return FrameSendResult, res
+}
+
+// storedOmittable returns how many leading events of the request sent
+// (PROTOCOL.md §6.2, SendEvent.omit_stored) may go without an outcome:
+// those stored that carried their own id, before the first that did not,
+// was refused before the queue (index lists the events given to the queue,
+// in request order) or was not stored (a duplicate or a refusal).
+func storedOmittable(sent []*h3xpb.EventPayload, index []int, results []PublishResult) int {
+	k := 0
+	for k < len(index) && index[k] == k && sent[k].GetId() != "" && results[k].Status == PublishStored {
+		k++
+	}
+	return k
 }
 
 // hasRefusal reports whether res refuses an event (only a refusal carries a

@@ -314,9 +314,11 @@ func decodeMetadataEntry(b []byte, p *h3xpb.EventPayload, in *interner) error {
 }
 
 // decodeListAnswer decodes the shape SendEvent, SendResult and AckResult
-// share: a request id (field 1) and a repeated message (field 2), whose
-// elements decode decodes.
-func decodeListAnswer[T any](b []byte, requestID *uint64, decode func([]byte, *T) error) ([]*T, error) {
+// share: a request id (field 1), a repeated message (field 2), whose
+// elements decode decodes, and for SendEvent and SendResult a varint field
+// 3, stored in field3 (the last one, as protobuf keeps a repeated scalar's
+// last value) unless field3 is nil.
+func decodeListAnswer[T any](b []byte, requestID *uint64, decode func([]byte, *T) error, field3 *uint64) ([]*T, error) {
 	list := newRepeated[T](countFields(b, 2, protowire.BytesType))
 	err := forFields(b, func(f wireField) error {
 		switch {
@@ -324,6 +326,8 @@ func decodeListAnswer[T any](b []byte, requestID *uint64, decode func([]byte, *T
 			*requestID = f.v
 		case f.num == 2 && f.typ == protowire.BytesType:
 			return list.add(f.b, decode)
+		case f.num == 3 && f.typ == protowire.VarintType && field3 != nil:
+			*field3 = f.v
 		}
 		return nil
 	})
@@ -332,7 +336,9 @@ func decodeListAnswer[T any](b []byte, requestID *uint64, decode func([]byte, *T
 
 func decodeSendEvent(b []byte, m *h3xpb.SendEvent) (err error) {
 	var in interner
-	m.Events, err = decodeListAnswer(b, &m.RequestId, func(b []byte, p *h3xpb.EventPayload) error { return decodeEventPayload(b, p, &in) })
+	var omitStored uint64
+	m.Events, err = decodeListAnswer(b, &m.RequestId, func(b []byte, p *h3xpb.EventPayload) error { return decodeEventPayload(b, p, &in) }, &omitStored)
+	m.OmitStored = omitStored != 0
 	return err
 }
 
@@ -442,13 +448,14 @@ func decodeAckResult(b []byte, m *h3xpb.AckResult) (err error) {
 			}
 			return err
 		})
-	})
+	}, nil)
 	return err
 }
 
 func decodeSendResult(b []byte, m *h3xpb.SendResult) (err error) {
 	var in interner
 	ids := echoStrings{b: b}
+	var omitted uint64
 	m.Outcomes, err = decodeListAnswer(b, &m.RequestId, func(b []byte, o *h3xpb.PublishOutcome) error {
 		return forFields(b, func(f wireField) (err error) {
 			switch {
@@ -465,6 +472,7 @@ func decodeSendResult(b []byte, m *h3xpb.SendResult) (err error) {
 			}
 			return err
 		})
-	})
+	}, &omitted)
+	m.StoredOmitted = uint32(omitted)
 	return err
 }

@@ -236,6 +236,13 @@ func wireDecoderSeeds(tb testing.TB) map[string]struct {
 	add("bad-utf8-outcome", FrameAckResult, msg(nil, 2, str(nil, 1, "\x80")))
 	add("bad-utf8-publish-message", FrameSendResult, msg(nil, 2, str(str(nil, 1, "id"), 4, "\xff")))
 	refused := str(varint(varint(varint(str(nil, 1, "id"), 2, 3), 3, 6), 5, 1<<32+250), 4, "rate limited")
+	// Field 3 of SendEvent (a bool) and SendResult (a uint32): any nonzero
+	// varint is true, a count beyond 32 bits keeps its low bits, the last
+	// occurrence wins and a wrong wire type makes it unknown.
+	add("send-omit-stored", FrameSendEvent, varint(varint(msg(varint(nil, 3, 0), 2, nil), 3, 1<<40), 1, 2))
+	add("send-omit-stored-wrong-wire-type", FrameSendEvent, str(varint(nil, 3, 1), 3, "x"))
+	add("send-result-stored-omitted", FrameSendResult, varint(msg(varint(varint(nil, 3, 9), 1, 5), 2, varint(str(nil, 1, "id"), 2, 2)), 3, 1<<32+7))
+	add("send-result-stored-omitted-wrong-wire-type", FrameSendResult, str(varint(nil, 3, 4), 3, "x"))
 	add("send-result-refusals", FrameSendResult, msg(msg(msg(varint(nil, 1, 4), 2, refused), 2, refused), 2, varint(nil, 2, 1<<35|1)))
 	add("truncated-nested", FrameEventsBatch, msg(nil, 1, []byte{0x0a, 0x05, 0x0a, 0x01}))
 	add("truncated-packed", FrameAckEvent, protowire.AppendBytes(tag(nil, 3, protowire.BytesType), []byte{0x80}))

@@ -96,6 +96,9 @@ func appendSendEvent(b []byte, m *h3xpb.SendEvent) ([]byte, error) {
 			return b, err
 		}
 	}
+	if m.OmitStored {
+		b = append(appendTag(b, 3, protowire.VarintType), 1)
+	}
 	return append(b, m.ProtoReflect().GetUnknown()...), nil
 }
 

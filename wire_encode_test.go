@@ -67,6 +67,8 @@ func TestWireEncodersMatchProto(t *testing.T) {
 		(*h3xpb.SendEvent)(nil),
 		&h3xpb.SendEvent{},
 		&h3xpb.SendEvent{RequestId: 42, Events: []*h3xpb.EventPayload{full, {}, unknown, {Id: "x", Data: []byte{}}}},
+		&h3xpb.SendEvent{RequestId: 43, Events: []*h3xpb.EventPayload{{Id: "x"}}, OmitStored: true},
+		&h3xpb.SendEvent{OmitStored: true},
 		// Not valid UTF-8: refused, as proto.Marshal refuses it.
 		&h3xpb.SendEvent{Events: []*h3xpb.EventPayload{{Id: "ok"}, {Namespace: "\xff"}}},
 		&h3xpb.SendEvent{Events: []*h3xpb.EventPayload{{Metadata: map[string]string{"k": "\xc3"}}}},

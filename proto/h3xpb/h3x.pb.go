@@ -662,9 +662,13 @@ func (x *AuthResult) GetServerName() string {
 
 // SendEvent publishes a batch of events.
 type SendEvent struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	RequestId     uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	Events        []*EventPayload        `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	RequestId uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Events    []*EventPayload        `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
+	// The client needs no outcome for an event that carried its own id and
+	// was stored: the answer may leave out such outcomes at its start
+	// (SendResult.stored_omitted).
+	OmitStored    bool `protobuf:"varint,3,opt,name=omit_stored,json=omitStored,proto3" json:"omit_stored,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -711,6 +715,13 @@ func (x *SendEvent) GetEvents() []*EventPayload {
 		return x.Events
 	}
 	return nil
+}
+
+func (x *SendEvent) GetOmitStored() bool {
+	if x != nil {
+		return x.OmitStored
+	}
+	return false
 }
 
 type PublishOutcome struct {
@@ -791,9 +802,13 @@ func (x *PublishOutcome) GetRetryAfterMs() uint32 {
 
 // SendResult answers one SendEvent, in order, once every stored event is durable.
 type SendResult struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	RequestId     uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	Outcomes      []*PublishOutcome      `protobuf:"bytes,2,rep,name=outcomes,proto3" json:"outcomes,omitempty"` // one per event, in request order
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	RequestId uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Outcomes  []*PublishOutcome      `protobuf:"bytes,2,rep,name=outcomes,proto3" json:"outcomes,omitempty"` // one per event, in request order, after the omitted ones
+	// How many leading events of the request were stored, each with the id
+	// it carried, and have no outcome in outcomes (only when the SendEvent
+	// set omit_stored).
+	StoredOmitted uint32 `protobuf:"varint,3,opt,name=stored_omitted,json=storedOmitted,proto3" json:"stored_omitted,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -840,6 +855,13 @@ func (x *SendResult) GetOutcomes() []*PublishOutcome {
 		return x.Outcomes
 	}
 	return nil
+}
+
+func (x *SendResult) GetStoredOmitted() uint32 {
+	if x != nil {
+		return x.StoredOmitted
+	}
+	return 0
 }
 
 // FetchEvents asks for up to limit events, waiting up to max_wait_ms.
@@ -1724,22 +1746,25 @@ const file_h3x_proto_rawDesc = "" +
 	"\x06grants\x18\x03 \x03(\v2\r.h3x.v1.GrantR\x06grants\x12,\n" +
 	"\x06limits\x18\x04 \x01(\v2\x14.h3x.v1.ServerLimitsR\x06limits\x12\x1f\n" +
 	"\vserver_name\x18\x05 \x01(\tR\n" +
-	"serverName\"X\n" +
+	"serverName\"y\n" +
 	"\tSendEvent\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x12,\n" +
-	"\x06events\x18\x02 \x03(\v2\x14.h3x.v1.EventPayloadR\x06events\"\xb6\x01\n" +
+	"\x06events\x18\x02 \x03(\v2\x14.h3x.v1.EventPayloadR\x06events\x12\x1f\n" +
+	"\vomit_stored\x18\x03 \x01(\bR\n" +
+	"omitStored\"\xb6\x01\n" +
 	"\x0ePublishOutcome\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12-\n" +
 	"\x06status\x18\x02 \x01(\x0e2\x15.h3x.v1.PublishStatusR\x06status\x12%\n" +
 	"\x04code\x18\x03 \x01(\x0e2\x11.h3x.v1.ErrorCodeR\x04code\x12\x18\n" +
 	"\amessage\x18\x04 \x01(\tR\amessage\x12$\n" +
-	"\x0eretry_after_ms\x18\x05 \x01(\rR\fretryAfterMs\"_\n" +
+	"\x0eretry_after_ms\x18\x05 \x01(\rR\fretryAfterMs\"\x86\x01\n" +
 	"\n" +
 	"SendResult\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x122\n" +
-	"\boutcomes\x18\x02 \x03(\v2\x16.h3x.v1.PublishOutcomeR\boutcomes\"\x9f\x01\n" +
+	"\boutcomes\x18\x02 \x03(\v2\x16.h3x.v1.PublishOutcomeR\boutcomes\x12%\n" +
+	"\x0estored_omitted\x18\x03 \x01(\rR\rstoredOmitted\"\x9f\x01\n" +
 	"\vFetchEvents\x12\x1e\n" +
 	"\n" +
 	"namespaces\x18\x01 \x03(\tR\n" +
