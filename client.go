@@ -1301,23 +1301,33 @@ func (c *Client) settleSent(ctx context.Context, k settleGroup, ds []*Delivery) 
 // settleOnce sends one request settling ds.
 func (c *Client) settleOnce(ctx context.Context, k settleGroup, ds []*Delivery) ([]SettleResult, error) {
 	ids, attempts, namespaces := refsOf(ds)
+	// omit_ok: an outcome that says OK for an ID the client sent tells it
+	// nothing.
 	ans, err := c.call(ctx, streamSettle, k.t, func(id uint64) proto.Message {
 		switch k.t {
 		case FrameNackEvent:
-			return &h3xpb.NackEvent{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces, DelayMs: durationMs(k.delay), Reason: k.reason, Unseen: k.unseen}
+			return &h3xpb.NackEvent{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces, DelayMs: durationMs(k.delay), Reason: k.reason, Unseen: k.unseen, OmitOk: true}
 		case FrameExtendLease:
-			return &h3xpb.ExtendLease{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces, ExtendMs: durationMs(k.delay)}
+			return &h3xpb.ExtendLease{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces, ExtendMs: durationMs(k.delay), OmitOk: true}
 		}
-		return &h3xpb.AckEvent{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces}
+		return &h3xpb.AckEvent{RequestId: id, EventIds: ids, Attempts: attempts, Namespaces: namespaces, OmitOk: true}
 	})
 	if err != nil {
 		return nil, err
 	}
 	res := ans.msg.(*h3xpb.AckResult)
-	out := make([]SettleResult, len(res.GetOutcomes()))
-	for i, o := range res.GetOutcomes() {
+	omitted := res.GetOkOmitted()
+	if omitted > uint32(len(ds)) || len(res.GetOutcomes()) != len(ds)-int(omitted) {
+		return nil, newError(CodeProtocolViolation, "AckResult has %d outcomes and %d omitted for %d settlements", len(res.GetOutcomes()), omitted, len(ds))
+	}
+	out := make([]SettleResult, len(ds))
+	for i, d := range ds[:omitted] {
+		out[i] = SettleResult{ID: d.Event.ID, Status: SettleOK}
+	}
+	for j, o := range res.GetOutcomes() {
+		i := int(omitted) + j
 		id := o.GetId()
-		if i < len(ds) && ds[i].Event.ID == id {
+		if ds[i].Event.ID == id {
 			// The caller's own string: a kept result keeps nothing of the
 			// answer (its echoed IDs share one copy of it).
 			id = ds[i].Event.ID

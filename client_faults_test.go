@@ -531,3 +531,113 @@ func TestPublishTakesOmittedStoredOutcomes(t *testing.T) {
 		})
 	}
 }
+
+// Ack, Nack and Extend ask for applied outcomes to be omitted and take an
+// AckResult either way: with every outcome (a server that predates
+// omit_ok), with the leading OK ones omitted, or with counts that do not
+// add up (a protocol violation).
+func TestSettleTakesOmittedOKOutcomes(t *testing.T) {
+	ok := &h3xpb.SettleOutcome{Status: h3xpb.SettleStatus_SETTLE_STATUS_OK}
+	stale := &h3xpb.SettleOutcome{Status: h3xpb.SettleStatus_SETTLE_STATUS_STALE}
+	settleCalls := []struct {
+		name string
+		ft   FrameType
+		call func(ctx context.Context, c *Client, ds ...*Delivery) ([]SettleResult, error)
+	}{
+		{"ack", FrameAckEvent, func(ctx context.Context, c *Client, ds ...*Delivery) ([]SettleResult, error) {
+			return c.Ack(ctx, ds...)
+		}},
+		{"nack", FrameNackEvent, func(ctx context.Context, c *Client, ds ...*Delivery) ([]SettleResult, error) {
+			return c.Nack(ctx, time.Second, "r", ds...)
+		}},
+		{"extend", FrameExtendLease, func(ctx context.Context, c *Client, ds ...*Delivery) ([]SettleResult, error) {
+			return c.Extend(ctx, time.Minute, ds...)
+		}},
+	}
+	answers := []struct {
+		name      string
+		omitted   uint32
+		outcomes  []*h3xpb.SettleOutcome
+		want      []SettleStatus
+		violation bool
+	}{
+		{"every outcome", 0, []*h3xpb.SettleOutcome{ok, ok, ok}, []SettleStatus{SettleOK, SettleOK, SettleOK}, false},
+		{"all omitted", 3, nil, []SettleStatus{SettleOK, SettleOK, SettleOK}, false},
+		{"one omitted", 1, []*h3xpb.SettleOutcome{stale, ok}, []SettleStatus{SettleOK, SettleStale, SettleOK}, false},
+		{"too many omitted", 4, nil, nil, true},
+		{"one outcome too many", 1, []*h3xpb.SettleOutcome{ok, ok, ok}, nil, true},
+		{"one outcome short", 0, []*h3xpb.SettleOutcome{ok, ok}, nil, true},
+	}
+	for _, sc := range settleCalls {
+		for _, tt := range answers {
+			t.Run(sc.name+"/"+tt.name, func(t *testing.T) {
+				asked := make(chan bool, 1)
+				addr := fakeServer(t, func(qc *quic.Conn) {
+					if _, err := fakeAuth(qc); err != nil {
+						return
+					}
+					st, err := qc.AcceptStream(context.Background())
+					if err != nil {
+						return
+					}
+					ft, payload, err := newFrameReader(st, DefaultMaxFrameSize).next()
+					if err != nil || ft != sc.ft {
+						return
+					}
+					req := newMessage(ft)
+					if unmarshalPayload(ft, payload, req) != nil {
+						return
+					}
+					r := req.(interface {
+						GetRequestId() uint64
+						GetEventIds() []string
+						GetOmitOk() bool
+					})
+					asked <- r.GetOmitOk()
+					res := &h3xpb.AckResult{RequestId: r.GetRequestId(), OkOmitted: tt.omitted}
+					for j, o := range tt.outcomes {
+						o := proto.Clone(o).(*h3xpb.SettleOutcome)
+						if k := int(tt.omitted) + j; k < len(r.GetEventIds()) {
+							o.Id = r.GetEventIds()[k]
+						}
+						res.Outcomes = append(res.Outcomes, o)
+					}
+					b, _ := appendFrame(nil, FrameAckResult, res)
+					st.Write(b)
+					<-qc.Context().Done()
+				})
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				c, err := Dial(ctx, addr, WithCredentials("alice", "x"), WithInsecureSkipVerify())
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				ds := []*Delivery{{Event: Event{ID: "a", Namespace: "orders"}}, {Event: Event{ID: "b", Namespace: "orders"}}, {Event: Event{ID: "c", Namespace: "orders"}}}
+				results, err := sc.call(ctx, c, ds...)
+				select {
+				case omit := <-asked:
+					if !omit {
+						t.Errorf("the %v did not set omit_ok", sc.ft)
+					}
+				case <-ctx.Done():
+					t.Fatalf("the server got no %v (%v)", sc.ft, err)
+				}
+				if tt.violation {
+					if !errors.Is(err, ErrProtocolViolation) {
+						t.Fatalf("got %v, %v; want a protocol violation", results, err)
+					}
+					return
+				}
+				if err != nil || len(results) != len(ds) {
+					t.Fatalf("got %v, %v", results, err)
+				}
+				for i, r := range results {
+					if r.Status != tt.want[i] || r.ID != ds[i].Event.ID {
+						t.Errorf("result %d: %+v, want %v with ID %q", i, r, tt.want[i], ds[i].Event.ID)
+					}
+				}
+			})
+		}
+	}
+}

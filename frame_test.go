@@ -149,9 +149,11 @@ func goldenMessages() map[FrameType]proto.Message {
 			RequestId:  3,
 			Attempts:   []uint32{2, 1},
 			Namespaces: []string{"orders", "orders"},
+			OmitOk:     true,
 		},
 		FrameAckResult: &h3xpb.AckResult{
 			RequestId: 3,
+			OkOmitted: 2, // the first two ids of six: settled
 			Outcomes: []*h3xpb.SettleOutcome{
 				{Id: exampleID1, Status: h3xpb.SettleStatus_SETTLE_STATUS_OK},
 				{Id: exampleID2, Status: h3xpb.SettleStatus_SETTLE_STATUS_STALE},
@@ -167,6 +169,7 @@ func goldenMessages() map[FrameType]proto.Message {
 			Reason:     "downstream unavailable",
 			Namespaces: []string{"orders"},
 			Unseen:     true,
+			OmitOk:     true,
 		},
 		FrameExtendLease: &h3xpb.ExtendLease{
 			EventIds:   []string{exampleID1},
@@ -174,6 +177,7 @@ func goldenMessages() map[FrameType]proto.Message {
 			Attempts:   []uint32{2},
 			ExtendMs:   60000,
 			Namespaces: []string{"orders"},
+			OmitOk:     true,
 		},
 	}
 }

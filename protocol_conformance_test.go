@@ -2,6 +2,7 @@ package h3x
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"strings"
 	"testing"
@@ -386,6 +387,73 @@ func TestSendResultOmitsLeadingStoredOutcomes(t *testing.T) {
 				}
 				if sent.GetId() == "" && o.GetStatus() == stored && o.GetId() == "" {
 					t.Errorf("outcome %d: the id assigned is not reported", j)
+				}
+			}
+		})
+	}
+}
+
+// §6.4, omitted outcomes: with omit_ok set, an AckEvent, NackEvent or
+// ExtendLease is answered with the count of its leading applied
+// settlements and outcomes for the rest only; the first element not
+// applied ends the run. Without the flag every outcome is sent.
+func TestAckResultOmitsLeadingOKOutcomes(t *testing.T) {
+	s := testServerWith(t, "alice:orders=alice-token")
+	rc := rawDial(t, s)
+	rc.authWith(&h3xpb.Auth{ClientId: "alice", Token: "alice-token"})
+	send := &h3xpb.SendEvent{RequestId: 1}
+	for i := range 8 {
+		send.Events = append(send.Events, &h3xpb.EventPayload{Id: fmt.Sprintf("e%d", i), Namespace: "orders", Type: "t"})
+	}
+	if ft, _, err := rc.request(frameBytes(t, FrameSendEvent, send), DefaultMaxFrameSize); err != nil || ft != FrameSendResult {
+		t.Fatalf("publish: %v %v", ft, err)
+	}
+	ft, payload, err := rc.request(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 2, Namespaces: []string{"orders"}, Limit: 8}), DefaultMaxFrameSize)
+	var batch h3xpb.EventsBatch
+	if err != nil || ft != FrameEventsBatch || proto.Unmarshal(payload, &batch) != nil || len(batch.GetEvents()) != 8 {
+		t.Fatalf("fetch: %v %v, %d deliveries", ft, err, len(batch.GetEvents()))
+	}
+	ok, unknown, denied := h3xpb.SettleStatus_SETTLE_STATUS_OK, h3xpb.SettleStatus_SETTLE_STATUS_UNKNOWN, h3xpb.SettleStatus_SETTLE_STATUS_DENIED
+	tests := []struct {
+		name     string
+		ft       FrameType
+		msg      func(rid uint64) proto.Message
+		omitted  uint32
+		outcomes []h3xpb.SettleStatus // of the elements after the omitted ones
+	}{
+		{"extend all applied", FrameExtendLease, func(rid uint64) proto.Message {
+			return &h3xpb.ExtendLease{RequestId: rid, EventIds: []string{"e0", "e1"}, OmitOk: true}
+		}, 2, nil},
+		{"ack with an unknown id", FrameAckEvent, func(rid uint64) proto.Message {
+			return &h3xpb.AckEvent{RequestId: rid, EventIds: []string{"e0", "e1", "nope", "e2"}, OmitOk: true}
+		}, 2, []h3xpb.SettleStatus{unknown, ok}},
+		{"ack not asked", FrameAckEvent, func(rid uint64) proto.Message {
+			return &h3xpb.AckEvent{RequestId: rid, EventIds: []string{"e3", "e4"}}
+		}, 0, []h3xpb.SettleStatus{ok, ok}},
+		{"nack denied first", FrameNackEvent, func(rid uint64) proto.Message {
+			return &h3xpb.NackEvent{RequestId: rid, EventIds: []string{"e5", "e6"}, Namespaces: []string{"payments", "orders"}, OmitOk: true}
+		}, 0, []h3xpb.SettleStatus{denied, ok}},
+		{"ack already acked", FrameAckEvent, func(rid uint64) proto.Message {
+			return &h3xpb.AckEvent{RequestId: rid, EventIds: []string{"e0", "e7"}, OmitOk: true}
+		}, 0, []h3xpb.SettleStatus{unknown, ok}},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rid := uint64(10 + i)
+			ft, payload, err := rc.request(frameBytes(t, tt.ft, tt.msg(rid)), DefaultMaxFrameSize)
+			if err != nil || ft != FrameAckResult {
+				t.Fatalf("answer %v, %v", ft, err)
+			}
+			var res h3xpb.AckResult
+			if err := proto.Unmarshal(payload, &res); err != nil {
+				t.Fatal(err)
+			}
+			if res.GetRequestId() != rid || res.GetOkOmitted() != tt.omitted || len(res.GetOutcomes()) != len(tt.outcomes) {
+				t.Fatalf("got %v, want request %d, %d omitted and %d outcomes", &res, rid, tt.omitted, len(tt.outcomes))
+			}
+			for j, o := range res.GetOutcomes() {
+				if o.GetStatus() != tt.outcomes[j] {
+					t.Errorf("outcome %d: %v, want %v", j, o.GetStatus(), tt.outcomes[j])
 				}
 			}
 		})

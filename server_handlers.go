@@ -475,9 +475,19 @@ func batchFromLeases(rid uint64, leases []Lease) *h3xpb.EventsBatch {
 	return b
 }
 
+// settleRequest is what the server reads of an AckEvent, NackEvent or
+// ExtendLease besides its kind's own fields.
+type settleRequest struct {
+	rid        uint64
+	ids        []string
+	attempts   []uint32
+	namespaces []string
+	omitOK     bool // omit_ok: the leading OK outcomes may be left out
+}
+
 // settle applies an ack, nack or extension and builds its AckResult.
-func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64, ids []string, attempts []uint32, namespaces []string,
-	apply func([]LeaseRef) ([]SettleResult, error)) (FrameType, proto.Message) {
+func (ss *sessionStream) settle(ctx context.Context, kind FrameType, req settleRequest, apply func([]LeaseRef) ([]SettleResult, error)) (FrameType, proto.Message) {
+	rid, ids, attempts, namespaces := req.rid, req.ids, req.attempts, req.namespaces
 	sess := ss.c.session
 	if (len(attempts) > 0 && len(attempts) != len(ids)) || (len(namespaces) > 0 && len(namespaces) != len(ids)) {
 		return FrameError, errorToWire(newError(CodeInvalidArgument, "attempts and namespaces must be empty or as long as event_ids"), rid)
@@ -517,9 +527,15 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64,
 			ss.c.logger.Error("h3x: settling failed", "err", err)
 			return FrameError, errorToWire(asRetryable(err), rid)
 		}
-		ok := 0
-		slab := make([]h3xpb.SettleOutcome, len(index)) // one allocation for the answer's outcomes
-		for j, i := range index {
+		omitted := 0
+		if req.omitOK {
+			omitted = okOmittable(index, results)
+			res.OkOmitted = uint32(omitted)
+		}
+		ok := omitted
+		slab := make([]h3xpb.SettleOutcome, len(index)-omitted) // one allocation for the answer's outcomes
+		for j, i := range index[omitted:] {
+			j += omitted
 			status := results[j].Status
 			if status == SettleStale && refs[j].Namespace == "" && !unrestricted && !ss.c.holdsDelivery(refs[j].ID) {
 				// Not this connection's delivery, and its namespace may be
@@ -527,13 +543,14 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64,
 				// the event exists (PROTOCOL.md §6.4, rule 5).
 				status = SettleUnknown
 			}
-			o := &slab[j]
+			o := &slab[j-omitted]
 			o.Id, o.Status = results[j].ID, h3xpb.SettleStatus(status)
 			res.Outcomes[i] = o
 			if status == SettleOK {
 				ok++
 			}
 		}
+		res.Outcomes = res.Outcomes[omitted:]
 		if kind != FrameExtendLease {
 			ss.c.settledBy(refs, results)
 		}
@@ -544,6 +561,18 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, rid uint64,
 		reportSettled(ss.c.srv.cfg.hooks, kind, nil, nil, 0, len(ids))
 	}
 	return FrameAckResult, res
+}
+
+// okOmittable returns how many leading settlements of a request that set
+// omit_ok (PROTOCOL.md §6.4) may go without an outcome: those applied
+// (SettleOK), before the first denied before the queue (index lists the
+// settlements given to the queue, in request order) or not applied.
+func okOmittable(index []int, results []SettleResult) int {
+	k := 0
+	for k < len(index) && index[k] == k && results[k].Status == SettleOK {
+		k++
+	}
+	return k
 }
 
 // reportPublish tells the hooks about one Enqueue, per namespace.

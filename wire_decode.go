@@ -315,9 +315,8 @@ func decodeMetadataEntry(b []byte, p *h3xpb.EventPayload, in *interner) error {
 
 // decodeListAnswer decodes the shape SendEvent, SendResult and AckResult
 // share: a request id (field 1), a repeated message (field 2), whose
-// elements decode decodes, and for SendEvent and SendResult a varint field
-// 3, stored in field3 (the last one, as protobuf keeps a repeated scalar's
-// last value) unless field3 is nil.
+// elements decode decodes, and a varint field 3, stored in field3 (the
+// last one, as protobuf keeps a scalar's last value).
 func decodeListAnswer[T any](b []byte, requestID *uint64, decode func([]byte, *T) error, field3 *uint64) ([]*T, error) {
 	list := newRepeated[T](countFields(b, 2, protowire.BytesType))
 	err := forFields(b, func(f wireField) error {
@@ -326,7 +325,7 @@ func decodeListAnswer[T any](b []byte, requestID *uint64, decode func([]byte, *T
 			*requestID = f.v
 		case f.num == 2 && f.typ == protowire.BytesType:
 			return list.add(f.b, decode)
-		case f.num == 3 && f.typ == protowire.VarintType && field3 != nil:
+		case f.num == 3 && f.typ == protowire.VarintType:
 			*field3 = f.v
 		}
 		return nil
@@ -427,6 +426,8 @@ func decodeAckEvent(b []byte, m *h3xpb.AckEvent) error {
 			if s, err = in.str(f.b); err == nil {
 				m.Namespaces = append(m.Namespaces, s)
 			}
+		case f.num == 5 && f.typ == protowire.VarintType:
+			m.OmitOk = f.v != 0
 		}
 		return err
 	})
@@ -438,6 +439,7 @@ func decodeAckEvent(b []byte, m *h3xpb.AckEvent) error {
 
 func decodeAckResult(b []byte, m *h3xpb.AckResult) (err error) {
 	ids := echoStrings{b: b}
+	var omitted uint64
 	m.Outcomes, err = decodeListAnswer(b, &m.RequestId, func(b []byte, o *h3xpb.SettleOutcome) error {
 		return forFields(b, func(f wireField) (err error) {
 			switch {
@@ -448,7 +450,8 @@ func decodeAckResult(b []byte, m *h3xpb.AckResult) (err error) {
 			}
 			return err
 		})
-	}, nil)
+	}, &omitted)
+	m.OkOmitted = uint32(omitted)
 	return err
 }
 

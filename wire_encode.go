@@ -96,9 +96,7 @@ func appendSendEvent(b []byte, m *h3xpb.SendEvent) ([]byte, error) {
 			return b, err
 		}
 	}
-	if m.OmitStored {
-		b = append(appendTag(b, 3, protowire.VarintType), 1)
-	}
+	b = appendBoolField(b, 3, m.OmitStored)
 	return append(b, m.ProtoReflect().GetUnknown()...), nil
 }
 
@@ -122,6 +120,7 @@ func appendAckEvent(b []byte, m *h3xpb.AckEvent) ([]byte, error) {
 	if b, err = appendRepeatedString(b, 4, m.Namespaces); err != nil {
 		return b, err
 	}
+	b = appendBoolField(b, 5, m.OmitOk)
 	return append(b, m.ProtoReflect().GetUnknown()...), nil
 }
 
@@ -143,6 +142,7 @@ func appendAckResult(b []byte, m *h3xpb.AckResult) ([]byte, error) {
 		b = appendUint64Field(b, 2, status)
 		b = append(b, unknown...)
 	}
+	b = appendUint64Field(b, 3, uint64(m.OkOmitted))
 	return append(b, m.ProtoReflect().GetUnknown()...), nil
 }
 
@@ -277,6 +277,15 @@ func appendUint64Field(b []byte, num protowire.Number, v uint64) []byte {
 	}
 	b = appendTag(b, num, protowire.VarintType)
 	return appendVarint(b, v)
+}
+
+// appendBoolField appends the bool field numbered num, unless it is false
+// (proto3's default, not written).
+func appendBoolField(b []byte, num protowire.Number, v bool) []byte {
+	if !v {
+		return b
+	}
+	return append(appendTag(b, num, protowire.VarintType), 1)
 }
 
 // appendTag appends the tag of a field numbered 1 to 15 (one byte).

@@ -92,6 +92,9 @@ func TestWireEncodersMatchProto(t *testing.T) {
 			settleOutcomeUnknown(),
 		}},
 		&h3xpb.AckResult{Outcomes: []*h3xpb.SettleOutcome{{Id: "a\x80"}}},
+		&h3xpb.AckEvent{EventIds: []string{"a"}, RequestId: 2, OmitOk: true},
+		&h3xpb.AckResult{RequestId: 2, OkOmitted: 1 << 31, Outcomes: []*h3xpb.SettleOutcome{{Id: "b", Status: h3xpb.SettleStatus_SETTLE_STATUS_STALE}}},
+		&h3xpb.AckResult{OkOmitted: 3},
 	} {
 		checkWireEncoder(t, m)
 	}

@@ -1056,11 +1056,14 @@ func (x *EventsBatch) GetRequestId() uint64 {
 
 // AckEvent settles deliveries for good.
 type AckEvent struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	EventIds      []string               `protobuf:"bytes,1,rep,name=event_ids,json=eventIds,proto3" json:"event_ids,omitempty"`
-	RequestId     uint64                 `protobuf:"varint,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	Attempts      []uint32               `protobuf:"varint,3,rep,packed,name=attempts,proto3" json:"attempts,omitempty"` // optional; parallel to event_ids
-	Namespaces    []string               `protobuf:"bytes,4,rep,name=namespaces,proto3" json:"namespaces,omitempty"`     // optional; parallel to event_ids
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	EventIds   []string               `protobuf:"bytes,1,rep,name=event_ids,json=eventIds,proto3" json:"event_ids,omitempty"`
+	RequestId  uint64                 `protobuf:"varint,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Attempts   []uint32               `protobuf:"varint,3,rep,packed,name=attempts,proto3" json:"attempts,omitempty"` // optional; parallel to event_ids
+	Namespaces []string               `protobuf:"bytes,4,rep,name=namespaces,proto3" json:"namespaces,omitempty"`     // optional; parallel to event_ids
+	// The client needs no outcome for a settlement applied: the answer may
+	// leave out such outcomes at its start (AckResult.ok_omitted).
+	OmitOk        bool `protobuf:"varint,5,opt,name=omit_ok,json=omitOk,proto3" json:"omit_ok,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1123,6 +1126,13 @@ func (x *AckEvent) GetNamespaces() []string {
 	return nil
 }
 
+func (x *AckEvent) GetOmitOk() bool {
+	if x != nil {
+		return x.OmitOk
+	}
+	return false
+}
+
 type SettleOutcome struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
@@ -1177,9 +1187,12 @@ func (x *SettleOutcome) GetStatus() SettleStatus {
 
 // AckResult answers AckEvent, NackEvent and ExtendLease.
 type AckResult struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	RequestId     uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	Outcomes      []*SettleOutcome       `protobuf:"bytes,2,rep,name=outcomes,proto3" json:"outcomes,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	RequestId uint64                 `protobuf:"varint,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Outcomes  []*SettleOutcome       `protobuf:"bytes,2,rep,name=outcomes,proto3" json:"outcomes,omitempty"` // one per event id, in request order, after the omitted ones
+	// How many leading event ids of the request were settled (SETTLE_STATUS_OK)
+	// and have no outcome in outcomes (only when the request set omit_ok).
+	OkOmitted     uint32 `protobuf:"varint,3,opt,name=ok_omitted,json=okOmitted,proto3" json:"ok_omitted,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1228,6 +1241,13 @@ func (x *AckResult) GetOutcomes() []*SettleOutcome {
 	return nil
 }
 
+func (x *AckResult) GetOkOmitted() uint32 {
+	if x != nil {
+		return x.OkOmitted
+	}
+	return 0
+}
+
 // NackEvent hands deliveries back for redelivery after delay_ms.
 type NackEvent struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1237,7 +1257,8 @@ type NackEvent struct {
 	DelayMs       uint32                 `protobuf:"varint,4,opt,name=delay_ms,json=delayMs,proto3" json:"delay_ms,omitempty"`
 	Reason        string                 `protobuf:"bytes,5,opt,name=reason,proto3" json:"reason,omitempty"`
 	Namespaces    []string               `protobuf:"bytes,6,rep,name=namespaces,proto3" json:"namespaces,omitempty"`
-	Unseen        bool                   `protobuf:"varint,7,opt,name=unseen,proto3" json:"unseen,omitempty"` // the deliveries never reached the application: do not count the attempts
+	Unseen        bool                   `protobuf:"varint,7,opt,name=unseen,proto3" json:"unseen,omitempty"`               // the deliveries never reached the application: do not count the attempts
+	OmitOk        bool                   `protobuf:"varint,8,opt,name=omit_ok,json=omitOk,proto3" json:"omit_ok,omitempty"` // as in AckEvent
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1321,6 +1342,13 @@ func (x *NackEvent) GetUnseen() bool {
 	return false
 }
 
+func (x *NackEvent) GetOmitOk() bool {
+	if x != nil {
+		return x.OmitOk
+	}
+	return false
+}
+
 // ExtendLease pushes the lease deadline of deliveries to now + extend_ms.
 type ExtendLease struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1329,6 +1357,7 @@ type ExtendLease struct {
 	Attempts      []uint32               `protobuf:"varint,3,rep,packed,name=attempts,proto3" json:"attempts,omitempty"`
 	ExtendMs      uint32                 `protobuf:"varint,4,opt,name=extend_ms,json=extendMs,proto3" json:"extend_ms,omitempty"` // 0 = the server's ack deadline
 	Namespaces    []string               `protobuf:"bytes,5,rep,name=namespaces,proto3" json:"namespaces,omitempty"`
+	OmitOk        bool                   `protobuf:"varint,6,opt,name=omit_ok,json=omitOk,proto3" json:"omit_ok,omitempty"` // as in AckEvent
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1396,6 +1425,13 @@ func (x *ExtendLease) GetNamespaces() []string {
 		return x.Namespaces
 	}
 	return nil
+}
+
+func (x *ExtendLease) GetOmitOk() bool {
+	if x != nil {
+		return x.OmitOk
+	}
+	return false
 }
 
 type RateLimitNotice struct {
@@ -1781,7 +1817,7 @@ const file_h3x_proto_rawDesc = "" +
 	"\vEventsBatch\x12(\n" +
 	"\x06events\x18\x01 \x03(\v2\x10.h3x.v1.DeliveryR\x06events\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x02 \x01(\x04R\trequestId\"\x82\x01\n" +
+	"request_id\x18\x02 \x01(\x04R\trequestId\"\x9b\x01\n" +
 	"\bAckEvent\x12\x1b\n" +
 	"\tevent_ids\x18\x01 \x03(\tR\beventIds\x12\x1d\n" +
 	"\n" +
@@ -1789,14 +1825,17 @@ const file_h3x_proto_rawDesc = "" +
 	"\battempts\x18\x03 \x03(\rR\battempts\x12\x1e\n" +
 	"\n" +
 	"namespaces\x18\x04 \x03(\tR\n" +
-	"namespaces\"M\n" +
+	"namespaces\x12\x17\n" +
+	"\aomit_ok\x18\x05 \x01(\bR\x06omitOk\"M\n" +
 	"\rSettleOutcome\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12,\n" +
-	"\x06status\x18\x02 \x01(\x0e2\x14.h3x.v1.SettleStatusR\x06status\"]\n" +
+	"\x06status\x18\x02 \x01(\x0e2\x14.h3x.v1.SettleStatusR\x06status\"|\n" +
 	"\tAckResult\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\x04R\trequestId\x121\n" +
-	"\boutcomes\x18\x02 \x03(\v2\x15.h3x.v1.SettleOutcomeR\boutcomes\"\xce\x01\n" +
+	"\boutcomes\x18\x02 \x03(\v2\x15.h3x.v1.SettleOutcomeR\boutcomes\x12\x1d\n" +
+	"\n" +
+	"ok_omitted\x18\x03 \x01(\rR\tokOmitted\"\xe7\x01\n" +
 	"\tNackEvent\x12\x1b\n" +
 	"\tevent_ids\x18\x01 \x03(\tR\beventIds\x12\x1d\n" +
 	"\n" +
@@ -1807,7 +1846,8 @@ const file_h3x_proto_rawDesc = "" +
 	"\n" +
 	"namespaces\x18\x06 \x03(\tR\n" +
 	"namespaces\x12\x16\n" +
-	"\x06unseen\x18\a \x01(\bR\x06unseen\"\xa2\x01\n" +
+	"\x06unseen\x18\a \x01(\bR\x06unseen\x12\x17\n" +
+	"\aomit_ok\x18\b \x01(\bR\x06omitOk\"\xbb\x01\n" +
 	"\vExtendLease\x12\x1b\n" +
 	"\tevent_ids\x18\x01 \x03(\tR\beventIds\x12\x1d\n" +
 	"\n" +
@@ -1816,7 +1856,8 @@ const file_h3x_proto_rawDesc = "" +
 	"\textend_ms\x18\x04 \x01(\rR\bextendMs\x12\x1e\n" +
 	"\n" +
 	"namespaces\x18\x05 \x03(\tR\n" +
-	"namespaces\"\x81\x01\n" +
+	"namespaces\x12\x17\n" +
+	"\aomit_ok\x18\x06 \x01(\bR\x06omitOk\"\x81\x01\n" +
 	"\x0fRateLimitNotice\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12$\n" +
 	"\x0eretry_after_ms\x18\x02 \x01(\rR\fretryAfterMs\x12\x14\n" +
