@@ -118,7 +118,7 @@ func goldenMessages() map[FrameType]proto.Message {
 		},
 		FrameSendResult: &h3xpb.SendResult{
 			RequestId:     1,
-			StoredOmitted: 1, // the first event of four: stored with its own id
+			StoredOmitted: 1, // the first of four events: stored with its own id (the second had none)
 			Outcomes: []*h3xpb.PublishOutcome{
 				{Id: exampleID1, Status: h3xpb.PublishStatus_PUBLISH_STATUS_STORED},
 				{Id: exampleID2, Status: h3xpb.PublishStatus_PUBLISH_STATUS_DUPLICATE},
@@ -153,10 +153,10 @@ func goldenMessages() map[FrameType]proto.Message {
 		},
 		FrameAckResult: &h3xpb.AckResult{
 			RequestId: 3,
-			OkOmitted: 2, // the first two ids of six: settled
+			OkOmitted: 1, // the first of five ids: settled
 			Outcomes: []*h3xpb.SettleOutcome{
-				{Id: exampleID1, Status: h3xpb.SettleStatus_SETTLE_STATUS_OK},
 				{Id: exampleID2, Status: h3xpb.SettleStatus_SETTLE_STATUS_STALE},
+				{Id: exampleID1, Status: h3xpb.SettleStatus_SETTLE_STATUS_OK},
 				{Id: exampleID3, Status: h3xpb.SettleStatus_SETTLE_STATUS_UNKNOWN},
 				{Id: exampleID4, Status: h3xpb.SettleStatus_SETTLE_STATUS_DENIED},
 			},
