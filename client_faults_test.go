@@ -105,49 +105,57 @@ func TestClientWrongAnswerType(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			addr := fakeServer(t, func(qc *quic.Conn) {
-				if _, err := fakeAuth(qc); err != nil {
-					return
-				}
-				st, err := qc.AcceptStream(context.Background())
-				if err != nil {
-					return
-				}
-				rt, payload, err := newFrameReader(st, DefaultMaxFrameSize).next()
-				if err != nil {
-					return
-				}
-				var req interface{ GetRequestId() uint64 }
-				switch rt {
-				case FrameFetchEvents:
-					req = new(h3xpb.FetchEvents)
-				case FrameSendEvent:
-					req = new(h3xpb.SendEvent)
-				case FrameAckEvent:
-					req = new(h3xpb.AckEvent)
-				default:
-					return
-				}
-				if err := unmarshalPayload(rt, payload, req.(proto.Message)); err != nil {
-					return
-				}
-				ft, ans := tt.answer(req.GetRequestId())
-				b, _ := appendFrame(nil, ft, ans)
-				st.Write(b)
-				<-qc.Context().Done()
-			})
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			c, err := Dial(ctx, addr, WithCredentials("alice", "x"), WithInsecureSkipVerify())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			err = tt.call(ctx, c)
+			_, err := oneAnswer(t, func(req proto.Message) (FrameType, proto.Message) {
+				return tt.answer(req.(interface{ GetRequestId() uint64 }).GetRequestId())
+			}, tt.call)
 			if !errors.Is(err, ErrProtocolViolation) {
 				t.Fatalf("got %v, want a protocol violation", err)
 			}
 		})
+	}
+}
+
+// oneAnswer runs call with a client of a fake server that answers the
+// first request on the client's first data stream with answer, and
+// returns the request the server read (nil if none) and call's error.
+func oneAnswer(t *testing.T, answer func(req proto.Message) (FrameType, proto.Message), call func(context.Context, *Client) error) (proto.Message, error) {
+	t.Helper()
+	got := make(chan proto.Message, 1)
+	addr := fakeServer(t, func(qc *quic.Conn) {
+		if _, err := fakeAuth(qc); err != nil {
+			return
+		}
+		st, err := qc.AcceptStream(context.Background())
+		if err != nil {
+			return
+		}
+		ft, payload, err := newFrameReader(st, DefaultMaxFrameSize).next()
+		if err != nil {
+			return
+		}
+		req := newMessage(ft)
+		if req == nil || unmarshalPayload(ft, payload, req) != nil {
+			return
+		}
+		got <- req // before the answer: call cannot return with an answer and no request
+		at, ans := answer(req)
+		b, _ := appendFrame(nil, at, ans)
+		st.Write(b)
+		<-qc.Context().Done()
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := Dial(ctx, addr, WithCredentials("alice", "x"), WithInsecureSkipVerify())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	err = call(ctx, c)
+	select {
+	case req := <-got:
+		return req, err
+	default:
+		return nil, err
 	}
 }
 
@@ -468,48 +476,25 @@ func TestPublishTakesOmittedStoredOutcomes(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			asked := make(chan bool, 1)
-			addr := fakeServer(t, func(qc *quic.Conn) {
-				if _, err := fakeAuth(qc); err != nil {
-					return
-				}
-				st, err := qc.AcceptStream(context.Background())
-				if err != nil {
-					return
-				}
-				var req h3xpb.SendEvent
-				if err := newFrameReader(st, DefaultMaxFrameSize).readMessage(FrameSendEvent, &req); err != nil {
-					return
-				}
-				asked <- req.GetOmitStored()
-				res := &h3xpb.SendResult{RequestId: req.GetRequestId(), StoredOmitted: tt.omitted}
+			events := []Event{{ID: "own-id", Namespace: "orders"}, {Namespace: "orders"}, {Namespace: "orders"}}
+			var results []PublishResult
+			req, err := oneAnswer(t, func(req proto.Message) (FrameType, proto.Message) {
+				sent := req.(*h3xpb.SendEvent)
+				res := &h3xpb.SendResult{RequestId: sent.GetRequestId(), StoredOmitted: tt.omitted}
 				for j, o := range tt.outcomes {
 					o := proto.Clone(o).(*h3xpb.PublishOutcome)
-					if k := int(tt.omitted) + j; k < len(req.GetEvents()) {
-						o.Id = req.GetEvents()[k].GetId()
+					if k := int(tt.omitted) + j; k < len(sent.GetEvents()) {
+						o.Id = sent.GetEvents()[k].GetId()
 					}
 					res.Outcomes = append(res.Outcomes, o)
 				}
-				b, _ := appendFrame(nil, FrameSendResult, res)
-				st.Write(b)
-				<-qc.Context().Done()
+				return FrameSendResult, res
+			}, func(ctx context.Context, c *Client) (err error) {
+				results, err = c.Publish(ctx, events...)
+				return err
 			})
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			c, err := Dial(ctx, addr, WithCredentials("alice", "x"), WithInsecureSkipVerify())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			events := []Event{{ID: "own-id", Namespace: "orders"}, {Namespace: "orders"}, {Namespace: "orders"}}
-			results, err := c.Publish(ctx, events...)
-			select {
-			case omit := <-asked:
-				if !omit {
-					t.Error("the SendEvent did not set omit_stored")
-				}
-			case <-ctx.Done():
-				t.Fatalf("the server got no SendEvent (Publish: %v)", err)
+			if sent, ok := req.(*h3xpb.SendEvent); !ok || !sent.GetOmitStored() {
+				t.Errorf("the server got %v, not a SendEvent with omit_stored (Publish: %v)", req, err)
 			}
 			if tt.violation {
 				if !errors.Is(err, ErrProtocolViolation) {
@@ -568,32 +553,21 @@ func TestSettleTakesOmittedOKOutcomes(t *testing.T) {
 		{"one outcome too many", 1, []*h3xpb.SettleOutcome{ok, ok, ok}, nil, true},
 		{"one outcome short", 0, []*h3xpb.SettleOutcome{ok, ok}, nil, true},
 	}
+	type settleRequest interface {
+		GetRequestId() uint64
+		GetEventIds() []string
+		GetOmitOk() bool
+	}
 	for _, sc := range settleCalls {
 		for _, tt := range answers {
 			t.Run(sc.name+"/"+tt.name, func(t *testing.T) {
-				asked := make(chan bool, 1)
-				addr := fakeServer(t, func(qc *quic.Conn) {
-					if _, err := fakeAuth(qc); err != nil {
-						return
+				ds := []*Delivery{{Event: Event{ID: "a", Namespace: "orders"}}, {Event: Event{ID: "b", Namespace: "orders"}}, {Event: Event{ID: "c", Namespace: "orders"}}}
+				var results []SettleResult
+				req, err := oneAnswer(t, func(req proto.Message) (FrameType, proto.Message) {
+					r, _ := req.(settleRequest)
+					if r == nil {
+						return FrameError, &h3xpb.Error{}
 					}
-					st, err := qc.AcceptStream(context.Background())
-					if err != nil {
-						return
-					}
-					ft, payload, err := newFrameReader(st, DefaultMaxFrameSize).next()
-					if err != nil || ft != sc.ft {
-						return
-					}
-					req := newMessage(ft)
-					if unmarshalPayload(ft, payload, req) != nil {
-						return
-					}
-					r := req.(interface {
-						GetRequestId() uint64
-						GetEventIds() []string
-						GetOmitOk() bool
-					})
-					asked <- r.GetOmitOk()
 					res := &h3xpb.AckResult{RequestId: r.GetRequestId(), OkOmitted: tt.omitted}
 					for j, o := range tt.outcomes {
 						o := proto.Clone(o).(*h3xpb.SettleOutcome)
@@ -602,26 +576,13 @@ func TestSettleTakesOmittedOKOutcomes(t *testing.T) {
 						}
 						res.Outcomes = append(res.Outcomes, o)
 					}
-					b, _ := appendFrame(nil, FrameAckResult, res)
-					st.Write(b)
-					<-qc.Context().Done()
+					return FrameAckResult, res
+				}, func(ctx context.Context, c *Client) (err error) {
+					results, err = sc.call(ctx, c, ds...)
+					return err
 				})
-				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-				defer cancel()
-				c, err := Dial(ctx, addr, WithCredentials("alice", "x"), WithInsecureSkipVerify())
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer c.Close()
-				ds := []*Delivery{{Event: Event{ID: "a", Namespace: "orders"}}, {Event: Event{ID: "b", Namespace: "orders"}}, {Event: Event{ID: "c", Namespace: "orders"}}}
-				results, err := sc.call(ctx, c, ds...)
-				select {
-				case omit := <-asked:
-					if !omit {
-						t.Errorf("the %v did not set omit_ok", sc.ft)
-					}
-				case <-ctx.Done():
-					t.Fatalf("the server got no %v (%v)", sc.ft, err)
+				if r, ok := req.(settleRequest); !ok || !r.GetOmitOk() || req.ProtoReflect().Descriptor() != newMessage(sc.ft).ProtoReflect().Descriptor() {
+					t.Errorf("the server got %v, not a %v with omit_ok (%v)", req, sc.ft, err)
 				}
 				if tt.violation {
 					if !errors.Is(err, ErrProtocolViolation) {
