@@ -820,15 +820,15 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 			}
 			start = end
 			res := ans.msg.(*h3xpb.SendResult) // the type is checked by the stream's reader
-			omitted := res.GetStoredOmitted()
-			if omitted > uint32(len(chunk)) || len(res.GetOutcomes()) != len(chunk)-int(omitted) {
-				return nil, newError(CodeProtocolViolation, "SendResult has %d outcomes and %d omitted for %d events", len(res.GetOutcomes()), omitted, len(chunk))
+			omitted, err := omittedOutcomes(FrameSendResult, res.GetStoredOmitted(), len(res.GetOutcomes()), len(chunk), "events")
+			if err != nil {
+				return nil, err
 			}
 			for _, i := range chunk[:omitted] {
 				results[i] = PublishResult{ID: events[i].ID, Status: PublishStored}
 			}
 			for j, o := range res.GetOutcomes() {
-				i := chunk[int(omitted)+j]
+				i := chunk[omitted+j]
 				// The server leaves out an ID it refuses for its length
 				// (PROTOCOL.md §7); the result still names the event.
 				r := PublishResult{ID: events[i].ID, Status: PublishStatus(o.GetStatus())}
@@ -856,6 +856,16 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 		}
 	}
 	return results, nil
+}
+
+// omittedOutcomes checks the counts of an answer (t) to a request of n
+// elements (what): the first omitted have no outcome (PROTOCOL.md §6.2,
+// §6.4) and outcomes is one per element after them. It returns omitted.
+func omittedOutcomes(t FrameType, omitted uint32, outcomes, n int, what string) (int, error) {
+	if omitted > uint32(n) || outcomes != n-int(omitted) {
+		return 0, newError(CodeProtocolViolation, "%v has %d outcomes and %d omitted for %d %s", t, outcomes, omitted, n, what)
+	}
+	return int(omitted), nil
 }
 
 // sendLimits returns the most events and bytes one SendEvent may carry, as
@@ -1316,16 +1326,16 @@ func (c *Client) settleOnce(ctx context.Context, k settleGroup, ds []*Delivery) 
 		return nil, err
 	}
 	res := ans.msg.(*h3xpb.AckResult)
-	omitted := res.GetOkOmitted()
-	if omitted > uint32(len(ds)) || len(res.GetOutcomes()) != len(ds)-int(omitted) {
-		return nil, newError(CodeProtocolViolation, "AckResult has %d outcomes and %d omitted for %d settlements", len(res.GetOutcomes()), omitted, len(ds))
+	omitted, err := omittedOutcomes(FrameAckResult, res.GetOkOmitted(), len(res.GetOutcomes()), len(ds), "settlements")
+	if err != nil {
+		return nil, err
 	}
 	out := make([]SettleResult, len(ds))
 	for i, d := range ds[:omitted] {
 		out[i] = SettleResult{ID: d.Event.ID, Status: SettleOK}
 	}
 	for j, o := range res.GetOutcomes() {
-		i := int(omitted) + j
+		i := omitted + j
 		id := o.GetId()
 		if ds[i].Event.ID == id {
 			// The caller's own string: a kept result keeps nothing of the

@@ -553,11 +553,6 @@ func TestSettleTakesOmittedOKOutcomes(t *testing.T) {
 		{"one outcome too many", 1, []*h3xpb.SettleOutcome{ok, ok, ok}, nil, true},
 		{"one outcome short", 0, []*h3xpb.SettleOutcome{ok, ok}, nil, true},
 	}
-	type settleRequest interface {
-		GetRequestId() uint64
-		GetEventIds() []string
-		GetOmitOk() bool
-	}
 	for _, sc := range settleCalls {
 		for _, tt := range answers {
 			t.Run(sc.name+"/"+tt.name, func(t *testing.T) {

@@ -44,6 +44,20 @@ func (rc *rawConn) request(b []byte, max uint32) (FrameType, []byte, error) {
 	return newFrameReader(st, max).next()
 }
 
+// call sends m, a frame of type ft, on a new stream and decodes the answer,
+// which must be a frame of type want, into into (with proto.Unmarshal, the
+// reference decoder).
+func (rc *rawConn) call(ft FrameType, m proto.Message, want FrameType, into proto.Message) {
+	rc.t.Helper()
+	got, payload, err := rc.request(frameBytes(rc.t, ft, m), DefaultMaxFrameSize)
+	if err != nil || got != want {
+		rc.t.Fatalf("answer to %v: %v, %v; want %v", ft, got, err, want)
+	}
+	if err := proto.Unmarshal(payload, into); err != nil {
+		rc.t.Fatal(err)
+	}
+}
+
 // §8: "A sender MUST NOT send a larger frame [than the maximum frame size];
 // the server never sends one." An AckResult echoes every ID, so a request
 // of many short IDs used to get an answer twice its size; a SendResult
@@ -366,14 +380,8 @@ func TestSendResultOmitsLeadingStoredOutcomes(t *testing.T) {
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			rid := uint64(i + 1)
-			ft, payload, err := rc.request(frameBytes(t, FrameSendEvent, &h3xpb.SendEvent{RequestId: rid, Events: tt.events, OmitStored: tt.omit}), DefaultMaxFrameSize)
-			if err != nil || ft != FrameSendResult {
-				t.Fatalf("answer %v, %v", ft, err)
-			}
 			var res h3xpb.SendResult
-			if err := proto.Unmarshal(payload, &res); err != nil {
-				t.Fatal(err)
-			}
+			rc.call(FrameSendEvent, &h3xpb.SendEvent{RequestId: rid, Events: tt.events, OmitStored: tt.omit}, FrameSendResult, &res)
 			if res.GetRequestId() != rid || res.GetStoredOmitted() != tt.omitted || len(res.GetOutcomes()) != len(tt.outcomes) {
 				t.Fatalf("got %v, want request %d, %d omitted and %d outcomes", &res, rid, tt.omitted, len(tt.outcomes))
 			}
@@ -405,13 +413,10 @@ func TestAckResultOmitsLeadingOKOutcomes(t *testing.T) {
 	for i := range 8 {
 		send.Events = append(send.Events, &h3xpb.EventPayload{Id: fmt.Sprintf("e%d", i), Namespace: "orders", Type: "t"})
 	}
-	if ft, _, err := rc.request(frameBytes(t, FrameSendEvent, send), DefaultMaxFrameSize); err != nil || ft != FrameSendResult {
-		t.Fatalf("publish: %v %v", ft, err)
-	}
-	ft, payload, err := rc.request(frameBytes(t, FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 2, Namespaces: []string{"orders"}, Limit: 8}), DefaultMaxFrameSize)
+	rc.call(FrameSendEvent, send, FrameSendResult, new(h3xpb.SendResult))
 	var batch h3xpb.EventsBatch
-	if err != nil || ft != FrameEventsBatch || proto.Unmarshal(payload, &batch) != nil || len(batch.GetEvents()) != 8 {
-		t.Fatalf("fetch: %v %v, %d deliveries", ft, err, len(batch.GetEvents()))
+	if rc.call(FrameFetchEvents, &h3xpb.FetchEvents{RequestId: 2, Namespaces: []string{"orders"}, Limit: 8}, FrameEventsBatch, &batch); len(batch.GetEvents()) != 8 {
+		t.Fatalf("fetch: %d deliveries", len(batch.GetEvents()))
 	}
 	ok, unknown, denied := h3xpb.SettleStatus_SETTLE_STATUS_OK, h3xpb.SettleStatus_SETTLE_STATUS_UNKNOWN, h3xpb.SettleStatus_SETTLE_STATUS_DENIED
 	tests := []struct {
@@ -440,14 +445,8 @@ func TestAckResultOmitsLeadingOKOutcomes(t *testing.T) {
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			rid := uint64(10 + i)
-			ft, payload, err := rc.request(frameBytes(t, tt.ft, tt.msg(rid)), DefaultMaxFrameSize)
-			if err != nil || ft != FrameAckResult {
-				t.Fatalf("answer %v, %v", ft, err)
-			}
 			var res h3xpb.AckResult
-			if err := proto.Unmarshal(payload, &res); err != nil {
-				t.Fatal(err)
-			}
+			rc.call(tt.ft, tt.msg(rid), FrameAckResult, &res)
 			if res.GetRequestId() != rid || res.GetOkOmitted() != tt.omitted || len(res.GetOutcomes()) != len(tt.outcomes) {
 				t.Fatalf("got %v, want request %d, %d omitted and %d outcomes", &res, rid, tt.omitted, len(tt.outcomes))
 			}

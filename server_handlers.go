@@ -61,15 +61,18 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 		}
 		omitted := 0
 		if err == nil && m.GetOmitStored() {
-			omitted = storedOmittable(m.GetEvents(), index, results)
+			// Those stored that carried their own id (PROTOCOL.md §6.2).
+			omitted = leadingRun(index, func(j int) bool {
+				return m.GetEvents()[j].GetId() != "" && results[j].Status == PublishStored
+			})
 			res.StoredOmitted = uint32(omitted)
 		}
 		var slab []h3xpb.PublishOutcome // one allocation for the answer's outcomes
 		if err == nil {
 			slab = make([]h3xpb.PublishOutcome, len(index)-omitted)
 		}
-		for j, i := range index[omitted:] {
-			j += omitted
+		for j := omitted; j < len(index); j++ {
+			i := index[j]
 			if err != nil {
 				c.logger.Error("h3x: enqueue failed", "err", err)
 				res.Outcomes[i] = refusedOutcome(events[j].ID, asRetryable(err))
@@ -95,14 +98,15 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 	return FrameSendResult, res
 }
 
-// storedOmittable returns how many leading events of the request sent
-// (PROTOCOL.md §6.2, SendEvent.omit_stored) may go without an outcome:
-// those stored that carried their own id, before the first that did not,
-// was refused before the queue (index lists the events given to the queue,
-// in request order) or was not stored (a duplicate or a refusal).
-func storedOmittable(sent []*h3xpb.EventPayload, index []int, results []PublishResult) int {
+// leadingRun returns how many leading elements of a request may go without
+// an outcome (SendEvent.omit_stored, omit_ok: PROTOCOL.md §6.2 and §6.4):
+// index lists, in request order, the elements the queue was given (the
+// others were refused or denied before it, which ends the run), and
+// done(j) reports whether the queue's j-th result is one the client needs
+// no outcome for.
+func leadingRun(index []int, done func(j int) bool) int {
 	k := 0
-	for k < len(index) && index[k] == k && sent[k].GetId() != "" && results[k].Status == PublishStored {
+	for k < len(index) && index[k] == k && done(k) {
 		k++
 	}
 	return k
@@ -475,19 +479,18 @@ func batchFromLeases(rid uint64, leases []Lease) *h3xpb.EventsBatch {
 	return b
 }
 
-// settleRequest is what the server reads of an AckEvent, NackEvent or
-// ExtendLease besides its kind's own fields.
-type settleRequest struct {
-	rid        uint64
-	ids        []string
-	attempts   []uint32
-	namespaces []string
-	omitOK     bool // omit_ok: the leading OK outcomes may be left out
+// settleRequest is what AckEvent, NackEvent and ExtendLease share.
+type settleRequest interface {
+	GetRequestId() uint64
+	GetEventIds() []string
+	GetAttempts() []uint32
+	GetNamespaces() []string
+	GetOmitOk() bool
 }
 
 // settle applies an ack, nack or extension and builds its AckResult.
 func (ss *sessionStream) settle(ctx context.Context, kind FrameType, req settleRequest, apply func([]LeaseRef) ([]SettleResult, error)) (FrameType, proto.Message) {
-	rid, ids, attempts, namespaces := req.rid, req.ids, req.attempts, req.namespaces
+	rid, ids, attempts, namespaces := req.GetRequestId(), req.GetEventIds(), req.GetAttempts(), req.GetNamespaces()
 	sess := ss.c.session
 	if (len(attempts) > 0 && len(attempts) != len(ids)) || (len(namespaces) > 0 && len(namespaces) != len(ids)) {
 		return FrameError, errorToWire(newError(CodeInvalidArgument, "attempts and namespaces must be empty or as long as event_ids"), rid)
@@ -528,14 +531,14 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, req settleR
 			return FrameError, errorToWire(asRetryable(err), rid)
 		}
 		omitted := 0
-		if req.omitOK {
-			omitted = okOmittable(index, results)
+		if req.GetOmitOk() {
+			omitted = leadingRun(index, func(j int) bool { return results[j].Status == SettleOK })
 			res.OkOmitted = uint32(omitted)
 		}
 		ok := omitted
 		slab := make([]h3xpb.SettleOutcome, len(index)-omitted) // one allocation for the answer's outcomes
-		for j, i := range index[omitted:] {
-			j += omitted
+		for j := omitted; j < len(index); j++ {
+			i := index[j]
 			status := results[j].Status
 			if status == SettleStale && refs[j].Namespace == "" && !unrestricted && !ss.c.holdsDelivery(refs[j].ID) {
 				// Not this connection's delivery, and its namespace may be
@@ -561,18 +564,6 @@ func (ss *sessionStream) settle(ctx context.Context, kind FrameType, req settleR
 		reportSettled(ss.c.srv.cfg.hooks, kind, nil, nil, 0, len(ids))
 	}
 	return FrameAckResult, res
-}
-
-// okOmittable returns how many leading settlements of a request that set
-// omit_ok (PROTOCOL.md §6.4) may go without an outcome: those applied
-// (SettleOK), before the first denied before the queue (index lists the
-// settlements given to the queue, in request order) or not applied.
-func okOmittable(index []int, results []SettleResult) int {
-	k := 0
-	for k < len(index) && index[k] == k && results[k].Status == SettleOK {
-		k++
-	}
-	return k
 }
 
 // reportPublish tells the hooks about one Enqueue, per namespace.

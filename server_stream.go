@@ -254,12 +254,12 @@ func (ss *sessionStream) work(ctx context.Context, m proto.Message) func() (Fram
 	case *h3xpb.FetchEvents:
 		return func() (FrameType, proto.Message) { return ss.fetch(ctx, m) }
 	case *h3xpb.AckEvent:
-		return settle(FrameAckEvent, settleRequest{m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), m.GetOmitOk()}, func(refs []LeaseRef) ([]SettleResult, error) {
+		return settle(FrameAckEvent, m, func(refs []LeaseRef) ([]SettleResult, error) {
 			return queue.Ack(ss.c.srv.stopCtx, ss.c.id, refs)
 		})
 	case *h3xpb.NackEvent:
 		delay := time.Duration(m.GetDelayMs()) * time.Millisecond
-		return settle(FrameNackEvent, settleRequest{m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), m.GetOmitOk()}, func(refs []LeaseRef) ([]SettleResult, error) {
+		return settle(FrameNackEvent, m, func(refs []LeaseRef) ([]SettleResult, error) {
 			for i := range refs {
 				refs[i].Unseen = m.GetUnseen()
 			}
@@ -270,7 +270,7 @@ func (ss *sessionStream) work(ctx context.Context, m proto.Message) func() (Fram
 		if d <= 0 {
 			d = ss.c.srv.cfg.ackDeadline
 		}
-		return settle(FrameExtendLease, settleRequest{m.GetRequestId(), m.GetEventIds(), m.GetAttempts(), m.GetNamespaces(), m.GetOmitOk()}, func(refs []LeaseRef) ([]SettleResult, error) {
+		return settle(FrameExtendLease, m, func(refs []LeaseRef) ([]SettleResult, error) {
 			until := time.Now().Add(d)
 			res, err := queue.Extend(ss.c.srv.stopCtx, ss.c.id, refs, d)
 			if err == nil {
