@@ -96,7 +96,7 @@ func appendSendEvent(b []byte, m *h3xpb.SendEvent) ([]byte, error) {
 			return b, err
 		}
 	}
-	b = appendBoolField(b, 3, m.OmitStored)
+	b = appendUint64Field(b, 3, protowire.EncodeBool(m.OmitStored))
 	return append(b, m.ProtoReflect().GetUnknown()...), nil
 }
 
@@ -120,7 +120,7 @@ func appendAckEvent(b []byte, m *h3xpb.AckEvent) ([]byte, error) {
 	if b, err = appendRepeatedString(b, 4, m.Namespaces); err != nil {
 		return b, err
 	}
-	b = appendBoolField(b, 5, m.OmitOk)
+	b = appendUint64Field(b, 5, protowire.EncodeBool(m.OmitOk))
 	return append(b, m.ProtoReflect().GetUnknown()...), nil
 }
 
@@ -277,15 +277,6 @@ func appendUint64Field(b []byte, num protowire.Number, v uint64) []byte {
 	}
 	b = appendTag(b, num, protowire.VarintType)
 	return appendVarint(b, v)
-}
-
-// appendBoolField appends the bool field numbered num, unless it is false
-// (proto3's default, not written).
-func appendBoolField(b []byte, num protowire.Number, v bool) []byte {
-	if !v {
-		return b
-	}
-	return append(appendTag(b, num, protowire.VarintType), 1)
 }
 
 // appendTag appends the tag of a field numbered 1 to 15 (one byte).
