@@ -278,6 +278,7 @@ type Client struct {
 	asyncSlots chan struct{}     // one per PublishAsync call not yet done (WithPublishBuffer)
 	asyncs     chan asyncPublish // PublishAsync calls for an idle worker
 	idle       atomic.Int32      // idle PublishAsync workers
+	sends      sendBatcher       // small publishes sharing requests
 	acker      *acker
 
 	ctx       context.Context // ends with Close
@@ -330,6 +331,7 @@ func Dial(ctx context.Context, addr string, opts ...ClientOption) (*Client, erro
 		asyncs:     make(chan asyncPublish),
 		closed:     make(chan struct{}),
 	}
+	c.sends.c = c
 	if c.logger == nil {
 		c.logger = slog.New(slog.DiscardHandler)
 	}
@@ -796,15 +798,11 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 				end++
 			}
 			chunk := todo[start:end]
-			ans, err := c.call(ctx, streamPublish, FrameSendEvent, func(id uint64) proto.Message {
-				// Every event has its ID (assignIDs): the outcomes of stored
-				// ones would tell the client nothing.
-				m := &h3xpb.SendEvent{RequestId: id, Events: make([]*h3xpb.EventPayload, len(chunk)), OmitStored: true}
-				for j, i := range chunk {
-					m.Events[j] = wire[i]
-				}
-				return m
-			})
+			evs := make([]*h3xpb.EventPayload, len(chunk))
+			for j, i := range chunk {
+				evs[j] = wire[i]
+			}
+			omitted, outcomes, err := c.sendEvents(ctx, evs, bytes-64, maxEvents, maxBytes)
 			if err != nil {
 				var e *Error
 				if errors.As(err, &e) && e.Remote && (e.Code == CodeInvalidArgument || e.Code == CodeFrameTooLarge) {
@@ -819,15 +817,10 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 				return nil, err
 			}
 			start = end
-			res := ans.msg.(*h3xpb.SendResult) // the type is checked by the stream's reader
-			omitted, err := omittedOutcomes(FrameSendResult, res.GetStoredOmitted(), len(res.GetOutcomes()), len(chunk), "events")
-			if err != nil {
-				return nil, err
-			}
 			for _, i := range chunk[:omitted] {
 				results[i] = PublishResult{ID: events[i].ID, Status: PublishStored}
 			}
-			for j, o := range res.GetOutcomes() {
+			for j, o := range outcomes {
 				i := chunk[omitted+j]
 				// The server leaves out an ID it refuses for its length
 				// (PROTOCOL.md §7); the result still names the event.
