@@ -706,7 +706,10 @@ func sleepCtx(ctx context.Context, d time.Duration) error {
 // server's retry-after, so Publish fails for them only if ctx ends first;
 // events refused for good (permission, invalid) have status PublishRefused
 // and an *Error in Err. The returned error is for the whole call (ctx,
-// ErrClosed, a terminal error).
+// ErrClosed, a terminal error). Under load, the events of concurrent small
+// publishes (up to 64 events each) share requests to the server; each call
+// still gets only its own results, and a call whose ctx ends stops waiting
+// without ending the others'.
 func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult, error) {
 	assignIDs(events)
 	// A slot is held while the call is in flight or waits for a
@@ -803,6 +806,9 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 				evs[j] = wire[i]
 			}
 			omitted, outcomes, err := c.sendEvents(ctx, evs, bytes-64, maxEvents, maxBytes)
+			if errors.Is(err, errLimitsChanged) {
+				continue // cut it again by the limits of the connection now
+			}
 			if err != nil {
 				var e *Error
 				if errors.As(err, &e) && e.Remote && (e.Code == CodeInvalidArgument || e.Code == CodeFrameTooLarge) {

@@ -1,7 +1,10 @@
 package h3x
 
 import (
+	"bytes"
 	"context"
+	"errors"
+	"maps"
 	"sync"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
@@ -25,6 +28,10 @@ const (
 	sharedSendsInFlight = 8
 	sharedChunkEvents   = 64
 )
+
+// errLimitsChanged: a chunk was cut by limits above those of the server it
+// would now go to; Publish cuts it again.
+var errLimitsChanged = errors.New("h3x: the server's limits changed")
 
 // sendBatcher groups the small chunks of concurrent Publish calls into
 // shared SendEvent requests.
@@ -55,7 +62,7 @@ type sendBatch struct {
 // count and outcomes, as for a SendEvent of the chunk alone.
 func (c *Client) sendEvents(ctx context.Context, chunk []*h3xpb.EventPayload, chunkBytes, maxEvents, maxBytes int) (int, []*h3xpb.PublishOutcome, error) {
 	if len(chunk) > sharedChunkEvents {
-		b := &sendBatch{events: chunk, done: make(chan struct{})}
+		b := &sendBatch{events: chunk, bytes: 64 + chunkBytes, done: make(chan struct{})}
 		c.sendBatch(ctx, b)
 		return b.omitted, b.outcomes, b.err
 	}
@@ -78,6 +85,14 @@ func (c *Client) sendEvents(ctx context.Context, chunk []*h3xpb.EventPayload, ch
 	b.bytes += chunkBytes
 	b.live++
 	next := sb.takeLocked()
+	if next != b {
+		// Another goroutine sends it, maybe after this call has returned
+		// (its ctx ended): it must not read the caller's Data and Metadata
+		// then. The payloads are this call's own (eventsToWire).
+		for _, p := range chunk {
+			p.Data, p.Metadata = bytes.Clone(p.Data), maps.Clone(p.Metadata)
+		}
+	}
 	sb.mu.Unlock()
 	if next == b {
 		// A request was free and nothing waited: this chunk goes out alone,
@@ -170,11 +185,34 @@ func (c *Client) sendBatch(ctx context.Context, b *sendBatch) {
 		b.err = err
 		return
 	}
-	ans, err := c.call(ctx, streamPublish, FrameSendEvent, func(id uint64) proto.Message {
+	build := func(id uint64) proto.Message {
 		// Every event has its ID (assignIDs): the outcomes of stored ones
 		// would tell the client nothing.
 		return &h3xpb.SendEvent{RequestId: id, Events: b.events, OmitStored: true}
-	})
+	}
+	var ans rpcAnswer
+	var err error
+	for {
+		var cc *clientConn
+		if cc, err = c.awaitConn(ctx); err != nil {
+			break
+		}
+		// Its chunks were cut by the limits of the connection of their
+		// time; a reconnect may have reached a server with lower ones
+		// (whose answer to a frame above its size resets the stream, and
+		// the other requests on it with it): the callers cut them again.
+		if maxEvents, maxBytes := sendLimits(cc); len(b.events) > maxEvents || b.bytes > maxBytes {
+			err = errLimitsChanged
+			break
+		}
+		if ans, err = cc.call(ctx, streamPublish, FrameSendEvent, build); err == nil || !c.retryable(ctx, cc, err) {
+			break
+		}
+		c.logger.Debug("h3x: retrying on the next connection", "frame", FrameSendEvent, "err", err)
+	}
+	if err != nil && ctx.Err() != nil && !errors.Is(err, ErrClosed) {
+		err = ctx.Err()
+	}
 	if err != nil {
 		if c.ctx.Err() != nil && ctx.Err() != nil {
 			err = ErrClosed
