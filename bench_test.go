@@ -112,6 +112,48 @@ func BenchmarkPublish(b *testing.B) {
 	}
 }
 
+// BenchmarkPublishOneEventPerCall: one client publishing 256-byte events one
+// per call, as applications often do: "async" keeps 1,024 PublishAsync calls
+// in flight (the JetStream idiom), "sync-64" runs 64 goroutines each calling
+// Publish in a loop. Their requests share SendEvent frames under load
+// (client_publish_batch.go).
+func BenchmarkPublishOneEventPerCall(b *testing.B) {
+	for _, bq := range benchQueues {
+		b.Run(bq.name+"/async", func(b *testing.B) {
+			_, c := benchServer(b, bq.open(b))
+			b.ResetTimer()
+			start := time.Now()
+			publishN(b, c, "bench", b.N, 1, 1024, 256)
+			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "events/s")
+		})
+		b.Run(bq.name+"/sync-64", func(b *testing.B) {
+			_, c := benchServer(b, bq.open(b))
+			const goroutines = 64
+			b.ResetTimer()
+			start := time.Now()
+			var wg sync.WaitGroup
+			for g := range goroutines {
+				n := b.N / goroutines
+				if g < b.N%goroutines {
+					n++
+				}
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for range n {
+						if _, err := c.Publish(context.Background(), benchEvent("bench", 256)); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "events/s")
+		})
+	}
+}
+
 // BenchmarkSubscribeAck: consume and ack a backlog of 256-byte events with
 // Subscribe and Delivery.Ack.
 func BenchmarkSubscribeAck(b *testing.B) {
