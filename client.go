@@ -823,29 +823,7 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 				return nil, err
 			}
 			start = end
-			for _, i := range chunk[:omitted] {
-				results[i] = PublishResult{ID: events[i].ID, Status: PublishStored}
-			}
-			for j, o := range outcomes {
-				i := chunk[omitted+j]
-				// The server leaves out an ID it refuses for its length
-				// (PROTOCOL.md §7); the result still names the event.
-				r := PublishResult{ID: events[i].ID, Status: PublishStatus(o.GetStatus())}
-				if o.GetStatus() == h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED {
-					e := &Error{Code: ErrorCode(o.GetCode()), Message: o.GetMessage(), RetryAfter: time.Duration(o.GetRetryAfterMs()) * time.Millisecond, Remote: true}
-					switch e.Code {
-					case CodeRateLimited, CodeQueueFull, CodeShuttingDown:
-						again = append(again, i)
-						wait = max(wait, e.RetryAfter, 10*time.Millisecond)
-						if e.Code == CodeRateLimited {
-							c.rateLimited(events[i].Namespace, e.RetryAfter)
-						}
-						continue
-					}
-					r.Err = e
-				}
-				results[i] = r
-			}
+			again, wait = c.takeOutcomes(events, chunk, omitted, outcomes, results, again, wait)
 		}
 		todo = again
 		if len(todo) > 0 {
@@ -865,6 +843,37 @@ func omittedOutcomes(t FrameType, omitted uint32, outcomes, n int, what string) 
 		return 0, newError(CodeProtocolViolation, "%v has %d outcomes and %d omitted for %d %s", t, outcomes, omitted, n, what)
 	}
 	return int(omitted), nil
+}
+
+// takeOutcomes sets the results of chunk (indices into events) from an
+// answer's omitted count and outcomes, and returns again with the events
+// to publish again (rate limited, queue full, shutting down) appended, and
+// wait raised to the longest retry-after among them.
+func (c *Client) takeOutcomes(events []Event, chunk []int, omitted int, outcomes []*h3xpb.PublishOutcome, results []PublishResult, again []int, wait time.Duration) ([]int, time.Duration) {
+	for _, i := range chunk[:omitted] {
+		results[i] = PublishResult{ID: events[i].ID, Status: PublishStored}
+	}
+	for j, o := range outcomes {
+		i := chunk[omitted+j]
+		// The server leaves out an ID it refuses for its length
+		// (PROTOCOL.md §7); the result still names the event.
+		r := PublishResult{ID: events[i].ID, Status: PublishStatus(o.GetStatus())}
+		if o.GetStatus() == h3xpb.PublishStatus_PUBLISH_STATUS_REFUSED {
+			e := &Error{Code: ErrorCode(o.GetCode()), Message: o.GetMessage(), RetryAfter: time.Duration(o.GetRetryAfterMs()) * time.Millisecond, Remote: true}
+			switch e.Code {
+			case CodeRateLimited, CodeQueueFull, CodeShuttingDown:
+				again = append(again, i)
+				wait = max(wait, e.RetryAfter, 10*time.Millisecond)
+				if e.Code == CodeRateLimited {
+					c.rateLimited(events[i].Namespace, e.RetryAfter)
+				}
+				continue
+			}
+			r.Err = e
+		}
+		results[i] = r
+	}
+	return again, wait
 }
 
 // sendLimits returns the most events and bytes one SendEvent may carry, as
