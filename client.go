@@ -933,9 +933,12 @@ func (p *PublishCall) Result() ([]PublishResult, error) {
 // It publishes a copy of events: the IDs it assigns (before it returns) are
 // in PublishCall.IDs and the results, not in the caller's slice, which the
 // caller may reuse at once (the events' Data and Metadata are shared, not
-// copied: leave them unchanged until the call is done). To retry a failed call without storing its events twice, publish
-// them again with those IDs. The client owns the background work: Close
-// cancels and waits for it.
+// copied: leave them unchanged until the call is done). To retry a failed
+// call without storing its events twice, publish them again with those
+// IDs. The client owns the background work: Close cancels and waits for
+// it. A call of up to 64 events is cheap: under load it waits in a request
+// shared with other small publishes, with no goroutine of its own, so
+// publishing one event per call is a fine way to use it.
 func (c *Client) PublishAsync(ctx context.Context, events ...Event) *PublishCall {
 	copied := slices.Clone(events)
 	p := &PublishCall{done: make(chan struct{}), ids: assignIDs(copied)}
@@ -958,6 +961,9 @@ func (c *Client) PublishAsync(ctx context.Context, events ...Event) *PublishCall
 		p.err = ErrClosed
 		close(p.done)
 		return p
+	}
+	if len(copied) <= sharedChunkEvents && c.publishShared(ctx, copied, p) {
+		return p // waits in a shared request, with no worker of its own
 	}
 	a := asyncPublish{ctx: ctx, events: copied, call: p}
 	select {
@@ -1493,6 +1499,7 @@ func (c *Client) Close() error {
 		close(c.closed)
 		c.wgMu.Unlock()
 		c.cancel()
+		c.sends.failPending()
 		if !reported {
 			c.supervisor.Wait() // first: it starts goroutines of c.wg
 		}

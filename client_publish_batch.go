@@ -6,6 +6,8 @@ import (
 	"errors"
 	"maps"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/h3x-io/h3x/proto/h3xpb"
 	"google.golang.org/protobuf/proto"
@@ -24,6 +26,13 @@ import (
 //
 // A chunk is small when it has at most sharedChunkEvents events; larger
 // ones are already batches and go out on their own, as they always did.
+//
+// A PublishAsync call that small joins the shared requests itself when it
+// can go out as it is (publishShared), instead of running Publish in a
+// worker goroutine: the goroutine, its contexts and its Publish were most
+// of the client's CPU at one event per call. Its part of the answer
+// completes it; what must be published again (rate limited, queue full)
+// goes to a worker then.
 const (
 	sharedSendsInFlight = 8
 	sharedChunkEvents   = 64
@@ -41,6 +50,7 @@ type sendBatcher struct {
 	mu       sync.Mutex
 	inFlight int          // shared requests being sent or awaiting their answer
 	pending  []*sendBatch // waiting for a request, oldest first; the last takes more chunks
+	closed   bool         // Close has failed the pending batches: none is made any more
 }
 
 // sendBatch is one SendEvent request and the chunks it carries.
@@ -50,6 +60,7 @@ type sendBatch struct {
 	maxEvents, maxBytes int // the limits its chunks were cut by
 	live                int // chunks whose callers still wait for the answer
 	cancel              context.CancelFunc
+	parts               []*asyncPart // PublishAsync calls among its chunks, completed with it
 
 	done     chan struct{} // closed once the fields below are set
 	omitted  int
@@ -68,22 +79,11 @@ func (c *Client) sendEvents(ctx context.Context, chunk []*h3xpb.EventPayload, ch
 	}
 	sb := &c.sends
 	sb.mu.Lock()
-	var b *sendBatch
-	if n := len(sb.pending); n > 0 {
-		last := sb.pending[n-1]
-		if last.maxEvents == maxEvents && last.maxBytes == maxBytes &&
-			len(last.events)+len(chunk) <= maxEvents && last.bytes+chunkBytes <= maxBytes {
-			b = last
-		}
+	if sb.closed {
+		sb.mu.Unlock()
+		return 0, nil, ErrClosed
 	}
-	if b == nil {
-		b = &sendBatch{bytes: 64, maxEvents: maxEvents, maxBytes: maxBytes, done: make(chan struct{})}
-		sb.pending = append(sb.pending, b)
-	}
-	off := len(b.events)
-	b.events = append(b.events, chunk...)
-	b.bytes += chunkBytes
-	b.live++
+	b, off := sb.joinLocked(chunk, chunkBytes, maxEvents, maxBytes)
 	next := sb.takeLocked()
 	if next != b {
 		// Another goroutine sends it, maybe after this call has returned
@@ -119,6 +119,29 @@ func (c *Client) sendEvents(ctx context.Context, chunk []*h3xpb.EventPayload, ch
 	}
 	omitted, outcomes := chunkOutcomes(b.omitted, b.outcomes, off, len(chunk))
 	return omitted, outcomes, nil
+}
+
+// joinLocked adds chunk to the newest pending batch if it fits, else to a
+// new one, and returns the batch and the chunk's offset in it. With sb.mu
+// held.
+func (sb *sendBatcher) joinLocked(chunk []*h3xpb.EventPayload, chunkBytes, maxEvents, maxBytes int) (*sendBatch, int) {
+	var b *sendBatch
+	if n := len(sb.pending); n > 0 {
+		last := sb.pending[n-1]
+		if last.maxEvents == maxEvents && last.maxBytes == maxBytes &&
+			len(last.events)+len(chunk) <= maxEvents && last.bytes+chunkBytes <= maxBytes {
+			b = last
+		}
+	}
+	if b == nil {
+		b = &sendBatch{bytes: 64, maxEvents: maxEvents, maxBytes: maxBytes, done: make(chan struct{})}
+		sb.pending = append(sb.pending, b)
+	}
+	off := len(b.events)
+	b.events = append(b.events, chunk...)
+	b.bytes += chunkBytes
+	b.live++
+	return b, off
 }
 
 // takeLocked returns the oldest pending batch if a shared request is free,
@@ -172,15 +195,39 @@ func (c *Client) startShared(b *sendBatch) {
 		c.sendBatch(ctx, b)
 		c.sends.sent()
 	}) {
-		b.err = ErrClosed
-		close(b.done)
+		b.finish(ErrClosed)
 		c.sends.sent()
 	}
 }
 
-// sendBatch sends b as one SendEvent and records the answer in b.
+// failPending fails the batches no request has taken, at Close: their
+// PublishAsync calls are done before Close returns.
+func (sb *sendBatcher) failPending() {
+	sb.mu.Lock()
+	pending := sb.pending
+	sb.pending, sb.closed = nil, true
+	sb.mu.Unlock()
+	for _, b := range pending {
+		b.finish(ErrClosed)
+	}
+}
+
+// finish records err (nil: the answer is in b already), wakes b's callers
+// and completes its PublishAsync calls.
+func (b *sendBatch) finish(err error) {
+	if err != nil {
+		b.err = err
+	}
+	close(b.done)
+	for _, pt := range b.parts {
+		pt.complete(b)
+	}
+}
+
+// sendBatch sends b as one SendEvent, records the answer in b and finishes
+// it.
 func (c *Client) sendBatch(ctx context.Context, b *sendBatch) {
-	defer close(b.done)
+	defer b.finish(nil)
 	if err := ctx.Err(); err != nil {
 		b.err = err
 		return
@@ -231,4 +278,179 @@ func chunkOutcomes(omitted int, outcomes []*h3xpb.PublishOutcome, off, k int) (i
 	own := min(max(omitted-off, 0), k)
 	first := max(off, omitted) - omitted
 	return own, outcomes[first : first+k-own]
+}
+
+// asyncPart is a PublishAsync call whose events wait in a shared request
+// with no goroutine of their own: the request's answer completes it (or
+// hands what must be published again to a worker), its ctx or Close fail
+// it, whichever comes first.
+type asyncPart struct {
+	c      *Client
+	ctx    context.Context
+	call   *PublishCall
+	events []Event // the call's copy, with their IDs
+	off    int     // in the batch
+	stop   func() bool
+	ended  atomic.Bool // completed, failed or handed to a worker
+	slot   bool        // holds a Publish slot (c.pubSlots)
+}
+
+// publishShared starts a PublishAsync call of at most sharedChunkEvents
+// events on the shared requests, if it can go out at once as it is: the
+// client is connected, no namespace of it waits out a rate limit, and it
+// fits the connection's limits, every event encodable. Else it reports
+// false, and the call runs in a worker as before. The caller holds an
+// async slot for the call.
+func (c *Client) publishShared(ctx context.Context, events []Event, p *PublishCall) bool {
+	if ctx.Err() != nil {
+		return false
+	}
+	select {
+	case c.pubSlots <- struct{}{}:
+	default:
+		return false // the worker waits for one
+	}
+	joined := false
+	defer func() {
+		if !joined {
+			<-c.pubSlots
+		}
+	}()
+	c.mu.Lock()
+	cc := c.cc
+	c.mu.Unlock()
+	if cc == nil {
+		return false
+	}
+	all := make([]int, len(events))
+	for i := range all {
+		all[i] = i
+	}
+	if c.rateWait(events, all) > 0 {
+		return false
+	}
+	maxEvents, maxBytes := sendLimits(cc)
+	if len(events) > maxEvents {
+		return false
+	}
+	wire := eventsToWire(events)
+	total := 0
+	for i := range events {
+		if events[i].notUTF8() != "" {
+			return false
+		}
+		total += payloadSize(wire[i]) + 8 // as Publish counts
+	}
+	if 64+total > maxBytes {
+		return false
+	}
+	// Sent by another goroutine, maybe after the call has ended (its ctx):
+	// copies, as for a waiting chunk of Publish.
+	for _, w := range wire {
+		w.Data, w.Metadata = bytes.Clone(w.Data), maps.Clone(w.Metadata)
+	}
+	pt := &asyncPart{c: c, ctx: ctx, call: p, events: events, slot: true}
+	sb := &c.sends
+	sb.mu.Lock()
+	if sb.closed {
+		sb.mu.Unlock()
+		return false
+	}
+	b, off := sb.joinLocked(wire, total, maxEvents, maxBytes)
+	pt.off = off
+	b.parts = append(b.parts, pt)
+	// Registered under sb.mu: the batch cannot finish (and read stop)
+	// before; the function runs in a goroutine of its own.
+	pt.stop = context.AfterFunc(ctx, func() {
+		if pt.ended.CompareAndSwap(false, true) {
+			sb.abandon(b)
+			pt.finish(nil, ctx.Err())
+		}
+	})
+	next := sb.takeLocked()
+	sb.mu.Unlock()
+	joined = true
+	if next != nil {
+		c.startShared(next)
+	}
+	return true
+}
+
+// complete ends the call with its part of b's answer, unless its ctx has
+// ended it. Events to publish again go to a worker running Publish.
+func (pt *asyncPart) complete(b *sendBatch) {
+	if !pt.ended.CompareAndSwap(false, true) {
+		return
+	}
+	pt.stop()
+	all := make([]int, len(pt.events))
+	for i := range all {
+		all[i] = i
+	}
+	if errors.Is(b.err, errLimitsChanged) {
+		pt.again(nil, all, 0) // nothing was sent: Publish cuts them again
+		return
+	}
+	if b.err != nil {
+		pt.finish(nil, b.err)
+		return
+	}
+	omitted, outcomes := chunkOutcomes(b.omitted, b.outcomes, pt.off, len(pt.events))
+	results := make([]PublishResult, len(pt.events))
+	again, wait := pt.c.takeOutcomes(pt.events, all, omitted, outcomes, results, nil, 0)
+	if len(again) > 0 {
+		pt.again(results, again, wait)
+		return
+	}
+	pt.finish(results, nil)
+}
+
+// again publishes the events at the indices in a worker, after wait, and
+// ends the call with their results merged into results (nil: all of them).
+func (pt *asyncPart) again(results []PublishResult, again []int, wait time.Duration) {
+	c := pt.c
+	c.releasePubSlot(pt) // Publish takes its own
+	if !c.goOwned(func() {
+		err := sleepCtx(pt.ctx, wait)
+		if err == nil {
+			subset := make([]Event, len(again))
+			for j, i := range again {
+				subset[j] = pt.events[i]
+			}
+			var res []PublishResult
+			if res, err = c.Publish(pt.ctx, subset...); err == nil {
+				if results == nil {
+					results = make([]PublishResult, len(pt.events))
+				}
+				for j, i := range again {
+					results[i] = res[j]
+				}
+			}
+		}
+		if err != nil {
+			results = nil
+			if c.ctx.Err() != nil {
+				err = ErrClosed
+			}
+		}
+		pt.finish(results, err)
+	}) {
+		pt.finish(nil, ErrClosed)
+	}
+}
+
+func (c *Client) releasePubSlot(pt *asyncPart) {
+	if pt.slot {
+		pt.slot = false
+		<-c.pubSlots
+	}
+}
+
+// finish ends the call.
+func (pt *asyncPart) finish(results []PublishResult, err error) {
+	pt.c.releasePubSlot(pt)
+	p := pt.call
+	p.results, p.err = results, err
+	<-pt.c.asyncSlots
+	close(p.done)
 }

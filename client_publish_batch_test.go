@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -55,6 +56,7 @@ type gateQueue struct {
 	calls atomic.Int32
 	mu    sync.Mutex
 	ids   map[string]int
+	reqs  [][]string // the IDs of each Enqueue call
 }
 
 func newGateQueue() *gateQueue {
@@ -64,9 +66,12 @@ func newGateQueue() *gateQueue {
 func (q *gateQueue) Enqueue(ctx context.Context, events []Event) ([]PublishResult, error) {
 	q.calls.Add(1)
 	q.mu.Lock()
+	var ids []string
 	for _, ev := range events {
 		q.ids[ev.ID]++
+		ids = append(ids, ev.ID)
 	}
+	q.reqs = append(q.reqs, ids)
 	q.mu.Unlock()
 	if q.shut.Load() {
 		select {
@@ -76,6 +81,19 @@ func (q *gateQueue) Enqueue(ctx context.Context, events []Event) ([]PublishResul
 		}
 	}
 	return q.Queue.Enqueue(ctx, events)
+}
+
+// callsWith counts the Enqueue calls with an event whose ID has prefix.
+func (q *gateQueue) callsWith(prefix string) int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n := 0
+	for _, ids := range q.reqs {
+		if slices.ContainsFunc(ids, func(id string) bool { return strings.HasPrefix(id, prefix) }) {
+			n++
+		}
+	}
+	return n
 }
 
 func (q *gateQueue) seen(id string) int {
@@ -183,7 +201,6 @@ func TestSmallPublishesShareRequests(t *testing.T) {
 		}
 		waitSends(t, c, sharedSendsInFlight, pending)
 	}
-	callsBefore := q.calls.Load()
 	close(q.open)
 	for range sharedSendsInFlight {
 		if err := <-firsts; err != nil {
@@ -208,7 +225,7 @@ func TestSmallPublishesShareRequests(t *testing.T) {
 		}
 	}
 	// The 30 callers' events reached the queue in one request.
-	if got := q.calls.Load() - callsBefore; got != 1 {
+	if got := q.callsWith("ok-"); got != 1 {
 		t.Errorf("%d Enqueue calls for the callers' events, want 1 (one shared request)", got)
 	}
 	waitSends(t, c, 0, 0)
@@ -331,5 +348,193 @@ func TestSharedPublishClose(t *testing.T) {
 		<-firsts
 	}
 	<-closed
+	close(q.open)
+}
+
+// PublishAsync calls of a few events wait in a shared request with no
+// goroutine of their own, and each gets its own events' outcomes.
+func TestPublishAsyncSharesRequests(t *testing.T) {
+	q := newGateQueue()
+	s := testServer(t, WithQueue(q))
+	c := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := c.Publish(ctx, Event{Namespace: "orders", Type: "early", ID: "dup-0"}); err != nil {
+		t.Fatal(err)
+	}
+	q.shut.Store(true)
+	firsts := fillShared(t, c)
+	type want struct {
+		ids    []string
+		status []PublishStatus
+	}
+	var calls []*PublishCall
+	var wants []want
+	pending := 0
+	for i := range 40 {
+		evs := []Event{{Namespace: "orders", Type: "t", ID: fmt.Sprintf("ok-%d", i)}}
+		w := want{ids: []string{evs[0].ID}, status: []PublishStatus{PublishStored}}
+		switch i % 5 {
+		case 1:
+			evs = append(evs, Event{Namespace: "billing", Type: "t", ID: fmt.Sprintf("denied-%d", i)})
+			w.ids, w.status = append(w.ids, evs[1].ID), append(w.status, PublishRefused)
+		case 3:
+			evs = append(evs, Event{Namespace: "orders", Type: "t", ID: "dup-0"})
+			w.ids, w.status = append(w.ids, "dup-0"), append(w.status, PublishDuplicate)
+		}
+		calls = append(calls, c.PublishAsync(ctx, evs...))
+		wants = append(wants, w)
+		pending += len(evs)
+	}
+	// All of them wait in one shared request, as its parts.
+	waitSends(t, c, sharedSendsInFlight, pending)
+	c.sends.mu.Lock()
+	parts := 0
+	for _, b := range c.sends.pending {
+		parts += len(b.parts)
+	}
+	c.sends.mu.Unlock()
+	if parts != len(calls) {
+		t.Fatalf("%d of %d PublishAsync calls wait as parts of a shared request", parts, len(calls))
+	}
+	close(q.open)
+	for range sharedSendsInFlight {
+		if err := <-firsts; err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, call := range calls {
+		res, err := call.Result()
+		if err != nil {
+			t.Fatalf("call %d: %v", i, err)
+		}
+		if len(res) != len(wants[i].ids) {
+			t.Fatalf("call %d: %d results, want %d", i, len(res), len(wants[i].ids))
+		}
+		for j, r := range res {
+			if r.ID != wants[i].ids[j] || r.Status != wants[i].status[j] {
+				t.Errorf("call %d, event %d: got %s %v, want %s %v", i, j, r.ID, r.Status, wants[i].ids[j], wants[i].status[j])
+			}
+		}
+	}
+	if got := q.callsWith("ok-"); got != 1 {
+		t.Errorf("%d Enqueue calls for the PublishAsync calls, want 1", got)
+	}
+	waitSends(t, c, 0, 0)
+}
+
+// A PublishAsync call in a shared request whose events are refused as
+// queue full is published again by a worker, and ends stored; one whose ctx
+// ends while it waits ends with the ctx's error at once, and its events
+// (Data reused by its caller afterwards) are sent as they were.
+func TestPublishAsyncSharedRetryAndGiveUp(t *testing.T) {
+	fq := newFlakyQueue(0)
+	q := newGateQueue()
+	q.Queue = fq
+	s := testServer(t, WithQueue(q))
+	c := mustDial(t, s, "alice", "alice-token")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	q.shut.Store(true)
+	firsts := fillShared(t, c)
+	var calls []*PublishCall
+	for i := range 30 {
+		calls = append(calls, c.PublishAsync(ctx, Event{Namespace: "orders", Type: "t", ID: fmt.Sprintf("r-%d", i)}))
+	}
+	gone, leave := context.WithCancel(ctx)
+	data := []byte("original")
+	goneCall := c.PublishAsync(gone, Event{Namespace: "orders", Type: "t", ID: "gone-0", Data: data})
+	waitSends(t, c, sharedSendsInFlight, 31)
+	leave()
+	select {
+	case <-goneCall.Done():
+		if _, err := goneCall.Result(); !errors.Is(err, context.Canceled) {
+			t.Fatalf("the call whose ctx ended: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the call whose ctx ended is not done")
+	}
+	copy(data, "reused!!")
+	close(q.open)
+	for range sharedSendsInFlight {
+		if err := <-firsts; err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, call := range calls {
+		res, err := call.Result()
+		if err != nil || res[0].Status != PublishStored {
+			t.Fatalf("call %d: %v %+v", i, err, res)
+		}
+	}
+	fq.mu.Lock()
+	refused := len(fq.refused)
+	for i := range 30 {
+		if n := fq.stored[fmt.Sprintf("r-%d", i)]; n != 1 {
+			t.Errorf("r-%d stored %d times", i, n)
+		}
+	}
+	fq.mu.Unlock()
+	if refused == 0 {
+		t.Error("no event was refused as queue full: the retry was not exercised")
+	}
+	sub, err := c.Subscribe(ctx, []string{"orders"}, SubscribeOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case d := <-sub.Events():
+			d.Ack()
+			if d.Event.ID == "gone-0" {
+				if string(d.Event.Data) != "original" {
+					t.Fatalf("gone-0 was stored with %q", d.Event.Data)
+				}
+				return
+			}
+		case <-deadline:
+			t.Fatal("gone-0 not delivered")
+		}
+	}
+}
+
+// Close ends PublishAsync calls waiting in shared requests before it
+// returns.
+func TestPublishAsyncSharedClose(t *testing.T) {
+	q := newGateQueue()
+	s := testServer(t, WithQueue(q))
+	c := mustDial(t, s, "alice", "alice-token")
+	q.shut.Store(true)
+	firsts := fillShared(t, c)
+	var calls []*PublishCall
+	for i := range 5 {
+		calls = append(calls, c.PublishAsync(context.Background(), Event{Namespace: "orders", Type: "t", ID: fmt.Sprintf("w-%d", i)}))
+	}
+	waitSends(t, c, sharedSendsInFlight, 5)
+	closed := make(chan struct{})
+	go func() {
+		c.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return")
+	}
+	for i, call := range calls {
+		select {
+		case <-call.Done():
+		default:
+			t.Fatalf("call %d not done when Close returned", i)
+		}
+		if _, err := call.Result(); !errors.Is(err, ErrClosed) {
+			t.Errorf("call %d: %v, want ErrClosed", i, err)
+		}
+	}
+	for range sharedSendsInFlight {
+		<-firsts
+	}
 	close(q.open)
 }
