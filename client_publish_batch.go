@@ -92,6 +92,9 @@ func (c *Client) sendEvents(ctx context.Context, chunk []*h3xpb.EventPayload, ch
 		for _, p := range chunk {
 			p.Data, p.Metadata = bytes.Clone(p.Data), maps.Clone(p.Metadata)
 		}
+		if next != nil {
+			sb.startLocked(next)
+		}
 	}
 	sb.mu.Unlock()
 	if next == b {
@@ -101,9 +104,6 @@ func (c *Client) sendEvents(ctx context.Context, chunk []*h3xpb.EventPayload, ch
 		c.sendBatch(ctx, b)
 		sb.sent()
 		return b.omitted, b.outcomes, b.err
-	}
-	if next != nil {
-		c.startShared(next)
 	}
 	select {
 	case <-b.done:
@@ -162,11 +162,10 @@ func (sb *sendBatcher) takeLocked() *sendBatch {
 // sent frees a shared request and starts the oldest pending batch on it.
 func (sb *sendBatcher) sent() {
 	sb.mu.Lock()
+	defer sb.mu.Unlock()
 	sb.inFlight--
-	next := sb.takeLocked()
-	sb.mu.Unlock()
-	if next != nil {
-		sb.c.startShared(next)
+	if next := sb.takeLocked(); next != nil {
+		sb.startLocked(next)
 	}
 }
 
@@ -180,24 +179,28 @@ func (sb *sendBatcher) abandon(b *sendBatch) {
 	}
 }
 
-// startShared sends b, taken from the pending batches, in a goroutine of
-// its own: its callers wait for it, each until its own ctx ends.
-func (c *Client) startShared(b *sendBatch) {
+// startLocked sends b, taken by takeLocked, in a goroutine of its own:
+// its callers wait for it, each until its own ctx ends. With sb.mu held,
+// which Close's failPending takes too: a batch taken as Close begins is
+// either sent by a goroutine Close waits for, or failed here before Close
+// returns.
+func (sb *sendBatcher) startLocked(b *sendBatch) {
+	c := sb.c
 	ctx, cancel := context.WithCancel(c.ctx)
-	c.sends.mu.Lock()
 	b.cancel = cancel
 	if b.live == 0 {
 		cancel() // every caller gave up while it waited
 	}
-	c.sends.mu.Unlock()
-	if !c.goOwned(func() {
+	if c.goOwned(func() {
 		defer cancel()
 		c.sendBatch(ctx, b)
-		c.sends.sent()
+		sb.sent()
 	}) {
-		b.finish(ErrClosed)
-		c.sends.sent()
+		return
 	}
+	cancel()
+	sb.inFlight--
+	b.finish(ErrClosed)
 }
 
 // failPending fails the batches no request has taken, at Close: their
@@ -367,12 +370,11 @@ func (c *Client) publishShared(ctx context.Context, events []Event, p *PublishCa
 			pt.finish(nil, ctx.Err())
 		}
 	})
-	next := sb.takeLocked()
+	if next := sb.takeLocked(); next != nil {
+		sb.startLocked(next)
+	}
 	sb.mu.Unlock()
 	joined = true
-	if next != nil {
-		c.startShared(next)
-	}
 	return true
 }
 
@@ -411,14 +413,19 @@ func (pt *asyncPart) again(results []PublishResult, again []int, wait time.Durat
 	c := pt.c
 	c.releasePubSlot(pt) // Publish takes its own
 	if !c.goOwned(func() {
-		err := sleepCtx(pt.ctx, wait)
+		// Ended by Close too, as a worker's Publish is (runAsync): Close
+		// waits for this goroutine.
+		ctx, cancel := context.WithCancel(pt.ctx)
+		defer cancel()
+		defer context.AfterFunc(c.ctx, cancel)()
+		err := sleepCtx(ctx, wait)
 		if err == nil {
 			subset := make([]Event, len(again))
 			for j, i := range again {
 				subset[j] = pt.events[i]
 			}
 			var res []PublishResult
-			if res, err = c.Publish(pt.ctx, subset...); err == nil {
+			if res, err = c.Publish(ctx, subset...); err == nil {
 				if results == nil {
 					results = make([]PublishResult, len(pt.events))
 				}
