@@ -127,10 +127,10 @@ func (q *retryThenHoldQueue) Enqueue(ctx context.Context, events []Event) ([]Pub
 }
 
 // The worker that publishes a shared PublishAsync call's refused events
-// again runs Publish under the call's ctx only: its request (sent inline,
-// nothing else in flight) is not ended by Close, which waits for the worker
-// before it closes the connection. Before this commit runAsync's ctx ended
-// with the client's. n=65 is that old path, for reference.
+// A PublishAsync call whose retry (sent inline, nothing else in flight) is
+// held unanswered: Close waits for the retry's worker before it closes the
+// connection, so the retry must end with the client, as runAsync's ctx
+// does. n=65 takes the worker path, for reference.
 func TestReviewPublishAsyncRetryInFlightBlocksClose(t *testing.T) {
 	for _, n := range []int{1, 65} {
 		t.Run(fmt.Sprintf("events=%d", n), func(t *testing.T) {

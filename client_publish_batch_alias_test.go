@@ -26,133 +26,80 @@ func (q *dataQueue) Enqueue(ctx context.Context, events []Event) ([]PublishResul
 }
 
 // A caller whose ctx ends while its chunk waits for a shared request gets
-// its error back at once, but its event is still in the pending request,
-// which holds the caller's Data slice (eventsToWire does not copy it). Once
-// Publish has returned the caller may reuse its buffer: the request, sent
-// later for the callers that stayed, then carries (and stores) whatever the
-// buffer holds by then, and reads it concurrently with the caller's writes.
-func TestReviewSharedAbandonedCallerBufferReused(t *testing.T) {
-	q := &dataQueue{gateQueue: newGateQueue(), data: map[string]string{}}
-	s := testServer(t, WithQueue(q))
-	c := mustDial(t, s, "alice", "alice-token")
-	q.shut.Store(true)
-	firsts := fillShared(t, c)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-
-	buf := []byte("original-payload")
-	gone, leave := context.WithCancel(ctx)
-	goneErr := make(chan error, 1)
-	go func() {
-		_, err := c.Publish(gone, Event{Namespace: "orders", Type: "t", ID: "gone-0", Data: buf})
-		goneErr <- err
-	}()
-	waitSends(t, c, sharedSendsInFlight, 1)
-	stays := make(chan error, 1)
-	go func() {
-		_, err := c.Publish(ctx, Event{Namespace: "orders", Type: "t", ID: "stays-0"})
-		stays <- err
-	}()
-	waitSends(t, c, sharedSendsInFlight, 2)
-	leave()
-	if err := <-goneErr; !errors.Is(err, context.Canceled) {
-		t.Fatalf("the caller that gave up: %v", err)
-	}
-	// Publish has returned: the caller reuses its buffer, as it may.
-	stop := make(chan struct{})
-	reused := make(chan struct{})
-	go func() {
-		defer close(reused)
-		for i := 0; ; i++ {
-			copy(buf, fmt.Sprintf("reused-%09d", i))
-			select {
-			case <-stop:
-				return
-			default:
-			}
-		}
-	}()
-	close(q.open)
-	for range sharedSendsInFlight {
-		<-firsts
-	}
-	if err := <-stays; err != nil {
-		t.Fatal(err)
-	}
-	close(stop)
-	<-reused
-	q.mu.Lock()
-	got, sent := q.data["gone-0"]
-	q.mu.Unlock()
-	if sent && got != "original-payload" {
-		t.Errorf("the event of a Publish that had returned was sent with Data %q (the caller's reused buffer), not %q", got, "original-payload")
-	}
-}
-
-// The same with the caller reusing its Metadata map: the shared request's
-// encoder iterates the map while the caller writes it.
-// A caller whose ctx ends while its chunk waits for a shared request gets
-// its error back at once, but its event is still in the pending request,
-// which holds the caller's Data slice (eventsToWire does not copy it). Once
-// Publish has returned the caller may reuse its buffer: the request, sent
-// later for the callers that stayed, then carries (and stores) whatever the
-// buffer holds by then, and reads it concurrently with the caller's writes.
-func TestReviewSharedAbandonedCallerMetadataReused(t *testing.T) {
-	q := &dataQueue{gateQueue: newGateQueue(), data: map[string]string{}}
-	s := testServer(t, WithQueue(q))
-	c := mustDial(t, s, "alice", "alice-token")
-	q.shut.Store(true)
-	firsts := fillShared(t, c)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-
-	buf := []byte("original-payload")
-	meta := map[string]string{"k": "v"}
-	gone, leave := context.WithCancel(ctx)
-	goneErr := make(chan error, 1)
-	go func() {
-		_, err := c.Publish(gone, Event{Namespace: "orders", Type: "t", ID: "gone-0", Data: buf, Metadata: meta})
-		goneErr <- err
-	}()
-	waitSends(t, c, sharedSendsInFlight, 1)
-	stays := make(chan error, 1)
-	go func() {
-		_, err := c.Publish(ctx, Event{Namespace: "orders", Type: "t", ID: "stays-0"})
-		stays <- err
-	}()
-	waitSends(t, c, sharedSendsInFlight, 2)
-	leave()
-	if err := <-goneErr; !errors.Is(err, context.Canceled) {
-		t.Fatalf("the caller that gave up: %v", err)
-	}
-	// Publish has returned: the caller reuses its buffer, as it may.
-	stop := make(chan struct{})
-	reused := make(chan struct{})
-	go func() {
-		defer close(reused)
-		for i := 0; ; i++ {
+// its error back at once, while its event is still in the pending request.
+// Once Publish has returned the caller may reuse its Data and Metadata: the
+// request, sent later for the callers that stayed, must carry the event as
+// it was, and must not read the caller's buffers meanwhile (with Metadata,
+// a concurrent map iteration and write is fatal).
+func TestReviewSharedAbandonedCallerBuffersReused(t *testing.T) {
+	cases := []struct {
+		name  string
+		reuse func(data []byte, meta map[string]string, i int)
+	}{
+		{"Data", func(data []byte, _ map[string]string, i int) { copy(data, fmt.Sprintf("reused-%09d", i)) }},
+		{"Metadata", func(_ []byte, meta map[string]string, i int) {
 			meta[fmt.Sprint("k", i%50)] = "v"
 			delete(meta, fmt.Sprint("k", (i+25)%50))
-			select {
-			case <-stop:
-				return
-			default:
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			q := &dataQueue{gateQueue: newGateQueue(), data: map[string]string{}}
+			s := testServer(t, WithQueue(q))
+			c := mustDial(t, s, "alice", "alice-token")
+			q.shut.Store(true)
+			firsts := fillShared(t, c)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+
+			buf := []byte("original-payload")
+			meta := map[string]string{"k": "v"}
+			gone, leave := context.WithCancel(ctx)
+			goneErr := make(chan error, 1)
+			go func() {
+				_, err := c.Publish(gone, Event{Namespace: "orders", Type: "t", ID: "gone-0", Data: buf, Metadata: meta})
+				goneErr <- err
+			}()
+			waitSends(t, c, sharedSendsInFlight, 1)
+			stays := make(chan error, 1)
+			go func() {
+				_, err := c.Publish(ctx, Event{Namespace: "orders", Type: "t", ID: "stays-0"})
+				stays <- err
+			}()
+			waitSends(t, c, sharedSendsInFlight, 2)
+			leave()
+			if err := <-goneErr; !errors.Is(err, context.Canceled) {
+				t.Fatalf("the caller that gave up: %v", err)
 			}
-		}
-	}()
-	close(q.open)
-	for range sharedSendsInFlight {
-		<-firsts
-	}
-	if err := <-stays; err != nil {
-		t.Fatal(err)
-	}
-	close(stop)
-	<-reused
-	q.mu.Lock()
-	got, sent := q.data["gone-0"]
-	q.mu.Unlock()
-	if sent && got != "original-payload" {
-		t.Errorf("the event of a Publish that had returned was sent with Data %q (the caller's reused buffer), not %q", got, "original-payload")
+			// Publish has returned: the caller reuses its buffers, as it may.
+			stop := make(chan struct{})
+			reused := make(chan struct{})
+			go func() {
+				defer close(reused)
+				for i := 0; ; i++ {
+					tc.reuse(buf, meta, i)
+					select {
+					case <-stop:
+						return
+					default:
+					}
+				}
+			}()
+			close(q.open)
+			for range sharedSendsInFlight {
+				<-firsts
+			}
+			if err := <-stays; err != nil {
+				t.Fatal(err)
+			}
+			close(stop)
+			<-reused
+			q.mu.Lock()
+			got, sent := q.data["gone-0"]
+			q.mu.Unlock()
+			if sent && got != "original-payload" {
+				t.Errorf("the event of a Publish that had returned was sent with Data %q (the caller's reused buffer), not %q", got, "original-payload")
+			}
+		})
 	}
 }

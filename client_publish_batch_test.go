@@ -142,21 +142,30 @@ func fillShared(t *testing.T, c *Client) <-chan error {
 	return errs
 }
 
-// Small publishes made while sharedSendsInFlight requests are unanswered go
-// out together in one request, and every caller gets the outcomes of its own
-// events: stored, refused for its namespace, or a duplicate, wherever they
-// sit in the shared request (PROTOCOL.md §6.2's omitted run included).
-func TestSmallPublishesShareRequests(t *testing.T) {
+// sharedWithDuplicate starts a server over a gate queue with "dup-0" stored,
+// shuts the gate and fills the client's shared requests (fillShared).
+func sharedWithDuplicate(t *testing.T) (*gateQueue, *Client, <-chan error) {
+	t.Helper()
 	q := newGateQueue()
 	s := testServer(t, WithQueue(q))
 	c := mustDial(t, s, "alice", "alice-token")
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if _, err := c.Publish(ctx, Event{Namespace: "orders", Type: "early", ID: "dup-0"}); err != nil {
 		t.Fatal(err)
 	}
 	q.shut.Store(true)
-	firsts := fillShared(t, c)
+	return q, c, fillShared(t, c)
+}
+
+// Small publishes made while sharedSendsInFlight requests are unanswered go
+// out together in one request, and every caller gets the outcomes of its own
+// events: stored, refused for its namespace, or a duplicate, wherever they
+// sit in the shared request (PROTOCOL.md §6.2's omitted run included).
+func TestSmallPublishesShareRequests(t *testing.T) {
+	q, c, firsts := sharedWithDuplicate(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
 
 	// Callers of one to three events: some stored, some for a namespace
 	// alice may not publish to, some with the ID stored above.
@@ -354,16 +363,9 @@ func TestSharedPublishClose(t *testing.T) {
 // PublishAsync calls of a few events wait in a shared request with no
 // goroutine of their own, and each gets its own events' outcomes.
 func TestPublishAsyncSharesRequests(t *testing.T) {
-	q := newGateQueue()
-	s := testServer(t, WithQueue(q))
-	c := mustDial(t, s, "alice", "alice-token")
+	q, c, firsts := sharedWithDuplicate(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	if _, err := c.Publish(ctx, Event{Namespace: "orders", Type: "early", ID: "dup-0"}); err != nil {
-		t.Fatal(err)
-	}
-	q.shut.Store(true)
-	firsts := fillShared(t, c)
 	type want struct {
 		ids    []string
 		status []PublishStatus
