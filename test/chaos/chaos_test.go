@@ -39,6 +39,10 @@ const (
 	publishers   = 3
 	consumers    = 2
 	publishBatch = 4                     // events per Publish
+	// asyncBurst: the async publisher's single-event PublishAsync calls at
+	// each tick, most of them waiting in shared requests (all but the
+	// client's first eight requests in flight).
+	asyncBurst = 32
 	publishEvery = 20 * time.Millisecond // per publisher: 200 events/s each
 	killMin      = 50 * time.Millisecond // a kill comes uniformly 50-400 ms after ready
 	killMax      = 400 * time.Millisecond
@@ -352,6 +356,59 @@ func publisher(ctx context.Context, c *h3x.Client, p int, rec *record) {
 	}
 }
 
+// asyncPublisher starts asyncBurst single-event PublishAsync calls at each
+// tick and waits for them: the calls beyond the client's eighth request in
+// flight share requests and have no goroutine of their own, across the
+// server's kills like every other call.
+func asyncPublisher(ctx context.Context, c *h3x.Client, p int, rec *record) {
+	tick := time.NewTicker(publishEvery)
+	defer tick.Stop()
+	seq := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		cctx, cancel := context.WithTimeout(ctx, callTimeout)
+		calls := make([]*h3x.PublishCall, asyncBurst)
+		rec.pubInflight.Add(1)
+		for i := range calls {
+			seq++
+			calls[i] = c.PublishAsync(cctx, h3x.Event{ID: fmt.Sprintf("a%d-%d", p, seq), Namespace: namespace, Type: "chaos", Data: []byte("payload")})
+		}
+		for _, call := range calls {
+			res, err := call.Result()
+			now := time.Now()
+			rec.mu.Lock()
+			switch {
+			case err != nil:
+				rec.pubFailed++
+				if rec.pubErrs == nil {
+					rec.pubErrs = make(map[string]int)
+				}
+				if ctx.Err() != nil {
+					err = fmt.Errorf("the run ended: %w", err)
+				}
+				if len(rec.pubErrs) < 8 {
+					rec.pubErrs[err.Error()]++
+				}
+			case res[0].Status == h3x.PublishStored || res[0].Status == h3x.PublishDuplicate:
+				rec.pubOKAt = append(rec.pubOKAt, now)
+				rec.published[res[0].ID] = now
+				if res[0].Status == h3x.PublishDuplicate {
+					rec.pubDups++
+				}
+			default:
+				rec.pubFailed++
+			}
+			rec.mu.Unlock()
+		}
+		rec.pubInflight.Add(-1)
+		cancel()
+	}
+}
+
 // consumer subscribes and hands each delivery to four ackers, which ack
 // what has accumulated with the synchronous Client.Ack (recording when each
 // ack was confirmed), so acks are pipelined and the consumers keep up.
@@ -451,6 +508,11 @@ func TestChaos(t *testing.T) {
 		c := dial(ctx, t, h, fmt.Sprint("publisher ", p))
 		clients = append(clients, c)
 		wg.Go(func() { publisher(pubCtx, c, p, rec) })
+	}
+	{
+		c := dial(ctx, t, h, "async publisher")
+		clients = append(clients, c)
+		wg.Go(func() { asyncPublisher(pubCtx, c, 0, rec) })
 	}
 	consumerErr := make(chan error, consumers)
 	for n := range consumers {
