@@ -38,11 +38,11 @@ import (
 const (
 	publishers   = 3
 	consumers    = 2
-	publishBatch = 4                     // events per Publish
+	publishBatch = 4 // events per Publish
 	// asyncBurst: the async publisher's single-event PublishAsync calls at
 	// each tick, most of them waiting in shared requests (all but the
 	// client's first eight requests in flight).
-	asyncBurst = 32
+	asyncBurst   = 32
 	publishEvery = 20 * time.Millisecond // per publisher: 200 events/s each
 	killMin      = 50 * time.Millisecond // a kill comes uniformly 50-400 ms after ready
 	killMax      = 400 * time.Millisecond
