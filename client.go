@@ -627,10 +627,21 @@ func (c *Client) retryable(ctx context.Context, cc *clientConn, err error) bool 
 // call sends one request and waits for its answer, on whatever connection
 // is current, retrying on the next connection if this one fails.
 func (c *Client) call(ctx context.Context, kind int, t FrameType, build func(id uint64) proto.Message) (rpcAnswer, error) {
+	return c.callOn(ctx, kind, t, nil, build)
+}
+
+// callOn is call with fits, if not nil, checking each connection before
+// the request goes out on it: its error ends the call.
+func (c *Client) callOn(ctx context.Context, kind int, t FrameType, fits func(*clientConn) error, build func(id uint64) proto.Message) (rpcAnswer, error) {
 	for {
 		cc, err := c.awaitConn(ctx)
 		if err != nil {
 			return rpcAnswer{}, err
+		}
+		if fits != nil {
+			if err := fits(cc); err != nil {
+				return rpcAnswer{}, err
+			}
 		}
 		ans, err := cc.call(ctx, kind, t, build)
 		if err == nil {
@@ -760,11 +771,7 @@ func (c *Client) Publish(ctx context.Context, events ...Event) ([]PublishResult,
 		}
 	}()
 
-	wire := eventsToWire(events)
-	sizes := make([]int, len(events))
-	for i := range wire {
-		sizes[i] = payloadSize(wire[i]) + 8 // proto.Size's figure (wire_encode.go)
-	}
+	wire, sizes := wireWithSizes(events)
 	results := make([]PublishResult, len(events))
 	todo := make([]int, 0, len(events))
 	for i := range events {
@@ -843,6 +850,26 @@ func omittedOutcomes(t FrameType, omitted uint32, outcomes, n int, what string) 
 		return 0, newError(CodeProtocolViolation, "%v has %d outcomes and %d omitted for %d %s", t, outcomes, omitted, n, what)
 	}
 	return int(omitted), nil
+}
+
+// wireWithSizes converts events for a SendEvent and returns the size each
+// takes in one (proto.Size's figure, wire_encode.go).
+func wireWithSizes(events []Event) ([]*h3xpb.EventPayload, []int) {
+	wire := eventsToWire(events)
+	sizes := make([]int, len(events))
+	for i := range wire {
+		sizes[i] = payloadSize(wire[i]) + 8
+	}
+	return wire, sizes
+}
+
+// indices returns 0, 1, …, n-1: every event of a call.
+func indices(n int) []int {
+	all := make([]int, n)
+	for i := range all {
+		all[i] = i
+	}
+	return all
 }
 
 // takeOutcomes sets the results of chunk (indices into events) from an

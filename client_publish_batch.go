@@ -244,29 +244,17 @@ func (c *Client) sendBatch(ctx context.Context, b *sendBatch) {
 		// would tell the client nothing.
 		return &h3xpb.SendEvent{RequestId: id, Events: b.events, OmitStored: true}
 	}
-	var ans rpcAnswer
-	var err error
-	for {
-		var cc *clientConn
-		if cc, err = c.awaitConn(ctx); err != nil {
-			break
-		}
-		// Its chunks were cut by the limits of the connection of their
-		// time; a reconnect may have reached a server with lower ones
-		// (whose answer to a frame above its size resets the stream, and
-		// the other requests on it with it): the callers cut them again.
+	// Its chunks were cut by the limits of the connection of their time; a
+	// reconnect may have reached a server with lower ones (whose answer to
+	// a frame above its size resets the stream, and the other requests on
+	// it with it): the callers cut them again.
+	fits := func(cc *clientConn) error {
 		if maxEvents, maxBytes := sendLimits(cc); len(b.events) > maxEvents || b.bytes > maxBytes {
-			err = errLimitsChanged
-			break
+			return errLimitsChanged
 		}
-		if ans, err = cc.call(ctx, streamPublish, FrameSendEvent, build); err == nil || !c.retryable(ctx, cc, err) {
-			break
-		}
-		c.logger.Debug("h3x: retrying on the next connection", "frame", FrameSendEvent, "err", err)
+		return nil
 	}
-	if err != nil && ctx.Err() != nil && !errors.Is(err, ErrClosed) {
-		err = ctx.Err()
-	}
+	ans, err := c.callOn(ctx, streamPublish, FrameSendEvent, fits, build)
 	if err != nil {
 		if c.ctx.Err() != nil && ctx.Err() != nil {
 			err = ErrClosed
@@ -329,24 +317,20 @@ func (c *Client) publishShared(ctx context.Context, events []Event, p *PublishCa
 	if cc == nil {
 		return false
 	}
-	all := make([]int, len(events))
-	for i := range all {
-		all[i] = i
-	}
-	if c.rateWait(events, all) > 0 {
+	if c.rateWait(events, indices(len(events))) > 0 {
 		return false
 	}
 	maxEvents, maxBytes := sendLimits(cc)
 	if len(events) > maxEvents {
 		return false
 	}
-	wire := eventsToWire(events)
+	wire, sizes := wireWithSizes(events)
 	total := 0
 	for i := range events {
 		if events[i].notUTF8() != "" {
 			return false
 		}
-		total += payloadSize(wire[i]) + 8 // as Publish counts
+		total += sizes[i]
 	}
 	if 64+total > maxBytes {
 		return false
@@ -385,10 +369,7 @@ func (pt *asyncPart) complete(b *sendBatch) {
 		return
 	}
 	pt.stop()
-	all := make([]int, len(pt.events))
-	for i := range all {
-		all[i] = i
-	}
+	all := indices(len(pt.events))
 	if errors.Is(b.err, errLimitsChanged) {
 		pt.again(nil, all, 0) // nothing was sent: Publish cuts them again
 		return
@@ -411,7 +392,7 @@ func (pt *asyncPart) complete(b *sendBatch) {
 // ends the call with their results merged into results (nil: all of them).
 func (pt *asyncPart) again(results []PublishResult, again []int, wait time.Duration) {
 	c := pt.c
-	c.releasePubSlot(pt) // Publish takes its own
+	pt.releaseSlot() // Publish takes its own
 	if !c.goOwned(func() {
 		// Ended by Close too, as a worker's Publish is (runAsync): Close
 		// waits for this goroutine.
@@ -446,16 +427,17 @@ func (pt *asyncPart) again(results []PublishResult, again []int, wait time.Durat
 	}
 }
 
-func (c *Client) releasePubSlot(pt *asyncPart) {
+// releaseSlot gives back the call's Publish slot, if it still holds it.
+func (pt *asyncPart) releaseSlot() {
 	if pt.slot {
 		pt.slot = false
-		<-c.pubSlots
+		<-pt.c.pubSlots
 	}
 }
 
 // finish ends the call.
 func (pt *asyncPart) finish(results []PublishResult, err error) {
-	pt.c.releasePubSlot(pt)
+	pt.releaseSlot()
 	p := pt.call
 	p.results, p.err = results, err
 	<-pt.c.asyncSlots
