@@ -20,36 +20,34 @@ type longRetryQueue struct {
 }
 
 func (q *longRetryQueue) Enqueue(ctx context.Context, events []Event) ([]PublishResult, error) {
-	res := make([]PublishResult, len(events))
-	var pass []Event
-	var at []int
-	q.mu.Lock()
-	for i, ev := range events {
-		if strings.HasPrefix(ev.ID, "slow-") {
-			q.refused++
-			res[i] = PublishResult{ID: ev.ID, Status: PublishRefused, Err: &Error{Code: CodeQueueFull, Message: "full", RetryAfter: 20 * time.Second}}
-			continue
+	return enqueueRefusing(ctx, q.Queue, events, func(ev Event) *Error {
+		if !strings.HasPrefix(ev.ID, "slow-") {
+			return nil
 		}
-		pass = append(pass, ev)
-		at = append(at, i)
-	}
-	q.mu.Unlock()
-	if len(pass) > 0 {
-		r, err := q.Queue.Enqueue(ctx, pass)
-		if err != nil {
-			return nil, err
-		}
-		for j, i := range at {
-			res[i] = r[j]
-		}
-	}
-	return res, nil
+		q.mu.Lock()
+		q.refused++
+		q.mu.Unlock()
+		return &Error{Code: CodeQueueFull, Message: "full", RetryAfter: 20 * time.Second}
+	})
 }
 
 func (q *longRetryQueue) refusals() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return q.refused
+}
+
+// publishAsyncTo starts a server over q and one PublishAsync call of n
+// events with IDs prefix-0, prefix-1, … to "orders".
+func publishAsyncTo(t *testing.T, q Queue, n int, prefix string) (*Client, *PublishCall) {
+	t.Helper()
+	s := testServer(t, WithQueue(q))
+	c := mustDial(t, s, "alice", "alice-token")
+	evs := make([]Event, n)
+	for i := range evs {
+		evs[i] = Event{Namespace: "orders", Type: "t", ID: fmt.Sprintf("%s-%d", prefix, i)}
+	}
+	return c, c.PublishAsync(context.Background(), evs...)
 }
 
 // A PublishAsync call whose events were refused QUEUE_FULL with a long
@@ -60,13 +58,7 @@ func TestReviewPublishAsyncRetryAfterBlocksClose(t *testing.T) {
 	for _, n := range []int{1, 65} {
 		t.Run(fmt.Sprintf("events=%d", n), func(t *testing.T) {
 			q := &longRetryQueue{Queue: NewMemoryQueue(QueueOptions{})}
-			s := testServer(t, WithQueue(q))
-			c := mustDial(t, s, "alice", "alice-token")
-			evs := make([]Event, n)
-			for i := range evs {
-				evs[i] = Event{Namespace: "orders", Type: "t", ID: fmt.Sprintf("slow-%d", i)}
-			}
-			call := c.PublishAsync(context.Background(), evs...)
+			c, call := publishAsyncTo(t, q, n, "slow")
 			deadline := time.Now().Add(5 * time.Second)
 			for q.refusals() < n {
 				if time.Now().After(deadline) {
@@ -126,7 +118,6 @@ func (q *retryThenHoldQueue) Enqueue(ctx context.Context, events []Event) ([]Pub
 	return q.Queue.Enqueue(ctx, events)
 }
 
-// The worker that publishes a shared PublishAsync call's refused events
 // A PublishAsync call whose retry (sent inline, nothing else in flight) is
 // held unanswered: Close waits for the retry's worker before it closes the
 // connection, so the retry must end with the client, as runAsync's ctx
@@ -135,13 +126,7 @@ func TestReviewPublishAsyncRetryInFlightBlocksClose(t *testing.T) {
 	for _, n := range []int{1, 65} {
 		t.Run(fmt.Sprintf("events=%d", n), func(t *testing.T) {
 			q := &retryThenHoldQueue{Queue: NewMemoryQueue(QueueOptions{}), seen: map[string]int{}, held: make(chan struct{}), open: make(chan struct{})}
-			s := testServer(t, WithQueue(q))
-			c := mustDial(t, s, "alice", "alice-token")
-			evs := make([]Event, n)
-			for i := range evs {
-				evs[i] = Event{Namespace: "orders", Type: "t", ID: fmt.Sprintf("x-%d", i)}
-			}
-			call := c.PublishAsync(context.Background(), evs...)
+			c, call := publishAsyncTo(t, q, n, "x")
 			select {
 			case <-q.held:
 			case <-time.After(5 * time.Second):

@@ -36,35 +36,52 @@ func (q *flakyQueue) Enqueue(ctx context.Context, events []Event) ([]PublishResu
 		}
 	}
 	time.Sleep(q.delay)
+	res, err := enqueueRefusing(ctx, q.Queue, events, func(ev Event) *Error {
+		h := fnv.New32a()
+		h.Write([]byte(ev.ID))
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		if h.Sum32()%3 != 0 || q.refused[ev.ID] {
+			return nil
+		}
+		q.refused[ev.ID] = true
+		return &Error{Code: CodeQueueFull, Message: "full", RetryAfter: time.Millisecond}
+	})
+	if err != nil {
+		return nil, err
+	}
+	q.mu.Lock()
+	for _, r := range res {
+		if r.Status == PublishStored {
+			q.stored[r.ID]++
+		}
+	}
+	q.mu.Unlock()
+	return res, nil
+}
+
+// enqueueRefusing refuses the events for which refuse returns an error and
+// enqueues the others in inner, in order, merging the results.
+func enqueueRefusing(ctx context.Context, inner Queue, events []Event, refuse func(Event) *Error) ([]PublishResult, error) {
 	res := make([]PublishResult, len(events))
 	var pass []Event
 	var at []int
-	q.mu.Lock()
 	for i, ev := range events {
-		h := fnv.New32a()
-		h.Write([]byte(ev.ID))
-		if h.Sum32()%3 == 0 && !q.refused[ev.ID] {
-			q.refused[ev.ID] = true
-			res[i] = PublishResult{ID: ev.ID, Status: PublishRefused, Err: &Error{Code: CodeQueueFull, Message: "full", RetryAfter: time.Millisecond}}
+		if e := refuse(ev); e != nil {
+			res[i] = PublishResult{ID: ev.ID, Status: PublishRefused, Err: e}
 			continue
 		}
 		pass = append(pass, ev)
 		at = append(at, i)
 	}
-	q.mu.Unlock()
 	if len(pass) > 0 {
-		r, err := q.Queue.Enqueue(ctx, pass)
+		r, err := inner.Enqueue(ctx, pass)
 		if err != nil {
 			return nil, err
 		}
-		q.mu.Lock()
 		for j, i := range at {
 			res[i] = r[j]
-			if r[j].Status == PublishStored {
-				q.stored[r[j].ID]++
-			}
 		}
-		q.mu.Unlock()
 	}
 	return res, nil
 }

@@ -325,34 +325,40 @@ func publisher(ctx context.Context, c *h3x.Client, p int, rec *record) {
 		res, err := c.Publish(cctx, events...)
 		rec.pubInflight.Add(-1)
 		cancel()
-		now := time.Now()
-		rec.mu.Lock()
-		if err != nil {
-			rec.pubFailed += len(events)
-			if rec.pubErrs == nil {
-				rec.pubErrs = make(map[string]int)
-			}
-			if ctx.Err() != nil {
-				err = fmt.Errorf("the run ended: %w", err)
-			}
-			if len(rec.pubErrs) < 8 {
-				rec.pubErrs[err.Error()]++
-			}
-		} else {
-			rec.pubOKAt = append(rec.pubOKAt, now)
-			for _, r := range res {
-				switch r.Status {
-				case h3x.PublishStored, h3x.PublishDuplicate:
-					rec.published[r.ID] = now
-					if r.Status == h3x.PublishDuplicate {
-						rec.pubDups++
-					}
-				default:
-					rec.pubFailed++
-				}
-			}
+		rec.publishCall(ctx, len(events), res, err)
+	}
+}
+
+// publishCall records a Publish call of n events (or a PublishAsync call's
+// result): its stored IDs, or its failure (its outcome unknown).
+func (rec *record) publishCall(ctx context.Context, n int, res []h3x.PublishResult, err error) {
+	now := time.Now()
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	if err != nil {
+		rec.pubFailed += n
+		if rec.pubErrs == nil {
+			rec.pubErrs = make(map[string]int)
 		}
-		rec.mu.Unlock()
+		if ctx.Err() != nil {
+			err = fmt.Errorf("the run ended: %w", err)
+		}
+		if len(rec.pubErrs) < 8 {
+			rec.pubErrs[err.Error()]++
+		}
+		return
+	}
+	rec.pubOKAt = append(rec.pubOKAt, now)
+	for _, r := range res {
+		switch r.Status {
+		case h3x.PublishStored, h3x.PublishDuplicate:
+			rec.published[r.ID] = now
+			if r.Status == h3x.PublishDuplicate {
+				rec.pubDups++
+			}
+		default:
+			rec.pubFailed++
+		}
 	}
 }
 
@@ -379,30 +385,7 @@ func asyncPublisher(ctx context.Context, c *h3x.Client, p int, rec *record) {
 		}
 		for _, call := range calls {
 			res, err := call.Result()
-			now := time.Now()
-			rec.mu.Lock()
-			switch {
-			case err != nil:
-				rec.pubFailed++
-				if rec.pubErrs == nil {
-					rec.pubErrs = make(map[string]int)
-				}
-				if ctx.Err() != nil {
-					err = fmt.Errorf("the run ended: %w", err)
-				}
-				if len(rec.pubErrs) < 8 {
-					rec.pubErrs[err.Error()]++
-				}
-			case res[0].Status == h3x.PublishStored || res[0].Status == h3x.PublishDuplicate:
-				rec.pubOKAt = append(rec.pubOKAt, now)
-				rec.published[res[0].ID] = now
-				if res[0].Status == h3x.PublishDuplicate {
-					rec.pubDups++
-				}
-			default:
-				rec.pubFailed++
-			}
-			rec.mu.Unlock()
+			rec.publishCall(ctx, 1, res, err)
 		}
 		rec.pubInflight.Add(-1)
 		cancel()
