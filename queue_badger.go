@@ -9,6 +9,7 @@ import (
 	"hash/crc32"
 	"io/fs"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -82,10 +83,13 @@ import (
 // times the live events' bytes, plus the segment being written (32 MiB). A
 // chunk that is not in its segment (after a kernel crash, what was not yet
 // synced; or damage) is logged as lost and set aside, never delivered.
-// This is storage format 3: a directory of format 2 (chunks in Badger, H3X
-// before 2026-11-27) opens and is format 3 from then on; one of format 1
-// (before 2026-11-26) is refused with an error saying so; drain it with
-// the version that wrote it.
+// A lease record lists each delivery's namespace, sequence number and
+// attempt; the event's ID, size and enqueue time are read from its chunk
+// when the queue opens. This is storage format 4: a directory of format 3
+// (lease records that also held those three) or of format 2 (chunks in
+// Badger, H3X before 2026-11-27) opens and is format 4 from then on, so an
+// older version refuses it; one of format 1 (before 2026-11-26) is refused
+// with an error saying so; drain it with the version that wrote it.
 //
 // With DurabilityFsync, a failed sync is final for this run: the group gets
 // the error, and every later durable write fails with it until the queue is
@@ -446,11 +450,12 @@ const (
 	keyLeaseRec = 'l'
 	keyMeta     = 'm'
 
-	// storageFormat is the version of the layout; 3 stores chunks in
-	// segment files (queue_badger_segment.go), 2 stored them in Badger
-	// (queue_badger_chunk.go; opened, and written as 3 from then on), 1
-	// stored one key per event.
-	storageFormat = 3
+	// storageFormat is the version of the layout; 4 stores compact lease
+	// records (encodeLeaseRec), 3 stored chunks in segment files
+	// (queue_badger_segment.go) as 4 does, 2 stored them in Badger
+	// (queue_badger_chunk.go); 2 and 3 are opened, and written as 4 from
+	// then on; 1 stored one key per event.
+	storageFormat = 4
 	// eventFormat is the first byte of an encoded event.
 	eventFormat = 1
 )
@@ -495,26 +500,65 @@ func encodeCounter(c nsCounter) []byte {
 
 func leaseRecKey(seq uint64) []byte { return binary.BigEndian.AppendUint64([]byte{keyLeaseRec}, seq) }
 
-// encodeLeaseRec encodes a lease record: the deliveries of one Lease call.
+// A lease record lists the deliveries of one Lease call, so that a
+// reopened queue knows which events were out and at which attempt. Since
+// storage format 4 it holds, for each run of deliveries from one
+// namespace, the namespace and each delivery's sequence number and attempt,
+// about 3 bytes a delivery: the event's ID, size and enqueue time are read
+// back from its chunk when the queue opens (loadLeaseRecs). Formats 2 and 3
+// also stored those three, about 58 bytes a delivery, which made lease
+// records most of what consuming wrote to Badger (and so most of its
+// memtable flushes); their records still decode.
+//
+// Compact record: 0x00, leaseRecCompact, then runs until the end, each
+// the namespace (uvarint length and bytes), the number of deliveries
+// (uvarint) and, for each, its sequence number as a zigzag varint of the
+// difference from the previous one in the run (the first from 0), and
+// its attempt (uvarint). A record in the older layout starts with its
+// number of deliveries, so only an empty one starts with 0x00, and it has
+// nothing after it.
+const leaseRecCompact = 1
+
+// leaseRecEncoder encodes the lease records the writer stores (tests
+// replace it to store records as formats 2 and 3 did).
+var leaseRecEncoder = encodeLeaseRec
+
+// encodeLeaseRec encodes a lease record of entries (their ns, seq and
+// attempt; see above).
 func encodeLeaseRec(entries []recEntry) []byte {
-	n := binary.MaxVarintLen32
-	for _, r := range entries {
-		n += len(r.ns) + len(r.id) + 2*binary.MaxVarintLen32 + 4*binary.MaxVarintLen64
+	n := 2
+	for i, r := range entries {
+		if i == 0 || r.ns != entries[i-1].ns {
+			n += len(r.ns) + 2*binary.MaxVarintLen32
+		}
+		n += binary.MaxVarintLen64 + binary.MaxVarintLen32
 	}
 	b := make([]byte, 0, n)
-	b = binary.AppendUvarint(b, uint64(len(entries)))
-	for _, r := range entries {
-		b = appendString(b, r.ns)
-		b = binary.AppendUvarint(b, r.seq)
-		b = appendString(b, r.id)
-		b = binary.AppendUvarint(b, uint64(r.size))
-		b = binary.AppendUvarint(b, uint64(r.enq))
-		b = binary.AppendUvarint(b, uint64(r.attempt))
+	b = append(b, 0, leaseRecCompact)
+	for i := 0; i < len(entries); {
+		run := 1
+		for i+run < len(entries) && entries[i+run].ns == entries[i].ns {
+			run++
+		}
+		b = appendString(b, entries[i].ns)
+		b = binary.AppendUvarint(b, uint64(run))
+		var prev uint64
+		for _, r := range entries[i : i+run] {
+			b = binary.AppendVarint(b, int64(r.seq-prev))
+			b = binary.AppendUvarint(b, uint64(r.attempt))
+			prev = r.seq
+		}
+		i += run
 	}
 	return b
 }
 
+// decodeLeaseRec decodes a lease record of either layout. The entries of a
+// compact record have no id, size or enq (their chunks do).
 func decodeLeaseRec(b []byte) ([]recEntry, error) {
+	if len(b) > 1 && b[0] == 0 {
+		return decodeCompactLeaseRec(b)
+	}
 	d := decoder{b: b}
 	n := d.uvarint()
 	if d.bad || n > uint64(len(b)) {
@@ -528,11 +572,43 @@ func decodeLeaseRec(b []byte) ([]recEntry, error) {
 		r.id = strings.Clone(d.string())
 		r.size = int(d.uvarint())
 		r.enq = int64(d.uvarint())
-		r.attempt = int(d.uvarint())
-		if d.bad {
+		attempt := d.uvarint()
+		if d.bad || attempt > math.MaxInt32 {
 			return nil, errCorrupt
 		}
+		r.attempt = int(attempt)
 		out = append(out, r)
+	}
+	return out, nil
+}
+
+func decodeCompactLeaseRec(b []byte) ([]recEntry, error) {
+	if b[1] != leaseRecCompact {
+		return nil, errCorrupt
+	}
+	d := decoder{b: b[2:]}
+	var out []recEntry
+	for len(d.b) > 0 {
+		ns := strings.Clone(d.string())
+		n := d.uvarint()
+		if d.bad || n > uint64(len(d.b)) { // each delivery takes at least 2 bytes
+			return nil, errCorrupt
+		}
+		var prev uint64
+		for range n {
+			delta, k := binary.Varint(d.b)
+			if k <= 0 {
+				return nil, errCorrupt
+			}
+			d.b = d.b[k:]
+			seq := prev + uint64(delta)
+			attempt := d.uvarint()
+			if d.bad || attempt > math.MaxInt32 {
+				return nil, errCorrupt
+			}
+			out = append(out, recEntry{ns: ns, seq: seq, attempt: int(attempt)})
+			prev = seq
+		}
 	}
 	return out, nil
 }
@@ -712,12 +788,13 @@ func (q *badgerQueue) load() error {
 			if len(v) == 1 && v[0] == 1 {
 				return fmt.Errorf("h3x: badger queue in %s: storage format 1 (one key per event, H3X before chunked storage) cannot be opened by this version, which writes format %d; drain the queue with the older version first", q.dir, storageFormat)
 			}
-			if len(v) != 1 || (v[0] != storageFormat && v[0] != 2) {
+			if len(v) != 1 || v[0] < 2 || v[0] > storageFormat {
 				return fmt.Errorf("h3x: badger queue in %s: unknown storage format %v (this version writes %d)", q.dir, v, storageFormat)
 			}
 			if v[0] != storageFormat {
-				// Format 2 holds chunks in place, which format 3 reads
-				// too; older versions must not open what follows.
+				// Format 2 holds chunks in place and 3 lease records in
+				// the older layout, which format 4 reads too; older
+				// versions must not open what follows.
 				if err := txn.Set(metaFormat, []byte{storageFormat}); err != nil {
 					return fmt.Errorf("h3x: badger queue: upgrade format: %w", err)
 				}
@@ -1050,7 +1127,7 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 			rit.Close()
 		}
 	}()
-	for _, k := range keys {
+	for i, k := range keys {
 		d := deliveries[k]
 		ns := c.nss[k.ns]
 		if ns == nil || k.seq < ns.diskNext || ns.freshDisk <= 0 {
@@ -1072,7 +1149,31 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 			err := q.withChunk(rit.Item(), func(v []byte) error {
 				var err error
 				cur, curSeqs, err = loadChunk(txn, ns, first, v)
-				return err
+				if err != nil || len(curSeqs) == 0 {
+					return err
+				}
+				// A compact record's deliveries (no id) take their id,
+				// size and enqueue time from the chunk, all those in it
+				// while it is at hand.
+				for _, kk := range keys[i:] {
+					if kk.ns != k.ns || kk.seq > curSeqs[len(curSeqs)-1] {
+						break
+					}
+					dd := deliveries[kk]
+					if dd.r.id != "" {
+						continue
+					}
+					if _, found := slices.BinarySearch(curSeqs, kk.seq); !found {
+						continue
+					}
+					if err := fillFromChunk(&dd.r, v, first); err != nil {
+						// Left to refill, which meets the same error.
+						q.log.Warn("h3x: badger queue: unreadable leased event; its attempt count is lost", "namespace", kk.ns, "seq", kk.seq, "err", err)
+						continue
+					}
+					deliveries[kk] = dd
+				}
+				return nil
 			})
 			if errors.Is(err, errLostChunk) {
 				cur = nil // set aside by the sweep, or when a read reaches it
@@ -1087,6 +1188,10 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 		}
 		if _, found := slices.BinarySearch(curSeqs, k.seq); !found || cur.isSettled(k.seq) {
 			continue // acked or dead-lettered since
+		}
+		d = deliveries[k] // filled in from the chunk
+		if d.r.id == "" {
+			continue // unreadable (logged above): loaded as a fresh event
 		}
 		ns.keepChunk(cur)
 		e := &qentry{id: d.r.id, ns: ns, seq: k.seq, size: d.r.size, enq: d.r.enq, attempt: d.r.attempt, rec: d.rec, state: stReady, chunk: cur}
@@ -1119,6 +1224,22 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 			return fmt.Errorf("h3x: badger queue: delete lease records: %w", err)
 		}
 	}
+	return nil
+}
+
+// fillFromChunk sets r's id, size and enqueue time from its event in chunk
+// v (starting at sequence number first).
+func fillFromChunk(r *recEntry, v []byte, first uint64) error {
+	val, err := chunkEvent(v, first, r.seq)
+	if err != nil {
+		return err
+	}
+	ev, enq, err := decodeEvent(val)
+	if err != nil {
+		return err
+	}
+	ev.Namespace = r.ns
+	r.id, r.size, r.enq = strings.Clone(ev.ID), ev.size(), enq
 	return nil
 }
 
@@ -1872,7 +1993,7 @@ func (q *badgerQueue) write(ops []*wop, free uint64, ferr error) *group {
 	q.moveChunks(&b) // after the deletions: a chunk deleted is not moved
 	for i := range recPuts {
 		b.item()
-		b.add(bwrite{key: leaseRecKey(recPuts[i].rec.seq), val: encodeLeaseRec(recPuts[i].entries), rec: &recPuts[i]})
+		b.add(bwrite{key: leaseRecKey(recPuts[i].rec.seq), val: leaseRecEncoder(recPuts[i].entries), rec: &recPuts[i]})
 	}
 	for _, seq := range recDels {
 		b.item()

@@ -1065,9 +1065,10 @@ func ackFailsBesideNeighbour(t *testing.T, dir string, opts QueueOptions, onReco
 				case sawB <- struct{}{}:
 				default:
 				}
-			case onRecordOfA != nil && len(w.key) > 0 && w.key[0] == keyLeaseRec && !w.del:
-				ents, _ := decodeLeaseRec(w.val)
-				for _, e := range ents {
+			case onRecordOfA != nil && len(w.key) > 0 && w.key[0] == keyLeaseRec && !w.del && w.rec != nil:
+				// The stored record names no ID (encodeLeaseRec): the
+				// entries it was written from do.
+				for _, e := range w.rec.entries {
 					if e.id == "a" {
 						onRecordOfA()
 					}

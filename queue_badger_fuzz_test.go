@@ -16,7 +16,8 @@ func FuzzStorageDecoders(f *testing.F) {
 	val := encodeEvent(nil, &ev, 42)
 	f.Add(val, uint64(7))
 	f.Add(encodeChunk(nil, []uint64{7, 8, 12}, [][]byte{val, val, val}), uint64(7))
-	f.Add(encodeLeaseRec([]recEntry{{ns: "n", seq: 3, id: ev.ID, size: 256, enq: 42, attempt: 2}}), uint64(0))
+	f.Add(encodeLeaseRec([]recEntry{{ns: "n", seq: 3, id: ev.ID, size: 256, enq: 42, attempt: 2}, {ns: "n", seq: 1, attempt: 3}, {ns: "m", seq: 9, attempt: 1}}), uint64(0))
+	f.Add(encodeLeaseRecFormat3([]recEntry{{ns: "n", seq: 3, id: ev.ID, size: 256, enq: 42, attempt: 2}}), uint64(0))
 	for _, k := range groupKeys(9, 42, []string{ev.ID, "custom-id"}) {
 		f.Add(k, uint64(9))
 	}
@@ -52,8 +53,14 @@ func FuzzStorageDecoders(f *testing.F) {
 			}
 		}
 		if recs, err := decodeLeaseRec(b); err == nil {
-			if again, err := decodeLeaseRec(encodeLeaseRec(recs)); err != nil || len(again) != len(recs) {
+			again, err := decodeLeaseRec(encodeLeaseRec(recs))
+			if err != nil || len(again) != len(recs) {
 				t.Fatalf("lease record does not round-trip: %v", err)
+			}
+			for i, r := range recs {
+				if a := again[i]; a.ns != r.ns || a.seq != r.seq || a.attempt != r.attempt {
+					t.Fatalf("lease record entry %d: %+v, then %+v", i, r, a)
+				}
 			}
 		}
 		decodeGroupKey(b)

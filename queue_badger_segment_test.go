@@ -353,7 +353,7 @@ func TestBadgerSegmentSyncFailureFailsThePublish(t *testing.T) {
 }
 
 // TestBadgerFormat2Opens: a directory of format 2 (chunks in Badger) opens,
-// its chunks read back, and it is format 3 from then on; a later format is
+// its chunks read back, and it is the current format from then on; a later format is
 // refused by name.
 func TestBadgerFormat2Opens(t *testing.T) {
 	segmentsOnly(t)

@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -14,6 +16,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -326,14 +329,81 @@ func TestGroupKeys(t *testing.T) {
 }
 
 func TestLeaseRecCodec(t *testing.T) {
-	in := []recEntry{{ns: "orders", seq: 7, id: "a", size: 300, enq: 99, attempt: 2}, {ns: "", seq: 1 << 40, id: uuid.NewString(), attempt: 1}}
-	out, err := decodeLeaseRec(encodeLeaseRec(in))
-	if err != nil || len(out) != 2 || out[0] != in[0] || out[1] != in[1] {
-		t.Fatalf("round trip: %+v, %v", out, err)
+	// Compact records (format 4) keep each delivery's namespace, sequence
+	// number and attempt; the ID, size and enqueue time come from the
+	// chunk when the queue opens.
+	compact := func(rs []recEntry) []recEntry {
+		out := make([]recEntry, len(rs))
+		for i, r := range rs {
+			out[i] = recEntry{ns: r.ns, seq: r.seq, attempt: r.attempt}
+		}
+		return out
 	}
-	if _, err := decodeLeaseRec([]byte{5, 1}); err == nil {
-		t.Error("decode of a truncated record: no error")
+	for _, tc := range []struct {
+		name string
+		in   []recEntry
+	}{
+		{"one", []recEntry{{ns: "orders", seq: 7, id: "a", size: 300, enq: 99, attempt: 2}}},
+		{"empty namespace, large seq", []recEntry{{ns: "orders", seq: 7, attempt: 2}, {ns: "", seq: 1 << 40, id: uuid.NewString(), attempt: 1}}},
+		{"runs and a redelivery out of order", []recEntry{{ns: "a", seq: 10, attempt: 1}, {ns: "a", seq: 11, attempt: 1}, {ns: "a", seq: 3, attempt: 4}, {ns: "b", seq: 2, attempt: 1}, {ns: "a", seq: 12, attempt: 1}}},
+		{"max seq", []recEntry{{ns: "n", seq: math.MaxUint64, attempt: math.MaxInt32}, {ns: "n", seq: 0, attempt: 0}}},
+		{"none", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := decodeLeaseRec(encodeLeaseRec(tc.in))
+			if err != nil || !slices.Equal(out, compact(tc.in)) {
+				t.Fatalf("round trip: %+v, %v; want %+v", out, err, compact(tc.in))
+			}
+		})
 	}
+
+	// About 3 bytes a delivery for a lease of consecutive events (it was
+	// about 58 with the ID, size and enqueue time).
+	var batch []recEntry
+	for i := range 1000 {
+		batch = append(batch, recEntry{ns: "orders", seq: 1<<30 + uint64(i), id: uuid.NewString(), size: 300, enq: time.Now().UnixNano(), attempt: 1})
+	}
+	if n := len(encodeLeaseRec(batch)); n > 3*len(batch) {
+		t.Errorf("a record of %d deliveries takes %d bytes", len(batch), n)
+	}
+
+	// Records of formats 2 and 3 still decode, whole.
+	old := []recEntry{{ns: "orders", seq: 7, id: "a", size: 300, enq: 99, attempt: 2}, {ns: "", seq: 1 << 40, id: uuid.NewString(), attempt: 1}}
+	if out, err := decodeLeaseRec(encodeLeaseRecFormat3(old)); err != nil || !slices.Equal(out, old) {
+		t.Fatalf("format 3 record: %+v, %v", out, err)
+	}
+	if out, err := decodeLeaseRec(encodeLeaseRecFormat3(nil)); err != nil || len(out) != 0 {
+		t.Fatalf("empty format 3 record: %+v, %v", out, err)
+	}
+
+	full := encodeLeaseRec(batch[:3])
+	for _, bad := range [][]byte{
+		{5, 1},                  // format 3, cut short
+		{0, 2, 1, 'n', 1, 2, 1}, // an unknown compact layout
+		full[:len(full)-1],      // cut short
+		{0, 1, 1, 'n', 2, 2, 1}, // two deliveries announced, one there
+		{0, 1, 1, 'n', 1, 0x80}, // a sequence number cut short
+		{0, 1, 5, 'n'},          // a namespace cut short
+	} {
+		if out, err := decodeLeaseRec(bad); !errors.Is(err, errCorrupt) {
+			t.Errorf("decode %x: %+v, %v; want errCorrupt", bad, out, err)
+		}
+	}
+}
+
+// encodeLeaseRecFormat3 encodes a lease record as storage formats 2 and 3
+// did, for the tests of their decoding.
+func encodeLeaseRecFormat3(entries []recEntry) []byte {
+	b := binary.AppendUvarint(nil, uint64(len(entries)))
+	for _, r := range entries {
+		b = appendString(b, r.ns)
+		b = binary.AppendUvarint(b, r.seq)
+		b = appendString(b, r.id)
+		b = binary.AppendUvarint(b, uint64(r.size))
+		b = binary.AppendUvarint(b, uint64(r.enq))
+		b = binary.AppendUvarint(b, uint64(r.attempt))
+	}
+	return b
 }
 
 func openTestBadger(t testing.TB, dir string, opts QueueOptions) *badgerQueue {
