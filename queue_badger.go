@@ -122,6 +122,7 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		return nil, fmt.Errorf("h3x: open badger queue in %s: %w", dir, err)
 	}
 	q := &badgerQueue{
+		encodeRec:     encodeLeaseRec,
 		db:            db,
 		ts:            newTSClock(db),
 		dir:           dir,
@@ -324,6 +325,10 @@ type badgerQueue struct {
 	log    *slog.Logger
 	window time.Duration
 	fsync  bool
+	// encodeRec encodes the lease records the writer stores:
+	// encodeLeaseRec (tests set it, before any lease, to store records as
+	// formats 2 and 3 did).
+	encodeRec func([]recEntry) []byte
 	// inlineBelow is the size under which a group's new chunks are
 	// stored in Badger rather than in a segment: fsyncInlineBytes (or
 	// less, with a small MemTableSize) with fsync, 0 without.
@@ -518,10 +523,6 @@ func leaseRecKey(seq uint64) []byte { return binary.BigEndian.AppendUint64([]byt
 // number of deliveries, so only an empty one starts with 0x00, and it has
 // nothing after it.
 const leaseRecCompact = 1
-
-// leaseRecEncoder encodes the lease records the writer stores (tests
-// replace it to store records as formats 2 and 3 did).
-var leaseRecEncoder = encodeLeaseRec
 
 // encodeLeaseRec encodes a lease record of entries (their ns, seq and
 // attempt; see above).
@@ -1154,23 +1155,39 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 				}
 				// A compact record's deliveries (no id) take their id,
 				// size and enqueue time from the chunk, all those in it
-				// while it is at hand.
-				for _, kk := range keys[i:] {
-					if kk.ns != k.ns || kk.seq > curSeqs[len(curSeqs)-1] {
-						break
+				// while it is at hand: one pass over the chunk, alongside
+				// the sorted keys (chunkEvent for each would read the
+				// chunk from its start each time).
+				r, err := readChunk(v, first)
+				if err != nil {
+					return err
+				}
+				j := i
+				for j < len(keys) && keys[j].ns == k.ns && keys[j].seq <= curSeqs[len(curSeqs)-1] {
+					seq, val, ok, err := r.next()
+					if err != nil || !ok {
+						return err
 					}
+					for j < len(keys) && keys[j].ns == k.ns && keys[j].seq < seq {
+						j++ // not in the chunk
+					}
+					if j == len(keys) || keys[j].ns != k.ns || keys[j].seq != seq {
+						continue
+					}
+					kk := keys[j]
+					j++
 					dd := deliveries[kk]
 					if dd.r.id != "" {
 						continue
 					}
-					if _, found := slices.BinarySearch(curSeqs, kk.seq); !found {
-						continue
-					}
-					if err := fillFromChunk(&dd.r, v, first); err != nil {
+					ev, enq, err := decodeEvent(val)
+					if err != nil {
 						// Left to refill, which meets the same error.
 						q.log.Warn("h3x: badger queue: unreadable leased event; its attempt count is lost", "namespace", kk.ns, "seq", kk.seq, "err", err)
 						continue
 					}
+					ev.Namespace = kk.ns
+					dd.r.id, dd.r.size, dd.r.enq = strings.Clone(ev.ID), ev.size(), enq
 					deliveries[kk] = dd
 				}
 				return nil
@@ -1224,22 +1241,6 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 			return fmt.Errorf("h3x: badger queue: delete lease records: %w", err)
 		}
 	}
-	return nil
-}
-
-// fillFromChunk sets r's id, size and enqueue time from its event in chunk
-// v (starting at sequence number first).
-func fillFromChunk(r *recEntry, v []byte, first uint64) error {
-	val, err := chunkEvent(v, first, r.seq)
-	if err != nil {
-		return err
-	}
-	ev, enq, err := decodeEvent(val)
-	if err != nil {
-		return err
-	}
-	ev.Namespace = r.ns
-	r.id, r.size, r.enq = strings.Clone(ev.ID), ev.size(), enq
 	return nil
 }
 
@@ -1993,7 +1994,7 @@ func (q *badgerQueue) write(ops []*wop, free uint64, ferr error) *group {
 	q.moveChunks(&b) // after the deletions: a chunk deleted is not moved
 	for i := range recPuts {
 		b.item()
-		b.add(bwrite{key: leaseRecKey(recPuts[i].rec.seq), val: leaseRecEncoder(recPuts[i].entries), rec: &recPuts[i]})
+		b.add(bwrite{key: leaseRecKey(recPuts[i].rec.seq), val: q.encodeRec(recPuts[i].entries), rec: &recPuts[i]})
 	}
 	for _, seq := range recDels {
 		b.item()

@@ -45,11 +45,12 @@ func leaseRecordEvents(t *testing.T, q Queue) map[string]Event {
 // what the lease records gave back: each event's attempt count, its ID and
 // data, the namespaces' counts, stored bytes and oldest age (c's from its
 // lease records alone), and that acking everything leaves nothing counted.
-func checkLeaseRecordsRestored(t *testing.T, dir string, opts QueueOptions, reopen func(Queue) Queue) {
+func checkLeaseRecordsRestored(t *testing.T, dir string, opts QueueOptions, encode func([]recEntry) []byte, reopen func(Queue) Queue) {
 	t.Helper()
 	ctx := context.Background()
 	before := time.Now()
 	q := mustOpenBadger(t, dir, opts)
+	q.(*badgerQueue).encodeRec = encode
 	byID := leaseRecordEvents(t, q)
 	first := leaseAll(t, q, "h", 5, "a", "b")
 	refs := []LeaseRef{{ID: first[1].Event.ID, Attempt: 1}, {ID: first[3].Event.ID, Attempt: 1}}
@@ -124,14 +125,13 @@ func TestCompactLeaseRecordsAcrossReopen(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.setup(t)
 			dir := t.TempDir()
-			var written [][]byte
-			leaseRecEncoder = func(entries []recEntry) []byte {
+			var written [][]byte // by the writer goroutine, read once the queue is closed
+			encode := func(entries []recEntry) []byte {
 				v := encodeLeaseRec(entries)
 				written = append(written, v)
 				return v
 			}
-			defer func() { leaseRecEncoder = encodeLeaseRec }()
-			checkLeaseRecordsRestored(t, dir, QueueOptions{}, func(q Queue) Queue {
+			checkLeaseRecordsRestored(t, dir, QueueOptions{}, encode, func(q Queue) Queue {
 				return closeAndReopen(t, q, dir, QueueOptions{})
 			})
 			if len(written) == 0 {
@@ -151,9 +151,7 @@ func TestCompactLeaseRecordsAcrossReopen(t *testing.T) {
 // attempt counts, and is format 4 from then on.
 func TestFormat3LeaseRecordsOpen(t *testing.T) {
 	dir := t.TempDir()
-	leaseRecEncoder = encodeLeaseRecFormat3
-	defer func() { leaseRecEncoder = encodeLeaseRec }()
-	checkLeaseRecordsRestored(t, dir, QueueOptions{}, func(q Queue) Queue {
+	checkLeaseRecordsRestored(t, dir, QueueOptions{}, encodeLeaseRecFormat3, func(q Queue) Queue {
 		if err := q.Close(); err != nil {
 			t.Fatal(err)
 		}
@@ -178,7 +176,6 @@ func TestFormat3LeaseRecordsOpen(t *testing.T) {
 		if n == 0 {
 			t.Fatal("no lease record stored")
 		}
-		leaseRecEncoder = encodeLeaseRec
 		return mustOpenBadger(t, dir, QueueOptions{})
 	})
 	withStoredDB(t, dir, func(db *badger.DB) error {
@@ -194,4 +191,50 @@ func TestFormat3LeaseRecordsOpen(t *testing.T) {
 			return err
 		})
 	})
+}
+
+// BenchmarkBadgerReopenLeased: opening a queue with 49,152 events out on
+// lease in 48 full chunks (each read once for its deliveries), with lease
+// records of format 4 and of format 3.
+func BenchmarkBadgerReopenLeased(b *testing.B) {
+	const chunks, per = 48, 1024
+	for _, bc := range []struct {
+		name   string
+		encode func([]recEntry) []byte
+	}{{"compact", encodeLeaseRec}, {"format3", encodeLeaseRecFormat3}} {
+		b.Run(bc.name, func(b *testing.B) {
+			dir := b.TempDir()
+			q := openTestBadger(b, dir, QueueOptions{})
+			q.encodeRec = bc.encode
+			for c := range chunks {
+				evs := make([]Event, per)
+				for i := range evs {
+					evs[i] = Event{ID: fmt.Sprintf("r-%d-%d", c, i), Namespace: "n", Data: []byte("x")}
+				}
+				publishTest(b, q, evs...)
+			}
+			if ls := leaseAll(b, q, "h", chunks*per, "n"); len(ls) != chunks*per {
+				b.Fatalf("leased %d", len(ls))
+			}
+			if err := q.Close(); err != nil {
+				b.Fatal(err)
+			}
+			b.ResetTimer()
+			for range b.N {
+				q, err := OpenBadgerQueue(dir, QueueOptions{})
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				st, err := q.Stats(context.Background(), "n")
+				if err != nil || st[0].Ready != chunks*per {
+					b.Fatalf("after reopen: %+v, %v", st, err)
+				}
+				if err := q.Close(); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+		})
+	}
 }
