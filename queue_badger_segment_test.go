@@ -371,19 +371,7 @@ func TestBadgerFormat2Opens(t *testing.T) {
 	if err := q.Close(); err != nil {
 		t.Fatal(err)
 	}
-	withStoredDB(t, dir, func(db *badger.DB) error {
-		return db.View(func(txn *badger.Txn) error {
-			item, err := txn.Get(metaFormat)
-			if err != nil {
-				return err
-			}
-			v, err := item.ValueCopy(nil)
-			if err == nil && !bytes.Equal(v, []byte{storageFormat}) {
-				t.Errorf("format after opening: %v, want %d", v, storageFormat)
-			}
-			return err
-		})
-	})
+	checkStoredFormat(t, dir)
 	setStored(t, dir, metaFormat, []byte{storageFormat + 1})
 	q2, err := OpenBadgerQueue(dir, QueueOptions{})
 	if err == nil {

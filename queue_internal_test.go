@@ -1131,6 +1131,25 @@ func setStored(t *testing.T, dir string, key, val []byte) {
 	})
 }
 
+// checkStoredFormat checks that a closed queue's directory is of the
+// current storage format.
+func checkStoredFormat(t *testing.T, dir string) {
+	t.Helper()
+	withStoredDB(t, dir, func(db *badger.DB) error {
+		return db.View(func(txn *badger.Txn) error {
+			item, err := txn.Get(metaFormat)
+			if err != nil {
+				return err
+			}
+			v, err := item.ValueCopy(nil)
+			if err == nil && !bytes.Equal(v, []byte{storageFormat}) {
+				t.Errorf("format after opening: %v, want %d", v, storageFormat)
+			}
+			return err
+		})
+	})
+}
+
 // reopenTestBadger closes q and opens dir again.
 func reopenTestBadger(t *testing.T, q *badgerQueue, dir string, opts QueueOptions) *badgerQueue {
 	t.Helper()

@@ -178,19 +178,7 @@ func TestFormat3LeaseRecordsOpen(t *testing.T) {
 		}
 		return mustOpenBadger(t, dir, QueueOptions{})
 	})
-	withStoredDB(t, dir, func(db *badger.DB) error {
-		return db.View(func(txn *badger.Txn) error {
-			item, err := txn.Get(metaFormat)
-			if err != nil {
-				return err
-			}
-			v, err := item.ValueCopy(nil)
-			if err == nil && !bytes.Equal(v, []byte{storageFormat}) {
-				t.Errorf("format after opening: %v, want %d", v, storageFormat)
-			}
-			return err
-		})
-	})
+	checkStoredFormat(t, dir)
 }
 
 // BenchmarkBadgerReopenLeased: opening a queue with 49,152 events out on
