@@ -524,15 +524,20 @@ func leaseRecKey(seq uint64) []byte { return binary.BigEndian.AppendUint64([]byt
 // nothing after it.
 const leaseRecCompact = 1
 
+// leaseRecBound bounds what a delivery of namespace ns adds to a lease
+// record: a run of its own at worst (its namespace and count), its
+// sequence number's delta and its attempt. The record's two leading bytes
+// come on top.
+func leaseRecBound(ns string) int {
+	return len(ns) + 2*binary.MaxVarintLen32 + binary.MaxVarintLen64 + binary.MaxVarintLen32
+}
+
 // encodeLeaseRec encodes a lease record of entries (their ns, seq and
 // attempt; see above).
 func encodeLeaseRec(entries []recEntry) []byte {
 	n := 2
-	for i, r := range entries {
-		if i == 0 || r.ns != entries[i-1].ns {
-			n += len(r.ns) + 2*binary.MaxVarintLen32
-		}
-		n += binary.MaxVarintLen64 + binary.MaxVarintLen32
+	for _, r := range entries {
+		n += leaseRecBound(r.ns)
 	}
 	b := make([]byte, 0, n)
 	b = append(b, 0, leaseRecCompact)
@@ -597,12 +602,7 @@ func decodeCompactLeaseRec(b []byte) ([]recEntry, error) {
 		}
 		var prev uint64
 		for range n {
-			delta, k := binary.Varint(d.b)
-			if k <= 0 {
-				return nil, errCorrupt
-			}
-			d.b = d.b[k:]
-			seq := prev + uint64(delta)
+			seq := prev + uint64(d.varint())
 			attempt := d.uvarint()
 			if d.bad || attempt > math.MaxInt32 {
 				return nil, errCorrupt
@@ -1073,16 +1073,8 @@ func (q *badgerQueue) writeRepairs(dead []*qchunk, repaired []string) error {
 // list none.
 func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 	c := q.core
-	type nsSeq struct {
-		ns  string
-		seq uint64
-	}
-	type latest struct {
-		r   recEntry
-		rec *leaseRec
-	}
 	recs := make(map[uint64]*leaseRec)
-	deliveries := make(map[nsSeq]latest)
+	deliveries := make(map[nsSeq]recDelivery)
 	it := txn.NewIterator(badger.IteratorOptions{Prefix: []byte{keyLeaseRec}})
 	for it.Rewind(); it.Valid(); it.Next() {
 		k := it.Item().Key()
@@ -1096,7 +1088,7 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 			var entries []recEntry
 			entries, err = decodeLeaseRec(v)
 			for _, r := range entries {
-				deliveries[nsSeq{r.ns, r.seq}] = latest{r, rec}
+				deliveries[nsSeq{r.ns, r.seq}] = recDelivery{r, rec}
 			}
 		}
 		if err != nil {
@@ -1129,7 +1121,6 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 		}
 	}()
 	for i, k := range keys {
-		d := deliveries[k]
 		ns := c.nss[k.ns]
 		if ns == nil || k.seq < ns.diskNext || ns.freshDisk <= 0 {
 			continue // acked or dead-lettered since
@@ -1153,44 +1144,8 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 				if err != nil || len(curSeqs) == 0 {
 					return err
 				}
-				// A compact record's deliveries (no id) take their id,
-				// size and enqueue time from the chunk, all those in it
-				// while it is at hand: one pass over the chunk, alongside
-				// the sorted keys (chunkEvent for each would read the
-				// chunk from its start each time).
-				r, err := readChunk(v, first)
-				if err != nil {
-					return err
-				}
-				j := i
-				for j < len(keys) && keys[j].ns == k.ns && keys[j].seq <= curSeqs[len(curSeqs)-1] {
-					seq, val, ok, err := r.next()
-					if err != nil || !ok {
-						return err
-					}
-					for j < len(keys) && keys[j].ns == k.ns && keys[j].seq < seq {
-						j++ // not in the chunk
-					}
-					if j == len(keys) || keys[j].ns != k.ns || keys[j].seq != seq {
-						continue
-					}
-					kk := keys[j]
-					j++
-					dd := deliveries[kk]
-					if dd.r.id != "" {
-						continue
-					}
-					ev, enq, err := decodeEvent(val)
-					if err != nil {
-						// Left to refill, which meets the same error.
-						q.log.Warn("h3x: badger queue: unreadable leased event; its attempt count is lost", "namespace", kk.ns, "seq", kk.seq, "err", err)
-						continue
-					}
-					ev.Namespace = kk.ns
-					dd.r.id, dd.r.size, dd.r.enq = strings.Clone(ev.ID), ev.size(), enq
-					deliveries[kk] = dd
-				}
-				return nil
+				// Every delivery in this chunk, while it is at hand.
+				return q.fillFromChunk(v, first, curSeqs[len(curSeqs)-1], keys[i:], deliveries)
 			})
 			if errors.Is(err, errLostChunk) {
 				cur = nil // set aside by the sweep, or when a read reaches it
@@ -1206,7 +1161,7 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 		if _, found := slices.BinarySearch(curSeqs, k.seq); !found || cur.isSettled(k.seq) {
 			continue // acked or dead-lettered since
 		}
-		d = deliveries[k] // filled in from the chunk
+		d := deliveries[k]
 		if d.r.id == "" {
 			continue // unreadable (logged above): loaded as a fresh event
 		}
@@ -1240,6 +1195,61 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 		if err != nil {
 			return fmt.Errorf("h3x: badger queue: delete lease records: %w", err)
 		}
+	}
+	return nil
+}
+
+// nsSeq names a delivered event in loadLeaseRecs.
+type nsSeq struct {
+	ns  string
+	seq uint64
+}
+
+// recDelivery is the latest delivery of an event that the lease records
+// list, and the record listing it.
+type recDelivery struct {
+	r   recEntry
+	rec *leaseRec
+}
+
+// fillFromChunk gives the deliveries of compact lease records (no id)
+// among keys (sorted, those from the chunk's namespace first) that are in
+// the chunk v, of sequence numbers first to last, their id, size and
+// enqueue time: in one pass over the chunk (chunkEvent for each would read
+// it from its start each time).
+func (q *badgerQueue) fillFromChunk(v []byte, first, last uint64, keys []nsSeq, deliveries map[nsSeq]recDelivery) error {
+	r, err := readChunk(v, first)
+	if err != nil {
+		return err
+	}
+	ns := keys[0].ns
+	inChunk := func() bool { return len(keys) > 0 && keys[0].ns == ns && keys[0].seq <= last }
+	for inChunk() {
+		seq, val, ok, err := r.next()
+		if err != nil || !ok {
+			return err
+		}
+		for inChunk() && keys[0].seq < seq {
+			keys = keys[1:] // not in the chunk
+		}
+		if !inChunk() || keys[0].seq != seq {
+			continue
+		}
+		k := keys[0]
+		keys = keys[1:]
+		d := deliveries[k]
+		if d.r.id != "" {
+			continue
+		}
+		ev, enq, err := decodeEvent(val)
+		if err != nil {
+			// Left to refill, which meets the same error.
+			q.log.Warn("h3x: badger queue: unreadable leased event; its attempt count is lost", "namespace", k.ns, "seq", k.seq, "err", err)
+			continue
+		}
+		ev.Namespace = ns
+		d.r.id, d.r.size, d.r.enq = strings.Clone(ev.ID), ev.size(), enq
+		deliveries[k] = d
 	}
 	return nil
 }

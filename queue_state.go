@@ -1173,7 +1173,7 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 		recBytes := 0
 		for len(leased) > 0 {
 			e := leased[0]
-			n := len(e.ns.name) + 25 // a bound of its encoding, a run of its own at worst (encodeLeaseRec)
+			n := leaseRecBound(e.ns.name)
 			if len(put.entries) > 0 && c.recMaxBytes > 0 && recBytes+n > c.recMaxBytes {
 				break
 			}
