@@ -161,8 +161,8 @@ func decodeMovedKey(k []byte) (ns string, first, seq uint64, ok bool) {
 		return "", 0, 0, false
 	}
 	name := d.bytes()
-	if d.bad || len(d.b) != 16 {
-		return "", 0, 0, false
+	if d.bad || len(d.b) != 16 || len(k) != 1+uvarintLen(uint64(len(name)))+len(name)+16 {
+		return "", 0, 0, false // the length in more bytes than it needs: not a key movedKey makes
 	}
 	return string(name), binary.BigEndian.Uint64(d.b), binary.BigEndian.Uint64(d.b[8:]), true
 }

@@ -1102,8 +1102,15 @@ func decodeSeqKey(k []byte, kind byte) (ns string, seq uint64, ok bool) {
 		return "", 0, false
 	}
 	n, w := binary.Uvarint(k[1:])
-	if w <= 0 || uint64(len(k)-1-w) != n+8 {
-		return "", 0, false
+	if w <= 0 || uint64(len(k)-1-w) != n+8 || w != uvarintLen(n) {
+		return "", 0, false // not a key seqKey makes: a length in more bytes than it needs names no key
 	}
 	return string(k[1+w : 1+w+int(n)]), binary.BigEndian.Uint64(k[len(k)-8:]), true
+}
+
+// uvarintLen is the length of n's shortest uvarint encoding, the one
+// binary.AppendUvarint writes.
+func uvarintLen(n uint64) int {
+	var b [binary.MaxVarintLen64]byte
+	return binary.PutUvarint(b[:], n)
 }
