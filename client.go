@@ -670,7 +670,8 @@ func (c *Client) rateLimited(ns string, d time.Duration) {
 	}
 }
 
-// rateWait returns how long publishing to any of events' namespaces must wait.
+// rateWait returns how long publishing to any of the namespaces of the
+// events at the indices todo (nil: of every event) must wait.
 func (c *Client) rateWait(events []Event, todo []int) time.Duration {
 	c.rateMu.Lock()
 	defer c.rateMu.Unlock()
@@ -679,14 +680,22 @@ func (c *Client) rateWait(events []Event, todo []int) time.Duration {
 	}
 	now := time.Now()
 	var wait time.Duration
-	for _, i := range todo {
-		if until, ok := c.blocked[events[i].Namespace]; ok {
+	check := func(ns string) {
+		if until, ok := c.blocked[ns]; ok {
 			if d := until.Sub(now); d > wait {
 				wait = d
 			} else if d <= 0 {
-				delete(c.blocked, events[i].Namespace)
+				delete(c.blocked, ns)
 			}
 		}
+	}
+	if todo == nil {
+		for i := range events {
+			check(events[i].Namespace)
+		}
+	}
+	for _, i := range todo {
+		check(events[i].Namespace)
 	}
 	return wait
 }
@@ -1070,17 +1079,33 @@ func (c *Client) becomeIdle() bool {
 }
 
 func (c *Client) runAsync(a asyncPublish) {
-	ctx, cancel := context.WithCancel(a.ctx)
-	stop := context.AfterFunc(c.ctx, cancel)
-	defer cancel()
-	defer stop()
+	ctx, done := c.untilClose(a.ctx)
 	p := a.call
 	p.results, p.err = c.Publish(ctx, a.events...)
-	if p.err != nil && c.ctx.Err() != nil {
-		p.err = ErrClosed
-	}
+	done()
+	p.err = c.closedErr(p.err)
 	<-c.asyncSlots
 	close(p.done)
+}
+
+// untilClose returns ctx, also ended by Close, for the background work of
+// a PublishAsync call; done releases it.
+func (c *Client) untilClose(ctx context.Context) (context.Context, func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(c.ctx, cancel)
+	return ctx, func() {
+		stop()
+		cancel()
+	}
+}
+
+// closedErr returns err, or ErrClosed for an error once Close has begun
+// (which ends the background work's ctx: untilClose).
+func (c *Client) closedErr(err error) error {
+	if err != nil && c.ctx.Err() != nil {
+		return ErrClosed
+	}
+	return err
 }
 
 // Delivery is one delivery of an event to this client: the event, its

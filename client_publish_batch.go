@@ -311,13 +311,11 @@ func (c *Client) publishShared(ctx context.Context, events []Event, p *PublishCa
 			<-c.pubSlots
 		}
 	}()
-	c.mu.Lock()
-	cc := c.cc
-	c.mu.Unlock()
+	cc := c.current()
 	if cc == nil {
 		return false
 	}
-	if c.rateWait(events, indices(len(events))) > 0 {
+	if c.rateWait(events, nil) > 0 {
 		return false
 	}
 	maxEvents, maxBytes := sendLimits(cc)
@@ -396,9 +394,8 @@ func (pt *asyncPart) again(results []PublishResult, again []int, wait time.Durat
 	if !c.goOwned(func() {
 		// Ended by Close too, as a worker's Publish is (runAsync): Close
 		// waits for this goroutine.
-		ctx, cancel := context.WithCancel(pt.ctx)
-		defer cancel()
-		defer context.AfterFunc(c.ctx, cancel)()
+		ctx, done := c.untilClose(pt.ctx)
+		defer done()
 		err := sleepCtx(ctx, wait)
 		if err == nil {
 			subset := make([]Event, len(again))
@@ -417,11 +414,8 @@ func (pt *asyncPart) again(results []PublishResult, again []int, wait time.Durat
 		}
 		if err != nil {
 			results = nil
-			if c.ctx.Err() != nil {
-				err = ErrClosed
-			}
 		}
-		pt.finish(results, err)
+		pt.finish(results, c.closedErr(err))
 	}) {
 		pt.finish(nil, ErrClosed)
 	}
