@@ -50,6 +50,25 @@ func publishAsyncTo(t *testing.T, q Queue, n int, prefix string) (*Client, *Publ
 	return c, c.PublishAsync(context.Background(), evs...)
 }
 
+// closeWithin closes c and reports an error if Close takes more than 3 s,
+// blocked by what; unblock, if not nil, then lets it return.
+func closeWithin(t *testing.T, c *Client, what string, unblock func()) {
+	t.Helper()
+	closed := make(chan struct{})
+	start := time.Now()
+	go func() { c.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(3 * time.Second):
+		t.Errorf("Close blocked for %v by %s", time.Since(start), what)
+		if unblock != nil {
+			unblock()
+		}
+		<-closed
+		t.Logf("Close returned after %v", time.Since(start))
+	}
+}
+
 // A PublishAsync call whose events were refused QUEUE_FULL with a long
 // retry-after waits it out in a worker; Close must end that wait (as
 // Publish's pause does with c.closed), not block for the retry-after.
@@ -67,16 +86,7 @@ func TestReviewPublishAsyncRetryAfterBlocksClose(t *testing.T) {
 				time.Sleep(time.Millisecond)
 			}
 			time.Sleep(100 * time.Millisecond) // the retry waits out its retry-after
-			closed := make(chan struct{})
-			start := time.Now()
-			go func() { c.Close(); close(closed) }()
-			select {
-			case <-closed:
-			case <-time.After(3 * time.Second):
-				t.Errorf("Close blocked for %v by a PublishAsync call waiting out a retry-after", time.Since(start))
-				<-closed
-				t.Logf("Close returned after %v", time.Since(start))
-			}
+			closeWithin(t, c, "a PublishAsync call waiting out a retry-after", nil)
 			if _, err := call.Result(); !errors.Is(err, ErrClosed) {
 				t.Errorf("call: %v, want ErrClosed", err)
 			}
@@ -132,16 +142,7 @@ func TestReviewPublishAsyncRetryInFlightBlocksClose(t *testing.T) {
 			case <-time.After(5 * time.Second):
 				t.Fatal("the retry never reached the queue")
 			}
-			closed := make(chan struct{})
-			start := time.Now()
-			go func() { c.Close(); close(closed) }()
-			select {
-			case <-closed:
-			case <-time.After(3 * time.Second):
-				t.Errorf("Close blocked for %v by a PublishAsync retry in flight", time.Since(start))
-				close(q.open)
-				<-closed
-			}
+			closeWithin(t, c, "a PublishAsync retry in flight", func() { close(q.open) })
 			select {
 			case <-call.Done():
 				if _, err := call.Result(); !errors.Is(err, ErrClosed) {

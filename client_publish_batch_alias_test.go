@@ -45,10 +45,7 @@ func TestReviewSharedAbandonedCallerBuffersReused(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			q := &dataQueue{gateQueue: newGateQueue(), data: map[string]string{}}
-			s := testServer(t, WithQueue(q))
-			c := mustDial(t, s, "alice", "alice-token")
-			q.shut.Store(true)
-			firsts := fillShared(t, c)
+			c, firsts := filledOver(t, q, q.gateQueue)
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
 

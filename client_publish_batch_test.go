@@ -142,6 +142,50 @@ func fillShared(t *testing.T, c *Client) <-chan error {
 	return errs
 }
 
+// filledOver starts a server over queue, whose gate is g, dials it as
+// alice, shuts the gate and fills the client's shared requests
+// (fillShared).
+func filledOver(t *testing.T, queue Queue, g *gateQueue) (*Client, <-chan error) {
+	t.Helper()
+	s := testServer(t, WithQueue(queue))
+	c := mustDial(t, s, "alice", "alice-token")
+	g.shut.Store(true)
+	return c, fillShared(t, c)
+}
+
+// openGate opens g and checks that the publishes fillShared started end
+// stored.
+func openGate(t *testing.T, g *gateQueue, firsts <-chan error) {
+	t.Helper()
+	close(g.open)
+	for range sharedSendsInFlight {
+		if err := <-firsts; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// sharedCaller is a call of a few events and the status each should end
+// with.
+type sharedCaller struct {
+	events []Event
+	want   []PublishStatus
+}
+
+// check checks that res, the results of call i, are its events' own,
+// with the statuses it wants.
+func (cl sharedCaller) check(t *testing.T, i int, res []PublishResult) {
+	t.Helper()
+	if len(res) != len(cl.events) {
+		t.Fatalf("call %d: %d results for %d events", i, len(res), len(cl.events))
+	}
+	for j, r := range res {
+		if r.ID != cl.events[j].ID || r.Status != cl.want[j] {
+			t.Errorf("call %d, event %d (%s): got %s %v, want %v", i, j, cl.events[j].ID, r.ID, r.Status, cl.want[j])
+		}
+	}
+}
+
 // sharedWithDuplicate starts a server over a gate queue with "dup-0" stored,
 // shuts the gate and fills the client's shared requests (fillShared).
 func sharedWithDuplicate(t *testing.T) (*gateQueue, *Client, <-chan error) {
@@ -169,14 +213,10 @@ func TestSmallPublishesShareRequests(t *testing.T) {
 
 	// Callers of one to three events: some stored, some for a namespace
 	// alice may not publish to, some with the ID stored above.
-	type caller struct {
-		events []Event
-		want   []PublishStatus
-	}
-	var callers []caller
+	var callers []sharedCaller
 	pending := 0
 	for i := range 30 {
-		cl := caller{events: []Event{{Namespace: "orders", Type: "t", ID: fmt.Sprintf("ok-%d", i)}}, want: []PublishStatus{PublishStored}}
+		cl := sharedCaller{events: []Event{{Namespace: "orders", Type: "t", ID: fmt.Sprintf("ok-%d", i)}}, want: []PublishStatus{PublishStored}}
 		if i%4 == 1 {
 			cl.events = append(cl.events, Event{Namespace: "billing", Type: "t", ID: fmt.Sprintf("denied-%d", i)})
 			cl.want = append(cl.want, PublishRefused)
@@ -210,24 +250,14 @@ func TestSmallPublishesShareRequests(t *testing.T) {
 		}
 		waitSends(t, c, sharedSendsInFlight, pending)
 	}
-	close(q.open)
-	for range sharedSendsInFlight {
-		if err := <-firsts; err != nil {
-			t.Fatal(err)
-		}
-	}
+	openGate(t, q, firsts)
 	for i, cl := range callers {
 		a := <-answers[i]
 		if a.err != nil {
 			t.Fatalf("caller %d: %v", i, a.err)
 		}
-		if len(a.res) != len(cl.events) {
-			t.Fatalf("caller %d: %d results for %d events", i, len(a.res), len(cl.events))
-		}
+		cl.check(t, i, a.res)
 		for j, r := range a.res {
-			if r.ID != cl.events[j].ID || r.Status != cl.want[j] {
-				t.Errorf("caller %d, event %d (%s): got %s %v, want %v", i, j, cl.events[j].ID, r.ID, r.Status, cl.want[j])
-			}
 			if r.Status == PublishRefused && !errors.Is(r.Err, ErrPermissionDenied) {
 				t.Errorf("caller %d, event %d: refused with %v, want ErrPermissionDenied", i, j, r.Err)
 			}
@@ -245,10 +275,7 @@ func TestSmallPublishesShareRequests(t *testing.T) {
 // callers have all gone is never sent, and frees its place.
 func TestSharedPublishCallerGivesUp(t *testing.T) {
 	q := newGateQueue()
-	s := testServer(t, WithQueue(q))
-	c := mustDial(t, s, "alice", "alice-token")
-	q.shut.Store(true)
-	firsts := fillShared(t, c)
+	c, firsts := filledOver(t, q, q)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -307,12 +334,7 @@ func TestSharedPublishCallerGivesUp(t *testing.T) {
 		t.Fatalf("the lone caller that gave up: %v", err)
 	}
 
-	close(q.open)
-	for range sharedSendsInFlight {
-		if err := <-firsts; err != nil {
-			t.Fatal(err)
-		}
-	}
+	openGate(t, q, firsts)
 	if err := <-stays; err != nil {
 		t.Fatalf("the caller that stayed: %v", err)
 	}
@@ -329,10 +351,7 @@ func TestSharedPublishCallerGivesUp(t *testing.T) {
 // Close ends the calls whose chunks wait for a shared request.
 func TestSharedPublishClose(t *testing.T) {
 	q := newGateQueue()
-	s := testServer(t, WithQueue(q))
-	c := mustDial(t, s, "alice", "alice-token")
-	q.shut.Store(true)
-	firsts := fillShared(t, c)
+	c, firsts := filledOver(t, q, q)
 	waiting := make(chan error, 3)
 	for i := range 3 {
 		go func() {
@@ -366,27 +385,22 @@ func TestPublishAsyncSharesRequests(t *testing.T) {
 	q, c, firsts := sharedWithDuplicate(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	type want struct {
-		ids    []string
-		status []PublishStatus
-	}
 	var calls []*PublishCall
-	var wants []want
+	var callers []sharedCaller
 	pending := 0
 	for i := range 40 {
-		evs := []Event{{Namespace: "orders", Type: "t", ID: fmt.Sprintf("ok-%d", i)}}
-		w := want{ids: []string{evs[0].ID}, status: []PublishStatus{PublishStored}}
+		cl := sharedCaller{events: []Event{{Namespace: "orders", Type: "t", ID: fmt.Sprintf("ok-%d", i)}}, want: []PublishStatus{PublishStored}}
 		switch i % 5 {
 		case 1:
-			evs = append(evs, Event{Namespace: "billing", Type: "t", ID: fmt.Sprintf("denied-%d", i)})
-			w.ids, w.status = append(w.ids, evs[1].ID), append(w.status, PublishRefused)
+			cl.events = append(cl.events, Event{Namespace: "billing", Type: "t", ID: fmt.Sprintf("denied-%d", i)})
+			cl.want = append(cl.want, PublishRefused)
 		case 3:
-			evs = append(evs, Event{Namespace: "orders", Type: "t", ID: "dup-0"})
-			w.ids, w.status = append(w.ids, "dup-0"), append(w.status, PublishDuplicate)
+			cl.events = append(cl.events, Event{Namespace: "orders", Type: "t", ID: "dup-0"})
+			cl.want = append(cl.want, PublishDuplicate)
 		}
-		calls = append(calls, c.PublishAsync(ctx, evs...))
-		wants = append(wants, w)
-		pending += len(evs)
+		calls = append(calls, c.PublishAsync(ctx, cl.events...))
+		callers = append(callers, cl)
+		pending += len(cl.events)
 	}
 	// All of them wait in one shared request, as its parts.
 	waitSends(t, c, sharedSendsInFlight, pending)
@@ -399,25 +413,13 @@ func TestPublishAsyncSharesRequests(t *testing.T) {
 	if parts != len(calls) {
 		t.Fatalf("%d of %d PublishAsync calls wait as parts of a shared request", parts, len(calls))
 	}
-	close(q.open)
-	for range sharedSendsInFlight {
-		if err := <-firsts; err != nil {
-			t.Fatal(err)
-		}
-	}
+	openGate(t, q, firsts)
 	for i, call := range calls {
 		res, err := call.Result()
 		if err != nil {
 			t.Fatalf("call %d: %v", i, err)
 		}
-		if len(res) != len(wants[i].ids) {
-			t.Fatalf("call %d: %d results, want %d", i, len(res), len(wants[i].ids))
-		}
-		for j, r := range res {
-			if r.ID != wants[i].ids[j] || r.Status != wants[i].status[j] {
-				t.Errorf("call %d, event %d: got %s %v, want %s %v", i, j, r.ID, r.Status, wants[i].ids[j], wants[i].status[j])
-			}
-		}
+		callers[i].check(t, i, res)
 	}
 	if got := q.callsWith("ok-"); got != 1 {
 		t.Errorf("%d Enqueue calls for the PublishAsync calls, want 1", got)
@@ -433,12 +435,9 @@ func TestPublishAsyncSharedRetryAndGiveUp(t *testing.T) {
 	fq := newFlakyQueue(0)
 	q := newGateQueue()
 	q.Queue = fq
-	s := testServer(t, WithQueue(q))
-	c := mustDial(t, s, "alice", "alice-token")
+	c, firsts := filledOver(t, q, q)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	q.shut.Store(true)
-	firsts := fillShared(t, c)
 	var calls []*PublishCall
 	for i := range 30 {
 		calls = append(calls, c.PublishAsync(ctx, Event{Namespace: "orders", Type: "t", ID: fmt.Sprintf("r-%d", i)}))
@@ -457,12 +456,7 @@ func TestPublishAsyncSharedRetryAndGiveUp(t *testing.T) {
 		t.Fatal("the call whose ctx ended is not done")
 	}
 	copy(data, "reused!!")
-	close(q.open)
-	for range sharedSendsInFlight {
-		if err := <-firsts; err != nil {
-			t.Fatal(err)
-		}
-	}
+	openGate(t, q, firsts)
 	for i, call := range calls {
 		res, err := call.Result()
 		if err != nil || res[0].Status != PublishStored {
@@ -506,10 +500,7 @@ func TestPublishAsyncSharedRetryAndGiveUp(t *testing.T) {
 // returns.
 func TestPublishAsyncSharedClose(t *testing.T) {
 	q := newGateQueue()
-	s := testServer(t, WithQueue(q))
-	c := mustDial(t, s, "alice", "alice-token")
-	q.shut.Store(true)
-	firsts := fillShared(t, c)
+	c, firsts := filledOver(t, q, q)
 	var calls []*PublishCall
 	for i := range 5 {
 		calls = append(calls, c.PublishAsync(context.Background(), Event{Namespace: "orders", Type: "t", ID: fmt.Sprintf("w-%d", i)}))
