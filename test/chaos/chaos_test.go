@@ -305,16 +305,23 @@ func dial(ctx context.Context, t *testing.T, h *harness, name string) *h3x.Clien
 	return c
 }
 
-func publisher(ctx context.Context, c *h3x.Client, p int, rec *record) {
+// everyPublish runs f every publishEvery until ctx ends.
+func everyPublish(ctx context.Context, f func()) {
 	tick := time.NewTicker(publishEvery)
 	defer tick.Stop()
-	seq := 0
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
 		}
+		f()
+	}
+}
+
+func publisher(ctx context.Context, c *h3x.Client, p int, rec *record) {
+	seq := 0
+	everyPublish(ctx, func() {
 		events := make([]h3x.Event, publishBatch)
 		for i := range events {
 			seq++
@@ -326,7 +333,7 @@ func publisher(ctx context.Context, c *h3x.Client, p int, rec *record) {
 		rec.pubInflight.Add(-1)
 		cancel()
 		rec.publishCall(ctx, len(events), res, err)
-	}
+	})
 }
 
 // publishCall records a Publish call of n events (or a PublishAsync call's
@@ -367,15 +374,8 @@ func (rec *record) publishCall(ctx context.Context, n int, res []h3x.PublishResu
 // flight share requests and have no goroutine of their own, across the
 // server's kills like every other call.
 func asyncPublisher(ctx context.Context, c *h3x.Client, p int, rec *record) {
-	tick := time.NewTicker(publishEvery)
-	defer tick.Stop()
 	seq := 0
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
+	everyPublish(ctx, func() {
 		cctx, cancel := context.WithTimeout(ctx, callTimeout)
 		calls := make([]*h3x.PublishCall, asyncBurst)
 		rec.pubInflight.Add(1)
@@ -389,7 +389,7 @@ func asyncPublisher(ctx context.Context, c *h3x.Client, p int, rec *record) {
 		}
 		rec.pubInflight.Add(-1)
 		cancel()
-	}
+	})
 }
 
 // consumer subscribes and hands each delivery to four ackers, which ack
