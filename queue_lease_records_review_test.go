@@ -12,7 +12,7 @@ import (
 
 // leaseRecPublish enqueues chunks calls of per events each into ns (one
 // Enqueue call, one group, one chunk each) and returns the IDs.
-func leaseRecPublish(t *testing.T, q Queue, ns string, chunks, per int) []string {
+func leaseRecPublish(t testing.TB, q Queue, ns string, chunks, per int) []string {
 	t.Helper()
 	var ids []string
 	for c := range chunks {

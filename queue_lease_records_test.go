@@ -194,13 +194,7 @@ func BenchmarkBadgerReopenLeased(b *testing.B) {
 			dir := b.TempDir()
 			q := openTestBadger(b, dir, QueueOptions{})
 			q.encodeRec = bc.encode
-			for c := range chunks {
-				evs := make([]Event, per)
-				for i := range evs {
-					evs[i] = Event{ID: fmt.Sprintf("r-%d-%d", c, i), Namespace: "n", Data: []byte("x")}
-				}
-				publishTest(b, q, evs...)
-			}
+			leaseRecPublish(b, q, "n", chunks, per)
 			if ls := leaseAll(b, q, "h", chunks*per, "n"); len(ls) != chunks*per {
 				b.Fatalf("leased %d", len(ls))
 			}
