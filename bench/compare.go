@@ -102,6 +102,11 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 		return runResult{}, err
 	}
 	defer t.Close()
+	pid := t.Proc().pid()
+	// Cancelled, with the server's log as the cause, if the server dies:
+	// its clients would otherwise retry until the run's deadline.
+	ctx, stop := untilExit(ctx, t.Proc())
+	defer stop()
 	var r runResult
 	tag := fmt.Sprintf("%s-%s", sys, map[class]string{crashSafe: "crash", fsyncAck: "fsync"}[cls])
 
@@ -110,13 +115,13 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	if profileDir != "" {
 		prof = captureProfiles(h.srv.pprofAddr, time.Second, filepath.Join(profileDir, tag+"-publish"))
 	}
-	s0, c0 := procCPU(t.PID()), selfCPU()
+	s0, c0 := procCPU(pid), selfCPU()
 	n, el, err := t.Publish(ctx, cfg.pubCount)
 	if err != nil {
-		return r, fmt.Errorf("publish: %w", err)
+		return r, fmt.Errorf("publish: %w", exitCause(ctx, err))
 	}
 	if n > 0 {
-		r.pubSrvCPU = (procCPU(t.PID()) - s0) / time.Duration(n)
+		r.pubSrvCPU = (procCPU(pid) - s0) / time.Duration(n)
 		r.pubCliCPU = (selfCPU() - c0) / time.Duration(n)
 	}
 	if prof != nil {
@@ -131,13 +136,13 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	if profileDir != "" {
 		prof = captureProfiles(h.srv.pprofAddr, 2*time.Second, filepath.Join(profileDir, tag+"-consume"))
 	}
-	s0, c0 = procCPU(t.PID()), selfCPU()
+	s0, c0 = procCPU(pid), selfCPU()
 	el, err = t.Consume(ctx, r.consumed)
 	if err != nil {
-		return r, fmt.Errorf("consume: %w", err)
+		return r, fmt.Errorf("consume: %w", exitCause(ctx, err))
 	}
 	if r.consumed > 0 {
-		r.consSrvCPU = (procCPU(t.PID()) - s0) / time.Duration(r.consumed)
+		r.consSrvCPU = (procCPU(pid) - s0) / time.Duration(r.consumed)
 		r.consCliCPU = (selfCPU() - c0) / time.Duration(r.consumed)
 	}
 	if prof != nil {
@@ -152,17 +157,17 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	if profileDir != "" {
 		prof = captureProfiles(h.srv.pprofAddr, cfg.latWarm+cfg.latDur, filepath.Join(profileDir, tag+"-latency"))
 	}
-	s0, c0 = procCPU(t.PID()), selfCPU()
+	s0, c0 = procCPU(pid), selfCPU()
 	lat, achieved, err := t.Latency(ctx, cfg.latRate, cfg.latWarm, cfg.latDur)
 	if err != nil {
-		return r, fmt.Errorf("latency: %w", err)
+		return r, fmt.Errorf("latency: %w", exitCause(ctx, err))
 	}
 	r.latAchieved = achieved
 	if achieved < 0.98*float64(cfg.latRate) {
 		log.Printf("%s: the latency run's publisher fell behind: %.0f events/s of %d (its latencies count from the schedule)", tag, achieved, cfg.latRate)
 	}
 	if sent := time.Duration(float64(cfg.latRate) * (cfg.latWarm + cfg.latDur).Seconds()); sent > 0 {
-		r.latSrvCPU = (procCPU(t.PID()) - s0) / sent
+		r.latSrvCPU = (procCPU(pid) - s0) / sent
 		r.latCliCPU = (selfCPU() - c0) / sent
 	}
 	if prof != nil {
@@ -178,12 +183,12 @@ func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir st
 	r.p50 = lat[len(lat)/2]
 	r.p99 = lat[min(len(lat)-1, len(lat)*99/100)]
 
-	_, hwm, err := memKiB(t.PID())
+	_, hwm, err := memKiB(pid)
 	if err != nil {
 		return r, err
 	}
 	r.hwmKiB = hwm
-	r.anonKiB, r.fileKiB = rssSplitKiB(t.PID())
+	r.anonKiB, r.fileKiB = rssSplitKiB(pid)
 	return r, nil
 }
 

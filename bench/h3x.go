@@ -132,7 +132,7 @@ func startH3X(ctx context.Context, bin, dir string, cls class, prm h3xParams, pp
 	return t, nil
 }
 
-func (t *h3xTarget) PID() int { return t.srv.p.pid() }
+func (t *h3xTarget) Proc() *proc { return t.srv.p }
 
 func (t *h3xTarget) Close() {
 	if t.pub != nil {

@@ -100,7 +100,7 @@ func startNATS(ctx context.Context, bin, dir string, syncAlways bool, prm natsPa
 	return t, nil
 }
 
-func (t *natsTarget) PID() int { return t.p.pid() }
+func (t *natsTarget) Proc() *proc { return t.p }
 
 func (t *natsTarget) Close() {
 	if t.pubNC != nil {

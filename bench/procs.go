@@ -179,3 +179,35 @@ func waitTCP(ctx context.Context, p *proc, addr string) error {
 		}
 	}
 }
+
+// errServerExited is the cause of a run's context cancelled by untilExit.
+var errServerExited = errors.New("the server exited")
+
+// untilExit returns a context that is cancelled once p exits, with
+// errServerExited, its exit status and the end of its log as the cause.
+// stop releases the goroutine that watches p; call it before stopping p.
+func untilExit(ctx context.Context, p *proc) (_ context.Context, stop func()) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		select {
+		case <-p.done:
+			cancel(fmt.Errorf("%w (%s: %v):\n%s", errServerExited, p.name, p.err, p.tail()))
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, func() {
+		cancel(nil)
+		<-watched
+	}
+}
+
+// exitCause returns the cause of ctx's end in place of err when the server
+// exited: the error a client returned is then only its consequence.
+func exitCause(ctx context.Context, err error) error {
+	if cause := context.Cause(ctx); errors.Is(cause, errServerExited) {
+		return cause
+	}
+	return err
+}

@@ -67,7 +67,7 @@ func startRedis(ctx context.Context, bin, dir string, cls class, prm redisParams
 	return t, nil
 }
 
-func (t *redisTarget) PID() int { return t.p.pid() }
+func (t *redisTarget) Proc() *proc { return t.p }
 
 func (t *redisTarget) Close() {
 	t.rdb.Close()

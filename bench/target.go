@@ -35,8 +35,9 @@ func (c class) String() string {
 // target is one system under test, started fresh for one run: its server
 // process and the clients the harness holds to it.
 type target interface {
-	// PID is the server process's id, for its memory.
-	PID() int
+	// Proc is the server process: its id, for its memory and CPU, and its
+	// end (a run stops at once if the server dies).
+	Proc() *proc
 	// Publish publishes n 256-byte events into the backlog subject with a
 	// pipelining publisher and returns how many were acknowledged and the
 	// time until the last acknowledgement. (A fixed count, not a fixed
