@@ -53,9 +53,10 @@ import (
 // namespace when it would next be leased), and so do nack delays (a delayed
 // event is ready at once after a restart). Attempt
 // counts and settlements survive: each Lease call stores one record of its
-// deliveries and returns once it is written (in the next group commit; not
-// synced, so it survives a process kill, and with DurabilityFsync a power
-// loss only once a later sync has covered it), so after a restart the next
+// deliveries and returns once it is written (appended to the queue's lease
+// journal, or when that is full, in the next group commit; not synced, so it
+// survives a process kill, and with DurabilityFsync a power loss only once a
+// later sync has covered it), so after a restart the next
 // delivery of an event delivered before continues its attempt count, an
 // ack of a delivery made before the restart is stale once the event has
 // been delivered again, and a client can still settle a delivery it
@@ -173,11 +174,21 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		db.Close()
 		return nil, err
 	}
+	if !bo.InMemory {
+		q.journal, q.journalRecs, err = openLeaseJournal(q, bo.Dir)
+		if err != nil {
+			q.segs.close(false)
+			db.Close()
+			return nil, err
+		}
+	}
 	err = q.load()
+	q.journalRecs = nil
 	if err == nil {
 		err = q.countSegments()
 	}
 	if err != nil {
+		q.journal.close(false)
 		q.segs.close(false)
 		db.Close()
 		return nil, err
@@ -355,6 +366,18 @@ type badgerQueue struct {
 
 	inflight      chan *group // writer -> completer
 	completerDone chan struct{}
+	// wbusy (guarded by wmu): the writer is writing a round, from taking
+	// its ops to handing its last group on; groupsOut counts the groups
+	// handed to the completer and not yet completed. Both say whether the
+	// writer is idle (journalIdle).
+	wbusy     bool
+	groupsOut atomic.Int32
+
+	// journal keeps Lease calls' records until Badger has them
+	// (queue_badger_journal.go); nil for an in-memory Badger.
+	// journalRecs is what it held at open, for loadLeaseRecs.
+	journal     *leaseJournal
+	journalRecs []journalRec
 
 	// Guarded by core.mu: groups accepted, and the IDs of failed commits
 	// that groups up to failCheckUntil may have answered as duplicates.
@@ -415,6 +438,7 @@ type badgerQueue struct {
 
 	statGroups, statOps, statTxns atomic.Int64 // group commits, the requests and transactions in them
 	statSyncs                     atomic.Int64 // fsync rounds (DurabilityFsync)
+	statJournaled                 atomic.Int64 // Lease calls whose records went to the journal
 }
 
 type nsCounter struct {
@@ -455,12 +479,14 @@ const (
 	keyLeaseRec = 'l'
 	keyMeta     = 'm'
 
-	// storageFormat is the version of the layout; 4 stores compact lease
-	// records (encodeLeaseRec), 3 stored chunks in segment files
-	// (queue_badger_segment.go) as 4 does, 2 stored them in Badger
-	// (queue_badger_chunk.go); 2 and 3 are opened, and written as 4 from
+	// storageFormat is the version of the layout; 5 keeps Lease calls'
+	// records in a journal until Badger has them (queue_badger_journal.go:
+	// an older version would not read it), 4 stores compact lease records
+	// (encodeLeaseRec), 3 stored chunks in segment files
+	// (queue_badger_segment.go) as 4 and 5 do, 2 stored them in Badger
+	// (queue_badger_chunk.go); 2 to 4 are opened, and written as 5 from
 	// then on; 1 stored one key per event.
-	storageFormat = 4
+	storageFormat = 5
 	// eventFormat is the first byte of an encoded event.
 	eventFormat = 1
 )
@@ -794,8 +820,9 @@ func (q *badgerQueue) load() error {
 			}
 			if v[0] != storageFormat {
 				// Format 2 holds chunks in place and 3 lease records in
-				// the older layout, which format 4 reads too; older
-				// versions must not open what follows.
+				// the older layout, which format 5 reads too; older
+				// versions must not open what follows (compact records,
+				// the lease journal).
 				if err := txn.Set(metaFormat, []byte{storageFormat}); err != nil {
 					return fmt.Errorf("h3x: badger queue: upgrade format: %w", err)
 				}
@@ -1096,6 +1123,31 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 		}
 	}
 	it.Close()
+	// Then the journal's records that Badger does not have (the kill came
+	// before their commit, or after their deletion): by sequence number,
+	// the newest record naming an event still wins. Those that name a
+	// latest delivery are written to Badger by the first group.
+	var journaled []recPut
+	slices.SortFunc(q.journalRecs, func(a, b journalRec) int { return cmp.Compare(a.seq, b.seq) })
+	for _, jr := range q.journalRecs {
+		c.nextSeq = max(c.nextSeq, jr.seq+1) // record numbers are never reused
+		if recs[jr.seq] != nil {
+			continue // Badger has it
+		}
+		entries, err := decodeLeaseRec(jr.rec)
+		if err != nil {
+			q.log.Warn("h3x: badger queue: unreadable lease record in the journal; its attempt counts are lost", "record", jr.seq, "err", err)
+			continue
+		}
+		rec := &leaseRec{seq: jr.seq}
+		recs[jr.seq] = rec
+		journaled = append(journaled, recPut{rec: rec, entries: entries})
+		for _, r := range entries {
+			if d, ok := deliveries[nsSeq{r.ns, r.seq}]; !ok || d.rec.seq < jr.seq {
+				deliveries[nsSeq{r.ns, r.seq}] = recDelivery{r, rec}
+			}
+		}
+	}
 	// Find each delivered event's chunk, in order of sequence number with
 	// one reverse iterator per namespace (the chunk holding seq is the one
 	// with the largest first sequence number up to seq).
@@ -1176,9 +1228,14 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 		ns.preloaded[k.seq] = true
 		ns.freshDisk--
 	}
+	for _, p := range journaled {
+		if p.rec.n > 0 {
+			q.pendingRecs = append(q.pendingRecs, p)
+		}
+	}
 	var dead [][]byte
 	for seq, rec := range recs {
-		if rec.n == 0 {
+		if rec.n == 0 && rec.put {
 			dead = append(dead, leaseRecKey(seq))
 		}
 	}
@@ -1431,7 +1488,10 @@ func (s *badgerStore) take(e *qentry) (Event, error) {
 func (s *badgerStore) submit(fx *effects, wait bool) *writeWait {
 	q := (*badgerQueue)(s)
 	op := &wop{fx: fx, w: &writeWait{done: make(chan struct{})}, durable: wait}
-	if !wait {
+	// A Lease call's records alone, in the journal: nothing to wait for.
+	journaled := !wait && fx.journal && len(fx.deletes) == 0 && len(fx.moves) == 0 &&
+		len(fx.recPuts) > 0 && q.journal.append(fx.recPuts) == nil
+	if !wait && !journaled {
 		op.written = make(chan struct{})
 	}
 	if err := q.push(op); err != nil {
@@ -1440,6 +1500,10 @@ func (s *badgerStore) submit(fx *effects, wait bool) *writeWait {
 		// completed during Close) get here: their lease records are
 		// written by Close (writeLastFixes), after the completer.
 		q.deferRecs(fx.recPuts, fx.recDeletes)
+		return nil
+	}
+	if journaled {
+		q.statJournaled.Add(1)
 		return nil
 	}
 	if !wait {
@@ -1744,6 +1808,7 @@ func (q *badgerQueue) writer() {
 			return
 		}
 		ops, q.wops = q.wops, nil
+		q.wbusy = true
 		q.wmu.Unlock()
 		for _, op := range ops {
 			q.enqueued.Add(int64(len(op.evs)))
@@ -1753,8 +1818,12 @@ func (q *badgerQueue) writer() {
 			g := q.write(part, free, ferr)
 			q.statGroups.Add(1)
 			q.statOps.Add(int64(len(part)))
+			q.groupsOut.Add(1)
 			q.inflight <- g
 		}
+		q.wmu.Lock()
+		q.wbusy = false
+		q.wmu.Unlock()
 	}
 }
 
@@ -1819,10 +1888,12 @@ func (q *badgerQueue) completer() {
 				q.complete(g, nil)
 			}
 		}
+		n := len(batch)
 		clear(batch)
 		// What the completed groups shadowed or deleted can go, and the
 		// segments no read can reach.
 		q.segs.removeRetired(q.ts.discard(), q.syncBeforeRemoval)
+		q.groupsOut.Add(-int32(n))
 	}
 }
 
@@ -3037,6 +3108,8 @@ func (q *badgerQueue) Close() error {
 		<-q.completerDone
 		q.writeLastFixes()
 		q.markClean()
+		// Every record is in Badger, unless a last write failed.
+		q.journal.close(!q.fixesPending())
 		close(q.gcStop)
 		<-q.gcDone
 		close(q.trimStop)

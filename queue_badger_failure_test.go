@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"slices"
@@ -714,25 +715,37 @@ func attemptContinues(t *testing.T, q Queue, prev int) {
 	}
 }
 
+// withoutJournal closes q's lease journal: Lease then waits for Badger to
+// have its records, as it does when the journal is full or broken.
+func withoutJournal(q *badgerQueue) {
+	q.journal.close(false)
+}
+
 // TestBadgerLeaseRecordOutlivesAKill: a Lease returns only once its lease
-// record is written, so a kill -9 right after it cannot make the next
-// delivery reuse the attempt number (RELIABILITY.md finding 3; the record
-// used to be written by a later group, and a kill in between lost it: the
-// old delivery's ack then settled the new one). The writer is slowed by a
-// hook; the kill is a copy of the live directory.
+// record is written, to the lease journal or to Badger, so a kill -9 right
+// after it cannot make the next delivery reuse the attempt number
+// (RELIABILITY.md finding 3; the record used to be written by a later
+// group, and a kill in between lost it: the old delivery's ack then settled
+// the new one). The writer is slowed by a hook; the kill is a copy of the
+// live directory.
 func TestBadgerLeaseRecordOutlivesAKill(t *testing.T) {
 	for _, d := range []Durability{DurabilityFsync, DurabilityNoSync} {
-		t.Run(d.String(), func(t *testing.T) {
-			dir := t.TempDir()
-			q := openTestBadger(t, dir, QueueOptions{Durability: d})
-			publishTest(t, q, Event{ID: "a", Namespace: "n"})
-			slowLeaseRecords(q, 100*time.Millisecond)
-			ls := leaseAll(t, q, "h", 1, "n")
-			crashed := copyLive(t, dir)
-			q.failCommit.Store(nil)
+		for _, journal := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%v/journal=%v", d, journal), func(t *testing.T) {
+				dir := t.TempDir()
+				q := openTestBadger(t, dir, QueueOptions{Durability: d})
+				if !journal {
+					withoutJournal(q)
+				}
+				publishTest(t, q, Event{ID: "a", Namespace: "n"})
+				slowLeaseRecords(q, 100*time.Millisecond)
+				ls := leaseAll(t, q, "h", 1, "n")
+				crashed := copyLive(t, dir)
+				q.failCommit.Store(nil)
 
-			attemptContinues(t, openTestBadger(t, crashed, QueueOptions{Durability: d}), ls[0].Attempt)
-		})
+				attemptContinues(t, openTestBadger(t, crashed, QueueOptions{Durability: d}), ls[0].Attempt)
+			})
+		}
 	}
 }
 
@@ -826,6 +839,7 @@ func TestBadgerLeaseRecordBesideARefusedEnqueue(t *testing.T) {
 func TestBadgerLeaseGivesBackWhenCtxEndsBeforeItsRecord(t *testing.T) {
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync})
+	withoutJournal(q) // with it, Lease does not wait for Badger
 	publishTest(t, q, Event{ID: "a", Namespace: "n"})
 	slowLeaseRecords(q, 300*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
@@ -958,6 +972,7 @@ func TestBadgerFailedAckKeepsItsRecord(t *testing.T) {
 func TestBadgerGiveBackAfterExpiry(t *testing.T) {
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{MaxAttempts: 2, Durability: DurabilityNoSync})
+	withoutJournal(q) // with it, Lease does not wait for Badger
 	publishTest(t, q, Event{ID: "a", Namespace: "n"})
 	slowLeaseRecords(q, 300*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)

@@ -28,6 +28,8 @@ func FuzzStorageDecoders(f *testing.F) {
 	rec = encodeChunk(rec, []uint64{7}, [][]byte{val})
 	setRecordLen(rec, at)
 	f.Add(rec, uint64(7))
+	compact := encodeLeaseRec([]recEntry{{ns: "n", seq: 3, attempt: 2}, {ns: "m", seq: 9, attempt: 1}})
+	f.Add(appendJournalFrame(appendJournalFrame(nil, 12, compact), 1<<40, compact), uint64(0))
 	f.Add([]byte{}, uint64(0))
 	f.Fuzz(func(t *testing.T, b []byte, first uint64) {
 		if ev, enq, err := decodeEvent(b); err == nil {
@@ -88,6 +90,17 @@ func FuzzStorageDecoders(f *testing.F) {
 		if ns, f, seq, ok := decodeMovedKey(b); ok {
 			if again := movedKey(nil, ns, f, seq); string(again) != string(b) {
 				t.Fatalf("moved key does not round-trip: %q / %q", b, again)
+			}
+		}
+		if recs, good, err := decodeJournal(b); good > len(b) || (err == nil) != (good == len(b)) {
+			t.Fatalf("journal: %d records, %d good bytes of %d, %v", len(recs), good, len(b), err)
+		} else {
+			var again []byte
+			for _, r := range recs {
+				again = appendJournalFrame(again, r.seq, r.rec)
+			}
+			if string(again) != string(b[:good]) {
+				t.Fatalf("journal frames do not round-trip: %q / %q", b[:good], again)
 			}
 		}
 	})

@@ -169,6 +169,9 @@ type effects struct {
 	moves      []*qmove
 	recPuts    []recPut // lease records to store (Badger)
 	recDeletes []uint64 // lease records to delete (Badger)
+	// journal: the records are a Lease call's, which the Badger queue may
+	// append to its lease journal rather than have Lease wait for them.
+	journal bool
 }
 
 func (fx *effects) empty() bool {
@@ -529,7 +532,7 @@ func (c *queueCore) finishRecords(fx *effects, recWait, wait bool) *writeWait {
 		return nil
 	}
 	if len(fx.moves) > 0 && len(fx.recPuts) > 0 {
-		recs := &effects{recPuts: fx.recPuts}
+		recs := &effects{recPuts: fx.recPuts, journal: fx.journal}
 		fx.recPuts = nil
 		rw := c.store.submit(recs, recWait)
 		w := c.store.submit(fx, wait)
@@ -1186,8 +1189,10 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 		fx.recPuts = append(fx.recPuts, put)
 	}
 	// The deliveries go out once their lease record is written (not
-	// synced): a kill -9 after that cannot make the next delivery reuse
-	// their attempt numbers. Dead-letter moves are waited for durable.
+	// synced), to Badger or to the Badger queue's lease journal: a kill -9
+	// after that cannot make the next delivery reuse their attempt
+	// numbers. Dead-letter moves are waited for durable.
+	fx.journal = true
 	w := c.finishRecords(&fx, false, len(fx.moves) > 0)
 	if err != nil && len(out) == 0 {
 		return nil, w, err
