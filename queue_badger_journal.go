@@ -19,7 +19,9 @@ import (
 // twenty-third session). The write is in the operating system's cache when
 // it returns, as a Badger commit is without a sync, so a kill -9 keeps it:
 // at open the journal's records count as lease records (the newest record
-// naming an event wins, as ever) and are written to Badger.
+// naming an event wins, as ever) and are written to Badger. A Lease that
+// also dead-letters events waits for those moves anyway, and its records
+// go to Badger alone (see finishRecords).
 //
 // The journal is emptied whenever the writer is idle with no record left
 // over: every record appended before was then written to Badger, or named

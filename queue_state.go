@@ -532,7 +532,12 @@ func (c *queueCore) finishRecords(fx *effects, recWait, wait bool) *writeWait {
 		return nil
 	}
 	if len(fx.moves) > 0 && len(fx.recPuts) > 0 {
-		recs := &effects{recPuts: fx.recPuts, journal: fx.journal}
+		// Not journaled: the caller waits for the moves anyway, and a
+		// Lease whose ctx ends during that wait gives its deliveries back
+		// unseen, with replacement records nothing journals; its own,
+		// journaled, would then outlive them at a kill and count the
+		// attempts given back (finding 155).
+		recs := &effects{recPuts: fx.recPuts}
 		fx.recPuts = nil
 		rw := c.store.submit(recs, recWait)
 		w := c.store.submit(fx, wait)
