@@ -80,7 +80,7 @@ func TestLeaseJournalEmptiedWhenIdle(t *testing.T) {
 	journalTruncateAt = 200
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{Durability: DurabilityNoSync})
-	max := int64(0)
+	largest := int64(0)
 	for i := range 40 {
 		publishTest(t, q, Event{ID: fmt.Sprint("e", i), Namespace: "n"})
 		ls := leaseAll(t, q, "h", 1, "n")
@@ -88,13 +88,13 @@ func TestLeaseJournalEmptiedWhenIdle(t *testing.T) {
 		if b := (*badgerStore)(q).barrier(); b != nil { // the writer idles
 			b.wait(context.Background())
 		}
-		max = maxOf(max, journalSize(t, dir))
+		largest = max(largest, journalSize(t, dir))
 	}
 	if n := q.statJournaled.Load(); n != 40 {
 		t.Fatalf("%d Lease calls went through the journal, want 40", n)
 	}
-	if max > journalTruncateAt+64 {
-		t.Errorf("the journal reached %d bytes; it should be emptied past %d", max, journalTruncateAt)
+	if largest > journalTruncateAt+64 {
+		t.Errorf("the journal reached %d bytes; it should be emptied past %d", largest, journalTruncateAt)
 	}
 	if err := q.Close(); err != nil {
 		t.Fatal(err)
@@ -102,13 +102,6 @@ func TestLeaseJournalEmptiedWhenIdle(t *testing.T) {
 	if n := journalSize(t, dir); n != 0 {
 		t.Errorf("%d bytes in the journal after a clean Close", n)
 	}
-}
-
-func maxOf(a, b int64) int64 {
-	if a > b {
-		return a
-	}
-	return b
 }
 
 // While the writer never idles the journal stops at journalMax, and Lease
@@ -128,14 +121,7 @@ func TestLeaseJournalFullFallsBackToBadger(t *testing.T) {
 	if ls[0].Event.ID != "b" {
 		t.Fatalf("second lease: %+v", ls)
 	}
-	crashed := copyLive(t, dir)
-	q.failCommit.Store(nil)
-	q2 := openTestBadger(t, crashed, QueueOptions{Durability: DurabilityNoSync})
-	for _, l := range leaseAll(t, q2, "h2", 2, "n") {
-		if l.Attempt != 2 {
-			t.Errorf("after the kill: %s at attempt %d, want 2", l.Event.ID, l.Attempt)
-		}
-	}
+	secondAttemptsAfterKill(t, q, dir, 2)
 }
 
 // A failed journal write leaves no partial frame, and Lease waits for
@@ -159,14 +145,7 @@ func TestLeaseJournalWriteFailureFallsBackToBadger(t *testing.T) {
 	if after := journalSize(t, dir); after != before {
 		t.Fatalf("journal of %d bytes after the failed write, %d before: a partial frame was left", after, before)
 	}
-	crashed := copyLive(t, dir)
-	q.failCommit.Store(nil)
-	q2 := openTestBadger(t, crashed, QueueOptions{Durability: DurabilityNoSync})
-	for _, l := range leaseAll(t, q2, "h2", 2, "n") {
-		if l.Attempt != 2 {
-			t.Errorf("after the kill: %s at attempt %d, want 2", l.Event.ID, l.Attempt)
-		}
-	}
+	secondAttemptsAfterKill(t, q, dir, 2)
 	// Once the writes succeed again and the writer idles with every
 	// record in Badger, the journal is emptied and used again.
 	testHookJournalWrite = nil
@@ -295,12 +274,20 @@ func TestLeaseJournalKeptWhileARecordIsPending(t *testing.T) {
 	slowLeaseRecords(q, 200*time.Millisecond)
 	leaseAll(t, q, "h", 1, "n") // a: its record waits in the slowed writer
 	leaseAll(t, q, "h", 1, "n") // b: the journal must keep a's
+	secondAttemptsAfterKill(t, q, dir, 2)
+}
+
+// secondAttemptsAfterKill kills q (a copy of its live directory dir), lets
+// its writer go on, and checks that the copy delivers its n events of
+// namespace "n", each delivered once before, at attempt 2.
+func secondAttemptsAfterKill(t *testing.T, q *badgerQueue, dir string, n int) {
+	t.Helper()
 	crashed := copyLive(t, dir)
 	q.failCommit.Store(nil)
 	q2 := openTestBadger(t, crashed, QueueOptions{Durability: DurabilityNoSync})
-	ls := leaseAll(t, q2, "h2", 2, "n")
-	if len(ls) != 2 {
-		t.Fatalf("after the kill: %+v", ls)
+	ls := leaseAll(t, q2, "h2", n+1, "n")
+	if len(ls) != n {
+		t.Fatalf("after the kill: %+v, want %d events", ls, n)
 	}
 	for _, l := range ls {
 		if l.Attempt != 2 {
