@@ -171,7 +171,8 @@ func TestFullDisk(t *testing.T) {
 	if err := os.Remove(other); err != nil {
 		t.Fatal(err)
 	}
-	srv = startServer(t, h3x.WithQueue(openQueue()), h3x.WithAckDeadline(3*time.Second))
+	q := openQueue()
+	srv = startServer(t, h3x.WithQueue(q), h3x.WithAckDeadline(3*time.Second))
 	pub = srv.dial(t, srv.addr)
 	con = srv.dial(t, srv.addr)
 	if res, err := pub.Publish(ctx, h3x.Event{ID: "after-restart", Namespace: namespace}); err != nil || res[0].Status != h3x.PublishStored {
@@ -180,30 +181,58 @@ func TestFullDisk(t *testing.T) {
 	stored["after-restart"] = true
 
 	// Nothing acknowledged is lost: every stored, unacked event is
-	// delivered, and no acked one comes back.
+	// delivered, and no acked one comes back. An event whose acks the full
+	// disk refused was nacked and delivered again each time; one that had
+	// its MaxAttempts deliveries so comes from its dead-letter namespace
+	// (since the lease journal, its attempt counts survive the restart
+	// even when the full disk refused their Badger records).
 	want := len(stored) - len(acked)
 	got := map[string]bool{}
-	for len(got) < want {
+	check := func(id string) {
+		if acked[id] {
+			t.Errorf("acked event %s delivered again", id)
+		}
+		if !stored[id] {
+			t.Errorf("unknown event %s delivered", id)
+		}
+		got[id] = true
+	}
+	dlq := h3x.DeadLetterNamespace(namespace)
+	deadLettered := 0
+	for len(got)+deadLettered < want {
 		fctx, fcancel := context.WithTimeout(ctx, 5*time.Second)
 		ds, err := con.Fetch(fctx, 1000)
 		fcancel()
 		if err != nil {
-			t.Fatalf("draining: %d of %d delivered: %v", len(got), want, err)
+			t.Fatalf("draining: %d of %d delivered, %d dead-lettered: %v", len(got), want, deadLettered, err)
 		}
 		for _, d := range ds {
-			if acked[d.Event.ID] {
-				t.Errorf("acked event %s delivered again", d.Event.ID)
-			}
-			if !stored[d.Event.ID] {
-				t.Errorf("unknown event %s delivered", d.Event.ID)
-			}
-			got[d.Event.ID] = true
+			check(d.Event.ID)
 		}
 		if _, err := con.Ack(ctx, ds...); err != nil {
 			t.Fatal(err)
 		}
+		st, err := q.Stats(ctx, dlq) // the registry grants no dead-letter namespace: read it from the queue
+		if err != nil {
+			t.Fatal(err)
+		}
+		deadLettered = st[0].Ready
 	}
-	t.Logf("all %d stored and unacked events delivered; %d acked on the full disk stayed acked", want, len(acked))
+	dead, err := q.Lease(ctx, h3x.LeaseRequest{Holder: "test", Namespaces: []string{dlq}, Limit: deadLettered + 1, AckDeadline: time.Minute})
+	if err != nil || len(dead) != deadLettered {
+		t.Fatalf("dead letters: %d of %d, %v", len(dead), deadLettered, err)
+	}
+	for _, l := range dead {
+		check(l.Event.ID)
+		if a := l.Event.Metadata[h3x.MetaDeadLetterAttempts]; a != fmt.Sprint(h3x.DefaultMaxAttempts) {
+			t.Errorf("event %s dead-lettered after %s attempts, want %d", l.Event.ID, a, h3x.DefaultMaxAttempts)
+		}
+	}
+	if len(got) != want {
+		t.Errorf("%d distinct events delivered or dead-lettered, want %d", len(got), want)
+	}
+	t.Logf("all %d stored and unacked events delivered (%d of them dead-lettered after %d attempts); %d acked on the full disk stayed acked",
+		want, deadLettered, h3x.DefaultMaxAttempts, len(acked))
 }
 
 // filledWhilePublishing fills the disk to the last byte from outside the
