@@ -35,7 +35,7 @@ func failCommitsCounted(q *badgerQueue, times int, match func(w bwrite) bool) (u
 	f := func(ws []bwrite) bool {
 		return slices.ContainsFunc(ws, match) && (times < 0 || int(n.Add(1)) <= times)
 	}
-	q.failCommit.Store(&f)
+	storeCommitHook(q, &f)
 	return func() { q.failCommit.Store(nil) }, func() int { return int(n.Load()) }
 }
 
@@ -259,7 +259,7 @@ func TestBadgerQueueFailedMoveWhileClosing(t *testing.T) {
 		}
 		return false
 	}
-	q.failCommit.Store(&f)
+	storeCommitHook(q, &f)
 	done := make(chan error, 1)
 	go func() { _, err := q.Nack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}, 0, "bad"); done <- err }()
 	waitFor(t, func() bool { return n.Load() > 0 })
@@ -361,7 +361,7 @@ func TestBadgerQueuePipelinedFailedAck(t *testing.T) {
 	var n atomic.Int32
 	match := isKeyOf(keyAcks, "n")
 	f := func(ws []bwrite) bool { return slices.ContainsFunc(ws, match) && n.Add(1) == 1 }
-	q.failCommit.Store(&f)
+	storeCommitHook(q, &f)
 	q.syncMu.Lock() // holds the completer before it completes the failed group
 	errA := make(chan error, 1)
 	go func() { _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); errA <- err }()
@@ -404,7 +404,7 @@ func TestBadgerQueueNoDeletionWhileSettling(t *testing.T) {
 		}
 		return false
 	}
-	q.failCommit.Store(&f)
+	storeCommitHook(q, &f)
 	g0 := q.statGroups.Load()
 	q.syncMu.Lock()
 	errB := make(chan error, 1)
@@ -688,6 +688,17 @@ func TestBadgerQueueFreshCloseLogsNothing(t *testing.T) {
 	}
 }
 
+// storeCommitHook installs f as q's commit hook (failCommit) once every
+// state change submitted before has been written: a Lease returns before
+// its record is committed when the lease journal has it, and a hook meant
+// for what the test does next must not see (and fail, or hold) that record.
+func storeCommitHook(q *badgerQueue, f *func([]bwrite) bool) {
+	if b := (*badgerStore)(q).barrier(); b != nil {
+		b.wait(context.Background())
+	}
+	q.failCommit.Store(f)
+}
+
 // slowLeaseRecords makes q's writer sleep for d before committing a
 // transaction that writes a lease record (until failCommit is reset).
 func slowLeaseRecords(q *badgerQueue, d time.Duration) {
@@ -779,7 +790,7 @@ func TestBadgerLeaseRecordBesideARefusedEnqueue(t *testing.T) {
 		}
 		return false
 	}
-	q.failCommit.Store(&hold)
+	storeCommitHook(q, &hold)
 
 	go q.Enqueue(context.Background(), []Event{{ID: "x", Namespace: "other"}}) // group 1, held
 	waitOps := func(n int) {
@@ -1092,7 +1103,7 @@ func ackFailsBesideNeighbour(t *testing.T, dir string, opts QueueOptions, onReco
 		}
 		return false
 	}
-	q.failCommit.Store(&f)
+	storeCommitHook(q, &f)
 	q.syncMu.Lock() // the completer waits in its sync; the writer goes on
 	ackA, ackB = make(chan error, 1), make(chan error, 1)
 	go func() { _, err := q.Ack(ctx, "h", []LeaseRef{{ID: "a", Attempt: 1}}); ackA <- err }()

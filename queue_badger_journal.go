@@ -14,19 +14,21 @@ import (
 // The lease journal: a Lease call's record, on its way to Badger, is first
 // appended to a file of the queue's own with one write, and the deliveries
 // go out as soon as that write returns, not once Badger has committed the
-// record (two hand-offs to the writer and three inside Badger's commit:
-// 110–270 µs of a delivery's path at low rates, BENCHMARKS.md, the
-// twenty-third session). The write is in the operating system's cache when
+// record (a hand-off to the writer and three inside Badger's commit: about
+// 90 µs of a delivery's path at 5,000 events/s, 350–400 µs with fsync,
+// where the commit waits behind syncs; BENCHMARKS.md, the twenty-third
+// session). The write is in the operating system's cache when
 // it returns, as a Badger commit is without a sync, so a kill -9 keeps it:
 // at open the journal's records count as lease records (the newest record
 // naming an event wins, as ever) and are written to Badger. A Lease that
 // also dead-letters events waits for those moves anyway, and its records
 // go to Badger alone (see finishRecords).
 //
-// The journal is emptied whenever the writer is idle with no record left
-// over: every record appended before was then written to Badger, or named
-// no event's latest delivery any more, with the settlement that made it so
-// written too. Under a load that never lets the writer idle it stops at
+// Once past journalTruncateAt, the journal is emptied the next time a
+// Lease finds the writer idle with no record left over (journalIdle): every
+// record appended before was then written to Badger, or named no event's
+// latest delivery any more, with the settlement that made it so written
+// too. Under a load that never lets the writer idle it stops at
 // journalMax bytes, and Lease waits for Badger's commit as it did before
 // the journal, until the next idle moment. A failed write does the same.
 //

@@ -231,7 +231,7 @@ func TestBadgerLeaseRecordDeletionRetried(t *testing.T) {
 					}
 					return false
 				}
-				q.failCommit.Store(&f)
+				storeCommitHook(q, &f)
 				undo = func() { real := diskFree; q.diskFree.Store(&real); q.failCommit.Store(nil) }
 			}
 			ackAll(t, q, "h", ls)
@@ -296,7 +296,7 @@ func TestBadgerAckCompletedDuringCloseDeletesItsRecord(t *testing.T) {
 		}
 		return false
 	}
-	q.failCommit.Store(&hold)
+	storeCommitHook(q, &hold)
 	acked := make(chan error, 1)
 	go func() {
 		_, err := q.Ack(context.Background(), "h", []LeaseRef{{ID: "a", Attempt: ls[0].Attempt}})

@@ -85,7 +85,7 @@ func holdReadAtCommit(t *testing.T, q *badgerQueue, match func(bwrite) bool) *he
 		}
 		return false
 	}
-	q.failCommit.Store(&hook)
+	storeCommitHook(q, &hook)
 	t.Cleanup(h.end)
 	return h
 }
