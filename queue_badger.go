@@ -174,16 +174,16 @@ func OpenBadgerQueue(dir string, opts QueueOptions) (Queue, error) {
 		db.Close()
 		return nil, err
 	}
+	var journaled []journalRec // what the lease journal held, for load
 	if !bo.InMemory {
-		q.journal, q.journalRecs, err = openLeaseJournal(q, bo.Dir)
+		q.journal, journaled, err = openLeaseJournal(q, bo.Dir)
 		if err != nil {
 			q.segs.close(false)
 			db.Close()
 			return nil, err
 		}
 	}
-	err = q.load()
-	q.journalRecs = nil
+	err = q.load(journaled)
 	if err == nil {
 		err = q.countSegments()
 	}
@@ -375,9 +375,7 @@ type badgerQueue struct {
 
 	// journal keeps Lease calls' records until Badger has them
 	// (queue_badger_journal.go); nil for an in-memory Badger.
-	// journalRecs is what it held at open, for loadLeaseRecs.
-	journal     *leaseJournal
-	journalRecs []journalRec
+	journal *leaseJournal
 
 	// Guarded by core.mu: groups accepted, and the IDs of failed commits
 	// that groups up to failCheckUntil may have answered as duplicates.
@@ -795,7 +793,7 @@ func (d *decoder) string() string {
 
 // load reads the queue's state from disk: the sequence, the namespaces'
 // counts and where their events start, and the recent IDs for dedup.
-func (q *badgerQueue) load() error {
+func (q *badgerQueue) load(journaled []journalRec) error {
 	c := q.core
 	var swept []*qchunk
 	var repaired []string // namespaces whose stored counters are rewritten
@@ -966,7 +964,7 @@ func (q *badgerQueue) load() error {
 
 		// Deliveries made before the restart: each event's latest lease
 		// record gives its attempt count and makes it settleable by ID.
-		if err := q.loadLeaseRecs(txn); err != nil {
+		if err := q.loadLeaseRecs(txn, journaled); err != nil {
 			return err
 		}
 
@@ -1098,7 +1096,7 @@ func (q *badgerQueue) writeRepairs(dead []*qchunk, repaired []string) error {
 // loadLeaseRecs loads the deliveries of the stored lease records whose
 // events are still there, as ready entries, and deletes the records that
 // list none.
-func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
+func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn, journal []journalRec) error {
 	c := q.core
 	recs := make(map[uint64]*leaseRec)
 	deliveries := make(map[nsSeq]recDelivery)
@@ -1128,8 +1126,8 @@ func (q *badgerQueue) loadLeaseRecs(txn *badger.Txn) error {
 	// the newest record naming an event still wins. Those that name a
 	// latest delivery are written to Badger by the first group.
 	var journaled []recPut
-	slices.SortFunc(q.journalRecs, func(a, b journalRec) int { return cmp.Compare(a.seq, b.seq) })
-	for _, jr := range q.journalRecs {
+	slices.SortFunc(journal, func(a, b journalRec) int { return cmp.Compare(a.seq, b.seq) })
+	for _, jr := range journal {
 		c.nextSeq = max(c.nextSeq, jr.seq+1) // record numbers are never reused
 		if recs[jr.seq] != nil {
 			continue // Badger has it
@@ -1489,8 +1487,8 @@ func (s *badgerStore) submit(fx *effects, wait bool) *writeWait {
 	q := (*badgerQueue)(s)
 	op := &wop{fx: fx, w: &writeWait{done: make(chan struct{})}, durable: wait}
 	// A Lease call's records alone, in the journal: nothing to wait for.
-	journaled := !wait && fx.journal && len(fx.deletes) == 0 && len(fx.moves) == 0 &&
-		len(fx.recPuts) > 0 && q.journal.append(fx.recPuts) == nil
+	journaled := !wait && fx.journal && len(fx.deletes) == 0 && len(fx.recPuts) > 0 &&
+		q.journal.append(fx.recPuts) == nil
 	if !wait && !journaled {
 		op.written = make(chan struct{})
 	}
@@ -2075,7 +2073,11 @@ func (q *badgerQueue) write(ops []*wop, free uint64, ferr error) *group {
 	q.moveChunks(&b) // after the deletions: a chunk deleted is not moved
 	for i := range recPuts {
 		b.item()
-		b.add(bwrite{key: leaseRecKey(recPuts[i].rec.seq), val: q.encodeRec(recPuts[i].entries), rec: &recPuts[i]})
+		val := recPuts[i].enc // encoded for the lease journal
+		if val == nil {
+			val = q.encodeRec(recPuts[i].entries)
+		}
+		b.add(bwrite{key: leaseRecKey(recPuts[i].rec.seq), val: val, rec: &recPuts[i]})
 	}
 	for _, seq := range recDels {
 		b.item()

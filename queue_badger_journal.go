@@ -134,7 +134,7 @@ func openLeaseJournal(q *badgerQueue, dir string) (*leaseJournal, []journalRec, 
 		q.log.Warn("h3x: badger queue: the lease journal ends in a damaged frame; the records after it are lost (their events' attempt counts may restart lower)",
 			"kept", len(recs), "bytes_dropped", len(b)-good, "err", derr)
 	}
-	if int64(good) != int64(len(b)) {
+	if good != len(b) {
 		if err := f.Truncate(int64(good)); err != nil {
 			f.Close()
 			return nil, nil, fmt.Errorf("h3x: badger queue: truncate the lease journal: %w", err)
@@ -178,18 +178,16 @@ func (j *leaseJournal) append(puts []recPut) error {
 		}
 		j.size, j.broken = 0, false
 	}
-	if j.broken {
-		return errJournalUnavailable
-	}
-	if j.size >= journalMax {
+	if j.broken || j.size >= journalMax {
 		return errJournalUnavailable
 	}
 	b := j.buf[:0]
-	for _, p := range puts {
-		b = appendJournalFrame(b, p.rec.seq, j.q.encodeRec(p.entries))
+	for i := range puts {
+		puts[i].enc = j.q.encodeRec(puts[i].entries) // the writer stores these bytes too
+		b = appendJournalFrame(b, puts[i].rec.seq, puts[i].enc)
 	}
 	j.buf = b
-	write := func(f *os.File, b []byte, off int64) (int, error) { return f.WriteAt(b, off) }
+	write := (*os.File).WriteAt
 	if testHookJournalWrite != nil {
 		write = testHookJournalWrite
 	}

@@ -161,6 +161,7 @@ type recEntry struct {
 type recPut struct {
 	rec     *leaseRec
 	entries []recEntry
+	enc     []byte // the record encoded, if the lease journal did it already
 }
 
 // effects are the storage writes a state change needs.
@@ -532,11 +533,6 @@ func (c *queueCore) finishRecords(fx *effects, recWait, wait bool) *writeWait {
 		return nil
 	}
 	if len(fx.moves) > 0 && len(fx.recPuts) > 0 {
-		// Not journaled: the caller waits for the moves anyway, and a
-		// Lease whose ctx ends during that wait gives its deliveries back
-		// unseen, with replacement records nothing journals; its own,
-		// journaled, would then outlive them at a kill and count the
-		// attempts given back (finding 155).
 		recs := &effects{recPuts: fx.recPuts}
 		fx.recPuts = nil
 		rw := c.store.submit(recs, recWait)
@@ -1196,8 +1192,13 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 	// The deliveries go out once their lease record is written (not
 	// synced), to Badger or to the Badger queue's lease journal: a kill -9
 	// after that cannot make the next delivery reuse their attempt
-	// numbers. Dead-letter moves are waited for durable.
-	fx.journal = true
+	// numbers. Dead-letter moves are waited for durable; a Lease that makes
+	// them waits anyway, and its records are not journaled: were its ctx to
+	// end during that wait, it would give its deliveries back unseen with
+	// replacement records nothing journals, and its own, journaled, would
+	// outlive them at a kill and count the attempts given back (finding
+	// 155).
+	fx.journal = len(fx.moves) == 0
 	w := c.finishRecords(&fx, false, len(fx.moves) > 0)
 	if err != nil && len(out) == 0 {
 		return nil, w, err
