@@ -693,9 +693,7 @@ func TestBadgerQueueFreshCloseLogsNothing(t *testing.T) {
 // its record is committed when the lease journal has it, and a hook meant
 // for what the test does next must not see (and fail, or hold) that record.
 func storeCommitHook(q *badgerQueue, f *func([]bwrite) bool) {
-	if b := (*badgerStore)(q).barrier(); b != nil {
-		b.wait(context.Background())
-	}
+	writerCaughtUp(q)
 	q.failCommit.Store(f)
 }
 
@@ -866,6 +864,20 @@ func TestBadgerLeaseGivesBackWhenCtxEndsBeforeItsRecord(t *testing.T) {
 	}
 }
 
+// openWithOverdueA opens a queue in dir (opts with MaxAttempts 1) holding
+// a and b in namespace n, delivers a, and reopens it: the restart ends a's
+// lease as released, so a is ready at attempt 1 = MaxAttempts, to be
+// dead-lettered by the next Lease.
+func openWithOverdueA(t *testing.T, dir string, opts QueueOptions) *badgerQueue {
+	t.Helper()
+	q := openTestBadger(t, dir, opts)
+	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
+	if ls := leaseAll(t, q, "h", 1, "n"); len(ls) != 1 || ls[0].Event.ID != "a" {
+		t.Fatalf("first lease: %+v", ls)
+	}
+	return reopenTestBadger(t, q, dir, opts)
+}
+
 // TestBadgerLeaseRecordApartFromItsMoves: a Lease that also dead-letters an
 // overdue event writes its lease record apart from the move, which is
 // refused for disk space below the reserve where the record is written. It
@@ -874,14 +886,7 @@ func TestBadgerLeaseGivesBackWhenCtxEndsBeforeItsRecord(t *testing.T) {
 func TestBadgerLeaseRecordApartFromItsMoves(t *testing.T) {
 	dir := t.TempDir()
 	opts := QueueOptions{MaxAttempts: 1, Durability: DurabilityNoSync}
-	q := openTestBadger(t, dir, opts)
-	publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
-	if ls := leaseAll(t, q, "h", 1, "n"); len(ls) != 1 || ls[0].Event.ID != "a" {
-		t.Fatalf("first lease: %+v", ls)
-	}
-	// A restart ends a's lease as released: a is ready at attempt 1 =
-	// MaxAttempts, to be dead-lettered by the next Lease.
-	q = reopenTestBadger(t, q, dir, opts)
+	q := openWithOverdueA(t, dir, opts)
 
 	tight := q.reserve * 3 / 4 // between reserve/2 and reserve
 	hook := func(string) (uint64, error) { return tight, nil }
@@ -1209,9 +1214,7 @@ func TestBadgerUnwrittenRecordThenFailedAck(t *testing.T) {
 	undo()
 	// The restored record's group written: groups complete in order, so
 	// it has once a barrier queued after it has.
-	if w := (*badgerStore)(q).barrier(); w != nil {
-		<-w.done
-	}
+	writerCaughtUp(q)
 	q2 := openTestBadger(t, copyLive(t, dir), opts)
 	got := leaseAll(t, q2, "h2", 1, "n")
 	if len(got) != 1 || got[0].Attempt <= 1 {

@@ -28,14 +28,7 @@ func TestLeaseJournalGiveBackWithMoveNotCountedAfterKill(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
 			opts := QueueOptions{MaxAttempts: 1, Durability: DurabilityNoSync}
-			q := openTestBadger(t, dir, opts)
-			publishTest(t, q, Event{ID: "a", Namespace: "n"}, Event{ID: "b", Namespace: "n"})
-			if ls := leaseAll(t, q, "h", 1, "n"); len(ls) != 1 || ls[0].Event.ID != "a" {
-				t.Fatalf("first lease: %+v", ls)
-			}
-			// A clean restart ends a's lease as released: a is ready at
-			// attempt 1 = MaxAttempts, to be dead-lettered by the next Lease.
-			q = reopenTestBadger(t, q, dir, opts)
+			q := openWithOverdueA(t, dir, opts)
 			if !journal {
 				withoutJournal(q)
 			}
@@ -57,7 +50,7 @@ func TestLeaseJournalGiveBackWithMoveNotCountedAfterKill(t *testing.T) {
 					b = &got[i]
 				}
 			}
-			st, _ := q2.Stats(context.Background(), "n"+DeadLetterSuffix)
+			st, _ := q2.Stats(context.Background(), DeadLetterNamespace("n"))
 			if b == nil || b.Attempt != 1 {
 				t.Fatalf("after the kill: leased %+v (dead letters %+v); want b delivered at attempt 1: its only delivery was given back unseen, yet it is counted (and at MaxAttempts=1 dead-lettered without ever being delivered)", got, st)
 			}

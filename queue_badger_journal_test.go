@@ -85,9 +85,7 @@ func TestLeaseJournalEmptiedWhenIdle(t *testing.T) {
 		publishTest(t, q, Event{ID: fmt.Sprint("e", i), Namespace: "n"})
 		ls := leaseAll(t, q, "h", 1, "n")
 		ackAll(t, q, "h", ls)
-		if b := (*badgerStore)(q).barrier(); b != nil { // the writer idles
-			b.wait(context.Background())
-		}
+		writerCaughtUp(q) // the writer idles
 		largest = max(largest, journalSize(t, dir))
 	}
 	if n := q.statJournaled.Load(); n != 40 {
@@ -149,9 +147,7 @@ func TestLeaseJournalWriteFailureFallsBackToBadger(t *testing.T) {
 	// Once the writes succeed again and the writer idles with every
 	// record in Badger, the journal is emptied and used again.
 	testHookJournalWrite = nil
-	if b := (*badgerStore)(q).barrier(); b != nil {
-		b.wait(context.Background())
-	}
+	writerCaughtUp(q)
 	publishTest(t, q, Event{ID: "c", Namespace: "n"})
 	leaseAll(t, q, "h", 1, "n")
 	if n := q.statJournaled.Load(); n != 2 {
@@ -175,9 +171,7 @@ func TestLeaseJournalNewestRecordWins(t *testing.T) {
 		t.Fatalf("lease: %+v", ls)
 	}
 	ackAll(t, q, "h", ls[1:]) // b acked
-	if b := (*badgerStore)(q).barrier(); b != nil {
-		b.wait(context.Background())
-	}
+	writerCaughtUp(q)
 	// a's delivery at attempt 1 is journaled only: a nack that redelivers
 	// it, whose record the writer is too slow to write before the kill.
 	if _, err := q.Nack(context.Background(), "h", []LeaseRef{{ID: "a", Attempt: 1}}, 0, "again"); err != nil {
@@ -248,9 +242,7 @@ func TestLeaseJournalDeletedRecordStaysSuperseded(t *testing.T) {
 	publishTest(t, q, Event{ID: "a", Namespace: "n"})
 	leaseAll(t, q, "h", 1, "n") // attempt 1: journaled, then written
 	nackUnseen(t, q, "h", "a", 1)
-	if b := (*badgerStore)(q).barrier(); b != nil {
-		b.wait(context.Background())
-	}
+	writerCaughtUp(q)
 	crashed := copyLive(t, dir)
 	recs, _, err := decodeJournal(mustRead(t, filepath.Join(crashed, journalFile)))
 	if err != nil || len(recs) != 1 {
@@ -308,9 +300,7 @@ func TestLeaseJournalCoversAFailedRecordCommit(t *testing.T) {
 	}
 	q.failCommit.Store(&fail)
 	leaseAll(t, q, "h", 1, "n")
-	if b := (*badgerStore)(q).barrier(); b != nil {
-		b.wait(context.Background()) // the record's commit has failed
-	}
+	writerCaughtUp(q) // the record's commit has failed
 	crashed := copyLive(t, dir)
 	q.failCommit.Store(nil)
 	attemptContinues(t, openTestBadger(t, crashed, QueueOptions{Durability: DurabilityNoSync}), 1)

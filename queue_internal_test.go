@@ -446,11 +446,18 @@ func leaseAll(t testing.TB, q Queue, holder string, limit int, ns ...string) []L
 		t.Fatalf("Lease: %v", err)
 	}
 	if bq, ok := q.(*badgerQueue); ok && bq.failCommit.Load() == nil {
-		if b := (*badgerStore)(bq).barrier(); b != nil {
-			b.wait(context.Background())
-		}
+		writerCaughtUp(bq)
 	}
 	return ls
+}
+
+// writerCaughtUp waits until every state change submitted to q so far has
+// been written (groups complete in order: a barrier queued now completes
+// after them).
+func writerCaughtUp(q *badgerQueue) {
+	if b := (*badgerStore)(q).barrier(); b != nil {
+		b.wait(context.Background())
+	}
 }
 
 func ackAll(t testing.TB, q Queue, holder string, ls []Lease) {
