@@ -930,10 +930,16 @@ func sendLimits(cc *clientConn) (int, int) {
 // assignIDs gives every event without an ID a UUIDv4, in place, and
 // returns the events' IDs.
 func assignIDs(events []Event) []string {
+	var gen uuidGen
+	for i := range events {
+		if events[i].ID == "" {
+			gen.want++
+		}
+	}
 	ids := make([]string, len(events))
 	for i := range events {
 		if events[i].ID == "" {
-			events[i].ID = newUUIDv4()
+			events[i].ID = gen.next()
 		}
 		ids[i] = events[i].ID
 	}

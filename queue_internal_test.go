@@ -54,16 +54,51 @@ func TestParseCanonicalUUID(t *testing.T) {
 
 func TestNewUUIDv4(t *testing.T) {
 	seen := map[string]bool{}
-	for range 1000 {
-		s := newUUIDv4()
+	check := func(s string) {
+		t.Helper()
 		u, err := uuid.Parse(s)
 		if err != nil || u.Version() != 4 || u.Variant() != uuid.RFC4122 || u.String() != s {
-			t.Fatalf("newUUIDv4() = %q: %v, version %v, variant %v", s, err, u.Version(), u.Variant())
+			t.Fatalf("UUID %q: %v, version %v, variant %v", s, err, u.Version(), u.Variant())
 		}
 		if seen[s] {
 			t.Fatalf("%s twice", s)
 		}
 		seen[s] = true
+	}
+	for range 1000 {
+		check(newUUIDv4())
+	}
+	// A generator's batches: fewer, exactly, and more than one batch, and
+	// more asked for than announced.
+	for _, want := range []int{0, 1, uuidBatch - 1, uuidBatch, uuidBatch + 1, 100} {
+		g := uuidGen{want: want}
+		for range want + 3 {
+			check(g.next())
+		}
+	}
+	// Every bit but the version's and the variant's varies.
+	var or, and [16]byte
+	for i := range and {
+		and[i] = 0xff
+	}
+	for range 200 {
+		u := uuid.MustParse(newUUIDv4())
+		for i := range u {
+			or[i] |= u[i]
+			and[i] &= u[i]
+		}
+	}
+	for i := range or {
+		fixedOr, fixedAnd := byte(0xff), byte(0)
+		switch i {
+		case 6:
+			fixedOr, fixedAnd = 0x4f, 0x40
+		case 8:
+			fixedOr, fixedAnd = 0xbf, 0x80
+		}
+		if or[i] != fixedOr || and[i] != fixedAnd {
+			t.Errorf("byte %d: OR of 200 UUIDs %#x, AND %#x; want %#x and %#x", i, or[i], and[i], fixedOr, fixedAnd)
+		}
 	}
 }
 
