@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"path/filepath"
 	"strings"
 	"time"
@@ -148,6 +149,23 @@ func (t *h3xTarget) Close() {
 }
 
 func (t *h3xTarget) Publish(ctx context.Context, n int) (int, time.Duration, error) {
+	return t.publishOn(ctx, t.pub, "bench", n)
+}
+
+// Flood publishes into the flood namespace as Publish does, on a
+// connection of its own, until ctx ends.
+func (t *h3xTarget) Flood(ctx context.Context) (int, error) {
+	c, err := t.srv.dial(ctx, h3x.WithPublishBuffer(max(t.prm.inflight, h3x.DefaultPublishBuffer)))
+	if err != nil {
+		return 0, err
+	}
+	defer c.Close()
+	n, _, _ := t.publishOn(ctx, c, "flood", math.MaxInt)
+	return n, nil
+}
+
+// publishOn publishes n events into namespace ns with c, pipelined.
+func (t *h3xTarget) publishOn(ctx context.Context, c *h3x.Client, ns string, n int) (int, time.Duration, error) {
 	calls := make(chan *h3x.PublishCall, t.prm.inflight)
 	type result struct {
 		stored int
@@ -175,9 +193,9 @@ func (t *h3xTarget) Publish(ctx context.Context, n int) (int, time.Duration, err
 	for sent := 0; sent < n && ctx.Err() == nil; {
 		evs := make([]h3x.Event, min(t.prm.batch, n-sent))
 		for i := range evs {
-			evs[i] = h3x.Event{Namespace: "bench", Type: "bench", Data: payload}
+			evs[i] = h3x.Event{Namespace: ns, Type: "bench", Data: payload}
 		}
-		calls <- t.pub.PublishAsync(ctx, evs...)
+		calls <- c.PublishAsync(ctx, evs...)
 		sent += len(evs)
 	}
 	close(calls)

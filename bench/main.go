@@ -21,7 +21,8 @@
 //   - the server's peak RSS (VmHWM) at the end of the run.
 //
 // -scale N then measures N idle authenticated H3X clients on one server
-// (see scale.go).
+// (see scale.go). -fairness-only runs instead a calm publisher beside a
+// full-speed flood in every system (see fairness.go).
 package main
 
 import (
@@ -66,6 +67,9 @@ type config struct {
 	nats       natsParams
 	redis      redisParams
 	syncAlways bool // nats-server supports sync_interval: always
+	fairOnly   bool // run only the fairness comparison (fairness.go)
+	fairRate   int
+	fairDur    time.Duration
 }
 
 func main() {
@@ -102,6 +106,9 @@ func main() {
 	flag.IntVar(&cfg.redis.pipeline, "redis-pipeline", 256, "Redis publisher: XADDs per pipeline")
 	flag.IntVar(&cfg.redis.conns, "redis-conns", 4, "Redis publisher: pipelines in flight")
 	flag.IntVar(&cfg.redis.readCount, "redis-count", 1000, "Redis consumer: XREADGROUP COUNT")
+	flag.BoolVar(&cfg.fairOnly, "fairness-only", false, "run only the fairness comparison: a calm namespace's p99 alone and beside a full-speed flood, every system (first class of -classes)")
+	flag.IntVar(&cfg.fairRate, "fair-rate", 1000, "fairness: the calm publisher's events per second")
+	flag.DurationVar(&cfg.fairDur, "fair-dur", 2*time.Second, "fairness: each calm run's measured duration (after -lat-warm)")
 	flag.Parse()
 	for _, c := range strings.Split(classes, ",") {
 		switch strings.TrimSpace(c) {
@@ -130,6 +137,9 @@ func main() {
 
 func run(ctx context.Context, cfg *config) error {
 	var err error
+	if cfg.fairOnly {
+		cfg.scale = 0
+	}
 	if !cfg.scaleOnly {
 		if slices.Contains(cfg.systems, "nats") {
 			if cfg.natsBin, err = lookPeer("nats-server", cfg.natsBin); err != nil {
@@ -176,6 +186,15 @@ func run(ctx context.Context, cfg *config) error {
 		out = io.MultiWriter(os.Stdout, file)
 	}
 	started := time.Now()
+	if cfg.fairOnly {
+		fr, err := fairness(ctx, cfg)
+		if err != nil {
+			return err
+		}
+		writeFairness(out, cfg, fr)
+		fmt.Fprintf(out, "\nMachine: %d CPUs, %s RAM, %s, %s. Peers: %s; %s. Whole run: %v.\n", env.cpus, env.mem, env.kernel, env.goVersion, env.nats, env.redis, time.Since(started).Round(time.Second))
+		return nil
+	}
 	var res *results
 	if !cfg.scaleOnly {
 		if res, err = compare(ctx, cfg); err != nil {

@@ -32,6 +32,7 @@ func natsSyncAlways(bin, dir string) bool {
 
 type natsTarget struct {
 	p         *proc
+	url       string
 	pubNC     *nats.Conn
 	subNC     *nats.Conn
 	pub, sub  jetstream.JetStream
@@ -69,6 +70,7 @@ func startNATS(ctx context.Context, bin, dir string, syncAlways bool, prm natsPa
 		return nil, err
 	}
 	url := "nats://" + addr
+	t.url = url
 	if t.pubNC, err = nats.Connect(url); err != nil {
 		t.Close()
 		return nil, err
@@ -138,6 +140,47 @@ func (t *natsTarget) Publish(ctx context.Context, count int) (int, time.Duration
 		return n - int(e), elapsed, fmt.Errorf("jetstream: %d publishes failed", e)
 	}
 	return n, elapsed, nil
+}
+
+// Flood publishes into a stream of its own as Publish does, on a
+// connection of its own, until ctx ends; it returns the publishes
+// acknowledged.
+func (t *natsTarget) Flood(ctx context.Context) (int, error) {
+	if _, err := t.sub.CreateStream(ctx, jetstream.StreamConfig{
+		Name: "S_flood", Subjects: []string{"flood"}, Storage: jetstream.FileStorage, Replicas: 1,
+	}); err != nil {
+		return 0, fmt.Errorf("create stream: %w", err)
+	}
+	nc, err := nats.Connect(t.url)
+	if err != nil {
+		return 0, err
+	}
+	defer nc.Close()
+	var failed atomic.Int64
+	js, err := jetstream.New(nc,
+		jetstream.WithPublishAsyncMaxPending(t.prm.maxPending),
+		jetstream.WithPublishAsyncErrHandler(func(jetstream.JetStream, *nats.Msg, error) { failed.Add(1) }))
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for ctx.Err() == nil {
+		for range 64 {
+			_, err := js.PublishAsync("flood", payload)
+			if errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
+				continue
+			}
+			if err != nil {
+				return n - int(failed.Load()), nil
+			}
+			n++
+		}
+	}
+	select {
+	case <-js.PublishAsyncComplete():
+	case <-time.After(10 * time.Second):
+	}
+	return n - int(failed.Load()), nil
 }
 
 func (t *natsTarget) Consume(ctx context.Context, n int) (time.Duration, error) {

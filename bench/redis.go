@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -19,10 +20,11 @@ type redisParams struct {
 }
 
 type redisTarget struct {
-	p   *proc
-	rdb *redis.Client // publishers
-	sub *redis.Client // consumers
-	prm redisParams
+	p    *proc
+	addr string
+	rdb  *redis.Client // publishers
+	sub  *redis.Client // consumers
+	prm  redisParams
 }
 
 // startRedis starts redis-server with the append-only file in dir,
@@ -53,10 +55,11 @@ func startRedis(ctx context.Context, bin, dir string, cls class, prm redisParams
 		return nil, err
 	}
 	t := &redisTarget{
-		p:   p,
-		rdb: redis.NewClient(&redis.Options{Addr: addr, PoolSize: prm.conns + 2}),
-		sub: redis.NewClient(&redis.Options{Addr: addr, PoolSize: 4}),
-		prm: prm,
+		p:    p,
+		addr: addr,
+		rdb:  redis.NewClient(&redis.Options{Addr: addr, PoolSize: prm.conns + 2}),
+		sub:  redis.NewClient(&redis.Options{Addr: addr, PoolSize: 4}),
+		prm:  prm,
 	}
 	for _, s := range []string{"bench", "lat"} {
 		if err := t.sub.XGroupCreateMkStream(ctx, s, "g", "0").Err(); err != nil {
@@ -76,6 +79,20 @@ func (t *redisTarget) Close() {
 }
 
 func (t *redisTarget) Publish(ctx context.Context, count int) (int, time.Duration, error) {
+	return t.publishOn(ctx, t.rdb, "bench", count)
+}
+
+// Flood publishes into the flood stream as Publish does, on connections of
+// its own, until ctx ends.
+func (t *redisTarget) Flood(ctx context.Context) (int, error) {
+	c := redis.NewClient(&redis.Options{Addr: t.addr, PoolSize: t.prm.conns + 2})
+	defer c.Close()
+	n, _, _ := t.publishOn(ctx, c, "flood", math.MaxInt)
+	return n, nil
+}
+
+// publishOn adds count events to stream with c, in pipelines.
+func (t *redisTarget) publishOn(ctx context.Context, c *redis.Client, stream string, count int) (int, time.Duration, error) {
 	var (
 		mu      sync.Mutex
 		total   int
@@ -96,9 +113,9 @@ func (t *redisTarget) Publish(ctx context.Context, count int) (int, time.Duratio
 				if k <= 0 {
 					break
 				}
-				pipe := t.rdb.Pipeline()
+				pipe := c.Pipeline()
 				for range k {
-					pipe.XAdd(ctx, &redis.XAddArgs{Stream: "bench", Values: []any{"d", payload}})
+					pipe.XAdd(ctx, &redis.XAddArgs{Stream: stream, Values: []any{"d", payload}})
 				}
 				if _, err = pipe.Exec(ctx); err != nil {
 					break
