@@ -35,6 +35,7 @@ type Server struct {
 	holderID   string // random prefix of this server's lease holders
 
 	limiters limiters
+	fair     *fairShare // each namespace's share of the queue's pipeline while several publish
 
 	handlersMu sync.RWMutex
 	handlers   map[FrameType]Handler
@@ -88,6 +89,7 @@ func NewServer(opts ...ServerOption) (*Server, error) {
 		conns:      make(map[*serverConn]struct{}),
 		shutdownCh: make(chan struct{}),
 		doneCh:     make(chan struct{}),
+		fair:       newFairShare(),
 	}
 	if s.logger == nil {
 		s.logger = slog.New(slog.DiscardHandler)

@@ -54,8 +54,15 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 	}
 	if len(events) > 0 {
 		start := time.Now()
-		results, err := c.srv.queue.Enqueue(c.srv.stopCtx, events) // not cancelled by the client's going away
-		reportPublish(c.srv.cfg.hooks, events, results, err, time.Since(start))
+		var results []PublishResult
+		release, err := c.srv.fair.admit(ctx, events)
+		if err == nil {
+			results, err = c.srv.queue.Enqueue(c.srv.stopCtx, events) // not cancelled by the client's going away
+			release()
+			reportPublish(c.srv.cfg.hooks, events, results, err, time.Since(start))
+		} else {
+			err = ErrShuttingDown // the stream or the server ended while it waited its turn: nothing stored
+		}
 		if err == nil && len(results) != len(events) {
 			err = newError(CodeInternal, "queue returned %d results for %d events", len(results), len(events))
 		}
