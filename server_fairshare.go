@@ -15,23 +15,37 @@ import (
 // publisher can keep thousands of events in Enqueue calls at once, and a
 // quiet namespace's event then waits for a group of all of them, and for
 // the group after it: tens of milliseconds at the tail. So while more than
-// one namespace has published in the last fairShareWindow, each may have
-// at most fairShareEvents events in Enqueue calls; a publish over that
-// waits for its namespace's earlier ones to return. A namespace with
-// nothing in Enqueue is always let in, whatever its batch's size, and a
-// namespace publishing alone is never held: the gate costs a busy tenant
-// throughput only while another is active, and only the pipeline depth
-// past what keeps the queue's writer busy.
+// one namespace has published in the last fairShareWindow (or still has a
+// publish in Enqueue), each may have at most fairShareEvents events in
+// Enqueue calls; a publish over that waits for its namespace's earlier ones
+// to return.
+//
+//   - A namespace with nothing in Enqueue is always let in, whatever its
+//     publish's size, and a namespace publishing alone is never held (a
+//     held publish is looked at again when the others' window ends).
+//   - Publishes of a namespace go in in the order they arrived: one that
+//     waits is not overtaken by later, smaller ones of its namespace. A
+//     publish naming several namespaces waits its turn in each.
+//
+// The gate costs a busy tenant throughput only while another is active,
+// and only the pipeline depth past what keeps the queue's writer busy.
 type fairShare struct {
 	mu      sync.Mutex
-	pending map[string]int   // events in Enqueue calls, by namespace
-	last    map[string]int64 // when each namespace was last let in (Unix ns)
-	waiting int              // admit calls waiting for freed
-	pruned  int64            // when last was last pruned (Unix ns)
-	freed   chan struct{}    // closed (and replaced) when events leave while some wait
+	pending map[string]int           // events in Enqueue calls, by namespace
+	last    map[string]time.Duration // when each namespace was last let in (since base)
+	waiters []*fairWaiter            // held publishes, in arrival order
+	pruned  time.Duration            // when last was last pruned
+	base    time.Time                // times are durations since base (monotonic with the real clock)
 	now     func() time.Time
 	limit   int
 	window  time.Duration
+}
+
+// fairWaiter is a held publish.
+type fairWaiter struct {
+	counts []nsCount
+	in     chan struct{} // closed once let in (its events counted in pending)
+	let    bool          // let in (under mu)
 }
 
 const (
@@ -49,11 +63,15 @@ const (
 )
 
 func newFairShare() *fairShare {
+	return newFairShareClock(time.Now)
+}
+
+func newFairShareClock(now func() time.Time) *fairShare {
 	return &fairShare{
 		pending: make(map[string]int),
-		last:    make(map[string]int64),
-		freed:   make(chan struct{}),
-		now:     time.Now,
+		last:    make(map[string]time.Duration),
+		base:    now(),
+		now:     now,
 		limit:   fairShareEvents,
 		window:  fairShareWindow,
 	}
@@ -66,52 +84,93 @@ type nsCount struct {
 }
 
 // countByNamespace counts events by namespace, in order of first
-// appearance (a publish usually names one).
+// appearance (a publish usually names one; past a few, a map finds them).
 func countByNamespace(events []Event) []nsCount {
 	var counts []nsCount
-next:
+	var at map[string]int
 	for i := range events {
 		ns := events[i].Namespace
-		for j := range counts {
-			if counts[j].ns == ns {
-				counts[j].n++
-				continue next
+		j := -1
+		if at != nil {
+			if k, ok := at[ns]; ok {
+				j = k
 			}
+		} else {
+			j = slices.IndexFunc(counts, func(c nsCount) bool { return c.ns == ns })
+		}
+		if j >= 0 {
+			counts[j].n++
+			continue
 		}
 		counts = append(counts, nsCount{ns, 1})
+		if at == nil && len(counts) > 8 {
+			at = make(map[string]int, 2*len(counts))
+			for k, c := range counts {
+				at[c.ns] = k
+			}
+		} else if at != nil {
+			at[ns] = len(counts) - 1
+		}
 	}
 	return counts
 }
 
 // admit waits until events may enter the queue, and returns the function
 // that gives their place back once their Enqueue has returned. It fails
-// only when ctx ends.
+// only when ctx ends before they were let in.
 func (f *fairShare) admit(ctx context.Context, events []Event) (release func(), err error) {
 	counts := countByNamespace(events)
+	release = func() { f.release(counts) }
 	f.mu.Lock()
-	for !f.fits(counts, f.now().UnixNano()) {
-		f.waiting++
-		ch := f.freed
+	now := f.elapsed()
+	if !f.queuedAhead(counts, len(f.waiters)) && f.fits(counts, now) {
+		f.letIn(counts, now)
 		f.mu.Unlock()
+		return release, nil
+	}
+	w := &fairWaiter{counts: counts, in: make(chan struct{})}
+	f.waiters = append(f.waiters, w)
+	for {
+		// Looked at again when a publish returns (release), and when
+		// the window of the namespaces that hold it back ends.
+		recheck := f.nextChange(counts, now)
+		f.mu.Unlock()
+		var timer *time.Timer
+		var fired <-chan time.Time
+		if recheck > 0 {
+			timer = time.NewTimer(recheck)
+			fired = timer.C
+		}
+		stop := func() {
+			if timer != nil {
+				timer.Stop()
+			}
+		}
 		select {
-		case <-ch:
-		case <-ctx.Done():
+		case <-w.in:
+			stop()
+			return release, nil
+		case <-fired:
 			f.mu.Lock()
-			f.waiting--
+			f.wake()
+			if w.let {
+				f.mu.Unlock()
+				return release, nil
+			}
+			now = f.elapsed()
+		case <-ctx.Done():
+			stop()
+			f.mu.Lock()
+			if w.let { // let in meanwhile: its place is taken
+				f.mu.Unlock()
+				return release, nil
+			}
+			f.waiters = slices.DeleteFunc(f.waiters, func(x *fairWaiter) bool { return x == w })
+			f.wake() // those it held back in its namespaces
 			f.mu.Unlock()
 			return nil, ctx.Err()
 		}
-		f.mu.Lock()
-		f.waiting--
 	}
-	now := f.now().UnixNano()
-	for _, c := range counts {
-		f.pending[c.ns] += c.n
-		f.last[c.ns] = now
-	}
-	f.prune(now)
-	f.mu.Unlock()
-	return func() { f.release(counts) }, nil
 }
 
 func (f *fairShare) release(counts []nsCount) {
@@ -122,52 +181,112 @@ func (f *fairShare) release(counts []nsCount) {
 			delete(f.pending, c.ns)
 		}
 	}
-	if f.waiting > 0 {
-		close(f.freed)
-		f.freed = make(chan struct{})
-	}
+	f.wake()
 }
 
-// fits reports whether events counted by namespace may enter now: each of
-// their namespaces has nothing in Enqueue, or room in its share, or no
-// other namespace active. mu is held.
-func (f *fairShare) fits(counts []nsCount, now int64) bool {
+// elapsed is the time since base. mu is held.
+func (f *fairShare) elapsed() time.Duration { return f.now().Sub(f.base) }
+
+// letIn counts a publish's events as in Enqueue. mu is held.
+func (f *fairShare) letIn(counts []nsCount, now time.Duration) {
+	for _, c := range counts {
+		f.pending[c.ns] += c.n
+		f.last[c.ns] = now
+	}
+	f.prune(now)
+}
+
+// wake lets in the held publishes that may go in now, in arrival order: one
+// that cannot holds back the later ones of its namespaces. mu is held.
+func (f *fairShare) wake() {
+	if len(f.waiters) == 0 {
+		return
+	}
+	now := f.elapsed()
+	kept := f.waiters[:0]
+	for i, w := range f.waiters {
+		if !queuedIn(w.counts, kept) && f.fits(w.counts, now) {
+			f.letIn(w.counts, now)
+			w.let = true
+			close(w.in)
+			continue
+		}
+		kept = append(kept, f.waiters[i])
+	}
+	clear(f.waiters[len(kept):])
+	f.waiters = kept
+}
+
+// queuedAhead reports whether one of the first n held publishes names a
+// namespace of counts. mu is held.
+func (f *fairShare) queuedAhead(counts []nsCount, n int) bool {
+	return queuedIn(counts, f.waiters[:n])
+}
+
+func queuedIn(counts []nsCount, waiters []*fairWaiter) bool {
+	for _, w := range waiters {
+		for _, c := range counts {
+			if slices.ContainsFunc(w.counts, func(x nsCount) bool { return x.ns == c.ns }) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// fits reports whether a publish's events may enter now: each of their
+// namespaces has nothing in Enqueue, or room in its share, or no other
+// namespace active. mu is held.
+func (f *fairShare) fits(counts []nsCount, now time.Duration) bool {
 	for _, c := range counts {
 		p := f.pending[c.ns]
 		if p == 0 || p+c.n <= f.limit {
 			continue
 		}
-		if f.othersActive(counts, now) {
+		if f.othersActive(c.ns, now) {
 			return false
 		}
 	}
 	return true
 }
 
-// othersActive reports whether a namespace the publish does not name has
-// events in Enqueue or published within the window. mu is held.
-func (f *fairShare) othersActive(counts []nsCount, now int64) bool {
+// othersActive reports whether a namespace other than ns has events in
+// Enqueue or published within the window. mu is held.
+func (f *fairShare) othersActive(ns string, now time.Duration) bool {
 	for other, at := range f.last {
-		if slices.ContainsFunc(counts, func(c nsCount) bool { return c.ns == other }) {
-			continue
-		}
-		if now-at <= int64(f.window) || f.pending[other] > 0 {
+		if other != ns && (now-at <= f.window || f.pending[other] > 0) {
 			return true
 		}
 	}
 	return false
 }
 
+// nextChange returns how long until a namespace that holds counts back
+// only by having published within the window stops counting as active (0:
+// none does; a publish returning will wake the held one). mu is held.
+func (f *fairShare) nextChange(counts []nsCount, now time.Duration) time.Duration {
+	var soonest time.Duration
+	for other, at := range f.last {
+		if f.pending[other] > 0 || now-at > f.window || slices.ContainsFunc(counts, func(c nsCount) bool { return c.ns == other }) {
+			continue
+		}
+		if d := at + f.window - now + time.Millisecond; soonest == 0 || d < soonest {
+			soonest = d
+		}
+	}
+	return soonest
+}
+
 // prune forgets namespaces idle past the window with nothing in Enqueue,
 // once there are many, so that last stays the size of the active set.
 // mu is held.
-func (f *fairShare) prune(now int64) {
-	if len(f.last) < 64 || now-f.pruned < int64(f.window) {
+func (f *fairShare) prune(now time.Duration) {
+	if len(f.last) < 64 || now-f.pruned < f.window {
 		return
 	}
 	f.pruned = now
 	for ns, at := range f.last {
-		if now-at > int64(f.window) && f.pending[ns] == 0 {
+		if now-at > f.window && f.pending[ns] == 0 {
 			delete(f.last, ns)
 		}
 	}

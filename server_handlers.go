@@ -53,15 +53,18 @@ func (ss *sessionStream) publish(ctx context.Context, m *h3xpb.SendEvent) (Frame
 		events, index = ss.applyRateLimits(events, index, res)
 	}
 	if len(events) > 0 {
-		start := time.Now()
 		var results []PublishResult
-		release, err := c.srv.fair.admit(ctx, events)
+		// Its namespaces' turn in the queue (server_fairshare.go); like
+		// Enqueue, not given up when the client goes away.
+		release, err := c.srv.fair.admit(c.srv.stopCtx, events)
 		if err == nil {
+			start := time.Now()
 			results, err = c.srv.queue.Enqueue(c.srv.stopCtx, events) // not cancelled by the client's going away
 			release()
 			reportPublish(c.srv.cfg.hooks, events, results, err, time.Since(start))
 		} else {
-			err = ErrShuttingDown // the stream or the server ended while it waited its turn: nothing stored
+			err = ErrShuttingDown // the server stopped while it waited its turn: nothing stored
+			reportPublish(c.srv.cfg.hooks, events, nil, err, 0)
 		}
 		if err == nil && len(results) != len(events) {
 			err = newError(CodeInternal, "queue returned %d results for %d events", len(results), len(events))
