@@ -191,63 +191,14 @@ func TestFairShare(t *testing.T) {
 	})
 }
 
-// holdNSQueue holds the Enqueue calls of namespace ns until release is
-// closed, and counts the events of ns in Enqueue calls.
-type holdNSQueue struct {
-	Queue
-	ns      string
-	release chan struct{}
-	mu      sync.Mutex
-	inside  int
-	changed chan struct{} // closed and replaced when inside changes
-}
-
-func (q *holdNSQueue) Enqueue(ctx context.Context, events []Event) ([]PublishResult, error) {
-	if len(events) > 0 && events[0].Namespace == q.ns {
-		q.add(len(events))
-		defer q.add(-len(events))
-		<-q.release
-	}
-	return q.Queue.Enqueue(ctx, events)
-}
-
-func (q *holdNSQueue) add(n int) {
-	q.mu.Lock()
-	q.inside += n
-	close(q.changed)
-	q.changed = make(chan struct{})
-	q.mu.Unlock()
-}
-
-// waitInside waits until n events of ns are in Enqueue calls, and reports
-// whether that happened within d.
-func (q *holdNSQueue) waitInside(n int, d time.Duration) bool {
-	deadline := time.After(d)
-	for {
-		q.mu.Lock()
-		in, ch := q.inside, q.changed
-		q.mu.Unlock()
-		if in == n {
-			return true
-		}
-		select {
-		case <-ch:
-		case <-deadline:
-			return false
-		}
-	}
-}
-
 // TestFairShareHoldsAFloodOverItsShare: through a real server, a namespace
 // with its share of events in the queue's Enqueue calls gets no more in
 // while another namespace publishes, and that namespace's publishes are
 // not held; once the queue answers, the held publish goes in.
 func TestFairShareHoldsAFloodOverItsShare(t *testing.T) {
-	q := &holdNSQueue{Queue: NewMemoryQueue(QueueOptions{}), ns: "orders", release: make(chan struct{}), changed: make(chan struct{})}
+	q := newStepQueue("orders")
 	s := testServer(t, WithQueue(q))
-	var releaseOnce sync.Once
-	releaseAll := func() { releaseOnce.Do(func() { close(q.release) }) }
-	defer releaseAll() // before the server's cleanup, which waits for the Enqueue calls
+	defer q.releaseAll() // before the server's cleanup, which waits for the Enqueue calls
 	calm := mustDial(t, s, "alice", "alice-token")
 	flood := mustDial(t, s, "alice", "alice-token")
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -302,7 +253,7 @@ func TestFairShareHoldsAFloodOverItsShare(t *testing.T) {
 		t.Fatal("a publish past the flood's share reached the queue while another namespace was publishing")
 	}
 	publishCalm() // not held behind the flood
-	releaseAll()
+	q.releaseAll()
 	for i, c := range calls {
 		res, err := c.Result()
 		if err != nil {
@@ -450,12 +401,10 @@ func TestCountByNamespace(t *testing.T) {
 // TestFairShareRefusalsReportedAtShutdown: a publish still held when the
 // server stops is refused as shutting down, and Hooks.Refused reports it.
 func TestFairShareRefusalsReportedAtShutdown(t *testing.T) {
-	q := &holdNSQueue{Queue: NewMemoryQueue(QueueOptions{}), ns: "orders", release: make(chan struct{}), changed: make(chan struct{})}
+	q := newStepQueue("orders")
 	h := &nsRefusals{}
 	s := testServer(t, WithQueue(q), WithHooks(h))
-	var releaseOnce sync.Once
-	releaseAll := func() { releaseOnce.Do(func() { close(q.release) }) }
-	defer releaseAll()
+	defer q.releaseAll()
 	calm := mustDial(t, s, "alice", "alice-token")
 	flood := mustDial(t, s, "alice", "alice-token")
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -482,7 +431,7 @@ func TestFairShareRefusalsReportedAtShutdown(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	got := h.count("orders", CodeShuttingDown)
-	releaseAll()
+	q.releaseAll()
 	<-closed
 	if got != fairShareEvents/2 {
 		t.Fatalf("Hooks.Refused reported %d events of orders refused %v, want the %d held", got, CodeShuttingDown, fairShareEvents/2)
@@ -562,20 +511,7 @@ func (q *stepQueue) add(n int) {
 // waitInside waits until n events of ns are in Enqueue calls, and reports
 // whether that happened within d.
 func (q *stepQueue) waitInside(n int, d time.Duration) bool {
-	deadline := time.After(d)
-	for {
-		q.mu.Lock()
-		in, ch := q.inside, q.changed
-		q.mu.Unlock()
-		if in == n {
-			return true
-		}
-		select {
-		case <-ch:
-		case <-deadline:
-			return false
-		}
-	}
+	return q.waitFor(func(in int) bool { return in == n }, d)
 }
 
 // fairWaiting waits until n admit calls wait in s's fair share, and reports

@@ -83,25 +83,27 @@ func compare(ctx context.Context, cfg *config) (*results, error) {
 	return res, nil
 }
 
-func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir string) (runResult, error) {
-	var (
-		t   target
-		err error
-		h   *h3xTarget
-	)
+// startTarget starts system sys's server in dir, in class cls, with its
+// clients; pprof serves the H3X server's profiles.
+func startTarget(ctx context.Context, cfg *config, cls class, sys, dir string, pprof bool) (target, error) {
 	switch sys {
 	case "h3x":
-		h, err = startH3X(ctx, cfg.h3xBin, dir, cls, cfg.h3x, profileDir != "")
-		t = h
+		return startH3X(ctx, cfg.h3xBin, dir, cls, cfg.h3x, pprof)
 	case "nats":
-		t, err = startNATS(ctx, cfg.natsBin, dir, cls == fsyncAck && cfg.syncAlways, cfg.nats)
+		return startNATS(ctx, cfg.natsBin, dir, cls == fsyncAck && cfg.syncAlways, cfg.nats)
 	case "redis":
-		t, err = startRedis(ctx, cfg.redisBin, dir, cls, cfg.redis)
+		return startRedis(ctx, cfg.redisBin, dir, cls, cfg.redis)
 	}
+	return nil, fmt.Errorf("unknown system %q", sys)
+}
+
+func runOne(ctx context.Context, cfg *config, cls class, sys, dir, profileDir string) (runResult, error) {
+	t, err := startTarget(ctx, cfg, cls, sys, dir, profileDir != "")
 	if err != nil {
 		return runResult{}, err
 	}
 	defer t.Close()
+	h, _ := t.(*h3xTarget)
 	pid := t.Proc().pid()
 	// Cancelled, with the server's log as the cause, if the server dies:
 	// its clients would otherwise retry until the run's deadline.

@@ -66,18 +66,7 @@ func fairness(ctx context.Context, cfg *config) (map[string][]fairResult, error)
 }
 
 func fairOne(ctx context.Context, cfg *config, cls class, sys, dir string) (fairResult, error) {
-	var (
-		t   target
-		err error
-	)
-	switch sys {
-	case "h3x":
-		t, err = startH3X(ctx, cfg.h3xBin, dir, cls, cfg.h3x, false)
-	case "nats":
-		t, err = startNATS(ctx, cfg.natsBin, dir, cls == fsyncAck && cfg.syncAlways, cfg.nats)
-	case "redis":
-		t, err = startRedis(ctx, cfg.redisBin, dir, cls, cfg.redis)
-	}
+	t, err := startTarget(ctx, cfg, cls, sys, dir, false)
 	if err != nil {
 		return fairResult{}, err
 	}
