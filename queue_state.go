@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"log/slog"
 	"math"
@@ -1825,16 +1826,13 @@ func (g *uuidGen) fill(n int) {
 
 // putUUID writes u in canonical form: 8-4-4-4-12 lower-case hex digits.
 func putUUID(dst *[36]byte, u *[16]byte) {
-	const digits = "0123456789abcdef"
-	for i, c := range u {
-		p := uuidHexAt[i]
-		dst[p], dst[p+1] = digits[c>>4], digits[c&0x0f]
-	}
+	hex.Encode(dst[0:8], u[0:4])
+	hex.Encode(dst[9:13], u[4:6])
+	hex.Encode(dst[14:18], u[6:8])
+	hex.Encode(dst[19:23], u[8:10])
+	hex.Encode(dst[24:36], u[10:16])
 	dst[8], dst[13], dst[18], dst[23] = '-', '-', '-', '-'
 }
-
-// uuidHexAt is where each byte of a UUID goes in its canonical form.
-var uuidHexAt = [16]uint8{0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34}
 
 // after is the Unix-nanosecond time d after now, at most the largest one
 // (an ack deadline or delay of "for ever", say math.MaxInt64, must not wrap

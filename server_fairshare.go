@@ -123,7 +123,7 @@ func (f *fairShare) admit(ctx context.Context, events []Event) (release func(), 
 	release = func() { f.release(counts) }
 	f.mu.Lock()
 	now := f.elapsed()
-	if !f.queuedAhead(counts, len(f.waiters)) && f.fits(counts, now) {
+	if !queuedIn(counts, f.waiters) && f.fits(counts, now) {
 		f.letIn(counts, now)
 		f.mu.Unlock()
 		return release, nil
@@ -217,12 +217,7 @@ func (f *fairShare) wake() {
 	f.waiters = kept
 }
 
-// queuedAhead reports whether one of the first n held publishes names a
-// namespace of counts. mu is held.
-func (f *fairShare) queuedAhead(counts []nsCount, n int) bool {
-	return queuedIn(counts, f.waiters[:n])
-}
-
+// queuedIn reports whether one of waiters names a namespace of counts.
 func queuedIn(counts []nsCount, waiters []*fairWaiter) bool {
 	for _, w := range waiters {
 		for _, c := range counts {

@@ -196,30 +196,13 @@ func TestFairShare(t *testing.T) {
 // while another namespace publishes, and that namespace's publishes are
 // not held; once the queue answers, the held publish goes in.
 func TestFairShareHoldsAFloodOverItsShare(t *testing.T) {
-	q := newStepQueue("orders")
-	s := testServer(t, WithQueue(q))
+	fx := newFairFixture(t)
+	q, calm, flood, ctx := fx.q, fx.calm, fx.flood, fx.ctx
 	defer q.releaseAll() // before the server's cleanup, which waits for the Enqueue calls
-	calm := mustDial(t, s, "alice", "alice-token")
-	flood := mustDial(t, s, "alice", "alice-token")
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	publishCalm := func() {
-		t.Helper()
-		if _, err := calm.Publish(ctx, Event{Namespace: "audit", Type: "t"}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	publishCalm()
-	batch := func() []Event {
-		evs := make([]Event, fairShareEvents/2)
-		for i := range evs {
-			evs[i] = Event{Namespace: "orders", Type: "t"}
-		}
-		return evs
-	}
+	fx.publishCalm(t)
 	var calls []*PublishCall
 	for range 2 {
-		calls = append(calls, flood.PublishAsync(ctx, batch()...))
+		calls = append(calls, flood.PublishAsync(ctx, eventsOf("orders", fairShareEvents/2)...))
 	}
 	if !q.waitInside(fairShareEvents, 10*time.Second) {
 		t.Fatalf("the flood's first %d events never reached the queue", fairShareEvents)
@@ -242,8 +225,8 @@ func TestFairShareHoldsAFloodOverItsShare(t *testing.T) {
 		}
 		calmDone <- err
 	}()
-	publishCalm()
-	calls = append(calls, flood.PublishAsync(ctx, batch()...))
+	fx.publishCalm(t)
+	calls = append(calls, flood.PublishAsync(ctx, eventsOf("orders", fairShareEvents/2)...))
 	held := !q.waitInside(fairShareEvents+fairShareEvents/2, 300*time.Millisecond)
 	stopCalm()
 	if err := <-calmDone; err != nil {
@@ -252,7 +235,7 @@ func TestFairShareHoldsAFloodOverItsShare(t *testing.T) {
 	if !held {
 		t.Fatal("a publish past the flood's share reached the queue while another namespace was publishing")
 	}
-	publishCalm() // not held behind the flood
+	fx.publishCalm(t) // not held behind the flood
 	q.releaseAll()
 	for i, c := range calls {
 		res, err := c.Result()
@@ -401,28 +384,19 @@ func TestCountByNamespace(t *testing.T) {
 // TestFairShareRefusalsReportedAtShutdown: a publish still held when the
 // server stops is refused as shutting down, and Hooks.Refused reports it.
 func TestFairShareRefusalsReportedAtShutdown(t *testing.T) {
-	q := newStepQueue("orders")
 	h := &nsRefusals{}
-	s := testServer(t, WithQueue(q), WithHooks(h))
+	fx := newFairFixture(t, WithHooks(h))
+	q, s, flood, ctx := fx.q, fx.s, fx.flood, fx.ctx
 	defer q.releaseAll()
-	calm := mustDial(t, s, "alice", "alice-token")
-	flood := mustDial(t, s, "alice", "alice-token")
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if _, err := calm.Publish(ctx, Event{Namespace: "audit", Type: "t"}); err != nil {
-		t.Fatal(err)
-	}
-	batch := func() []Event { return eventsOf("orders", fairShareEvents/2) }
+	fx.publishCalm(t)
 	for range 2 {
-		flood.PublishAsync(ctx, batch()...)
+		flood.PublishAsync(ctx, eventsOf("orders", fairShareEvents/2)...)
 	}
 	if !q.waitInside(fairShareEvents, 10*time.Second) {
 		t.Fatal("the flood's first events never reached the queue")
 	}
-	if _, err := calm.Publish(ctx, Event{Namespace: "audit", Type: "t"}); err != nil {
-		t.Fatal(err)
-	}
-	flood.PublishAsync(ctx, batch()...)
+	fx.publishCalm(t)
+	flood.PublishAsync(ctx, eventsOf("orders", fairShareEvents/2)...)
 	waitHeld(t, s.fair, 1)
 	closed := make(chan error, 1)
 	go func() { closed <- s.Close() }()
@@ -444,6 +418,35 @@ func eventsOf(ns string, n int) []Event {
 		evs[i] = Event{Namespace: ns, Type: "t"}
 	}
 	return evs
+}
+
+// fairFixture is a loopback server whose queue holds namespace orders'
+// Enqueue calls (stepQueue), a client publishing to the calm namespace
+// audit, one flooding orders, and a context bounding the test.
+type fairFixture struct {
+	q           *stepQueue
+	s           *Server
+	calm, flood *Client
+	ctx         context.Context
+}
+
+// newFairFixture starts it; the test releases the held Enqueue calls
+// before the server's cleanup (defer fx.q.releaseAll()).
+func newFairFixture(t *testing.T, opts ...ServerOption) *fairFixture {
+	t.Helper()
+	q := newStepQueue("orders")
+	s := testServer(t, append([]ServerOption{WithQueue(q)}, opts...)...)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return &fairFixture{q: q, s: s, calm: mustDial(t, s, "alice", "alice-token"), flood: mustDial(t, s, "alice", "alice-token"), ctx: ctx}
+}
+
+// publishCalm publishes one event to the calm namespace.
+func (fx *fairFixture) publishCalm(t *testing.T) {
+	t.Helper()
+	if _, err := fx.calm.Publish(fx.ctx, Event{Namespace: "audit", Type: "t"}); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // nsRefusals counts what Hooks.Refused reports, by namespace and code.
@@ -543,45 +546,28 @@ func fairWaiting(s *Server, n int, d time.Duration) bool {
 // held for as long as the flood lasted. Publishes of a namespace now go in
 // in arrival order.
 func TestFairShareLargePublishNotStarved(t *testing.T) {
-	q := newStepQueue("orders")
-	s := testServer(t, WithQueue(q))
+	fx := newFairFixture(t)
+	q, s, flood, ctx := fx.q, fx.s, fx.flood, fx.ctx
 	defer q.releaseAll() // before the server's cleanup, which waits for the Enqueue calls
-	calm := mustDial(t, s, "alice", "alice-token")
-	flood := mustDial(t, s, "alice", "alice-token")
 	big := mustDial(t, s, "alice", "alice-token")
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	publishCalm := func() {
-		t.Helper()
-		if _, err := calm.Publish(ctx, Event{Namespace: "audit", Type: "t"}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	batch := func(n int) []Event {
-		evs := make([]Event, n)
-		for i := range evs {
-			evs[i] = Event{Namespace: "orders", Type: "t"}
-		}
-		return evs
-	}
-	publishCalm()
+	fx.publishCalm(t)
 	var calls []*PublishCall
 	floodOne := func(want int) {
 		t.Helper()
-		calls = append(calls, flood.PublishAsync(ctx, batch(256)...))
+		calls = append(calls, flood.PublishAsync(ctx, eventsOf("orders", 256)...))
 		if !q.waitInside(want, 5*time.Second) {
 			t.Fatalf("the flood's publish never reached the queue (want %d events inside)", want)
 		}
 	}
 	floodOne(256)
 	floodOne(512)
-	big.PublishAsync(ctx, batch(600)...)
+	big.PublishAsync(ctx, eventsOf("orders", 600)...)
 	if !fairWaiting(s, 1, 5*time.Second) {
 		t.Fatal("the 600-event publish is not waiting in admit")
 	}
 	const rounds = 20
 	for i := range rounds {
-		publishCalm()
+		fx.publishCalm(t)
 		select { // one of the flood's Enqueue calls returns: 256 of its events left inside
 		case q.step <- struct{}{}:
 		case <-time.After(5 * time.Second):
@@ -592,7 +578,7 @@ func TestFairShareLargePublishNotStarved(t *testing.T) {
 		}
 		// The flood's next publish: it goes in (512 inside), or, if the
 		// waiting publish is served first, it waits behind it.
-		calls = append(calls, flood.PublishAsync(ctx, batch(256)...))
+		calls = append(calls, flood.PublishAsync(ctx, eventsOf("orders", 256)...))
 		q.waitFor(func(in int) bool { return in == 512 || in >= 600 }, 2*time.Second)
 		if q.waitFor(func(in int) bool { return in >= 600 }, 0) {
 			return // the 600-event publish went in: not starved

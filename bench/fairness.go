@@ -19,14 +19,6 @@ import (
 // publish→delivery p99 flooded over alone. The flood has no consumer: its
 // events pile up, the same for every system.
 
-// flooder is a target that can flood a namespace of its own.
-type flooder interface {
-	// Flood publishes into the flood namespace at full speed, on
-	// connections of its own, until ctx ends, and returns how many events
-	// were stored.
-	Flood(ctx context.Context) (int, error)
-}
-
 // fairResult is one fairness run of one system.
 type fairResult struct {
 	aloneP50, aloneP99     time.Duration
@@ -90,7 +82,7 @@ func fairOne(ctx context.Context, cfg *config, cls class, sys, dir string) (fair
 	done := make(chan flood, 1)
 	start := time.Now()
 	go func() {
-		n, err := t.(flooder).Flood(floodCtx)
+		n, err := t.Flood(floodCtx)
 		done <- flood{n, err}
 	}()
 	select { // the flood at full speed before the calm run starts

@@ -52,6 +52,10 @@ type target interface {
 	// publish→delivery latencies of the events sent after warm, and the
 	// rate the publisher achieved (see pace).
 	Latency(ctx context.Context, rate int, warm, d time.Duration) ([]time.Duration, float64, error)
+	// Flood publishes into a namespace of its own at full speed, on
+	// connections of its own, until ctx ends, and returns how many events
+	// were stored (the fairness comparison, fairness.go).
+	Flood(ctx context.Context) (int, error)
 	// Close closes the clients and stops the server.
 	Close()
 }
