@@ -40,8 +40,17 @@ import (
 // guarantee.
 
 const (
-	ballastName     = "h3x-ballast"
+	ballastName = "h3x-ballast"
+	// ballastInterval is how often the monitor checks while the queue
+	// writes, and for ballastQuiet after its last write and after the open
+	// (Badger's flushes and compactions follow the writes).
 	ballastInterval = 20 * time.Millisecond
+	// ballastIdleInterval is how often it checks once the queue has written
+	// nothing for ballastQuiet. An idle queue's Badger writes nothing and
+	// makes no new log file, so the monitor only watches the free space, for
+	// the ballast to be gone before the next write; its 50 checks a second
+	// were three quarters of an idle server's CPU.
+	ballastIdleInterval = 250 * time.Millisecond
 	// ballastStable is how many checks in a row must find the same low
 	// free space before the ballast goes: released while another process
 	// is still writing, its space would only go to that process.
@@ -50,6 +59,10 @@ const (
 	// is preallocated: Badger rotates after the entry that crosses it.
 	ballastVlogSlack = 8 << 20
 )
+
+// ballastQuiet is how long after the queue's last write the monitor keeps
+// checking every ballastInterval (a variable for tests).
+var ballastQuiet = 10 * time.Second
 
 // ballast keeps space in reserve for Badger and preallocates its newest
 // log files.
@@ -60,6 +73,7 @@ type ballast struct {
 	bdir, vdir string
 	vlogMax    int64
 	free       func() (uint64, error)
+	writes     func() int64 // the queue's write groups so far: its activity
 	log        *slog.Logger
 
 	out  atomic.Bool // released because the disk filled; writes refused
@@ -68,8 +82,10 @@ type ballast struct {
 
 	present  bool // monitor-owned below
 	lastFree uint64
-	stable   int // checks in a row that found lastFree
-	memFid   int // the newest files already preallocated
+	stable   int       // checks in a row that found lastFree
+	memFid   int       // the newest files already preallocated
+	seen     int64     // writes() at the last check
+	activeAt time.Time // when a check last saw writes() change
 	vlogFid  int
 	warned   bool
 	noAlloc  bool // fallocate unsupported here: no ballast, no preallocation
@@ -90,6 +106,7 @@ func (q *badgerQueue) startBallast(vlogFileSize int64) {
 		vdir:    q.vdir,
 		vlogMax: vlogFileSize + ballastVlogSlack,
 		free:    func() (uint64, error) { return (*q.diskFree.Load())(q.dir) },
+		writes:  q.statGroups.Load,
 		log:     q.log,
 		stop:    make(chan struct{}),
 		done:    make(chan struct{}),
@@ -102,6 +119,7 @@ func (q *badgerQueue) startBallast(vlogFileSize int64) {
 		b.tryMake()
 	}
 	b.preallocate()
+	b.seen, b.activeAt = b.writes(), time.Now()
 	q.ballast = b
 	go b.monitor()
 }
@@ -137,7 +155,7 @@ func (b *ballast) resume() uint64 { return b.low + uint64(b.size) + uint64(b.siz
 
 func (b *ballast) monitor() {
 	defer close(b.done)
-	t := time.NewTicker(ballastInterval)
+	t := time.NewTimer(ballastInterval)
 	defer t.Stop()
 	for {
 		select {
@@ -146,8 +164,31 @@ func (b *ballast) monitor() {
 		case <-t.C:
 		}
 		b.check()
-		b.preallocate()
+		now := time.Now()
+		if b.active(now) {
+			b.preallocate()
+		}
+		t.Reset(b.interval(now))
 	}
+}
+
+// active notes whether the queue wrote since the last check, and reports
+// whether it wrote within ballastQuiet before now.
+func (b *ballast) active(now time.Time) bool {
+	if w := b.writes(); w != b.seen {
+		b.seen, b.activeAt = w, now
+	}
+	return now.Sub(b.activeAt) < ballastQuiet
+}
+
+// interval is the time to the next check: ballastInterval while the queue
+// is active (as the last call of active found it), ballastIdleInterval once
+// it is not.
+func (b *ballast) interval(now time.Time) time.Duration {
+	if now.Sub(b.activeAt) < ballastQuiet {
+		return ballastInterval
+	}
+	return ballastIdleInterval
 }
 
 // check releases the ballast when free space is low, and makes it again

@@ -130,3 +130,75 @@ func TestNoFallocateChurn(t *testing.T) {
 		t.Errorf("fallocate unsupported: %d fallocate attempts in 0.5 s (ballast file created and removed each tick)", n)
 	}
 }
+
+// The ballast's monitor checks every ballastInterval while the queue writes
+// and for ballastQuiet after, then every ballastIdleInterval until the next
+// write; it preallocates only while active.
+func TestBallastMonitorInterval(t *testing.T) {
+	t0 := time.Unix(1_000_000, 0)
+	var writes int64
+	b := &ballast{writes: func() int64 { return writes }, seen: 0, activeAt: t0}
+	steps := []struct {
+		name       string
+		at         time.Duration // after t0
+		writes     int64
+		wantActive bool
+		want       time.Duration
+	}{
+		{"just opened", 0, 0, true, ballastInterval},
+		{"no write yet, within the quiet time", ballastQuiet - time.Millisecond, 0, true, ballastInterval},
+		{"no write for the quiet time", ballastQuiet, 0, false, ballastIdleInterval},
+		{"idle long", 10 * ballastQuiet, 0, false, ballastIdleInterval},
+		{"a write", 10*ballastQuiet + time.Second, 1, true, ballastInterval},
+		{"more writes", 11 * ballastQuiet, 5, true, ballastInterval},
+		{"quiet since the last write", 12*ballastQuiet - time.Millisecond, 5, true, ballastInterval},
+		{"idle again", 12 * ballastQuiet, 5, false, ballastIdleInterval},
+	}
+	for _, s := range steps {
+		writes = s.writes
+		now := t0.Add(s.at)
+		if got := b.active(now); got != s.wantActive {
+			t.Errorf("%s: active = %v, want %v", s.name, got, s.wantActive)
+		}
+		if got := b.interval(now); got != s.want {
+			t.Errorf("%s: interval = %v, want %v", s.name, got, s.want)
+		}
+	}
+}
+
+// An idle queue's monitor reads the free space a few times a second, not
+// fifty, and still releases the ballast when the disk fills; a write makes
+// it check often again.
+func TestBallastMonitorIdle(t *testing.T) {
+	defer func(d time.Duration) { ballastQuiet = d }(ballastQuiet)
+	ballastQuiet = 100 * time.Millisecond
+	dir := t.TempDir()
+	q := openTestBadger(t, dir, QueueOptions{})
+	var calls atomic.Int64
+	var low atomic.Bool
+	df := func(string) (uint64, error) {
+		calls.Add(1)
+		if low.Load() {
+			return 1 << 20, nil
+		}
+		return 1 << 40, nil
+	}
+	q.diskFree.Store(&df)
+	time.Sleep(ballastQuiet + 2*ballastIdleInterval)
+	n0 := calls.Load()
+	time.Sleep(time.Second)
+	if n := calls.Load() - n0; n > int64(time.Second/ballastIdleInterval)+2 {
+		t.Fatalf("idle queue: the monitor read the free space %d times in 1 s, want at most %d", n, time.Second/ballastIdleInterval+2)
+	}
+	// Someone else fills the disk while the queue is idle: the ballast
+	// still goes.
+	low.Store(true)
+	path := filepath.Join(dir, ballastName)
+	waitFor(t, func() bool { _, err := os.Stat(path); return os.IsNotExist(err) })
+	low.Store(false)
+	waitFor(t, func() bool { _, err := os.Stat(path); return err == nil })
+	// A write: the monitor is active again for ballastQuiet.
+	publishTest(t, q, Event{ID: "a", Namespace: "n"})
+	n1 := calls.Load()
+	waitFor(t, func() bool { return calls.Load()-n1 >= int64(ballastIdleInterval/ballastInterval) })
+}
