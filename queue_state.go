@@ -1104,6 +1104,16 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 	var leased []*qentry
 	var err error
 	if len(active) > 0 {
+		// Room for what the namespaces hold, up to the limit (and 1,024:
+		// a byte budget may stop the call well before it).
+		avail := 0
+		for _, ns := range active {
+			avail += ns.ready.len() + ns.fresh.len() + ns.freshDisk
+		}
+		out = make([]Lease, 0, min(limit, avail, 1024))
+		if c.leaseRecs {
+			leased = make([]*qentry, 0, cap(out))
+		}
 		slices.SortStableFunc(active, func(a, b *qns) int { return cmp.Compare(a.served, b.served) })
 		h := c.holder(req.Holder)
 		until := after(now, deadline)
@@ -1173,7 +1183,7 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 	for len(leased) > 0 {
 		rec := &leaseRec{seq: c.nextSeq}
 		c.nextSeq++
-		put := recPut{rec: rec}
+		put := recPut{rec: rec, entries: make([]recEntry, 0, len(leased))}
 		recBytes := 0
 		for len(leased) > 0 {
 			e := leased[0]
