@@ -7,7 +7,7 @@ replace github.com/h3x-io/h3x => ../
 require (
 	github.com/h3x-io/h3x v0.0.0-00010101000000-000000000000
 	github.com/nats-io/nats.go v1.55.0
-	github.com/quic-go/quic-go v0.64.1
+	github.com/quic-go/quic-go v0.65.0
 	github.com/redis/go-redis/v9 v9.23.0
 )
 
