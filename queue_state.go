@@ -1334,6 +1334,9 @@ func (c *queueCore) settle(ctx context.Context, kind settleKind, holder string, 
 	}
 	now := time.Now().UnixNano()
 	var fx effects
+	if kind == settleAck {
+		fx.deletes = make([]*qentry, 0, len(refs))
+	}
 	c.advance(now, &fx)
 	for i, ref := range refs {
 		res[i].ID = ref.ID

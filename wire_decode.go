@@ -424,6 +424,9 @@ func decodeAckEvent(b []byte, m *h3xpb.AckEvent) error {
 			m.Attempts, err = appendPackedUint32(m.Attempts, f.b)
 		case f.num == 4 && f.typ == protowire.BytesType:
 			if s, err = in.str(f.b); err == nil {
+				if m.Namespaces == nil { // one per event ID, if any
+					m.Namespaces = make([]string, 0, cap(m.EventIds))
+				}
 				m.Namespaces = append(m.Namespaces, s)
 			}
 		case f.num == 5 && f.typ == protowire.VarintType:
