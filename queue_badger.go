@@ -1892,6 +1892,7 @@ func (q *badgerQueue) completer() {
 		// segments no read can reach.
 		q.segs.removeRetired(q.ts.discard(), q.syncBeforeRemoval)
 		q.groupsOut.Add(-int32(n))
+		q.ballast.wake() // a new memtable log to preallocate, if Badger rotated
 	}
 }
 

@@ -45,12 +45,6 @@ const (
 	// writes, and for ballastQuiet after its last write and after the open
 	// (Badger's flushes and compactions follow the writes).
 	ballastInterval = 20 * time.Millisecond
-	// ballastIdleInterval is how often it checks once the queue has written
-	// nothing for ballastQuiet. An idle queue's Badger writes nothing and
-	// makes no new log file, so the monitor only watches the free space, for
-	// the ballast to be gone before the next write; its 50 checks a second
-	// were three quarters of an idle server's CPU.
-	ballastIdleInterval = 250 * time.Millisecond
 	// ballastStable is how many checks in a row must find the same low
 	// free space before the ballast goes: released while another process
 	// is still writing, its space would only go to that process.
@@ -60,9 +54,18 @@ const (
 	ballastVlogSlack = 8 << 20
 )
 
-// ballastQuiet is how long after the queue's last write the monitor keeps
-// checking every ballastInterval (a variable for tests).
-var ballastQuiet = 10 * time.Second
+// Variables for tests (a ballast takes their values when it starts).
+var (
+	// ballastQuiet is how long after the queue's last write the monitor
+	// keeps checking every ballastInterval.
+	ballastQuiet = 10 * time.Second
+	// ballastIdleInterval is how often it checks once the queue has
+	// written nothing for ballastQuiet. An idle queue's Badger writes
+	// nothing and makes no new log file, so the monitor only watches the
+	// free space, for the ballast to be gone before the next write; its 50
+	// checks a second were three quarters of an idle server's CPU.
+	ballastIdleInterval = 250 * time.Millisecond
+)
 
 // ballast keeps space in reserve for Badger and preallocates its newest
 // log files.
@@ -74,7 +77,15 @@ type ballast struct {
 	vlogMax    int64
 	free       func() (uint64, error)
 	writes     func() int64 // the queue's write groups so far: its activity
+	inFlight   func() bool  // whether groups are in Badger's hands (a write may be stalled)
 	log        *slog.Logger
+
+	// idle is set while the monitor checks every ballastIdleInterval; kick
+	// (one slot) then wakes it when a group completes (wake): the first
+	// write after a quiet spell is when Badger rotates a full memtable into
+	// a new .mem file, which is preallocated at once, not a tick later.
+	idle atomic.Bool
+	kick chan struct{}
 
 	out  atomic.Bool // released because the disk filled; writes refused
 	stop chan struct{}
@@ -85,7 +96,9 @@ type ballast struct {
 	stable   int       // checks in a row that found lastFree
 	memFid   int       // the newest files already preallocated
 	seen     int64     // writes() at the last check
-	activeAt time.Time // when a check last saw writes() change
+	activeAt time.Time // when a check last saw writes() change or groups in flight
+	quiet    time.Duration
+	idleTick time.Duration
 	vlogFid  int
 	warned   bool
 	noAlloc  bool // fallocate unsupported here: no ballast, no preallocation
@@ -99,19 +112,23 @@ func (q *badgerQueue) startBallast(vlogFileSize int64) {
 		return
 	}
 	b := &ballast{
-		path:    filepath.Join(q.dir, ballastName),
-		size:    max(int64(q.reserve/4), 8<<20),
-		low:     q.reserve / 2,
-		bdir:    q.bdir,
-		vdir:    q.vdir,
-		vlogMax: vlogFileSize + ballastVlogSlack,
-		free:    func() (uint64, error) { return (*q.diskFree.Load())(q.dir) },
-		writes:  q.statGroups.Load,
-		log:     q.log,
-		stop:    make(chan struct{}),
-		done:    make(chan struct{}),
-		memFid:  -1,
-		vlogFid: -1,
+		path:     filepath.Join(q.dir, ballastName),
+		size:     max(int64(q.reserve/4), 8<<20),
+		low:      q.reserve / 2,
+		bdir:     q.bdir,
+		vdir:     q.vdir,
+		vlogMax:  vlogFileSize + ballastVlogSlack,
+		free:     func() (uint64, error) { return (*q.diskFree.Load())(q.dir) },
+		writes:   q.statGroups.Load,
+		inFlight: func() bool { return q.groupsOut.Load() > 0 },
+		log:      q.log,
+		kick:     make(chan struct{}, 1),
+		quiet:    ballastQuiet,
+		idleTick: ballastIdleInterval,
+		stop:     make(chan struct{}),
+		done:     make(chan struct{}),
+		memFid:   -1,
+		vlogFid:  -1,
 	}
 	if fi, err := os.Stat(b.path); err == nil && fi.Size() >= b.size {
 		b.present = true
@@ -162,33 +179,47 @@ func (b *ballast) monitor() {
 		case <-b.stop:
 			return
 		case <-t.C:
+		case <-b.kick:
 		}
 		b.check()
 		now := time.Now()
 		if b.active(now) {
 			b.preallocate()
 		}
-		t.Reset(b.interval(now))
+		d := b.interval(now)
+		b.idle.Store(d == b.idleTick)
+		t.Reset(d)
 	}
 }
 
-// active notes whether the queue wrote since the last check, and reports
-// whether it wrote within ballastQuiet before now.
+// wake makes an idle monitor check now (the queue completed a write group).
+func (b *ballast) wake() {
+	if b != nil && b.idle.Load() {
+		select {
+		case b.kick <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// active notes whether the queue wrote since the last check, or has groups
+// in Badger's hands (a write stalled by Badger counts as activity), and
+// reports whether it was active within ballastQuiet before now.
 func (b *ballast) active(now time.Time) bool {
-	if w := b.writes(); w != b.seen {
+	if w := b.writes(); w != b.seen || b.inFlight() {
 		b.seen, b.activeAt = w, now
 	}
-	return now.Sub(b.activeAt) < ballastQuiet
+	return now.Sub(b.activeAt) < b.quiet
 }
 
 // interval is the time to the next check: ballastInterval while the queue
-// is active (as the last call of active found it), ballastIdleInterval once
+// is active (as the last call of active found it), the idle interval once
 // it is not.
 func (b *ballast) interval(now time.Time) time.Duration {
-	if now.Sub(b.activeAt) < ballastQuiet {
+	if now.Sub(b.activeAt) < b.quiet {
 		return ballastInterval
 	}
-	return ballastIdleInterval
+	return b.idleTick
 }
 
 // check releases the ballast when free space is low, and makes it again

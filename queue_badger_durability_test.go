@@ -132,30 +132,38 @@ func TestNoFallocateChurn(t *testing.T) {
 }
 
 // The ballast's monitor checks every ballastInterval while the queue writes
-// and for ballastQuiet after, then every ballastIdleInterval until the next
-// write; it preallocates only while active.
+// (or has groups in Badger's hands) and for the quiet time after, then every
+// idle interval until the next write; it preallocates only while active.
 func TestBallastMonitorInterval(t *testing.T) {
 	t0 := time.Unix(1_000_000, 0)
 	var writes int64
-	b := &ballast{writes: func() int64 { return writes }, seen: 0, activeAt: t0}
+	var inFlight bool
+	const quiet, idle = 10 * time.Second, 250 * time.Millisecond
+	b := &ballast{writes: func() int64 { return writes }, inFlight: func() bool { return inFlight },
+		activeAt: t0, quiet: quiet, idleTick: idle}
 	steps := []struct {
 		name       string
 		at         time.Duration // after t0
 		writes     int64
+		inFlight   bool
 		wantActive bool
 		want       time.Duration
 	}{
-		{"just opened", 0, 0, true, ballastInterval},
-		{"no write yet, within the quiet time", ballastQuiet - time.Millisecond, 0, true, ballastInterval},
-		{"no write for the quiet time", ballastQuiet, 0, false, ballastIdleInterval},
-		{"idle long", 10 * ballastQuiet, 0, false, ballastIdleInterval},
-		{"a write", 10*ballastQuiet + time.Second, 1, true, ballastInterval},
-		{"more writes", 11 * ballastQuiet, 5, true, ballastInterval},
-		{"quiet since the last write", 12*ballastQuiet - time.Millisecond, 5, true, ballastInterval},
-		{"idle again", 12 * ballastQuiet, 5, false, ballastIdleInterval},
+		{"just opened", 0, 0, false, true, ballastInterval},
+		{"no write yet, within the quiet time", quiet - time.Millisecond, 0, false, true, ballastInterval},
+		{"no write for the quiet time", quiet, 0, false, false, idle},
+		{"idle long", 10 * quiet, 0, false, false, idle},
+		{"a write", 10*quiet + time.Second, 1, false, true, ballastInterval},
+		{"more writes", 11 * quiet, 5, false, true, ballastInterval},
+		{"quiet since the last write", 12*quiet - time.Millisecond, 5, false, true, ballastInterval},
+		{"idle again", 12 * quiet, 5, false, false, idle},
+		{"a group stalled in Badger", 13 * quiet, 5, true, true, ballastInterval},
+		{"still stalled, no write completed", 20 * quiet, 5, true, true, ballastInterval},
+		{"the stall over", 21*quiet - time.Millisecond, 6, false, true, ballastInterval},
+		{"idle after it", 22 * quiet, 6, false, false, idle},
 	}
 	for _, s := range steps {
-		writes = s.writes
+		writes, inFlight = s.writes, s.inFlight
 		now := t0.Add(s.at)
 		if got := b.active(now); got != s.wantActive {
 			t.Errorf("%s: active = %v, want %v", s.name, got, s.wantActive)
@@ -164,41 +172,65 @@ func TestBallastMonitorInterval(t *testing.T) {
 			t.Errorf("%s: interval = %v, want %v", s.name, got, s.want)
 		}
 	}
+	// wake kicks only an idle monitor, once.
+	b.kick = make(chan struct{}, 1)
+	b.wake()
+	if len(b.kick) != 0 {
+		t.Error("wake kicked a monitor that is not idle")
+	}
+	b.idle.Store(true)
+	b.wake()
+	b.wake()
+	if len(b.kick) != 1 {
+		t.Errorf("wake of an idle monitor: %d kicks queued, want 1", len(b.kick))
+	}
+	var none *ballast
+	none.wake() // a queue without a ballast
 }
 
-// An idle queue's monitor reads the free space a few times a second, not
-// fifty, and still releases the ballast when the disk fills; a write makes
-// it check often again.
-func TestBallastMonitorIdle(t *testing.T) {
-	defer func(d time.Duration) { ballastQuiet = d }(ballastQuiet)
-	ballastQuiet = 100 * time.Millisecond
+// An idle queue's monitor stops checking often; the first write group after
+// the quiet spell wakes it at once (Badger may have rotated a memtable into
+// a new .mem file, which it preallocates), not at its next idle tick.
+func TestBallastMonitorWokenByWrite(t *testing.T) {
+	quiet, idle := ballastQuiet, ballastIdleInterval
+	t.Cleanup(func() { ballastQuiet, ballastIdleInterval = quiet, idle }) // after the queue's Close
+	ballastQuiet, ballastIdleInterval = 100*time.Millisecond, time.Hour
 	dir := t.TempDir()
 	q := openTestBadger(t, dir, QueueOptions{})
 	var calls atomic.Int64
+	df := func(string) (uint64, error) { calls.Add(1); return 1 << 40, nil }
+	q.diskFree.Store(&df)
+	b := q.ballast
+	waitFor(t, b.idle.Load)
+	n0 := calls.Load()
+	time.Sleep(300 * time.Millisecond)
+	if n := calls.Load() - n0; n != 0 {
+		t.Fatalf("idle monitor (next tick in an hour): %d free-space readings in 300 ms", n)
+	}
+	publishTest(t, q, Event{ID: "a", Namespace: "n"})
+	waitFor(t, func() bool { return !b.idle.Load() }) // only the wake-up can do it within the hour
+}
+
+// An idle monitor still releases the ballast when another process fills
+// the disk, and makes it again once there is room.
+func TestBallastReleasedWhileIdle(t *testing.T) {
+	quiet, idle := ballastQuiet, ballastIdleInterval
+	t.Cleanup(func() { ballastQuiet, ballastIdleInterval = quiet, idle })
+	ballastQuiet, ballastIdleInterval = 50*time.Millisecond, 100*time.Millisecond
+	dir := t.TempDir()
+	q := openTestBadger(t, dir, QueueOptions{})
 	var low atomic.Bool
 	df := func(string) (uint64, error) {
-		calls.Add(1)
 		if low.Load() {
 			return 1 << 20, nil
 		}
 		return 1 << 40, nil
 	}
 	q.diskFree.Store(&df)
-	time.Sleep(ballastQuiet + 2*ballastIdleInterval)
-	n0 := calls.Load()
-	time.Sleep(time.Second)
-	if n := calls.Load() - n0; n > int64(time.Second/ballastIdleInterval)+2 {
-		t.Fatalf("idle queue: the monitor read the free space %d times in 1 s, want at most %d", n, time.Second/ballastIdleInterval+2)
-	}
-	// Someone else fills the disk while the queue is idle: the ballast
-	// still goes.
+	waitFor(t, q.ballast.idle.Load)
 	low.Store(true)
 	path := filepath.Join(dir, ballastName)
 	waitFor(t, func() bool { _, err := os.Stat(path); return os.IsNotExist(err) })
 	low.Store(false)
 	waitFor(t, func() bool { _, err := os.Stat(path); return err == nil })
-	// A write: the monitor is active again for ballastQuiet.
-	publishTest(t, q, Event{ID: "a", Namespace: "n"})
-	n1 := calls.Load()
-	waitFor(t, func() bool { return calls.Load()-n1 >= int64(ballastIdleInterval/ballastInterval) })
 }

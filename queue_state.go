@@ -1110,7 +1110,7 @@ func (c *queueCore) lease(req LeaseRequest, limit int, deadline time.Duration) (
 		for _, ns := range active {
 			avail += ns.ready.len() + ns.fresh.len() + ns.freshDisk
 		}
-		out = make([]Lease, 0, min(limit, avail, 1024))
+		out = make([]Lease, 0, max(min(limit, avail, 1024), 0)) // counts are never negative; if they were, no panic
 		if c.leaseRecs {
 			leased = make([]*qentry, 0, cap(out))
 		}
