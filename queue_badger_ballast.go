@@ -22,8 +22,10 @@ import (
 // filling the disk between two checks. Two measures narrow that window:
 //
 //   - Preallocation: the newest .mem and .vlog files are fallocate'd as soon
-//     as they appear (checked every ballastInterval), so writes into them
-//     need no new blocks.
+//     as they appear (checked every ballastInterval while the queue writes,
+//     and at once when the first write group after a quiet spell
+//     completes: Badger makes a new log file only in a write), so later
+//     writes into them need no new blocks.
 //   - A ballast file (ballastName) in the data directory, made at open:
 //     when free space is below half the reserve and has stopped changing
 //     (ballastStable checks: whoever filled the disk has stopped), and at
