@@ -130,25 +130,28 @@ func (f *fairShare) admit(ctx context.Context, events []Event) (release func(), 
 	}
 	w := &fairWaiter{counts: counts, in: make(chan struct{})}
 	f.waiters = append(f.waiters, w)
+	var timer *time.Timer // made at the first recheck, reset at the next
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
 	for {
 		// Looked at again when a publish returns (release), and when
 		// the window of the namespaces that hold it back ends.
 		recheck := f.nextChange(counts, now)
 		f.mu.Unlock()
-		var timer *time.Timer
 		var fired <-chan time.Time
 		if recheck > 0 {
-			timer = time.NewTimer(recheck)
-			fired = timer.C
-		}
-		stop := func() {
-			if timer != nil {
-				timer.Stop()
+			if timer == nil {
+				timer = time.NewTimer(recheck)
+			} else {
+				timer.Reset(recheck)
 			}
+			fired = timer.C
 		}
 		select {
 		case <-w.in:
-			stop()
 			return release, nil
 		case <-fired:
 			f.mu.Lock()
@@ -159,7 +162,6 @@ func (f *fairShare) admit(ctx context.Context, events []Event) (release func(), 
 			}
 			now = f.elapsed()
 		case <-ctx.Done():
-			stop()
 			f.mu.Lock()
 			if w.let { // let in meanwhile: its place is taken
 				f.mu.Unlock()

@@ -20,14 +20,6 @@ func fairShareAt(limit int) (*fairShare, *time.Time) {
 	return f, &now
 }
 
-func eventsIn(ns string, n int) []Event {
-	evs := make([]Event, n)
-	for i := range evs {
-		evs[i].Namespace = ns
-	}
-	return evs
-}
-
 // shareAdmits reports whether admit lets events in within a short wait, and
 // returns its release if so (the waiting call is abandoned otherwise).
 func shareAdmits(t *testing.T, f *fairShare, events []Event) (func(), bool) {
@@ -48,36 +40,36 @@ func TestFairShare(t *testing.T) {
 	t.Run("AloneNeverHeld", func(t *testing.T) {
 		f, _ := fairShareAt(4)
 		for i := range 10 {
-			if _, ok := shareAdmits(t, f, eventsIn("flood", 3)); !ok {
+			if _, ok := shareAdmits(t, f, eventsOf("flood", 3)); !ok {
 				t.Fatalf("publish %d of a namespace publishing alone was held", i)
 			}
 		}
 	})
 	t.Run("HeldOverItsShareWhileAnotherIsActive", func(t *testing.T) {
 		f, _ := fairShareAt(4)
-		calm, ok := shareAdmits(t, f, eventsIn("calm", 1))
+		calm, ok := shareAdmits(t, f, eventsOf("calm", 1))
 		if !ok {
 			t.Fatal("calm held")
 		}
 		calm()
-		first, ok := shareAdmits(t, f, eventsIn("flood", 3))
+		first, ok := shareAdmits(t, f, eventsOf("flood", 3))
 		if !ok {
 			t.Fatal("the flood's first publish was held: nothing of it was in Enqueue")
 		}
-		if _, ok := shareAdmits(t, f, eventsIn("flood", 1)); !ok {
+		if _, ok := shareAdmits(t, f, eventsOf("flood", 1)); !ok {
 			t.Fatal("a publish within the share (3+1 of 4) was held")
 		}
-		if _, ok := shareAdmits(t, f, eventsIn("flood", 1)); ok {
+		if _, ok := shareAdmits(t, f, eventsOf("flood", 1)); ok {
 			t.Fatal("a publish past the share (5 of 4) went in while calm was active")
 		}
 		// calm is never held by the flood's share.
-		if _, ok := shareAdmits(t, f, eventsIn("calm", 1)); !ok {
+		if _, ok := shareAdmits(t, f, eventsOf("calm", 1)); !ok {
 			t.Fatal("calm held behind the flood")
 		}
 		// Once an earlier publish of the flood returns, the held one goes in.
 		got := make(chan error, 1)
 		go func() {
-			_, err := f.admit(context.Background(), eventsIn("flood", 1))
+			_, err := f.admit(context.Background(), eventsOf("flood", 1))
 			got <- err
 		}()
 		select {
@@ -97,10 +89,10 @@ func TestFairShare(t *testing.T) {
 	})
 	t.Run("NothingPendingIsAlwaysLetIn", func(t *testing.T) {
 		f, _ := fairShareAt(4)
-		if _, ok := shareAdmits(t, f, eventsIn("calm", 1)); !ok {
+		if _, ok := shareAdmits(t, f, eventsOf("calm", 1)); !ok {
 			t.Fatal("calm held")
 		}
-		release, ok := shareAdmits(t, f, eventsIn("flood", 100))
+		release, ok := shareAdmits(t, f, eventsOf("flood", 100))
 		if !ok {
 			t.Fatal("a batch larger than the share, with nothing of its namespace in Enqueue, was held: it would wait for ever")
 		}
@@ -108,52 +100,52 @@ func TestFairShare(t *testing.T) {
 	})
 	t.Run("AnotherIdlePastTheWindowHoldsNothing", func(t *testing.T) {
 		f, now := fairShareAt(4)
-		calm, _ := shareAdmits(t, f, eventsIn("calm", 1))
+		calm, _ := shareAdmits(t, f, eventsOf("calm", 1))
 		calm()
-		if _, ok := shareAdmits(t, f, eventsIn("flood", 4)); !ok {
+		if _, ok := shareAdmits(t, f, eventsOf("flood", 4)); !ok {
 			t.Fatal("first flood publish held")
 		}
-		if _, ok := shareAdmits(t, f, eventsIn("flood", 1)); ok {
+		if _, ok := shareAdmits(t, f, eventsOf("flood", 1)); ok {
 			t.Fatal("not held while calm was active")
 		}
 		*now = now.Add(f.window + time.Millisecond)
-		if _, ok := shareAdmits(t, f, eventsIn("flood", 1)); !ok {
+		if _, ok := shareAdmits(t, f, eventsOf("flood", 1)); !ok {
 			t.Fatal("held although calm published last more than the window ago")
 		}
 	})
 	t.Run("AnotherStillInEnqueueIsActive", func(t *testing.T) {
 		f, now := fairShareAt(4)
-		calm, _ := shareAdmits(t, f, eventsIn("calm", 1)) // not returned yet
-		if _, ok := shareAdmits(t, f, eventsIn("flood", 4)); !ok {
+		calm, _ := shareAdmits(t, f, eventsOf("calm", 1)) // not returned yet
+		if _, ok := shareAdmits(t, f, eventsOf("flood", 4)); !ok {
 			t.Fatal("first flood publish held")
 		}
 		*now = now.Add(time.Hour)
-		if _, ok := shareAdmits(t, f, eventsIn("flood", 1)); ok {
+		if _, ok := shareAdmits(t, f, eventsOf("flood", 1)); ok {
 			t.Fatal("not held while calm's publish was still in Enqueue")
 		}
 		calm()
 	})
 	t.Run("EveryNamespaceOfAPublishCounts", func(t *testing.T) {
 		f, _ := fairShareAt(4)
-		if _, ok := shareAdmits(t, f, eventsIn("calm", 1)); !ok {
+		if _, ok := shareAdmits(t, f, eventsOf("calm", 1)); !ok {
 			t.Fatal("calm held")
 		}
-		if _, ok := shareAdmits(t, f, eventsIn("flood", 4)); !ok {
+		if _, ok := shareAdmits(t, f, eventsOf("flood", 4)); !ok {
 			t.Fatal("first flood publish held")
 		}
-		mixed := append(eventsIn("other", 1), eventsIn("flood", 1)...)
+		mixed := append(eventsOf("other", 1), eventsOf("flood", 1)...)
 		if _, ok := shareAdmits(t, f, mixed); ok {
 			t.Fatal("a publish naming a namespace over its share went in")
 		}
 	})
 	t.Run("CancelledWhileHeld", func(t *testing.T) {
 		f, _ := fairShareAt(4)
-		shareAdmits(t, f, eventsIn("calm", 1))
-		flood, _ := shareAdmits(t, f, eventsIn("flood", 4))
+		shareAdmits(t, f, eventsOf("calm", 1))
+		flood, _ := shareAdmits(t, f, eventsOf("flood", 4))
 		ctx, cancel := context.WithCancel(context.Background())
 		got := make(chan error, 1)
 		go func() {
-			_, err := f.admit(ctx, eventsIn("flood", 1))
+			_, err := f.admit(ctx, eventsOf("flood", 1))
 			got <- err
 		}()
 		time.Sleep(10 * time.Millisecond)
@@ -177,11 +169,11 @@ func TestFairShare(t *testing.T) {
 	t.Run("IdleNamespacesForgotten", func(t *testing.T) {
 		f, now := fairShareAt(4)
 		for i := range 100 {
-			r, _ := shareAdmits(t, f, eventsIn("ns-"+strings.Repeat("x", i%7)+string(rune('a'+i%26))+string(rune('a'+i/26)), 1))
+			r, _ := shareAdmits(t, f, eventsOf("ns-"+strings.Repeat("x", i%7)+string(rune('a'+i%26))+string(rune('a'+i/26)), 1))
 			r()
 		}
 		*now = now.Add(2 * f.window)
-		r, _ := shareAdmits(t, f, eventsIn("late", 1))
+		r, _ := shareAdmits(t, f, eventsOf("late", 1))
 		r()
 		f.mu.Lock()
 		defer f.mu.Unlock()
@@ -256,15 +248,15 @@ func TestFairShareHoldsAFloodOverItsShare(t *testing.T) {
 // pipelining producer keeps the namespace's Enqueue calls overlapping).
 func TestFairShareKeepsANamespacesOrder(t *testing.T) {
 	f, _ := fairShareAt(4)
-	calm, _ := shareAdmits(t, f, eventsIn("calm", 1))
+	calm, _ := shareAdmits(t, f, eventsOf("calm", 1))
 	calm()
-	first, ok := shareAdmits(t, f, eventsIn("flood", 2))
+	first, ok := shareAdmits(t, f, eventsOf("flood", 2))
 	if !ok {
 		t.Fatal("first flood publish held")
 	}
 	big := make(chan error, 1)
 	go func() {
-		_, err := f.admit(context.Background(), eventsIn("flood", 3)) // 2+3 > 4: held
+		_, err := f.admit(context.Background(), eventsOf("flood", 3)) // 2+3 > 4: held
 		big <- err
 	}()
 	waitHeld(t, f, 1)
@@ -272,13 +264,13 @@ func TestFairShareKeepsANamespacesOrder(t *testing.T) {
 	smallCtx, cancelSmall := context.WithCancel(context.Background())
 	small := make(chan error, 1)
 	go func() {
-		_, err := f.admit(smallCtx, eventsIn("flood", 2))
+		_, err := f.admit(smallCtx, eventsOf("flood", 2))
 		small <- err
 	}()
 	defer func() { cancelSmall(); <-small }()
 	waitHeld(t, f, 2)
 	// Another namespace is not held by the flood's queue.
-	if _, ok := shareAdmits(t, f, eventsIn("calm", 1)); !ok {
+	if _, ok := shareAdmits(t, f, eventsOf("calm", 1)); !ok {
 		t.Fatal("calm held behind the flood's queue")
 	}
 	first() // nothing of the flood left in Enqueue: the big one goes in first
@@ -297,16 +289,24 @@ func TestFairShareKeepsANamespacesOrder(t *testing.T) {
 // waitHeld waits until n publishes are held in f.
 func waitHeld(t *testing.T, f *fairShare, n int) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
+	if got, ok := heldWithin(f, n, 5*time.Second); !ok {
+		t.Fatalf("%d publishes held, want %d", got, n)
+	}
+}
+
+// heldWithin waits until n admit calls wait in f, and reports whether that
+// happened within d, with the number waiting when it returned.
+func heldWithin(f *fairShare, n int, d time.Duration) (int, bool) {
+	deadline := time.Now().Add(d)
 	for {
 		f.mu.Lock()
 		got := len(f.waiters)
 		f.mu.Unlock()
 		if got == n {
-			return
+			return got, true
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%d publishes held, want %d", got, n)
+			return got, false
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -318,17 +318,17 @@ func waitHeld(t *testing.T, f *fairShare, n int) {
 func TestFairShareLetsInWhenOthersGoIdle(t *testing.T) {
 	f := newFairShare() // the real clock
 	f.limit = 4
-	calm, ok := shareAdmits(t, f, eventsIn("calm", 1))
+	calm, ok := shareAdmits(t, f, eventsOf("calm", 1))
 	if !ok {
 		t.Fatal("calm held")
 	}
 	calm()
-	if _, ok := shareAdmits(t, f, eventsIn("flood", 4)); !ok { // stays in Enqueue
+	if _, ok := shareAdmits(t, f, eventsOf("flood", 4)); !ok { // stays in Enqueue
 		t.Fatal("first flood publish held")
 	}
 	got := make(chan error, 1)
 	go func() {
-		_, err := f.admit(context.Background(), eventsIn("flood", 1))
+		_, err := f.admit(context.Background(), eventsOf("flood", 1))
 		got <- err
 	}()
 	waitHeld(t, f, 1)
@@ -347,12 +347,12 @@ func TestFairShareLetsInWhenOthersGoIdle(t *testing.T) {
 // any other of the first.
 func TestFairShareMixedPublishKeepsTheShare(t *testing.T) {
 	f, _ := fairShareAt(4)
-	calm, _ := shareAdmits(t, f, eventsIn("calm", 1))
+	calm, _ := shareAdmits(t, f, eventsOf("calm", 1))
 	calm()
-	if _, ok := shareAdmits(t, f, eventsIn("flood", 4)); !ok {
+	if _, ok := shareAdmits(t, f, eventsOf("flood", 4)); !ok {
 		t.Fatal("first flood publish held")
 	}
-	mixed := append(eventsIn("flood", 4), eventsIn("calm", 1)...)
+	mixed := append(eventsOf("flood", 4), eventsOf("calm", 1)...)
 	if _, ok := shareAdmits(t, f, mixed); ok {
 		t.Fatal("the flood, over its share while calm is active, went in with one of calm's events beside its own")
 	}
@@ -376,7 +376,7 @@ func TestCountByNamespace(t *testing.T) {
 	if got := countByNamespace(evs); !slices.Equal(got, want) {
 		t.Fatalf("countByNamespace = %v, want %v", got, want)
 	}
-	if got := countByNamespace(eventsIn("a", 3)); !slices.Equal(got, []nsCount{{"a", 3}}) {
+	if got := countByNamespace(eventsOf("a", 3)); !slices.Equal(got, []nsCount{{"a", 3}}) {
 		t.Fatalf("one namespace: %v", got)
 	}
 }
@@ -412,6 +412,7 @@ func TestFairShareRefusalsReportedAtShutdown(t *testing.T) {
 	}
 }
 
+// eventsOf returns n events of namespace ns.
 func eventsOf(ns string, n int) []Event {
 	evs := make([]Event, n)
 	for i := range evs {
@@ -517,24 +518,6 @@ func (q *stepQueue) waitInside(n int, d time.Duration) bool {
 	return q.waitFor(func(in int) bool { return in == n }, d)
 }
 
-// fairWaiting waits until n admit calls wait in s's fair share, and reports
-// whether that happened within d.
-func fairWaiting(s *Server, n int, d time.Duration) bool {
-	deadline := time.Now().Add(d)
-	for {
-		s.fair.mu.Lock()
-		w := len(s.fair.waiters)
-		s.fair.mu.Unlock()
-		if w == n {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 // TestFairShareLargePublishNotStarved (found by this session's review): a
 // publish of 600 events (the Go client joins concurrent publishes into
 // SendEvents of up to 1,000) used to wait for its namespace to have nothing
@@ -562,7 +545,7 @@ func TestFairShareLargePublishNotStarved(t *testing.T) {
 	floodOne(256)
 	floodOne(512)
 	big.PublishAsync(ctx, eventsOf("orders", 600)...)
-	if !fairWaiting(s, 1, 5*time.Second) {
+	if _, ok := heldWithin(s.fair, 1, 5*time.Second); !ok {
 		t.Fatal("the 600-event publish is not waiting in admit")
 	}
 	const rounds = 20

@@ -124,13 +124,13 @@ func writeFairness(w io.Writer, cfg *config, res map[string][]fairResult) {
 			}
 			return v
 		}
-		us := func(d time.Duration) float64 { return float64(d.Microseconds()) }
+		whole := func(d time.Duration) float64 { return float64(d.Microseconds()) } // as the log lines print them
 		fmt.Fprintf(w, "| %s | %s | %s | %s | %s / %s | %s |\n", systemNames[sys],
-			spreadF(get(func(r fairResult) float64 { return us(r.aloneP99) }), "%.0f"),
-			spreadF(get(func(r fairResult) float64 { return us(r.floodedP99) }), "%.0f"),
+			spreadF(get(func(r fairResult) float64 { return whole(r.aloneP99) }), "%.0f"),
+			spreadF(get(func(r fairResult) float64 { return whole(r.floodedP99) }), "%.0f"),
 			spreadF(get(func(r fairResult) float64 { return r.ratio() }), "%.2f"),
-			fmt.Sprintf("%.0f", statOf(get(func(r fairResult) float64 { return us(r.aloneP50) })).med),
-			fmt.Sprintf("%.0f", statOf(get(func(r fairResult) float64 { return us(r.floodedP50) })).med),
+			fmt.Sprintf("%.0f", statOf(get(func(r fairResult) float64 { return whole(r.aloneP50) })).med),
+			fmt.Sprintf("%.0f", statOf(get(func(r fairResult) float64 { return whole(r.floodedP50) })).med),
 			spreadF(get(func(r fairResult) float64 { return r.floodRate }), "%.0f"))
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -79,10 +80,7 @@ func startNATS(ctx context.Context, bin, dir string, syncAlways bool, prm natsPa
 		t.Close()
 		return nil, err
 	}
-	t.pub, err = jetstream.New(t.pubNC,
-		jetstream.WithPublishAsyncMaxPending(prm.maxPending),
-		jetstream.WithPublishAsyncErrHandler(func(jetstream.JetStream, *nats.Msg, error) { t.pubErrors.Add(1) }))
-	if err != nil {
+	if t.pub, err = t.newPublisher(t.pubNC, &t.pubErrors); err != nil {
 		t.Close()
 		return nil, err
 	}
@@ -114,21 +112,40 @@ func (t *natsTarget) Close() {
 	t.p.stop()
 }
 
-func (t *natsTarget) Publish(ctx context.Context, count int) (int, time.Duration, error) {
-	t.pubErrors.Store(0)
+// newPublisher returns a JetStream context on nc for pipelined publishes,
+// whose failed ones count in failed.
+func (t *natsTarget) newPublisher(nc *nats.Conn, failed *atomic.Int64) (jetstream.JetStream, error) {
+	return jetstream.New(nc,
+		jetstream.WithPublishAsyncMaxPending(t.prm.maxPending),
+		jetstream.WithPublishAsyncErrHandler(func(jetstream.JetStream, *nats.Msg, error) { failed.Add(1) }))
+}
+
+// publishAsync publishes up to count events to subject with js, pipelined,
+// until ctx ends, and returns how many it sent (their acks may be
+// outstanding).
+func publishAsync(ctx context.Context, js jetstream.JetStream, subject string, count int) (int, error) {
 	n := 0
-	start := time.Now()
 	for n < count && ctx.Err() == nil {
 		for range min(64, count-n) {
-			_, err := t.pub.PublishAsync("bench", payload)
+			_, err := js.PublishAsync(subject, payload)
 			if errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
 				continue // the pipeline is full: try again
 			}
 			if err != nil {
-				return n, 0, err
+				return n, err
 			}
 			n++
 		}
+	}
+	return n, nil
+}
+
+func (t *natsTarget) Publish(ctx context.Context, count int) (int, time.Duration, error) {
+	t.pubErrors.Store(0)
+	start := time.Now()
+	n, err := publishAsync(ctx, t.pub, "bench", count)
+	if err != nil {
+		return n, 0, err
 	}
 	select {
 	case <-t.pub.PublishAsyncComplete():
@@ -157,24 +174,13 @@ func (t *natsTarget) Flood(ctx context.Context) (int, error) {
 	}
 	defer nc.Close()
 	var failed atomic.Int64
-	js, err := jetstream.New(nc,
-		jetstream.WithPublishAsyncMaxPending(t.prm.maxPending),
-		jetstream.WithPublishAsyncErrHandler(func(jetstream.JetStream, *nats.Msg, error) { failed.Add(1) }))
+	js, err := t.newPublisher(nc, &failed)
 	if err != nil {
 		return 0, err
 	}
-	n := 0
-	for ctx.Err() == nil {
-		for range 64 {
-			_, err := js.PublishAsync("flood", payload)
-			if errors.Is(err, jetstream.ErrTooManyStalledMsgs) {
-				continue
-			}
-			if err != nil {
-				return n - int(failed.Load()), nil
-			}
-			n++
-		}
+	n, err := publishAsync(ctx, js, "flood", math.MaxInt)
+	if err != nil {
+		return n - int(failed.Load()), nil
 	}
 	select {
 	case <-js.PublishAsyncComplete():
